@@ -1,0 +1,49 @@
+"""hessdiag: why is the loss doing what it does? Hessian curvature and training-health flags.
+
+The engine (this package) depends on torch only; the Lightning adapters live in
+``hessdiag.callbacks``.
+"""
+
+from hessdiag.eigen import HessianEigenvalues, hessian_eigenvalues
+from hessdiag.errors import (
+    HessdiagError,
+    HessdiagWarning,
+    LossClosureError,
+    NonFiniteLossError,
+    SecondDerivativeError,
+)
+from hessdiag.hvp import HessianOperator, hessian_vector_product
+from hessdiag.lanczos import LanczosResult, lanczos
+from hessdiag.spectrum import (
+    SpectralDensity,
+    TraceEstimate,
+    hessian_spectral_density,
+    hessian_trace,
+    hutchpp_trace,
+    slq_density,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # curvature
+    "hessian_eigenvalues",
+    "HessianEigenvalues",
+    "hessian_vector_product",
+    "HessianOperator",
+    "lanczos",
+    "LanczosResult",
+    # whole spectrum
+    "hessian_trace",
+    "hessian_spectral_density",
+    "hutchpp_trace",
+    "slq_density",
+    "TraceEstimate",
+    "SpectralDensity",
+    # errors
+    "HessdiagError",
+    "HessdiagWarning",
+    "LossClosureError",
+    "NonFiniteLossError",
+    "SecondDerivativeError",
+]

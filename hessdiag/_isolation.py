@@ -1,0 +1,75 @@
+"""Run a forward pass of the user's loss without leaving a trace on the training run.
+
+A curvature estimate must see the loss the optimizer sees (train mode, the same batch
+statistics, dropout on) yet must not change the run it observes: BatchNorm running statistics,
+every other buffer, the module modes and the caller's RNG streams are put back bit-for-bit.
+Inside, autocast is off (bf16 HVPs are off by ~3e-2) and scaled-dot-product attention runs on
+the math backend, because the fused flash / memory-efficient kernels have no second derivative.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+ModelMode = Literal["train", "eval", "as_is"]
+MODEL_MODES: tuple[str, ...] = ("train", "eval", "as_is")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel / DataParallel wrapper.
+
+    Calling the wrapper would arm DDP's gradient reducer for a backward that never comes; the
+    engine does its own, explicitly weighted all-reduce instead.
+    """
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def seed_rng(seed: int, device: torch.device) -> None:
+    """Seed the CPU generator and the generator of `device`, so that every forward of one
+    estimate draws the same dropout masks. Only call inside :func:`isolation`, which restores
+    the caller's streams."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+
+
+@contextlib.contextmanager
+def isolation(model: nn.Module, mode: ModelMode, device: torch.device) -> Iterator[None]:
+    """Context for the forward and backward passes of one estimate; leaves no trace.
+
+    The whole estimate (graph included) must live inside it: a saved BatchNorm input restored
+    in place while the graph is alive would fail autograd's version check.
+
+    Args:
+        model: the (unwrapped) model; its modes and buffers are restored on exit.
+        mode: ``"train"`` (the loss the optimizer sees), ``"eval"``, or ``"as_is"``.
+        device: the parameters' device, whose generator is forked along with the CPU one.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    cuda_devices = [device] if device.type == "cuda" else []
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            if mode == "train":
+                model.train()
+            elif mode == "eval":
+                model.eval()
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)

@@ -1,0 +1,157 @@
+"""`hessian_eigenvalues`: the top and bottom Hessian eigenvalues of a training loss.
+
+One Lanczos run over exact Hessian-vector products gives both ends of the spectrum. The gradient
+graph is built once per estimate and every product reuses it, so an estimate of m products costs
+one forward, one backward and m backward-of-backward passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hessdiag._isolation import ModelMode
+from hessdiag.hvp import HessianOperator, HVPMethod, LossFn
+from hessdiag.lanczos import BasisStorage, LanczosResult, Which, lanczos
+
+
+@dataclass
+class HessianEigenvalues:
+    """The result of :func:`hessian_eigenvalues`.
+
+    Attributes:
+        top: the k largest eigenvalue estimates (Ritz values), descending, float64 on the CPU.
+        bottom: the k smallest, ascending (most negative first).
+        residuals: ``{"top": ..., "bottom": ...}`` rigorous residual bounds: an eigenvalue of the
+            Hessian lies within each of its Ritz value.
+        error_estimates: the estimates the stopping rule used (residual, or r^2/gap once stagnant).
+        num_hvps: Hessian-vector products spent.
+        converged: every requested value met `tol`.
+        top_vectors, bottom_vectors: unit Ritz vectors, shape (k, dim), flat over the parameters in
+            order; pass the result itself (or a block of vectors) as the next `v0`. ``None`` when the
+            basis did not fit in memory (recurrence mode).
+        negative_curvature_certified: theta_min < 0, which proves lambda_min <= theta_min < 0 and
+            makes ``bottom_vectors[0]`` a direction of negative curvature. ``False`` proves nothing.
+        loss: the loss at the point (global batch under data parallelism).
+        grad_norm: the norm of the gradient on the same batch.
+        lanczos: the underlying :class:`~hessdiag.lanczos.LanczosResult` (tridiagonal, all Ritz values).
+    """
+
+    top: torch.Tensor
+    bottom: torch.Tensor
+    residuals: dict[str, torch.Tensor]
+    error_estimates: dict[str, torch.Tensor]
+    num_hvps: int
+    converged: bool
+    top_vectors: torch.Tensor | None
+    bottom_vectors: torch.Tensor | None
+    negative_curvature_certified: bool
+    loss: float
+    grad_norm: float
+    lanczos: LanczosResult
+
+    @property
+    def lambda_max(self) -> float:
+        return float(self.top[0])
+
+    @property
+    def lambda_min(self) -> float:
+        return float(self.bottom[0])
+
+    def warm_start(self) -> torch.Tensor | None:
+        """The block of Ritz vectors (top, then bottom) to start the next estimate from."""
+        blocks = [v for v in (self.top_vectors, self.bottom_vectors) if v is not None]
+        return torch.cat(blocks) if blocks else None
+
+
+def hessian_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    k: int = 1,
+    which: Which = "both",
+    tol: float = 1e-3,
+    max_iter: int | None = None,
+    min_iter: int | None = None,
+    v0: torch.Tensor | HessianEigenvalues | None = None,
+    params: Iterable[torch.Tensor] | None = None,
+    mode: ModelMode = "train",
+    hvp_method: HVPMethod = "double_backward",
+    warm_random: float = 0.3,
+    seed: int = 0,
+    basis: BasisStorage = "auto",
+    memory_budget: int | None = None,
+    batch_size: int | None = None,
+) -> HessianEigenvalues:
+    """Top and bottom Hessian eigenvalues of ``loss_fn(model, batch)`` by Lanczos.
+
+    Args:
+        model: the network; its parameters, buffers, modes, ``.grad`` and the RNG are left as found.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        batch: passed to `loss_fn`.
+        k: eigenvalues per end.
+        which: the end(s) that must converge: "top", "bottom" or "both" (both are reported).
+        tol: relative accuracy: lambda_max relative to itself, lambda_min relative to the spectral
+            norm.
+        max_iter: most Hessian-vector products (default min(dim, 64)).
+        min_iter: fewest products before stopping (default max(3, k + 1)).
+        v0: warm start: a previous result, a vector (dim,) or a block (b, dim).
+        params: parameters to take the Hessian over (default: all trainable ones).
+        mode: "train" (default, the loss the optimizer sees), "eval" or "as_is".
+        hvp_method: "double_backward" (default) or "forward_over_reverse".
+        warm_random: weight of the random component mixed into a warm start.
+        seed: seeds the random start vector and dropout inside the estimate.
+        basis, memory_budget: where the Lanczos basis lives (see :mod:`hessdiag.lanczos`).
+        batch_size: local samples, to weight ranks under data parallelism (default: inferred).
+
+    Raises:
+        ValueError: bad arguments (no trainable parameters, k larger than the dimension, ...).
+        LossClosureError, NonFiniteLossError, SecondDerivativeError: see :mod:`hessdiag.errors`.
+    """
+    if isinstance(v0, HessianEigenvalues):
+        v0 = v0.warm_start()
+    operator = HessianOperator(
+        model, loss_fn, batch, params=params, mode=mode, method=hvp_method, seed=seed, batch_size=batch_size
+    )
+    if not isinstance(k, int) or not 1 <= k <= operator.dim:
+        raise ValueError(f"`k` must be an int in [1, {operator.dim}] (the number of parameters), got {k!r}.")
+    if v0 is not None and v0.numel() % operator.dim != 0:
+        raise ValueError(f"`v0` must have shape ({operator.dim},) or (b, {operator.dim}), got {tuple(v0.shape)}.")
+    with operator:
+        grad_norm = float(torch.linalg.vector_norm(operator.gradient()))
+        result = lanczos(
+            operator.matvec,
+            operator.dim,
+            k=k,
+            which=which,
+            tol=tol,
+            max_iter=max_iter,
+            min_iter=min_iter,
+            v0=v0,
+            warm_random=warm_random,
+            seed=seed,
+            device=operator.device,
+            dtype=operator.dtype,
+            basis=basis,
+            memory_budget=memory_budget,
+        )
+        loss = operator.loss
+    return HessianEigenvalues(
+        top=result.top,
+        bottom=result.bottom,
+        residuals={"top": result.top_residuals, "bottom": result.bottom_residuals},
+        error_estimates={"top": result.top_errors, "bottom": result.bottom_errors},
+        num_hvps=operator.num_hvps,
+        converged=result.converged,
+        top_vectors=result.top_vectors,
+        bottom_vectors=result.bottom_vectors,
+        negative_curvature_certified=result.negative_curvature_certified,
+        loss=loss,
+        grad_norm=grad_norm,
+        lanczos=result,
+    )

@@ -1,0 +1,122 @@
+"""Bad input gets a clear error that says what was wrong."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hessdiag import (
+    HessianOperator,
+    HessdiagWarning,
+    LossClosureError,
+    NonFiniteLossError,
+    SecondDerivativeError,
+    hessian_eigenvalues,
+)
+
+
+def mse(m, batch):
+    return F.mse_loss(m(batch[0]), batch[1])
+
+
+def small():
+    torch.manual_seed(0)
+    return nn.Linear(3, 1), (torch.randn(4, 3), torch.randn(4, 1))
+
+
+def test_no_trainable_parameters():
+    model, batch = small()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        hessian_eigenvalues(model, mse, batch)
+
+
+def test_k_larger_than_the_dimension():
+    model, batch = small()
+    with pytest.raises(ValueError, match=r"`k` must be an int in \[1, 4\]"):
+        hessian_eigenvalues(model, mse, batch, k=5)
+
+
+def test_non_finite_loss():
+    model, batch = small()
+    batch = (batch[0], torch.full((4, 1), float("nan")))
+    with pytest.raises(NonFiniteLossError, match="The loss is nan"):
+        hessian_eigenvalues(model, mse, batch)
+
+
+def test_batch_the_closure_rejects():
+    model, _ = small()
+    with pytest.raises(LossClosureError, match="loss_fn\\(model, batch\\) raised RuntimeError.*Check that `batch`"):
+        hessian_eigenvalues(model, mse, (torch.randn(4, 7), torch.randn(4, 1)))
+
+
+def test_closure_returning_a_non_scalar():
+    model, batch = small()
+    with pytest.raises(LossClosureError, match=r"must return a real scalar tensor, got a tensor of shape \(4, 1\)"):
+        hessian_eigenvalues(model, lambda m, b: m(b[0]), batch)
+
+
+def test_closure_under_no_grad():
+    model, batch = small()
+
+    def detached(m, b):
+        with torch.no_grad():
+            return mse(m, b)
+
+    with pytest.raises(LossClosureError, match="does not depend on the chosen parameters"):
+        hessian_eigenvalues(model, detached, batch)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mode": "training"}, "`mode` must be one of"),
+        ({"method": "finite_differences"}, "`method` must be one of"),
+        ({"params": []}, "`params` is empty"),
+    ],
+)
+def test_bad_operator_arguments(kwargs, match):
+    model, batch = small()
+    with pytest.raises(ValueError, match=match):
+        HessianOperator(model, mse, batch, **kwargs)
+
+
+def test_foreign_parameter():
+    model, batch = small()
+    with pytest.raises(ValueError, match=r"`params\[0\]` is not a parameter of the model"):
+        HessianOperator(model, mse, batch, params=[nn.Parameter(torch.zeros(2))])
+
+
+def test_op_without_second_derivative_is_named():
+    """CTC loss has no double backward in PyTorch: the error names the op and what to do."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 5)
+    steps, batch_size, length = 12, 3, 4
+    batch = (torch.randn(steps, batch_size, 6), torch.randint(1, 5, (batch_size, length)))
+
+    def ctc(m, b):
+        return F.ctc_loss(
+            m(b[0]).log_softmax(-1), b[1], torch.full((batch_size,), steps), torch.full((batch_size,), length)
+        )
+
+    with pytest.raises(SecondDerivativeError, match="`aten::_ctc_loss_backward` has no second derivative") as info:
+        hessian_eigenvalues(model, ctc, batch)
+    assert info.value.op == "aten::_ctc_loss_backward"
+
+
+def test_once_differentiable_backward_warns():
+    class Cube(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x**3
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return 3 * x**2 * grad
+
+    model, batch = small()
+    with pytest.warns(HessdiagWarning, match="does not depend on the parameters"):
+        hessian_eigenvalues(model, lambda m, b: Cube.apply(m(b[0])).mean(), batch)

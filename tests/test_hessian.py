@@ -1,0 +1,214 @@
+"""Hessian-vector products and eigenvalues of real models against known answers."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hessdiag import HessianOperator, hessian_eigenvalues, hessian_vector_product
+from oracles import dense_hessian, finite_difference_hvp
+
+
+class Quadratic(nn.Module):
+    """f(x) = 0.5 x^T A x: the Hessian is A."""
+
+    def __init__(self, a: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("a", a)
+        self.x = nn.Parameter(torch.randn(a.shape[0], dtype=a.dtype, generator=torch.Generator().manual_seed(5)))
+
+    def forward(self) -> torch.Tensor:
+        return 0.5 * self.x @ self.a @ self.x
+
+
+def quadratic_loss(model, batch):
+    return model()
+
+
+def prescribed(eigenvalues: torch.Tensor) -> torch.Tensor:
+    n = eigenvalues.numel()
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    return q @ torch.diag(eigenvalues) @ q.T
+
+
+SPECTRUM = torch.cat([torch.tensor([-3.0, -2.5]), torch.linspace(-1.0, 2.0, 96), torch.tensor([4.0, 7.0])]).double()
+
+
+def test_quadratic_float64_both_ends_to_1e6():
+    model = Quadratic(prescribed(SPECTRUM))
+    result = hessian_eigenvalues(model, quadratic_loss, None, k=2, tol=1e-9, max_iter=100)
+    torch.testing.assert_close(result.top, torch.tensor([7.0, 4.0]).double(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.bottom, torch.tensor([-3.0, -2.5]).double(), atol=1e-6, rtol=0)
+    assert result.converged and result.negative_curvature_certified
+
+
+def test_quadratic_float32_both_ends_to_1e4():
+    model = Quadratic(prescribed(SPECTRUM).float())
+    result = hessian_eigenvalues(model, quadratic_loss, None, tol=1e-6, max_iter=100)
+    assert abs(result.lambda_max - 7.0) < 1e-4 * 7
+    assert abs(result.lambda_min + 3.0) < 1e-4 * 7
+
+
+def test_least_squares_hessian_is_exact():
+    """MSELoss(mean) of a linear model: H = 2 [X 1]^T [X 1] / n (the factor 2 of the square)."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 6, generator=generator, dtype=torch.float64)
+    y = torch.randn(50, 1, generator=generator, dtype=torch.float64)
+    model = nn.Linear(6, 1).double()
+    design = torch.cat([x, torch.ones(50, 1, dtype=torch.float64)], dim=1)  # weight then bias
+    expected = 2 * design.T @ design / 50
+
+    def loss_fn(m, batch):
+        return F.mse_loss(m(batch[0]), batch[1])
+
+    vector = torch.randn(7, generator=generator, dtype=torch.float64)
+    product = torch.cat([t.reshape(-1) for t in hessian_vector_product(model, loss_fn, (x, y), vector)])
+    torch.testing.assert_close(product, expected @ vector, atol=1e-12, rtol=1e-12)
+    result = hessian_eigenvalues(model, loss_fn, (x, y), tol=1e-10, max_iter=7)
+    exact = torch.linalg.eigvalsh(expected)
+    assert result.lambda_max == pytest.approx(float(exact[-1]), rel=1e-10)
+    assert result.lambda_min == pytest.approx(float(exact[0]), rel=1e-8)
+    assert not result.negative_curvature_certified
+
+
+def test_two_layer_linear_network_at_the_origin_is_a_saddle():
+    """L = |Y - W2 W1 X|^2 / 2n at W1 = W2 = 0: gradient 0, eigenvalues +-sigma_i(Y X^T / n), h-fold."""
+    generator = torch.Generator().manual_seed(2)
+    d, h, o, n = 5, 3, 4, 40
+    x = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    y = torch.randn(n, o, generator=generator, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(d, h, bias=False), nn.Linear(h, o, bias=False)).double()
+    nn.init.zeros_(model[0].weight)
+    nn.init.zeros_(model[1].weight)
+
+    def loss_fn(m, batch):
+        return 0.5 * (batch[1] - m(batch[0])).pow(2).sum(dim=1).mean()
+
+    sigma = torch.linalg.svdvals(y.T @ x / n)
+    spectrum = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, (x, y)))
+    assert spectrum.numel() == h * (d + o)
+    for s in sigma:  # each +-sigma_i appears h times, the rest are 0
+        assert int((spectrum - s).abs().lt(1e-10).sum()) == h
+        assert int((spectrum + s).abs().lt(1e-10).sum()) == h
+    assert int(spectrum.abs().lt(1e-10).sum()) == h * (d + o) - 2 * h * sigma.numel()
+
+    result = hessian_eigenvalues(model, loss_fn, (x, y), k=2, tol=1e-10, max_iter=h * (d + o))
+    assert result.grad_norm == 0.0
+    # A single-vector Krylov space holds each distinct eigenvalue once: the two largest distinct.
+    torch.testing.assert_close(result.top, sigma[:2], atol=1e-10, rtol=0)
+    torch.testing.assert_close(result.bottom, -sigma[:2], atol=1e-10, rtol=0)
+    assert result.negative_curvature_certified
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.tanh(self.bn(self.conv(x)))).flatten(1))
+
+
+def cnn_setup(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = SmallCNN().to(dtype)
+    generator = torch.Generator().manual_seed(3)
+    batch = (torch.randn(8, 1, 6, 6, generator=generator, dtype=dtype), torch.randint(0, 3, (8,), generator=generator))
+    return model, batch
+
+
+def cross_entropy(m, batch):
+    return F.cross_entropy(m(batch[0]), batch[1])
+
+
+def test_cnn_batchnorm_dropout_matches_dense_hessian_and_leaves_no_trace():
+    model, batch = cnn_setup()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    grads_before = [p.grad.clone() for p in model.parameters()]
+    grad_objects = [p.grad for p in model.parameters()]
+    params_before = [p.detach().clone() for p in model.parameters()]
+    buffers_before = {name: b.clone() for name, b in model.named_buffers()}
+    torch.manual_seed(1234)
+    rng_before = torch.get_rng_state()
+    model.eval()  # the estimate runs in train mode by default and must restore this
+
+    result = hessian_eigenvalues(model, cross_entropy, batch, k=2, tol=1e-10, max_iter=200)
+
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert not model.training and not model.bn.training
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers_before[name]), name
+    for p, g, obj, before in zip(model.parameters(), grads_before, grad_objects, params_before):
+        assert p.grad is obj and torch.equal(p.grad, g) and torch.equal(p.detach(), before)
+
+    spectrum = torch.linalg.eigvalsh(dense_hessian(model, cross_entropy, batch, seed=0))
+    torch.testing.assert_close(result.top, spectrum.flip(0)[:2], atol=1e-8, rtol=0)
+    torch.testing.assert_close(result.bottom, spectrum[:2], atol=1e-8, rtol=0)
+
+
+def test_cnn_operator_is_symmetric_and_methods_agree():
+    model, batch = cnn_setup(torch.float32)
+    generator = torch.Generator().manual_seed(4)
+    with HessianOperator(model, cross_entropy, batch) as hessian:
+        u, v = torch.randn(2, hessian.dim, generator=generator)
+        u_hv, v_hu = torch.dot(u, hessian.matvec(v)), torch.dot(v, hessian.matvec(u))
+        double_backward = hessian.matvec(v)
+    assert float((u_hv - v_hu).abs()) <= 1e-5 * float(u_hv.abs())
+    with HessianOperator(model, cross_entropy, batch, method="forward_over_reverse") as hessian:
+        forward_over_reverse = hessian.matvec(v)
+    torch.testing.assert_close(forward_over_reverse, double_backward, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_mode_is_a_different_operator():
+    model, batch = cnn_setup()
+    with torch.no_grad():
+        model.bn.running_var.fill_(2.0)
+    dense_eval = dense_hessian(model, cross_entropy, batch, mode="eval")
+    result = hessian_eigenvalues(model, cross_entropy, batch, mode="eval", tol=1e-10, max_iter=200)
+    assert result.lambda_max == pytest.approx(float(torch.linalg.eigvalsh(dense_eval)[-1]), abs=1e-8)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attention = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attention.transpose(1, 2).reshape(b, t, d))
+        x = x + self.mlp(self.ln2(x))
+        return self.head(x)
+
+
+def next_token_loss(m, batch):
+    logits = m(batch[0])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1))
+
+
+def test_transformer_block_with_fused_attention_matches_finite_differences():
+    """On this CPU the default SDPA kernel has no double backward; the engine must switch to math."""
+    torch.manual_seed(0)
+    model = TransformerBlock().double()
+    generator = torch.Generator().manual_seed(6)
+    batch = (torch.randn(2, 5, 8, generator=generator, dtype=torch.float64), torch.randint(0, 5, (2, 5), generator=generator))
+    with HessianOperator(model, next_token_loss, batch) as hessian:
+        u, v = torch.randn(2, hessian.dim, generator=generator, dtype=torch.float64)
+        hv = hessian.matvec(v)
+        hu = hessian.matvec(u)
+    assert float((torch.dot(u, hv) - torch.dot(v, hu)).abs()) <= 1e-10 * float(torch.dot(u, hv).abs())
+    reference = finite_difference_hvp(model, next_token_loss, batch, v)
+    torch.testing.assert_close(hv, reference, rtol=1e-6, atol=1e-8)
+    result = hessian_eigenvalues(model, next_token_loss, batch)
+    assert result.converged and math.isfinite(result.lambda_max)

@@ -1,0 +1,149 @@
+"""Lanczos on explicit symmetric matrices with prescribed spectra (float64 oracles)."""
+
+import pytest
+import torch
+
+from hessdiag.lanczos import lanczos
+
+
+def matrix_with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q diag(eigenvalues) Q^T with a random orthogonal Q; returns (A, Q)."""
+    n = eigenvalues.numel()
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q @ torch.diag(eigenvalues.to(torch.float64)) @ q.T, q
+
+
+def indefinite_spectrum(n: int = 300) -> torch.Tensor:
+    values = torch.linspace(-0.5, 1.0, n, dtype=torch.float64)
+    values[-3:] = torch.tensor([3.0, 4.0, 6.0], dtype=torch.float64)
+    values[:2] = torch.tensor([-2.0, -1.2], dtype=torch.float64)
+    return values
+
+
+def test_both_ends_float64_to_1e6():
+    eigenvalues = indefinite_spectrum()
+    a, _ = matrix_with_spectrum(eigenvalues)
+    result = lanczos(lambda v: a @ v, a.shape[0], k=2, tol=1e-9, max_iter=120, dtype=torch.float64)
+    assert result.converged
+    torch.testing.assert_close(result.top, torch.tensor([6.0, 4.0], dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.bottom, torch.tensor([-2.0, -1.2], dtype=torch.float64), atol=1e-6, rtol=0)
+    assert result.negative_curvature_certified
+
+
+def test_both_ends_float32_to_1e4():
+    eigenvalues = indefinite_spectrum()
+    a, _ = matrix_with_spectrum(eigenvalues)
+    a32 = a.float()
+    result = lanczos(lambda v: a32 @ v, a.shape[0], tol=1e-6, max_iter=120, dtype=torch.float32)
+    assert abs(float(result.top[0]) - 6.0) < 1e-4 * 6.0
+    assert abs(float(result.bottom[0]) + 2.0) < 1e-4 * 6.0
+
+
+def test_reported_accuracy_is_honest_at_default_tolerance():
+    """At tol=1e-3 the answer is within 1e-3 (relative), and the run stops long before exhaustion."""
+    eigenvalues = indefinite_spectrum()
+    a, _ = matrix_with_spectrum(eigenvalues)
+    result = lanczos(lambda v: a @ v, a.shape[0], dtype=torch.float64)
+    assert result.converged
+    assert abs(float(result.top[0]) - 6.0) <= 1e-3 * 6.0
+    assert abs(float(result.bottom[0]) + 2.0) <= 1e-3 * 6.0
+    assert result.num_iterations < 40
+    # The residual bound is rigorous: an eigenvalue lies within it of each Ritz value.
+    for value, bound in ((result.top[0], result.top_residuals[0]), (result.bottom[0], result.bottom_residuals[0])):
+        assert float((eigenvalues - value).abs().min()) <= float(bound) + 1e-12
+
+
+def test_ritz_vectors_are_eigenvectors():
+    eigenvalues = indefinite_spectrum()
+    a, q = matrix_with_spectrum(eigenvalues)
+    result = lanczos(lambda v: a @ v, a.shape[0], tol=1e-10, max_iter=150, dtype=torch.float64)
+    top = result.top_vectors[0]
+    assert torch.linalg.vector_norm(top) == pytest.approx(1.0, abs=1e-12)
+    assert abs(float(torch.dot(top, q[:, -1]))) == pytest.approx(1.0, abs=1e-8)
+    assert abs(float(torch.dot(result.bottom_vectors[0], q[:, 0]))) == pytest.approx(1.0, abs=1e-8)
+
+
+def test_no_ghost_eigenvalues_with_full_reorthogonalisation():
+    """Run far past convergence of the extremes: without reorthogonalisation copies of 6.0 appear."""
+    eigenvalues = indefinite_spectrum(200)
+    a, _ = matrix_with_spectrum(eigenvalues)
+    result = lanczos(lambda v: a @ v, a.shape[0], k=3, tol=0.0, max_iter=120, dtype=torch.float64)
+    assert int((result.ritz_values - 6.0).abs().lt(1e-6).sum()) == 1
+    torch.testing.assert_close(result.top, torch.tensor([6.0, 4.0, 3.0], dtype=torch.float64), atol=1e-8, rtol=0)
+
+
+def test_invariant_subspace_restart_finds_every_eigenvalue():
+    """A start vector inside an invariant subspace breaks down early; the run restarts and finds the rest."""
+    a = torch.diag(torch.tensor([-3.0, -1.0, 0.5, 2.0, 5.0], dtype=torch.float64))
+    start = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64)  # spans eigenvalues -1 and 0.5 only
+    result = lanczos(lambda v: a @ v, 5, tol=1e-10, v0=start, warm_random=0.0, dtype=torch.float64)
+    assert float(result.top[0]) == pytest.approx(5.0, abs=1e-10)
+    assert float(result.bottom[0]) == pytest.approx(-3.0, abs=1e-10)
+
+
+def test_warm_start_from_a_stale_eigenvector_still_finds_the_top():
+    """The top eigenvector turned: the previous top vector is now the second one (0.95 vs 1.0).
+
+    The random component must let Lanczos find the new top instead of certifying the old one."""
+    eigenvalues = torch.linspace(0.0, 0.5, 400, dtype=torch.float64)
+    eigenvalues[-2:] = torch.tensor([0.95, 1.0], dtype=torch.float64)
+    a, q = matrix_with_spectrum(eigenvalues, seed=3)
+    stale = q[:, -2]
+    result = lanczos(lambda v: a @ v, 400, which="top", tol=1e-3, v0=stale, dtype=torch.float64)
+    assert abs(float(result.top[0]) - 1.0) <= 1e-3
+
+
+def test_warm_start_saves_products():
+    eigenvalues = indefinite_spectrum()
+    a, _ = matrix_with_spectrum(eigenvalues)
+    cold = lanczos(lambda v: a @ v, a.shape[0], which="top", dtype=torch.float64)
+    perturbation = 1e-3 * matrix_with_spectrum(torch.randn(300, generator=torch.Generator().manual_seed(1)), seed=2)[0]
+    b = a + perturbation
+    warm = lanczos(lambda v: b @ v, a.shape[0], which="top", v0=cold.top_vectors, dtype=torch.float64)
+    assert warm.converged
+    assert warm.num_iterations < cold.num_iterations
+    exact = float(torch.linalg.eigvalsh(b)[-1])
+    assert abs(float(warm.top[0]) - exact) <= 1e-3 * exact
+
+
+@pytest.mark.parametrize("basis", ["device", "host", "recurrence"])
+def test_basis_storages_agree(basis):
+    eigenvalues = indefinite_spectrum()
+    a, _ = matrix_with_spectrum(eigenvalues)
+    result = lanczos(lambda v: a @ v, a.shape[0], tol=1e-8, max_iter=100, basis=basis, dtype=torch.float64)
+    assert result.basis == basis
+    assert float(result.top[0]) == pytest.approx(6.0, abs=1e-6)
+    assert float(result.bottom[0]) == pytest.approx(-2.0, abs=1e-6)
+    assert (result.top_vectors is None) == (basis == "recurrence")
+
+
+def test_memory_budget_falls_back_to_the_recurrence():
+    a, _ = matrix_with_spectrum(indefinite_spectrum())
+    result = lanczos(lambda v: a @ v, a.shape[0], tol=1e-6, memory_budget=1000, dtype=torch.float64)
+    assert result.basis == "recurrence"
+    assert float(result.top[0]) == pytest.approx(6.0, abs=1e-5)
+
+
+def test_not_converged_is_reported():
+    a, _ = matrix_with_spectrum(indefinite_spectrum())
+    result = lanczos(lambda v: a @ v, a.shape[0], tol=1e-12, max_iter=5, dtype=torch.float64)
+    assert not result.converged
+    assert result.num_iterations == 5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k": 0}, "`k` must be a positive int"),
+        ({"k": 11}, r"`k` must be at most the dimension \(10\)"),
+        ({"which": "largest"}, "`which` must be one of"),
+        ({"tol": -1.0}, r"`tol` must be a number in \[0, 1\)"),
+        ({"max_iter": 0}, "`max_iter` must be a positive int"),
+        ({"warm_random": 2.0}, r"`warm_random` must be in \[0, 1\]"),
+        ({"basis": "gpu"}, "`basis` must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lanczos(lambda v: v, 10, **kwargs)
