@@ -1,0 +1,1 @@
+"""Lightning adapters over the hessdiag engine, imported as ``hessdiag.callbacks``."""
