@@ -113,20 +113,12 @@ def hessian_eigenvalues(
         ValueError: bad arguments (no trainable parameters, k larger than the dimension, ...).
         LossClosureError, NonFiniteLossError, SecondDerivativeError: see :mod:`hessdiag.errors`.
     """
-    if isinstance(v0, HessianEigenvalues):
-        v0 = v0.warm_start()
     operator = HessianOperator(
         model, loss_fn, batch, params=params, mode=mode, method=hvp_method, seed=seed, batch_size=batch_size
     )
-    if not isinstance(k, int) or not 1 <= k <= operator.dim:
-        raise ValueError(f"`k` must be an int in [1, {operator.dim}] (the number of parameters), got {k!r}.")
-    if v0 is not None and v0.numel() % operator.dim != 0:
-        raise ValueError(f"`v0` must have shape ({operator.dim},) or (b, {operator.dim}), got {tuple(v0.shape)}.")
     with operator:
-        grad_norm = float(torch.linalg.vector_norm(operator.gradient()))
-        result = lanczos(
-            operator.matvec,
-            operator.dim,
+        return eigenvalues_of(
+            operator,
             k=k,
             which=which,
             tol=tol,
@@ -135,23 +127,62 @@ def hessian_eigenvalues(
             v0=v0,
             warm_random=warm_random,
             seed=seed,
-            device=operator.device,
-            dtype=operator.dtype,
             basis=basis,
             memory_budget=memory_budget,
         )
-        loss = operator.loss
+
+
+def eigenvalues_of(
+    operator: HessianOperator,
+    *,
+    k: int = 1,
+    which: Which = "both",
+    tol: float = 1e-3,
+    max_iter: int | None = None,
+    min_iter: int | None = None,
+    v0: torch.Tensor | HessianEigenvalues | None = None,
+    warm_random: float = 0.3,
+    seed: int = 0,
+    basis: BasisStorage = "auto",
+    memory_budget: int | None = None,
+) -> HessianEigenvalues:
+    """:func:`hessian_eigenvalues` on an open :class:`HessianOperator` (whose graph other
+    estimates of the same check can reuse). Arguments as for :func:`hessian_eigenvalues`."""
+    if isinstance(v0, HessianEigenvalues):
+        v0 = v0.warm_start()
+    if not isinstance(k, int) or not 1 <= k <= operator.dim:
+        raise ValueError(f"`k` must be an int in [1, {operator.dim}] (the number of parameters), got {k!r}.")
+    if v0 is not None and v0.numel() % operator.dim != 0:
+        raise ValueError(f"`v0` must have shape ({operator.dim},) or (b, {operator.dim}), got {tuple(v0.shape)}.")
+    hvps_before = operator.num_hvps
+    grad_norm = float(torch.linalg.vector_norm(operator.gradient()))
+    result = lanczos(
+        operator.matvec,
+        operator.dim,
+        k=k,
+        which=which,
+        tol=tol,
+        max_iter=max_iter,
+        min_iter=min_iter,
+        v0=v0,
+        warm_random=warm_random,
+        seed=seed,
+        device=operator.device,
+        dtype=operator.dtype,
+        basis=basis,
+        memory_budget=memory_budget,
+    )
     return HessianEigenvalues(
         top=result.top,
         bottom=result.bottom,
         residuals={"top": result.top_residuals, "bottom": result.bottom_residuals},
         error_estimates={"top": result.top_errors, "bottom": result.bottom_errors},
-        num_hvps=operator.num_hvps,
+        num_hvps=operator.num_hvps - hvps_before,
         converged=result.converged,
         top_vectors=result.top_vectors,
         bottom_vectors=result.bottom_vectors,
         negative_curvature_certified=result.negative_curvature_certified,
-        loss=loss,
+        loss=operator.loss,
         grad_norm=grad_norm,
         lanczos=result,
     )

@@ -247,6 +247,23 @@ class HessianOperator:
         flat = self._flatten([None if g is None else g.detach() for g in self._grads])
         return self._finish(flat)
 
+    def loss_along(self, direction: torch.Tensor, step: float) -> float:
+        """The loss at theta + step * direction (flat `direction`), same batch and dropout masks.
+
+        Evaluated functionally: the parameters themselves are never written.
+        """
+        self._require_open(self._loss)
+        offsets = self._split(direction.to(device=self.device, dtype=self.dtype))
+        names = self._parameter_names()
+        wrapper = _LossModule(self.model, self.loss_fn, self.batch)
+        seed_rng(self.seed, self.device)
+        with torch.no_grad():
+            moved = {name: p + step * o for name, p, o in zip(names, self.params, offsets)}
+            value = torch.func.functional_call(wrapper, moved, ()).detach().reshape(()) * self._share
+        if self._distributed:
+            _distributed.all_reduce_sum_(value)
+        return float(value.item())
+
     # -- products --------------------------------------------------------------------------
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         """H v for a flat `vector` of shape ``(dim,)``; returns a new tensor of the same shape."""
