@@ -1,0 +1,259 @@
+r"""
+Hessian diagnostics
+===================
+
+Attach hessdiag to a Lightning run in one line::
+
+    trainer = Trainer(callbacks=[HessianDiagnostics()])
+
+A thin adapter over :class:`hessdiag.Monitor`: it feeds the monitor at the hooks where Lightning's
+gradients are final and unscaled, routes scalars through the trainer's loggers (TensorBoard, CSV,
+...) and, with a TensorBoard logger, adds the dashboard layout, histograms, flag events and the
+spectral density.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from hessdiag.flags import FlagEvent
+from hessdiag.monitor import Monitor
+from hessdiag.spectrum import SpectralDensity
+from hessdiag.tensorboard import TensorBoardWriter
+
+_CALLBACK_BASES: tuple[type, ...] = (pl.Callback,)
+try:  # one class that both Trainers accept, when the unified `lightning` package is installed too
+    import lightning.pytorch as _lightning
+
+    if _lightning.Callback is not pl.Callback:
+        _CALLBACK_BASES += (_lightning.Callback,)
+except ImportError:
+    pass
+
+LossHook = Callable[[pl.LightningModule, Any], torch.Tensor]
+
+
+class LoggerWriter:
+    """Sends scalars to every logger of the trainer (rank 0 only), so CSV and other loggers get them."""
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self.trainer = trainer
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        for logger in self.trainer.loggers:
+            logger.log_metrics(dict(values), step=step)
+
+    def events(self, step: int, events: Sequence[FlagEvent]) -> None:
+        for event in events:
+            if event.kind == "onset":
+                rank_zero_info(f"hessdiag: {event.name} at step {event.step}: {event.summary} Remedy: {event.remedy}")
+
+    def histograms(self, step: int, values: Mapping[str, torch.Tensor]) -> None:
+        pass
+
+    def density(self, step: int, density: SpectralDensity) -> None:
+        pass
+
+    def flush(self) -> None:
+        for logger in self.trainer.loggers:
+            logger.save()
+
+
+@contextlib.contextmanager
+def _muted_logging(module: pl.LightningModule) -> Iterator[None]:
+    """Silence ``self.log`` / ``self.log_dict`` while the training step is re-run as a loss closure,
+    so the check does not add values to the user's metrics."""
+    saved = module.__dict__.get("log"), module.__dict__.get("log_dict")
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name, value in zip(("log", "log_dict"), saved):
+            if value is None:
+                del module.__dict__[name]
+            else:
+                setattr(module, name, value)
+
+
+def training_step_loss(module: pl.LightningModule, batch: Any) -> torch.Tensor:
+    """The loss of ``module.training_step(batch, 0)``: its tensor output, or ``output["loss"]``."""
+    with _muted_logging(module):
+        output = module.training_step(batch, 0)
+    loss = output["loss"] if isinstance(output, Mapping) else output
+    if not isinstance(loss, torch.Tensor):
+        raise MisconfigurationException(
+            "HessianDiagnostics needs the training loss: `training_step` returned "
+            f"{type(output).__name__}. Return the loss (or {{'loss': loss}}), define "
+            "`hessdiag_loss(self, batch)` on the LightningModule, or pass `loss_fn=`."
+        )
+    return loss
+
+
+class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
+    r"""Curvature, training-health flags and a TensorBoard dashboard for a Lightning run.
+
+    Every optimizer step it records per-layer gradient statistics (on the device, no host sync);
+    every `check_every` optimizer steps it estimates the top and bottom Hessian eigenvalues of the
+    training loss on the current batch (or its first `sub_batch` samples), warm-started from the last
+    check; detectors raise flags (exploding, vanishing, plateau, saddle, edge_of_stability).
+
+    The loss of a check is, in this order: `loss_fn(pl_module, batch)` if given; the module's
+    ``hessdiag_loss(batch)`` method if it defines one; else the output of ``training_step(batch, 0)``
+    (a tensor or ``{"loss": ...}``) with ``self.log`` muted. Manual optimisation needs one of the first
+    two, since its ``training_step`` steps the optimizer.
+
+    Args:
+        check_every: optimizer steps between curvature checks.
+        log_every: optimizer steps between read-backs of the gradient statistics (default: the
+            trainer's ``log_every_n_steps``).
+        sub_batch: samples of the batch used by a check (default: all).
+        k, tol, max_iter, cold_every, density_every, mode, hvp_method: see :class:`hessdiag.Monitor`.
+        loss_fn: ``loss_fn(pl_module, batch) -> scalar`` to use instead of the module's own loss.
+        detectors: detectors to run (default: all five with default thresholds).
+        progress_bar: show lambda_max and the number of active flags in the progress bar.
+        strict: re-raise errors of the diagnostics instead of warning and backing off.
+
+    Raises:
+        ValueError: a bad argument (named in the message).
+        MisconfigurationException: in ``setup``, manual optimisation without a loss closure.
+
+    Example::
+
+        from hessdiag.callbacks import HessianDiagnostics
+        trainer = Trainer(callbacks=[HessianDiagnostics(check_every=200)])
+    """
+
+    def __init__(
+        self,
+        check_every: int = 100,
+        log_every: int | None = None,
+        sub_batch: int | None = None,
+        k: int = 1,
+        tol: float = 1e-3,
+        max_iter: int | None = None,
+        cold_every: int = 5,
+        density_every: int = 10,
+        mode: str = "train",
+        hvp_method: str = "double_backward",
+        loss_fn: LossHook | None = None,
+        detectors: Sequence[Any] | None = None,
+        progress_bar: bool = True,
+        strict: bool = False,
+    ) -> None:
+        if not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"`check_every` must be a positive int, got {check_every!r}.")
+        if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
+            raise ValueError(f"`log_every` must be a positive int or None, got {log_every!r}.")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"`loss_fn` must be callable as loss_fn(pl_module, batch), got {type(loss_fn).__name__}.")
+        self.check_every = check_every
+        self.log_every = log_every
+        self.loss_fn = loss_fn
+        self.progress_bar = progress_bar
+        self.strict = strict
+        self.options: dict[str, Any] = {
+            "sub_batch": sub_batch, "k": k, "tol": tol, "max_iter": max_iter, "cold_every": cold_every,
+            "density_every": density_every, "mode": mode, "hvp_method": hvp_method, "detectors": detectors,
+        }  # fmt: skip
+        # Validate the monitor's own arguments now, not at fit time.
+        Monitor(torch.nn.Linear(1, 1), lambda m, b: m(b).sum(), check_every=check_every, log_every=log_every or 1, **self.options)
+        self.monitor: Monitor | None = None
+        self._restored: dict[str, Any] | None = None
+        self._stepped = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(check_every=self.check_every)
+
+    def _loss_closure(self, pl_module: pl.LightningModule) -> LossHook:
+        if self.loss_fn is not None:
+            return self.loss_fn
+        if callable(getattr(pl_module, "hessdiag_loss", None)):
+            return lambda module, batch: module.hessdiag_loss(batch)
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                "HessianDiagnostics: with manual optimisation `training_step` steps the optimizer, so it cannot "
+                "serve as the loss. Define `hessdiag_loss(self, batch)` on the LightningModule or pass `loss_fn=`."
+            )
+        return training_step_loss
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy:
+            raise MisconfigurationException(
+                f"HessianDiagnostics does not support the sharded strategy {strategy} yet: Hessian-vector products "
+                "need the full parameters on every rank. Use DDP, or remove the callback."
+            )
+        writers: list[Any] = []
+        if trainer.is_global_zero:
+            writers.append(LoggerWriter(trainer))
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    writers.append(TensorBoardWriter(logger.experiment, write_scalars=False))
+        self.monitor = Monitor(
+            pl_module,
+            self._loss_closure(pl_module),
+            writer=writers,
+            check_every=self.check_every,
+            log_every=self.log_every or trainer.log_every_n_steps,
+            strict=self.strict,
+            **self.options,
+        )
+        if self._restored is not None:
+            self.monitor.load_state_dict(self._restored)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None and trainer.optimizers:
+            self.monitor.optimizer = trainer.optimizers[0]
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        # Here gradients are final: accumulated, all-reduced under DDP, unscaled under AMP.
+        if self.monitor is not None:
+            self.monitor.after_backward()
+            self._stepped = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.monitor is None or not self._stepped:
+            return  # an accumulation step: no optimizer step yet
+        self._stepped = False
+        loss = outputs["loss"] if isinstance(outputs, Mapping) and "loss" in outputs else outputs
+        self.monitor.step = trainer.global_step - 1  # after_step counts this optimizer step
+        self.monitor.after_step(batch, loss if isinstance(loss, torch.Tensor) else None)
+        check = self.monitor.last_check
+        if self.progress_bar and check is not None:
+            pl_module.log("λmax", check.lambda_max, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+            pl_module.log("flags", float(len(self.monitor.active_flags)), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None:
+            self.monitor.flush()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self.monitor.state_dict() if self.monitor is not None else dict(self._restored or {})
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict)
+        if self.monitor is not None:
+            self.monitor.load_state_dict(state_dict)

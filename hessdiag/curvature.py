@@ -1,0 +1,266 @@
+"""The periodic curvature check of a training run.
+
+`CurvatureProbe.run` takes the current batch (or a sub-batch), builds the Hessian operator once and,
+reusing its gradient graph, computes:
+
+* lambda_max and lambda_min by one Lanczos run, warm-started from the previous check's Ritz vectors
+  (every `cold_every`-th check starts cold, so an eigenvector that turned is found again);
+* for Adam/AdamW, the preconditioned sharpness lambda_max(P^-1 H), by Lanczos on the symmetric
+  D^1/2 H D^1/2 (D = diag(1 / (sqrt(v_hat) + eps)) from the optimizer's ``exp_avg_sq``), which is
+  what the stability threshold of an adaptive method refers to;
+* when negative curvature is certified, the loss change along the bottom Ritz vector (both signs,
+  the better one): a direct check that it is an escape direction;
+* every `density_every`-th check, the spectral density by stochastic Lanczos quadrature.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hessdiag._distributed import infer_batch_size
+from hessdiag._isolation import ModelMode
+from hessdiag.eigen import HessianEigenvalues, eigenvalues_of
+from hessdiag.hvp import HVPMethod, HessianOperator, LossFn
+from hessdiag.lanczos import lanczos
+from hessdiag.spectrum import SpectralDensity, slq_density
+from hessdiag.stability import StabilityThreshold, adam_preconditioner_sqrt, stability_threshold
+
+#: The escape probe steps so that the quadratic model predicts a loss drop of this fraction.
+_ESCAPE_PROBE_FRACTION = 0.01
+
+
+@dataclass
+class CurvatureCheck:
+    """What one curvature check found (python floats; see :func:`~hessdiag.hessian_eigenvalues`).
+
+    Attributes:
+        step: the training step.
+        lambda_max, lambda_min: extreme Ritz values of the Hessian on the check batch.
+        negative_curvature_certified: lambda_min <= lambda_min (the reported value) < 0 is proven.
+        residual_max, residual_min: residual bounds of the two values.
+        converged: both ends met the tolerance.
+        num_hvps: products spent (all estimates of the check).
+        seconds: wall time of the check.
+        loss, grad_norm: on the check batch.
+        sharpness: the value compared with the stability threshold: lambda_max, or for Adam the
+            preconditioned lambda_max(P^-1 H).
+        stability: the optimizer's stability threshold, when it has one.
+        loss_change_along_bottom: min over +-alpha of L(theta + alpha y_min) - L(theta), with alpha
+            such that the quadratic model predicts a 1% drop; ``None`` without certified negative curvature.
+        cold: the Lanczos run started from a random vector.
+        batch_size: samples in the check batch.
+    """
+
+    step: int
+    lambda_max: float
+    lambda_min: float
+    negative_curvature_certified: bool
+    residual_max: float
+    residual_min: float
+    converged: bool
+    num_hvps: int
+    seconds: float
+    loss: float
+    grad_norm: float
+    sharpness: float
+    stability: StabilityThreshold | None
+    loss_change_along_bottom: float | None
+    cold: bool
+    batch_size: int | None
+    density: SpectralDensity | None = None
+
+    @property
+    def stability_ratio(self) -> float | None:
+        """sharpness / threshold: >= 1 means the steepest direction is beyond the stability edge."""
+        return self.sharpness / self.stability.threshold if self.stability else None
+
+
+def take_sub_batch(batch: Any, size: int | None) -> Any:
+    """The first `size` samples of every tensor in `batch` whose leading dimension is the batch.
+
+    The batch dimension is the leading dimension of the first tensor found; tensors with another
+    leading size (e.g. per-batch constants) are passed through. ``None`` keeps the whole batch.
+    """
+    if size is None:
+        return batch
+    full = infer_batch_size(batch)
+    if full is None or full <= size:
+        return batch
+
+    def cut(item: Any) -> Any:
+        if isinstance(item, torch.Tensor):
+            return item[:size] if item.dim() > 0 and item.shape[0] == full else item
+        if isinstance(item, Mapping):
+            return type(item)({key: cut(value) for key, value in item.items()})
+        if isinstance(item, tuple) and hasattr(item, "_fields"):
+            return type(item)(*(cut(value) for value in item))
+        if isinstance(item, (list, tuple)):
+            return type(item)(cut(value) for value in item)
+        return item
+
+    return cut(batch)
+
+
+class CurvatureProbe:
+    """Curvature checks with warm starts across checks.
+
+    Args:
+        model, loss_fn: the network and ``loss_fn(model, batch) -> scalar``.
+        k, tol, max_iter: as for :func:`~hessdiag.hessian_eigenvalues`.
+        cold_every: every n-th check starts from a random vector (0: never after the first).
+        sub_batch: samples of the batch to use (default: all).
+        mode, hvp_method, params: as for :class:`~hessdiag.HessianOperator`.
+        density_every: every n-th check also estimates the spectral density (0: never).
+        density_probes, density_iter: size of that estimate.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        *,
+        k: int = 1,
+        tol: float = 1e-3,
+        max_iter: int | None = None,
+        cold_every: int = 5,
+        sub_batch: int | None = None,
+        mode: ModelMode = "train",
+        hvp_method: HVPMethod = "double_backward",
+        params: Iterable[torch.Tensor] | None = None,
+        density_every: int = 0,
+        density_probes: int = 2,
+        density_iter: int = 20,
+    ) -> None:
+        for name, value in (("cold_every", cold_every), ("density_every", density_every)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
+        if sub_batch is not None and (not isinstance(sub_batch, int) or sub_batch < 1):
+            raise ValueError(f"`sub_batch` must be a positive int or None, got {sub_batch!r}.")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"`k` must be a positive int, got {k!r}.")
+        if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+            raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.k, self.tol, self.max_iter = k, tol, max_iter
+        self.cold_every = cold_every
+        self.sub_batch = sub_batch
+        self.mode: ModelMode = mode
+        self.hvp_method: HVPMethod = hvp_method
+        self.params = None if params is None else list(params)
+        self.density_every, self.density_probes, self.density_iter = density_every, density_probes, density_iter
+        self.num_checks = 0
+        self.warm_vectors: torch.Tensor | None = None
+        self.warm_preconditioned: torch.Tensor | None = None
+
+    def run(self, step: int, batch: Any, optimizer: torch.optim.Optimizer | None = None, *, sub_batch: int | None = None) -> CurvatureCheck:
+        """One check on `batch` (cut to `sub_batch` or the probe's own sub-batch size).
+
+        Raises the engine's errors (see :mod:`hessdiag.errors`); the caller decides what to do.
+        """
+        start = time.perf_counter()
+        batch = take_sub_batch(batch, sub_batch or self.sub_batch)
+        cold = self.warm_vectors is None or (self.cold_every > 0 and self.num_checks % self.cold_every == 0)
+        seed = self.num_checks  # a fresh dropout draw per check, the same for all products of one check
+        operator = HessianOperator(
+            self.model, self.loss_fn, batch, params=self.params, mode=self.mode, method=self.hvp_method, seed=seed
+        )
+        with operator:
+            result = eigenvalues_of(
+                operator, k=self.k, tol=self.tol, max_iter=self.max_iter, v0=None if cold else self.warm_vectors, seed=seed
+            )
+            stability, sharpness = self._stability(operator, result, optimizer, cold, seed)
+            escape = self._escape_probe(operator, result)
+            density = None
+            if self.density_every and self.num_checks % self.density_every == 0:
+                density = slq_density(
+                    operator.matvec, operator.dim, num_probes=self.density_probes,
+                    num_iter=min(self.density_iter, operator.dim), seed=seed,
+                    device=operator.device, dtype=operator.dtype,
+                )  # fmt: skip
+            num_hvps = operator.num_hvps
+        self.warm_vectors = result.warm_start()
+        self.num_checks += 1
+        return CurvatureCheck(
+            step=step,
+            lambda_max=result.lambda_max,
+            lambda_min=result.lambda_min,
+            negative_curvature_certified=result.negative_curvature_certified,
+            residual_max=float(result.residuals["top"][0]),
+            residual_min=float(result.residuals["bottom"][0]),
+            converged=result.converged,
+            num_hvps=num_hvps,
+            seconds=time.perf_counter() - start,
+            loss=result.loss,
+            grad_norm=result.grad_norm,
+            sharpness=sharpness,
+            stability=stability,
+            loss_change_along_bottom=escape,
+            cold=cold,
+            batch_size=infer_batch_size(batch),
+            density=density,
+        )
+
+    def _stability(
+        self,
+        operator: HessianOperator,
+        result: HessianEigenvalues,
+        optimizer: torch.optim.Optimizer | None,
+        cold: bool,
+        seed: int,
+    ) -> tuple[StabilityThreshold | None, float]:
+        if optimizer is None:
+            return None, result.lambda_max
+        try:
+            threshold = stability_threshold(optimizer)
+        except ValueError:  # an optimizer without a known stability rule: report the raw sharpness
+            return None, result.lambda_max
+        if not threshold.preconditioned:
+            return threshold, result.lambda_max
+        scale = adam_preconditioner_sqrt(optimizer, operator.params)
+        if scale is None:  # before the first step there is no second-moment estimate yet
+            return None, result.lambda_max
+        scale = scale.to(device=operator.device, dtype=operator.dtype)
+        preconditioned = lanczos(
+            lambda v: scale * operator.matvec(scale * v),
+            operator.dim,
+            which="top",
+            tol=self.tol,
+            max_iter=self.max_iter,
+            v0=None if cold else self.warm_preconditioned,
+            seed=seed,
+            device=operator.device,
+            dtype=operator.dtype,
+        )
+        self.warm_preconditioned = preconditioned.top_vectors
+        return threshold, float(preconditioned.top[0])
+
+    @staticmethod
+    def _escape_probe(operator: HessianOperator, result: HessianEigenvalues) -> float | None:
+        if not result.negative_curvature_certified or result.bottom_vectors is None:
+            return None
+        curvature = abs(result.lambda_min)
+        alpha = math.sqrt(2 * _ESCAPE_PROBE_FRACTION * max(abs(result.loss), 1e-12) / curvature)
+        direction = result.bottom_vectors[0]
+        base = result.loss
+        return min(operator.loss_along(direction, alpha), operator.loss_along(direction, -alpha)) - base
+
+    def state_dict(self) -> dict[str, Any]:
+        """Warm-start vectors and the check count (tensors and ints only)."""
+        return {
+            "num_checks": self.num_checks,
+            "warm_vectors": None if self.warm_vectors is None else self.warm_vectors.detach().cpu(),
+            "warm_preconditioned": None if self.warm_preconditioned is None else self.warm_preconditioned.detach().cpu(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.num_checks = int(state.get("num_checks", 0))
+        self.warm_vectors = state.get("warm_vectors")
+        self.warm_preconditioned = state.get("warm_preconditioned")

@@ -1,0 +1,371 @@
+"""`Monitor`: the diagnostics of hessdiag for a hand-written PyTorch training loop.
+
+It owns the per-step gradient statistics, the periodic curvature check and the five detectors, and
+sends what it finds to writers (TensorBoard). A loop calls it at two points::
+
+    monitor = hessdiag.Monitor(model, loss_fn, optimizer=optimizer, writer=SummaryWriter("runs/x"))
+    for batch in loader:
+        optimizer.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        monitor.after_backward()         # gradient statistics on the device, no host sync
+        optimizer.step()
+        monitor.after_step(batch, loss)  # every `log_every` steps: read back, detect, log;
+                                         # every `check_every` steps: curvature on `batch`
+
+The per-step path never synchronises host and device: statistics stay on the device and are read
+back in one transfer every `log_every` steps. Diagnostics never change the run (parameters,
+buffers, optimizer state, RNG, ``.grad``) and never crash it: a failing check is reported once,
+backs off, and training goes on (``strict=True`` re-raises instead).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from hessdiag import _distributed
+from hessdiag._isolation import ModelMode, unwrap_model
+from hessdiag.curvature import CurvatureCheck, CurvatureProbe
+from hessdiag.detectors import (
+    EdgeOfStabilityDetector,
+    ExplodingGradientDetector,
+    PlateauDetector,
+    SaddleDetector,
+    VanishingGradientDetector,
+)
+from hessdiag.errors import HessdiagError, HessdiagWarning
+from hessdiag.flags import FLAG_NAMES, FlagEvent
+from hessdiag.gradients import GradientStats
+from hessdiag.hvp import HVPMethod, LossFn
+from hessdiag.tensorboard import PREFIX, DiagnosticsWriter, TensorBoardWriter
+
+_MAX_BACKOFF = 16  # a failing check is retried after at most 16 x check_every steps
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+class Monitor:
+    """Gradient statistics every step, curvature every `check_every` steps, flags, TensorBoard.
+
+    Args:
+        model: the network being trained (a DDP wrapper is fine).
+        loss_fn: ``loss_fn(model, batch) -> scalar``, the training loss; needed for curvature checks.
+        optimizer: read for the stability threshold (SGD, momentum, Nesterov, Adam, AdamW) and
+            Adam's preconditioner; never modified.
+        writer: a ``torch.utils.tensorboard.SummaryWriter``, a :class:`DiagnosticsWriter`, a list of
+            either, or None.
+        check_every: optimizer steps between curvature checks (0: never).
+        log_every: steps between read-backs of the gradient statistics (detection and logging).
+        sub_batch: samples of the batch used by a curvature check (default: the whole batch).
+        k, tol, max_iter, cold_every, mode, hvp_method, params: see :class:`CurvatureProbe`.
+        density_every: every n-th check also logs the spectral density (0: never).
+        detectors: the detectors to run (default: one of each, with default thresholds).
+        strict: re-raise errors of the diagnostics instead of warning and backing off.
+
+    Raises:
+        ValueError: a bad argument, named in the message.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        writer: Any = None,
+        check_every: int = 100,
+        log_every: int = 10,
+        sub_batch: int | None = None,
+        k: int = 1,
+        tol: float = 1e-3,
+        max_iter: int | None = None,
+        cold_every: int = 5,
+        density_every: int = 10,
+        mode: ModelMode = "train",
+        hvp_method: HVPMethod = "double_backward",
+        params: Iterable[torch.Tensor] | None = None,
+        detectors: Sequence[Any] | None = None,
+        strict: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        for name, value, low in (("check_every", check_every, 0), ("log_every", log_every, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
+        if check_every and loss_fn is None:
+            raise ValueError("`loss_fn` is required for curvature checks (or set `check_every=0`).")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"`loss_fn` must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}.")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        self.model = model
+        self.optimizer = optimizer
+        self.check_every = check_every
+        self.log_every = log_every
+        self.strict = strict
+        self.writers: list[DiagnosticsWriter] = self._writers(writer)
+        self.gradients = GradientStats(unwrap_model(model).named_parameters())
+        self.probe = (
+            CurvatureProbe(
+                model, loss_fn, k=k, tol=tol, max_iter=max_iter, cold_every=cold_every, sub_batch=sub_batch,
+                mode=mode, hvp_method=hvp_method, params=params, density_every=density_every,
+            )  # fmt: skip
+            if loss_fn is not None
+            else None
+        )
+        self.detectors = {d.name: d for d in (detectors if detectors is not None else self._default_detectors())}
+        unknown = set(self.detectors) - set(FLAG_NAMES)
+        if unknown:
+            raise ValueError(f"`detectors` must be hessdiag detectors with names in {FLAG_NAMES}, got {sorted(unknown)}.")
+        self.step = 0
+        self.events: list[FlagEvent] = []
+        self.checks: list[CurvatureCheck] = []
+        self.failures = 0
+        self._next_check = check_every
+        self._losses: list[torch.Tensor] = []
+        self._warned: set[str] = set()
+
+    # -- construction helpers ------------------------------------------------------------
+    @staticmethod
+    def _default_detectors() -> list[Any]:
+        return [
+            ExplodingGradientDetector(),
+            VanishingGradientDetector(),
+            PlateauDetector(),
+            SaddleDetector(),
+            EdgeOfStabilityDetector(),
+        ]
+
+    @staticmethod
+    def _writers(writer: Any) -> list[DiagnosticsWriter]:
+        if writer is None:
+            return []
+        items = writer if isinstance(writer, (list, tuple)) else [writer]
+        out: list[DiagnosticsWriter] = []
+        for item in items:
+            if hasattr(item, "add_scalar") and hasattr(item, "add_custom_scalars"):
+                out.append(TensorBoardWriter(item))
+            elif all(hasattr(item, method) for method in ("scalars", "events", "histograms", "density", "flush")):
+                out.append(item)
+            else:
+                raise ValueError(
+                    f"`writer` must be a SummaryWriter, a DiagnosticsWriter or a list of them, got {type(item).__name__}."
+                )
+        return out
+
+    # -- the loop's two calls --------------------------------------------------------------
+    @property
+    def active_flags(self) -> list[str]:
+        """Names of the flags raised now."""
+        return [name for name, detector in self.detectors.items() if detector.active]
+
+    @property
+    def last_check(self) -> CurvatureCheck | None:
+        return self.checks[-1] if self.checks else None
+
+    def after_backward(self) -> None:
+        """Record this step's gradient statistics; call when the gradients are final (accumulated,
+        all-reduced, unscaled). No host-device synchronisation: values stay on the device."""
+        self.gradients.observe(self.step + 1)
+
+    def after_step(self, batch: Any = None, loss: torch.Tensor | float | None = None) -> list[FlagEvent]:
+        """Count an optimizer step and its `loss`; read back, detect and log every `log_every` steps;
+        run a curvature check on `batch` every `check_every` steps. Returns the new flag events."""
+        self.step += 1
+        if isinstance(loss, torch.Tensor):
+            self._losses.append(loss.detach().float().reshape(()))
+        else:
+            self._losses.append(torch.tensor(math.nan if loss is None else float(loss)))
+        events: list[FlagEvent] = []
+        if self.step % self.log_every == 0:
+            events += self._read_back()
+        if self.probe is not None and self.check_every and batch is not None and self.step >= self._next_check:
+            events += self.check_curvature(batch)
+        return events
+
+    # -- per-step statistics ---------------------------------------------------------------
+    def _read_back(self) -> list[FlagEvent]:
+        """One transfer for everything since the last read-back; feed the per-step detectors."""
+        readout = self.gradients.read()
+        losses_on_device, self._losses = self._losses, []
+        if readout is None:
+            return []
+        device = self.gradients_device
+        losses = torch.stack([loss.to(device) for loss in losses_on_device]) if losses_on_device else None
+        if losses is not None and _distributed.is_data_parallel():  # every rank must decide the same
+            losses = _distributed.all_reduce_sum_(losses) / torch.distributed.get_world_size()
+        loss_values = losses.cpu().tolist() if losses is not None else []
+        loss_values += [math.nan] * (len(readout.steps) - len(loss_values))
+        events: list[FlagEvent] = []
+        for index, (step, loss) in enumerate(zip(readout.steps, loss_values)):
+            events += self._update(
+                "exploding", step, loss=loss, grad_norm=readout.grad_norms[index],
+                layer_ratios=dict(readout.layer_ratios(index)), nonfinite_count=readout.nonfinite_tensors[index],
+            )  # fmt: skip
+            if math.isfinite(loss):
+                events += self._update("plateau", step, loss=loss, grad_norm=readout.grad_norms[index])
+        step = readout.steps[-1]
+        events += self._update(
+            "vanishing", step, layer_grad_norms=readout.layer_grad_norms[-1], layer_weight_norms=readout.layer_weight_norms
+        )
+        scalars = {f"{PREFIX}/grad_norm": readout.grad_norms[-1], f"{PREFIX}/loss": loss_values[-1]}
+        for name, value in readout.layer_grad_norms[-1]:
+            scalars[f"{PREFIX}/layer_grad_norm/{name}"] = value
+        for name, value in readout.layer_ratios():
+            scalars[f"{PREFIX}/layer_grad_to_weight/{name}"] = value
+        scalars |= self._flag_scalars()
+        histograms = {f"{PREFIX}/layer_grad_norms": torch.tensor([v for _, v in readout.layer_grad_norms[-1]])}
+        self._emit(step, scalars, events, histograms)
+        return events
+
+    @property
+    def gradients_device(self) -> torch.device:
+        return self.gradients.params[0].device
+
+    # -- curvature -------------------------------------------------------------------------
+    def check_curvature(self, batch: Any) -> list[FlagEvent]:
+        """Run a curvature check on `batch` now; feed the saddle and edge-of-stability detectors."""
+        assert self.probe is not None, "no loss_fn was given"
+        check = self._run_check(batch)
+        if check is None:
+            return []
+        self.checks.append(check)
+        self.failures = 0
+        self._next_check = self.step + self.check_every
+        events = self._update(
+            "saddle", check.step, grad_norm=check.grad_norm, lambda_max=check.lambda_max, lambda_min=check.lambda_min,
+            negative_certified=check.negative_curvature_certified, loss=check.loss,
+            loss_change_along_bottom=check.loss_change_along_bottom,
+        )  # fmt: skip
+        if check.stability is not None:
+            events += self._update("edge_of_stability", check.step, sharpness=check.sharpness, threshold=check.stability.threshold)
+        scalars = {
+            f"{PREFIX}/lambda_max": check.lambda_max,
+            f"{PREFIX}/lambda_min": check.lambda_min,
+            f"{PREFIX}/negative_curvature_certified": float(check.negative_curvature_certified),
+            f"{PREFIX}/residual_max": check.residual_max,
+            f"{PREFIX}/residual_min": check.residual_min,
+            f"{PREFIX}/num_hvps": float(check.num_hvps),
+            f"{PREFIX}/check_seconds": check.seconds,
+            f"{PREFIX}/check_loss": check.loss,
+            f"{PREFIX}/check_grad_norm": check.grad_norm,
+            f"{PREFIX}/check_failed": 0.0,
+        }
+        if check.stability is not None:
+            scalars[f"{PREFIX}/sharpness"] = check.sharpness
+            scalars[f"{PREFIX}/stability_threshold"] = check.stability.threshold
+            scalars[f"{PREFIX}/stability_ratio"] = check.stability_ratio
+        if check.loss_change_along_bottom is not None:
+            scalars[f"{PREFIX}/loss_change_along_bottom"] = check.loss_change_along_bottom
+        scalars |= self._flag_scalars()
+        self._emit(check.step, scalars, events, {}, density=check.density)
+        return events
+
+    def _run_check(self, batch: Any) -> CurvatureCheck | None:
+        sub_batch = None
+        for attempt in range(3):
+            try:
+                return self.probe.run(self.step, batch, self.optimizer, sub_batch=sub_batch)
+            except Exception as error:  # diagnostics must never crash training
+                if self.strict:
+                    raise
+                if _is_out_of_memory(error) and attempt < 2:
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    size = _distributed.infer_batch_size(batch)
+                    sub_batch = max(1, (sub_batch or self.probe.sub_batch or size or 2) // 2)
+                    self._warn_once("oom", f"Out of memory in a curvature check; retrying on {sub_batch} samples.")
+                    continue
+                self._fail(error)
+                return None
+        return None
+
+    def _fail(self, error: BaseException) -> None:
+        """Report a failed check once per kind of error, and back off exponentially."""
+        self.failures += 1
+        backoff = min(2 ** (self.failures - 1), _MAX_BACKOFF)
+        self._next_check = self.step + self.check_every * backoff
+        kind = type(error).__name__
+        expected = isinstance(error, (HessdiagError, ValueError, RuntimeError))
+        message = (
+            f"hessdiag: the curvature check at step {self.step} failed ({kind}: {error}). Training continues; "
+            f"the next check is at step {self._next_check}."
+        )
+        self._warn_once(kind if expected else "unexpected", message)
+        scalars = {f"{PREFIX}/check_failed": 1.0} | self._flag_scalars()
+        for writer in self.writers:
+            writer.scalars(self.step, scalars)
+            if hasattr(writer, "text"):
+                writer.text(self.step, f"{PREFIX}/events/check_failed", message)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, HessdiagWarning, stacklevel=3)
+
+    # -- detectors and writers -------------------------------------------------------------
+    def _update(self, name: str, step: int, **inputs: Any) -> list[FlagEvent]:
+        detector = self.detectors.get(name)
+        if detector is None:
+            return []
+        events = detector.update(step, **inputs)
+        self.events.extend(events)
+        return events
+
+    def _flag_scalars(self) -> dict[str, float]:
+        return {f"{PREFIX}/flags/{name}": float(d.active) for name, d in self.detectors.items()}
+
+    def _emit(
+        self,
+        step: int,
+        scalars: Mapping[str, float],
+        events: Sequence[FlagEvent],
+        histograms: Mapping[str, torch.Tensor],
+        density: Any = None,
+    ) -> None:
+        for writer in self.writers:
+            writer.scalars(step, scalars)
+            if events:
+                writer.events(step, events)
+            if histograms:
+                writer.histograms(step, histograms)
+            if density is not None:
+                writer.density(step, density)
+
+    def flush(self) -> None:
+        """Read back pending statistics and flush the writers (call at the end of training)."""
+        self._read_back()
+        for writer in self.writers:
+            writer.flush()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Step, warm-start vectors, detector windows and the flag history (primitives and tensors)."""
+        return {
+            "step": self.step,
+            "next_check": self._next_check,
+            "failures": self.failures,
+            "probe": self.probe.state_dict() if self.probe is not None else {},
+            "detectors": {name: d.state_dict() for name, d in self.detectors.items()},
+            "events": [event.to_dict() for event in self.events],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; keys missing in older checkpoints keep their defaults."""
+        self.step = int(state.get("step", 0))
+        self._next_check = int(state.get("next_check", self.step + self.check_every))
+        self.failures = int(state.get("failures", 0))
+        if self.probe is not None:
+            self.probe.load_state_dict(state.get("probe", {}))
+        for name, detector_state in state.get("detectors", {}).items():
+            if name in self.detectors:
+                self.detectors[name].load_state_dict(detector_state)
+        self.events = [FlagEvent(**event) for event in state.get("events", [])]
