@@ -46,6 +46,16 @@ def test_exploding_quiet_on_a_healthy_stream():
     assert events == []
 
 
+def test_exploding_ignores_growing_gradients_while_the_loss_falls():
+    """Escaping a saddle from a tiny initialisation: the gradient grows 1000x, the loss drops."""
+    detector = ExplodingGradientDetector()
+    events = []
+    for t in range(100):
+        grad = 1e-4 * 1.1**t if t < 80 else 0.2
+        events += detector.update(t, 20.0 * (0.97 ** max(0, t - 20)), grad)
+    assert events == []
+
+
 def test_exploding_fires_on_sustained_growth_not_on_one_spike():
     detector = ExplodingGradientDetector()
     events = []
@@ -175,16 +185,24 @@ def test_plateau_rejects_bad_thresholds():
 # -- saddle -------------------------------------------------------------------------------------
 def test_saddle_classifies_points():
     detector = SaddleDetector()
-    for grad in (1.0, 0.9, 1.1):
-        assert detector.update(0, grad, 2.0, -1.0, True, 1.0) == []
-        assert detector.classification == "not critical"
+    # ||g||^2 / (2 lambda_max) = 0.25 of a loss of 1.0: a gradient step still does a lot.
+    assert detector.update(0, 1.0, 2.0, -1.0, True, 1.0) == []
+    assert detector.classification == "not critical"
     (event,) = detector.update(1, 1e-2, 2.0, -1.0, True, 1.0, loss_change_along_bottom=-0.01)
     assert detector.classification == "saddle" and event.kind == "onset"
     assert event.evidence["loss_change_along_bottom"] == -0.01
     detector.update(2, 1e-2, 2.0, -0.01, True, 1.0)
     assert detector.classification == "minimum-like"  # -0.5% of the spectral norm is not significant
-    assert detector.update(3, 1e-2, 1e-8, -1e-8, True, 1.0)[0].kind == "cleared"
+    assert detector.update(3, 1e-4, 1e-8, -1e-8, True, 1.0)[0].kind == "cleared"
     assert detector.classification == "degenerate"
+
+
+def test_saddle_near_critical_is_relative_to_the_loss_left():
+    detector = SaddleDetector(loss_floor=0.5)
+    detector.update(0, 0.05, 1.0, -0.5, True, 0.6)  # gain 1.25e-3 > 1% of 0.1
+    assert detector.classification == "not critical"
+    detector.update(1, 0.01, 1.0, -0.5, True, 0.6)  # gain 5e-5 <= 1e-3
+    assert detector.classification == "saddle"
 
 
 def test_saddle_needs_certified_negative_curvature():

@@ -15,10 +15,13 @@ from hessdiag.flags import FlagEvent
 class ExplodingGradientDetector(Detector):
     """Raises ``exploding`` when gradients blow up.
 
-    Triggers on a step when the loss or the gradient is non-finite (raised at once, critical), when
-    the global gradient norm exceeds `factor` x the median of the last `window` normal steps, or when
-    a layer's gradient-to-weight ratio exceeds `layer_factor` x its own median. Outliers are kept out
-    of the medians, so a sustained explosion does not become the new normal.
+    Triggers on a step when the loss or the gradient is non-finite (raised at once, critical), or,
+    while the loss is not improving (at or above the median of its recent values), when the global
+    gradient norm exceeds `factor` x the median of the last `window` normal steps, or a layer's
+    gradient-to-weight ratio exceeds `layer_factor` x its own median. The loss condition keeps
+    benign growth out (escaping a saddle from a tiny initialisation grows the gradient by orders of
+    magnitude while the loss falls). Outliers are kept out of the medians, so a sustained explosion
+    does not become the new normal.
 
     Args:
         factor: global-norm multiple of the median that counts as a spike (default 10).
@@ -52,6 +55,7 @@ class ExplodingGradientDetector(Detector):
         if self.min_history > self.window:
             raise ValueError(f"`min_history` ({min_history}) must be at most `window` ({window}).")
         self.norms: deque[float] = deque(maxlen=self.window)
+        self.losses: deque[float] = deque(maxlen=self.window)
         self.layer_history: dict[str, deque[float]] = {}
 
     def update(
@@ -64,9 +68,12 @@ class ExplodingGradientDetector(Detector):
     ) -> list[FlagEvent]:
         nonfinite = nonfinite_count > 0 or not math.isfinite(grad_norm) or not math.isfinite(loss)
         median = statistics.median(self.norms) if len(self.norms) >= self.min_history else math.nan
-        spike = not nonfinite and median > 0 and grad_norm > self.factor * median
+        not_improving = not self.losses or loss >= statistics.median(self.losses)
+        spike = not nonfinite and not_improving and median > 0 and grad_norm > self.factor * median
         worst_layer, worst_multiple = self._worst_layer(layer_ratios or {}) if not nonfinite else ("", 0.0)
-        layer_spike = worst_multiple > self.layer_factor
+        layer_spike = not_improving and worst_multiple > self.layer_factor
+        if not nonfinite:
+            self.losses.append(loss)
         if not (nonfinite or spike or layer_spike):
             self.norms.append(grad_norm)
             for layer, ratio in (layer_ratios or {}).items():
@@ -102,10 +109,12 @@ class ExplodingGradientDetector(Detector):
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | {
             "norms": list(self.norms),
+            "losses": list(self.losses),
             "layer_history": {layer: list(values) for layer, values in self.layer_history.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.norms = deque(state.get("norms", []), maxlen=self.window)
+        self.losses = deque(state.get("losses", []), maxlen=self.window)
         self.layer_history = {k: deque(v, maxlen=self.window) for k, v in state.get("layer_history", {}).items()}

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import statistics
-from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from hessdiag.detectors._common import Detector, check_count, check_positive
+from hessdiag.detectors._common import Detector, check_positive
 from hessdiag.flags import FlagEvent
 
 
@@ -24,20 +22,24 @@ class SaddleDetector(Detector):
       and significant: lambda_min < -`tau` x max(|lambda_max|, |lambda_min|);
     * ``"minimum-like"``: otherwise.
 
-    The gradient is small when its norm is below `grad_fraction` x the median of past checks, or below
-    `grad_tol`. Only ``"saddle"`` triggers.
+    The gradient is small (the point near-critical) when a gradient step could remove at most a
+    fraction `critical_fraction` of the loss above its floor: ||g||^2 / (2 lambda_max) <=
+    critical_fraction x (loss - loss_floor), the best decrease of the quadratic model along -g; or
+    when ||g|| <= `grad_tol`. This is scale-free and needs no history, so the first check can tell.
+    Only ``"saddle"`` triggers.
 
     Args:
         tau: significance of negative curvature relative to the spectral norm (default 0.05).
-        grad_fraction: fraction of the median past gradient norm that counts as small (0.1).
+        critical_fraction: see above (default 0.01).
         grad_tol: absolute gradient norm that counts as small (1e-3).
+        loss_floor: the lowest attainable loss (default 0).
         flat_tol: spectral norm below which the point is degenerate (1e-6).
         onset: consecutive saddle checks that raise the flag (default 1: checks are sparse and the
             negative curvature is certified, not estimated).
         clear: consecutive other checks that clear it (default 2).
 
     Evidence: ``grad_norm``, ``lambda_min``, ``lambda_max``, ``curvature_ratio`` (lambda_min /
-    spectral norm), ``loss``, and ``loss_change_along_bottom`` (negative: stepping along the bottom
+    spectral norm), ``loss``, ``gradient_step_gain`` (||g||^2 / 2 lambda_max), and ``loss_change_along_bottom`` (negative: stepping along the bottom
     eigenvector lowers the loss, an escape direction).
     """
 
@@ -49,18 +51,21 @@ class SaddleDetector(Detector):
     def __init__(
         self,
         tau: float = 0.05,
-        grad_fraction: float = 0.1,
+        critical_fraction: float = 0.01,
         grad_tol: float = 1e-3,
+        loss_floor: float = 0.0,
         flat_tol: float = 1e-6,
         onset: int = 1,
         clear: int = 2,
     ) -> None:
         super().__init__(onset, clear)
         self.tau = check_positive("tau", tau, upper=1.0)
-        self.grad_fraction = check_positive("grad_fraction", grad_fraction, upper=1.0)
+        self.critical_fraction = check_positive("critical_fraction", critical_fraction, upper=1.0)
         self.grad_tol = check_positive("grad_tol", grad_tol)
         self.flat_tol = check_positive("flat_tol", flat_tol)
-        self.grad_history: deque[float] = deque(maxlen=check_count("history", 20))
+        if not isinstance(loss_floor, (int, float)) or not math.isfinite(loss_floor):
+            raise ValueError(f"`loss_floor` must be a finite number, got {loss_floor!r}.")
+        self.loss_floor = float(loss_floor)
         self.classification = "unknown"
 
     def update(
@@ -73,9 +78,8 @@ class SaddleDetector(Detector):
         loss: float,
         loss_change_along_bottom: float | None = None,
     ) -> list[FlagEvent]:
-        median = statistics.median(self.grad_history) if len(self.grad_history) >= 3 else math.nan
-        small = grad_norm <= self.grad_tol or grad_norm <= self.grad_fraction * median
-        self.grad_history.append(grad_norm)
+        gradient_gain = grad_norm**2 / (2 * lambda_max) if lambda_max > 0 else math.inf
+        small = grad_norm <= self.grad_tol or gradient_gain <= self.critical_fraction * (loss - self.loss_floor)
         spectral_norm = max(abs(lambda_max), abs(lambda_min))
         if not small:
             self.classification = "not critical"
@@ -91,6 +95,7 @@ class SaddleDetector(Detector):
             "lambda_max": lambda_max,
             "curvature_ratio": lambda_min / spectral_norm if spectral_norm > 0 else 0.0,
             "loss": loss,
+            "gradient_step_gain": gradient_gain,
         }
         if loss_change_along_bottom is not None:
             self.evidence["loss_change_along_bottom"] = loss_change_along_bottom
@@ -106,9 +111,8 @@ class SaddleDetector(Detector):
         return self._decide(step, self.classification == "saddle", "warning")
 
     def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {"grad_history": list(self.grad_history), "classification": self.classification}
+        return super().state_dict() | {"classification": self.classification}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
-        self.grad_history = deque(state.get("grad_history", []), maxlen=self.grad_history.maxlen)
         self.classification = str(state.get("classification", "unknown"))
