@@ -14,6 +14,7 @@ from hessdiag.errors import (
 )
 from hessdiag.hvp import HessianOperator, hessian_vector_product
 from hessdiag.lanczos import LanczosResult, lanczos
+from hessdiag.monitor import Monitor
 from hessdiag.spectrum import (
     SpectralDensity,
     TraceEstimate,
@@ -33,6 +34,8 @@ __all__ = [
     "HessianOperator",
     "lanczos",
     "LanczosResult",
+    # training diagnostics
+    "Monitor",
     # whole spectrum
     "hessian_trace",
     "hessian_spectral_density",

@@ -64,12 +64,12 @@ def test_exploding_fires_on_sustained_growth_not_on_one_spike():
     events += detector.update(100, 1.0, 50.0)  # one spike: noise
     events += detector.update(101, 1.0, 1.0)
     assert events == []
-    for t in range(102, 110):
-        events += detector.update(t, 1.0, 10.0 * 2 ** (t - 100))
+    for t in range(102, 115):  # a run diverging: loss and gradient grow together
+        events += detector.update(t, 1.5 ** (t - 100), 10.0 * 2 ** (t - 100))
     fired = onsets(events)
-    assert len(fired) == 1 and fired[0].step == 104  # third consecutive spike
+    assert len(fired) == 1 and fired[0].step == 109  # the eighth consecutive spike
     assert fired[0].evidence["ratio"] > 10 and fired[0].severity == "warning"
-    for t in range(110, 140):
+    for t in range(115, 140):
         events += detector.update(t, 1.0, 1.0)
     assert [e.kind for e in events] == ["onset", "cleared"]
 
@@ -88,13 +88,13 @@ def test_exploding_watches_each_layer_against_its_own_median():
     events = []
     for t in range(30):
         events += detector.update(t, 1.0, 1.0, layer_ratios={"a": 1e-3, "b": 1e-2})
-    events += detector.update(30, 1.0, 1.0, layer_ratios={"a": 0.5, "b": 1e-2})
+    events += detector.update(30, 1.5, 1.0, layer_ratios={"a": 0.5, "b": 1e-2})
     assert len(onsets(events)) == 1 and "Layer a" in events[0].summary
 
 
 def test_exploding_state_round_trip_continues_identically():
     first, second = ExplodingGradientDetector(), ExplodingGradientDetector()
-    stream = [(t, 1.0, 1.0 + (t % 5) * 0.1) for t in range(60)] + [(t, 1.0, 100.0) for t in range(60, 70)]
+    stream = [(t, 1.0, 1.0 + (t % 5) * 0.1) for t in range(60)] + [(t, 2.0, 100.0) for t in range(60, 75)]
     for t, loss, g in stream[:50]:
         first.update(t, loss, g)
     second.load_state_dict(first.state_dict())

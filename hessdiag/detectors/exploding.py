@@ -16,19 +16,22 @@ class ExplodingGradientDetector(Detector):
     """Raises ``exploding`` when gradients blow up.
 
     Triggers on a step when the loss or the gradient is non-finite (raised at once, critical), or,
-    while the loss is not improving (at or above the median of its recent values), when the global
+    while the loss is rising (above `loss_factor` x the median of its recent values), when the global
     gradient norm exceeds `factor` x the median of the last `window` normal steps, or a layer's
     gradient-to-weight ratio exceeds `layer_factor` x its own median. The loss condition keeps
     benign growth out (escaping a saddle from a tiny initialisation grows the gradient by orders of
-    magnitude while the loss falls). Outliers are kept out of the medians, so a sustained explosion
+    magnitude while the loss falls; at the edge of stability it jumps 10-30x and stays bounded while
+    the loss keeps falling on average). Outliers are kept out of the medians, so a sustained explosion
     does not become the new normal.
 
     Args:
         factor: global-norm multiple of the median that counts as a spike (default 10).
         layer_factor: per-layer ratio multiple of its median (default 100).
         window: steps in the running medians (default 50).
+        loss_factor: loss multiple of its recent median that counts as rising (default 1.1).
         min_history: normal steps needed before spikes are judged (default 10).
-        onset: consecutive spiking steps that raise the flag (default 3; one spike is noise).
+        onset: consecutive spiking steps that raise the flag (default 8: a spike, or the 4-6 step
+            "catapult" of gradient descent at the edge of stability, recovers on its own).
         clear: consecutive normal steps that clear it (default 20).
 
     Evidence: ``grad_norm``, ``median_grad_norm``, ``ratio`` (grad_norm / median), ``loss``,
@@ -42,14 +45,16 @@ class ExplodingGradientDetector(Detector):
         self,
         factor: float = 10.0,
         layer_factor: float = 100.0,
+        loss_factor: float = 1.1,
         window: int = 50,
         min_history: int = 10,
-        onset: int = 3,
+        onset: int = 8,
         clear: int = 20,
     ) -> None:
         super().__init__(onset, clear)
         self.factor = check_positive("factor", factor)
         self.layer_factor = check_positive("layer_factor", layer_factor)
+        self.loss_factor = check_positive("loss_factor", loss_factor)
         self.window = check_count("window", window, 2)
         self.min_history = check_count("min_history", min_history)
         if self.min_history > self.window:
@@ -68,10 +73,10 @@ class ExplodingGradientDetector(Detector):
     ) -> list[FlagEvent]:
         nonfinite = nonfinite_count > 0 or not math.isfinite(grad_norm) or not math.isfinite(loss)
         median = statistics.median(self.norms) if len(self.norms) >= self.min_history else math.nan
-        not_improving = not self.losses or loss >= statistics.median(self.losses)
-        spike = not nonfinite and not_improving and median > 0 and grad_norm > self.factor * median
+        rising = not self.losses or loss > self.loss_factor * statistics.median(self.losses)
+        spike = not nonfinite and rising and median > 0 and grad_norm > self.factor * median
         worst_layer, worst_multiple = self._worst_layer(layer_ratios or {}) if not nonfinite else ("", 0.0)
-        layer_spike = not_improving and worst_multiple > self.layer_factor
+        layer_spike = rising and worst_multiple > self.layer_factor
         if not nonfinite:
             self.losses.append(loss)
         if not (nonfinite or spike or layer_spike):

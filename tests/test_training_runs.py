@@ -1,0 +1,192 @@
+"""Real tiny training runs on the CPU: each pathology raises its flag, and only it.
+
+Data: scikit-learn's handwritten digits (ships with the package) or closed-form regressions.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hessdiag import Monitor
+
+sklearn_datasets = pytest.importorskip("sklearn.datasets")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = sklearn_datasets.load_digits()
+    return torch.tensor(data.data, dtype=torch.float32) / 16, torch.tensor(data.target)
+
+
+def cross_entropy(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def half_squared_error(model, batch):
+    return 0.5 * (model(batch[0]) - batch[1]).pow(2).sum(dim=1).mean()
+
+
+def train(model, optimizer, loss_fn, batches, steps, **monitor_options):
+    monitor = Monitor(model, loss_fn, optimizer=optimizer, **monitor_options)
+    for step in range(steps):
+        batch = batches(step)
+        optimizer.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        monitor.after_backward()
+        optimizer.step()
+        monitor.after_step(batch, loss)
+    monitor.flush()
+    return monitor
+
+
+def raised(monitor):
+    return {event.name for event in monitor.events if event.kind == "onset"}
+
+
+def minibatches(data, size=64, seed=0):
+    x, y = data
+    generator = torch.Generator().manual_seed(seed)
+
+    def batch(step):
+        index = torch.randint(0, len(x), (size,), generator=generator)
+        return x[index], y[index]
+
+    return batch
+
+
+def test_healthy_adam_on_digits_raises_nothing(digits):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monitor = train(model, optimizer, cross_entropy, minibatches(digits), 600, check_every=50, log_every=10)
+    assert raised(monitor) == set()
+    assert len(monitor.checks) == 12 and monitor.checks[-1].loss < 0.5
+    assert monitor.checks[-1].stability.preconditioned  # Adam: the preconditioned sharpness
+
+
+def test_deep_sigmoid_network_with_small_init_vanishes_and_plateaus(digits):
+    torch.manual_seed(0)
+    layers = []
+    for i in range(10):
+        layers += [nn.Linear(64 if i == 0 else 32, 32), nn.Sigmoid()]
+    model = nn.Sequential(*layers, nn.Linear(32, 10))
+    for module in model:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.05)
+            nn.init.zeros_(module.bias)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    full_batch = (digits[0][:512], digits[1][:512])
+    monitor = train(model, optimizer, cross_entropy, lambda step: full_batch, 400, check_every=100, log_every=10)
+    assert raised(monitor) == {"vanishing", "plateau"}
+    first = {e.name: e.step for e in monitor.events if e.kind == "onset"}
+    assert first["vanishing"] <= 60 and first["plateau"] <= 300
+    assert monitor.detectors["vanishing"].evidence["depth_ratio"] < 1e-3
+
+
+def test_too_large_a_learning_rate_explodes(digits):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
+    data = (digits[0][:500], F.one_hot(digits[1][:500], 10).float())
+    with pytest.warns(UserWarning, match="curvature check at step 20 failed"):
+        monitor = train(model, optimizer, half_squared_error, lambda step: data, 40, check_every=20, log_every=5)
+    assert raised(monitor) == {"exploding"}
+    onset = next(e for e in monitor.events if e.name == "exploding")
+    assert onset.step <= 20 and onset.severity == "critical"
+
+
+def test_two_layer_linear_network_from_tiny_init_sits_at_a_saddle_then_escapes():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 10, generator=generator)
+    y = x @ torch.randn(5, 10, generator=generator).T
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8, bias=False), nn.Linear(8, 5, bias=False))
+    for module in model:
+        nn.init.normal_(module.weight, std=1e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = train(model, optimizer, half_squared_error, lambda step: (x, y), 300, check_every=5, log_every=5)
+    assert raised(monitor) == {"saddle"}
+    first = monitor.events[0]
+    assert first.name == "saddle" and first.step == 5
+    # At the origin the Hessian is symmetric around 0 and a step along the bottom vector helps.
+    assert first.evidence["curvature_ratio"] < -0.9 and first.evidence["loss_change_along_bottom"] < 0
+    assert not monitor.detectors["saddle"].active  # escaped
+    assert monitor.checks[-1].loss < 1e-3 * monitor.checks[0].loss
+
+
+def test_full_batch_gradient_descent_sharpens_to_the_edge_of_stability(digits):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)  # 2 / lr = 10
+    data = (digits[0][:500], F.one_hot(digits[1][:500], 10).float())
+    monitor = train(model, optimizer, half_squared_error, lambda step: data, 300, check_every=20, log_every=10)
+    assert raised(monitor) == {"edge_of_stability"}
+    sharpness = [check.sharpness for check in monitor.checks]
+    assert sharpness[0] < 0.9 * 10 and max(sharpness) > 10  # progressive sharpening up to 2/lr
+    assert monitor.checks[0].stability.threshold == pytest.approx(10.0)
+
+
+def test_diagnostics_leave_training_untouched(digits):
+    """Same run with and without the Monitor: parameters, buffers, optimizer state and RNG bit-identical."""
+
+    def run(with_monitor):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 10))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        monitor = Monitor(model, cross_entropy, optimizer=optimizer, check_every=7, log_every=3) if with_monitor else None
+        batches = minibatches(digits, seed=1)
+        for step in range(30):
+            batch = batches(step)
+            optimizer.zero_grad()
+            loss = cross_entropy(model, batch)
+            loss.backward()
+            if monitor:
+                monitor.after_backward()
+            optimizer.step()
+            if monitor:
+                monitor.after_step(batch, loss)
+        return model, optimizer, torch.get_rng_state(), monitor
+
+    plain_model, plain_optimizer, plain_rng, _ = run(False)
+    model, optimizer, rng, monitor = run(True)
+    assert len(monitor.checks) == 4
+    assert torch.equal(rng, plain_rng)
+    for (name, a), b in zip(plain_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(plain_optimizer.state.values(), optimizer.state.values()):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    for a, b in zip(plain_model.parameters(), model.parameters()):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_monitor_state_round_trip_continues_identically(digits):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    first = train(model, optimizer, cross_entropy, minibatches(digits), 40, check_every=10, log_every=5)
+    second = Monitor(copy.deepcopy(model), cross_entropy, check_every=10, log_every=5)
+    second.load_state_dict(first.state_dict())
+    assert second.step == 40 and second.events == first.events
+    assert torch.equal(second.probe.warm_vectors, first.probe.warm_vectors.cpu())
+    assert second.detectors["plateau"].state_dict() == first.detectors["plateau"].state_dict()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"check_every": -1}, "`check_every` must be an int >= 0"),
+        ({"log_every": 0}, "`log_every` must be an int >= 1"),
+        ({"loss_fn": None}, "`loss_fn` is required for curvature checks"),
+        ({"writer": object()}, "`writer` must be a SummaryWriter"),
+        ({"sub_batch": 0}, "`sub_batch` must be a positive int"),
+        ({"tol": 0.0}, r"`tol` must be a number in \(0, 1\)"),
+    ],
+)
+def test_monitor_rejects_bad_arguments(kwargs, match):
+    options = {"loss_fn": cross_entropy} | kwargs
+    with pytest.raises(ValueError, match=match):
+        Monitor(nn.Linear(2, 2), options.pop("loss_fn"), **options)
