@@ -63,6 +63,9 @@ class LoggerWriter:
     def density(self, step: int, density: SpectralDensity) -> None:
         pass
 
+    def text(self, step: int, tag: str, message: str) -> None:
+        pass
+
     def flush(self) -> None:
         for logger in self.trainer.loggers:
             logger.save()

@@ -44,3 +44,9 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """In-place SUM all-reduce; returns `tensor` for chaining."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_min_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place MIN all-reduce (e.g. "did every rank succeed?"); returns `tensor`."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor

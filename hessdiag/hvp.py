@@ -27,6 +27,7 @@ from torch import nn
 from hessdiag import _distributed
 from hessdiag._isolation import MODEL_MODES, ModelMode, isolation, seed_rng, unwrap_model
 from hessdiag.errors import (
+    HessdiagError,
     HessdiagWarning,
     LossClosureError,
     NonFiniteLossError,
@@ -165,7 +166,7 @@ class HessianOperator:
                 if size is None:
                     raise ValueError("Cannot infer the batch size for data-parallel weighting: pass `batch_size=`.")
                 self._share = _distributed.batch_share(size, self.device)
-            self._build()
+            self._build_on_every_rank()
         except BaseException:
             self._release()
             stack.close()
@@ -183,12 +184,33 @@ class HessianOperator:
         self._grads = ()
         self._loss = None
 
+    def _build_on_every_rank(self) -> None:
+        """Build the graph; under data parallelism, all ranks agree that it worked before any
+        product's all-reduce, so a rank that failed (a NaN on its shard) cannot leave the others
+        waiting forever."""
+        if not self._distributed:
+            self._build()
+            return
+        failure: BaseException | None = None
+        try:
+            self._build()
+        except Exception as error:  # re-raised below, after the other ranks know
+            failure = error
+        everyone_ok = torch.tensor([0.0 if failure else 1.0], device=self.device)
+        _distributed.all_reduce_min_(everyone_ok)
+        if failure is not None:
+            raise failure
+        if everyone_ok.item() < 1:
+            raise HessdiagError("Another rank could not build its part of the curvature check; skipped on every rank.")
+
     # -- the loss and its gradient ---------------------------------------------------------
     def _evaluate_loss(self, model: nn.Module) -> torch.Tensor:
         seed_rng(self.seed, self.device)
         try:
             loss = self.loss_fn(model, self.batch)
-        except Exception as error:  # the user's closure: any failure is a bad batch or closure
+        except torch.OutOfMemoryError:
+            raise  # not the closure's fault: the caller may retry on a smaller batch
+        except Exception as error:  # the user's closure: any other failure is a bad batch or closure
             raise LossClosureError(
                 f"loss_fn(model, batch) raised {type(error).__name__}: {error}. Check that `batch` is what "
                 "the closure expects (the curvature check calls it outside the training step)."

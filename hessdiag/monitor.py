@@ -49,7 +49,7 @@ _MAX_BACKOFF = 16  # a failing check is retried after at most 16 x check_every s
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 class Monitor:
@@ -153,7 +153,7 @@ class Monitor:
         for item in items:
             if hasattr(item, "add_scalar") and hasattr(item, "add_custom_scalars"):
                 out.append(TensorBoardWriter(item))
-            elif all(hasattr(item, method) for method in ("scalars", "events", "histograms", "density", "flush")):
+            elif all(hasattr(item, method) for method in ("scalars", "events", "histograms", "density", "text", "flush")):
                 out.append(item)
             else:
                 raise ValueError(
@@ -273,7 +273,10 @@ class Monitor:
         sub_batch = None
         for attempt in range(3):
             try:
-                return self.probe.run(self.step, batch, self.optimizer, sub_batch=sub_batch)
+                check = self.probe.run(self.step, batch, self.optimizer, sub_batch=sub_batch)
+                if sub_batch is not None:  # keep the size that fits for the next checks
+                    self.probe.sub_batch = sub_batch
+                return check
             except Exception as error:  # diagnostics must never crash training
                 if self.strict:
                     raise
@@ -283,6 +286,7 @@ class Monitor:
                     size = _distributed.infer_batch_size(batch)
                     sub_batch = max(1, (sub_batch or self.probe.sub_batch or size or 2) // 2)
                     self._warn_once("oom", f"Out of memory in a curvature check; retrying on {sub_batch} samples.")
+                    self.probe.warm_vectors = self.probe.warm_preconditioned = None
                     continue
                 self._fail(error)
                 return None
@@ -303,8 +307,7 @@ class Monitor:
         scalars = {f"{PREFIX}/check_failed": 1.0} | self._flag_scalars()
         for writer in self.writers:
             writer.scalars(self.step, scalars)
-            if hasattr(writer, "text"):
-                writer.text(self.step, f"{PREFIX}/events/check_failed", message)
+            writer.text(self.step, f"{PREFIX}/events/check_failed", message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -42,6 +42,8 @@ class DiagnosticsWriter(Protocol):
 
     def density(self, step: int, density: SpectralDensity) -> None: ...
 
+    def text(self, step: int, tag: str, message: str) -> None: ...
+
     def flush(self) -> None: ...
 
 
@@ -102,6 +104,9 @@ class TensorBoardWriter:
             bucket_counts=mass.tolist(),
             global_step=step,
         )
+
+    def text(self, step: int, tag: str, message: str) -> None:
+        self.summary_writer.add_text(tag, message, step)
 
     def flush(self) -> None:
         self.summary_writer.flush()

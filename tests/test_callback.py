@@ -99,6 +99,9 @@ def test_end_to_end_with_tensorboard(tmp_path):
         assert value == pytest.approx(reference.reference[step][0], rel=2e-3)
     assert logged["hessdiag/stability_threshold"][0][1] == pytest.approx(38.0)  # (2 + 2 * 0.9) / 0.1
     assert "train_loss" in logged  # the user's own logging is intact
+    accumulator = EventAccumulator(glob.glob(str(tmp_path / "**" / "events.out.*"), recursive=True)[0].rsplit("/", 1)[0])
+    accumulator.Reload()
+    assert {"hessdiag/layer_grad_norms", "hessdiag/spectral_density"} <= set(accumulator.Tags()["histograms"])
 
 
 def test_scalars_reach_every_logger(tmp_path):
@@ -265,6 +268,10 @@ def test_fault_nan_loss_is_flagged_and_training_completes(tmp_path):
     logged = scalars(tmp_path)
     assert dict(logged["hessdiag/flags/exploding"])[15] == 1.0
     assert dict(logged["hessdiag/check_failed"])[20] == 1.0
+    accumulator = EventAccumulator(glob.glob(str(tmp_path / "**" / "events.out.*"), recursive=True)[0].rsplit("/", 1)[0])
+    accumulator.Reload()
+    texts = set(accumulator.Tags()["tensors"])
+    assert {"hessdiag/events/exploding/text_summary", "hessdiag/events/check_failed/text_summary"} <= texts
 
 
 class WithCTC(Classifier):

@@ -29,8 +29,8 @@ def half_squared_error(model, batch):
     return 0.5 * (model(batch[0]) - batch[1]).pow(2).sum(dim=1).mean()
 
 
-def train(model, optimizer, loss_fn, batches, steps, **monitor_options):
-    monitor = Monitor(model, loss_fn, optimizer=optimizer, **monitor_options)
+def train(model, optimizer, loss_fn, batches, steps, check_loss=None, **monitor_options):
+    monitor = Monitor(model, check_loss or loss_fn, optimizer=optimizer, **monitor_options)
     for step in range(steps):
         batch = batches(step)
         optimizer.zero_grad()
@@ -173,6 +173,22 @@ def test_monitor_state_round_trip_continues_identically(digits):
     assert second.step == 40 and second.events == first.events
     assert torch.equal(second.probe.warm_vectors, first.probe.warm_vectors.cpu())
     assert second.detectors["plateau"].state_dict() == first.detectors["plateau"].state_dict()
+
+
+def test_out_of_memory_in_a_check_retries_on_a_smaller_sub_batch(digits):
+    def hungry(model, batch):
+        if batch[0].shape[0] > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return cross_entropy(model, batch)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="Out of memory in a curvature check; retrying on 16 samples"):
+        monitor = train(
+            model, optimizer, cross_entropy, minibatches(digits, size=64), 20, check_loss=hungry, check_every=10, log_every=5
+        )
+    assert [c.batch_size for c in monitor.checks] == [16, 16]
 
 
 @pytest.mark.parametrize(
