@@ -184,7 +184,7 @@ def test_out_of_memory_in_a_check_retries_on_a_smaller_sub_batch(digits):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.warns(UserWarning, match="Out of memory in a curvature check; retrying on 16 samples"):
+    with pytest.warns(UserWarning, match="Out of memory in a curvature check; retrying on 32 samples"):
         monitor = train(
             model, optimizer, cross_entropy, minibatches(digits, size=64), 20, check_loss=hungry, check_every=10, log_every=5
         )
