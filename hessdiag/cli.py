@@ -1,0 +1,185 @@
+"""The ``hessdiag`` command: ``hessdiag demo`` and ``hessdiag summary LOGDIR``.
+
+``summary`` reads TensorBoard event files with tensorboard's own reader (no Lightning). ``demo`` is
+a Lightning run, so it is imported from ``hessdiag.callbacks`` only when asked for: the engine keeps
+no import-time dependency on Lightning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hessdiag.flags import FLAG_NAMES
+from hessdiag.tensorboard import PREFIX
+
+SCENARIO_NAMES = ("healthy", "saddle", "plateau", "exploding", "vanishing", "edge-of-stability")
+_EVENT_FILE = "events.out.tfevents."
+
+
+class SummaryError(Exception):
+    """A log directory that cannot be summarised; the message says why."""
+
+
+@dataclass
+class Trajectory:
+    """A scalar's course over a run: first and last value and the extremes, with their steps."""
+
+    start: tuple[int, float]
+    end: tuple[int, float]
+    low: tuple[int, float]
+    high: tuple[int, float]
+
+    @classmethod
+    def of(cls, points: list[tuple[int, float]]) -> Trajectory:
+        finite = [p for p in points if math.isfinite(p[1])] or points
+        return cls(points[0], points[-1], min(finite, key=lambda p: p[1]), max(finite, key=lambda p: p[1]))
+
+
+@dataclass
+class FlagHistory:
+    name: str
+    first_step: int
+    last_step: int
+    evidence: str
+
+
+@dataclass
+class RunSummary:
+    """What one run's event files say."""
+
+    run: str
+    has_data: bool
+    lambda_max: Trajectory | None
+    lambda_min: Trajectory | None
+    flags: list[FlagHistory] = field(default_factory=list)
+    checks: int = 0
+    hvps: float = 0.0
+    check_seconds: float = 0.0
+    failed_checks: int = 0
+
+
+def _event_directories(logdir: Path) -> list[Path]:
+    if not logdir.exists():
+        raise SummaryError(f"'{logdir}' does not exist.")
+    if logdir.is_file():
+        if _EVENT_FILE not in logdir.name:
+            raise SummaryError(f"'{logdir}' is not a TensorBoard event file (expected a name with '{_EVENT_FILE}').")
+        return [logdir.parent]
+    directories = sorted({path.parent for path in logdir.rglob(f"{_EVENT_FILE}*") if path.is_file()})
+    if not directories:
+        raise SummaryError(f"No TensorBoard event files under '{logdir}' (looked for '{_EVENT_FILE}*').")
+    return directories
+
+
+def _text_summaries(accumulator, name: str) -> dict[int, str]:
+    tag = f"{PREFIX}/events/{name}/text_summary"
+    if tag not in accumulator.Tags().get("tensors", []):
+        return {}
+    texts = {}
+    for event in accumulator.Tensors(tag):
+        markdown = event.tensor_proto.string_val[0].decode("utf-8", "replace")
+        paragraphs = [p for p in markdown.split("\n\n") if p.strip()]
+        texts[event.step] = paragraphs[1] if len(paragraphs) > 1 else paragraphs[0]
+    return texts
+
+
+def summarize(logdir: str | Path) -> list[RunSummary]:
+    """One summary per directory of event files under `logdir` (or for the one file `logdir`)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdir = Path(logdir)
+    summaries = []
+    for directory in _event_directories(logdir):
+        accumulator = EventAccumulator(str(directory), size_guidance={"scalars": 0, "tensors": 0})
+        try:
+            accumulator.Reload()
+        except Exception as error:  # tensorboard raises several kinds on a damaged file
+            raise SummaryError(f"Could not read the event files in '{directory}': {error}") from error
+        tags = set(accumulator.Tags().get("scalars", []))
+
+        def series(tag: str) -> list[tuple[int, float]]:
+            return [(e.step, e.value) for e in accumulator.Scalars(tag)] if tag in tags else []
+
+        lambda_max, lambda_min = series(f"{PREFIX}/lambda_max"), series(f"{PREFIX}/lambda_min")
+        summary = RunSummary(
+            run=str(directory.relative_to(logdir)) if directory != logdir and logdir.is_dir() else str(directory),
+            has_data=any(tag.startswith(f"{PREFIX}/") for tag in tags),
+            lambda_max=Trajectory.of(lambda_max) if lambda_max else None,
+            lambda_min=Trajectory.of(lambda_min) if lambda_min else None,
+            checks=len(lambda_max),
+            hvps=sum(v for _, v in series(f"{PREFIX}/num_hvps")),
+            check_seconds=sum(v for _, v in series(f"{PREFIX}/check_seconds")),
+            failed_checks=sum(1 for _, v in series(f"{PREFIX}/check_failed") if v > 0),
+        )
+        for name in FLAG_NAMES:
+            raised = [step for step, value in series(f"{PREFIX}/flags/{name}") if value > 0]
+            if raised:
+                texts = _text_summaries(accumulator, name)
+                evidence = texts[min(texts)] if texts else ""
+                summary.flags.append(FlagHistory(name, raised[0], raised[-1], evidence))
+        summaries.append(summary)
+    return summaries
+
+
+def format_summary(summary: RunSummary) -> str:
+    lines = [f"run: {summary.run}"]
+    if not summary.has_data:
+        return lines[0] + "\n  no hessdiag data (not a hessdiag run, or its event files are damaged)"
+    if summary.lambda_max is None:
+        lines.append("  no curvature checks logged")
+    for label, trajectory in (("lambda_max", summary.lambda_max), ("lambda_min", summary.lambda_min)):
+        if trajectory is not None:
+            t = trajectory
+            lines.append(
+                f"  {label}: start {t.start[1]:.4g} (step {t.start[0]}), end {t.end[1]:.4g} (step {t.end[0]}), "
+                f"min {t.low[1]:.4g} (step {t.low[0]}), max {t.high[1]:.4g} (step {t.high[0]})"
+            )
+    if summary.checks:
+        lines.append(
+            f"  checks: {summary.checks}, {summary.hvps:.0f} HVPs, {summary.check_seconds:.2f} s in all "
+            f"({summary.check_seconds / summary.checks:.3f} s each)"
+            + (f", {summary.failed_checks} failed" if summary.failed_checks else "")
+        )
+    if not summary.flags:
+        lines.append("  flags: none")
+    for flag in summary.flags:
+        lines.append(f"  flag {flag.name}: first step {flag.first_step}, last step {flag.last_step}")
+        if flag.evidence:
+            lines.append(f"    {flag.evidence}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hessdiag", description="Hessian curvature and training-health diagnostics.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="train a small network on scikit-learn's digits with the diagnostics")
+    demo.add_argument("--scenario", choices=SCENARIO_NAMES, default="healthy", help="pathology to reproduce")
+    demo.add_argument("--logdir", default="runs/hessdiag-demo", help="TensorBoard log directory")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per scenario)")
+    demo.add_argument("--seed", type=int, default=0)
+    summary = commands.add_parser("summary", help="summarise the hessdiag scalars and flags of logged runs")
+    summary.add_argument("logdir", help="a log directory (searched recursively) or one event file")
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        if args.steps is not None and args.steps < 1:
+            parser.error(f"--steps must be a positive int, got {args.steps}")
+        from hessdiag.callbacks.demo import run_demo
+
+        return run_demo(args.scenario, args.logdir, args.steps, args.seed)
+    try:
+        summaries = summarize(args.logdir)
+    except SummaryError as error:
+        print(f"hessdiag summary: error: {error}", file=sys.stderr)
+        return 2
+    print("\n\n".join(format_summary(s) for s in summaries))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
