@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from models import GPT, classification_loss, image_batch, next_token_loss, resnet18_cifar, token_batch  # noqa: E402
 
 from hessdiag import HessianOperator  # noqa: E402

@@ -63,7 +63,8 @@ class RunSummary:
     failed_checks: int = 0
 
 
-def _event_directories(logdir: Path) -> list[Path]:
+def event_directories(logdir: Path) -> list[Path]:
+    """The directories holding event files under `logdir` (one per run), or that of the file `logdir`."""
     if not logdir.exists():
         raise SummaryError(f"'{logdir}' does not exist.")
     if logdir.is_file():
@@ -94,7 +95,7 @@ def summarize(logdir: str | Path) -> list[RunSummary]:
 
     logdir = Path(logdir)
     summaries = []
-    for directory in _event_directories(logdir):
+    for directory in event_directories(logdir):
         accumulator = EventAccumulator(str(directory), size_guidance={"scalars": 0, "tensors": 0})
         try:
             accumulator.Reload()

@@ -1,4 +1,4 @@
-"""The benchmark models of DESIGN.md, with their loss closures and synthetic batches.
+"""Models of the examples and benchmarks (DESIGN.md), with their loss closures and synthetic batches.
 
 * ResNet-18 (torchvision, no weights) adapted to 32x32 inputs: 3x3 stem, no max-pool.
 * A GPT: pre-LayerNorm blocks, causal ``F.scaled_dot_product_attention``, learned positions.
