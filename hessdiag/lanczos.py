@@ -3,8 +3,9 @@
 Works on any symmetric operator given as ``matvec(v) -> A v`` on flat vectors, so it is tested on
 explicit matrices and used on Hessians alike.
 
-* Full two-pass Gram-Schmidt reorthogonalisation against the stored basis (tens of vectors): no
-  ghost eigenvalues, Ritz vectors that are orthonormal to rounding.
+* Full Gram-Schmidt reorthogonalisation against the stored basis (tens of vectors) after the
+  three-term recurrence, with a second pass when the first cancels much (Kahan-Parlett): no ghost
+  eigenvalues, Ritz vectors that are orthonormal to rounding.
 * The tridiagonal matrix is kept and solved in float64.
 * A single start vector sees each distinct eigenvalue once: with ``k > 1`` the k largest *distinct*
   eigenvalues come back (a repeated eigenvalue is reported once).
@@ -46,6 +47,7 @@ BASIS_STORAGES: tuple[str, ...] = ("auto", "device", "host", "recurrence")
 
 _DEVICE_BUDGET_FRACTION = 0.3  # of free accelerator memory; the HVPs need the rest
 _HOST_BUDGET_FRACTION = 0.5  # of available host memory
+_KAHAN_PARLETT = 2**-0.5
 
 
 @dataclass
@@ -153,18 +155,25 @@ class _Basis:
         self.size += 1
 
     def orthogonalise_(self, w: torch.Tensor) -> torch.Tensor:
-        """Remove from `w` its components along the basis (twice: "twice is enough")."""
+        """Remove from `w` its components along the basis.
+
+        Classical Gram-Schmidt, repeated only when a pass cancelled more than 1 - 1/sqrt(2) of the
+        norm (Kahan-Parlett: "twice is enough", and once is enough when little cancels). Each pass
+        reads the whole basis, so skipping the second halves the cost outside the HVPs.
+        """
         if self.vectors is None:
-            for _ in range(2):
-                for q in self.recent:
-                    w -= torch.dot(q, w) * q
+            for q in self.recent:
+                w -= torch.dot(q, w) * q
             return w
         basis = self.vectors[: self.size]
         for _ in range(2):
+            before = torch.linalg.vector_norm(w)
             if self.storage == "host":
                 w -= (basis.T @ (basis @ w.cpu())).to(w.device)
             else:
                 w -= basis.T @ (basis @ w)
+            if torch.linalg.vector_norm(w) > _KAHAN_PARLETT * before:
+                break
         return w
 
     def combine(self, coefficients: torch.Tensor) -> torch.Tensor | None:
@@ -252,10 +261,11 @@ def lanczos(
         vectors.append(q)
         w = matvec(q).to(dtype)
         alpha = float(torch.dot(q, w))
-        if storage == "recurrence":
-            w -= alpha * q
-            if previous is not None:
-                w -= betas[-1] * previous
+        # The three-term recurrence first: what is left is nearly orthogonal to the basis, so one
+        # reorthogonalisation pass usually suffices.
+        w -= alpha * q
+        if previous is not None:
+            w -= betas[-1] * previous
         vectors.orthogonalise_(w)
         beta = float(torch.linalg.vector_norm(w))
         alphas.append(alpha)
