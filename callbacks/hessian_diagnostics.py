@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from hessdiag.flags import FlagEvent
 from hessdiag.monitor import Monitor
+from hessdiag.schedule import CheckEvery
 from hessdiag.spectrum import SpectralDensity
 from hessdiag.tensorboard import TensorBoardWriter
 
@@ -106,7 +107,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     r"""Curvature, training-health flags and a TensorBoard dashboard for a Lightning run.
 
     Every optimizer step it records per-layer gradient statistics (on the device, no host sync);
-    every `check_every` optimizer steps it estimates the top and bottom Hessian eigenvalues of the
+    every `check_every` optimizer steps (by default as often as 5% of the wall time allows) it estimates the top and bottom Hessian eigenvalues of the
     training loss on the current batch (or its first `sub_batch` samples), warm-started from the last
     check; detectors raise flags (exploding, vanishing, plateau, saddle, edge_of_stability).
 
@@ -116,7 +117,9 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     two, since its ``training_step`` steps the optimizer.
 
     Args:
-        check_every: optimizer steps between curvature checks.
+        check_every: optimizer steps between curvature checks, or ``"auto"`` (default): checks take at
+            most `overhead_budget` of the wall time and come at most every 100 steps.
+        overhead_budget: share of the wall time the checks may take with ``check_every="auto"`` (0.05).
         log_every: optimizer steps between read-backs of the gradient statistics (default: the
             trainer's ``log_every_n_steps``).
         sub_batch: samples of the batch used by a check (default: all).
@@ -138,7 +141,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def __init__(
         self,
-        check_every: int = 100,
+        check_every: CheckEvery = "auto",
+        overhead_budget: float = 0.05,
         log_every: int | None = None,
         sub_batch: int | None = None,
         k: int = 1,
@@ -153,8 +157,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         progress_bar: bool = True,
         strict: bool = False,
     ) -> None:
-        if not isinstance(check_every, int) or check_every < 1:
-            raise ValueError(f"`check_every` must be a positive int, got {check_every!r}.")
+        if check_every != "auto" and (not isinstance(check_every, int) or check_every < 1):
+            raise ValueError(f"`check_every` must be a positive int or 'auto', got {check_every!r}.")
         if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
             raise ValueError(f"`log_every` must be a positive int or None, got {log_every!r}.")
         if loss_fn is not None and not callable(loss_fn):
@@ -165,7 +169,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         self.progress_bar = progress_bar
         self.strict = strict
         self.options: dict[str, Any] = {
-            "sub_batch": sub_batch, "k": k, "tol": tol, "max_iter": max_iter, "cold_every": cold_every,
+            "overhead_budget": overhead_budget, "sub_batch": sub_batch, "k": k, "tol": tol, "max_iter": max_iter, "cold_every": cold_every,
             "density_every": density_every, "mode": mode, "hvp_method": hvp_method, "detectors": detectors,
         }  # fmt: skip
         # Validate the monitor's own arguments now, not at fit time.

@@ -50,3 +50,9 @@ def all_reduce_min_(tensor: torch.Tensor) -> torch.Tensor:
     """In-place MIN all-reduce (e.g. "did every rank succeed?"); returns `tensor`."""
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return tensor
+
+
+def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place MAX all-reduce; returns `tensor`."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor

@@ -43,10 +43,8 @@ from hessdiag.errors import HessdiagError, HessdiagWarning
 from hessdiag.flags import FLAG_NAMES, FlagEvent
 from hessdiag.gradients import GradientStats
 from hessdiag.hvp import HVPMethod, LossFn
+from hessdiag.schedule import CheckEvery, CheckSchedule
 from hessdiag.tensorboard import PREFIX, DiagnosticsWriter, TensorBoardWriter
-
-_MAX_BACKOFF = 16  # a failing check is retried after at most 16 x check_every steps
-
 
 def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
@@ -62,7 +60,10 @@ class Monitor:
             Adam's preconditioner; never modified.
         writer: a ``torch.utils.tensorboard.SummaryWriter``, a :class:`DiagnosticsWriter`, a list of
             either, or None.
-        check_every: optimizer steps between curvature checks (0: never).
+        check_every: optimizer steps between curvature checks (0: never), or ``"auto"`` (default):
+            checks take at most `overhead_budget` of the wall time, at most one per 100 steps
+            (see :mod:`hessdiag.schedule`).
+        overhead_budget: share of the wall time the checks may take with ``check_every="auto"``.
         log_every: steps between read-backs of the gradient statistics (detection and logging).
         sub_batch: samples of the batch used by a curvature check (default: the whole batch).
         k, tol, max_iter, cold_every, mode, hvp_method, params: see :class:`CurvatureProbe`.
@@ -81,7 +82,8 @@ class Monitor:
         *,
         optimizer: torch.optim.Optimizer | None = None,
         writer: Any = None,
-        check_every: int = 100,
+        check_every: CheckEvery = "auto",
+        overhead_budget: float = 0.05,
         log_every: int = 10,
         sub_batch: int | None = None,
         k: int = 1,
@@ -97,10 +99,10 @@ class Monitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        for name, value, low in (("check_every", check_every, 0), ("log_every", log_every, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
-        if check_every and loss_fn is None:
+        if not isinstance(log_every, int) or log_every < 1:
+            raise ValueError(f"`log_every` must be an int >= 1, got {log_every!r}.")
+        self.schedule = CheckSchedule(check_every, overhead_budget)
+        if self.schedule.enabled and loss_fn is None:
             raise ValueError("`loss_fn` is required for curvature checks (or set `check_every=0`).")
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"`loss_fn` must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}.")
@@ -108,7 +110,6 @@ class Monitor:
             raise ValueError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
         self.model = model
         self.optimizer = optimizer
-        self.check_every = check_every
         self.log_every = log_every
         self.strict = strict
         self.writers: list[DiagnosticsWriter] = self._writers(writer)
@@ -128,8 +129,6 @@ class Monitor:
         self.step = 0
         self.events: list[FlagEvent] = []
         self.checks: list[CurvatureCheck] = []
-        self.failures = 0
-        self._next_check = check_every
         self._losses: list[torch.Tensor] = []
         self._warned: set[str] = set()
 
@@ -187,7 +186,8 @@ class Monitor:
         events: list[FlagEvent] = []
         if self.step % self.log_every == 0:
             events += self._read_back()
-        if self.probe is not None and self.check_every and batch is not None and self.step >= self._next_check:
+        self.schedule.step_finished()
+        if self.probe is not None and batch is not None and self.schedule.due(self.step):
             events += self.check_curvature(batch)
         return events
 
@@ -238,8 +238,7 @@ class Monitor:
         if check is None:
             return []
         self.checks.append(check)
-        self.failures = 0
-        self._next_check = self.step + self.check_every
+        self.schedule.check_finished(self.step, check.seconds, self.gradients_device)
         events = self._update(
             "saddle", check.step, grad_norm=check.grad_norm, lambda_max=check.lambda_max, lambda_min=check.lambda_min,
             negative_certified=check.negative_curvature_certified, loss=check.loss,
@@ -294,14 +293,12 @@ class Monitor:
 
     def _fail(self, error: BaseException) -> None:
         """Report a failed check once per kind of error, and back off exponentially."""
-        self.failures += 1
-        backoff = min(2 ** (self.failures - 1), _MAX_BACKOFF)
-        self._next_check = self.step + self.check_every * backoff
+        self.schedule.check_failed(self.step)
         kind = type(error).__name__
         expected = isinstance(error, (HessdiagError, ValueError, RuntimeError))
         message = (
             f"hessdiag: the curvature check at step {self.step} failed ({kind}: {error}). Training continues; "
-            f"the next check is at step {self._next_check}."
+            f"the next check is at step {self.schedule.next_check}."
         )
         self._warn_once(kind if expected else "unexpected", message)
         scalars = {f"{PREFIX}/check_failed": 1.0} | self._flag_scalars()
@@ -354,8 +351,7 @@ class Monitor:
         """Step, warm-start vectors, detector windows and the flag history (primitives and tensors)."""
         return {
             "step": self.step,
-            "next_check": self._next_check,
-            "failures": self.failures,
+            "schedule": self.schedule.state_dict(),
             "probe": self.probe.state_dict() if self.probe is not None else {},
             "detectors": {name: d.state_dict() for name, d in self.detectors.items()},
             "events": [event.to_dict() for event in self.events],
@@ -364,8 +360,7 @@ class Monitor:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; keys missing in older checkpoints keep their defaults."""
         self.step = int(state.get("step", 0))
-        self._next_check = int(state.get("next_check", self.step + self.check_every))
-        self.failures = int(state.get("failures", 0))
+        self.schedule.load_state_dict(state.get("schedule", {}))
         if self.probe is not None:
             self.probe.load_state_dict(state.get("probe", {}))
         for name, detector_state in state.get("detectors", {}).items():

@@ -327,7 +327,7 @@ def test_zero_observer_effect(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"check_every": 0}, "`check_every` must be a positive int, got 0"),
+        ({"check_every": 0}, "`check_every` must be a positive int or 'auto', got 0"),
         ({"log_every": -2}, "`log_every` must be a positive int or None"),
         ({"loss_fn": 3}, "`loss_fn` must be callable"),
         ({"tol": 2.0}, r"`tol` must be a number in \(0, 1\)"),

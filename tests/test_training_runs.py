@@ -194,7 +194,8 @@ def test_out_of_memory_in_a_check_retries_on_a_smaller_sub_batch(digits):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"check_every": -1}, "`check_every` must be an int >= 0"),
+        ({"check_every": -1}, "`check_every` must be an int >= 0 or 'auto'"),
+        ({"overhead_budget": 1.5}, r"`overhead_budget` must be a number in \(0, 1\)"),
         ({"log_every": 0}, "`log_every` must be an int >= 1"),
         ({"loss_fn": None}, "`loss_fn` is required for curvature checks"),
         ({"writer": object()}, "`writer` must be a SummaryWriter"),

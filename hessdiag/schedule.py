@@ -1,0 +1,92 @@
+"""When the next curvature check runs: a fixed cadence, or a share of the training time.
+
+A check costs one forward and backward plus tens of Hessian-vector products (each 2-4x a gradient),
+so its price relative to a training step depends on the model, the batch and the optimizer (Adam
+adds a preconditioned estimate). ``check_every="auto"`` therefore measures both and spaces the checks
+so that they take at most `overhead_budget` of the wall time (measured on a CPU GPT: one check per
+100 steps cost +116%; see benchmarks/overhead.py), never more often than every `min_interval` steps.
+A failing check backs off exponentially (up to 16x). Under data parallelism the ranks agree on the
+next check (the largest interval), or some would wait in a collective the others never enter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+
+from hessdiag import _distributed
+
+_MAX_BACKOFF = 16
+
+CheckEvery = int | Literal["auto"]
+
+
+class CheckSchedule:
+    """Decides at which optimizer steps curvature checks run.
+
+    Args:
+        check_every: an int n (a check every n steps; 0: never) or ``"auto"`` (see module docstring).
+        overhead_budget: share of the wall time checks may take in ``"auto"`` mode (default 0.05).
+        min_interval: fewest steps between checks in ``"auto"`` mode, and the first check's step (100).
+    """
+
+    def __init__(self, check_every: CheckEvery = "auto", overhead_budget: float = 0.05, min_interval: int = 100) -> None:
+        if check_every != "auto" and (not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 0):
+            raise ValueError(f"`check_every` must be an int >= 0 or 'auto', got {check_every!r}.")
+        if not isinstance(overhead_budget, (int, float)) or not 0 < overhead_budget < 1:
+            raise ValueError(f"`overhead_budget` must be a number in (0, 1), got {overhead_budget!r}.")
+        if not isinstance(min_interval, int) or min_interval < 1:
+            raise ValueError(f"`min_interval` must be a positive int, got {min_interval!r}.")
+        self.check_every = check_every
+        self.overhead_budget = float(overhead_budget)
+        self.min_interval = min_interval
+        self.interval = min_interval if check_every == "auto" else check_every
+        self.next_check = self.interval
+        self.failures = 0
+        self._step_seconds = 0.0
+        self._steps_timed = 0
+        self._clock: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval > 0
+
+    def due(self, step: int) -> bool:
+        return self.enabled and step >= self.next_check
+
+    def step_finished(self) -> None:
+        """Time one training step (host wall time between consecutive calls, checks excluded)."""
+        now = time.perf_counter()
+        if self._clock is not None:
+            self._step_seconds += now - self._clock
+            self._steps_timed += 1
+        self._clock = now
+
+    def check_finished(self, step: int, seconds: float, device: torch.device) -> None:
+        self.failures = 0
+        if self.check_every == "auto" and self._steps_timed:
+            per_step = self._step_seconds / self._steps_timed
+            needed = seconds / (self.overhead_budget * max(per_step, 1e-9))
+            interval = max(self.min_interval, math.ceil(needed))
+            if _distributed.is_data_parallel():
+                interval = int(_distributed.all_reduce_max_(torch.tensor([float(interval)], device=device)).item())
+            self.interval = interval
+        self.next_check = step + self.interval
+        self._clock = time.perf_counter()  # the check's own time is not a step's
+
+    def check_failed(self, step: int) -> None:
+        self.failures += 1
+        self.next_check = step + self.interval * min(2 ** (self.failures - 1), _MAX_BACKOFF)
+        self._clock = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"interval": self.interval, "next_check": self.next_check, "failures": self.failures}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.interval = int(state.get("interval", self.interval))
+        self.next_check = int(state.get("next_check", self.next_check))
+        self.failures = int(state.get("failures", 0))

@@ -1,0 +1,72 @@
+"""When checks run: fixed cadence, a share of the wall time, back-off after failures."""
+
+import pytest
+import torch
+
+from hessdiag import schedule as schedule_module
+from hessdiag.schedule import CheckSchedule
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_fixed_cadence():
+    s = CheckSchedule(10)
+    assert [step for step in range(1, 35) if s.due(step) and (s.check_finished(step, 1.0, torch.device("cpu")) or True)] == [10, 20, 30]
+    assert not CheckSchedule(0).enabled
+
+
+def test_auto_spaces_checks_to_the_overhead_budget(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(schedule_module.time, "perf_counter", clock)
+    s = CheckSchedule("auto", overhead_budget=0.05, min_interval=100)
+    assert s.next_check == 100
+    for _ in range(100):  # steps of 10 ms
+        clock.now += 0.01
+        s.step_finished()
+    clock.now += 2.0  # a 2 s check = 200 steps: at 5% it may come once per 4000 steps
+    s.check_finished(100, 2.0, torch.device("cpu"))
+    assert s.interval == 4000 and s.next_check == 4100
+    s.check_finished(4100, 0.001, torch.device("cpu"))  # a cheap check: never more often than min_interval
+    assert s.interval == 100
+
+
+def test_failures_back_off_exponentially_up_to_16x():
+    s = CheckSchedule(5)
+    steps = []
+    step = 5
+    for _ in range(7):
+        s.check_failed(step)
+        steps.append(s.next_check - step)
+        step = s.next_check
+    assert steps == [5, 10, 20, 40, 80, 80, 80]
+    s.check_finished(step, 0.1, torch.device("cpu"))
+    assert s.next_check == step + 5 and s.failures == 0
+
+
+def test_state_round_trip():
+    s = CheckSchedule(7)
+    s.check_failed(7)
+    restored = CheckSchedule(7)
+    restored.load_state_dict(s.state_dict())
+    assert restored.state_dict() == s.state_dict()
+    CheckSchedule(7).load_state_dict({})  # old checkpoints without a schedule
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"check_every": "sometimes"}, "`check_every` must be an int >= 0 or 'auto'"),
+        ({"check_every": True}, "`check_every` must be an int >= 0 or 'auto'"),
+        ({"overhead_budget": 0}, r"`overhead_budget` must be a number in \(0, 1\)"),
+        ({"min_interval": 0}, "`min_interval` must be a positive int"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CheckSchedule(**kwargs)
