@@ -49,6 +49,7 @@ class CheckSchedule:
         self.failures = 0
         self._step_seconds = 0.0
         self._steps_timed = 0
+        self._check_seconds = 0.0
         self._clock: float | None = None
 
     @property
@@ -68,10 +69,13 @@ class CheckSchedule:
 
     def check_finished(self, step: int, seconds: float, device: torch.device) -> None:
         self.failures = 0
+        self._check_seconds += seconds
         if self.check_every == "auto" and self._steps_timed:
-            per_step = self._step_seconds / self._steps_timed
-            needed = seconds / (self.overhead_budget * max(per_step, 1e-9))
-            interval = max(self.min_interval, math.ceil(needed))
+            # Keep the running total within budget: train until the checks so far are
+            # `overhead_budget` of the time (this pays back the unbudgeted first check too).
+            per_step = max(self._step_seconds / self._steps_timed, 1e-9)
+            owed = self._check_seconds / self.overhead_budget - self._step_seconds
+            interval = max(self.min_interval, math.ceil(owed / per_step))
             if _distributed.is_data_parallel():
                 interval = int(_distributed.all_reduce_max_(torch.tensor([float(interval)], device=device)).item())
             self.interval = interval
@@ -84,9 +88,19 @@ class CheckSchedule:
         self._clock = time.perf_counter()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"interval": self.interval, "next_check": self.next_check, "failures": self.failures}
+        return {
+            "interval": self.interval,
+            "next_check": self.next_check,
+            "failures": self.failures,
+            "step_seconds": self._step_seconds,
+            "steps_timed": self._steps_timed,
+            "check_seconds": self._check_seconds,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.interval = int(state.get("interval", self.interval))
+        self._step_seconds = float(state.get("step_seconds", 0.0))
+        self._steps_timed = int(state.get("steps_timed", 0))
+        self._check_seconds = float(state.get("check_seconds", 0.0))
         self.next_check = int(state.get("next_check", self.next_check))
         self.failures = int(state.get("failures", 0))

@@ -29,10 +29,13 @@ def test_auto_spaces_checks_to_the_overhead_budget(monkeypatch):
     for _ in range(100):  # steps of 10 ms
         clock.now += 0.01
         s.step_finished()
-    clock.now += 2.0  # a 2 s check = 200 steps: at 5% it may come once per 4000 steps
-    s.check_finished(100, 2.0, torch.device("cpu"))
-    assert s.interval == 4000 and s.next_check == 4100
-    s.check_finished(4100, 0.001, torch.device("cpu"))  # a cheap check: never more often than min_interval
+    clock.now += 2.0  # a 2 s check after 0.99 s of timed steps (the first call starts the clock)
+    s.check_finished(100, 2.0, torch.device("cpu"))  # 2 s is 5% of 40 s: train 39.01 s more
+    assert s.interval == 3901 and s.next_check == 4001
+    for _ in range(3901):
+        clock.now += 0.01
+        s.step_finished()
+    s.check_finished(4001, 0.001, torch.device("cpu"))  # a cheap check: never more often than min_interval
     assert s.interval == 100
 
 
