@@ -126,6 +126,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         k, tol, max_iter, cold_every, density_every, mode, hvp_method: see :class:`hessdiag.Monitor`.
         loss_fn: ``loss_fn(pl_module, batch) -> scalar`` to use instead of the module's own loss.
         detectors: detectors to run (default: all five with default thresholds).
+        update_ratios: also log per-layer update-to-weight ratios (see :class:`hessdiag.Monitor`).
         progress_bar: show lambda_max and the number of active flags in the progress bar.
         strict: re-raise errors of the diagnostics instead of warning and backing off.
 
@@ -154,6 +155,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         hvp_method: str = "double_backward",
         loss_fn: LossHook | None = None,
         detectors: Sequence[Any] | None = None,
+        update_ratios: bool = False,
         progress_bar: bool = True,
         strict: bool = False,
     ) -> None:
@@ -171,6 +173,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         self.options: dict[str, Any] = {
             "overhead_budget": overhead_budget, "sub_batch": sub_batch, "k": k, "tol": tol, "max_iter": max_iter, "cold_every": cold_every,
             "density_every": density_every, "mode": mode, "hvp_method": hvp_method, "detectors": detectors,
+            "update_ratios": update_ratios,
         }  # fmt: skip
         # Validate the monitor's own arguments now, not at fit time.
         Monitor(torch.nn.Linear(1, 1), lambda m, b: m(b).sum(), check_every=check_every, log_every=log_every or 1, **self.options)

@@ -7,8 +7,8 @@ for display beyond the one-line `summary` a detector writes from its own evidenc
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 FLAG_NAMES: tuple[str, ...] = ("plateau", "saddle", "exploding", "vanishing", "edge_of_stability")
 
@@ -28,6 +28,9 @@ class FlagEvent:
         evidence: the numbers that decided it, by name (units in the detector's docstring).
         remedy: one line: what to do about it.
         summary: one line: what was seen.
+
+    Raises:
+        ValueError: `name`, `kind` or `severity` outside the values above.
     """
 
     name: str
@@ -38,9 +41,22 @@ class FlagEvent:
     remedy: str = ""
     summary: str = ""
 
+    def __post_init__(self) -> None:
+        for attribute, allowed in (("name", FLAG_NAMES), ("kind", get_args(EventKind)), ("severity", get_args(Severity))):
+            if getattr(self, attribute) not in allowed:
+                raise ValueError(f"`{attribute}` must be one of {allowed}, got {getattr(self, attribute)!r}.")
+
     def to_dict(self) -> dict[str, Any]:
-        """Primitives only (for checkpoints and JSON)."""
-        return asdict(self)
+        """Primitives only (for checkpoints and JSON); ``FlagEvent(**event.to_dict())`` restores it."""
+        return {
+            "name": self.name,
+            "step": int(self.step),
+            "kind": self.kind,
+            "severity": self.severity,
+            "evidence": {key: float(value) for key, value in self.evidence.items()},
+            "remedy": self.remedy,
+            "summary": self.summary,
+        }
 
 
 class Hysteresis:
@@ -50,33 +66,49 @@ class Hysteresis:
     Args:
         onset: consecutive triggered updates that raise the flag (>= 1).
         clear: consecutive quiet updates that clear it (>= 1).
+
+    Raises:
+        ValueError: `onset` or `clear` not an int >= 1.
+
+    Example::
+
+        >>> h = Hysteresis(onset=2, clear=1)
+        >>> [h.update(x) for x in (True, True, False)]
+        [None, 'onset', 'cleared']
     """
 
-    def __init__(self, onset: int = 1, clear: int = 1) -> None:
+    def __init__(self, onset: int, clear: int) -> None:
         for name, value in (("onset", onset), ("clear", clear)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
         self.onset, self.clear = onset, clear
-        self.active = False
+        self._active = False
         self._run = 0  # consecutive updates that disagree with the current state
 
+    @property
+    def active(self) -> bool:
+        """Whether the flag is raised now."""
+        return self._active
+
     def update(self, triggered: bool, *, immediate: bool = False) -> EventKind | None:
-        """Feed one observation; returns ``"onset"`` or ``"cleared"`` when the state flips.
+        """Feed one observation; returns ``"onset"`` or ``"cleared"`` when the state flips, else None.
 
         `immediate` raises the flag at once (for conditions that need no confirmation, e.g. NaN).
         """
-        if triggered == self.active:
+        if triggered == self._active:
             self._run = 0
             return None
         self._run += 1
         if (triggered and (immediate or self._run >= self.onset)) or (not triggered and self._run >= self.clear):
-            self.active, self._run = triggered, 0
+            self._active, self._run = triggered, 0
             return "onset" if triggered else "cleared"
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"active": self.active, "run": self._run}
+        """The state and the length of the current disagreeing run (primitives)."""
+        return {"active": self._active, "run": self._run}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.active = bool(state.get("active", False))
+        """Restore a :meth:`state_dict`; missing keys (an empty dict) mean inactive and no run."""
+        self._active = bool(state.get("active", False))
         self._run = int(state.get("run", 0))

@@ -1,15 +1,14 @@
 """Per-step gradient statistics, fused and without host-device synchronisation.
 
-Each step, one ``torch._foreach_norm`` per (device, dtype) group computes the norm of every gradient
-tensor on the device; the step's norms are stacked into one small device tensor and kept. Nothing is
-read back until :meth:`GradientStats.read`, which transfers every step since the last read in one
-copy. Measured on an H100 (DESIGN.md): one fused norm added 0.1-5% to a step, a ``.item()`` per
-tensor 18-25%.
+Each step, one ``torch._foreach_norm`` per (device, dtype) group of parameters computes the norm of
+every gradient tensor on the device; the step's norms are concatenated into one small device tensor
+and kept. Nothing is read back until :meth:`GradientStats.read`, which transfers every step since the
+last read, and the current weight norms, in one copy. Measured on an H100 (DESIGN.md): one fused
+norm added 0.1-5% to a training step, a ``.item()`` per tensor 18-25%.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -18,20 +17,33 @@ from torch import nn
 
 
 def module_name(parameter_name: str) -> str:
-    """The owning module of a parameter: ``"layer1.0.conv1.weight"`` -> ``"layer1.0.conv1"``."""
+    """The owning module of a parameter: ``"layer1.0.conv1.weight"`` -> ``"layer1.0.conv1"``.
+
+    The last component of a parameter's name is always its attribute on the owning module (``weight``,
+    ``bias``, ``in_proj_weight``, ...); a top-level parameter (no dot) is its own group.
+    """
     return parameter_name.rsplit(".", 1)[0] if "." in parameter_name else parameter_name
 
 
 @dataclass
 class GradientReadout:
-    """Statistics of the steps since the last read, and per-layer norms at read time.
+    """Statistics of the steps observed since the last read, and per-module weight norms at read time.
+
+    Modules are in the order of the parameters given to :class:`GradientStats` (for ``named_parameters``
+    of a sequential model: from the input, shallow, to the output, deep). Norms are L2 norms in the
+    units of the parameters' gradients; ratios are dimensionless.
 
     Attributes:
-        steps: the optimizer steps observed, in order.
+        steps: the steps observed, in order.
         grad_norms: global gradient norm of each step.
-        nonfinite_tensors: per step, the number of gradient tensors with a NaN or infinite entry.
-        layer_grad_norms: per step, ``[(module, norm), ...]`` in parameter order (shallow to deep).
-        layer_weight_norms: ``[(module, norm), ...]`` of the parameters now.
+        nonfinite_tensors: per step, the number of gradient tensors whose norm is not finite (a NaN or
+            infinite entry, or, in float16, a norm beyond its range); exact entry counts would need
+            another pass over every gradient.
+        layer_grad_norms: per step, ``[(module, norm), ...]``.
+        layer_weight_norms: ``[(module, norm), ...]`` of the parameters at read time.
+        layer_update_ratios: with ``track_updates=True``, per step ``[(module, ||Δθ|| / ||θ||), ...]``:
+            the relative change of the module's parameters since the previous observe (the update of
+            the optimizer step in between); NaN at the first observe. None without tracking.
     """
 
     steps: list[int]
@@ -39,74 +51,133 @@ class GradientReadout:
     nonfinite_tensors: list[int]
     layer_grad_norms: list[list[tuple[str, float]]]
     layer_weight_norms: list[tuple[str, float]]
+    layer_update_ratios: list[list[tuple[str, float]]] | None = None
 
     def layer_ratios(self, index: int = -1) -> list[tuple[str, float]]:
-        """Gradient-to-weight norm ratio per layer at step `index` (0 weight: ratio of the gradient)."""
+        """Gradient-to-weight norm ratio per module at step `index` (a module with zero weights: its
+        gradient norm, as if divided by 1)."""
         weights = dict(self.layer_weight_norms)
         return [(name, g / weights[name] if weights[name] > 0 else g) for name, g in self.layer_grad_norms[index]]
 
 
 class GradientStats:
-    """Gradient norms per parameter tensor every step, grouped by module for display.
+    """Gradient norms of every parameter tensor at every observed step, grouped by module on read.
+
+    :meth:`observe` runs in the per-step path and never synchronises host and device: no ``.item()``,
+    no ``float()``, no copy to the host; it only launches fused reductions whose results stay on the
+    device. :meth:`read` is the one place that waits for the device. Memory: one float per parameter
+    tensor per observed step until the next read (three with `track_updates`). Neither the parameters
+    nor their ``.grad`` are ever modified.
 
     Args:
         named_parameters: ``model.named_parameters()``; those without ``requires_grad`` are skipped.
+            Their order is the depth order of the readout.
+        track_updates: also measure the update-to-weight ratio ||Δθ|| / ||θ|| per module, the
+            relative step the optimizer actually took (for Adam it differs from lr ||g|| / ||θ||).
+            Costs a copy of the parameters kept on their device, and two passes over them per step.
+
+    Raises:
+        ValueError: no trainable parameters.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> model(torch.ones(1, 3)).sum().backward()
+        >>> stats = GradientStats(model.named_parameters())
+        >>> stats.observe(step=1)  # on the device; nothing read back
+        >>> readout = stats.read()  # one transfer
+        >>> readout.steps, [name for name, _ in readout.layer_grad_norms[0]]
+        ([1], ['0', '2'])
     """
 
-    def __init__(self, named_parameters: Iterable[tuple[str, nn.Parameter]]) -> None:
+    def __init__(self, named_parameters: Iterable[tuple[str, nn.Parameter]], track_updates: bool = False) -> None:
         named = [(name, p) for name, p in named_parameters if p.requires_grad]
         if not named:
             raise ValueError("No trainable parameters to watch (none has requires_grad=True).")
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.modules: list[str] = list(dict.fromkeys(module_name(name) for name in self.names))
-        self._module_of = [self.modules.index(module_name(name)) for name in self.names]
+        self._module_of = torch.tensor([self.modules.index(module_name(name)) for name in self.names])
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for index, p in enumerate(self.params):
             groups.setdefault((p.device, p.dtype), []).append(index)
         self._groups = list(groups.values())
-        self._order = [index for group in self._groups for index in group]
+        # foreach_norm needs a tensor for every slot: a missing gradient is a zero scalar.
+        self._zeros = [torch.zeros((), device=device, dtype=dtype) for device, dtype in groups]
+        self._order = torch.tensor([index for group in self._groups for index in group])
         self._device = self.params[0].device
+        self.track_updates = track_updates
+        self._previous: list[list[torch.Tensor]] | None = None  # parameters at the previous observe, per group
         self._history: list[tuple[int, torch.Tensor]] = []
 
     @torch.no_grad()
     def observe(self, step: int) -> None:
-        """Record the norms of the current ``.grad`` (missing gradients count as 0). No sync."""
-        norms = []
-        for group in self._groups:
-            grads = [self.params[i].grad for i in group]
-            present = [g for g in grads if g is not None]
-            computed = iter(torch._foreach_norm(present) if present else [])
-            for g in grads:
-                norms.append(next(computed).float().to(self._device) if g is not None else torch.zeros((), device=self._device))
-        self._history.append((step, torch.stack(norms)))
+        """Record the norms of the current ``.grad`` (missing gradients count as 0). No host sync."""
+        grad_norms = []
+        for group, zero in zip(self._groups, self._zeros):
+            grads = [self.params[i].grad if self.params[i].grad is not None else zero for i in group]
+            grad_norms.append(self._stacked(torch._foreach_norm(grads)))
+        row = [torch.cat(grad_norms)]
+        if self.track_updates:
+            row += self._update_norms()
+        self._history.append((step, torch.cat(row)))
+
+    def _stacked(self, norms: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(norms).to(device=self._device, dtype=torch.float32)
+
+    def _update_norms(self) -> list[torch.Tensor]:
+        """Norms of the parameters at the previous observe and of the change since, per tensor."""
+        current = [[self.params[i].detach() for i in group] for group in self._groups]
+        if self._previous is None:
+            self._previous = [[p.clone() for p in tensors] for tensors in current]
+            return [torch.full((2 * len(self.params),), float("nan"), device=self._device)]
+        weight_norms, change_norms = [], []
+        for previous, tensors in zip(self._previous, current):
+            weight_norms.append(self._stacked(torch._foreach_norm(previous)))
+            torch._foreach_sub_(previous, tensors)  # in place: no second copy of the parameters
+            change_norms.append(self._stacked(torch._foreach_norm(previous)))
+            torch._foreach_copy_(previous, tensors)
+        return [torch.cat(weight_norms), torch.cat(change_norms)]
 
     @torch.no_grad()
     def read(self) -> GradientReadout | None:
-        """Everything since the last read, in one device-to-host transfer; ``None`` if nothing new."""
+        """Everything since the last read in one device-to-host transfer; ``None`` if nothing new."""
         if not self._history:
             return None
         steps = [step for step, _ in self._history]
-        per_tensor = torch.stack([norms for _, norms in self._history]).cpu().double()
+        per_step = torch.stack([values for _, values in self._history])
         self._history.clear()
-        # Undo the grouping order, then sum squares per module.
-        unordered = torch.empty_like(per_tensor)
-        unordered[:, self._order] = per_tensor
-        squares = torch.zeros(len(steps), len(self.modules), dtype=torch.float64)
-        squares.index_add_(1, torch.tensor(self._module_of), unordered**2)
-        layer_norms = squares.sqrt()
-        weights = self._weight_norms()
+        weight_norms = torch.cat(
+            [self._stacked(torch._foreach_norm([self.params[i].detach() for i in group])) for group in self._groups]
+        )
+        host = torch.cat([per_step.flatten(), weight_norms]).cpu().double()  # the one transfer
+        size, count = per_step.numel(), len(self.params)
+        per_step = self._original_order(host[:size].view(len(steps), -1))
+        grads = per_step[:, :count]
+        update_ratios = None
+        if self.track_updates:
+            previous, change = per_step[:, count : 2 * count], per_step[:, 2 * count :]
+            ratios = self._per_module(change) / self._per_module(previous)
+            update_ratios = [list(zip(self.modules, row)) for row in ratios.tolist()]
         return GradientReadout(
             steps=steps,
-            grad_norms=unordered.pow(2).sum(dim=1).sqrt().tolist(),
-            nonfinite_tensors=(~torch.isfinite(unordered)).sum(dim=1).tolist(),
-            layer_grad_norms=[list(zip(self.modules, row)) for row in layer_norms.tolist()],
-            layer_weight_norms=list(zip(self.modules, weights)),
+            grad_norms=grads.pow(2).sum(dim=1).sqrt().tolist(),
+            nonfinite_tensors=(~torch.isfinite(grads)).sum(dim=1).tolist(),
+            layer_grad_norms=[list(zip(self.modules, row)) for row in self._per_module(grads).tolist()],
+            layer_weight_norms=list(zip(self.modules, self._per_module(self._original_order(host[None, size:]))[0].tolist())),
+            layer_update_ratios=update_ratios,
         )
 
-    def _weight_norms(self) -> list[float]:
-        norms = torch.zeros(len(self.modules), dtype=torch.float64)
-        for group in self._groups:
-            values = torch.stack(torch._foreach_norm([self.params[i].detach() for i in group])).double().cpu()
-            norms.index_add_(0, torch.tensor([self._module_of[i] for i in group]), values**2)
-        return [math.sqrt(v) for v in norms.tolist()]
+    def _original_order(self, values: torch.Tensor) -> torch.Tensor:
+        """Columns from (device, dtype) group order back to parameter order, per block of one value
+        per tensor (grad norms; then, with `track_updates`, weight norms and change norms)."""
+        count = len(self.params)
+        unordered = torch.empty_like(values)
+        for start in range(0, values.shape[1], count):
+            unordered[:, start + self._order] = values[:, start : start + count]
+        return unordered
+
+    def _per_module(self, norms: torch.Tensor) -> torch.Tensor:
+        """Per-tensor norms (steps x tensors) to per-module norms (steps x modules): root of summed squares."""
+        squares = torch.zeros(norms.shape[0], len(self.modules), dtype=norms.dtype)
+        return squares.index_add_(1, self._module_of, norms**2).sqrt()

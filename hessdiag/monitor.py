@@ -69,6 +69,9 @@ class Monitor:
         k, tol, max_iter, cold_every, mode, hvp_method, params: see :class:`CurvatureProbe`.
         density_every: every n-th check also logs the spectral density (0: never).
         detectors: the detectors to run (default: one of each, with default thresholds).
+        update_ratios: also log each layer's update-to-weight ratio ||delta theta|| / ||theta|| per
+            read-back (the step the optimizer really took; for Adam it is not lr ||g|| / ||theta||).
+            Keeps a copy of the parameters on their device.
         strict: re-raise errors of the diagnostics instead of warning and backing off.
 
     Raises:
@@ -95,6 +98,7 @@ class Monitor:
         hvp_method: HVPMethod = "double_backward",
         params: Iterable[torch.Tensor] | None = None,
         detectors: Sequence[Any] | None = None,
+        update_ratios: bool = False,
         strict: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -113,7 +117,7 @@ class Monitor:
         self.log_every = log_every
         self.strict = strict
         self.writers: list[DiagnosticsWriter] = self._writers(writer)
-        self.gradients = GradientStats(unwrap_model(model).named_parameters())
+        self.gradients = GradientStats(unwrap_model(model).named_parameters(), track_updates=update_ratios)
         self.probe = (
             CurvatureProbe(
                 model, loss_fn, k=k, tol=tol, max_iter=max_iter, cold_every=cold_every, sub_batch=sub_batch,
@@ -221,6 +225,8 @@ class Monitor:
             scalars[f"{PREFIX}/layer_grad_norm/{name}"] = value
         for name, value in readout.layer_ratios():
             scalars[f"{PREFIX}/layer_grad_to_weight/{name}"] = value
+        for name, value in readout.layer_update_ratios[-1] if readout.layer_update_ratios else []:
+            scalars[f"{PREFIX}/layer_update_ratio/{name}"] = value
         scalars |= self._flag_scalars()
         histograms = {f"{PREFIX}/layer_grad_norms": torch.tensor([v for _, v in readout.layer_grad_norms[-1]])}
         self._emit(step, scalars, events, histograms)

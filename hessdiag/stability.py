@@ -1,11 +1,18 @@
 """The optimizer's stability threshold, read from the optimizer itself.
 
-On a quadratic with curvature lambda, gradient descent with step lr is stable while
-lr * lambda < 2; heavy-ball momentum beta extends this to lr * lambda < 2 + 2 beta; Nesterov's
-variant to lr * lambda < (2 + 2 beta) / (1 + 2 beta). Adam and AdamW are preconditioned methods:
-their relevant sharpness is lambda_max(P^-1 H), with P = diag(sqrt(v_hat) + eps), and the threshold
-is (2 + 2 beta1) / ((1 - beta1) lr) (Cohen et al., 2022, "Adaptive gradient methods at the edge of
-stability"). The sharpness is compared with this threshold by the edge-of-stability detector.
+On a quadratic with curvature lambda, gradient descent with step lr multiplies the error along that
+eigenvector by (1 - lr lambda) per step: it is stable while lr lambda < 2. Heavy-ball momentum beta
+(x <- x - lr g + beta (x - x_prev)) extends this to lr lambda < 2 + 2 beta (Polyak, 1964); PyTorch's
+Nesterov variant to lr lambda < (2 + 2 beta) / (1 + 2 beta). Adam and AdamW are preconditioned: with
+the preconditioner P = diag(sqrt(v_hat) + eps) frozen, Adam is heavy-ball momentum on P^-1 H with the
+step lr (1 - beta1) (its momentum is an average, m <- beta1 m + (1 - beta1) g), so the relevant
+sharpness is lambda_max(P^-1 H) and the threshold (2 + 2 beta1) / ((1 - beta1) lr) (Cohen et al.,
+2022, "Adaptive gradient methods at the edge of stability").
+
+Weight decay is not included. Coupled (L2) decay wd adds wd to every eigenvalue the optimizer sees:
+for SGD the threshold on lambda_max(H) is really 2/lr - wd (a negligible shift for usual wd), for Adam
+the operator is P^-1 (H + wd I). AdamW's decoupled decay multiplies the weights by (1 - lr wd) per
+step, which only damps.
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ class StabilityThreshold:
 
     Attributes:
         threshold: in units of Hessian eigenvalues (1 / lr).
-        rule: the formula used, for display.
-        preconditioned: compare with lambda_max(P^-1 H) (Adam) instead of lambda_max(H).
+        rule: the formula used, for display, e.g. ``"sgd: 2/lr"``.
+        preconditioned: compare with lambda_max(P^-1 H) (Adam, AdamW) instead of lambda_max(H).
     """
 
     threshold: float
@@ -32,56 +39,73 @@ class StabilityThreshold:
 
 
 def stability_threshold(optimizer: torch.optim.Optimizer, param_group: int = 0) -> StabilityThreshold:
-    """The stability threshold of `optimizer` (its `param_group`-th group).
+    """The stability threshold of `optimizer` for the hyper-parameters of its `param_group`-th group.
 
-    Supports SGD (plain, heavy-ball with dampening, Nesterov), Adam, AdamW and their subclasses.
+    Supports :class:`torch.optim.SGD` (plain, heavy-ball, Nesterov), :class:`torch.optim.Adam`,
+    :class:`torch.optim.AdamW` and their subclasses. SGD's dampening d scales the gradient entering the
+    momentum buffer by (1 - d), so the effective step of heavy-ball is lr (1 - d). Callers that accept
+    any optimizer catch the ValueError and report the raw sharpness instead.
 
     Raises:
-        ValueError: another optimizer (no known rule), or a non-positive learning rate.
+        ValueError: another optimizer (no known rule; the message names its type), a learning rate
+            <= 0, or `param_group` not an index of ``optimizer.param_groups``.
+
+    Example::
+
+        >>> p = [torch.nn.Parameter(torch.zeros(1))]
+        >>> round(stability_threshold(torch.optim.SGD(p, lr=0.1, momentum=0.9)).threshold, 9)  # 3.8 / 0.1
+        38.0
     """
-    group = optimizer.param_groups[param_group]
+    groups = optimizer.param_groups
+    if not isinstance(param_group, int) or not 0 <= param_group < len(groups):
+        raise ValueError(f"`param_group` must be an int in [0, {len(groups)}), got {param_group!r}.")
+    group = groups[param_group]
     lr = float(group["lr"])
     if lr <= 0:
         raise ValueError(f"The learning rate must be positive for a stability threshold, got {lr}.")
     if isinstance(optimizer, torch.optim.SGD):
         beta = float(group.get("momentum", 0.0))
-        dampening = float(group.get("dampening", 0.0))
         if beta == 0:
             return StabilityThreshold(2.0 / lr, "sgd: 2/lr", False)
-        if group.get("nesterov", False):
+        if group.get("nesterov", False):  # PyTorch requires dampening 0 with Nesterov
             return StabilityThreshold((2 + 2 * beta) / ((1 + 2 * beta) * lr), "nesterov: (2+2β)/((1+2β)·lr)", False)
-        # With dampening d the momentum buffer averages (1 - d) g: the effective step is lr (1 - d).
-        effective = lr * (1 - dampening)
-        return StabilityThreshold((2 + 2 * beta) / effective, "heavy-ball: (2+2β)/(lr·(1-dampening))", False)
+        effective_lr = lr * (1 - float(group.get("dampening", 0.0)))
+        return StabilityThreshold((2 + 2 * beta) / effective_lr, "heavy-ball: (2+2β)/(lr·(1-dampening))", False)
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         beta1 = float(group["betas"][0])
         return StabilityThreshold((2 + 2 * beta1) / ((1 - beta1) * lr), "adam: (2+2β1)/((1-β1)·lr)", True)
     raise ValueError(
-        f"No stability threshold is known for {type(optimizer).__name__}; supported: SGD (with momentum or "
-        "Nesterov), Adam, AdamW."
+        f"No stability threshold is known for {type(optimizer).__name__}; supported: SGD (plain, momentum, "
+        "Nesterov), Adam, AdamW and their subclasses."
     )
 
 
+@torch.no_grad()
 def adam_preconditioner_sqrt(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """The flat vector d = (sqrt(v_hat) + eps)^(-1/2) over `params`, in their order.
+    """The flat vector d = (sqrt(v_hat) + eps)^(-1/2) over `params`, flattened and concatenated in order.
 
-    D^1/2 H D^1/2 with D = diag(d^2) is symmetric and has the eigenvalues of P^-1 H, so Lanczos can
-    compute the preconditioned sharpness. v_hat is the bias-corrected ``exp_avg_sq`` (``max_exp_avg_sq``
-    with amsgrad). Parameters without optimizer state get 0 (left out). ``None`` before the first step.
-    The optimizer state is only read.
+    With D = diag(d^2) = P^-1, the matrix D^1/2 H D^1/2 is symmetric and similar to P^-1 H (same
+    eigenvalues), so Lanczos can compute Adam's preconditioned sharpness. v_hat is the bias-corrected
+    second moment ``exp_avg_sq / (1 - beta2^step)`` of each parameter's own ``step`` (``max_exp_avg_sq``
+    with amsgrad), and eps that of the parameter's group.
+
+    Returns:
+        A float32 vector of ``sum(p.numel())`` entries on the parameters' device; entries of parameters
+        without optimizer state (never stepped, or not in the optimizer) are 0, which leaves them out of
+        the preconditioned operator, as Adam has never moved them. ``None`` when no parameter has state
+        yet (before the first step). The optimizer state is only read.
     """
-    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     pieces, found = [], False
     for p in params:
         state = optimizer.state.get(p, {})
-        group = groups.get(id(p))
+        group = group_of.get(id(p))
         if group is None or "exp_avg_sq" not in state:
             pieces.append(torch.zeros(p.numel(), device=p.device, dtype=torch.float32))
             continue
         found = True
         beta2, eps = float(group["betas"][1]), float(group["eps"])
-        step = float(state["step"])
         second = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
-        v_hat = second.detach().float().reshape(-1) / (1 - beta2**step)
+        v_hat = second.detach().float().reshape(-1) / (1 - beta2 ** float(state["step"]))
         pieces.append((v_hat.sqrt() + eps).rsqrt())
     return torch.cat(pieces) if found else None

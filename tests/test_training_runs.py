@@ -137,7 +137,11 @@ def test_diagnostics_leave_training_untouched(digits):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 10))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        monitor = Monitor(model, cross_entropy, optimizer=optimizer, check_every=7, log_every=3) if with_monitor else None
+        monitor = (
+            Monitor(model, cross_entropy, optimizer=optimizer, check_every=7, log_every=3, update_ratios=True)
+            if with_monitor
+            else None
+        )
         batches = minibatches(digits, seed=1)
         for step in range(30):
             batch = batches(step)
@@ -161,6 +165,53 @@ def test_diagnostics_leave_training_untouched(digits):
         assert all(torch.equal(a[key], b[key]) for key in a)
     for a, b in zip(plain_model.parameters(), model.parameters()):
         assert torch.equal(a.grad, b.grad)
+
+
+class RecordingWriter:
+    """Keeps every scalar the monitor logs, by tag and step."""
+
+    def __init__(self):
+        self.logged = {}
+
+    def scalars(self, step, values):
+        for tag, value in values.items():
+            self.logged.setdefault(tag, {})[step] = value
+
+    def events(self, step, events): ...
+
+    def histograms(self, step, values): ...
+
+    def density(self, step, density): ...
+
+    def text(self, step, tag, message): ...
+
+    def flush(self): ...
+
+
+def test_update_ratios_are_the_relative_step_sgd_took(digits):
+    """||delta theta|| / ||theta|| of a layer equals lr ||g|| / ||theta|| for plain SGD, step by step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    writer = RecordingWriter()
+    monitor = Monitor(model, writer=writer, check_every=0, log_every=4, update_ratios=True)
+    batches, expected = minibatches(digits), {}
+    for step in range(1, 13):
+        batch = batches(step)
+        optimizer.zero_grad()
+        cross_entropy(model, batch).backward()
+        monitor.after_backward()
+        first_layer = list(model[0].parameters())
+        weight_norm = torch.cat([p.detach().flatten() for p in first_layer]).norm()
+        grad_norm = torch.cat([p.grad.flatten() for p in first_layer]).norm()
+        expected[step + 1] = (0.05 * grad_norm / weight_norm).item()  # seen at the next observe
+        optimizer.step()
+        monitor.after_step(batch, cross_entropy(model, batch).detach())
+    logged = writer.logged["hessdiag/layer_update_ratio/0"]
+    assert sorted(logged) == [4, 8, 12]
+    for step, value in logged.items():
+        assert value == pytest.approx(expected[step], rel=1e-5)
+    assert "hessdiag/layer_update_ratio/2" in writer.logged
 
 
 def test_monitor_state_round_trip_continues_identically(digits):

@@ -1,4 +1,5 @@
-"""One small stateful rule per flag. Each `update(step, ...)` returns the `FlagEvent`s it raised."""
+"""One small stateful rule per flag. Each ``update(step, ...)`` returns the `FlagEvent`s it raised:
+an empty list, or one event at onset or clear."""
 
 from hessdiag.detectors.edge_of_stability import EdgeOfStabilityDetector
 from hessdiag.detectors.exploding import ExplodingGradientDetector
@@ -7,11 +8,11 @@ from hessdiag.detectors.saddle import SaddleDetector
 from hessdiag.detectors.vanishing import VanishingGradientDetector
 
 __all__ = [
-    # per-step gradient statistics
+    # fed by the per-step gradient statistics
     "ExplodingGradientDetector",
     "VanishingGradientDetector",
     "PlateauDetector",
-    # curvature checks
+    # fed by the curvature checks
     "SaddleDetector",
     "EdgeOfStabilityDetector",
 ]

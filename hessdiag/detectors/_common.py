@@ -1,32 +1,51 @@
-"""Plumbing shared by the detectors: argument checks and the event factory."""
+"""Plumbing shared by the detectors: argument checks, and the base that turns a decision into events."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
-from hessdiag.flags import EventKind, FlagEvent, Hysteresis, Severity
+from hessdiag.flags import FlagEvent, Hysteresis, Severity
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_positive(name: str, value: float, *, upper: float | None = None) -> float:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 or (upper is not None and value >= upper):
+    """`value` as a float if it is finite, > 0 and (when given) < `upper`; else ValueError naming `name`."""
+    if not _is_number(value) or value <= 0 or (upper is not None and value >= upper):
         allowed = f"in (0, {upper})" if upper is not None else "> 0"
         raise ValueError(f"`{name}` must be a finite number {allowed}, got {value!r}.")
     return float(value)
 
 
+def check_finite(name: str, value: float) -> float:
+    """`value` as a float if it is a finite number; else ValueError naming `name`."""
+    if not _is_number(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    return float(value)
+
+
 def check_count(name: str, value: int, low: int = 1) -> int:
+    """`value` if it is an int >= `low`; else ValueError naming `name`."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
     return value
 
 
 class Detector:
-    """A flag with hysteresis; subclasses decide `triggered` and write evidence and summary."""
+    """A flag with hysteresis. Subclasses set `evidence` and `summary` on every update, decide
+    whether the update triggers, and hand that to :meth:`_decide`, which emits the events.
 
-    name: str = ""
-    remedy: str = ""
+    Args:
+        onset: consecutive triggering updates that raise the flag (>= 1).
+        clear: consecutive quiet updates that clear it (>= 1).
+    """
+
+    name: ClassVar[str]
+    remedy: ClassVar[str]
 
     def __init__(self, onset: int, clear: int) -> None:
         self.hysteresis = Hysteresis(check_count("onset", onset), check_count("clear", clear))
@@ -35,17 +54,21 @@ class Detector:
 
     @property
     def active(self) -> bool:
+        """Whether the flag is raised now."""
         return self.hysteresis.active
 
     def _decide(self, step: int, triggered: bool, severity: Severity, *, immediate: bool = False) -> list[FlagEvent]:
-        kind: EventKind | None = self.hysteresis.update(triggered, immediate=immediate)
+        kind = self.hysteresis.update(triggered, immediate=immediate)
         if kind is None:
             return []
         return [FlagEvent(self.name, step, kind, severity, dict(self.evidence), self.remedy, self.summary)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"hysteresis": self.hysteresis.state_dict(), "evidence": dict(self.evidence)}
+        """Hysteresis state and the latest evidence and summary (primitives)."""
+        return {"hysteresis": self.hysteresis.state_dict(), "evidence": dict(self.evidence), "summary": self.summary}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; keys missing in older checkpoints keep their defaults."""
         self.hysteresis.load_state_dict(state.get("hysteresis", {}))
-        self.evidence = dict(state.get("evidence", {}))
+        self.evidence = {key: float(value) for key, value in state.get("evidence", {}).items()}
+        self.summary = str(state.get("summary", ""))

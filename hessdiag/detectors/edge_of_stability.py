@@ -11,24 +11,34 @@ from hessdiag.flags import FlagEvent
 class EdgeOfStabilityDetector(Detector):
     """Raises ``edge_of_stability`` when sharpness / threshold reaches `ratio`.
 
-    The threshold comes from :func:`hessdiag.stability.stability_threshold` (2/lr for SGD; Adam uses the
-    preconditioned sharpness). Full-batch gradient descent typically sharpens until the ratio hovers
-    at 1 (Cohen et al., 2021); beyond it the steepest direction oscillates. The flag clears only once the
-    ratio falls below `clear_ratio` (hysteresis on the value as well as on the count).
+    The threshold comes from :func:`hessdiag.stability.stability_threshold` (2/lr for SGD; for Adam
+    it applies to the preconditioned sharpness). On a quadratic, gradient descent diverges along the
+    steepest direction once the sharpness exceeds the threshold; in networks, full-batch gradient
+    descent sharpens until the ratio hovers at 1 and the steepest direction oscillates (Cohen et al.,
+    2021, "Gradient descent on neural networks typically occurs at the edge of stability"). The flag
+    rises a little before 1 (`ratio` 0.9) because the sharpness of one batch is an estimate and the
+    ratio oscillates around 1 at the edge. It clears only once the ratio falls below `clear_ratio`
+    (hysteresis on the value as well as on the count), so a ratio hovering at 0.85-0.95 keeps it up.
 
     Args:
         ratio: sharpness / threshold that triggers (default 0.9).
-        clear_ratio: below which a check counts as clear (default 0.8; must be <= `ratio`).
+        clear_ratio: below which a check counts as clear (default 0.8; at most `ratio`).
         onset: consecutive triggering checks that raise the flag (default 2).
         clear: consecutive clear checks that clear it (default 2).
 
-    Evidence: ``sharpness``, ``threshold``, ``ratio``. Severity ``warning`` at ratio >= 1, else ``info``.
+    Raises:
+        ValueError: a threshold out of range, named in the message.
+
+    Evidence: ``sharpness`` (lambda_max, or lambda_max(P^-1 H) for Adam), ``threshold`` (same units,
+    1/lr), ``ratio`` (sharpness / threshold). Severity ``warning`` at ratio >= 1 (beyond the edge),
+    else ``info``.
     """
 
     name = "edge_of_stability"
     remedy = (
         "The steepest direction oscillates: lower the learning rate or add warm-up; or accept it "
-        "(progressive sharpening to 2/lr is common with large steps and often harmless)."
+        "(progressive sharpening to the edge is common with full-batch GD and often harmless; "
+        "adaptive methods see the preconditioned sharpness)."
     )
 
     def __init__(self, ratio: float = 0.9, clear_ratio: float = 0.8, onset: int = 2, clear: int = 2) -> None:
@@ -39,6 +49,10 @@ class EdgeOfStabilityDetector(Detector):
             raise ValueError(f"`clear_ratio` ({clear_ratio}) must be at most `ratio` ({ratio}).")
 
     def update(self, step: int, sharpness: float, threshold: float) -> list[FlagEvent]:
+        """Judge one curvature check: `sharpness` against the optimizer's stability `threshold`.
+
+        A non-finite value or a threshold <= 0 says nothing and is skipped.
+        """
         if not (math.isfinite(sharpness) and math.isfinite(threshold)) or threshold <= 0:
             return []
         ratio = sharpness / threshold

@@ -1,4 +1,4 @@
-"""Exploding gradients: non-finite values, or norms far above their own recent median."""
+"""Exploding gradients: non-finite values, or norms far above their own recent median while the loss rises."""
 
 from __future__ import annotations
 
@@ -15,27 +15,44 @@ from hessdiag.flags import FlagEvent
 class ExplodingGradientDetector(Detector):
     """Raises ``exploding`` when gradients blow up.
 
-    Triggers on a step when the loss or the gradient is non-finite (raised at once, critical), or,
-    while the loss is rising (above `loss_factor` x the median of its recent values), when the global
-    gradient norm exceeds `factor` x the median of the last `window` normal steps, or a layer's
-    gradient-to-weight ratio exceeds `layer_factor` x its own median. The loss condition keeps
-    benign growth out (escaping a saddle from a tiny initialisation grows the gradient by orders of
-    magnitude while the loss falls; at the edge of stability it jumps 10-30x and stays bounded while
-    the loss keeps falling on average). Outliers are kept out of the medians, so a sustained explosion
-    does not become the new normal.
+    A step triggers when
+
+    * the loss or the gradient norm is non-finite, or some gradient tensor is (`nonfinite_count` > 0):
+      the flag is raised on that very step, severity ``critical``; or
+    * the loss is rising (above its recent median by more than (`loss_factor` - 1) x |median|) and
+      either the global gradient norm exceeds `factor` x the median of the last `window` normal steps,
+      or some layer's ratio (gradient- or update-to-weight) exceeds `layer_factor` x its own median;
+      `onset` such steps in a row raise the flag, severity ``warning``.
+
+    Why the loss must rise: large gradients alone are not an explosion. Escaping a saddle from a tiny
+    initialisation grows the gradient by orders of magnitude while the loss falls, and at the edge of
+    stability gradient descent "catapults": the gradient jumps 10-30x for 4-6 steps and the loss
+    recovers on its own (Lewkowycz et al., 2020), hence the default `onset` of 8. Values of triggering
+    steps never enter the medians, so a sustained explosion does not become the new normal.
 
     Args:
-        factor: global-norm multiple of the median that counts as a spike (default 10).
-        layer_factor: per-layer ratio multiple of its median (default 100).
-        window: steps in the running medians (default 50).
-        loss_factor: loss multiple of its recent median that counts as rising (default 1.1).
+        factor: multiple of the median global gradient norm that counts as a spike (default 10).
+        layer_factor: multiple of a layer's median ratio that counts as a spike (default 100: per-layer
+            ratios are noisier than the global norm).
+        loss_factor: the loss counts as rising above ``median + (loss_factor - 1) |median|`` (default 1.1).
+        window: normal steps in the running medians (default 50).
         min_history: normal steps needed before spikes are judged (default 10).
-        onset: consecutive spiking steps that raise the flag (default 8: a spike, or the 4-6 step
-            "catapult" of gradient descent at the edge of stability, recovers on its own).
+        onset: consecutive spiking steps that raise the flag (default 8; non-finite values: at once).
         clear: consecutive normal steps that clear it (default 20).
 
-    Evidence: ``grad_norm``, ``median_grad_norm``, ``ratio`` (grad_norm / median), ``loss``,
-    ``nonfinite_tensors``, and ``layer_ratio_multiple`` for the worst layer.
+    Raises:
+        ValueError: a threshold out of range, named in the message.
+
+    Evidence: ``grad_norm`` (global L2 norm), ``median_grad_norm`` (median of the normal history;
+    NaN before `min_history` steps), ``ratio`` (grad_norm / median), ``loss``, ``median_loss``,
+    ``nonfinite_tensors`` (gradient tensors with a non-finite norm), ``layer_ratio_multiple`` (the worst
+    layer's ratio over its own median; the layer is named in the summary).
+
+    Example::
+
+        >>> detector = ExplodingGradientDetector()
+        >>> detector.update(0, loss=float("nan"), grad_norm=1.0)[0].severity
+        'critical'
     """
 
     name = "exploding"
@@ -55,6 +72,8 @@ class ExplodingGradientDetector(Detector):
         self.factor = check_positive("factor", factor)
         self.layer_factor = check_positive("layer_factor", layer_factor)
         self.loss_factor = check_positive("loss_factor", loss_factor)
+        if self.loss_factor < 1:
+            raise ValueError(f"`loss_factor` must be a finite number >= 1, got {loss_factor!r}.")
         self.window = check_count("window", window, 2)
         self.min_history = check_count("min_history", min_history)
         if self.min_history > self.window:
@@ -71,36 +90,52 @@ class ExplodingGradientDetector(Detector):
         layer_ratios: Mapping[str, float] | None = None,
         nonfinite_count: int = 0,
     ) -> list[FlagEvent]:
+        """Judge one optimizer step.
+
+        Args:
+            step: the optimizer step.
+            loss: the training loss of the step.
+            grad_norm: the global gradient L2 norm.
+            layer_ratios: per layer, its gradient-to-weight (or update-to-weight) norm ratio.
+            nonfinite_count: gradient tensors with a NaN or infinite entry.
+        """
+        layer_ratios = layer_ratios or {}
         nonfinite = nonfinite_count > 0 or not math.isfinite(grad_norm) or not math.isfinite(loss)
         median = statistics.median(self.norms) if len(self.norms) >= self.min_history else math.nan
-        rising = not self.losses or loss > self.loss_factor * statistics.median(self.losses)
+        median_loss = statistics.median(self.losses) if self.losses else math.nan
+        rising = not self.losses or loss - median_loss > (self.loss_factor - 1) * abs(median_loss)
         spike = not nonfinite and rising and median > 0 and grad_norm > self.factor * median
-        worst_layer, worst_multiple = self._worst_layer(layer_ratios or {}) if not nonfinite else ("", 0.0)
-        layer_spike = rising and worst_multiple > self.layer_factor
-        if not nonfinite:
-            self.losses.append(loss)
-        if not (nonfinite or spike or layer_spike):
+        worst_layer, worst_multiple = self._worst_layer(layer_ratios)
+        layer_spike = not nonfinite and rising and worst_multiple > self.layer_factor
+        triggered = nonfinite or spike or layer_spike
+        if not triggered:
             self.norms.append(grad_norm)
-            for layer, ratio in (layer_ratios or {}).items():
-                self.layer_history.setdefault(layer, deque(maxlen=self.window)).append(ratio)
+            self.losses.append(loss)
+            for layer, ratio in layer_ratios.items():
+                if math.isfinite(ratio):
+                    self.layer_history.setdefault(layer, deque(maxlen=self.window)).append(ratio)
         self.evidence = {
             "grad_norm": grad_norm,
             "median_grad_norm": median,
             "ratio": grad_norm / median if median > 0 else math.nan,
             "loss": loss,
+            "median_loss": median_loss,
             "nonfinite_tensors": float(nonfinite_count),
             "layer_ratio_multiple": worst_multiple,
         }
         if nonfinite:
-            self.summary = f"Non-finite loss or gradients (loss {loss:.4g}, {nonfinite_count} tensors non-finite)."
-        elif spike:
-            self.summary = f"Gradient norm {grad_norm:.4g} is {grad_norm / median:.1f}x its recent median {median:.4g}."
+            self.summary = f"Non-finite loss or gradients (loss {loss:.4g}, {nonfinite_count} gradient tensors non-finite)."
+        elif layer_spike and not spike:
+            self.summary = f"Layer {worst_layer}: gradient/weight ratio {worst_multiple:.1f}x its median while the loss rises."
         else:
-            self.summary = f"Layer {worst_layer}: gradient/weight ratio {worst_multiple:.1f}x its median."
-        severity = "critical" if nonfinite else "warning"
-        return self._decide(step, nonfinite or spike or layer_spike, severity, immediate=nonfinite)
+            self.summary = (
+                f"Gradient norm {grad_norm:.4g} is {self.evidence['ratio']:.3g}x its recent median {median:.4g}; "
+                f"loss {loss:.4g} vs. median {median_loss:.4g}."
+            )
+        return self._decide(step, triggered, "critical" if nonfinite else "warning", immediate=nonfinite)
 
     def _worst_layer(self, ratios: Mapping[str, float]) -> tuple[str, float]:
+        """The layer whose ratio is the largest multiple of its own median, and that multiple."""
         worst, multiple = "", 0.0
         for layer, ratio in ratios.items():
             history = self.layer_history.get(layer)
@@ -112,6 +147,7 @@ class ExplodingGradientDetector(Detector):
         return worst, multiple
 
     def state_dict(self) -> dict[str, Any]:
+        """Hysteresis, evidence, and the normal histories (lists of floats)."""
         return super().state_dict() | {
             "norms": list(self.norms),
             "losses": list(self.losses),
@@ -119,7 +155,10 @@ class ExplodingGradientDetector(Detector):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; missing keys keep their defaults (empty histories)."""
         super().load_state_dict(state)
         self.norms = deque(state.get("norms", []), maxlen=self.window)
         self.losses = deque(state.get("losses", []), maxlen=self.window)
-        self.layer_history = {k: deque(v, maxlen=self.window) for k, v in state.get("layer_history", {}).items()}
+        self.layer_history = {
+            layer: deque(values, maxlen=self.window) for layer, values in state.get("layer_history", {}).items()
+        }

@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from hessdiag.detectors._common import Detector, check_count, check_positive
+from hessdiag.detectors._common import Detector, check_count, check_finite, check_positive
 from hessdiag.flags import FlagEvent
 
 
@@ -16,32 +16,46 @@ class PlateauDetector(Detector):
     """Raises ``plateau`` when training stalls well above the loss floor.
 
     Over the last `window` steps the mean loss of the last quarter is compared with the mean of the
-    first quarter: means of many steps see through mini-batch noise, where an EMA minimum would mistake
-    noise for progress. Triggers on a step when all three hold:
+    first quarter. Means of many steps see through mini-batch noise; the minimum of an EMA-smoothed
+    loss does not: on a flat but noisy loss it keeps reaching new lows by chance and looks like
+    progress. A step triggers when all three hold:
 
     * stalled: the relative improvement (first - last) / |first| is below `rel_improvement`;
     * gradient small: the median gradient norm of the last quarter is below `grad_fraction` x the
-      largest such median seen so far, or below `grad_tol` in absolute terms (a run stuck from the
-      first step has no larger past to compare with);
-    * not at the floor: the recent mean loss exceeds `loss_floor` + `floor_margin` (set `loss_floor`
-      to the known minimum, e.g. the entropy of the labels, when it is not 0).
+      largest such median seen so far (a run that learned and then stalled), or below `grad_tol` in
+      absolute terms (a run stuck from the first step has no larger past to compare with; a median
+      of its own flat history would never be undercut);
+    * not at the floor: the recent mean loss exceeds `loss_floor` + `floor_margin`, so a converged
+      run (loss ~ 0, gradient ~ 0, nothing moving) is not a plateau.
+
+    Nothing is judged before a full window; then `onset` stalled steps in a row raise the flag.
 
     Args:
-        window: steps compared (default 200).
-        rel_improvement: relative improvement over the window below which the loss has stalled (0.01).
-        grad_fraction: fraction of the peak median gradient norm that counts as small (0.1).
-        grad_tol: absolute gradient norm that counts as small (1e-3).
-        loss_floor, floor_margin: the loss counts as at its floor below loss_floor + floor_margin
-            (defaults 0 and 0.05).
+        window: steps compared (default 200, >= 8).
+        rel_improvement: relative improvement over the window below which the loss has stalled
+            (default 0.01: the quarter means of 50 steps at 20% mini-batch noise differ by about
+            2% by chance, so a smaller threshold would let noise hide a flat loss).
+        grad_fraction: fraction of the peak gradient norm that counts as small (default 0.1).
+        grad_tol: absolute gradient norm that counts as small (default 1e-3).
+        loss_floor: the lowest attainable loss (default 0; set e.g. the label entropy when it is not 0).
+        floor_margin: absolute margin above `loss_floor` that still counts as at the floor (default
+            0.05, in loss units: a cross-entropy of 0.05 nats is a near-perfect fit).
         onset: consecutive stalled steps that raise the flag (default 50).
         clear: consecutive improving steps that clear it (default 20).
 
-    Evidence: ``loss`` (recent mean), ``relative_improvement``, ``grad_norm`` (recent median),
-    ``peak_grad_norm``.
+    Raises:
+        ValueError: a threshold out of range, named in the message.
+
+    Evidence: ``loss`` (mean of the last quarter), ``relative_improvement`` (over the window, a
+    fraction; negative when the loss rose), ``grad_norm`` (median of the last quarter),
+    ``peak_grad_norm`` (largest such median so far).
     """
 
     name = "plateau"
-    remedy = "Raise the learning rate or use a schedule with warm restarts, add momentum, or switch to an adaptive optimiser (Adam)."
+    remedy = (
+        "Raise the learning rate or use a schedule with warm restarts, add momentum, "
+        "or switch to an adaptive optimiser (Adam)."
+    )
 
     def __init__(
         self,
@@ -59,17 +73,19 @@ class PlateauDetector(Detector):
         self.rel_improvement = check_positive("rel_improvement", rel_improvement, upper=1.0)
         self.grad_fraction = check_positive("grad_fraction", grad_fraction, upper=1.0)
         self.grad_tol = check_positive("grad_tol", grad_tol)
-        if not isinstance(loss_floor, (int, float)) or not math.isfinite(loss_floor):
-            raise ValueError(f"`loss_floor` must be a finite number, got {loss_floor!r}.")
-        self.loss_floor = float(loss_floor)
+        self.loss_floor = check_finite("loss_floor", loss_floor)
         self.floor_margin = check_positive("floor_margin", floor_margin)
         self.losses: deque[float] = deque(maxlen=self.window)
         self.grad_norms: deque[float] = deque(maxlen=self.window // 4)
         self.peak_grad_norm = 0.0
 
     def update(self, step: int, loss: float, grad_norm: float) -> list[FlagEvent]:
+        """Judge one optimizer step from its training `loss` and global gradient L2 norm `grad_norm`.
+
+        Non-finite values are skipped (the exploding detector's business).
+        """
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            return []  # the exploding detector's business
+            return []
         self.losses.append(loss)
         self.grad_norms.append(grad_norm)
         recent_grad = statistics.median(self.grad_norms)
@@ -90,12 +106,13 @@ class PlateauDetector(Detector):
             "peak_grad_norm": self.peak_grad_norm,
         }
         self.summary = (
-            f"The loss moved {100 * improvement:.2g}% over {self.window} steps at {last:.4g}, with gradient norm "
+            f"The loss moved {100 * improvement:.2g}% over {self.window} steps to {last:.4g}, with gradient norm "
             f"{recent_grad:.2g} (peak {self.peak_grad_norm:.2g})."
         )
         return self._decide(step, stalled and small and above_floor, "warning")
 
     def state_dict(self) -> dict[str, Any]:
+        """Hysteresis, evidence, the loss and gradient windows (lists of floats) and the peak."""
         return super().state_dict() | {
             "losses": list(self.losses),
             "grad_norms": list(self.grad_norms),
@@ -103,6 +120,7 @@ class PlateauDetector(Detector):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; missing keys keep their defaults (empty windows)."""
         super().load_state_dict(state)
         self.losses = deque(state.get("losses", []), maxlen=self.window)
         self.grad_norms = deque(state.get("grad_norms", []), maxlen=self.window // 4)

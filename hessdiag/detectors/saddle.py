@@ -4,43 +4,55 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
-from hessdiag.detectors._common import Detector, check_positive
+from hessdiag.detectors._common import Detector, check_finite, check_positive
 from hessdiag.flags import FlagEvent
+
+Classification = Literal["unknown", "not critical", "degenerate", "saddle", "minimum-like"]
 
 
 class SaddleDetector(Detector):
     """Raises ``saddle`` at a curvature check that finds the run near a strict saddle.
 
     Near a critical point L(theta + v) ~ L(theta) + v^T H v / 2: eigenvalues of both signs make a
-    saddle. The check classifies the point (``classification``):
+    saddle. Each check classifies the point (``classification``):
 
     * ``"not critical"``: the gradient is not small;
-    * ``"degenerate"``: all curvature is ~0 (max |lambda| < `flat_tol`); never called a strict saddle;
+    * ``"degenerate"``: all curvature is ~0 (max |lambda| < `flat_tol`): flat in every direction
+      measured, never called a strict saddle;
     * ``"saddle"``: negative curvature is *certified* (a negative Ritz value proves lambda_min < 0)
       and significant: lambda_min < -`tau` x max(|lambda_max|, |lambda_min|);
-    * ``"minimum-like"``: otherwise.
+    * ``"minimum-like"``: otherwise (no certified or no significant negative curvature).
 
     The gradient is small (the point near-critical) when a gradient step could remove at most a
     fraction `critical_fraction` of the loss above its floor: ||g||^2 / (2 lambda_max) <=
-    critical_fraction x (loss - loss_floor), the best decrease of the quadratic model along -g; or
-    when ||g|| <= `grad_tol`. This is scale-free and needs no history, so the first check can tell.
-    Only ``"saddle"`` triggers.
+    `critical_fraction` x (loss - `loss_floor`), where ||g||^2 / (2 lambda_max) is the largest decrease
+    of the quadratic model along -g; or when ||g|| <= `grad_tol`. This is scale-free and needs no
+    history of past checks, so the very first check can recognise a saddle (a run starting at one,
+    as from a tiny initialisation, has no larger past gradient to compare with). Only ``"saddle"``
+    triggers.
 
     Args:
-        tau: significance of negative curvature relative to the spectral norm (default 0.05).
+        tau: significance of negative curvature relative to the spectral norm (default 0.05: 50x the
+            1e-3 relative accuracy of the eigenvalue estimates, and above the slight negative curvature
+            that accompanies ordinary training: about 1% of lambda_max on ResNet-18, DESIGN.md).
         critical_fraction: see above (default 0.01).
-        grad_tol: absolute gradient norm that counts as small (1e-3).
+        grad_tol: absolute gradient norm that counts as small (default 1e-3).
         loss_floor: the lowest attainable loss (default 0).
-        flat_tol: spectral norm below which the point is degenerate (1e-6).
+        flat_tol: spectral norm below which the point is degenerate (default 1e-6, in Hessian
+            eigenvalue units: loss per squared parameter unit).
         onset: consecutive saddle checks that raise the flag (default 1: checks are sparse and the
             negative curvature is certified, not estimated).
         clear: consecutive other checks that clear it (default 2).
 
-    Evidence: ``grad_norm``, ``lambda_min``, ``lambda_max``, ``curvature_ratio`` (lambda_min /
-    spectral norm), ``loss``, ``gradient_step_gain`` (||g||^2 / 2 lambda_max), and ``loss_change_along_bottom`` (negative: stepping along the bottom
-    eigenvector lowers the loss, an escape direction).
+    Raises:
+        ValueError: a threshold out of range, named in the message.
+
+    Evidence: ``grad_norm``, ``lambda_min``, ``lambda_max``, ``curvature_ratio`` (lambda_min / spectral
+    norm, in [-1, 1]), ``loss``, ``gradient_step_gain`` (||g||^2 / (2 lambda_max), loss units), and,
+    when measured, ``loss_change_along_bottom`` (loss change of a step along the bottom eigenvector:
+    negative means an escape direction was found).
     """
 
     name = "saddle"
@@ -62,11 +74,9 @@ class SaddleDetector(Detector):
         self.tau = check_positive("tau", tau, upper=1.0)
         self.critical_fraction = check_positive("critical_fraction", critical_fraction, upper=1.0)
         self.grad_tol = check_positive("grad_tol", grad_tol)
+        self.loss_floor = check_finite("loss_floor", loss_floor)
         self.flat_tol = check_positive("flat_tol", flat_tol)
-        if not isinstance(loss_floor, (int, float)) or not math.isfinite(loss_floor):
-            raise ValueError(f"`loss_floor` must be a finite number, got {loss_floor!r}.")
-        self.loss_floor = float(loss_floor)
-        self.classification = "unknown"
+        self.classification: Classification = "unknown"
 
     def update(
         self,
@@ -78,6 +88,16 @@ class SaddleDetector(Detector):
         loss: float,
         loss_change_along_bottom: float | None = None,
     ) -> list[FlagEvent]:
+        """Classify the point of one curvature check.
+
+        Args:
+            step: the optimizer step of the check.
+            grad_norm: global gradient L2 norm on the check's batch.
+            lambda_max, lambda_min: the extreme Hessian eigenvalue estimates.
+            negative_certified: whether lambda_min < 0 is certified (a negative Ritz value).
+            loss: the loss on the check's batch.
+            loss_change_along_bottom: loss change of a step along the bottom eigenvector, if measured.
+        """
         gradient_gain = grad_norm**2 / (2 * lambda_max) if lambda_max > 0 else math.inf
         small = grad_norm <= self.grad_tol or gradient_gain <= self.critical_fraction * (loss - self.loss_floor)
         spectral_norm = max(abs(lambda_max), abs(lambda_min))
@@ -89,30 +109,39 @@ class SaddleDetector(Detector):
             self.classification = "saddle"
         else:
             self.classification = "minimum-like"
+        curvature_ratio = lambda_min / spectral_norm if spectral_norm > 0 else 0.0
         self.evidence = {
             "grad_norm": grad_norm,
             "lambda_min": lambda_min,
             "lambda_max": lambda_max,
-            "curvature_ratio": lambda_min / spectral_norm if spectral_norm > 0 else 0.0,
+            "curvature_ratio": curvature_ratio,
             "loss": loss,
             "gradient_step_gain": gradient_gain,
         }
         if loss_change_along_bottom is not None:
             self.evidence["loss_change_along_bottom"] = loss_change_along_bottom
-        escape = (
-            f"; a step along it changes the loss by {loss_change_along_bottom:.3g}" if loss_change_along_bottom is not None else ""
-        )
-        self.summary = (
-            f"Gradient norm {grad_norm:.2g} with certified negative curvature lambda_min {lambda_min:.4g} "
-            f"({100 * lambda_min / spectral_norm if spectral_norm else 0:.1f}% of the spectral norm){escape}."
-            if self.classification == "saddle"
-            else f"Point classified {self.classification} (gradient {grad_norm:.2g}, lambda_min {lambda_min:.4g}, lambda_max {lambda_max:.4g})."
-        )
+        if self.classification == "saddle":
+            escape = (
+                f"; a step along it changes the loss by {loss_change_along_bottom:.3g}"
+                if loss_change_along_bottom is not None
+                else ""
+            )
+            self.summary = (
+                f"Gradient norm {grad_norm:.2g} with certified negative curvature lambda_min {lambda_min:.4g} "
+                f"({100 * curvature_ratio:.1f}% of the spectral norm){escape}."
+            )
+        else:
+            self.summary = (
+                f"Point classified {self.classification} (gradient norm {grad_norm:.2g}, lambda_min {lambda_min:.4g}, "
+                f"lambda_max {lambda_max:.4g})."
+            )
         return self._decide(step, self.classification == "saddle", "warning")
 
     def state_dict(self) -> dict[str, Any]:
+        """Hysteresis, evidence and the latest classification (primitives)."""
         return super().state_dict() | {"classification": self.classification}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; missing keys keep their defaults."""
         super().load_state_dict(state)
-        self.classification = str(state.get("classification", "unknown"))
+        self.classification = state.get("classification", "unknown")

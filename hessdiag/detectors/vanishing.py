@@ -13,19 +13,32 @@ from hessdiag.flags import FlagEvent
 class VanishingGradientDetector(Detector):
     """Raises ``vanishing`` when the shallow layers stop learning.
 
-    Per layer the ratio r = ||grad|| / ||weight|| is the relative change one SGD step of unit
-    learning rate would make. Triggers when the median ratio of the shallowest quarter of the layers
-    is below `depth_ratio` x that of the deepest quarter (the signal dies on its way back through the
-    network), or when the global ratio is below `min_ratio` (gradients negligible everywhere).
+    Per layer the ratio r = ||grad|| / ||weight|| is the relative change one SGD step of unit learning
+    rate would make to it; unlike raw gradient norms it does not depend on the layer's size or scale.
+    An update triggers when
+
+    * across depth: the median ratio of the shallowest quarter of the layers (at least one) is below
+      `depth_ratio` x that of the deepest quarter: the signal dies on its way back through the
+      network (needs at least 2 layers); or
+    * everywhere: the global ratio ||grad|| / ||weights|| (over all layers) is below `min_ratio`.
+
+    Layers whose weights are all zero (a zero-initialised output layer, say) have no ratio and are left
+    out rather than divided by an epsilon, which would make them look infinitely fast and every other
+    layer vanishing by comparison. Non-finite gradients are the exploding detector's business.
 
     Args:
-        depth_ratio: shallow / deep ratio below which gradients count as vanishing (default 1e-3).
-        min_ratio: global gradient/weight ratio below which they count as negligible (default 1e-8;
-            converged runs have small gradients too, so this is deliberately tiny).
-        onset: consecutive read-backs that raise the flag (default 5).
-        clear: consecutive read-backs that clear it (default 5).
+        depth_ratio: shallow / deep ratio below which gradients count as vanishing (default 1e-3:
+            three orders of magnitude, well beyond the spread between the layers of a healthy network).
+        min_ratio: global gradient/weight ratio below which gradients count as negligible (default
+            1e-8; converged runs have small gradients too, so this is deliberately tiny).
+        onset: consecutive updates that raise the flag (default 5).
+        clear: consecutive updates that clear it (default 5).
 
-    Evidence: ``shallow_ratio``, ``deep_ratio``, ``depth_ratio`` (shallow / deep), ``global_ratio``.
+    Raises:
+        ValueError: a threshold out of range, named in the message.
+
+    Evidence (dimensionless): ``shallow_ratio`` and ``deep_ratio`` (median gradient/weight ratios of the
+    shallowest and deepest layers), ``depth_ratio`` (shallow / deep), ``global_ratio``.
     """
 
     name = "vanishing"
@@ -45,15 +58,22 @@ class VanishingGradientDetector(Detector):
         layer_grad_norms: Sequence[tuple[str, float]],
         layer_weight_norms: Sequence[tuple[str, float]],
     ) -> list[FlagEvent]:
+        """Judge one read-back of per-layer norms, both ordered from the input (shallow) to the output (deep).
+
+        Args:
+            step: the optimizer step.
+            layer_grad_norms: ``[(layer, gradient L2 norm), ...]``.
+            layer_weight_norms: ``[(layer, parameter L2 norm), ...]``.
+        """
         weights = dict(layer_weight_norms)
-        ratios = [g / weights[name] for name, g in layer_grad_norms if weights.get(name, 0) > 0 and math.isfinite(g)]
+        grads = [(name, g) for name, g in layer_grad_norms if math.isfinite(g)]
+        ratios = [g / weights[name] for name, g in grads if weights.get(name, 0.0) > 0]
         if not ratios:
             return []
         quarter = max(1, len(ratios) // 4)
         shallow, deep = statistics.median(ratios[:quarter]), statistics.median(ratios[-quarter:])
-        grads = math.sqrt(sum(g * g for _, g in layer_grad_norms))
-        weight = math.sqrt(sum(w * w for w in weights.values()))
-        global_ratio = grads / weight if weight > 0 else math.nan
+        weight_norm = math.sqrt(sum(weights.get(name, 0.0) ** 2 for name, _ in grads))
+        global_ratio = math.sqrt(sum(g * g for _, g in grads)) / weight_norm
         across_depth = len(ratios) >= 2 and deep > 0 and shallow < self.depth_ratio * deep
         negligible = global_ratio < self.min_ratio
         self.evidence = {
@@ -62,11 +82,11 @@ class VanishingGradientDetector(Detector):
             "depth_ratio": shallow / deep if deep > 0 else math.nan,
             "global_ratio": global_ratio,
         }
-        if across_depth:
-            self.summary = (
-                f"Shallow layers get {shallow / deep:.2g}x the relative gradient of the deep ones "
-                f"(gradient/weight {shallow:.2g} vs {deep:.2g})."
-            )
+        if negligible and not across_depth:
+            self.summary = f"Gradients are negligible against the weights (gradient/weight {global_ratio:.2g})."
         else:
-            self.summary = f"Gradients are negligible against the weights (ratio {global_ratio:.2g})."
+            self.summary = (
+                f"Shallow layers get {self.evidence['depth_ratio']:.2g}x the relative gradient of the deep ones "
+                f"(gradient/weight {shallow:.2g} vs. {deep:.2g})."
+            )
         return self._decide(step, across_depth or negligible, "warning")
