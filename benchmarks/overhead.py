@@ -2,8 +2,8 @@
 
 Three arms train identical copies of the model side by side, interleaved in blocks of steps so
 that drifts of the machine hit all of them alike: no diagnostics; per-step gradient statistics only
-(`check_every=0`); everything at the default settings (a curvature check every 100 steps on a
-`sub_batch` of the batch). Prints each arm's steps per second relative to the plain one, and on a GPU
+(`check_every=0`); everything at the default settings (`check_every="auto"`: curvature checks
+spaced to at most 5% of the wall time, on the whole batch). Prints each arm's steps per second relative to the plain one, and on a GPU
 the peak memory ratio. The Lightning callback is a thin adapter over the same `Monitor`.
 
     python benchmarks/overhead.py                 # CPU-sized ResNet-18 and GPT

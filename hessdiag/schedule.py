@@ -5,14 +5,19 @@ so its price relative to a training step depends on the model, the batch and the
 adds a preconditioned estimate). ``check_every="auto"`` therefore measures both and spaces the checks
 so that they take at most `overhead_budget` of the wall time (measured on a CPU GPT: one check per
 100 steps cost +116%; see benchmarks/overhead.py), never more often than every `min_interval` steps.
-A failing check backs off exponentially (up to 16x). Under data parallelism the ranks agree on the
+The time of a training step is the median of the last 256 gaps between steps, so pauses in between
+(validation, checkpointing, a stalled data loader, other work in the same process) do not count as
+training time: the budget is a share of the training steps themselves. A failing check backs off
+exponentially (up to 16x). Under data parallelism the ranks agree on the
 next check (the largest interval), or some would wait in a collective the others never enter.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -21,6 +26,7 @@ import torch
 from hessdiag import _distributed
 
 _MAX_BACKOFF = 16
+_STEP_WINDOW = 256  # recent step times whose median is the typical step
 
 CheckEvery = int | Literal["auto"]
 
@@ -47,7 +53,7 @@ class CheckSchedule:
         self.interval = min_interval if check_every == "auto" else check_every
         self.next_check = self.interval
         self.failures = 0
-        self._step_seconds = 0.0
+        self._recent_steps: deque[float] = deque(maxlen=_STEP_WINDOW)
         self._steps_timed = 0
         self._check_seconds = 0.0
         self._clock: float | None = None
@@ -63,18 +69,18 @@ class CheckSchedule:
         """Time one training step (host wall time between consecutive calls, checks excluded)."""
         now = time.perf_counter()
         if self._clock is not None:
-            self._step_seconds += now - self._clock
+            self._recent_steps.append(now - self._clock)
             self._steps_timed += 1
         self._clock = now
 
     def check_finished(self, step: int, seconds: float, device: torch.device) -> None:
         self.failures = 0
         self._check_seconds += seconds
-        if self.check_every == "auto" and self._steps_timed:
+        if self.check_every == "auto" and self._recent_steps:
             # Keep the running total within budget: train until the checks so far are
             # `overhead_budget` of the time (this pays back the unbudgeted first check too).
-            per_step = max(self._step_seconds / self._steps_timed, 1e-9)
-            owed = self._check_seconds / self.overhead_budget - self._step_seconds
+            per_step = max(statistics.median(self._recent_steps), 1e-9)
+            owed = self._check_seconds / self.overhead_budget - per_step * self._steps_timed
             interval = max(self.min_interval, math.ceil(owed / per_step))
             if _distributed.is_data_parallel():
                 interval = int(_distributed.all_reduce_max_(torch.tensor([float(interval)], device=device)).item())
@@ -92,14 +98,14 @@ class CheckSchedule:
             "interval": self.interval,
             "next_check": self.next_check,
             "failures": self.failures,
-            "step_seconds": self._step_seconds,
+            "recent_step_seconds": list(self._recent_steps),
             "steps_timed": self._steps_timed,
             "check_seconds": self._check_seconds,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.interval = int(state.get("interval", self.interval))
-        self._step_seconds = float(state.get("step_seconds", 0.0))
+        self._recent_steps = deque(map(float, state.get("recent_step_seconds", [])), maxlen=_STEP_WINDOW)
         self._steps_timed = int(state.get("steps_timed", 0))
         self._check_seconds = float(state.get("check_seconds", 0.0))
         self.next_check = int(state.get("next_check", self.next_check))

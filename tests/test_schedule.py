@@ -39,6 +39,19 @@ def test_auto_spaces_checks_to_the_overhead_budget(monkeypatch):
     assert s.interval == 100
 
 
+def test_pauses_between_steps_are_not_training_time(monkeypatch):
+    """A 60 s validation loop between steps must not buy the checks 3 s more: the step time is the
+    median gap, not the mean, so the interval is the same as without the pause."""
+    clock = FakeClock()
+    monkeypatch.setattr(schedule_module.time, "perf_counter", clock)
+    s = CheckSchedule("auto", overhead_budget=0.05, min_interval=100)
+    for step in range(100):
+        clock.now += 60.0 if step == 50 else 0.01
+        s.step_finished()
+    s.check_finished(100, 2.0, torch.device("cpu"))
+    assert s.interval == pytest.approx(3901, abs=1)  # float rounding of the fake clock
+
+
 def test_failures_back_off_exponentially_up_to_16x():
     s = CheckSchedule(5)
     steps = []
