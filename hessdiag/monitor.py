@@ -225,6 +225,8 @@ class Monitor:
             scalars[f"{PREFIX}/layer_grad_norm/{name}"] = value
         for name, value in readout.layer_ratios():
             scalars[f"{PREFIX}/layer_grad_to_weight/{name}"] = value
+        for name, value in readout.layer_weight_norms:
+            scalars[f"{PREFIX}/layer_weight_norm/{name}"] = value
         for name, value in readout.layer_update_ratios[-1] if readout.layer_update_ratios else []:
             scalars[f"{PREFIX}/layer_update_ratio/{name}"] = value
         scalars |= self._flag_scalars()

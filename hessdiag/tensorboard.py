@@ -25,6 +25,7 @@ LAYOUT: dict[str, dict[str, list]] = {
         "gradient norm": ["Multiline", [f"{PREFIX}/grad_norm"]],
         "gradient norm by layer": ["Multiline", [f"{PREFIX}/layer_grad_norm/.*"]],
         "gradient / weight by layer": ["Multiline", [f"{PREFIX}/layer_grad_to_weight/.*"]],
+        "weight norm by layer": ["Multiline", [f"{PREFIX}/layer_weight_norm/.*"]],
         "update / weight by layer (update_ratios=True)": ["Multiline", [f"{PREFIX}/layer_update_ratio/.*"]],
         "flags": ["Multiline", [f"{PREFIX}/flags/{name}" for name in FLAG_NAMES]],
         "check cost": ["Multiline", [f"{PREFIX}/num_hvps", f"{PREFIX}/check_seconds"]],

@@ -189,7 +189,8 @@ class RecordingWriter:
 
 
 def test_update_ratios_are_the_relative_step_sgd_took(digits):
-    """||delta theta|| / ||theta|| of a layer equals lr ||g|| / ||theta|| for plain SGD, step by step."""
+    """||delta theta|| / ||theta|| of a layer equals lr ||g|| / ||theta|| for plain SGD, step by step;
+    the logged weight norm is that of the parameters at the read-back."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -212,6 +213,8 @@ def test_update_ratios_are_the_relative_step_sgd_took(digits):
     for step, value in logged.items():
         assert value == pytest.approx(expected[step], rel=1e-5)
     assert "hessdiag/layer_update_ratio/2" in writer.logged
+    final_weight_norm = torch.cat([p.detach().flatten() for p in model[0].parameters()]).norm().item()
+    assert writer.logged["hessdiag/layer_weight_norm/0"][12] == pytest.approx(final_weight_norm, rel=1e-6)
 
 
 def test_monitor_state_round_trip_continues_identically(digits):
