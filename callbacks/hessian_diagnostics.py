@@ -32,11 +32,14 @@ from hessdiag.spectrum import SpectralDensity
 from hessdiag.tensorboard import TensorBoardWriter
 
 _CALLBACK_BASES: tuple[type, ...] = (pl.Callback,)
+_TENSORBOARD_LOGGERS: tuple[type, ...] = (TensorBoardLogger,)
 try:  # one class that both Trainers accept, when the unified `lightning` package is installed too
     import lightning.pytorch as _lightning
+    from lightning.pytorch.loggers import TensorBoardLogger as _UnifiedTensorBoardLogger
 
     if _lightning.Callback is not pl.Callback:
         _CALLBACK_BASES += (_lightning.Callback,)
+        _TENSORBOARD_LOGGERS += (_UnifiedTensorBoardLogger,)
 except ImportError:
     pass
 
@@ -212,7 +215,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         if trainer.is_global_zero:
             writers.append(LoggerWriter(trainer))
             for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
+                if isinstance(logger, _TENSORBOARD_LOGGERS):
                     writers.append(TensorBoardWriter(logger.experiment, write_scalars=False))
         self.monitor = Monitor(
             pl_module,

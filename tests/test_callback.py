@@ -104,6 +104,35 @@ def test_end_to_end_with_tensorboard(tmp_path):
     assert {"hessdiag/layer_grad_norms", "hessdiag/spectral_density"} <= set(accumulator.Tags()["histograms"])
 
 
+def test_the_unified_lightning_package_gets_the_whole_dashboard(tmp_path):
+    """`lightning.pytorch` has its own Trainer, Callback and TensorBoardLogger classes: the callback
+    must be accepted there and recognise that logger (layout, histograms, text events)."""
+    lightning = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.loggers import TensorBoardLogger as UnifiedTensorBoardLogger
+
+    class UnifiedClassifier(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    callback = HessianDiagnostics(check_every=10)
+    lightning.Trainer(
+        accelerator="cpu", max_steps=20, log_every_n_steps=5, logger=UnifiedTensorBoardLogger(tmp_path),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+    ).fit(UnifiedClassifier(), loader())  # fmt: skip
+    assert [check.step for check in callback.monitor.checks] == [10, 20]
+    assert [s for s, _ in scalars(tmp_path)["hessdiag/lambda_max"]] == [10, 20]
+    accumulator = EventAccumulator(glob.glob(str(tmp_path / "**" / "events.out.*"), recursive=True)[0].rsplit("/", 1)[0])
+    accumulator.Reload()
+    assert "hessdiag/layer_grad_norms" in accumulator.Tags()["histograms"]
+
+
 def test_scalars_reach_every_logger(tmp_path):
     pl.seed_everything(0)
     csv = CSVLogger(tmp_path / "csv")
