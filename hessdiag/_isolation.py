@@ -22,14 +22,19 @@ MODEL_MODES: tuple[str, ...] = ("train", "eval", "as_is")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel / DataParallel wrapper.
+    """The module inside DistributedDataParallel / DataParallel / ``torch.compile`` wrappers.
 
-    Calling the wrapper would arm DDP's gradient reducer for a backward that never comes; the
-    engine does its own, explicitly weighted all-reduce instead.
+    Calling a DDP wrapper would arm its gradient reducer for a backward that never comes (the
+    engine does its own, explicitly weighted all-reduce instead); a compiled module's graph has no
+    double backward, and its parameter names carry an ``_orig_mod.`` prefix.
     """
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def seed_rng(seed: int, device: torch.device) -> None:
@@ -62,6 +67,9 @@ def isolation(model: nn.Module, mode: ModelMode, device: torch.device) -> Iterat
             stack.enter_context(torch.enable_grad())
             stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            if hasattr(torch.compiler, "set_stance"):  # torch >= 2.6
+                # Compiled graphs have no double backward: run torch.compile'd code eagerly here.
+                stack.enter_context(torch.compiler.set_stance("force_eager"))
             if mode == "train":
                 model.train()
             elif mode == "eval":

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessdiag import HessianOperator, hessian_eigenvalues, hessian_vector_product
+from hessdiag._isolation import unwrap_model
 from oracles import dense_hessian, finite_difference_hvp
 
 
@@ -212,3 +213,27 @@ def test_transformer_block_with_fused_attention_matches_finite_differences():
     torch.testing.assert_close(hv, reference, rtol=1e-6, atol=1e-8)
     result = hessian_eigenvalues(model, next_token_loss, batch)
     assert result.converged and math.isfinite(result.lambda_max)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["compiled model", "compiled submodule"])
+def test_torch_compiled_models_get_eager_hvps(nested):
+    """A compiled graph has no double backward (AOTAutograd donates its buffers): the engine runs
+    torch.compile'd code eagerly inside an estimate, and sees through the OptimizedModule wrapper."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+    if nested:
+        model = nn.Sequential(torch.compile(eager[0], backend="aot_eager"), eager[1], eager[2])
+    else:
+        model = torch.compile(eager, backend="aot_eager")
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+
+    def loss_fn(m, batch):
+        return F.cross_entropy(m(batch[0]), batch[1])
+
+    loss_fn(model, (x, y)).backward()  # the compiled model trains as usual
+    expected = hessian_eigenvalues(eager, loss_fn, (x, y), tol=1e-10, max_iter=200)
+    result = hessian_eigenvalues(model, loss_fn, (x, y), tol=1e-10, max_iter=200)
+    assert result.lambda_max == pytest.approx(expected.lambda_max, rel=1e-6)
+    assert result.lambda_min == pytest.approx(expected.lambda_min, rel=1e-6)
+    if not nested:
+        assert unwrap_model(model) is eager
