@@ -223,6 +223,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
             writer=writers,
             check_every=self.check_every,
             log_every=self.log_every or trainer.log_every_n_steps,
+            grad_scaler=getattr(trainer.precision_plugin, "scaler", None),  # fp16 AMP: overflow skips
             strict=self.strict,
             **self.options,
         )

@@ -69,6 +69,11 @@ class Monitor:
         k, tol, max_iter, cold_every, mode, hvp_method, params: see :class:`CurvatureProbe`.
         density_every: every n-th check also logs the spectral density (0: never).
         detectors: the detectors to run (default: one of each, with default thresholds).
+        grad_scaler: the ``torch.amp.GradScaler`` of an fp16 mixed-precision loop (call
+            :meth:`after_backward` after ``scaler.unscale_(optimizer)``). Steps whose gradients
+            overflow are then skipped steps of the scaler, not explosions: they are counted
+            (``overflow_skips``) and not judged, unless many come in a row (see
+            :class:`ExplodingGradientDetector`).
         update_ratios: also log each layer's update-to-weight ratio ||delta theta|| / ||theta|| per
             read-back (the step the optimizer really took; for Adam it is not lr ||g|| / ||theta||).
             Keeps a copy of the parameters on their device.
@@ -98,6 +103,7 @@ class Monitor:
         hvp_method: HVPMethod = "double_backward",
         params: Iterable[torch.Tensor] | None = None,
         detectors: Sequence[Any] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
         update_ratios: bool = False,
         strict: bool = False,
     ) -> None:
@@ -112,8 +118,12 @@ class Monitor:
             raise ValueError(f"`loss_fn` must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}.")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        if grad_scaler is not None and not callable(getattr(grad_scaler, "is_enabled", None)):
+            raise ValueError(f"`grad_scaler` must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}.")
         self.model = model
         self.optimizer = optimizer
+        self.grad_scaler = grad_scaler
+        self.overflow_skips = 0
         self.log_every = log_every
         self.strict = strict
         self.writers: list[DiagnosticsWriter] = self._writers(writer)
@@ -209,18 +219,24 @@ class Monitor:
         loss_values = losses.cpu().tolist() if losses is not None else []
         loss_values += [math.nan] * (len(readout.steps) - len(loss_values))
         events: list[FlagEvent] = []
+        scaling = self.grad_scaler is not None and self.grad_scaler.is_enabled()
         for index, (step, loss) in enumerate(zip(readout.steps, loss_values)):
+            overflow_skip = scaling and readout.nonfinite_tensors[index] > 0 and math.isfinite(loss)
+            self.overflow_skips += overflow_skip
             events += self._update(
                 "exploding", step, loss=loss, grad_norm=readout.grad_norms[index],
                 layer_ratios=dict(readout.layer_ratios(index)), nonfinite_count=readout.nonfinite_tensors[index],
+                overflow_skip=overflow_skip,
             )  # fmt: skip
-            if math.isfinite(loss):
+            if math.isfinite(loss) and not overflow_skip:
                 events += self._update("plateau", step, loss=loss, grad_norm=readout.grad_norms[index])
         step = readout.steps[-1]
         events += self._update(
             "vanishing", step, layer_grad_norms=readout.layer_grad_norms[-1], layer_weight_norms=readout.layer_weight_norms
         )
         scalars = {f"{PREFIX}/grad_norm": readout.grad_norms[-1], f"{PREFIX}/loss": loss_values[-1]}
+        if scaling:
+            scalars[f"{PREFIX}/overflow_skips"] = float(self.overflow_skips)
         for name, value in readout.layer_grad_norms[-1]:
             scalars[f"{PREFIX}/layer_grad_norm/{name}"] = value
         for name, value in readout.layer_ratios():
@@ -363,12 +379,14 @@ class Monitor:
             "probe": self.probe.state_dict() if self.probe is not None else {},
             "detectors": {name: d.state_dict() for name, d in self.detectors.items()},
             "events": [event.to_dict() for event in self.events],
+            "overflow_skips": self.overflow_skips,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; keys missing in older checkpoints keep their defaults."""
         self.step = int(state.get("step", 0))
         self.schedule.load_state_dict(state.get("schedule", {}))
+        self.overflow_skips = int(state.get("overflow_skips", 0))
         if self.probe is not None:
             self.probe.load_state_dict(state.get("probe", {}))
         for name, detector_state in state.get("detectors", {}).items():

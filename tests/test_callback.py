@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.plugins import MixedPrecision
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -221,6 +222,31 @@ def test_bf16_autocast_checks_run_in_float32(tmp_path):
     logged = scalars(tmp_path)
     for step, value in logged["hessdiag/lambda_max"]:
         assert value == pytest.approx(reference.reference[step][0], rel=2e-3)
+
+
+class OverflowsAt(Classifier):
+    """Puts an inf into a gradient after the backward at the given steps, as an fp16 overflow would."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.overflow_steps = steps
+
+    def on_after_backward(self):
+        if self.trainer.global_step in self.overflow_steps:
+            self.net[0].weight.grad[0, 0] = float("inf")
+
+
+def test_fp16_loss_scaler_skips_are_counted_not_flagged(tmp_path):
+    pl.seed_everything(0)
+    callback = HessianDiagnostics(check_every=10)
+    trainer(tmp_path, [callback], max_steps=30, plugins=[MixedPrecision("16-mixed", "cpu")]).fit(
+        OverflowsAt({2, 3, 11}), loader()
+    )
+    assert callback.monitor.grad_scaler is not None and callback.monitor.overflow_skips == 3
+    assert not any(event.name == "exploding" for event in callback.monitor.events)
+    logged = scalars(tmp_path)
+    assert logged["hessdiag/overflow_skips"][-1][1] == 3
+    assert [s for s, _ in logged["hessdiag/lambda_max"]] == [10, 20, 30]
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):

@@ -133,6 +133,29 @@ def test_exploding_fires_at_once_on_non_finite_values():
     assert event.evidence["nonfinite_tensors"] == 2 and "2 gradient tensors" in event.summary
 
 
+def test_exploding_tolerates_loss_scaler_skips_but_not_a_long_run_of_them():
+    """fp16 AMP: overflowing steps are skipped by the scaler; a few are normal, 20 in a row are not."""
+    detector = ExplodingGradientDetector()
+    events = []
+    for t in range(30):
+        events += detector.update(t, 1.0, 1.0)
+    inf = float("inf")
+    for t in range(30, 49):  # 19 consecutive skips: the scale settling, however long
+        events += detector.update(t, 1.0, inf, nonfinite_count=3, overflow_skip=True)
+    events += detector.update(49, 1.0, 1.0)  # a step that went through resets the run
+    assert events == [] and list(detector.norms)[-1] == 1.0 and inf not in detector.norms
+    for t in range(50, 70):
+        events += detector.update(t, 1.0, inf, nonfinite_count=3, overflow_skip=True)
+    (event,) = events
+    assert event.step == 69 and event.severity == "critical"
+    assert event.evidence["consecutive_overflow_skips"] == 20 and "2^20" in event.summary
+    restored = ExplodingGradientDetector()
+    restored.load_state_dict(detector.state_dict())
+    assert restored.overflow_skips == 20 and restored.active
+    with pytest.raises(ValueError, match="`max_overflow_skips` must be an int >= 1"):
+        ExplodingGradientDetector(max_overflow_skips=0)
+
+
 def test_exploding_watches_each_layer_against_its_own_median():
     detector = ExplodingGradientDetector(onset=1)
     events = []

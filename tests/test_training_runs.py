@@ -217,6 +217,42 @@ def test_update_ratios_are_the_relative_step_sgd_took(digits):
     assert writer.logged["hessdiag/layer_weight_norm/0"][12] == pytest.approx(final_weight_norm, rel=1e-6)
 
 
+@pytest.mark.parametrize("with_scaler", [True, False])
+def test_loss_scaler_overflow_skips_are_not_explosions(digits, with_scaler):
+    """An fp16-style loop with a GradScaler whose gradients overflow on three steps: the scaler skips
+    them. Told about the scaler, the monitor counts the skips and raises nothing; not told, a
+    non-finite gradient is an explosion."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    writer = RecordingWriter()
+    monitor = Monitor(
+        model, cross_entropy, optimizer=optimizer, writer=writer, check_every=0, log_every=5,
+        grad_scaler=scaler if with_scaler else None,
+    )  # fmt: skip
+    batches = minibatches(digits)
+    for step in range(1, 41):
+        batch = batches(step)
+        optimizer.zero_grad()
+        loss = cross_entropy(model, batch)
+        scaler.scale(loss).backward()
+        if step in (3, 4, 17):  # an fp16 overflow somewhere in the backward pass
+            model[0].weight.grad[0, 0] = float("inf")
+        scaler.unscale_(optimizer)
+        monitor.after_backward()
+        scaler.step(optimizer)
+        scaler.update()
+        monitor.after_step(batch, loss.detach())
+    monitor.flush()
+    assert scaler.get_scale() == 2.0**10 / 8  # the scaler did skip the three steps
+    if with_scaler:
+        assert raised(monitor) == set() and monitor.overflow_skips == 3
+        assert writer.logged["hessdiag/overflow_skips"][40] == 3
+    else:
+        assert raised(monitor) == {"exploding"} and monitor.events[0].step == 3
+
+
 def test_monitor_state_round_trip_continues_identically(digits):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))

@@ -24,6 +24,12 @@ class ExplodingGradientDetector(Detector):
       or some layer's ratio (gradient- or update-to-weight) exceeds `layer_factor` x its own median;
       `onset` such steps in a row raise the flag, severity ``warning``.
 
+    Mixed precision with a loss scaler (fp16 AMP): a step whose gradients overflow is skipped by the
+    scaler, which then lowers the scale; a few such steps (most at the start, while the scale
+    settles) are how it works, not an explosion. Such a step (`overflow_skip=True`) is not judged
+    and leaves the histories alone; only `max_overflow_skips` skipped steps in a row (the scale cut
+    by 2^`max_overflow_skips`) raise the flag, critical.
+
     Why the loss must rise: large gradients alone are not an explosion. Escaping a saddle from a tiny
     initialisation grows the gradient by orders of magnitude while the loss falls, and at the edge of
     stability gradient descent "catapults": the gradient jumps 10-30x for 4-6 steps and the loss
@@ -39,6 +45,7 @@ class ExplodingGradientDetector(Detector):
         min_history: normal steps needed before spikes are judged (default 10).
         onset: consecutive spiking steps that raise the flag (default 8; non-finite values: at once).
         clear: consecutive normal steps that clear it (default 20).
+        max_overflow_skips: consecutive loss-scaler skips that raise the flag (default 20).
 
     Raises:
         ValueError: a threshold out of range, named in the message.
@@ -46,7 +53,8 @@ class ExplodingGradientDetector(Detector):
     Evidence: ``grad_norm`` (global L2 norm), ``median_grad_norm`` (median of the normal history;
     NaN before `min_history` steps), ``ratio`` (grad_norm / median), ``loss``, ``median_loss``,
     ``nonfinite_tensors`` (gradient tensors with a non-finite norm), ``layer_ratio_multiple`` (the worst
-    layer's ratio over its own median; the layer is named in the summary).
+    layer's ratio over its own median; the layer is named in the summary); for a run of loss-scaler
+    skips, ``loss`` and ``consecutive_overflow_skips``.
 
     Example::
 
@@ -67,8 +75,11 @@ class ExplodingGradientDetector(Detector):
         min_history: int = 10,
         onset: int = 8,
         clear: int = 20,
+        max_overflow_skips: int = 20,
     ) -> None:
         super().__init__(onset, clear)
+        self.max_overflow_skips = check_count("max_overflow_skips", max_overflow_skips)
+        self.overflow_skips = 0  # consecutive steps the loss scaler skipped
         self.factor = check_positive("factor", factor)
         self.layer_factor = check_positive("layer_factor", layer_factor)
         self.loss_factor = check_positive("loss_factor", loss_factor)
@@ -89,6 +100,7 @@ class ExplodingGradientDetector(Detector):
         grad_norm: float,
         layer_ratios: Mapping[str, float] | None = None,
         nonfinite_count: int = 0,
+        overflow_skip: bool = False,
     ) -> list[FlagEvent]:
         """Judge one optimizer step.
 
@@ -98,7 +110,11 @@ class ExplodingGradientDetector(Detector):
             grad_norm: the global gradient L2 norm.
             layer_ratios: per layer, its gradient-to-weight (or update-to-weight) norm ratio.
             nonfinite_count: gradient tensors with a NaN or infinite entry.
+            overflow_skip: a loss scaler skipped this step because its gradients overflowed.
         """
+        if overflow_skip:
+            return self._overflow_skipped(step, loss)
+        self.overflow_skips = 0
         layer_ratios = layer_ratios or {}
         nonfinite = nonfinite_count > 0 or not math.isfinite(grad_norm) or not math.isfinite(loss)
         median = statistics.median(self.norms) if len(self.norms) >= self.min_history else math.nan
@@ -134,6 +150,17 @@ class ExplodingGradientDetector(Detector):
             )
         return self._decide(step, triggered, "critical" if nonfinite else "warning", immediate=nonfinite)
 
+    def _overflow_skipped(self, step: int, loss: float) -> list[FlagEvent]:
+        self.overflow_skips += 1
+        if self.overflow_skips < self.max_overflow_skips:
+            return []
+        self.evidence = {"loss": loss, "consecutive_overflow_skips": float(self.overflow_skips)}
+        self.summary = (
+            f"The loss scaler skipped {self.overflow_skips} steps in a row: the gradients overflow even after "
+            f"the scale was cut by 2^{self.overflow_skips}."
+        )
+        return self._decide(step, True, "critical", immediate=True)
+
     def _worst_layer(self, ratios: Mapping[str, float]) -> tuple[str, float]:
         """The layer whose ratio is the largest multiple of its own median, and that multiple."""
         worst, multiple = "", 0.0
@@ -149,6 +176,7 @@ class ExplodingGradientDetector(Detector):
     def state_dict(self) -> dict[str, Any]:
         """Hysteresis, evidence, and the normal histories (lists of floats)."""
         return super().state_dict() | {
+            "overflow_skips": self.overflow_skips,
             "norms": list(self.norms),
             "losses": list(self.losses),
             "layer_history": {layer: list(values) for layer, values in self.layer_history.items()},
@@ -157,6 +185,7 @@ class ExplodingGradientDetector(Detector):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; missing keys keep their defaults (empty histories)."""
         super().load_state_dict(state)
+        self.overflow_skips = int(state.get("overflow_skips", 0))
         self.norms = deque(state.get("norms", []), maxlen=self.window)
         self.losses = deque(state.get("losses", []), maxlen=self.window)
         self.layer_history = {
