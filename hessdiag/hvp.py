@@ -347,7 +347,7 @@ class HessianOperator:
     def _flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
         return torch.cat(
             [
-                torch.zeros(p.numel(), device=self.device, dtype=self.dtype) if t is None else t.reshape(-1)
+                torch.zeros(p.numel(), device=self.device, dtype=self.dtype) if t is None else _dense(t).reshape(-1)
                 for t, p in zip(tensors, self.params)
             ]
         )
@@ -382,3 +382,8 @@ def hessian_vector_product(
     with HessianOperator(model, loss_fn, batch, **options) as operator:
         flat = vector if isinstance(vector, torch.Tensor) else torch.cat([t.reshape(-1) for t in vector])
         return [t.clone() for t in operator._split(operator.matvec(flat))]
+
+
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    """Sparse gradients (``nn.Embedding(sparse=True)``) as dense tensors, for the flat vectors."""
+    return tensor.to_dense() if tensor.is_sparse else tensor

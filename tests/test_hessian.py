@@ -237,3 +237,22 @@ def test_torch_compiled_models_get_eager_hvps(nested):
     assert result.lambda_min == pytest.approx(expected.lambda_min, rel=1e-6)
     if not nested:
         assert unwrap_model(model) is eager
+
+
+def test_sparse_embedding_gradients_give_the_dense_answer():
+    """nn.Embedding(sparse=True) makes sparse gradients; the HVP densifies them and must agree with
+    the same model with a dense embedding."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Embedding(50, 4), nn.Flatten(), nn.Tanh(), nn.Linear(12, 3))
+    sparse = nn.Sequential(nn.Embedding(50, 4, sparse=True), nn.Flatten(), nn.Tanh(), nn.Linear(12, 3))
+    sparse.load_state_dict(dense.state_dict())
+    batch = (torch.randint(0, 50, (16, 3)), torch.randint(0, 3, (16,)))
+
+    def loss_fn(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
+    v = torch.randn(sum(p.numel() for p in dense.parameters()))
+    expected = hessian_vector_product(dense, loss_fn, batch, v)
+    for got, want in zip(hessian_vector_product(sparse, loss_fn, batch, v), expected, strict=True):
+        assert not got.is_sparse and torch.allclose(got, want, atol=1e-6)
+    assert expected[0].abs().sum() > 0  # the embedding rows of the batch have curvature
