@@ -16,14 +16,16 @@ sends what it finds to writers (TensorBoard). A loop calls it at two points::
 The per-step path never synchronises host and device: statistics stay on the device and are read
 back in one transfer every `log_every` steps. Diagnostics never change the run (parameters,
 buffers, optimizer state, RNG, ``.grad``) and never crash it: a failing check is reported once,
-backs off, and training goes on (``strict=True`` re-raises instead).
+backs off, and training goes on; any other fault inside (a writer, a detector, a malformed loss) is
+reported once and skipped (``strict=True`` re-raises instead).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -187,19 +189,21 @@ class Monitor:
     def after_backward(self) -> None:
         """Record this step's gradient statistics; call when the gradients are final (accumulated,
         all-reduced, unscaled). No host-device synchronisation: values stay on the device."""
-        self.gradients.observe(self.step + 1)
+        with self._guard("the gradient statistics"):
+            self.gradients.observe(self.step + 1)
 
     def after_step(self, batch: Any = None, loss: torch.Tensor | float | None = None) -> list[FlagEvent]:
         """Count an optimizer step and its `loss`; read back, detect and log every `log_every` steps;
         run a curvature check on `batch` every `check_every` steps. Returns the new flag events."""
         self.step += 1
-        if isinstance(loss, torch.Tensor):
-            self._losses.append(loss.detach().float().reshape(()))
-        else:
-            self._losses.append(torch.tensor(math.nan if loss is None else float(loss)))
         events: list[FlagEvent] = []
-        if self.step % self.log_every == 0:
-            events += self._read_back()
+        with self._guard("the gradient statistics read-back"):
+            if isinstance(loss, torch.Tensor):
+                self._losses.append(loss.detach().float().reshape(()))
+            else:
+                self._losses.append(torch.tensor(math.nan if loss is None else float(loss)))
+            if self.step % self.log_every == 0:
+                events += self._read_back()
         self.schedule.step_finished()
         if self.probe is not None and batch is not None and self.schedule.due(self.step):
             events += self.check_curvature(batch)
@@ -326,9 +330,28 @@ class Monitor:
         )
         self._warn_once(kind if expected else "unexpected", message)
         scalars = {f"{PREFIX}/check_failed": 1.0} | self._flag_scalars()
+        self._write("scalars", self.step, scalars)
+        self._write("text", self.step, f"{PREFIX}/events/check_failed", message)
+
+    @contextlib.contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Diagnostics never crash training: an error inside is reported once and skipped."""
+        try:
+            yield
+        except Exception as error:
+            if self.strict:
+                raise
+            self._warn_once(
+                f"{what}:{type(error).__name__}",
+                f"hessdiag: {what} failed at step {self.step} ({type(error).__name__}: {error}). "
+                "Training continues; so do the other diagnostics.",
+            )
+
+    def _write(self, method: str, *args: Any) -> None:
+        """Call `method` on every writer; a failing writer (a full disk, say) does not stop the others."""
         for writer in self.writers:
-            writer.scalars(self.step, scalars)
-            writer.text(self.step, f"{PREFIX}/events/check_failed", message)
+            with self._guard(f"{type(writer).__name__}.{method}"):
+                getattr(writer, method)(*args)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -338,9 +361,10 @@ class Monitor:
     # -- detectors and writers -------------------------------------------------------------
     def _update(self, name: str, step: int, **inputs: Any) -> list[FlagEvent]:
         detector = self.detectors.get(name)
-        if detector is None:
-            return []
-        events = detector.update(step, **inputs)
+        events: list[FlagEvent] = []
+        if detector is not None:
+            with self._guard(f"the {name} detector"):
+                events = detector.update(step, **inputs)
         self.events.extend(events)
         return events
 
@@ -355,20 +379,19 @@ class Monitor:
         histograms: Mapping[str, torch.Tensor],
         density: Any = None,
     ) -> None:
-        for writer in self.writers:
-            writer.scalars(step, scalars)
-            if events:
-                writer.events(step, events)
-            if histograms:
-                writer.histograms(step, histograms)
-            if density is not None:
-                writer.density(step, density)
+        self._write("scalars", step, scalars)
+        if events:
+            self._write("events", step, events)
+        if histograms:
+            self._write("histograms", step, histograms)
+        if density is not None:
+            self._write("density", step, density)
 
     def flush(self) -> None:
         """Read back pending statistics and flush the writers (call at the end of training)."""
-        self._read_back()
-        for writer in self.writers:
-            writer.flush()
+        with self._guard("the gradient statistics read-back"):
+            self._read_back()
+        self._write("flush")
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessdiag import Monitor
+from hessdiag.detectors import ExplodingGradientDetector, PlateauDetector
+from hessdiag.errors import HessdiagWarning
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
@@ -251,6 +253,57 @@ def test_loss_scaler_overflow_skips_are_not_explosions(digits, with_scaler):
         assert writer.logged["hessdiag/overflow_skips"][40] == 3
     else:
         assert raised(monitor) == {"exploding"} and monitor.events[0].step == 3
+
+
+class BrokenWriter(RecordingWriter):
+    """A writer whose disk is full."""
+
+    def scalars(self, step, values):
+        raise OSError("No space left on device")
+
+
+class BrokenDetector(PlateauDetector):
+    def update(self, step, **inputs):
+        raise ZeroDivisionError("a bug in a custom detector")
+
+
+def test_faults_inside_the_diagnostics_never_stop_training(digits):
+    """A failing writer, a raising detector and a non-scalar loss: each is reported once, the rest
+    of the diagnostics go on, and the run ends exactly as without them."""
+
+    def run(monitored=True, **monitor_options):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        monitor = Monitor(model, cross_entropy, optimizer=optimizer, check_every=10, log_every=5, **monitor_options)
+        batches = minibatches(digits)
+        for step in range(30):
+            batch = batches(step)
+            optimizer.zero_grad()
+            losses = F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+            losses.mean().backward()
+            if monitored:
+                monitor.after_backward()
+            optimizer.step()
+            if monitored:  # one bad loss: the per-sample vector at step 8
+                monitor.after_step(batch, losses.detach() if step == 7 else losses.mean().detach())
+        monitor.flush()
+        return model, monitor
+
+    healthy = RecordingWriter()
+    detectors = [BrokenDetector(), ExplodingGradientDetector()]
+    with pytest.warns(HessdiagWarning) as caught:
+        model, monitor = run(writer=[BrokenWriter(), healthy], detectors=detectors)
+    messages = [str(w.message) for w in caught]
+    assert sum("BrokenWriter.scalars failed" in m for m in messages) == 1
+    assert sum("plateau detector failed" in m for m in messages) == 1
+    assert sum("read-back failed" in m for m in messages) == 1  # the per-sample losses at step 8
+    assert len(monitor.checks) == 3 and [s for s in healthy.logged["hessdiag/lambda_max"]] == [10, 20, 30]
+    plain, _ = run(monitored=False)
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(OSError, match="No space left"):
+        run(writer=BrokenWriter(), strict=True)
 
 
 def test_monitor_state_round_trip_continues_identically(digits):
