@@ -53,8 +53,8 @@ class ExplodingGradientDetector(Detector):
     Evidence: ``grad_norm`` (global L2 norm), ``median_grad_norm`` (median of the normal history;
     NaN before `min_history` steps), ``ratio`` (grad_norm / median), ``loss``, ``median_loss``,
     ``nonfinite_tensors`` (gradient tensors with a non-finite norm), ``layer_ratio_multiple`` (the worst
-    layer's ratio over its own median; the layer is named in the summary); for a run of loss-scaler
-    skips, ``loss`` and ``consecutive_overflow_skips``.
+    layer's ratio over its own median, 0 while the loss is not rising; the layer is named in the
+    summary); for a run of loss-scaler skips, ``loss`` and ``consecutive_overflow_skips``.
 
     Example::
 
@@ -121,7 +121,9 @@ class ExplodingGradientDetector(Detector):
         median_loss = statistics.median(self.losses) if self.losses else math.nan
         rising = not self.losses or loss - median_loss > (self.loss_factor - 1) * abs(median_loss)
         spike = not nonfinite and rising and median > 0 and grad_norm > self.factor * median
-        worst_layer, worst_multiple = self._worst_layer(layer_ratios)
+        # Layer medians only matter while the loss rises: skip them otherwise (a median per layer per
+        # step is most of this detector's host time, and it runs while the device may wait).
+        worst_layer, worst_multiple = self._worst_layer(layer_ratios) if rising and not nonfinite else ("", 0.0)
         layer_spike = not nonfinite and rising and worst_multiple > self.layer_factor
         triggered = nonfinite or spike or layer_spike
         if not triggered:
