@@ -7,7 +7,8 @@ reusing its gradient graph, computes:
   (every `cold_every`-th check starts cold, so an eigenvector that turned is found again);
 * for Adam/AdamW, the preconditioned sharpness lambda_max(P^-1 H), by Lanczos on the symmetric
   D^1/2 H D^1/2 (D = diag(1 / (sqrt(v_hat) + eps)) from the optimizer's ``exp_avg_sq``), which is
-  what the stability threshold of an adaptive method refers to;
+  what the stability threshold of an adaptive method refers to; with per-group learning rates,
+  also scaled by lr_i / lr_0 (see :mod:`hessdiag.stability`);
 * when negative curvature is certified, the loss change along the bottom Ritz vector (both signs,
   the better one): a direct check that it is an escape direction;
 * every `density_every`-th check, the spectral density by stochastic Lanczos quadrature.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ from hessdiag.eigen import HessianEigenvalues, eigenvalues_of
 from hessdiag.hvp import HVPMethod, HessianOperator, LossFn
 from hessdiag.lanczos import lanczos
 from hessdiag.spectrum import SpectralDensity, slq_density
-from hessdiag.stability import StabilityThreshold, adam_preconditioner_sqrt, stability_threshold
+from hessdiag.stability import StabilityThreshold, adam_preconditioner_sqrt, relative_step_sizes, stability_threshold
 
 #: The escape probe steps so that the quadratic model predicts a loss drop of this fraction.
 _ESCAPE_PROBE_FRACTION = 0.01
@@ -224,8 +225,8 @@ class CurvatureProbe:
             return None, result.lambda_max
         if not threshold.preconditioned:
             return threshold, result.lambda_max
-        scale = adam_preconditioner_sqrt(optimizer, operator.params)
-        if scale is None:  # before the first step there is no second-moment estimate yet
+        scale = self._preconditioner_sqrt(optimizer, operator.params)
+        if scale is None:  # Adam before its first step: no second-moment estimate yet
             return None, result.lambda_max
         scale = scale.to(device=operator.device, dtype=operator.dtype)
         preconditioned = lanczos(
@@ -241,6 +242,16 @@ class CurvatureProbe:
         )
         self.warm_preconditioned = preconditioned.top_vectors
         return threshold, float(preconditioned.top[0])
+
+    @staticmethod
+    def _preconditioner_sqrt(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """The diagonal whose square preconditions H for the stability threshold: Adam's
+        (sqrt(v_hat) + eps)^-1/2 and the per-group learning rates' sqrt(lr_i / lr_0), combined."""
+        steps = relative_step_sizes(optimizer, params)
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            return None if steps is None else steps.sqrt()
+        adam = adam_preconditioner_sqrt(optimizer, params)
+        return adam if adam is None or steps is None else adam * steps.sqrt()
 
     @staticmethod
     def _escape_probe(operator: HessianOperator, result: HessianEigenvalues) -> float | None:

@@ -9,6 +9,13 @@ step lr (1 - beta1) (its momentum is an average, m <- beta1 m + (1 - beta1) g), 
 sharpness is lambda_max(P^-1 H) and the threshold (2 + 2 beta1) / ((1 - beta1) lr) (Cohen et al.,
 2022, "Adaptive gradient methods at the edge of stability").
 
+Per-group learning rates: with a diagonal of step sizes L (lr_i on the parameters of group i),
+gradient descent on H is gradient descent with the reference step lr_0 on S^1/2 H S^1/2,
+S = L / lr_0 (substitute x = S^1/2 y). So when the groups' learning rates differ, the sharpness that
+meets the reference group's threshold is lambda_max(S^1/2 H S^1/2) (for Adam, S^1/2 P^-1/2 H
+P^-1/2 S^1/2). The other hyper-parameters (momentum, dampening, Nesterov, beta1) must agree across
+groups: otherwise no single threshold exists.
+
 Weight decay is not included. Coupled (L2) decay wd adds wd to every eigenvalue the optimizer sees:
 for SGD the threshold on lambda_max(H) is really 2/lr - wd (a negligible shift for usual wd), for Adam
 the operator is P^-1 (H + wd I). AdamW's decoupled decay multiplies the weights by (1 - lr wd) per
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,7 +38,8 @@ class StabilityThreshold:
     Attributes:
         threshold: in units of Hessian eigenvalues (1 / lr).
         rule: the formula used, for display, e.g. ``"sgd: 2/lr"``.
-        preconditioned: compare with lambda_max(P^-1 H) (Adam, AdamW) instead of lambda_max(H).
+        preconditioned: compare with a preconditioned sharpness instead of lambda_max(H): P^-1 H
+            for Adam and AdamW, S^1/2 H S^1/2 for per-group learning rates (module docstring).
     """
 
     threshold: float
@@ -63,21 +72,53 @@ def stability_threshold(optimizer: torch.optim.Optimizer, param_group: int = 0) 
     lr = float(group["lr"])
     if lr <= 0:
         raise ValueError(f"The learning rate must be positive for a stability threshold, got {lr}.")
+    per_group_lr = any(float(other["lr"]) != lr for other in groups)
+    suffix = f"; per-group lr, relative to group {param_group}" if per_group_lr else ""
     if isinstance(optimizer, torch.optim.SGD):
+        _require_shared(groups, ("momentum", "dampening", "nesterov"))
         beta = float(group.get("momentum", 0.0))
         if beta == 0:
-            return StabilityThreshold(2.0 / lr, "sgd: 2/lr", False)
+            rule = "sgd: 2/lr"
+            return StabilityThreshold(2.0 / lr, rule + suffix, per_group_lr)
         if group.get("nesterov", False):  # PyTorch requires dampening 0 with Nesterov
-            return StabilityThreshold((2 + 2 * beta) / ((1 + 2 * beta) * lr), "nesterov: (2+2β)/((1+2β)·lr)", False)
+            rule = "nesterov: (2+2β)/((1+2β)·lr)"
+            return StabilityThreshold((2 + 2 * beta) / ((1 + 2 * beta) * lr), rule + suffix, per_group_lr)
         effective_lr = lr * (1 - float(group.get("dampening", 0.0)))
-        return StabilityThreshold((2 + 2 * beta) / effective_lr, "heavy-ball: (2+2β)/(lr·(1-dampening))", False)
+        rule = "heavy-ball: (2+2β)/(lr·(1-dampening))"
+        return StabilityThreshold((2 + 2 * beta) / effective_lr, rule + suffix, per_group_lr)
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        _require_shared(groups, ("betas",), first_only=True)
         beta1 = float(group["betas"][0])
-        return StabilityThreshold((2 + 2 * beta1) / ((1 - beta1) * lr), "adam: (2+2β1)/((1-β1)·lr)", True)
+        return StabilityThreshold((2 + 2 * beta1) / ((1 - beta1) * lr), "adam: (2+2β1)/((1-β1)·lr)" + suffix, True)
     raise ValueError(
         f"No stability threshold is known for {type(optimizer).__name__}; supported: SGD (plain, momentum, "
         "Nesterov), Adam, AdamW and their subclasses."
     )
+
+
+def _require_shared(groups: Sequence[dict[str, Any]], keys: Sequence[str], first_only: bool = False) -> None:
+    """ValueError unless every group has the same value for each key (for `betas`: beta1 only)."""
+    for key in keys:
+        values = {(g.get(key)[0] if first_only else g.get(key)) for g in groups}
+        if len(values) > 1:
+            raise ValueError(
+                f"The param groups differ in `{key}` ({sorted(map(str, values))}): no single stability threshold exists."
+            )
+
+
+@torch.no_grad()
+def relative_step_sizes(
+    optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], param_group: int = 0
+) -> torch.Tensor | None:
+    """Each parameter's learning rate over that of `param_group`: the flat diagonal S of the module
+    docstring, over `params` in order (float32, on their devices). ``None`` when every parameter has
+    the reference learning rate. Parameters the optimizer does not hold get 0: it never moves them."""
+    reference = float(optimizer.param_groups[param_group]["lr"])
+    lr_of = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
+    ratios = [lr_of.get(id(p), 0.0) / reference for p in params]
+    if all(ratio == 1.0 for ratio in ratios):
+        return None
+    return torch.cat([torch.full((p.numel(),), ratio, device=p.device) for p, ratio in zip(params, ratios)])
 
 
 @torch.no_grad()

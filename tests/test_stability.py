@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from hessdiag.stability import adam_preconditioner_sqrt, stability_threshold
+from hessdiag import Monitor
+from hessdiag.stability import adam_preconditioner_sqrt, relative_step_sizes, stability_threshold
 
 
 def one_param():
@@ -39,6 +40,57 @@ def test_reads_the_requested_param_group():
     assert stability_threshold(optimizer, param_group=1).threshold == pytest.approx(4.0)
     with pytest.raises(ValueError, match=r"`param_group` must be an int in \[0, 2\), got 2"):
         stability_threshold(optimizer, param_group=2)
+
+
+def test_per_group_learning_rates_precondition_the_sharpness():
+    a, b, frozen = one_param(), one_param(), one_param()
+    optimizer = torch.optim.SGD([{"params": a}, {"params": b, "lr": 0.4}], lr=0.1, momentum=0.9)
+    threshold = stability_threshold(optimizer)
+    assert threshold.threshold == pytest.approx(38.0) and threshold.preconditioned
+    assert "per-group lr, relative to group 0" in threshold.rule
+    assert relative_step_sizes(optimizer, a + b + frozen).tolist() == pytest.approx([1] * 3 + [4] * 3 + [0] * 3)
+    assert relative_step_sizes(torch.optim.SGD([{"params": a}, {"params": b}], lr=0.1), a + b) is None
+    assert not stability_threshold(torch.optim.SGD([{"params": a}, {"params": b}], lr=0.1)).preconditioned
+    with pytest.raises(ValueError, match="The param groups differ in `momentum`"):
+        stability_threshold(torch.optim.SGD([{"params": a}, {"params": b, "momentum": 0.0}], lr=0.1, momentum=0.9))
+    with pytest.raises(ValueError, match="The param groups differ in `betas`"):
+        stability_threshold(torch.optim.Adam([{"params": a}, {"params": b, "betas": (0.5, 0.999)}], lr=0.1))
+
+
+class TwoGroupQuadratic(nn.Module):
+    """f(a, b) = x^T A x / 2 with x = (a, b): the curvature couples the two parameter groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.ones(2, dtype=torch.float64))
+        self.b = nn.Parameter(torch.ones(2, dtype=torch.float64))
+
+    def forward(self, _batch):
+        x = torch.cat([self.a, self.b])
+        return 0.5 * x @ CURVATURE @ x
+
+
+def test_per_group_threshold_is_the_real_edge_of_sgd():
+    """Group b steps 3x faster than group a: the preconditioned sharpness of the check, against
+    2/lr of group a, predicts whether SGD converges, 5% on either side of the edge."""
+    scale = torch.diag(torch.tensor([1.0, 1.0, 3.0, 3.0], dtype=torch.float64))
+    edge_lr = 2 / float(torch.linalg.eigvalsh(scale.sqrt() @ CURVATURE @ scale.sqrt()).max())
+    assert edge_lr < 2 / LAMBDA_MAX / 1.5  # group 0's lr alone would put the edge elsewhere
+    for lr in (0.95 * edge_lr, 1.05 * edge_lr):
+        model = TwoGroupQuadratic()
+        optimizer = torch.optim.SGD([{"params": [model.a]}, {"params": [model.b], "lr": 3 * lr}], lr=lr)
+        monitor = Monitor(model, lambda m, batch: m(batch), optimizer=optimizer, check_every=1, tol=1e-8)
+        for step in range(600):
+            optimizer.zero_grad()
+            model(None).backward()
+            monitor.after_backward()
+            optimizer.step()
+            if step == 0:
+                monitor.after_step(0, None)
+                ratio = monitor.checks[0].stability_ratio
+        converged = float(torch.cat([model.a, model.b]).detach().norm()) < 1e-3
+        assert ratio == pytest.approx(lr / edge_lr, rel=1e-6)
+        assert converged == (ratio < 1)
 
 
 @pytest.mark.parametrize(
