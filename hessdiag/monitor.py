@@ -197,11 +197,9 @@ class Monitor:
         run a curvature check on `batch` every `check_every` steps. Returns the new flag events."""
         self.step += 1
         events: list[FlagEvent] = []
-        with self._guard("the gradient statistics read-back"):
-            if isinstance(loss, torch.Tensor):
-                self._losses.append(loss.detach().float().reshape(()))
-            else:
-                self._losses.append(torch.tensor(math.nan if loss is None else float(loss)))
+        self._losses.append(torch.tensor(math.nan))  # replaced below when `loss` is usable
+        with self._guard("the per-step statistics"):
+            self._losses[-1] = self._loss_value(loss)
             if self.step % self.log_every == 0:
                 events += self._read_back()
         self.schedule.step_finished()
@@ -210,6 +208,17 @@ class Monitor:
         return events
 
     # -- per-step statistics ---------------------------------------------------------------
+    def _loss_value(self, loss: torch.Tensor | float | None) -> torch.Tensor:
+        """The step's loss as a 0-d tensor, left on its device (no sync); NaN when not given."""
+        if not isinstance(loss, torch.Tensor):
+            return torch.tensor(math.nan if loss is None else float(loss))
+        if loss.numel() != 1:
+            self._warn_once(
+                "loss shape",
+                f"hessdiag: `loss` should be the scalar training loss, got shape {tuple(loss.shape)}; its mean is used.",
+            )
+        return loss.detach().float().mean()
+
     def _read_back(self) -> list[FlagEvent]:
         """One transfer for everything since the last read-back; feed the per-step detectors."""
         readout = self.gradients.read()
@@ -389,7 +398,7 @@ class Monitor:
 
     def flush(self) -> None:
         """Read back pending statistics and flush the writers (call at the end of training)."""
-        with self._guard("the gradient statistics read-back"):
+        with self._guard("the per-step statistics"):
             self._read_back()
         self._write("flush")
 

@@ -268,8 +268,8 @@ class BrokenDetector(PlateauDetector):
 
 
 def test_faults_inside_the_diagnostics_never_stop_training(digits):
-    """A failing writer, a raising detector and a non-scalar loss: each is reported once, the rest
-    of the diagnostics go on, and the run ends exactly as without them."""
+    """A failing writer, a raising detector and malformed losses: each is reported once, the rest of
+    the diagnostics go on, and the run ends exactly as without them."""
 
     def run(monitored=True, **monitor_options):
         torch.manual_seed(0)
@@ -285,8 +285,9 @@ def test_faults_inside_the_diagnostics_never_stop_training(digits):
             if monitored:
                 monitor.after_backward()
             optimizer.step()
-            if monitored:  # one bad loss: the per-sample vector at step 8
-                monitor.after_step(batch, losses.detach() if step == 7 else losses.mean().detach())
+            if monitored:  # malformed losses: per-sample losses at step 8, Lightning's output dict at step 9
+                loss = {7: losses.detach(), 8: {"loss": losses.mean()}}.get(step, losses.mean().detach())
+                monitor.after_step(batch, loss)
         monitor.flush()
         return model, monitor
 
@@ -297,7 +298,8 @@ def test_faults_inside_the_diagnostics_never_stop_training(digits):
     messages = [str(w.message) for w in caught]
     assert sum("BrokenWriter.scalars failed" in m for m in messages) == 1
     assert sum("plateau detector failed" in m for m in messages) == 1
-    assert sum("read-back failed" in m for m in messages) == 1  # the per-sample losses at step 8
+    assert sum("got shape (64,); its mean is used" in m for m in messages) == 1
+    assert sum("per-step statistics failed at step 9" in m for m in messages) == 1
     assert len(monitor.checks) == 3 and [s for s in healthy.logged["hessdiag/lambda_max"]] == [10, 20, 30]
     plain, _ = run(monitored=False)
     for a, b in zip(model.parameters(), plain.parameters()):
