@@ -180,7 +180,9 @@ class CurvatureProbe:
             stability, sharpness = self._stability(operator, result, optimizer, cold, seed)
             escape = self._escape_probe(operator, result)
             density = None
-            if self.density_every and self.num_checks % self.density_every == 0:
+            # The n-th, 2n-th, ... check: not the first, which is cold and already the dearest
+            # (with check_every="auto" a dear first check delays all the others).
+            if self.density_every and (self.num_checks + 1) % self.density_every == 0:
                 density = slq_density(
                     operator.matvec, operator.dim, num_probes=self.density_probes,
                     num_iter=min(self.density_iter, operator.dim), seed=seed,

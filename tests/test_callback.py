@@ -88,7 +88,7 @@ class RecordCheckBatches(pl.Callback):
 def test_end_to_end_with_tensorboard(tmp_path):
     pl.seed_everything(0)
     reference = RecordCheckBatches(every=10)
-    trainer(tmp_path, [HessianDiagnostics(check_every=10), reference]).fit(Classifier(), loader())
+    trainer(tmp_path, [HessianDiagnostics(check_every=10, density_every=2), reference]).fit(Classifier(), loader())
     logged = scalars(tmp_path)
     for tag in ["hessdiag/lambda_max", "hessdiag/lambda_min", "hessdiag/grad_norm", "hessdiag/stability_threshold",
                 "hessdiag/num_hvps", "hessdiag/check_seconds", "hessdiag/layer_grad_norm/net.0"] + [
@@ -100,9 +100,11 @@ def test_end_to_end_with_tensorboard(tmp_path):
         assert value == pytest.approx(reference.reference[step][0], rel=2e-3)
     assert logged["hessdiag/stability_threshold"][0][1] == pytest.approx(38.0)  # (2 + 2 * 0.9) / 0.1
     assert "train_loss" in logged  # the user's own logging is intact
-    accumulator = EventAccumulator(glob.glob(str(tmp_path / "**" / "events.out.*"), recursive=True)[0].rsplit("/", 1)[0])
+    event_directory = glob.glob(str(tmp_path / "**" / "events.out.*"), recursive=True)[0].rsplit("/", 1)[0]
+    accumulator = EventAccumulator(event_directory, size_guidance={"histograms": 0})
     accumulator.Reload()
     assert {"hessdiag/layer_grad_norms", "hessdiag/spectral_density"} <= set(accumulator.Tags()["histograms"])
+    assert [event.step for event in accumulator.Histograms("hessdiag/spectral_density")] == [20, 40]  # 2nd, 4th check
 
 
 def test_the_unified_lightning_package_gets_the_whole_dashboard(tmp_path):
