@@ -3,13 +3,13 @@
 A check costs one forward and backward plus tens of Hessian-vector products (each 2-4x a gradient),
 so its price relative to a training step depends on the model, the batch and the optimizer (Adam
 adds a preconditioned estimate). ``check_every="auto"`` therefore measures both and spaces the checks
-so that they take at most `overhead_budget` of the wall time (measured on a CPU GPT: one check per
-100 steps cost +116%; see benchmarks/overhead.py), never more often than every `min_interval` steps.
-The time of a training step is the median of the last 256 gaps between steps, so pauses in between
-(validation, checkpointing, a stalled data loader, other work in the same process) do not count as
-training time: the budget is a share of the training steps themselves. A failing check backs off
-exponentially (up to 16x). Under data parallelism the ranks agree on the
-next check (the largest interval), or some would wait in a collective the others never enter.
+so that they take at most `overhead_budget` of the training time (measured on a CPU GPT: one check
+per 100 steps cost +116%; see benchmarks/overhead.py), never more often than every `min_interval`
+steps. The time of a training step is the median of the last 256 gaps between steps, so pauses in
+between (validation, checkpointing, a stalled data loader, other work in the same process) do not
+count as training time: the budget is a share of the training steps themselves. A failing check
+backs off exponentially (up to 16x). Under data parallelism the ranks agree on the next check (the
+largest interval), or some would wait in a collective the others never enter.
 """
 
 from __future__ import annotations
@@ -77,10 +77,12 @@ class CheckSchedule:
         self.failures = 0
         self._check_seconds += seconds
         if self.check_every == "auto" and self._recent_steps:
-            # Keep the running total within budget: train until the checks so far are
-            # `overhead_budget` of the time (this pays back the unbudgeted first check too).
+            # Pay in advance: the next check may start once the checks so far *and* the next one
+            # (estimated as long as this one) fit in `overhead_budget` of the training time. So the
+            # running total stays within budget even when the run ends right after a check; only
+            # the first check, at `min_interval`, is unbudgeted, and it is paid back first.
             per_step = max(statistics.median(self._recent_steps), 1e-9)
-            owed = self._check_seconds / self.overhead_budget - per_step * self._steps_timed
+            owed = (self._check_seconds + seconds) / self.overhead_budget - per_step * self._steps_timed
             interval = max(self.min_interval, math.ceil(owed / per_step))
             if _distributed.is_data_parallel():
                 interval = int(_distributed.all_reduce_max_(torch.tensor([float(interval)], device=device)).item())

@@ -30,12 +30,12 @@ def test_auto_spaces_checks_to_the_overhead_budget(monkeypatch):
         clock.now += 0.01
         s.step_finished()
     clock.now += 2.0  # a 2 s check after 0.99 s of timed steps (the first call starts the clock)
-    s.check_finished(100, 2.0, torch.device("cpu"))  # 2 s is 5% of 40 s: train 39.01 s more
-    assert s.interval == 3901 and s.next_check == 4001
-    for _ in range(3901):
+    s.check_finished(100, 2.0, torch.device("cpu"))  # it and the next 2 s check are 5% of 80 s
+    assert s.interval == 7901 and s.next_check == 8001
+    for _ in range(7901):
         clock.now += 0.01
         s.step_finished()
-    s.check_finished(4001, 0.001, torch.device("cpu"))  # a cheap check: never more often than min_interval
+    s.check_finished(8001, 0.001, torch.device("cpu"))  # a cheap check: never more often than min_interval
     assert s.interval == 100
 
 
@@ -49,7 +49,7 @@ def test_pauses_between_steps_are_not_training_time(monkeypatch):
         clock.now += 60.0 if step == 50 else 0.01
         s.step_finished()
     s.check_finished(100, 2.0, torch.device("cpu"))
-    assert s.interval == pytest.approx(3901, abs=1)  # float rounding of the fake clock
+    assert s.interval == pytest.approx(7901, abs=1)  # float rounding of the fake clock
 
 
 def test_failures_back_off_exponentially_up_to_16x():
