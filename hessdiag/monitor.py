@@ -197,10 +197,12 @@ class Monitor:
         run a curvature check on `batch` every `check_every` steps. Returns the new flag events."""
         self.step += 1
         events: list[FlagEvent] = []
-        self._losses.append(torch.tensor(math.nan))  # replaced below when `loss` is usable
+        value = None
         with self._guard("the per-step statistics"):
-            self._losses[-1] = self._loss_value(loss)
-            if self.step % self.log_every == 0:
+            value = self._loss_value(loss)
+        self._losses.append(torch.tensor(math.nan) if value is None else value)  # one per step, in order
+        if self.step % self.log_every == 0:
+            with self._guard("the per-step statistics"):
                 events += self._read_back()
         self.schedule.step_finished()
         if self.probe is not None and batch is not None and self.schedule.due(self.step):
@@ -212,11 +214,12 @@ class Monitor:
         """The step's loss as a 0-d tensor, left on its device (no sync); NaN when not given."""
         if not isinstance(loss, torch.Tensor):
             return torch.tensor(math.nan if loss is None else float(loss))
-        if loss.numel() != 1:
-            self._warn_once(
-                "loss shape",
-                f"hessdiag: `loss` should be the scalar training loss, got shape {tuple(loss.shape)}; its mean is used.",
-            )
+        if loss.numel() == 1:
+            return loss.detach().float().reshape(())  # a view: no kernel on the per-step path
+        self._warn_once(
+            "loss shape",
+            f"hessdiag: `loss` should be the scalar training loss, got shape {tuple(loss.shape)}; its mean is used.",
+        )
         return loss.detach().float().mean()
 
     def _read_back(self) -> list[FlagEvent]:
