@@ -244,8 +244,8 @@ class Monitor:
                 layer_ratios=dict(readout.layer_ratios(index)), nonfinite_count=readout.nonfinite_tensors[index],
                 overflow_skip=overflow_skip,
             )  # fmt: skip
-            if math.isfinite(loss) and not overflow_skip:
-                events += self._update("plateau", step, loss=loss, grad_norm=readout.grad_norms[index])
+            # Non-finite losses and gradients (overflow skips included) are skipped by the detector itself.
+            events += self._update("plateau", step, loss=loss, grad_norm=readout.grad_norms[index])
         step = readout.steps[-1]
         events += self._update(
             "vanishing", step, layer_grad_norms=readout.layer_grad_norms[-1], layer_weight_norms=readout.layer_weight_norms
