@@ -149,6 +149,9 @@ class HessianOperator:
         self.dtype: torch.dtype = self.params[0].dtype
         self.dim: int = sum(p.numel() for p in self.params)
         self.num_hvps: int = 0
+        # A bound on ||computed H v - H v|| for a unit v beyond floating-point rounding: 0 for the
+        # exact methods; measured for finite differences. Lanczos adds it to its error bounds.
+        self.product_error: float = 0.0
         self._share = 1.0
         self._distributed = distributed and _distributed.is_data_parallel()
         self._batch_size = batch_size
