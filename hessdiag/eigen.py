@@ -23,19 +23,27 @@ from hessdiag.lanczos import BasisStorage, LanczosResult, Which, lanczos
 class HessianEigenvalues:
     """The result of :func:`hessian_eigenvalues`.
 
+    What is proven and what is probable (details in :mod:`hessdiag.lanczos`): each Ritz value has an
+    eigenvalue of the Hessian within its error bound, rounding and product errors included; that
+    this eigenvalue is the extreme one (no larger eigenvalue hides outside the Krylov space) is
+    probable only, set by the random part of the start vector.
+
     Attributes:
         top: the k largest eigenvalue estimates (Ritz values), descending, float64 on the CPU.
         bottom: the k smallest, ascending (most negative first).
-        residuals: ``{"top": ..., "bottom": ...}`` rigorous residual bounds: an eigenvalue of the
-            Hessian lies within each of its Ritz value.
-        error_estimates: the estimates the stopping rule used (residual, or r^2/gap once stagnant).
+        error_bounds: ``{"top": ..., "bottom": ...}`` proven bounds, same shapes as `top` and
+            `bottom`: an eigenvalue of the Hessian lies within each of its Ritz value.
+        residuals: ``{"top": ..., "bottom": ...}`` the Lanczos residuals beta_m |s_m| alone (the
+            bounds without product errors and rounding).
         num_hvps: Hessian-vector products spent.
-        converged: every requested value met `tol`.
+        converged: every requested error bound is within `tol` (lambda_max relative to itself,
+            lambda_min relative to the spectral norm).
         top_vectors, bottom_vectors: unit Ritz vectors, shape (k, dim), flat over the parameters in
             order; pass the result itself (or a block of vectors) as the next `v0`. ``None`` when the
             basis did not fit in memory (recurrence mode).
-        negative_curvature_certified: theta_min < 0, which proves lambda_min <= theta_min < 0 and
-            makes ``bottom_vectors[0]`` a direction of negative curvature. ``False`` proves nothing.
+        negative_curvature_certified: theta_min is below zero by more than the run's rounding and
+            product errors, which proves lambda_min < 0 and makes ``bottom_vectors[0]`` a direction
+            of negative curvature. ``False`` proves nothing.
         loss: the loss at the point (global batch under data parallelism).
         grad_norm: the norm of the gradient on the same batch.
         lanczos: the underlying :class:`~hessdiag.lanczos.LanczosResult` (tridiagonal, all Ritz values).
@@ -43,8 +51,8 @@ class HessianEigenvalues:
 
     top: torch.Tensor
     bottom: torch.Tensor
+    error_bounds: dict[str, torch.Tensor]
     residuals: dict[str, torch.Tensor]
-    error_estimates: dict[str, torch.Tensor]
     num_hvps: int
     converged: bool
     top_vectors: torch.Tensor | None
@@ -90,6 +98,14 @@ def hessian_eigenvalues(
 ) -> HessianEigenvalues:
     """Top and bottom Hessian eigenvalues of ``loss_fn(model, batch)`` by Lanczos.
 
+    Example::
+
+        result = hessian_eigenvalues(model, loss_fn, batch)             # k=1, both ends, tol=1e-3
+        result.lambda_max, result.error_bounds["top"]                  # value, proven bound
+        if result.negative_curvature_certified:                        # lambda_min < 0, proven
+            escape = result.bottom_vectors[0]
+        later = hessian_eigenvalues(model, loss_fn, next_batch, v0=result)   # warm start
+
     Args:
         model: the network; its parameters, buffers, modes, ``.grad`` and the RNG are left as found.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
@@ -108,6 +124,10 @@ def hessian_eigenvalues(
         seed: seeds the random start vector and dropout inside the estimate.
         basis, memory_budget: where the Lanczos basis lives (see :mod:`hessdiag.lanczos`).
         batch_size: local samples, to weight ranks under data parallelism (default: inferred).
+
+    Returns:
+        A :class:`HessianEigenvalues`: both ends with their proven error bounds, `converged`,
+        the negative-curvature certificate, the Ritz vectors for the next warm start.
 
     Raises:
         ValueError: bad arguments (no trainable parameters, k larger than the dimension, ...).
@@ -171,12 +191,13 @@ def eigenvalues_of(
         dtype=operator.dtype,
         basis=basis,
         memory_budget=memory_budget,
+        matvec_error=lambda: operator.product_error,
     )
     return HessianEigenvalues(
         top=result.top,
         bottom=result.bottom,
+        error_bounds={"top": result.top_error_bounds, "bottom": result.bottom_error_bounds},
         residuals={"top": result.top_residuals, "bottom": result.bottom_residuals},
-        error_estimates={"top": result.top_errors, "bottom": result.bottom_errors},
         num_hvps=operator.num_hvps - hvps_before,
         converged=result.converged,
         top_vectors=result.top_vectors,
