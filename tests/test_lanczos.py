@@ -94,7 +94,9 @@ def test_warm_start_from_a_stale_eigenvector_still_finds_the_top():
     assert abs(float(result.top[0]) - 1.0) <= 1e-3
 
 
-def test_warm_start_saves_products():
+def test_warm_start_after_a_small_change_converges_to_the_new_top():
+    """A warm start runs `warm_steps` products beyond `min_iter` (the price of finding an overtaking
+    eigenvalue, tests/test_certified.py), so it is no cheaper than a cold one here; it must be right."""
     eigenvalues = indefinite_spectrum()
     a, _ = matrix_with_spectrum(eigenvalues)
     cold = lanczos(lambda v: a @ v, a.shape[0], which="top", dtype=torch.float64)
@@ -102,7 +104,7 @@ def test_warm_start_saves_products():
     b = a + perturbation
     warm = lanczos(lambda v: b @ v, a.shape[0], which="top", v0=cold.top_vectors, dtype=torch.float64)
     assert warm.converged
-    assert warm.num_iterations < cold.num_iterations
+    assert warm.num_iterations >= 3 + 8
     exact = float(torch.linalg.eigvalsh(b)[-1])
     assert abs(float(warm.top[0]) - exact) <= 1e-3 * exact
 
