@@ -190,7 +190,7 @@ def test_bad_matvec_error(matvec_error):
 class AttentionBlock(nn.Module):
     """One pre-norm self-attention block with a linear read-out, tiny enough for a dense Hessian."""
 
-    def __init__(self, d: int = 8, heads: int = 2, fused: bool = False) -> None:
+    def __init__(self, d: int = 4, heads: int = 2, fused: bool = False) -> None:
         super().__init__()
         self.fused, self.heads = fused, heads
         self.norm = nn.LayerNorm(d)
@@ -224,7 +224,7 @@ def test_attention_block_lambda_min_against_its_dense_hessian(fused):
     for p in unused.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(1)
-    batch = (torch.randn(6, 5, 8, generator=generator, dtype=torch.float64), torch.randint(0, 4, (6,), generator=generator))
+    batch = (torch.randn(6, 5, 4, generator=generator, dtype=torch.float64), torch.randint(0, 4, (6,), generator=generator))
     with sdpa_kernel(SDPBackend.MATH):  # the fused kernels have no second derivative
         truth = torch.linalg.eigvalsh(dense_hessian(model, attention_loss, batch))
     norm = float(truth.abs().max())
