@@ -37,15 +37,15 @@ explicit matrices and used on Hessians alike.
   random part, whose weight along it is only about rho / sqrt(dim). So a warm start keeps a random
   component and may stop only `warm_steps` products after `min_iter` (default 8: on an overtaken
   top, dimension 400 to 100 000, gaps 0.5-10%, 2 runs in 90 still stopped on the old top, both at
-  dimension 10 000; 6 steps left 15 in 60). A warm start that is safe in this sense is no cheaper
-  than a cold one; it buys accuracy, not products.
+  dimension 10 000; 6 steps left 15 in 60). A warm start that is safe in this sense saves products
+  only where a cold run needs more than `min_iter` + `warm_steps` (a clustered top).
 * lambda_min honestly: a theta_min below ``-slack`` certifies lambda_min <= theta_min + slack < 0 (its
   Ritz vector is a direction of negative curvature); anything above certifies nothing (a float32
   positive semi-definite matrix gives theta_min of -1e-7 ||A|| by rounding alone).
 * Memory: the basis costs (max_iter + 1) x dim floats. ``basis="auto"`` keeps it on the device when
   it fits the budget, else in host memory, else falls back to the three-vector recurrence (extreme
   eigenvalues only, no Ritz vectors; duplicate "ghost" copies of converged values are harmless
-  for the extremes).
+  for the extremes; without reorthogonalisation the rounding model above is optimistic).
 """
 
 from __future__ import annotations
