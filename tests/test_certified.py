@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hessdiag import hessian_eigenvalues
+from hessdiag import HessianOperator, hessian_eigenvalues
+from hessdiag.eigen import eigenvalues_of
 from hessdiag.lanczos import lanczos
 from oracles import dense_hessian
 
@@ -235,3 +236,23 @@ def test_attention_block_lambda_min_against_its_dense_hessian(fused):
         assert abs(result.lambda_max - float(truth[-1])) <= 1e-3 * float(truth[-1])
         assert abs(result.lambda_min - float(truth[0])) <= 1e-3 * norm
         assert result.negative_curvature_certified
+
+
+def test_eigenvalues_of_reads_the_operators_product_error():
+    """`HessianOperator.product_error` (set by inexact products) widens the proven bounds and the
+    certificate, read at every stopping test."""
+    generator = torch.Generator().manual_seed(4)
+    x, y = torch.randn(40, 5, generator=generator, dtype=torch.float64), torch.randn(40, 1, generator=generator, dtype=torch.float64)
+    model = nn.Linear(5, 1).double()
+
+    def loss_fn(m, batch):
+        return F.mse_loss(m(batch[0]), batch[1])
+
+    with HessianOperator(model, loss_fn, (x, y)) as operator:
+        exact = eigenvalues_of(operator)
+        operator.product_error = 0.05
+        widened = eigenvalues_of(operator)
+    assert float(exact.error_bounds["top"][0]) < 1e-6
+    for end in ("top", "bottom"):
+        assert float(widened.error_bounds[end][0]) >= 0.05
+    assert widened.lanczos.interlacing_slack >= 0.05
