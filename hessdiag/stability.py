@@ -24,10 +24,13 @@ taken (one more than the optimizer's count).
 
 Weight decay. Coupled (L2) decay wd, as in SGD, adds wd to every eigenvalue the optimizer sees: the
 threshold on lambda_max(H) is the decay-free one minus wd. Decoupled decay, as in AdamW, multiplies
-the weights by c = 1 - lr wd before the step; the recurrence on a direction of preconditioned
-curvature mu is x' = c x - k m / (1 - beta1) (k = lr mu (1 - beta1) / (1 - beta1^t) folded in),
-m' = beta1 m + (1 - beta1) mu x, whose eigenvalue -1 appears at k = (1 + c)(1 + beta1): the threshold
-becomes (1 + beta1)(2 - lr wd)(1 - beta1^t) / ((1 - beta1) lr). The decay shrinks the weights, yet
+the weights by c = 1 - lr wd in the step; along an eigenvector of P^-1 H with eigenvalue mu the
+step is m_t = beta1 m_(t-1) + (1 - beta1) mu x_t, x_(t+1) = c x_t - eta m_t with eta = lr / (1 - beta1^t).
+With k = eta (1 - beta1) mu, a solution x_t = (-1)^t x_0 needs m_t = (1 - beta1) mu x_t / (1 + beta1)
+and then -1 = c - k / (1 + beta1): the eigenvalue -1 appears at k = (1 + c)(1 + beta1), and the
+threshold becomes (1 + beta1)(2 - lr wd)(1 - beta1^t) / ((1 - beta1) lr) (the other two conditions of
+stability hold for every k > 0: the product of the two eigenvalues is beta1 c, within (-1, 1), and
+neither is +1). The decay shrinks the weights, yet
 it lowers the edge, because in the oscillating direction it pulls the same way as the curvature,
 undamped by the momentum average. lr wd >= 2 flips the weights' sign and grows them: no threshold.
 Adam's coupled decay (``Adam(weight_decay=...)``) is not included: it adds wd P^-1, which is not a
