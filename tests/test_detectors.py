@@ -172,7 +172,7 @@ def test_exploding_watches_each_layer_against_its_own_median():
     ("kwargs", "match"),
     [({"factor": 0}, r"`factor` must be a finite number > 0, got 0"),
      ({"layer_factor": float("inf")}, "`layer_factor` must be a finite number > 0"),
-     ({"loss_factor": 0.5}, "`loss_factor` must be a finite number >= 1"),
+     ({"loss_spread": 0}, "`loss_spread` must be a finite number > 0, got 0"),
      ({"window": 1}, "`window` must be an int >= 2, got 1"),
      ({"min_history": 60}, r"`min_history` \(60\) must be at most `window` \(50\)"),
      ({"onset": 0}, "`onset` must be an int >= 1")],
@@ -208,10 +208,28 @@ def test_vanishing_fires_when_shallow_layers_starve_and_clears():
 
 
 def test_vanishing_fires_when_gradients_are_negligible_everywhere():
+    """Adapted when the rule became relative to the run's own peak (it was an absolute 1e-8, which
+    depends on the loss's units): the ratios collapse to 1e-9 of what they were."""
     detector = VanishingGradientDetector()
-    events = [e for t in range(5) for e in detector.update(t, *layers([1e-10] * 4))]
-    assert kinds(events) == [("onset", 4)] and "negligible" in events[0].summary
-    assert events[0].evidence["global_ratio"] == pytest.approx(1e-10)
+    events = [e for t in range(5) for e in detector.update(t, *layers([1e-2] * 4))]
+    events += [e for t in range(5, 10) for e in detector.update(t, *layers([1e-11] * 4))]
+    assert kinds(events) == [("onset", 9)] and "negligible" in events[0].summary
+    assert events[0].evidence["global_ratio"] == pytest.approx(1e-11)
+    assert events[0].evidence["peak_global_ratio"] == pytest.approx(1e-2)
+
+
+def test_vanishing_names_dead_layers_with_their_own_remedy():
+    """A layer whose gradient is exactly 0 (dead ReLUs) is not a fading gradient: "use ReLU" would be wrong."""
+    detector = VanishingGradientDetector()
+    grads, weights = layers([1e-3] * 4)
+    grads[1] = ("layer1", 0.0)
+    events = [e for t in range(5) for e in detector.update(t, grads, weights)]
+    (event,) = events
+    assert event.step == 4 and event.evidence["dead_layers"] == 1
+    assert "(layer1)" in event.summary and "dead" in event.summary
+    assert "LeakyReLU/GELU" in event.remedy and "ReLU/GELU)" not in event.remedy
+    healthy = VanishingGradientDetector(onset=1)
+    assert healthy.update(0, *layers(STARVING))[0].remedy == VanishingGradientDetector.remedy
 
 
 def test_vanishing_quiet_on_healthy_depth_profile_and_short_blips():
@@ -262,8 +280,13 @@ def stuck(start, stop, level=0.9, grad=1e-3, seed=2):
 def test_plateau_quiet_on_a_healthy_stream_and_at_the_floor():
     detector = PlateauDetector()
     assert [e for t, loss, g in healthy_stream(3000) for e in detector.update(t, loss, g)] == []
-    floor = PlateauDetector()  # converged: loss ~ 0, gradient ~ 0, nothing moves
-    assert [e for t, loss, g in stuck(0, 1000, level=0.01, grad=1e-5) for e in floor.update(t, loss, g)] == []
+    # Converged: the loss came down to 0.4% of where it started above the floor, the gradient
+    # collapsed, nothing moves. (Adapted: the floor margin was an absolute 0.05 in loss units; it is
+    # now a fraction of the run's own largest loss above the floor.)
+    floor = PlateauDetector()
+    converged = list(healthy_stream(300)) + stuck(300, 1300, level=0.01, grad=1e-5)
+    assert [e for t, loss, g in converged for e in floor.update(t, loss, g)] == []
+    assert floor.evidence["loss_left"] < 0.02 and floor.evidence["relative_improvement"] < 0.01
 
 
 def test_plateau_quiet_on_slow_steady_progress_and_a_short_pause():
@@ -294,10 +317,17 @@ def test_plateau_fires_on_a_stalled_run_above_its_floor_and_clears():
     assert events[-1].kind == "cleared" and events[-1].step < 1100
 
 
-def test_plateau_fires_on_a_run_stuck_from_the_start():
-    """A deep sigmoid network at chance: the gradient is tiny and flat from the first step."""
-    detector = PlateauDetector()
-    events = [e for t, loss, g in stuck(0, 600, level=2.302, grad=5e-4) for e in detector.update(t, loss, g)]
+@pytest.mark.parametrize("known", ["lambda_max", "grad_tol"])
+def test_plateau_fires_on_a_run_stuck_from_the_start(known):
+    """A deep sigmoid network at chance: the gradient is tiny and flat from the first step. It has no
+    larger past to compare with: a curvature check's lambda_max says a gradient step could remove
+    only g^2 / (2 lambda_max) = 1.25e-7 of the 2.3 left, or an absolute `grad_tol` says it is small.
+    (Adapted: `grad_tol`, in gradient units, was on by default at 1e-3, which made the verdict depend
+    on the loss's scale; now without either the run is not judged stuck.)"""
+    assert [e for t, loss, g in stuck(0, 600, level=2.302, grad=5e-4) for e in PlateauDetector().update(t, loss, g)] == []
+    detector = PlateauDetector(grad_tol=1e-3) if known == "grad_tol" else PlateauDetector()
+    curvature = {"lambda_max": 1.0} if known == "lambda_max" else {}
+    events = [e for t, loss, g in stuck(0, 600, level=2.302, grad=5e-4) for e in detector.update(t, loss, g, **curvature)]
     (fired,) = events
     assert fired.kind == "onset" and 199 + 49 <= fired.step <= 2 * 200 + 50
     assert fired.evidence["grad_norm"] == pytest.approx(5e-4, rel=0.2)  # small in absolute terms only
@@ -315,7 +345,9 @@ def test_plateau_respects_a_known_loss_floor():
      ({"grad_fraction": 0}, r"`grad_fraction` must be a finite number in \(0, 1.0\)"),
      ({"grad_tol": -1.0}, "`grad_tol` must be a finite number > 0"),
      ({"loss_floor": float("nan")}, "`loss_floor` must be a finite number, got nan"),
-     ({"floor_margin": 0}, "`floor_margin` must be a finite number > 0")],
+     ({"floor_margin": 0}, r"`floor_margin` must be a finite number in \(0, 1.0\)"),
+     ({"grad_tol": 0}, "`grad_tol` must be a finite number > 0"),
+     ({"critical_fraction": 0}, r"`critical_fraction` must be a finite number in \(0, 1.0\)")],
 )  # fmt: skip
 def test_plateau_rejects_bad_thresholds(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -333,7 +365,7 @@ def test_saddle_classifies_points():
     assert event.evidence["loss_change_along_bottom"] == -0.01 and event.evidence["curvature_ratio"] == -0.5
     detector.update(2, 1e-2, 2.0, -0.01, True, 1.0)
     assert detector.classification == "minimum-like"  # -0.5% of the spectral norm is not significant
-    assert detector.update(3, 1e-4, 1e-8, -1e-8, True, 1.0)[0].kind == "cleared"
+    assert detector.update(3, 1e-7, 1e-8, -1e-8, True, 1.0)[0].kind == "cleared"
     assert detector.classification == "degenerate"
 
 
@@ -467,3 +499,83 @@ def test_state_round_trip_continues_identically(make, stream, split):
 def test_detectors_are_named_after_their_flag_and_start_quiet(detector):
     assert detector.name in FLAG_NAMES and not detector.active and detector.evidence == {}
     assert detector.remedy and "\n" not in detector.remedy
+
+
+# -- units: the verdicts do not depend on the loss's scale or offset --------------------------------
+def scaled(name, inputs, scale, shift):
+    """The inputs a detector sees when the loss is `scale` x loss + `shift` (the same run: gradients and
+    curvature scale with the loss; for the edge of stability the learning rate is divided by `scale`
+    so that the run is the same, and the threshold in units of 1/lr scales with it)."""
+    out = dict(inputs)
+    for key in ("grad_norm", "lambda_max", "lambda_min", "sharpness", "threshold", "loss_change_along_bottom"):
+        if out.get(key) is not None:
+            out[key] = scale * out[key]
+    if "loss" in out:
+        out["loss"] = scale * out["loss"] + shift
+    if "layer_ratios" in out:
+        out["layer_ratios"] = {layer: scale * r for layer, r in out["layer_ratios"].items()}
+    if "layer_grad_norms" in out:
+        out["layer_grad_norms"] = [(layer, scale * g) for layer, g in out["layer_grad_norms"]]
+    return out
+
+
+def rising_loss_stream(start):
+    """The issue's case: a steady loss at `start`, then a 100x gradient blow-up while it rises by 5."""
+    noise = 1 + 0.05 * np.random.default_rng(3).uniform(-1, 1, 80)
+    steady = [{"loss": start + 0.01 * noise[t], "grad_norm": noise[t]} for t in range(60)]
+    return steady + [{"loss": start + 5.0, "grad_norm": 100.0} for _ in range(20)]
+
+
+def stuck_from_start_stream():
+    """Stuck from the first step; a curvature check at step 100 measures lambda_max."""
+    steps = stuck(0, 600, level=2.3, grad=5e-4)
+    return [{"loss": loss, "grad_norm": g} | ({"lambda_max": 1.0} if t == 100 else {}) for t, loss, g in steps]
+
+
+def near_critical_stream():
+    """Checks whose gradient is small only relative to the loss left, and one that is small absolutely."""
+    keys = ("grad_norm", "lambda_max", "lambda_min", "negative_certified", "loss", "loss_change_along_bottom")
+    checks = [(0.05, 1.0, -0.5, True, 0.6, -0.01), (0.01, 1.0, -0.5, True, 0.6, -0.01), (2e-4, 1.0, -0.5, True, 1e-6, -1e-9),
+              (0.01, 1.0, -0.5, True, 0.6, -0.01), (0.3, 1.0, -0.5, True, 0.6, None), (0.3, 1.0, -0.5, True, 0.6, None)]
+    return [dict(zip(keys, check)) for check in checks]
+
+
+def dead_layer_stream():
+    grads, weights = layers([1e-3] * 6)
+    dead = [("layer0", 0.0)] + grads[1:]
+    return [{"layer_grad_norms": g, "layer_weight_norms": weights} for g in [grads] * 3 + [dead] * 8 + [grads] * 6]
+
+
+def negligible_stream():
+    return [dict(zip(("layer_grad_norms", "layer_weight_norms"), layers([r] * 4))) for r in [1e-2] * 5 + [1e-11] * 8]
+
+
+UNIT_CASES = {
+    "exploding": (ExplodingGradientDetector, exploding_stream),
+    "exploding-healthy": (ExplodingGradientDetector, lambda: [{"loss": loss, "grad_norm": g} for _, loss, g in healthy_stream()]),
+    "exploding-rise-1-to-6": (ExplodingGradientDetector, lambda: rising_loss_stream(1.0)),
+    "exploding-rise-100-to-105": (ExplodingGradientDetector, lambda: rising_loss_stream(100.0)),
+    "vanishing": (VanishingGradientDetector, vanishing_stream),
+    "vanishing-dead": (VanishingGradientDetector, dead_layer_stream),
+    "vanishing-negligible": (VanishingGradientDetector, negligible_stream),
+    "plateau": (PlateauDetector, plateau_stream),
+    "plateau-stuck-from-start": (PlateauDetector, stuck_from_start_stream),
+    "plateau-healthy": (PlateauDetector, lambda: [{"loss": loss, "grad_norm": g} for _, loss, g in healthy_stream(3000)]),
+    "saddle": (SaddleDetector, saddle_stream),
+    "saddle-near-critical": (SaddleDetector, near_critical_stream),
+    "edge_of_stability": (EdgeOfStabilityDetector, edge_stream),
+}
+FLOORED = (PlateauDetector, SaddleDetector)  # their `loss_floor` moves with the shift
+
+
+@pytest.mark.parametrize(("scale", "shift"), [(1e-3, 0.0), (1e3, 0.0), (1.0, 20.0), (1e-3, 20.0)])
+@pytest.mark.parametrize("case", list(UNIT_CASES))
+def test_verdicts_do_not_depend_on_the_loss_units(case, scale, shift):
+    """The same stream with the loss x 1e-3, x 1e3, + 20: the same events at the same steps."""
+    make, stream = UNIT_CASES[case]
+    reference, other = make(), make(loss_floor=shift) if make in FLOORED else make()
+    expected = [(e.step, e.kind, e.severity) for t, x in enumerate(stream()) for e in reference.update(t, **x)]
+    got = [(e.step, e.kind, e.severity) for t, x in enumerate(stream()) for e in other.update(t, **scaled(case, x, scale, shift))]
+    assert got == expected
+    if "healthy" not in case:
+        assert any(kind == "onset" for _, kind, _ in expected)  # the stream has a verdict to keep

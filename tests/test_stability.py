@@ -24,8 +24,10 @@ class ScheduledSGD(torch.optim.SGD):
         (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.5), 3.8 / 0.05, "heavy-ball", False),
         (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), 3.8 / (2.8 * 0.1), "nesterov", False),
         (lambda p: ScheduledSGD(p, lr=0.5), 2 / 0.5, "sgd: 2/lr", False),
-        (lambda p: torch.optim.Adam(p, lr=1e-3), 3.8 / (0.1 * 1e-3), "adam", True),
-        (lambda p: torch.optim.AdamW(p, lr=1e-3, betas=(0.8, 0.99)), 3.6 / (0.2 * 1e-3), "adam", True),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.5), 38 - 0.5, "heavy-ball", False),
+        # Before the first step Adam's next step is step 1: bias correction 1 - beta1.
+        (lambda p: torch.optim.Adam(p, lr=1e-3), 3.8 / 1e-3, "adam", True),
+        (lambda p: torch.optim.AdamW(p, lr=1e-3, betas=(0.8, 0.99)), 1.8 * (2 - 1e-5) / 1e-3, "adam", True),
     ],
 )
 def test_closed_forms(optimizer, expected, rule, preconditioned):
@@ -53,7 +55,7 @@ def test_per_group_learning_rates_precondition_the_sharpness():
     assert not stability_threshold(torch.optim.SGD([{"params": a}, {"params": b}], lr=0.1)).preconditioned
     with pytest.raises(ValueError, match="The param groups differ in `momentum`"):
         stability_threshold(torch.optim.SGD([{"params": a}, {"params": b, "momentum": 0.0}], lr=0.1, momentum=0.9))
-    with pytest.raises(ValueError, match="The param groups differ in `betas`"):
+    with pytest.raises(ValueError, match=r"The param groups differ in `betas\[0\]`"):
         stability_threshold(torch.optim.Adam([{"params": a}, {"params": b, "betas": (0.5, 0.999)}], lr=0.1))
 
 
@@ -146,10 +148,15 @@ def test_threshold_is_the_real_edge_on_a_quadratic(make_optimizer):
 
 
 def test_adam_rule_is_dampened_heavy_ball_on_the_preconditioned_problem():
-    """With its preconditioner frozen, Adam is heavy-ball with dampening beta1 on P^-1 H."""
-    adam = stability_threshold(torch.optim.Adam(one_param(), lr=1e-3, betas=(0.9, 0.999)))
+    """With its preconditioner frozen and its bias correction spent, Adam is heavy-ball with dampening
+    beta1 on P^-1 H."""
+    params = one_param()
+    adam = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999))
+    params[0].grad = torch.zeros(3)
+    adam.step()
+    adam.state[params[0]]["step"].fill_(10_000)
     sgd = stability_threshold(torch.optim.SGD(one_param(), lr=1e-3, momentum=0.9, dampening=0.9))
-    assert adam.threshold == pytest.approx(sgd.threshold)
+    assert stability_threshold(adam).threshold == pytest.approx(sgd.threshold)
 
 
 def second_moments(optimizer, params, beta2, steps):
@@ -181,3 +188,147 @@ def test_adam_preconditioner_by_hand_after_three_steps(make, amsgrad):
     torch.testing.assert_close(got, expected)
     for p in (w, b):  # only read
         assert all(torch.equal(optimizer.state[p][k], v) for k, v in state_before[p].items())
+
+
+# -- degenerate hyper-parameters, decoupled decay, bias correction: the real edge in 1-D ---------
+def diverges(optimizer, curvature: float, hold_step: int | None = None, max_steps: int = 2000) -> bool:
+    """Run the torch `optimizer` (built on one float64 parameter) on f(x) = curvature x^2 / 2 from
+    x0 = 1e-12: True once |x| has grown 1000x, False once it has shrunk 1000x.
+
+    One step with a zero gradient first creates the optimizer's state. `hold_step` holds Adam's step
+    counter at that step (the counter is reset before every step), so that the run is the map of that
+    one step repeated: its bias correction stays put. From x0 = 1e-12, sqrt(v_hat) stays below 1e-6,
+    so with eps = 1 Adam's preconditioner is frozen at 1 and the curvature is the preconditioned one.
+    """
+    (x,) = optimizer.param_groups[0]["params"]
+    x.grad = torch.zeros_like(x)
+    optimizer.step()
+    x.data.fill_(1e-12)
+    for _ in range(max_steps):
+        if hold_step is not None:
+            optimizer.state[x]["step"].fill_(hold_step - 1)
+        optimizer.zero_grad()
+        (0.5 * curvature * x.pow(2)).sum().backward()
+        optimizer.step()
+        growth = abs(float(x.detach())) / 1e-12
+        if growth > 1e3 or growth < 1e-3:
+            return growth > 1e3
+    raise AssertionError("neither converged nor diverged: run longer")
+
+
+def scalar():
+    return [nn.Parameter(torch.zeros(1, dtype=torch.float64))]
+
+
+@pytest.mark.parametrize(
+    ("make", "hold_step", "expected"),
+    [
+        # AdamW at lr wd = 0.1: (1 + b1)(2 - lr wd) / ((1 - b1) lr) = 361, not (2 + 2 b1) / ((1 - b1) lr) = 380.
+        (lambda p: torch.optim.AdamW(p, lr=0.1, betas=(0.9, 0.999), eps=1.0, weight_decay=1.0), 10**6, 361.0),
+        (lambda p: torch.optim.AdamW(p, lr=0.1, betas=(0.9, 0.999), eps=1.0, weight_decay=5.0), 10**6, 285.0),
+        # Adam at step 5 with b1 = 0.9: the asymptotic 3800 times 1 - 0.9^5 = 0.41.
+        (lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.9, 0.999), eps=1.0), 5, 3800 * (1 - 0.9**5)),
+        # The issue's case: step 100 with b1 = 0.99, 0.63x the asymptotic 39800.
+        (lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.99, 0.999), eps=1.0), 100, 39800 * (1 - 0.99**100)),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5.0), None, 33.0),
+    ],
+    ids=["adamw-lr-wd-0.1", "adamw-lr-wd-0.5", "adam-step-5", "adam-step-100", "sgd-coupled-decay"],
+)
+def test_threshold_is_the_real_edge_in_one_dimension(make, hold_step, expected):
+    """3% below the threshold the torch optimizer converges, 3% above it diverges."""
+    optimizer = make(scalar())
+    if hold_step is not None:  # the threshold of the step the simulation holds
+        (x,) = optimizer.param_groups[0]["params"]
+        x.grad = torch.zeros_like(x)
+        optimizer.step()
+        optimizer.state[x]["step"].fill_(hold_step - 1)
+    threshold = stability_threshold(optimizer).threshold
+    assert threshold == pytest.approx(expected, rel=1e-6)
+    assert not diverges(make(scalar()), 0.97 * threshold, hold_step)
+    assert diverges(make(scalar()), 1.03 * threshold, hold_step)
+
+
+def test_nesterov_with_dampening_set_after_construction_is_the_real_edge():
+    """PyTorch refuses Nesterov with dampening at construction, not a group changed later."""
+
+    def make(params):
+        optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
+        optimizer.param_groups[0]["dampening"] = 0.5
+        return optimizer
+
+    threshold = stability_threshold(make(scalar())).threshold
+    assert threshold == pytest.approx(3.8 / (1 + 0.9 * 1.5) / 0.1)
+    assert not diverges(make(scalar()), 0.97 * threshold) and diverges(make(scalar()), 1.03 * threshold)
+
+
+def test_adam_threshold_follows_the_step_count_of_a_real_run():
+    """Adam's local edge rises from (1 - b1) x to 1 x the asymptotic one as its bias correction fades."""
+    params = one_param()
+    optimizer = torch.optim.Adam(params, lr=1e-2, betas=(0.99, 0.999))
+    asymptotic = 3.98 / (0.01 * 1e-2)
+    for step in range(1, 301):
+        optimizer.zero_grad()
+        params[0].pow(2).sum().backward()
+        optimizer.step()
+        if step in (99, 300):
+            ratio = stability_threshold(optimizer).threshold / asymptotic
+            assert ratio == pytest.approx(1 - 0.99 ** (step + 1))  # the step about to be taken
+    assert "t = 301" in stability_threshold(optimizer).rule
+
+
+def test_sgd_with_dampening_one_never_diverges():
+    """No gradient enters the buffer after the first step: no curvature makes the run diverge."""
+    x = nn.Parameter(torch.ones(1, dtype=torch.float64))
+    optimizer = torch.optim.SGD([x], lr=0.1, momentum=0.9, dampening=1.0)
+    for _ in range(200):
+        optimizer.zero_grad()
+        (0.5 * 1e4 * x.pow(2)).sum().backward()  # 500x the undampened edge 2/lr
+        optimizer.step()
+    assert abs(float(x.detach())) < 1e4  # moved by -lr g0 / (1 - beta) in all, then stopped
+    with pytest.raises(ValueError, match="`dampening` 1 with momentum: .* no stability threshold"):
+        stability_threshold(optimizer)
+
+
+def mutated(make, key, value):
+    def build(params):
+        optimizer = make(params)
+        optimizer.param_groups[0][key] = value
+        return optimizer
+
+    return build
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=1.0), "`dampening` 1 with momentum"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=1.5), r"`dampening` must be in \[0, 1\]"),
+        (mutated(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5), "momentum", 1.0), r"`momentum` must be in \[0, 1\)"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, maximize=True), "`maximize=True`"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=30.0), "`weight_decay` 30.0 alone is beyond"),
+        (mutated(lambda p: torch.optim.SGD(p, lr=0.1), "momentum", None), "`momentum` must be a number"),
+        (mutated(lambda p: torch.optim.SGD(p, lr=0.1), "lr", float("inf")), "`lr` must be finite"),
+        (mutated(lambda p: torch.optim.Adam(p, lr=0.1), "betas", (1.0, 0.999)), r"`betas\[0\]` must be in \[0, 1\)"),
+        (mutated(lambda p: torch.optim.Adam(p, lr=0.1), "betas", 0.9), "`betas` must be a pair"),
+        (lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=25.0), "lr·weight_decay = 2.5 >= 2"),
+    ],
+    ids=["dampening-1", "dampening-1.5", "momentum-1", "maximize", "sgd-decay", "momentum-none", "lr-inf",
+         "beta1-1", "betas-scalar", "adamw-decay"],
+)  # fmt: skip
+def test_degenerate_hyper_parameters_have_no_threshold(make, match):
+    with pytest.raises(ValueError, match=match):
+        stability_threshold(make(one_param()))
+
+
+def test_a_check_with_dampening_one_reports_the_raw_sharpness():
+    """The monitor's check takes the "no threshold" path: no crash, no edge-of-stability verdict."""
+    model = TwoGroupQuadratic()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=1.0)
+    monitor = Monitor(model, lambda m, batch: m(batch), optimizer=optimizer, check_every=1, tol=1e-8)
+    optimizer.zero_grad()
+    model(None).backward()
+    monitor.after_backward()
+    optimizer.step()
+    monitor.after_step(0, None)
+    (check,) = monitor.checks
+    assert check.stability is None and check.sharpness == pytest.approx(LAMBDA_MAX)

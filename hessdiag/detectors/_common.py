@@ -28,6 +28,11 @@ def check_finite(name: str, value: float) -> float:
     return float(value)
 
 
+def check_optional_positive(name: str, value: float | None) -> float | None:
+    """None, or `value` checked by :func:`check_positive`."""
+    return None if value is None else check_positive(name, value)
+
+
 def check_count(name: str, value: int, low: int = 1) -> int:
     """`value` if it is an int >= `low`; else ValueError naming `name`."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -57,11 +62,14 @@ class Detector:
         """Whether the flag is raised now."""
         return self.hysteresis.active
 
-    def _decide(self, step: int, triggered: bool, severity: Severity, *, immediate: bool = False) -> list[FlagEvent]:
+    def _decide(
+        self, step: int, triggered: bool, severity: Severity, *, immediate: bool = False, remedy: str | None = None
+    ) -> list[FlagEvent]:
+        """Events for this update; `remedy` replaces the class's when the cause found needs another one."""
         kind = self.hysteresis.update(triggered, immediate=immediate)
         if kind is None:
             return []
-        return [FlagEvent(self.name, step, kind, severity, dict(self.evidence), self.remedy, self.summary)]
+        return [FlagEvent(self.name, step, kind, severity, dict(self.evidence), remedy or self.remedy, self.summary)]
 
     def state_dict(self) -> dict[str, Any]:
         """Hysteresis state and the latest evidence and summary (primitives)."""

@@ -19,7 +19,8 @@ class ExplodingGradientDetector(Detector):
 
     * the loss or the gradient norm is non-finite, or some gradient tensor is (`nonfinite_count` > 0):
       the flag is raised on that very step, severity ``critical``; or
-    * the loss is rising (above its recent median by more than (`loss_factor` - 1) x |median|) and
+    * the loss is rising (above its recent median by more than `loss_spread` x its recent median
+      absolute deviation) and
       either the global gradient norm exceeds `factor` x the median of the last `window` normal steps,
       or some layer's ratio (gradient- or update-to-weight) exceeds `layer_factor` x its own median;
       `onset` such steps in a row raise the flag, severity ``warning``.
@@ -29,6 +30,10 @@ class ExplodingGradientDetector(Detector):
     settles) are how it works, not an explosion. Such a step (`overflow_skip=True`) is not judged
     and leaves the histories alone; only `max_overflow_skips` skipped steps in a row (the scale cut
     by 2^`max_overflow_skips`) raise the flag, critical.
+
+    Every test is a ratio of like quantities or a comparison with the loss's own spread, so the
+    verdicts do not depend on the loss's units: multiplying the loss by a constant or adding one
+    changes none (a rise of 1 -> 6 and of 100 -> 105 from a steady loss are alike).
 
     Why the loss must rise: large gradients alone are not an explosion. Escaping a saddle from a tiny
     initialisation grows the gradient by orders of magnitude while the loss falls, and at the edge of
@@ -40,7 +45,8 @@ class ExplodingGradientDetector(Detector):
         factor: multiple of the median global gradient norm that counts as a spike (default 10).
         layer_factor: multiple of a layer's median ratio that counts as a spike (default 100: per-layer
             ratios are noisier than the global norm).
-        loss_factor: the loss counts as rising above ``median + (loss_factor - 1) |median|`` (default 1.1).
+        loss_spread: the loss counts as rising above ``median + loss_spread x MAD`` of the recent normal
+            losses (default 3: uniform noise never exceeds 2 MADs, Gaussian noise only 0.1% of the time).
         window: normal steps in the running medians (default 50).
         min_history: normal steps needed before spikes are judged (default 10).
         onset: consecutive spiking steps that raise the flag (default 8; non-finite values: at once).
@@ -52,6 +58,7 @@ class ExplodingGradientDetector(Detector):
 
     Evidence: ``grad_norm`` (global L2 norm), ``median_grad_norm`` (median of the normal history;
     NaN before `min_history` steps), ``ratio`` (grad_norm / median), ``loss``, ``median_loss``,
+    ``loss_spread`` (median absolute deviation of the recent normal losses, loss units),
     ``nonfinite_tensors`` (gradient tensors with a non-finite norm), ``layer_ratio_multiple`` (the worst
     layer's ratio over its own median, 0 while the loss is not rising; the layer is named in the
     summary); for a run of loss-scaler skips, ``loss`` and ``consecutive_overflow_skips``.
@@ -70,7 +77,7 @@ class ExplodingGradientDetector(Detector):
         self,
         factor: float = 10.0,
         layer_factor: float = 100.0,
-        loss_factor: float = 1.1,
+        loss_spread: float = 3.0,
         window: int = 50,
         min_history: int = 10,
         onset: int = 8,
@@ -82,9 +89,7 @@ class ExplodingGradientDetector(Detector):
         self.overflow_skips = 0  # consecutive steps the loss scaler skipped
         self.factor = check_positive("factor", factor)
         self.layer_factor = check_positive("layer_factor", layer_factor)
-        self.loss_factor = check_positive("loss_factor", loss_factor)
-        if self.loss_factor < 1:
-            raise ValueError(f"`loss_factor` must be a finite number >= 1, got {loss_factor!r}.")
+        self.loss_spread = check_positive("loss_spread", loss_spread)
         self.window = check_count("window", window, 2)
         self.min_history = check_count("min_history", min_history)
         if self.min_history > self.window:
@@ -119,7 +124,8 @@ class ExplodingGradientDetector(Detector):
         nonfinite = nonfinite_count > 0 or not math.isfinite(grad_norm) or not math.isfinite(loss)
         median = statistics.median(self.norms) if len(self.norms) >= self.min_history else math.nan
         median_loss = statistics.median(self.losses) if self.losses else math.nan
-        rising = not self.losses or loss - median_loss > (self.loss_factor - 1) * abs(median_loss)
+        spread = statistics.median(abs(value - median_loss) for value in self.losses) if self.losses else math.nan
+        rising = not self.losses or loss - median_loss > self.loss_spread * spread
         spike = not nonfinite and rising and median > 0 and grad_norm > self.factor * median
         # Layer medians only matter while the loss rises: skip them otherwise (a median per layer per
         # step is most of this detector's host time, and it runs while the device may wait).
@@ -138,6 +144,7 @@ class ExplodingGradientDetector(Detector):
             "ratio": grad_norm / median if median > 0 else math.nan,
             "loss": loss,
             "median_loss": median_loss,
+            "loss_spread": spread,
             "nonfinite_tensors": float(nonfinite_count),
             "layer_ratio_multiple": worst_multiple,
         }

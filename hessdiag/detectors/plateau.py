@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from hessdiag.detectors._common import Detector, check_count, check_finite, check_positive
+from hessdiag.detectors._common import Detector, check_count, check_finite, check_optional_positive, check_positive
 from hessdiag.flags import FlagEvent
 
 
@@ -20,13 +20,22 @@ class PlateauDetector(Detector):
     loss does not: on a flat but noisy loss it keeps reaching new lows by chance and looks like
     progress. A step triggers when all three hold:
 
-    * stalled: the relative improvement (first - last) / |first| is below `rel_improvement`;
+    * stalled: the loss above its floor, E = loss - `loss_floor`, improved by less than a fraction
+      `rel_improvement` over the window: (first - last) / (first - `loss_floor`) < `rel_improvement`;
     * gradient small: the median gradient norm of the last quarter is below `grad_fraction` x the
-      largest such median seen so far (a run that learned and then stalled), or below `grad_tol` in
-      absolute terms (a run stuck from the first step has no larger past to compare with; a median
-      of its own flat history would never be undercut);
-    * not at the floor: the recent mean loss exceeds `loss_floor` + `floor_margin`, so a converged
-      run (loss ~ 0, gradient ~ 0, nothing moving) is not a plateau.
+      largest such median seen so far (a run that learned and then stalled); or, once a curvature
+      check has measured lambda_max, a full gradient step could remove at most `critical_fraction` of
+      the loss above the floor: g^2 / (2 lambda_max) <= `critical_fraction` x (loss - `loss_floor`)
+      (the saddle detector's test: it needs no past, so it recognises a run stuck from its first
+      step, as from a tiny initialisation); or, when given, it is below `grad_tol`;
+    * not at the floor: E of the last quarter exceeds `floor_margin` x the largest E of a quarter so
+      far, so a run that has removed nearly all of its loss above the floor is converged, not stalled.
+
+    Units: every test but `grad_tol` compares like with like, so multiplying the loss by a constant
+    changes no verdict, and adding a constant changes none once `loss_floor` moves with it (the floor
+    is where the loss is measured from: the default 0 is the minimum of cross-entropy and squared
+    error; set it for losses whose minimum is not 0). `grad_tol` is in the gradient's units, hence
+    off by default.
 
     Nothing is judged before a full window; then `onset` stalled steps in a row raise the flag.
 
@@ -36,19 +45,25 @@ class PlateauDetector(Detector):
             (default 0.01: the quarter means of 50 steps at 20% mini-batch noise differ by about
             2% by chance, so a smaller threshold would let noise hide a flat loss).
         grad_fraction: fraction of the peak gradient norm that counts as small (default 0.1).
-        grad_tol: absolute gradient norm that counts as small (default 1e-3).
+        critical_fraction: fraction of the loss left that a gradient step may remove for the gradient
+            to count as small, given lambda_max (default 0.01, as for saddles).
+        grad_tol: gradient norm that counts as small whatever its past (default None: off; in the
+            gradient's units, so it ties the verdict to the loss's scale).
         loss_floor: the lowest attainable loss (default 0; set e.g. the label entropy when it is not 0).
-        floor_margin: absolute margin above `loss_floor` that still counts as at the floor (default
-            0.05, in loss units: a cross-entropy of 0.05 nats is a near-perfect fit).
+        floor_margin: fraction of the largest loss above the floor seen so far that still counts as
+            at the floor (default 0.02: a cross-entropy that started at 2.3 nats is at its floor
+            below 0.046).
         onset: consecutive stalled steps that raise the flag (default 50).
         clear: consecutive improving steps that clear it (default 20).
 
     Raises:
         ValueError: a threshold out of range, named in the message.
 
-    Evidence: ``loss`` (mean of the last quarter), ``relative_improvement`` (over the window, a
-    fraction; negative when the loss rose), ``grad_norm`` (median of the last quarter),
-    ``peak_grad_norm`` (largest such median so far).
+    Evidence: ``loss`` (mean of the last quarter), ``relative_improvement`` (of the loss above its
+    floor over the window, a fraction; negative when the loss rose), ``loss_left`` (the last quarter's
+    loss above the floor over the largest so far, a fraction), ``grad_norm`` (median of the last
+    quarter), ``peak_grad_norm`` (largest such median so far), ``gradient_step_gain`` (g^2 /
+    (2 lambda_max) in loss units; inf before a curvature check).
     """
 
     name = "plateau"
@@ -62,9 +77,10 @@ class PlateauDetector(Detector):
         window: int = 200,
         rel_improvement: float = 0.01,
         grad_fraction: float = 0.1,
-        grad_tol: float = 1e-3,
+        critical_fraction: float = 0.01,
+        grad_tol: float | None = None,
         loss_floor: float = 0.0,
-        floor_margin: float = 0.05,
+        floor_margin: float = 0.02,
         onset: int = 50,
         clear: int = 20,
     ) -> None:
@@ -72,18 +88,25 @@ class PlateauDetector(Detector):
         self.window = check_count("window", window, 8)
         self.rel_improvement = check_positive("rel_improvement", rel_improvement, upper=1.0)
         self.grad_fraction = check_positive("grad_fraction", grad_fraction, upper=1.0)
-        self.grad_tol = check_positive("grad_tol", grad_tol)
+        self.critical_fraction = check_positive("critical_fraction", critical_fraction, upper=1.0)
+        self.grad_tol = check_optional_positive("grad_tol", grad_tol)
         self.loss_floor = check_finite("loss_floor", loss_floor)
-        self.floor_margin = check_positive("floor_margin", floor_margin)
+        self.floor_margin = check_positive("floor_margin", floor_margin, upper=1.0)
         self.losses: deque[float] = deque(maxlen=self.window)
         self.grad_norms: deque[float] = deque(maxlen=self.window // 4)
         self.peak_grad_norm = 0.0
+        self.peak_loss_left = 0.0  # the largest quarter mean of loss - loss_floor so far
+        self.lambda_max = 0.0  # from the latest curvature check; 0: none yet
 
-    def update(self, step: int, loss: float, grad_norm: float) -> list[FlagEvent]:
+    def update(self, step: int, loss: float, grad_norm: float, lambda_max: float | None = None) -> list[FlagEvent]:
         """Judge one optimizer step from its training `loss` and global gradient L2 norm `grad_norm`.
 
-        Non-finite values are skipped (the exploding detector's business).
+        `lambda_max`: the largest Hessian eigenvalue of the latest curvature check, when one was made
+        (kept until the next one is given). Non-finite values are skipped (the exploding detector's
+        business).
         """
+        if lambda_max is not None and math.isfinite(lambda_max):
+            self.lambda_max = lambda_max
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return []
         self.losses.append(loss)
@@ -95,15 +118,26 @@ class PlateauDetector(Detector):
         quarter = self.window // 4
         history = list(self.losses)
         first, last = statistics.fmean(history[:quarter]), statistics.fmean(history[-quarter:])
-        improvement = (first - last) / max(abs(first), 1e-12)
+        first_left, last_left = first - self.loss_floor, last - self.loss_floor
+        self.peak_loss_left = max(self.peak_loss_left, first_left, last_left)
+        # A loss at or below its floor has nothing left to improve: neither stalled nor above the floor.
+        improvement = (first_left - last_left) / first_left if first_left > 0 else math.nan
+        loss_left = last_left / self.peak_loss_left if self.peak_loss_left > 0 else 0.0
         stalled = improvement < self.rel_improvement
-        small = recent_grad <= self.grad_fraction * self.peak_grad_norm or recent_grad <= self.grad_tol
-        above_floor = last > self.loss_floor + self.floor_margin
+        gradient_gain = recent_grad**2 / (2 * self.lambda_max) if self.lambda_max > 0 else math.inf
+        small = (
+            recent_grad <= self.grad_fraction * self.peak_grad_norm
+            or gradient_gain <= self.critical_fraction * last_left
+            or (self.grad_tol is not None and recent_grad <= self.grad_tol)
+        )
+        above_floor = loss_left > self.floor_margin
         self.evidence = {
             "loss": last,
             "relative_improvement": improvement,
+            "loss_left": loss_left,
             "grad_norm": recent_grad,
             "peak_grad_norm": self.peak_grad_norm,
+            "gradient_step_gain": gradient_gain,
         }
         self.summary = (
             f"The loss moved {100 * improvement:.2g}% over {self.window} steps to {last:.4g}, with gradient norm "
@@ -117,6 +151,8 @@ class PlateauDetector(Detector):
             "losses": list(self.losses),
             "grad_norms": list(self.grad_norms),
             "peak_grad_norm": self.peak_grad_norm,
+            "peak_loss_left": self.peak_loss_left,
+            "lambda_max": self.lambda_max,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -125,3 +161,5 @@ class PlateauDetector(Detector):
         self.losses = deque(state.get("losses", []), maxlen=self.window)
         self.grad_norms = deque(state.get("grad_norms", []), maxlen=self.window // 4)
         self.peak_grad_norm = float(state.get("peak_grad_norm", 0.0))
+        self.peak_loss_left = float(state.get("peak_loss_left", 0.0))
+        self.lambda_max = float(state.get("lambda_max", 0.0))

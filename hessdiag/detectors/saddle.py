@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from hessdiag.detectors._common import Detector, check_finite, check_positive
+from hessdiag.detectors._common import Detector, check_finite, check_optional_positive, check_positive
 from hessdiag.flags import FlagEvent
 
 Classification = Literal["unknown", "not critical", "degenerate", "saddle", "minimum-like"]
@@ -28,17 +28,24 @@ class SaddleDetector(Detector):
     The gradient is small (the point near-critical) when a gradient step could remove at most a
     fraction `critical_fraction` of the loss above its floor: ||g||^2 / (2 lambda_max) <=
     `critical_fraction` x (loss - `loss_floor`), where ||g||^2 / (2 lambda_max) is the largest decrease
-    of the quadratic model along -g; or when ||g|| <= `grad_tol`. This is scale-free and needs no
-    history of past checks, so the very first check can recognise a saddle (a run starting at one,
-    as from a tiny initialisation, has no larger past gradient to compare with). Only ``"saddle"``
-    triggers.
+    of the quadratic model along -g; or, when given, when ||g|| <= `grad_tol`. This needs no history
+    of past checks, so the very first check can recognise a saddle (a run starting at one, as from a
+    tiny initialisation, has no larger past gradient to compare with). Only ``"saddle"`` triggers.
+
+    Units: both sides of the test are loss changes, and the curvature tests compare eigenvalues with
+    each other, so multiplying the loss by a constant changes no verdict; adding one changes none once
+    `loss_floor` moves with it (the loss left, loss - `loss_floor`, is the scale against which a
+    gradient step counts as small; a loss at or below its floor is never near-critical).
+    `grad_tol` (gradient units) and `flat_tol` (curvature units) are absolute: `grad_tol` is off by
+    default; `flat_tol` only tells an all-flat point (a dead network) from a saddle, at 1e-6.
 
     Args:
         tau: significance of negative curvature relative to the spectral norm (default 0.05: 50x the
             1e-3 relative accuracy of the eigenvalue estimates, and above the slight negative curvature
             that accompanies ordinary training: about 1% of lambda_max on ResNet-18, DESIGN.md).
         critical_fraction: see above (default 0.01).
-        grad_tol: absolute gradient norm that counts as small (default 1e-3).
+        grad_tol: gradient norm that counts as small whatever the loss (default None: off; in the
+            gradient's units, so it ties the verdict to the loss's scale).
         loss_floor: the lowest attainable loss (default 0).
         flat_tol: spectral norm below which the point is degenerate (default 1e-6, in Hessian
             eigenvalue units: loss per squared parameter unit).
@@ -64,7 +71,7 @@ class SaddleDetector(Detector):
         self,
         tau: float = 0.05,
         critical_fraction: float = 0.01,
-        grad_tol: float = 1e-3,
+        grad_tol: float | None = None,
         loss_floor: float = 0.0,
         flat_tol: float = 1e-6,
         onset: int = 1,
@@ -73,7 +80,7 @@ class SaddleDetector(Detector):
         super().__init__(onset, clear)
         self.tau = check_positive("tau", tau, upper=1.0)
         self.critical_fraction = check_positive("critical_fraction", critical_fraction, upper=1.0)
-        self.grad_tol = check_positive("grad_tol", grad_tol)
+        self.grad_tol = check_optional_positive("grad_tol", grad_tol)
         self.loss_floor = check_finite("loss_floor", loss_floor)
         self.flat_tol = check_positive("flat_tol", flat_tol)
         self.classification: Classification = "unknown"
@@ -99,7 +106,9 @@ class SaddleDetector(Detector):
             loss_change_along_bottom: loss change of a step along the bottom eigenvector, if measured.
         """
         gradient_gain = grad_norm**2 / (2 * lambda_max) if lambda_max > 0 else math.inf
-        small = grad_norm <= self.grad_tol or gradient_gain <= self.critical_fraction * (loss - self.loss_floor)
+        small = gradient_gain <= self.critical_fraction * (loss - self.loss_floor) or (
+            self.grad_tol is not None and grad_norm <= self.grad_tol
+        )
         spectral_norm = max(abs(lambda_max), abs(lambda_min))
         if not small:
             self.classification = "not critical"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from hessdiag.detectors._common import Detector, check_positive
 from hessdiag.flags import FlagEvent
@@ -20,7 +21,17 @@ class VanishingGradientDetector(Detector):
     * across depth: the median ratio of the shallowest quarter of the layers (at least one) is below
       `depth_ratio` x that of the deepest quarter: the signal dies on its way back through the
       network (needs at least 2 layers); or
-    * everywhere: the global ratio ||grad|| / ||weights|| (over all layers) is below `min_ratio`.
+    * everywhere: the global ratio ||grad|| / ||weights|| (over all layers) is below `min_ratio` x
+      the largest global ratio seen so far; or
+    * dead layers: some layer with non-zero weights gets a gradient of exactly 0. That is not a
+      gradient that faded but units that never fire (ReLUs whose input is negative for every sample:
+      after a large step, a large negative bias, or a bad initialisation) or a layer cut off from the
+      loss; its remedy differs (``dead_remedy``). Parameters that get no gradient at all (None, e.g. an
+      unused head) are not zero gradients and must not be passed as such.
+
+    Units: the gradient/weight ratios scale with the loss, but every test compares them with each
+    other (shallow with deep, now with the peak, zero with non-zero), so multiplying the loss by a
+    constant changes no verdict, and adding one changes no gradient.
 
     Layers whose weights are all zero (a zero-initialised output layer, say) have no ratio and are left
     out rather than divided by an epsilon, which would make them look infinitely fast and every other
@@ -29,16 +40,18 @@ class VanishingGradientDetector(Detector):
     Args:
         depth_ratio: shallow / deep ratio below which gradients count as vanishing (default 1e-3:
             three orders of magnitude, well beyond the spread between the layers of a healthy network).
-        min_ratio: global gradient/weight ratio below which gradients count as negligible (default
-            1e-8; converged runs have small gradients too, so this is deliberately tiny).
+        min_ratio: fraction of its largest value so far below which the global gradient/weight ratio
+            counts as negligible (default 1e-8; converged runs have small gradients too, so this is
+            deliberately tiny).
         onset: consecutive updates that raise the flag (default 5).
         clear: consecutive updates that clear it (default 5).
 
     Raises:
         ValueError: a threshold out of range, named in the message.
 
-    Evidence (dimensionless): ``shallow_ratio`` and ``deep_ratio`` (median gradient/weight ratios of the
-    shallowest and deepest layers), ``depth_ratio`` (shallow / deep), ``global_ratio``.
+    Evidence: ``shallow_ratio`` and ``deep_ratio`` (median gradient/weight ratios of the shallowest and
+    deepest layers), ``depth_ratio`` (shallow / deep), ``global_ratio``, ``peak_global_ratio``,
+    ``dead_layers`` (how many layers get exactly zero gradient; they are named in the summary).
     """
 
     name = "vanishing"
@@ -46,11 +59,17 @@ class VanishingGradientDetector(Detector):
         "Use a better-scaled initialisation (Kaiming/Xavier), non-saturating activations (ReLU/GELU), "
         "normalisation layers, or residual connections."
     )
+    dead_remedy = (
+        "Dead units (e.g. ReLUs that output 0 for every input): lower the learning rate or add warm-up, use "
+        "LeakyReLU/GELU, check the initialisation and the biases (a large negative bias kills units), add "
+        "normalisation before the activation; or check that the layer is connected to the loss."
+    )
 
     def __init__(self, depth_ratio: float = 1e-3, min_ratio: float = 1e-8, onset: int = 5, clear: int = 5) -> None:
         super().__init__(onset, clear)
         self.depth_ratio = check_positive("depth_ratio", depth_ratio, upper=1.0)
         self.min_ratio = check_positive("min_ratio", min_ratio, upper=1.0)
+        self.peak_global_ratio = 0.0
 
     def update(
         self,
@@ -74,14 +93,25 @@ class VanishingGradientDetector(Detector):
         shallow, deep = statistics.median(ratios[:quarter]), statistics.median(ratios[-quarter:])
         weight_norm = math.sqrt(sum(weights.get(name, 0.0) ** 2 for name, _ in grads))
         global_ratio = math.sqrt(sum(g * g for _, g in grads)) / weight_norm
+        self.peak_global_ratio = max(self.peak_global_ratio, global_ratio)
+        dead = [name for name, g in grads if g == 0 and weights.get(name, 0.0) > 0]
         across_depth = len(ratios) >= 2 and deep > 0 and shallow < self.depth_ratio * deep
-        negligible = global_ratio < self.min_ratio
+        negligible = global_ratio <= self.min_ratio * self.peak_global_ratio
         self.evidence = {
             "shallow_ratio": shallow,
             "deep_ratio": deep,
             "depth_ratio": shallow / deep if deep > 0 else math.nan,
             "global_ratio": global_ratio,
+            "peak_global_ratio": self.peak_global_ratio,
+            "dead_layers": float(len(dead)),
         }
+        if dead:
+            named = ", ".join(dead[:5]) + (f" and {len(dead) - 5} more" if len(dead) > 5 else "")
+            self.summary = (
+                f"{len(dead)} of {len(grads)} layers get exactly zero gradient ({named}): their units are dead "
+                "(inactive for every input) or cut off from the loss."
+            )
+            return self._decide(step, True, "warning", remedy=self.dead_remedy)
         if negligible and not across_depth:
             self.summary = f"Gradients are negligible against the weights (gradient/weight {global_ratio:.2g})."
         else:
@@ -90,3 +120,12 @@ class VanishingGradientDetector(Detector):
                 f"(gradient/weight {shallow:.2g} vs. {deep:.2g})."
             )
         return self._decide(step, across_depth or negligible, "warning")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Hysteresis, evidence and the peak global ratio (primitives)."""
+        return super().state_dict() | {"peak_global_ratio": self.peak_global_ratio}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; missing keys keep their defaults."""
+        super().load_state_dict(state)
+        self.peak_global_ratio = float(state.get("peak_global_ratio", 0.0))
