@@ -92,7 +92,7 @@ class TensorBoardWriter:
         self._layout: dict = {}
         self._raised_at: dict[str, int] = {}
         self._log_rows: list[str] = []
-        self._onset_zero_step: int | None = None  # a read-back step whose 0 onset point is not written yet
+        self._last_step: int | None = None  # of the latest flag values, where the onset baseline ends
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         shown = shown_scalars(values, per_layer_scalars=self.per_layer_scalars)
@@ -108,18 +108,11 @@ class TensorBoardWriter:
         if layers and self.worst_k:
             self.summary_writer.add_text(WORST_LAYERS, worst_layers(layers, self.worst_k), step)
         if any(tag.startswith(f"{PREFIX}/flags/") for tag in values):
-            # The onset series is 0 at every read-back and 1 at an onset. Events come after the
-            # scalars of their read-back and may be earlier steps, so each 0 waits for the next call
-            # to keep the points in step order.
-            self._write_pending_onset_zero(before=step)
-            self._onset_zero_step = step
+            if self._last_step is None:  # the onset series' baseline starts with the run
+                self.summary_writer.add_scalar(FLAG_ONSETS, 0.0, step)
+            self._last_step = step
             shown[FLAG_ONSETS] = 0.0
         self._update_layout(shown)
-
-    def _write_pending_onset_zero(self, before: int) -> None:
-        if self._onset_zero_step is not None and self._onset_zero_step < before:
-            self.summary_writer.add_scalar(FLAG_ONSETS, 0.0, self._onset_zero_step)
-            self._onset_zero_step = None
 
     def _update_layout(self, tags: Mapping[str, float]) -> None:
         if set(tags) <= self._tags:
@@ -140,11 +133,12 @@ class TensorBoardWriter:
             self.summary_writer.add_text(f"{PREFIX}/events/{event.name}", render_event(event, raised_at), event.step)
             what = "raised" if event.kind == "onset" else "cleared"
             self._log_rows.append(f"| {event.step} | {event.name} | {what} | {event.summary} |")
+        # Each onset is a spike 0, n, 0 one step either side. Events of a read-back arrive after a
+        # check's may be earlier steps, so points can come out of step order; as every point
+        # between spikes is 0, the line between them runs along the baseline either way.
         for onset_step, count in sorted(onsets.items()):
-            self._write_pending_onset_zero(before=onset_step)
-            if self._onset_zero_step == onset_step:
-                self._onset_zero_step = None
-            self.summary_writer.add_scalar(FLAG_ONSETS, float(count), onset_step)
+            for offset, value in ((-1, 0.0), (0, float(count)), (1, 0.0)):
+                self.summary_writer.add_scalar(FLAG_ONSETS, value, onset_step + offset)
         if events:
             table = "| step | flag | | what was seen |\n|---|---|---|---|\n" + "\n".join(self._log_rows)
             self.summary_writer.add_text(EVENT_LOG, f"Flag events so far, oldest first:\n\n{table}", step)
@@ -178,5 +172,6 @@ class TensorBoardWriter:
         self.summary_writer.add_text(tag, message, step)
 
     def flush(self) -> None:
-        self._write_pending_onset_zero(before=self._onset_zero_step + 1 if self._onset_zero_step is not None else 0)
+        if self._last_step is not None:
+            self.summary_writer.add_scalar(FLAG_ONSETS, 0.0, self._last_step)
         self.summary_writer.flush()
