@@ -405,11 +405,17 @@ class Monitor:
         with self._guard("the per-step statistics"):
             self._read_back()
         if self.probe is not None and self.schedule.enabled and self.step and not self.checks:
-            message = (
-                f"hessdiag: no curvature check ran in these {self.step} steps"
-                + (f" (the first was due at step {self.schedule.next_check})." if not self.failed_checks else " (every check failed).")
-                + " Lower `check_every`, or train longer, to see curvature."
-            )
+            if self.failed_checks:
+                last_step, reason = self.failed_checks[-1]
+                message = (
+                    f"hessdiag: no curvature check succeeded in these {self.step} steps: {len(self.failed_checks)} "
+                    f"failed, the last at step {last_step} ({reason})."
+                )
+            else:
+                message = (
+                    f"hessdiag: no curvature check ran in these {self.step} steps (the first was due at step "
+                    f"{self.schedule.next_check}). Lower `check_every`, or train longer, to see curvature."
+                )
             if "no check" not in self._warned:
                 self._write("text", self.step, f"{PREFIX}/events/no_check", message)
             self._warn_once("no check", message)
