@@ -16,6 +16,8 @@ edge-of-stability   tanh MLP, squared error, full-batch GD at lr 0.2 (2/lr = 10)
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
 from hessdiag.callbacks.hessian_diagnostics import HessianDiagnostics
+from hessdiag.monitor import Monitor
 
 
 @dataclass(frozen=True)
@@ -122,16 +125,53 @@ def digits_loader(batch_size: int | None, seed: int) -> torch.utils.data.DataLoa
     return torch.utils.data.DataLoader(data, batch_size=size, shuffle=batch_size is not None, generator=generator)
 
 
+def tensorboard_command(logdir: str | Path) -> str:
+    """A command that opens TensorBoard on `logdir` as printed: this interpreter's own ``tensorboard``
+    script when it has one (a virtual environment need not be activated), else ``python -m``."""
+    script = Path(sys.executable).with_name("tensorboard")
+    launcher = [str(script)] if script.is_file() else [sys.executable, "-m", "tensorboard.main"]
+    return shlex.join([*launcher, "--logdir", str(Path(logdir).resolve())])
+
+
+CHECK_TABLE_LEGEND = """\
+  step        optimizer step of the check
+  loss        training loss on the check's batch
+  lambda_max  largest Hessian eigenvalue of the loss (steepest curvature)
+  lambda_min  smallest Hessian eigenvalue found (the true one is at most this; negative: the loss curves down)
+  sharp/thr   sharpness / stability threshold (2/lr for plain gradient descent); >= 1: edge of stability
+  HVPs        Hessian-vector products the check took (each costs about 2-4 gradients)
+  seconds     wall time of the check"""
+
+
+def check_table(monitor: Monitor) -> str:
+    """The checks of a run in step order, one line each; a failed check's line gives its reason."""
+    rows: list[tuple[int, str]] = []
+    for check in monitor.checks:
+        ratio = f"{check.stability_ratio:9.2f}" if check.stability_ratio is not None else f"{'-':>9}"
+        rows.append(
+            (
+                check.step,
+                f"{check.step:6d} {check.loss:8.4f} {check.lambda_max:11.4g} {check.lambda_min:11.4g} {ratio} "
+                f"{check.num_hvps:5d} {check.seconds:8.3f}",
+            )
+        )
+    rows += [(step, f"{step:6d}  check failed: {reason}") for step, reason in monitor.failed_checks]
+    header = f"{'step':>6} {'loss':>8} {'lambda_max':>11} {'lambda_min':>11} {'sharp/thr':>9} {'HVPs':>5} {'seconds':>8}"
+    body = "\n".join(row for _, row in sorted(rows, key=lambda r: r[0])) or "  (no curvature check ran)"
+    return f"{header}\n{body}\n\n{CHECK_TABLE_LEGEND}"
+
+
 def run_demo(scenario_name: str, logdir: str, steps: int | None, seed: int) -> int:
     """Train the scenario, print the curvature trajectory and the flags; returns an exit code."""
     scenario = SCENARIOS[scenario_name]
     pl.seed_everything(seed, verbose=False)
     callback = HessianDiagnostics(check_every=scenario.check_every, log_every=10)
-    logger = TensorBoardLogger(logdir, name=scenario_name)
+    # Runs go to LOGDIR/<scenario>/version_<n>, unless LOGDIR already names the scenario.
+    logger = TensorBoardLogger(logdir, name="" if Path(logdir).name == scenario_name else scenario_name)
     trainer = pl.Trainer(
         accelerator="auto", devices=1, max_steps=steps or scenario.steps, max_epochs=-1, limit_val_batches=0,
         log_every_n_steps=10, logger=logger, enable_checkpointing=False, enable_model_summary=False,
-        callbacks=[callback],
+        enable_progress_bar=sys.stdout.isatty(), callbacks=[callback],
     )  # fmt: skip
     start = time.perf_counter()
     trainer.fit(DigitsModule(scenario), digits_loader(scenario.batch_size, seed))
@@ -139,18 +179,12 @@ def run_demo(scenario_name: str, logdir: str, steps: int | None, seed: int) -> i
     monitor = callback.monitor
     assert monitor is not None
     print(f"\nscenario {scenario_name!r}: {monitor.step} steps in {seconds:.0f} s on {trainer.strategy.root_device}")
-    print(f"{'step':>6} {'loss':>8} {'lambda_max':>11} {'lambda_min':>11} {'sharp/thr':>9} {'HVPs':>5} {'seconds':>8}")
-    for check in monitor.checks:
-        ratio = f"{check.stability_ratio:9.2f}" if check.stability_ratio is not None else f"{'-':>9}"
-        print(
-            f"{check.step:6d} {check.loss:8.4f} {check.lambda_max:11.4g} {check.lambda_min:11.4g} {ratio} "
-            f"{check.num_hvps:5d} {check.seconds:8.3f}"
-        )
+    print(f"curvature checks:\n{check_table(monitor)}")
     onsets = [event for event in monitor.events if event.kind == "onset"]
     print("\nflags raised:" if onsets else "\nflags raised: none")
     for event in onsets:
         print(f"  step {event.step:5d}  {event.name}: {event.summary}\n              remedy: {event.remedy}")
     expected = ", ".join(scenario.expected) or "none"
     print(f"\nexpected for this scenario: {expected}")
-    print(f"open the dashboard:  tensorboard --logdir {Path(logdir).resolve()}")
+    print(f"open the dashboard:  {tensorboard_command(logdir)}")
     return 0

@@ -25,6 +25,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from hessdiag.dashboard import shown_scalars
 from hessdiag.flags import FlagEvent
 from hessdiag.monitor import Monitor
 from hessdiag.schedule import CheckEvery
@@ -54,7 +55,7 @@ class LoggerWriter:
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         for logger in self.trainer.loggers:
-            logger.log_metrics(dict(values), step=step)
+            logger.log_metrics(shown_scalars(values), step=step)
 
     def events(self, step: int, events: Sequence[FlagEvent]) -> None:
         for event in events:

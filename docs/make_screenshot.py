@@ -1,10 +1,11 @@
-"""Render the README's dashboard screenshot: a real TensorBoard page of a demo run, in headless Chromium.
+"""Render the README's dashboard screenshots: real TensorBoard pages of demo runs, in headless Chromium.
 
-Runs `hessdiag demo --scenario edge-of-stability`, serves its log directory with TensorBoard on
-127.0.0.1 and captures the custom-scalars dashboard with Debian's Chromium
-(`apt-get install chromium`).
+Runs `hessdiag demo --scenario SCENARIO`, serves its log directory with TensorBoard on 127.0.0.1
+and captures the custom-scalars dashboard (smoothing 0, so flags read as steps) with Debian's
+Chromium (`apt-get install chromium`). The README's two pictures:
 
-    python docs/make_screenshot.py [--out docs/dashboard.png] [--chromium /usr/bin/chromium]
+    python docs/make_screenshot.py                                  # edge-of-stability, docs/dashboard.png
+    python docs/make_screenshot.py --scenario healthy --out docs/dashboard-adam.png   # Adam
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).with_name("dashboard.png")))
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--scenario", default="edge-of-stability")
+    parser.add_argument("--height", type=int, default=1060, help="window height in pixels")
     args = parser.parse_args()
     logdir = Path(tempfile.mkdtemp(prefix="hessdiag-screenshot-"))
     subprocess.run([sys.executable, "-m", "hessdiag.cli", "demo", "--scenario", args.scenario, "--logdir", str(logdir)], check=True)
@@ -53,9 +55,9 @@ def main() -> None:
                 [
                     args.chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={profile}", "--hide-scrollbars", "--window-size=1600,1060",
+                    f"--user-data-dir={profile}", "--hide-scrollbars", f"--window-size=1600,{args.height}",
                     "--virtual-time-budget=20000", f"--screenshot={Path(args.out).resolve()}",
-                    f"http://127.0.0.1:{port}/#custom_scalars",
+                    f"http://127.0.0.1:{port}/#custom_scalars&_smoothingWeight=0",
                 ],
                 check=True, capture_output=True, timeout=180,
             )  # fmt: skip

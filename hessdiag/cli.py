@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,10 +43,15 @@ class Trajectory:
 
 @dataclass
 class FlagHistory:
+    """A flag's episodes, read from its events: (step raised, step cleared or None if still raised)."""
+
     name: str
-    first_step: int
-    last_step: int
-    evidence: str
+    episodes: list[tuple[int, int | None]]
+    evidence: str  # what was seen at the first onset
+
+    @property
+    def first_step(self) -> int:
+        return self.episodes[0][0]
 
 
 @dataclass
@@ -77,16 +83,31 @@ def event_directories(logdir: Path) -> list[Path]:
     return directories
 
 
-def _text_summaries(accumulator, name: str) -> dict[int, str]:
+_EVENT_HEADING = re.compile(r"\*\*(\w+)\*\* (raised|cleared) at step (\d+)")
+
+
+def flag_history(accumulator, name: str) -> FlagHistory | None:
+    """The episodes of flag `name` from its event cards (``hessdiag/events/<name>``), which carry the
+    exact step of each onset and clearance (the flag scalars are only sampled at read-backs)."""
     tag = f"{PREFIX}/events/{name}/text_summary"
     if tag not in accumulator.Tags().get("tensors", []):
-        return {}
-    texts = {}
-    for event in accumulator.Tensors(tag):
+        return None
+    episodes: list[tuple[int, int | None]] = []
+    evidence = ""
+    for event in sorted(accumulator.Tensors(tag), key=lambda e: e.step):
         markdown = event.tensor_proto.string_val[0].decode("utf-8", "replace")
-        paragraphs = [p for p in markdown.split("\n\n") if p.strip()]
-        texts[event.step] = paragraphs[1] if len(paragraphs) > 1 else paragraphs[0]
-    return texts
+        heading = _EVENT_HEADING.match(markdown)
+        if heading is None:
+            continue
+        step = int(heading[3])
+        if heading[2] == "raised":
+            if not episodes:
+                paragraphs = [p for p in markdown.split("\n\n") if p.strip()]
+                evidence = paragraphs[1] if len(paragraphs) > 1 else ""
+            episodes.append((step, None))
+        elif episodes and episodes[-1][1] is None:
+            episodes[-1] = (episodes[-1][0], step)
+    return FlagHistory(name, episodes, evidence) if episodes else None
 
 
 def summarize(logdir: str | Path) -> list[RunSummary]:
@@ -117,12 +138,7 @@ def summarize(logdir: str | Path) -> list[RunSummary]:
             check_seconds=sum(v for _, v in series(f"{PREFIX}/check_seconds")),
             failed_checks=sum(1 for _, v in series(f"{PREFIX}/check_failed") if v > 0),
         )
-        for name in FLAG_NAMES:
-            raised = [step for step, value in series(f"{PREFIX}/flags/{name}") if value > 0]
-            if raised:
-                texts = _text_summaries(accumulator, name)
-                evidence = texts[min(texts)] if texts else ""
-                summary.flags.append(FlagHistory(name, raised[0], raised[-1], evidence))
+        summary.flags = [history for name in FLAG_NAMES if (history := flag_history(accumulator, name))]
         summaries.append(summary)
     return summaries
 
@@ -149,7 +165,11 @@ def format_summary(summary: RunSummary) -> str:
     if not summary.flags:
         lines.append("  flags: none")
     for flag in summary.flags:
-        lines.append(f"  flag {flag.name}: first step {flag.first_step}, last step {flag.last_step}")
+        episodes = "; ".join(
+            f"raised at step {raised}, " + (f"cleared at step {cleared}" if cleared is not None else "still raised at the end")
+            for raised, cleared in flag.episodes
+        )
+        lines.append(f"  flag {flag.name}: {episodes}")
         if flag.evidence:
             lines.append(f"    {flag.evidence}")
     return "\n".join(lines)
@@ -163,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--logdir", default="runs/hessdiag-demo", help="TensorBoard log directory")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per scenario)")
     demo.add_argument("--seed", type=int, default=0)
-    summary = commands.add_parser("summary", help="summarise the hessdiag scalars and flags of logged runs")
+    summary = commands.add_parser("summary", help="summarise the curvature, checks and flag events of logged runs")
     summary.add_argument("logdir", help="a log directory (searched recursively) or one event file")
     args = parser.parse_args(argv)
 

@@ -145,6 +145,7 @@ class Monitor:
         self.step = 0
         self.events: list[FlagEvent] = []
         self.checks: list[CurvatureCheck] = []
+        self.failed_checks: list[tuple[int, str]] = []  # (step, reason) of each check that failed
         self._losses: list[torch.Tensor] = []
         self._warned: set[str] = set()
 
@@ -262,8 +263,7 @@ class Monitor:
         for name, value in readout.layer_update_ratios[-1] if readout.layer_update_ratios else []:
             scalars[f"{PREFIX}/layer_update_ratio/{name}"] = value
         scalars |= self._flag_scalars()
-        histograms = {f"{PREFIX}/layer_grad_norms": torch.tensor([v for _, v in readout.layer_grad_norms[-1]])}
-        self._emit(step, scalars, events, histograms)
+        self._emit(step, scalars, events, {})  # the writers show the per-layer values as they see fit
         return events
 
     @property
@@ -341,6 +341,7 @@ class Monitor:
             f"the next check is at step {self.schedule.next_check}."
         )
         self._warn_once(kind if expected else "unexpected", message)
+        self.failed_checks.append((self.step, f"{kind}: {error}"))
         scalars = {f"{PREFIX}/check_failed": 1.0} | self._flag_scalars()
         self._write("scalars", self.step, scalars)
         self._write("text", self.step, f"{PREFIX}/events/check_failed", message)
@@ -403,6 +404,21 @@ class Monitor:
         """Read back pending statistics and flush the writers (call at the end of training)."""
         with self._guard("the per-step statistics"):
             self._read_back()
+        if self.probe is not None and self.schedule.enabled and self.step and not self.checks:
+            if self.failed_checks:
+                last_step, reason = self.failed_checks[-1]
+                message = (
+                    f"hessdiag: no curvature check succeeded in these {self.step} steps: {len(self.failed_checks)} "
+                    f"failed, the last at step {last_step} ({reason})."
+                )
+            else:
+                message = (
+                    f"hessdiag: no curvature check ran in these {self.step} steps (the first was due at step "
+                    f"{self.schedule.next_check}). Lower `check_every`, or train longer, to see curvature."
+                )
+            if "no check" not in self._warned:
+                self._write("text", self.step, f"{PREFIX}/events/no_check", message)
+            self._warn_once("no check", message)
         self._write("flush")
 
     # -- checkpoints -----------------------------------------------------------------------

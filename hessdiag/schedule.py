@@ -5,7 +5,8 @@ so its price relative to a training step depends on the model, the batch and the
 adds a preconditioned estimate). ``check_every="auto"`` therefore measures both and spaces the checks
 so that they take at most `overhead_budget` of the training time (measured on a CPU GPT: one check
 per 100 steps cost +116%; see benchmarks/overhead.py), never more often than every `min_interval`
-steps. The time of a training step is the median of the last 256 gaps between steps, so pauses in
+steps. The first check comes early, at step `first_check` (10), so that a short run sees curvature
+too; its cost is paid back before the next one (which therefore comes later). The time of a training step is the median of the last 256 gaps between steps, so pauses in
 between (validation, checkpointing, a stalled data loader, other work in the same process) do not
 count as training time: the budget is a share of the training steps themselves. A failing check
 backs off exponentially (up to 16x). Under data parallelism the ranks agree on the next check (the
@@ -37,21 +38,30 @@ class CheckSchedule:
     Args:
         check_every: an int n (a check every n steps; 0: never) or ``"auto"`` (see module docstring).
         overhead_budget: share of the wall time checks may take in ``"auto"`` mode (default 0.05).
-        min_interval: fewest steps between checks in ``"auto"`` mode, and the first check's step (100).
+        min_interval: fewest steps between checks in ``"auto"`` mode (100).
+        first_check: the step of the first check in ``"auto"`` mode (10; at most `min_interval`).
     """
 
-    def __init__(self, check_every: CheckEvery = "auto", overhead_budget: float = 0.05, min_interval: int = 100) -> None:
+    def __init__(
+        self,
+        check_every: CheckEvery = "auto",
+        overhead_budget: float = 0.05,
+        min_interval: int = 100,
+        first_check: int = 10,
+    ) -> None:
         if check_every != "auto" and (not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 0):
             raise ValueError(f"`check_every` must be an int >= 0 or 'auto', got {check_every!r}.")
         if not isinstance(overhead_budget, (int, float)) or not 0 < overhead_budget < 1:
             raise ValueError(f"`overhead_budget` must be a number in (0, 1), got {overhead_budget!r}.")
         if not isinstance(min_interval, int) or min_interval < 1:
             raise ValueError(f"`min_interval` must be a positive int, got {min_interval!r}.")
+        if not isinstance(first_check, int) or isinstance(first_check, bool) or first_check < 1:
+            raise ValueError(f"`first_check` must be a positive int, got {first_check!r}.")
         self.check_every = check_every
         self.overhead_budget = float(overhead_budget)
         self.min_interval = min_interval
         self.interval = min_interval if check_every == "auto" else check_every
-        self.next_check = self.interval
+        self.next_check = min(first_check, min_interval) if check_every == "auto" else self.interval
         self.failures = 0
         self._recent_steps: deque[float] = deque(maxlen=_STEP_WINDOW)
         self._steps_timed = 0
@@ -80,7 +90,7 @@ class CheckSchedule:
             # Pay in advance: the next check may start once the checks so far *and* the next one
             # (estimated as long as this one) fit in `overhead_budget` of the training time. So the
             # running total stays within budget even when the run ends right after a check; only
-            # the first check, at `min_interval`, is unbudgeted, and it is paid back first.
+            # the first check, at `first_check`, is unbudgeted, and it is paid back first.
             per_step = max(statistics.median(self._recent_steps), 1e-9)
             owed = (self._check_seconds + seconds) / self.overhead_budget - per_step * self._steps_timed
             interval = max(self.min_interval, math.ceil(owed / per_step))

@@ -1,7 +1,8 @@
-"""What the diagnostics show in TensorBoard: scalars, a ready dashboard, histograms, flag events.
+"""The TensorBoard writer: scalars, the dashboard layout, histograms, flag events, the density.
 
 The `Monitor` decides; writers show. A writer receives plain data (floats, tensors, `FlagEvent`s,
-`SpectralDensity`) and renders it; nothing here computes a diagnostic.
+`SpectralDensity`) and renders it; nothing here computes a diagnostic. What of it becomes a tag
+is decided in :mod:`hessdiag.dashboard`.
 """
 
 from __future__ import annotations
@@ -11,26 +12,22 @@ from typing import Protocol
 
 import torch
 
-from hessdiag.flags import FLAG_NAMES, FlagEvent
+from hessdiag.dashboard import (
+    FLAG_ONSETS,
+    PREFIX,
+    layer_histogram_tag,
+    layout,
+    shown_scalars,
+    split_layer_values,
+    worst_layers,
+)
+from hessdiag.flags import FlagEvent
 from hessdiag.spectrum import SpectralDensity
 
-PREFIX = "hessdiag"
+__all__ = ["PREFIX", "DiagnosticsWriter", "TensorBoardWriter", "render_event"]
 
-#: The dashboard: one custom-scalars category, charts by the question they answer.
-LAYOUT: dict[str, dict[str, list]] = {
-    PREFIX: {
-        "sharpness vs. stability threshold": ["Multiline", [f"{PREFIX}/lambda_max", f"{PREFIX}/stability_threshold"]],
-        "sharpness / threshold (>= 1: edge of stability)": ["Multiline", [f"{PREFIX}/stability_ratio"]],
-        "lambda_min (negative: certified negative curvature)": ["Multiline", [f"{PREFIX}/lambda_min"]],
-        "gradient norm": ["Multiline", [f"{PREFIX}/grad_norm"]],
-        "gradient norm by layer": ["Multiline", [f"{PREFIX}/layer_grad_norm/.*"]],
-        "gradient / weight by layer": ["Multiline", [f"{PREFIX}/layer_grad_to_weight/.*"]],
-        "weight norm by layer": ["Multiline", [f"{PREFIX}/layer_weight_norm/.*"]],
-        "update / weight by layer (update_ratios=True)": ["Multiline", [f"{PREFIX}/layer_update_ratio/.*"]],
-        "flags": ["Multiline", [f"{PREFIX}/flags/{name}" for name in FLAG_NAMES]],
-        "check cost": ["Multiline", [f"{PREFIX}/num_hvps", f"{PREFIX}/check_seconds"]],
-    }
-}
+EVENT_LOG = f"{PREFIX}/event_log"
+WORST_LAYERS = f"{PREFIX}/worst_layers"
 
 
 class DiagnosticsWriter(Protocol):
@@ -49,38 +46,102 @@ class DiagnosticsWriter(Protocol):
     def flush(self) -> None: ...
 
 
-def render_event(event: FlagEvent) -> str:
-    """Markdown for a flag event: what was seen, the evidence, what to do."""
-    heading = "raised" if event.kind == "onset" else "cleared"
+def render_event(event: FlagEvent, raised_at: int | None = None) -> str:
+    """Markdown for a flag event: what happened when, what was seen, the evidence, what to do.
+
+    `raised_at`: for a clearance, the step the flag was raised (to say how long it lasted)."""
+    if event.kind == "onset":
+        heading = f"raised at step {event.step} ({event.severity})"
+    else:
+        lasted = f" (raised at step {raised_at}, active {event.step - raised_at} steps)" if raised_at is not None else ""
+        heading = f"cleared at step {event.step}{lasted}"
     rows = "\n".join(f"| {name} | {value:.6g} |" for name, value in event.evidence.items())
-    return (
-        f"**{event.name}** {heading} at step {event.step} ({event.severity})\n\n{event.summary}\n\n"
-        f"| evidence | value |\n|---|---|\n{rows}\n\n**Remedy:** {event.remedy}"
-    )
+    remedy = f"\n\n**Remedy:** {event.remedy}" if event.kind == "onset" and event.remedy else ""
+    return f"**{event.name}** {heading}\n\n{event.summary}\n\n| evidence | value |\n|---|---|\n{rows}{remedy}"
 
 
 class TensorBoardWriter:
     """Writes diagnostics to a `torch.utils.tensorboard.SummaryWriter` (or a compatible one, such as
     Lightning's ``TensorBoardLogger.experiment``).
 
+    Scalars are those of :func:`hessdiag.dashboard.shown_scalars` (a bounded number of tags, whatever
+    the depth). The custom-scalars layout lists only the charts whose tags have been logged, and is
+    rewritten when a chart gains data (TensorBoard reads the latest). The Text tab gets a card per
+    flag event (``hessdiag/events/<flag>``), the whole story in order (``hessdiag/event_log``) and
+    the layers with the most extreme values by name (``hessdiag/worst_layers``).
+
     Args:
         summary_writer: the writer.
-        write_scalars: also write scalars (off when another route, e.g. Lightning's loggers, does).
+        write_scalars: also write scalars (off when another route, e.g. Lightning's loggers, does;
+            that route should log :func:`~hessdiag.dashboard.shown_scalars` too). The flag-onset
+            series is TensorBoard's own and is written either way.
+        per_layer_scalars: also one scalar per layer and quantity (tags grow with depth).
+        worst_k: layers named per quantity in ``hessdiag/worst_layers`` (0: none).
     """
 
-    def __init__(self, summary_writer, *, write_scalars: bool = True) -> None:
+    def __init__(
+        self, summary_writer, *, write_scalars: bool = True, per_layer_scalars: bool = False, worst_k: int = 3
+    ) -> None:
+        if not isinstance(worst_k, int) or worst_k < 0:
+            raise ValueError(f"`worst_k` must be an int >= 0, got {worst_k!r}.")
         self.summary_writer = summary_writer
         self.write_scalars = write_scalars
-        summary_writer.add_custom_scalars(LAYOUT)
+        self.per_layer_scalars = per_layer_scalars
+        self.worst_k = worst_k
+        self._tags: set[str] = set()
+        self._layout: dict = {}
+        self._raised_at: dict[str, int] = {}
+        self._log_rows: list[str] = []
+        self._last_step: int | None = None  # of the latest flag values, where the onset baseline ends
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        shown = shown_scalars(values, per_layer_scalars=self.per_layer_scalars)
         if self.write_scalars:
-            for tag, value in values.items():
+            for tag, value in shown.items():
                 self.summary_writer.add_scalar(tag, value, step)
+        _, layers = split_layer_values(values)
+        for family, by_layer in layers.items():
+            finite = torch.tensor([v for v in by_layer.values()], dtype=torch.float64)
+            finite = finite[torch.isfinite(finite)]
+            if finite.numel():
+                self.summary_writer.add_histogram(layer_histogram_tag(family), finite, step)
+        if layers and self.worst_k:
+            self.summary_writer.add_text(WORST_LAYERS, worst_layers(layers, self.worst_k), step)
+        if any(tag.startswith(f"{PREFIX}/flags/") for tag in values):
+            if self._last_step is None:  # the onset series' baseline starts with the run
+                self.summary_writer.add_scalar(FLAG_ONSETS, 0.0, step)
+            self._last_step = step
+            shown[FLAG_ONSETS] = 0.0
+        self._update_layout(shown)
+
+    def _update_layout(self, tags: Mapping[str, float]) -> None:
+        if set(tags) <= self._tags:
+            return
+        self._tags |= set(tags)
+        new_layout = layout(self._tags)
+        if new_layout != self._layout:
+            self._layout = new_layout
+            self.summary_writer.add_custom_scalars(new_layout)
 
     def events(self, step: int, events: Sequence[FlagEvent]) -> None:
+        onsets: dict[int, int] = {}
         for event in events:
-            self.summary_writer.add_text(f"{PREFIX}/events/{event.name}", render_event(event), event.step)
+            raised_at = self._raised_at.pop(event.name, None)
+            if event.kind == "onset":
+                self._raised_at[event.name] = event.step
+                onsets[event.step] = onsets.get(event.step, 0) + 1
+            self.summary_writer.add_text(f"{PREFIX}/events/{event.name}", render_event(event, raised_at), event.step)
+            what = "raised" if event.kind == "onset" else "cleared"
+            self._log_rows.append(f"| {event.step} | {event.name} | {what} | {event.summary} |")
+        # Each onset is a spike 0, n, 0 one step either side. Events of a read-back arrive after a
+        # check's may be earlier steps, so points can come out of step order; as every point
+        # between spikes is 0, the line between them runs along the baseline either way.
+        for onset_step, count in sorted(onsets.items()):
+            for offset, value in ((-1, 0.0), (0, float(count)), (1, 0.0)):
+                self.summary_writer.add_scalar(FLAG_ONSETS, value, onset_step + offset)
+        if events:
+            table = "| step | flag | | what was seen |\n|---|---|---|---|\n" + "\n".join(self._log_rows)
+            self.summary_writer.add_text(EVENT_LOG, f"Flag events so far, oldest first:\n\n{table}", step)
 
     def histograms(self, step: int, values: Mapping[str, torch.Tensor]) -> None:
         for tag, tensor in values.items():
@@ -111,4 +172,6 @@ class TensorBoardWriter:
         self.summary_writer.add_text(tag, message, step)
 
     def flush(self) -> None:
+        if self._last_step is not None:
+            self.summary_writer.add_scalar(FLAG_ONSETS, 0.0, self._last_step)
         self.summary_writer.flush()

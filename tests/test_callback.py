@@ -91,7 +91,7 @@ def test_end_to_end_with_tensorboard(tmp_path):
     trainer(tmp_path, [HessianDiagnostics(check_every=10, density_every=2), reference]).fit(Classifier(), loader())
     logged = scalars(tmp_path)
     for tag in ["hessdiag/lambda_max", "hessdiag/lambda_min", "hessdiag/grad_norm", "hessdiag/stability_threshold",
-                "hessdiag/num_hvps", "hessdiag/check_seconds", "hessdiag/layer_grad_norm/net.0"] + [
+                "hessdiag/num_hvps", "hessdiag/check_seconds", "hessdiag/layers/grad_norm/max"] + [
                 f"hessdiag/flags/{name}" for name in hessdiag.flags.FLAG_NAMES]:  # fmt: skip
         assert tag in logged, tag
         assert all(math.isfinite(v) for _, v in logged[tag]), tag
@@ -175,9 +175,8 @@ def test_tensorboard_server_serves_scalars_and_the_layout(tmp_path):
         run = next(iter(tags))
         assert "hessdiag/lambda_max" in tags[run]
         layout = json.load(urllib.request.urlopen(f"{base}/custom_scalars/layout", timeout=5))
-        charts = {chart["title"]: chart for category in layout["category"] for chart in category["chart"]}
-        assert charts["sharpness vs. stability threshold"]["multiline"]["tag"] == [
-            "hessdiag/lambda_max", "hessdiag/stability_threshold"]  # fmt: skip
+        charts = [chart["multiline"]["tag"] for category in layout["category"] for chart in category["chart"]]
+        assert ["hessdiag/sharpness", "hessdiag/stability_threshold"] in charts
     finally:
         server.terminate()
         server.wait(timeout=30)

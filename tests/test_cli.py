@@ -1,10 +1,13 @@
 """`hessdiag demo` (every scenario raises exactly its flags) and `hessdiag summary`."""
 
+import os
 import re
+import shlex
+from types import SimpleNamespace
 
 import pytest
 
-from hessdiag.callbacks.demo import SCENARIOS
+from hessdiag.callbacks.demo import SCENARIOS, check_table, tensorboard_command
 from hessdiag.cli import SCENARIO_NAMES, main, summarize
 
 pytest.importorskip("sklearn")
@@ -19,10 +22,15 @@ def test_demo_scenario_raises_its_flags(scenario, tmp_path, capsys):
     steps = {"healthy": 300}.get(scenario)  # the others need their full length to show the pathology
     argv = ["demo", "--scenario", scenario, "--logdir", str(tmp_path)] + (["--steps", str(steps)] if steps else [])
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     raised = set(re.findall(r"^  step +\d+  (\w+):", out, flags=re.MULTILINE))
     assert raised == set(SCENARIOS[scenario].expected)
-    assert f"tensorboard --logdir {tmp_path}" in out
+    command = tensorboard_command(tmp_path)
+    assert f"open the dashboard:  {command}" in out
+    assert os.access(shlex.split(command)[0], os.X_OK)  # runs as printed, venv activated or not
+    assert "it/s" not in captured.err  # no progress bar when stdout is not a terminal
+    assert "lambda_max  largest Hessian eigenvalue" in out  # the table's legend
     summary = summarize(tmp_path)
     assert len(summary) == 1 and {flag.name for flag in summary[0].flags} == raised
     if scenario != "exploding":  # there the loss is inf before the first check
@@ -36,7 +44,7 @@ def test_summary_prints_trajectories_and_flags(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "run: saddle/version_0" in out
     assert re.search(r"lambda_min: start -\d", out)
-    assert "flag saddle: first step 20" in out and "certified negative curvature" in out
+    assert "flag saddle: raised at step 20, still raised at the end" in out and "certified negative curvature" in out
     assert re.search(r"checks: 3, \d+ HVPs", out)
 
 
@@ -57,3 +65,20 @@ def test_summary_of_a_damaged_event_file(tmp_path, capsys):
     (tmp_path / "events.out.tfevents.123.host").write_bytes(b"\x00garbage" * 10)
     assert main(["summary", str(tmp_path)]) == 0  # tensorboard's reader skips what it cannot parse
     assert "no hessdiag data (not a hessdiag run, or its event files are damaged)" in capsys.readouterr().out
+
+
+def test_summary_names_a_run_once_when_logdir_names_the_scenario(tmp_path, capsys):
+    main(["demo", "--scenario", "saddle", "--logdir", str(tmp_path / "saddle"), "--steps", "20"])
+    capsys.readouterr()
+    assert [s.run for s in summarize(tmp_path)] == ["saddle/version_0"]
+
+
+def test_check_table_gives_a_failed_checks_reason_in_step_order():
+    check = SimpleNamespace(step=20, loss=0.5, lambda_max=2.0, lambda_min=-1.0, stability_ratio=None, num_hvps=7, seconds=0.1)
+    monitor = SimpleNamespace(checks=[check], failed_checks=[(10, "RuntimeError: out of memory"), (30, "ValueError: nan")])
+    rows = check_table(monitor).splitlines()[1:4]
+    assert rows[0] == "    10  check failed: RuntimeError: out of memory"
+    assert rows[1].split() == ["20", "0.5000", "2", "-1", "-", "7", "0.100"]
+    assert rows[2] == "    30  check failed: ValueError: nan"
+    empty = SimpleNamespace(checks=[], failed_checks=[])
+    assert "(no curvature check ran)" in check_table(empty)

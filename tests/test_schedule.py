@@ -19,20 +19,22 @@ def test_fixed_cadence():
     s = CheckSchedule(10)
     assert [step for step in range(1, 35) if s.due(step) and (s.check_finished(step, 1.0, torch.device("cpu")) or True)] == [10, 20, 30]
     assert not CheckSchedule(0).enabled
+    assert CheckSchedule(10, first_check=3).next_check == 10  # `first_check` is for "auto" only
+    assert CheckSchedule("auto", min_interval=4).next_check == 4  # never later than min_interval
 
 
 def test_auto_spaces_checks_to_the_overhead_budget(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(schedule_module.time, "perf_counter", clock)
     s = CheckSchedule("auto", overhead_budget=0.05, min_interval=100)
-    assert s.next_check == 100
-    for _ in range(100):  # steps of 10 ms
+    assert s.next_check == 10  # the first check comes early, so a short run sees curvature
+    for _ in range(10):  # steps of 10 ms
         clock.now += 0.01
         s.step_finished()
-    clock.now += 2.0  # a 2 s check after 0.99 s of timed steps (the first call starts the clock)
-    s.check_finished(100, 2.0, torch.device("cpu"))  # it and the next 2 s check are 5% of 80 s
-    assert s.interval == 7901 and s.next_check == 8001
-    for _ in range(7901):
+    clock.now += 2.0  # a 2 s check after 0.09 s of timed steps (the first call starts the clock)
+    s.check_finished(10, 2.0, torch.device("cpu"))  # it and the next 2 s check are 5% of 80 s: paid back
+    assert s.interval == 7991 and s.next_check == 8001
+    for _ in range(7991):
         clock.now += 0.01
         s.step_finished()
     s.check_finished(8001, 0.001, torch.device("cpu"))  # a cheap check: never more often than min_interval
@@ -81,6 +83,7 @@ def test_state_round_trip():
         ({"check_every": True}, "`check_every` must be an int >= 0 or 'auto'"),
         ({"overhead_budget": 0}, r"`overhead_budget` must be a number in \(0, 1\)"),
         ({"min_interval": 0}, "`min_interval` must be a positive int"),
+        ({"first_check": 0}, "`first_check` must be a positive int"),
     ],
 )
 def test_bad_arguments(kwargs, match):
