@@ -64,8 +64,11 @@ class NonSmoothLossError(HessdiagError):
         )
 
 
+#: checkpoint(use_reentrant=True) refuses torch.autograd.grad (wording of torch 2.x releases).
+_REENTRANT_CHECKPOINT = re.compile(r"(?:not compatible|incompatible) with \.grad\(\)")
+
 _OP_PATTERNS = (
-    r"derivative for (\S+) is not implemented",
+    r"derivative for '?([^'\s]+)'? is not implemented",
     r"function (\S+) returned an incorrect number",
     r"trying to differentiate twice a function that was marked with @once_differentiable",
     r"(\S+Backward\d*) (?:is not|does not)",
@@ -74,12 +77,14 @@ _OP_PATTERNS = (
 
 
 def _op_name(message: str) -> str | None:
-    if "Checkpointing is not compatible with .grad()" in message:
+    if _REENTRANT_CHECKPOINT.search(message):
         return "checkpoint(use_reentrant=True)"
     for pattern in _OP_PATTERNS:
         match = re.search(pattern, message)
         if match:
             return match.group(1) if match.groups() else "a @once_differentiable autograd.Function"
+    if "setup_context" in message:
+        return "an autograd.Function without setup_context"
     return None
 
 
@@ -92,7 +97,7 @@ def is_missing_second_derivative(error: BaseException) -> bool:
             "is not implemented",
             "once_differentiable",
             "forward AD",
-            "ZeroTensors are immutable",
-            "Checkpointing is not compatible with .grad()",
+            "ZeroTensors are immutable",  # forward_over_reverse through some GroupNorm/SiLU graphs
+            "must override the setup_context staticmethod",  # an autograd.Function under torch.func
         )
-    )
+    ) or bool(_REENTRANT_CHECKPOINT.search(message))

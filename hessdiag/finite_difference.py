@@ -26,12 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
+from hessdiag.errors import _REENTRANT_CHECKPOINT
+
 #: D(eps) and D(2 eps) differing by more than this fraction of ||D(eps)|| means the gradient is not
 #: differentiable along v (measured, CPU float32: smooth networks 1e-4..1e-3, ReLU networks 0.2..2.6).
 NON_SMOOTH_DISAGREEMENT = 0.05
 
-#: Reentrant checkpointing refuses `torch.autograd.grad`; its message starts with this.
-_CHECKPOINT_REFUSES_GRAD = "Checkpointing is not compatible with .grad()"
 
 
 def step_size(params: Sequence[torch.Tensor], dtype: torch.dtype) -> float:
@@ -49,19 +49,17 @@ def step_size(params: Sequence[torch.Tensor], dtype: torch.dtype) -> float:
     return unit_roundoff ** (1 / 3) * (1.0 + norm / dim**0.5)
 
 
-def gradient_of(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
-    """The gradient of `loss` with respect to `params`, no graph kept, `.grad` untouched.
+def gradient_by_backward(
+    loss: torch.Tensor, params: Sequence[torch.Tensor], every_parameter: Sequence[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """The gradient of `loss` by a plain ``loss.backward()``, `.grad` left as found.
 
-    Reentrant checkpointing supports only a plain ``backward()``: then every parameter's ``.grad``
-    (of the chosen ones and of the others that the backward reaches) is swapped out and put back,
-    the very same tensor objects.
+    For reentrant checkpointing, which refuses `torch.autograd.grad`: each parameter's ``.grad``
+    is swapped out and the very same tensor object put back. Parameters outside `params` that
+    the backward reaches accumulate into their ``.grad`` too, so all of `every_parameter` (the
+    model's) are swapped.
     """
-    try:
-        return list(torch.autograd.grad(loss, params, allow_unused=True))
-    except RuntimeError as error:
-        if _CHECKPOINT_REFUSES_GRAD not in str(error):
-            raise
-    saved = [(p, p.grad) for p in params]
+    saved = [(p, p.grad) for p in every_parameter]
     try:
         for p, _ in saved:
             p.grad = None
@@ -70,6 +68,11 @@ def gradient_of(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torc
     finally:
         for p, grad in saved:
             p.grad = grad
+
+
+def refuses_autograd_grad(error: RuntimeError) -> bool:
+    """Whether `error` is reentrant checkpointing refusing `torch.autograd.grad`."""
+    return bool(_REENTRANT_CHECKPOINT.search(str(error)))
 
 
 @dataclass

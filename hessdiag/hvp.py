@@ -42,7 +42,13 @@ from hessdiag.errors import (
     SecondDerivativeError,
     is_missing_second_derivative,
 )
-from hessdiag.finite_difference import NON_SMOOTH_DISAGREEMENT, CentralDifference, Measurement, gradient_of
+from hessdiag.finite_difference import (
+    NON_SMOOTH_DISAGREEMENT,
+    CentralDifference,
+    Measurement,
+    gradient_by_backward,
+    refuses_autograd_grad,
+)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 HVPMethod = Literal["auto", "double_backward", "forward_over_reverse", "finite_difference"]
@@ -186,6 +192,7 @@ class HessianOperator:
         self._probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._exact_failure: SecondDerivativeError | None = None
         self._attention: list[SDPBackend] = []
+        self._plain_backward = False  # reentrant checkpointing: gradients by loss.backward() only
 
     # -- lifetime -------------------------------------------------------------------------
     def __enter__(self) -> HessianOperator:
@@ -291,7 +298,7 @@ class HessianOperator:
                 self._exact_failure = error
                 loss = self._checked_loss()  # the failed double backward may have consumed the graph
         self._loss = loss.detach()
-        self._grads = tuple(None if g is None else g.detach() for g in gradient_of(loss, self.params))
+        self._grads = tuple(self._split(self._gradient_without_graph(loss)))
 
     def _build_exact(self, loss: torch.Tensor, method: str | None = None) -> None:
         method = method or self.method
@@ -305,17 +312,27 @@ class HessianOperator:
         self._loss = loss.detach()
         self._grads = grads if create_graph else tuple(None if g is None else g.detach() for g in grads)
 
-    def _gradient_without_graph(self) -> torch.Tensor:
-        """The flat local gradient at the parameters' current values, with the attention kernels
-        the user has enabled (fused ones included: only first derivatives are taken)."""
+    def _gradient_without_graph(self, loss: torch.Tensor | None = None) -> torch.Tensor:
+        """The flat local gradient at the parameters' current values (of `loss` when given), with
+        the attention kernels the user has enabled (fused ones included: only first derivatives
+        are taken)."""
         with sdpa_kernel(self._attention):
-            loss = self._evaluate_loss(self.model)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"The loss is {loss.item()} at a finite-difference step from the parameters; "
-                    "use `hvp_method='double_backward'`."
-                )
-            return self._flatten(gradient_of(loss, self.params))
+            if loss is None:
+                loss = self._evaluate_loss(self.model)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"The loss is {loss.item()} at a finite-difference step from the parameters; "
+                        "use `hvp_method='double_backward'`."
+                    )
+            if not self._plain_backward:
+                try:
+                    return self._flatten(torch.autograd.grad(loss, self.params, allow_unused=True))
+                except RuntimeError as error:
+                    if not refuses_autograd_grad(error):
+                        raise
+                    self._plain_backward = True
+                    loss = self._evaluate_loss(self.model)  # the refused backward freed part of the graph
+            return self._flatten(gradient_by_backward(loss, self.params, list(self.model.parameters())))
 
     def _probe_vector(self) -> torch.Tensor:
         """A random unit vector, the same on every rank (seeded by `seed`)."""
