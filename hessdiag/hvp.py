@@ -285,20 +285,25 @@ class HessianOperator:
             self._build_exact(self._checked_loss())
             self._warn_constant_gradients()
             return
+        loss = self._checked_loss()
+        if self.requested_method == "finite_difference":
+            self._loss = loss.detach()
+            self._grads = tuple(self._split(self._gradient_without_graph(loss)))
         self._central = CentralDifference(self.params, self._gradient_without_graph)
         probe = self._probe_vector()
         pieces = self._split(probe)
         self._probe = (probe, self._central.product(pieces), self._central.product(pieces, 2 * self._central.eps))
+        if self.requested_method == "finite_difference":
+            return
+        # "auto": the finite differences moved the parameters in place, so the graph comes after them.
         loss = self._checked_loss()
-        if self.requested_method == "auto":
-            try:
-                self._build_exact(loss, method="double_backward")
-                return
-            except SecondDerivativeError as error:
-                self._exact_failure = error
-                loss = self._checked_loss()  # the failed double backward may have consumed the graph
-        self._loss = loss.detach()
-        self._grads = tuple(self._split(self._gradient_without_graph(loss)))
+        try:
+            self._build_exact(loss, method="double_backward")
+        except SecondDerivativeError as error:
+            self._exact_failure = error
+            loss = self._checked_loss()  # the failed double backward may have freed part of the graph
+            self._loss = loss.detach()
+            self._grads = tuple(self._split(self._gradient_without_graph(loss)))
 
     def _build_exact(self, loss: torch.Tensor, method: str | None = None) -> None:
         method = method or self.method
