@@ -283,7 +283,8 @@ class HessianOperator:
         """
         if self.requested_method in _EXACT_METHODS:
             self._build_exact(self._checked_loss())
-            self._warn_constant_gradients()
+            if self.method == "double_backward":
+                self._warn_constant_gradients()
             return
         loss = self._checked_loss()
         if self.requested_method == "finite_difference":
