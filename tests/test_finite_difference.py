@@ -36,9 +36,10 @@ def image_batch():
 
 class AttentionBlock(nn.Module):
     """A GELU transformer block; `fused` runs attention on the CPU flash kernel, whose backward has
-    no derivative (as a fused GPU kernel), else on the twice-differentiable math kernel."""
+    no derivative (as a fused GPU kernel), False on the twice-differentiable math kernel, None on
+    whatever kernel PyTorch picks."""
 
-    def __init__(self, fused: bool, d: int = 4, classes: int = 3) -> None:
+    def __init__(self, fused: bool | None, d: int = 4, classes: int = 3) -> None:
         super().__init__()
         self.fused = fused
         self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
@@ -46,8 +47,11 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x):
         q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION if self.fused else SDPBackend.MATH):
+        if self.fused is None:
             attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION if self.fused else SDPBackend.MATH):
+                attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.out(attended.transpose(1, 2).flatten(2))
         x = x + self.mlp(self.norm(x))
         return self.head(x.mean(1))
@@ -231,3 +235,17 @@ def test_checks_under_bf16_autocast_compute_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast, _ = product_with(model, batch, v, "finite_difference")
     assert torch.equal(plain, autocast)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused GPU attention kernels exist only with CUDA")
+def test_finite_differences_keep_the_fused_cuda_attention():
+    """On CUDA the products run on the memory-efficient kernel (no double backward) and agree with
+    double backward through the math kernel."""
+    torch.manual_seed(0)
+    model = AttentionBlock(fused=None).cuda()
+    batch = (torch.randn(4, 6, 4, device="cuda"), torch.randint(0, 3, (4,), device="cuda"))
+    lambda_max = hessian_eigenvalues(model, cross_entropy, batch, which="top", hvp_method="double_backward").lambda_max
+    v = unit(sum(p.numel() for p in model.parameters())).cuda()
+    product, operator = product_with(model, batch, v, "finite_difference")
+    exact, _ = product_with(model, batch, v, "double_backward")
+    assert float((product - exact).norm()) < 1e-3 * lambda_max
