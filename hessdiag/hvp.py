@@ -290,6 +290,7 @@ class HessianOperator:
         if self.requested_method == "finite_difference":
             self._loss = loss.detach()
             self._grads = tuple(self._split(self._gradient_without_graph(loss)))
+        del loss  # free its graph before the finite differences: they move the parameters it saved
         self._central = CentralDifference(self.params, self._gradient_without_graph)
         probe = self._probe_vector()
         pieces = self._split(probe)
