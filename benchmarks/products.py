@@ -4,8 +4,8 @@ Per model, side by side in one run: a gradient, a double-backward product throug
 (math attention, as hessdiag runs it), and a central-difference product (two gradients, no graph,
 attention on the kernels PyTorch picks: flash / memory-efficient on a GPU, the flash CPU kernel
 here). Prints times and peak memory as ratios to a gradient. Peak memory: CUDA allocator peak on
-a GPU; on the CPU the growth of the resident-set high-water mark in a fresh process per method
-(coarse: it includes allocator slack).
+a GPU; on the CPU (Linux) the growth of the resident-set high-water mark in a fresh process per
+method (coarse: it includes allocator slack).
 
 The finite-difference product is timed as `HessianOperator` computes it; the ReLU + BatchNorm
 ResNet-18 is not smooth, so a check would refuse finite differences on it (its figure is the
@@ -21,7 +21,6 @@ import argparse
 import json
 import multiprocessing
 import platform
-import resource
 import sys
 from datetime import date
 from pathlib import Path
@@ -102,10 +101,19 @@ def cpu_peak_bytes(name: str, size: str, method: str) -> int:
 
 def _cpu_peak_in_child(name: str, size: str, method: str) -> int:
     model, loss_fn, batch, _ = build(name, size, torch.device("cpu"))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _resident_high_water()
     with product_runner(method, model, loss_fn, batch) as run:
         run()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # Linux reports KiB
+    return _resident_high_water() - before
+
+
+def _resident_high_water() -> int:
+    """This process's peak resident set in bytes (Linux VmHWM: unlike getrusage's ru_maxrss, it
+    does not inherit the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: CPU peak memory needs Linux")
 
 
 def bench(name: str, size: str, device: torch.device, repeats: int) -> dict:
