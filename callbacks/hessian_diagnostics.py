@@ -156,7 +156,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         cold_every: int = 5,
         density_every: int = 10,
         mode: str = "train",
-        hvp_method: str = "double_backward",
+        hvp_method: str = "auto",
         loss_fn: LossHook | None = None,
         detectors: Sequence[Any] | None = None,
         update_ratios: bool = False,

@@ -10,6 +10,7 @@ from hessdiag.errors import (
     HessdiagWarning,
     LossClosureError,
     NonFiniteLossError,
+    NonSmoothLossError,
     SecondDerivativeError,
 )
 from hessdiag.hvp import HessianOperator, hessian_vector_product
@@ -48,5 +49,6 @@ __all__ = [
     "HessdiagWarning",
     "LossClosureError",
     "NonFiniteLossError",
+    "NonSmoothLossError",
     "SecondDerivativeError",
 ]

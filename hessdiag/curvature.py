@@ -133,7 +133,7 @@ class CurvatureProbe:
         cold_every: int = 5,
         sub_batch: int | None = None,
         mode: ModelMode = "train",
-        hvp_method: HVPMethod = "double_backward",
+        hvp_method: HVPMethod = "auto",
         params: Iterable[torch.Tensor] | None = None,
         density_every: int = 0,
         density_probes: int = 2,

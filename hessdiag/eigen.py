@@ -89,7 +89,7 @@ def hessian_eigenvalues(
     v0: torch.Tensor | HessianEigenvalues | None = None,
     params: Iterable[torch.Tensor] | None = None,
     mode: ModelMode = "train",
-    hvp_method: HVPMethod = "double_backward",
+    hvp_method: HVPMethod = "auto",
     warm_random: float = 0.3,
     seed: int = 0,
     basis: BasisStorage = "auto",
@@ -119,7 +119,9 @@ def hessian_eigenvalues(
         v0: warm start: a previous result, a vector (dim,) or a block (b, dim).
         params: parameters to take the Hessian over (default: all trainable ones).
         mode: "train" (default, the loss the optimizer sees), "eval" or "as_is".
-        hvp_method: "double_backward" (default) or "forward_over_reverse".
+        hvp_method: "auto" (default: double backward, cross-checked once against finite differences,
+            which replace it where it fails or is incomplete), "double_backward",
+            "forward_over_reverse" or "finite_difference" (see :mod:`hessdiag.hvp`).
         warm_random: weight of the random component mixed into a warm start.
         seed: seeds the random start vector and dropout inside the estimate.
         basis, memory_budget: where the Lanczos basis lives (see :mod:`hessdiag.lanczos`).
@@ -131,7 +133,8 @@ def hessian_eigenvalues(
 
     Raises:
         ValueError: bad arguments (no trainable parameters, k larger than the dimension, ...).
-        LossClosureError, NonFiniteLossError, SecondDerivativeError: see :mod:`hessdiag.errors`.
+        LossClosureError, NonFiniteLossError, SecondDerivativeError, NonSmoothLossError: see
+            :mod:`hessdiag.errors`.
     """
     operator = HessianOperator(
         model, loss_fn, batch, params=params, mode=mode, method=hvp_method, seed=seed, batch_size=batch_size

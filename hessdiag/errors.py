@@ -26,7 +26,7 @@ class LossClosureError(HessdiagError, ValueError):
 
 
 class SecondDerivativeError(HessdiagError):
-    """An operation in the loss has no second derivative, so no Hessian-vector product exists.
+    """An operation in the loss has no second derivative, so no exact Hessian-vector product exists.
 
     Attributes:
         op: the name of the operation PyTorch complained about, when it could be read from the
@@ -36,27 +36,55 @@ class SecondDerivativeError(HessdiagError):
     def __init__(self, original: BaseException, method: str) -> None:
         self.op = _op_name(str(original))
         named = f"`{self.op}`" if self.op else "an operation in the loss"
-        other = "forward_over_reverse" if method == "double_backward" else "double_backward"
         super().__init__(
-            f"{named} has no second derivative ({method} HVP failed: {original}). Replace it with a "
-            f"twice-differentiable equivalent (e.g. a math implementation), restrict `params=` to the "
-            f"parameters after it, or try `hvp_method='{other}'`."
+            f"{named} cannot be differentiated twice ({method} HVP failed: {original}). Use "
+            "`hvp_method='finite_difference'` (central differences of ordinary gradients, which need first "
+            "derivatives only; `hvp_method='auto'` picks it), replace the op with a twice-differentiable "
+            "equivalent, or restrict `params=` to the parameters after it."
         )
 
 
+class NonSmoothLossError(HessdiagError):
+    """Finite differences of the gradient disagree with themselves: the loss is not smooth.
+
+    Differences of gradients are a Hessian only where the gradient is differentiable; across ReLU
+    kinks (units switching on and off between theta - eps v and theta + eps v) they are not.
+
+    Attributes:
+        relative_disagreement: ||D(eps) - D(2 eps)|| / ||D(eps)|| on the measured vector.
+    """
+
+    def __init__(self, relative_disagreement: float, threshold: float, why: str = "") -> None:
+        self.relative_disagreement = relative_disagreement
+        super().__init__(
+            f"Finite-difference Hessian-vector products at two step sizes differ by {relative_disagreement:.2g} of "
+            f"their size (at most {threshold:g} on a smooth loss): the gradient jumps (ReLU-like kinks), so "
+            f"differences of gradients are not the Hessian here.{why} Use `hvp_method='double_backward'` (exact "
+            "almost everywhere for piecewise-linear activations), or a smooth activation (GELU, SiLU)."
+        )
+
+
+#: checkpoint(use_reentrant=True) refuses torch.autograd.grad (wording of torch 2.x releases).
+_REENTRANT_CHECKPOINT = re.compile(r"(?:not compatible|incompatible) with \.grad\(\)")
+
 _OP_PATTERNS = (
-    r"derivative for (\S+) is not implemented",
+    r"derivative for '?([^'\s]+)'? is not implemented",
     r"function (\S+) returned an incorrect number",
     r"trying to differentiate twice a function that was marked with @once_differentiable",
     r"(\S+Backward\d*) (?:is not|does not)",
+    r"forward AD (?:with|for) (\S+?)(?: |$)",
 )
 
 
 def _op_name(message: str) -> str | None:
+    if _REENTRANT_CHECKPOINT.search(message):
+        return "checkpoint(use_reentrant=True)"
     for pattern in _OP_PATTERNS:
         match = re.search(pattern, message)
         if match:
             return match.group(1) if match.groups() else "a @once_differentiable autograd.Function"
+    if "setup_context" in message:
+        return "an autograd.Function without setup_context"
     return None
 
 
@@ -68,7 +96,8 @@ def is_missing_second_derivative(error: BaseException) -> bool:
         for marker in (
             "is not implemented",
             "once_differentiable",
-            "not supported for forward AD",
-            "Trying to use forward AD",
+            "forward AD",
+            "ZeroTensors are immutable",  # forward_over_reverse through some GroupNorm/SiLU graphs
+            "must override the setup_context staticmethod",  # an autograd.Function under torch.func
         )
-    )
+    ) or bool(_REENTRANT_CHECKPOINT.search(message))

@@ -1,14 +1,20 @@
-"""Exact Hessian-vector products of a user loss closure.
+"""Hessian-vector products of a user loss closure.
 
 `HessianOperator` turns ``loss_fn(model, batch) -> scalar`` into the symmetric linear operator
-v -> H v on flat vectors over the chosen parameters. Two methods:
+v -> H v on flat vectors over the chosen parameters. Methods:
 
-* ``"double_backward"`` (default): the gradient graph is built once (``create_graph=True``) and every
+* ``"double_backward"``: the gradient graph is built once (``create_graph=True``) and every
   product is one backward-of-backward through it. Measured on an H100 (ResNet-18, batch 128):
-  3.9x a gradient, 1.4 GB peak.
+  3.9x a gradient, 1.4 GB peak. Exact, but only where every op's backward is differentiable.
 * ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``; one forward and backward
   per product (8.3x a gradient, 2.6 GB on the same model), for ops whose backward is not itself
   differentiable but has a forward-mode rule.
+* ``"finite_difference"``: central differences of ordinary gradients (see
+  :mod:`hessdiag.finite_difference`): two gradients per product, no graph kept, fused kernels as
+  they are; its error is measured, and a non-smooth loss is refused.
+* ``"auto"`` (default): double backward, cross-checked once per operator against finite
+  differences on a random vector; finite differences where double backward fails or disagrees
+  (a backward that is not differentiable: autograd drops its second-order term without a word).
 
 The operator is the loss the optimizer sees and leaves no trace (see :mod:`hessdiag._isolation`):
 open it with ``with``; on exit the graph is freed and modes, buffers and RNG are put back.
@@ -23,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hessdiag import _distributed
 from hessdiag._isolation import MODEL_MODES, ModelMode, isolation, seed_rng, unwrap_model
@@ -31,13 +38,22 @@ from hessdiag.errors import (
     HessdiagWarning,
     LossClosureError,
     NonFiniteLossError,
+    NonSmoothLossError,
     SecondDerivativeError,
     is_missing_second_derivative,
 )
+from hessdiag.finite_difference import (
+    NON_SMOOTH_DISAGREEMENT,
+    CentralDifference,
+    Measurement,
+    gradient_by_backward,
+    refuses_autograd_grad,
+)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-HVPMethod = Literal["double_backward", "forward_over_reverse"]
-HVP_METHODS: tuple[str, ...] = ("double_backward", "forward_over_reverse")
+HVPMethod = Literal["auto", "double_backward", "forward_over_reverse", "finite_difference"]
+HVP_METHODS: tuple[str, ...] = ("auto", "double_backward", "forward_over_reverse", "finite_difference")
+_EXACT_METHODS = ("double_backward", "forward_over_reverse")
 
 
 def trainable_parameters(model: nn.Module, params: Iterable[torch.Tensor] | None) -> list[torch.Tensor]:
@@ -105,7 +121,8 @@ class HessianOperator:
         params: parameters to differentiate (default: all with ``requires_grad``).
         mode: ``"train"`` (default: dropout on, BatchNorm on batch statistics, as the optimizer
             sees it), ``"eval"``, or ``"as_is"`` (keep each module's current mode).
-        method: ``"double_backward"`` (default) or ``"forward_over_reverse"``.
+        method: ``"auto"`` (default), ``"double_backward"``, ``"forward_over_reverse"`` or
+            ``"finite_difference"`` (see the module docstring).
         seed: seeds dropout inside the estimate, so every product uses the same masks.
         batch_size: this rank's number of samples, to weight ranks under data parallelism
             (default: the leading dimension of the first tensor in `batch`).
@@ -116,7 +133,19 @@ class HessianOperator:
         LossClosureError: `loss_fn` raised on `batch` or did not return a scalar tensor that
             depends on the parameters.
         NonFiniteLossError: the loss is NaN or infinite.
-        SecondDerivativeError: an op of the loss has no second derivative.
+        SecondDerivativeError: an op of the loss cannot be differentiated twice (exact methods).
+        NonSmoothLossError: finite differences were needed (asked for, or double backward failed)
+            and the loss is not smooth enough for them.
+
+    Attributes set on entering (for logging):
+        method: the method the products use: `method` as asked, or what ``"auto"`` chose.
+        method_reason: why (``"asked for"`` or what the cross-check found).
+        product_error: the error of one product, ``||computed H v - H v||`` for a unit v beyond
+            floating-point rounding, that Lanczos adds to its bounds. 0 for the exact methods (a
+            bound, given their preconditions hold; ``"auto"`` checks them on one vector). For finite
+            differences an *estimate*, not a bound: ||D(eps) - D(2 eps)|| measured on one random
+            unit vector (see :class:`hessdiag.finite_difference.Measurement`); products along
+            directions of larger third derivative can be worse.
     """
 
     def __init__(
@@ -127,7 +156,7 @@ class HessianOperator:
         *,
         params: Iterable[torch.Tensor] | None = None,
         mode: ModelMode = "train",
-        method: HVPMethod = "double_backward",
+        method: HVPMethod = "auto",
         seed: int = 0,
         batch_size: int | None = None,
         distributed: bool = True,
@@ -143,14 +172,14 @@ class HessianOperator:
         self.loss_fn = loss_fn
         self.batch = batch
         self.mode: ModelMode = mode
+        self.requested_method: HVPMethod = method
         self.method: HVPMethod = method
+        self.method_reason: str = "asked for"
         self.seed = int(seed)
         self.device: torch.device = self.params[0].device
         self.dtype: torch.dtype = self.params[0].dtype
         self.dim: int = sum(p.numel() for p in self.params)
         self.num_hvps: int = 0
-        # A bound on ||computed H v - H v|| for a unit v beyond floating-point rounding: 0 for the
-        # exact methods; measured for finite differences. Lanczos adds it to its error bounds.
         self.product_error: float = 0.0
         self._share = 1.0
         self._distributed = distributed and _distributed.is_data_parallel()
@@ -158,9 +187,16 @@ class HessianOperator:
         self._stack: contextlib.ExitStack | None = None
         self._grads: tuple[torch.Tensor | None, ...] = ()
         self._loss: torch.Tensor | None = None
+        self._central: CentralDifference | None = None
+        # Local D(eps), D(2 eps) on the probe vector, finished (all-reduced) once every rank has built.
+        self._probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._exact_failure: SecondDerivativeError | None = None
+        self._attention: list[SDPBackend] = []
+        self._plain_backward = False  # reentrant checkpointing: gradients by loss.backward() only
 
     # -- lifetime -------------------------------------------------------------------------
     def __enter__(self) -> HessianOperator:
+        self._attention = _enabled_attention_backends()
         stack = contextlib.ExitStack()
         stack.enter_context(isolation(self.model, self.mode, self.device))
         try:
@@ -170,6 +206,8 @@ class HessianOperator:
                     raise ValueError("Cannot infer the batch size for data-parallel weighting: pass `batch_size=`.")
                 self._share = _distributed.batch_share(size, self.device)
             self._build_on_every_rank()
+            if self.requested_method not in _EXACT_METHODS:
+                self._settle_method()
         except BaseException:
             self._release()
             stack.close()
@@ -186,6 +224,8 @@ class HessianOperator:
     def _release(self) -> None:
         self._grads = ()
         self._loss = None
+        self._central = None
+        self._probe = None
 
     def _build_on_every_rank(self) -> None:
         """Build the graph; under data parallelism, all ranks agree that it worked before any
@@ -223,8 +263,7 @@ class HessianOperator:
             raise LossClosureError(f"loss_fn(model, batch) must return a real scalar tensor, got {got}.")
         return loss.reshape(())
 
-    def _build(self) -> None:
-        """Forward once and keep the differentiable gradient graph for all products."""
+    def _checked_loss(self) -> torch.Tensor:
         loss = self._evaluate_loss(self.model)
         if not loss.requires_grad:
             raise LossClosureError(
@@ -232,17 +271,158 @@ class HessianOperator:
             )
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"The loss is {loss.item()} on this batch; the Hessian is undefined there.")
-        create_graph = self.method == "double_backward"
+        return loss
+
+    def _build(self) -> None:
+        """This rank's part of entering: everything that needs no collective.
+
+        Exact methods: forward once and keep the gradient graph for all products. Finite
+        differences and "auto": the two central differences on the probe vector (they move the
+        parameters in place, so they come before any graph that saved them), then the gradient:
+        with its graph for "auto", which tries double backward first.
+        """
+        if self.requested_method in _EXACT_METHODS:
+            self._build_exact(self._checked_loss())
+            if self.method == "double_backward":
+                self._warn_constant_gradients()
+            return
+        loss = self._checked_loss()
+        if self.requested_method == "finite_difference":
+            self._loss = loss.detach()
+            self._grads = tuple(self._split(self._gradient_without_graph(loss)))
+        del loss  # free its graph before the finite differences: they move the parameters it saved
+        self._central = CentralDifference(self.params, self._gradient_without_graph)
+        probe = self._probe_vector()
+        pieces = self._split(probe)
+        self._probe = (probe, self._central.product(pieces), self._central.product(pieces, 2 * self._central.eps))
+        if self.requested_method == "finite_difference":
+            return
+        # "auto": the finite differences moved the parameters in place, so the graph comes after them.
+        loss = self._checked_loss()
+        try:
+            self._build_exact(loss, method="double_backward")
+        except SecondDerivativeError as error:
+            self._exact_failure = error
+            loss = self._checked_loss()  # the failed double backward may have freed part of the graph
+            self._loss = loss.detach()
+            self._grads = tuple(self._split(self._gradient_without_graph(loss)))
+
+    def _build_exact(self, loss: torch.Tensor, method: str | None = None) -> None:
+        method = method or self.method
+        create_graph = method == "double_backward"
         try:
             grads = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
         except RuntimeError as error:
             if is_missing_second_derivative(error):
-                raise SecondDerivativeError(error, self.method) from error
+                raise SecondDerivativeError(error, method) from error
             raise
         self._loss = loss.detach()
         self._grads = grads if create_graph else tuple(None if g is None else g.detach() for g in grads)
-        if create_graph:
-            self._warn_constant_gradients()
+
+    def _gradient_without_graph(self, loss: torch.Tensor | None = None) -> torch.Tensor:
+        """The flat local gradient at the parameters' current values (of `loss` when given), with
+        the attention kernels the user has enabled (fused ones included: only first derivatives
+        are taken)."""
+        with sdpa_kernel(self._attention):
+            if loss is None:
+                loss = self._evaluate_loss(self.model)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"The loss is {loss.item()} at a finite-difference step from the parameters; "
+                        "use `hvp_method='double_backward'`."
+                    )
+            if not self._plain_backward:
+                try:
+                    return self._flatten(torch.autograd.grad(loss, self.params, allow_unused=True))
+                except RuntimeError as error:
+                    if not refuses_autograd_grad(error):
+                        raise
+                    self._plain_backward = True
+                    loss = self._evaluate_loss(self.model)  # the refused backward freed part of the graph
+            return self._flatten(gradient_by_backward(loss, self.params, list(self.model.parameters())))
+
+    def _probe_vector(self) -> torch.Tensor:
+        """A random unit vector, the same on every rank (seeded by `seed`)."""
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        vector = torch.randn(self.dim, generator=generator, device=self.device, dtype=self.dtype)
+        return vector / torch.linalg.vector_norm(vector)
+
+    def _settle_method(self) -> None:
+        """Measure finite differences on the probe vector and, for "auto", cross-check double
+        backward against them; set `method`, `method_reason` and `product_error`. Runs on every
+        rank on global (all-reduced) products, so all ranks decide alike."""
+        assert self._probe is not None and self._central is not None
+        probe, fine, coarse = self._probe
+        self._probe = None
+        fine, coarse = self._finish(fine), self._finish(coarse)
+        measured = Measurement.of(fine, coarse, self._central.eps)
+        if self.requested_method == "finite_difference":
+            self._use_finite_difference(measured, "asked for")
+            return
+        exact = None
+        failure = self._exact_failure
+        if failure is None:
+            try:
+                exact = self._finish(self._double_backward(self._split(probe)))
+            except RuntimeError as error:
+                if not is_missing_second_derivative(error):
+                    raise
+                failure = SecondDerivativeError(error, "double_backward")
+        if failure is not None:
+            self._exact_failure = None
+            self._grads = tuple(None if g is None else g.detach() for g in self._grads)
+            reason = f"double backward failed: {failure.op or 'an op of the loss'} cannot be differentiated twice"
+            self._use_finite_difference(measured, reason)
+            return
+        if not measured.smooth:
+            self._check_symmetry(probe, exact, measured)
+            self._use_double_backward("the loss is not smooth, finite differences cannot check double backward; it is symmetric")
+            return
+        disagreement = float(torch.linalg.vector_norm(exact - fine))
+        size = float(torch.linalg.vector_norm(fine))
+        # Within the finite differences' own error (x4: it is an estimate) or their rounding floor.
+        tolerance = 4 * measured.error + torch.finfo(self.dtype).eps ** 0.5 * size
+        if disagreement <= tolerance:
+            self._use_double_backward(f"double backward agrees with finite differences ({disagreement / size:.1e} of a product)")
+            return
+        self._grads = tuple(None if g is None else g.detach() for g in self._grads)
+        self._use_finite_difference(
+            measured,
+            f"double backward is incomplete: it differs from finite differences by {disagreement / size:.2g} of a "
+            "product (a backward that is not differentiable, e.g. @once_differentiable or .detach() inside it)",
+        )
+
+    def _check_symmetry(self, probe: torch.Tensor, product: torch.Tensor, measured: Measurement) -> None:
+        """u.Hw = w.Hu for exact products; a dropped second-order term breaks it. Needs one more
+        product (of a second random vector w)."""
+        generator = torch.Generator(device=self.device).manual_seed(self.seed + 1)
+        other = torch.randn(self.dim, generator=generator, device=self.device, dtype=self.dtype)
+        other /= torch.linalg.vector_norm(other)
+        other_product = self._finish(self._double_backward(self._split(other)))
+        defect = abs(float(probe @ other_product - other @ product))
+        scale = float(torch.linalg.vector_norm(product) + torch.linalg.vector_norm(other_product))
+        if defect > torch.finfo(self.dtype).eps ** 0.5 * scale:
+            raise NonSmoothLossError(
+                measured.relative,
+                NON_SMOOTH_DISAGREEMENT,
+                f" Double backward is incomplete too: u.Hw - w.Hu = {defect:.2g} (of {scale:.2g}) on two random vectors "
+                "(a backward that is not differentiable, e.g. @once_differentiable or .detach() inside it), so no "
+                "method works here: make that backward differentiable.",
+            )
+
+    def _use_double_backward(self, reason: str) -> None:
+        self.method = "double_backward"
+        self.method_reason = reason
+        self._central = None
+        self._warn_constant_gradients()
+
+    def _use_finite_difference(self, measured: Measurement, reason: str) -> None:
+        if not measured.smooth:
+            why = "" if reason == "asked for" else f" Finite differences were needed because {reason}, so no method works here."
+            raise NonSmoothLossError(measured.relative, NON_SMOOTH_DISAGREEMENT, why)
+        self.method = "finite_difference"
+        self.method_reason = reason
+        self.product_error = measured.error
 
     def _warn_constant_gradients(self) -> None:
         """A gradient with no graph is constant in the parameters: its Hessian rows are zero. That
@@ -299,8 +479,11 @@ class HessianOperator:
         try:
             if self.method == "double_backward":
                 product = self._double_backward(pieces)
-            else:
+            elif self.method == "forward_over_reverse":
                 product = self._forward_over_reverse(pieces)
+            else:
+                assert self._central is not None
+                product = self._central.product(pieces)
         except RuntimeError as error:
             if is_missing_second_derivative(error):
                 raise SecondDerivativeError(error, self.method) from error
@@ -385,6 +568,21 @@ def hessian_vector_product(
     with HessianOperator(model, loss_fn, batch, **options) as operator:
         flat = vector if isinstance(vector, torch.Tensor) else torch.cat([t.reshape(-1) for t in vector])
         return [t.clone() for t in operator._split(operator.matvec(flat))]
+
+
+def _enabled_attention_backends() -> list[SDPBackend]:
+    """The scaled-dot-product attention backends the user has enabled (math at least)."""
+    enabled = [
+        backend
+        for backend, on in (
+            (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
+            (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
+            (SDPBackend.CUDNN_ATTENTION, torch.backends.cuda.cudnn_sdp_enabled()),
+            (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled()),
+        )
+        if on
+    ]
+    return enabled or [SDPBackend.MATH]
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,7 @@ class Monitor:
         cold_every: int = 5,
         density_every: int = 10,
         mode: ModelMode = "train",
-        hvp_method: HVPMethod = "double_backward",
+        hvp_method: HVPMethod = "auto",
         params: Iterable[torch.Tensor] | None = None,
         detectors: Sequence[Any] | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
