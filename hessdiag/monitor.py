@@ -34,18 +34,12 @@ from torch import nn
 from hessdiag import _distributed
 from hessdiag._isolation import ModelMode, unwrap_model
 from hessdiag.curvature import CurvatureCheck, CurvatureProbe
-from hessdiag.detectors import (
-    EdgeOfStabilityDetector,
-    ExplodingGradientDetector,
-    PlateauDetector,
-    SaddleDetector,
-    VanishingGradientDetector,
-)
 from hessdiag.errors import HessdiagError, HessdiagWarning
-from hessdiag.flags import FLAG_NAMES, FlagEvent
+from hessdiag.flags import FlagEvent
 from hessdiag.gradients import GradientStats
 from hessdiag.hvp import HVPMethod, LossFn
 from hessdiag.schedule import CheckEvery, CheckSchedule
+from hessdiag.settings import DiagnosticsSettings, resolve_detectors
 from hessdiag.tensorboard import PREFIX, DiagnosticsWriter, TensorBoardWriter
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -111,8 +105,11 @@ class Monitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        if not isinstance(log_every, int) or log_every < 1:
-            raise ValueError(f"`log_every` must be an int >= 1, got {log_every!r}.")
+        self.settings = DiagnosticsSettings(
+            check_every=check_every, overhead_budget=overhead_budget, log_every=log_every, sub_batch=sub_batch, k=k,
+            tol=tol, max_iter=max_iter, cold_every=cold_every, density_every=density_every, mode=mode,
+            hvp_method=hvp_method, update_ratios=update_ratios, strict=strict,
+        )  # fmt: skip
         self.schedule = CheckSchedule(check_every, overhead_budget)
         if self.schedule.enabled and loss_fn is None:
             raise ValueError("`loss_fn` is required for curvature checks (or set `check_every=0`).")
@@ -138,27 +135,14 @@ class Monitor:
             if loss_fn is not None
             else None
         )
-        self.detectors = {d.name: d for d in (detectors if detectors is not None else self._default_detectors())}
-        unknown = set(self.detectors) - set(FLAG_NAMES)
-        if unknown:
-            raise ValueError(f"`detectors` must be hessdiag detectors with names in {FLAG_NAMES}, got {sorted(unknown)}.")
+        self.detectors = {d.name: d for d in resolve_detectors(detectors)}
         self.step = 0
         self.events: list[FlagEvent] = []
         self.checks: list[CurvatureCheck] = []
-        self._losses: list[torch.Tensor] = []
+        self._losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) given since the last read-back
         self._warned: set[str] = set()
 
     # -- construction helpers ------------------------------------------------------------
-    @staticmethod
-    def _default_detectors() -> list[Any]:
-        return [
-            ExplodingGradientDetector(),
-            VanishingGradientDetector(),
-            PlateauDetector(),
-            SaddleDetector(),
-            EdgeOfStabilityDetector(),
-        ]
-
     @staticmethod
     def _writers(writer: Any) -> list[DiagnosticsWriter]:
         if writer is None:
@@ -188,19 +172,22 @@ class Monitor:
 
     def after_backward(self) -> None:
         """Record this step's gradient statistics; call when the gradients are final (accumulated,
-        all-reduced, unscaled). No host-device synchronisation: values stay on the device."""
+        all-reduced, unscaled). No host-device synchronisation: values stay on the device. Calling it
+        several times before :meth:`after_step` (an LBFGS closure) still makes one record of the step."""
         with self._guard("the gradient statistics"):
             self.gradients.observe(self.step + 1)
 
     def after_step(self, batch: Any = None, loss: torch.Tensor | float | None = None) -> list[FlagEvent]:
         """Count an optimizer step and its `loss`; read back, detect and log every `log_every` steps;
-        run a curvature check on `batch` every `check_every` steps. Returns the new flag events."""
+        run a curvature check on `batch` every `check_every` steps. Returns the new flag events.
+
+        `loss` is copied (one kernel, no host read), so a buffer the loop reuses is safe to pass.
+        """
         self.step += 1
         events: list[FlagEvent] = []
-        value = None
-        with self._guard("the per-step statistics"):
-            value = self._loss_value(loss)
-        self._losses.append(torch.tensor(math.nan) if value is None else value)  # one per step, in order
+        if loss is not None:
+            with self._guard("the per-step statistics"):
+                self._losses.append((self.step, self._loss_value(loss)))
         if self.step % self.log_every == 0:
             with self._guard("the per-step statistics"):
                 events += self._read_back()
@@ -210,33 +197,52 @@ class Monitor:
         return events
 
     # -- per-step statistics ---------------------------------------------------------------
-    def _loss_value(self, loss: torch.Tensor | float | None) -> torch.Tensor:
-        """The step's loss as a 0-d tensor, left on its device (no sync); NaN when not given."""
+    def _loss_value(self, loss: torch.Tensor | float) -> torch.Tensor:
+        """The step's loss as a 0-d float32 copy, left on its device (no sync)."""
         if not isinstance(loss, torch.Tensor):
-            return torch.tensor(math.nan if loss is None else float(loss))
+            return torch.tensor(float(loss))
         if loss.numel() == 1:
-            return loss.detach().float().reshape(())  # a view: no kernel on the per-step path
+            return loss.detach().to(torch.float32, copy=True).reshape(())
         self._warn_once(
             "loss shape",
             f"hessdiag: `loss` should be the scalar training loss, got shape {tuple(loss.shape)}; its mean is used.",
         )
         return loss.detach().float().mean()
 
-    def _read_back(self) -> list[FlagEvent]:
-        """One transfer for everything since the last read-back; feed the per-step detectors."""
-        readout = self.gradients.read()
-        losses_on_device, self._losses = self._losses, []
-        if readout is None:
-            return []
+    def _pending_losses(self) -> dict[int, float]:
+        """The losses given since the last read-back, by step (one transfer; the rank mean under DDP)."""
+        pending, self._losses = self._losses, []
+        if not pending:
+            return {}
         device = self.gradients_device
-        losses = torch.stack([loss.to(device) for loss in losses_on_device]) if losses_on_device else None
-        if losses is not None and _distributed.is_data_parallel():  # every rank must decide the same
+        losses = torch.stack([loss.to(device) for _, loss in pending])
+        if _distributed.is_data_parallel():  # every rank must decide the same
             losses = _distributed.all_reduce_sum_(losses) / torch.distributed.get_world_size()
-        loss_values = losses.cpu().tolist() if losses is not None else []
-        loss_values += [math.nan] * (len(readout.steps) - len(loss_values))
+        return dict(zip((step for step, _ in pending), losses.cpu().tolist()))
+
+    def _read_back(self) -> list[FlagEvent]:
+        """One transfer for everything since the last read-back; feed the per-step detectors.
+
+        A step is judged on what was measured: without its loss (``after_step(loss=None)``) the
+        exploding and plateau rules skip it; without gradients (no :meth:`after_backward`) only a
+        non-finite loss is judged. No placeholder value reaches a detector.
+        """
+        readout = self.gradients.read()
+        losses = self._pending_losses()
+        if readout is None:
+            return self._judge_losses_only(losses)
+        if len(losses) < len(readout.steps):
+            self._warn_once(
+                "no loss",
+                "hessdiag: `after_step` was called without the step's `loss`; the exploding and plateau detectors "
+                "skip such steps. Pass `monitor.after_step(batch, loss)`.",
+            )
         events: list[FlagEvent] = []
         scaling = self.grad_scaler is not None and self.grad_scaler.is_enabled()
-        for index, (step, loss) in enumerate(zip(readout.steps, loss_values)):
+        for index, step in enumerate(readout.steps):
+            loss = losses.get(step)
+            if loss is None:
+                continue
             overflow_skip = scaling and readout.nonfinite_tensors[index] > 0 and math.isfinite(loss)
             self.overflow_skips += overflow_skip
             events += self._update(
@@ -250,7 +256,9 @@ class Monitor:
         events += self._update(
             "vanishing", step, layer_grad_norms=readout.layer_grad_norms[-1], layer_weight_norms=readout.layer_weight_norms
         )
-        scalars = {f"{PREFIX}/grad_norm": readout.grad_norms[-1], f"{PREFIX}/loss": loss_values[-1]}
+        scalars = {f"{PREFIX}/grad_norm": readout.grad_norms[-1]}
+        if losses:
+            scalars[f"{PREFIX}/loss"] = losses[max(losses)]
         if scaling:
             scalars[f"{PREFIX}/overflow_skips"] = float(self.overflow_skips)
         for name, value in readout.layer_grad_norms[-1]:
@@ -264,6 +272,23 @@ class Monitor:
         scalars |= self._flag_scalars()
         histograms = {f"{PREFIX}/layer_grad_norms": torch.tensor([v for _, v in readout.layer_grad_norms[-1]])}
         self._emit(step, scalars, events, histograms)
+        return events
+
+    def _judge_losses_only(self, losses: Mapping[int, float]) -> list[FlagEvent]:
+        """Steps with a loss but no gradient statistics: log the loss, flag it if it is not finite."""
+        if not losses:
+            return []
+        self._warn_once(
+            "no after_backward",
+            "hessdiag: `after_step` was called without `after_backward`: no gradient statistics, so only the loss "
+            "is logged and a non-finite loss flagged. Call `monitor.after_backward()` after `loss.backward()`.",
+        )
+        events: list[FlagEvent] = []
+        for step, loss in losses.items():
+            if not math.isfinite(loss):
+                events += self._update("exploding", step, loss=loss, grad_norm=math.nan)
+        step = max(losses)
+        self._emit(step, {f"{PREFIX}/loss": losses[step]} | self._flag_scalars(), events, {})
         return events
 
     @property
