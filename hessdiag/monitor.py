@@ -13,6 +13,9 @@ sends what it finds to writers (TensorBoard). A loop calls it at two points::
         monitor.after_step(batch, loss)  # every `log_every` steps: read back, detect, log;
                                          # every `check_every` steps: curvature on `batch`
 
+Under gradient accumulation pass the step's micro-batches as ``hessdiag.MicroBatches([...])`` and
+the step's mean loss: the check then measures the loss the optimizer steps on.
+
 The per-step path never synchronises host and device: statistics stay on the device and are read
 back in one transfer every `log_every` steps. Diagnostics never change the run (parameters,
 buffers, optimizer state, RNG, ``.grad``) and never crash it: a failing check is reported once,
@@ -33,7 +36,8 @@ from torch import nn
 
 from hessdiag import _distributed
 from hessdiag._isolation import ModelMode, unwrap_model
-from hessdiag.curvature import CurvatureCheck, CurvatureProbe
+from hessdiag.batches import MicroBatches
+from hessdiag.curvature import CurvatureCheck, CurvatureProbe, RankWeighting
 from hessdiag.errors import HessdiagError, HessdiagWarning
 from hessdiag.flags import FlagEvent
 from hessdiag.gradients import GradientStats
@@ -61,8 +65,17 @@ class Monitor:
             (see :mod:`hessdiag.schedule`).
         overhead_budget: share of the wall time the checks may take with ``check_every="auto"``.
         log_every: steps between read-backs of the gradient statistics (detection and logging).
-        sub_batch: samples of the batch used by a curvature check (default: the whole batch).
-        k, tol, max_iter, cold_every, mode, hvp_method, params: see :class:`CurvatureProbe`.
+        sub_batch: samples of the batch used by a curvature check (default: the whole batch; of each
+            micro-batch for :class:`~hessdiag.MicroBatches`). Every tensor of the batch is cut along
+            its first dimension; a batch whose tensors differ there is refused (the check fails
+            with a warning naming `sub_batch`).
+        k, tol, max_iter, cold_every, hvp_method, params: see :class:`CurvatureProbe`.
+        mode: the module modes of a check: ``"as_is"`` (default): each module keeps the mode it had
+            in the training step (a frozen backbone held in eval stays in eval); ``"train"`` or
+            ``"eval"``: the whole model in that mode.
+        rank_weighting: under data parallelism, ``"equal"`` (default): the check's loss is the mean
+            of the ranks' mean losses, which is what DDP's gradient averaging descends;
+            ``"samples"``: the mean over all the ranks' samples.
         density_every: every n-th check also logs the spectral density (0: never).
         detectors: the detectors to run (default: one of each, with default thresholds).
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 mixed-precision loop (call
@@ -95,9 +108,10 @@ class Monitor:
         max_iter: int | None = None,
         cold_every: int = 5,
         density_every: int = 10,
-        mode: ModelMode = "train",
+        mode: ModelMode = "as_is",
         hvp_method: HVPMethod = "double_backward",
         params: Iterable[torch.Tensor] | None = None,
+        rank_weighting: RankWeighting = "equal",
         detectors: Sequence[Any] | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         update_ratios: bool = False,
@@ -108,7 +122,7 @@ class Monitor:
         self.settings = DiagnosticsSettings(
             check_every=check_every, overhead_budget=overhead_budget, log_every=log_every, sub_batch=sub_batch, k=k,
             tol=tol, max_iter=max_iter, cold_every=cold_every, density_every=density_every, mode=mode,
-            hvp_method=hvp_method, update_ratios=update_ratios, strict=strict,
+            hvp_method=hvp_method, rank_weighting=rank_weighting, update_ratios=update_ratios, strict=strict,
         )  # fmt: skip
         self.schedule = CheckSchedule(check_every, overhead_budget)
         if self.schedule.enabled and loss_fn is None:
@@ -130,7 +144,8 @@ class Monitor:
         self.probe = (
             CurvatureProbe(
                 model, loss_fn, k=k, tol=tol, max_iter=max_iter, cold_every=cold_every, sub_batch=sub_batch,
-                mode=mode, hvp_method=hvp_method, params=params, density_every=density_every,
+                mode=mode, hvp_method=hvp_method, params=params, rank_weighting=rank_weighting,
+                density_every=density_every,
             )  # fmt: skip
             if loss_fn is not None
             else None
@@ -347,7 +362,7 @@ class Monitor:
                 if _is_out_of_memory(error) and attempt < 2:
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
-                    size = _distributed.infer_batch_size(batch)
+                    size = _distributed.infer_batch_size(batch[0] if isinstance(batch, MicroBatches) else batch)
                     sub_batch = max(1, (sub_batch or self.probe.sub_batch or size or 2) // 2)
                     self._warn_once("oom", f"Out of memory in a curvature check; retrying on {sub_batch} samples.")
                     self.probe.warm_vectors = self.probe.warm_preconditioned = None
@@ -389,6 +404,12 @@ class Monitor:
         for writer in self.writers:
             with self._guard(f"{type(writer).__name__}.{method}"):
                 getattr(writer, method)(*args)
+
+    def note(self, key: str, message: str) -> None:
+        """Report a fallback once: a warning, and a text entry on the dashboard."""
+        if key not in self._warned:
+            self._warn_once(key, message)
+            self._write("text", self.step, f"{PREFIX}/notes/{key}", message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hessdiag._isolation import MODEL_MODES, ModelMode
+from hessdiag.curvature import RankWeighting
 from hessdiag.detectors import (
     EdgeOfStabilityDetector,
     ExplodingGradientDetector,
@@ -56,6 +57,7 @@ class DiagnosticsSettings:
     density_every: int = 10
     mode: ModelMode = "as_is"
     hvp_method: HVPMethod = "double_backward"
+    rank_weighting: RankWeighting = "equal"
     update_ratios: bool = False
     strict: bool = False
 
@@ -82,6 +84,8 @@ class DiagnosticsSettings:
             raise ValueError(f"`mode` must be one of {MODEL_MODES}, got {self.mode!r}.")
         if self.hvp_method not in HVP_METHODS:
             raise ValueError(f"`hvp_method` must be one of {HVP_METHODS}, got {self.hvp_method!r}.")
+        if self.rank_weighting not in ("equal", "samples"):
+            raise ValueError(f"`rank_weighting` must be 'equal' or 'samples', got {self.rank_weighting!r}.")
         for name in ("update_ratios", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
