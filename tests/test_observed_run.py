@@ -452,3 +452,27 @@ def test_a_fresh_fit_after_a_resumed_one_starts_fresh(tmp_path):
     assert resumed.monitor.step == 9
     fit(tmp_path / "fresh", Net(), [resumed], 4, loader())
     assert resumed.monitor.step == 4 and [c.step for c in resumed.monitor.checks] == [3]
+
+
+@pytest.mark.parametrize(("frozen_size", "undone"), [(4, True), (400, False)])  # budget: 8 x 21 checked parameters
+def test_a_closure_that_changes_parameters_outside_the_check_is_undone_or_refused(frozen_size, undone):
+    """Within the snapshot budget the change is undone bit for bit; beyond it (a large frozen base)
+    the check is refused with a message that says to define `hessdiag_loss`."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3), nn.Linear(frozen_size, 1))
+    model[1].requires_grad_(False)
+    before = model[1].weight.detach().clone()
+
+    def drifting_loss(m, batch):
+        with torch.no_grad():
+            m[1].weight.add_(1.0)  # an EMA-like update outside the Hessian's parameters
+        return cross_entropy(m[0], batch)
+
+    monitor = Monitor(model, drifting_loss, check_every=0, params=list(model[0].parameters()), strict=True)
+    x, y = data(dtype=torch.float32)
+    if undone:
+        monitor.check_curvature((x, y))
+        assert torch.equal(model[1].weight, before)
+    else:
+        with pytest.raises(hessdiag.LossClosureError, match="hessdiag_loss"):
+            monitor.check_curvature((x, y))
