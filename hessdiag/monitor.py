@@ -77,7 +77,8 @@ class Monitor:
             of the ranks' mean losses, which is what DDP's gradient averaging descends;
             ``"samples"``: the mean over all the ranks' samples.
         density_every: every n-th check also logs the spectral density (0: never).
-        detectors: the detectors to run (default: one of each, with default thresholds).
+        detectors: the detectors to run: flag names (defaults) or detector instances (default: one of
+            each, with default thresholds).
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 mixed-precision loop (call
             :meth:`after_backward` after ``scaler.unscale_(optimizer)``). Steps whose gradients
             overflow are then skipped steps of the scaler, not explosions: they are counted
