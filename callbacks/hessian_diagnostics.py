@@ -15,20 +15,27 @@ spectral density.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from hessdiag.dashboard import shown_scalars
+from hessdiag._isolation import ModelMode
+from hessdiag.batches import MAX_MICRO_BATCHES, MicroBatches
+from hessdiag.curvature import RankWeighting
 from hessdiag.flags import FlagEvent
+from hessdiag.hvp import HVPMethod
 from hessdiag.monitor import Monitor
 from hessdiag.schedule import CheckEvery
+from hessdiag.settings import DiagnosticsSettings, resolve_detectors
 from hessdiag.spectrum import SpectralDensity
 from hessdiag.tensorboard import TensorBoardWriter
 
@@ -112,8 +119,13 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
 
     Every optimizer step it records per-layer gradient statistics (on the device, no host sync);
     every `check_every` optimizer steps (by default as often as 5% of the wall time allows) it estimates the top and bottom Hessian eigenvalues of the
-    training loss on the current batch (or its first `sub_batch` samples), warm-started from the last
-    check; detectors raise flags (exploding, vanishing, plateau, saddle, edge_of_stability).
+    training loss of the optimizer step (all its micro-batches under ``accumulate_grad_batches``, up to
+    :data:`hessdiag.batches.MAX_MICRO_BATCHES`; or their first `sub_batch` samples), warm-started from
+    the last check; detectors raise flags (exploding, vanishing, plateau, saddle, edge_of_stability).
+    One record per optimizer step, however often the gradient hook fires (LBFGS closures, several
+    optimizers under manual optimisation). Constructing it has no side effect (no RNG draw); the check
+    leaves the run as it was, and undoes what a ``training_step`` used as its loss changes in the
+    model's state (an EMA teacher, a counter, a reassigned buffer).
 
     The loss of a check is, in this order: `loss_fn(pl_module, batch)` if given; the module's
     ``hessdiag_loss(batch)`` method if it defines one; else the output of ``training_step(batch, 0)``
@@ -126,12 +138,18 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         overhead_budget: share of the wall time the checks may take with ``check_every="auto"`` (0.05).
         log_every: optimizer steps between read-backs of the gradient statistics (default: the
             trainer's ``log_every_n_steps``).
-        sub_batch: samples of the batch used by a check (default: all).
-        k, tol, max_iter, cold_every, density_every, mode, hvp_method: see :class:`hessdiag.Monitor`.
+        sub_batch: samples of the batch used by a check (default: all; per micro-batch under
+            accumulation): every tensor is cut along its first dimension, or the check is refused.
+        k, tol, max_iter, cold_every, density_every, hvp_method: see :class:`hessdiag.Monitor`.
+        mode: ``"as_is"`` (default): each module keeps its mode of the training step (a backbone
+            frozen in eval stays in eval); ``"train"`` / ``"eval"``: the whole model in that mode.
+        rank_weighting: under DDP, ``"equal"`` (default: the mean of the ranks' mean losses, what
+            DDP's gradient averaging descends) or ``"samples"`` (the mean over all samples).
         loss_fn: ``loss_fn(pl_module, batch) -> scalar`` to use instead of the module's own loss.
         detectors: detectors to run (default: all five with default thresholds).
         update_ratios: also log per-layer update-to-weight ratios (see :class:`hessdiag.Monitor`).
-        progress_bar: show lambda_max and the number of active flags in the progress bar.
+        progress_bar: show lambda_max and the number of active flags in the progress bar, as of the
+            last read-back (logged only then, so that the bar adds no host read per step).
         strict: re-raise errors of the diagnostics instead of warning and backing off.
 
     Raises:
@@ -155,40 +173,45 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         max_iter: int | None = None,
         cold_every: int = 5,
         density_every: int = 10,
-        mode: str = "train",
-        hvp_method: str = "auto",
+        mode: ModelMode = "as_is",
+        hvp_method: HVPMethod = "auto",
+        rank_weighting: RankWeighting = "equal",
         loss_fn: LossHook | None = None,
         detectors: Sequence[Any] | None = None,
         update_ratios: bool = False,
         progress_bar: bool = True,
         strict: bool = False,
     ) -> None:
+        # Plain checks only: building anything here (a module, a tensor) could draw from the RNG.
         if check_every != "auto" and (not isinstance(check_every, int) or check_every < 1):
             raise ValueError(f"`check_every` must be a positive int or 'auto', got {check_every!r}.")
         if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
             raise ValueError(f"`log_every` must be a positive int or None, got {log_every!r}.")
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"`loss_fn` must be callable as loss_fn(pl_module, batch), got {type(loss_fn).__name__}.")
+        self.settings = DiagnosticsSettings(
+            check_every=check_every, overhead_budget=overhead_budget, log_every=log_every or 1, sub_batch=sub_batch,
+            k=k, tol=tol, max_iter=max_iter, cold_every=cold_every, density_every=density_every, mode=mode,
+            hvp_method=hvp_method, rank_weighting=rank_weighting, update_ratios=update_ratios, strict=strict,
+        )  # fmt: skip
+        resolve_detectors(detectors)  # validated now; built afresh for every fit
         self.check_every = check_every
         self.log_every = log_every
         self.loss_fn = loss_fn
+        self.detectors = detectors
         self.progress_bar = progress_bar
         self.strict = strict
-        self.options: dict[str, Any] = {
-            "overhead_budget": overhead_budget, "sub_batch": sub_batch, "k": k, "tol": tol, "max_iter": max_iter, "cold_every": cold_every,
-            "density_every": density_every, "mode": mode, "hvp_method": hvp_method, "detectors": detectors,
-            "update_ratios": update_ratios,
-        }  # fmt: skip
-        # Validate the monitor's own arguments now, not at fit time.
-        Monitor(torch.nn.Linear(1, 1), lambda m, b: m(b).sum(), check_every=check_every, log_every=log_every or 1, **self.options)
         self.monitor: Monitor | None = None
         self._restored: dict[str, Any] | None = None
         self._stepped = False
+        self._micro_batches: list[Any] = []  # the current step's, kept only when a check is due
+        self._step_loss: torch.Tensor | None = None  # the current step's mean loss, summed on the device
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(check_every=self.check_every)
+        # Not keyed by settings: a run resumed with another `check_every` finds its state.
+        return self._generate_state_key()
 
     def _loss_closure(self, pl_module: pl.LightningModule) -> LossHook:
         if self.loss_fn is not None:
@@ -218,27 +241,52 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
             for logger in trainer.loggers:
                 if isinstance(logger, _TENSORBOARD_LOGGERS):
                     writers.append(TensorBoardWriter(logger.experiment, write_scalars=False))
+        options = dataclasses.asdict(self.settings) | {"log_every": self.log_every or trainer.log_every_n_steps}
+        # A fresh fit starts fresh: a checkpoint's state arrives after setup, through load_state_dict.
+        self._restored = None
+        self._micro_batches, self._step_loss, self._stepped = [], None, False
         self.monitor = Monitor(
             pl_module,
             self._loss_closure(pl_module),
             writer=writers,
-            check_every=self.check_every,
-            log_every=self.log_every or trainer.log_every_n_steps,
+            detectors=copy.deepcopy(self.detectors),  # a detector instance must not carry one fit's windows into the next
             grad_scaler=getattr(trainer.precision_plugin, "scaler", None),  # fp16 AMP: overflow skips
-            strict=self.strict,
-            **self.options,
+            **options,
         )
-        if self._restored is not None:
-            self.monitor.load_state_dict(self._restored)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.monitor is not None and trainer.optimizers:
+        if self.monitor is None:
+            return
+        if len(trainer.optimizers) == 1:
             self.monitor.optimizer = trainer.optimizers[0]
+        elif trainer.optimizers:
+            # Each optimizer steps on its own parameters with its own rule (a GAN): no single
+            # threshold applies to the Hessian over all of them.
+            rank_zero_info(
+                f"hessdiag: {len(trainer.optimizers)} optimizers: no edge-of-stability threshold (it needs one optimizer "
+                "stepping all the checked parameters); lambda_max and lambda_min are still logged."
+            )
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.monitor is not None and self.monitor.schedule.due(trainer.global_step + 1):
+            # A check follows this optimizer step: keep its micro-batches (references, no copy).
+            self._micro_batches.append(batch)
+            if len(self._micro_batches) > MAX_MICRO_BATCHES:
+                self._micro_batches.pop(0)
+                self.monitor.note(
+                    "micro-batches",
+                    f"hessdiag: the check covers the last {MAX_MICRO_BATCHES} micro-batches of the step "
+                    f"(accumulate_grad_batches={trainer.accumulate_grad_batches}), not all of them: "
+                    "the memory budget of a check (hessdiag.batches.MAX_MICRO_BATCHES).",
+                )
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        # Here gradients are final: accumulated, all-reduced under DDP, unscaled under AMP.
+        # Here gradients are final: accumulated, all-reduced under DDP, unscaled under AMP. It may
+        # fire several times per step (LBFGS closures, several optimizers): the monitor makes one
+        # record of the step.
         if self.monitor is not None:
             self.monitor.after_backward()
             self._stepped = True
@@ -247,14 +295,25 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.monitor is None or not self._stepped:
-            return  # an accumulation step: no optimizer step yet
-        self._stepped = False
+        if self.monitor is None:
+            return
         loss = outputs["loss"] if isinstance(outputs, Mapping) and "loss" in outputs else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            # Lightning divides each micro-batch loss by accumulate_grad_batches: their sum is the step's mean.
+            loss = loss.detach()
+            self._step_loss = loss.clone() if self._step_loss is None else self._step_loss + loss
+        if not self._stepped:
+            return  # an accumulation step: no optimizer step yet
+        micro_batches, step_loss = self._micro_batches, self._step_loss
+        self._stepped, self._micro_batches, self._step_loss = False, [], None
+        check_batch = micro_batches[0] if len(micro_batches) == 1 else MicroBatches(micro_batches) if micro_batches else batch
+        num_checks = len(self.monitor.checks)
         self.monitor.step = trainer.global_step - 1  # after_step counts this optimizer step
-        self.monitor.after_step(batch, loss if isinstance(loss, torch.Tensor) else None)
+        self.monitor.after_step(check_batch, step_loss)
+        read_back = self.monitor.step % self.monitor.log_every == 0
         check = self.monitor.last_check
-        if self.progress_bar and check is not None:
+        if self.progress_bar and check is not None and (read_back or len(self.monitor.checks) > num_checks):
+            # Only when values were read back anyway: the progress bar reads logged values to the host.
             pl_module.log("λmax", check.lambda_max, prog_bar=True, logger=False, on_step=True, on_epoch=False)
             pl_module.log("flags", float(len(self.monitor.active_flags)), prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
@@ -269,6 +328,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = dict(state_dict)
         if self.monitor is not None:
             self.monitor.load_state_dict(state_dict)
+        else:  # restored outside a fit: kept as is, so that state_dict() returns it
+            self._restored = dict(state_dict)

@@ -4,6 +4,7 @@ The engine (this package) depends on torch only; the Lightning adapters live in
 ``hessdiag.callbacks``.
 """
 
+from hessdiag.batches import MicroBatches
 from hessdiag.eigen import HessianEigenvalues, hessian_eigenvalues
 from hessdiag.errors import (
     HessdiagError,
@@ -37,6 +38,7 @@ __all__ = [
     "LanczosResult",
     # training diagnostics
     "Monitor",
+    "MicroBatches",
     # whole spectrum
     "hessian_trace",
     "hessian_spectral_density",

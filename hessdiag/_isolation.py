@@ -10,12 +10,14 @@ the math backend, because the fused flash / memory-efficient kernels have no sec
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from hessdiag.errors import LossClosureError
 
 ModelMode = Literal["train", "eval", "as_is"]
 MODEL_MODES: tuple[str, ...] = ("train", "eval", "as_is")
@@ -81,3 +83,57 @@ def isolation(model: nn.Module, mode: ModelMode, device: torch.device) -> Iterat
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
+
+
+#: Parameters outside the Hessian's set are copied before a check (so a loss closure that updates
+#: them, e.g. an EMA teacher, can be undone) while they hold at most this many times the elements of
+#: the set; the check's Lanczos basis already holds tens of vectors of that size. Beyond it they are
+#: only watched, through their version counters, and a change is refused.
+SNAPSHOT_BUDGET = 8
+
+_PRIMITIVES = (bool, int, float, str, bytes, type(None))
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module, hessian_params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Undo what a loss closure did to the model's state during a check, bit for bit.
+
+    A training step used as the check's loss may update state: an EMA teacher's parameters, a
+    step counter, a buffer it reassigns (``self.stat = new``) rather than updates in place. On exit
+    this puts back every parameter and buffer object (reassigned ones included, new ones dropped),
+    the values of the parameters outside `hessian_params` (within :data:`SNAPSHOT_BUDGET`), and every
+    module attribute of a primitive type (ints, floats, strings: counters, flags). Buffer values are
+    restored by :func:`isolation`.
+
+    Raises:
+        LossClosureError: on exit, if a parameter too large to copy was changed in place: that cannot
+            be undone, so this closure must not be the check's loss (define ``hessdiag_loss``).
+    """
+    chosen = {id(p) for p in hessian_params}
+    modules = list(model.modules())
+    slots = [(module, dict(module._parameters), dict(module._buffers)) for module in modules]
+    attributes = [(module, {k: v for k, v in vars(module).items() if isinstance(v, _PRIMITIVES)}) for module in modules]
+    others = [p for p in model.parameters() if id(p) not in chosen]
+    copied = sum(p.numel() for p in others) <= SNAPSHOT_BUDGET * sum(p.numel() for p in hessian_params)
+    saved = [(p, p.detach().clone() if copied else None, p._version) for p in others]
+    try:
+        yield
+    finally:
+        for module, parameters, buffers in slots:
+            module._parameters.clear()
+            module._parameters.update(parameters)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+        for module, values in attributes:
+            vars(module).update(values)
+        changed = [p for p, _, version in saved if p._version != version]
+        with torch.no_grad():
+            for p, value, version in saved:
+                if value is not None and p._version != version:
+                    p.copy_(value)
+    if changed and not copied:
+        raise LossClosureError(
+            f"The loss closure changed {len(changed)} parameter tensor(s) outside the Hessian's set in place (an EMA "
+            "teacher?), too large to copy and undo. Define `hessdiag_loss(self, batch)` on the LightningModule (or "
+            "pass `loss_fn=`) returning the loss without updating state."
+        )

@@ -20,13 +20,13 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from hessdiag._distributed import infer_batch_size
-from hessdiag._isolation import ModelMode
+from hessdiag._isolation import ModelMode, preserved_state, unwrap_model
+from hessdiag.batches import batch_size, step_loss, take_sub_batch
 from hessdiag.eigen import HessianEigenvalues, eigenvalues_of
 from hessdiag.hvp import HVPMethod, HessianOperator, LossFn
 from hessdiag.lanczos import lanczos
@@ -35,6 +35,8 @@ from hessdiag.stability import StabilityThreshold, adam_preconditioner_sqrt, rel
 
 #: The escape probe steps so that the quadratic model predicts a loss drop of this fraction.
 _ESCAPE_PROBE_FRACTION = 0.01
+
+RankWeighting = Literal["equal", "samples"]
 
 
 @dataclass
@@ -83,41 +85,25 @@ class CurvatureCheck:
         return self.sharpness / self.stability.threshold if self.stability else None
 
 
-def take_sub_batch(batch: Any, size: int | None) -> Any:
-    """The first `size` samples of every tensor in `batch` whose leading dimension is the batch.
-
-    The batch dimension is the leading dimension of the first tensor found; tensors with another
-    leading size (e.g. per-batch constants) are passed through. ``None`` keeps the whole batch.
-    """
-    if size is None:
-        return batch
-    full = infer_batch_size(batch)
-    if full is None or full <= size:
-        return batch
-
-    def cut(item: Any) -> Any:
-        if isinstance(item, torch.Tensor):
-            return item[:size] if item.dim() > 0 and item.shape[0] == full else item
-        if isinstance(item, Mapping):
-            return type(item)({key: cut(value) for key, value in item.items()})
-        if isinstance(item, tuple) and hasattr(item, "_fields"):
-            return type(item)(*(cut(value) for value in item))
-        if isinstance(item, (list, tuple)):
-            return type(item)(cut(value) for value in item)
-        return item
-
-    return cut(batch)
-
-
 class CurvatureProbe:
     """Curvature checks with warm starts across checks.
+
+    The batch may be :class:`~hessdiag.batches.MicroBatches` (gradient accumulation): the check's loss
+    is then the mean of the micro-batches' losses. A closure that changes the model's state (an EMA
+    teacher, a counter, a reassigned buffer) is undone after the check (see
+    :func:`~hessdiag._isolation.preserved_state`). When the trainable parameters change (unfreezing),
+    the next check starts cold.
 
     Args:
         model, loss_fn: the network and ``loss_fn(model, batch) -> scalar``.
         k, tol, max_iter: as for :func:`~hessdiag.hessian_eigenvalues`.
         cold_every: every n-th check starts from a random vector (0: never after the first).
         sub_batch: samples of the batch to use (default: all).
-        mode, hvp_method, params: as for :class:`~hessdiag.HessianOperator`.
+        mode, hvp_method, params: as for :class:`~hessdiag.HessianOperator`; the default mode
+            ``"as_is"`` keeps each module's mode of the training step (a frozen backbone in eval).
+        rank_weighting: under data parallelism, ``"equal"`` (default): the mean of the ranks' losses,
+            which is what DDP's gradient averaging descends; ``"samples"``: the mean over the union of
+            the ranks' samples (differs when local batches differ in size).
         density_every: every n-th check also estimates the spectral density (0: never).
         density_probes, density_iter: size of that estimate.
     """
@@ -132,30 +118,23 @@ class CurvatureProbe:
         max_iter: int | None = None,
         cold_every: int = 5,
         sub_batch: int | None = None,
-        mode: ModelMode = "train",
+        mode: ModelMode = "as_is",
         hvp_method: HVPMethod = "auto",
         params: Iterable[torch.Tensor] | None = None,
+        rank_weighting: RankWeighting = "equal",
         density_every: int = 0,
         density_probes: int = 2,
         density_iter: int = 20,
     ) -> None:
-        for name, value in (("cold_every", cold_every), ("density_every", density_every)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
-        if sub_batch is not None and (not isinstance(sub_batch, int) or sub_batch < 1):
-            raise ValueError(f"`sub_batch` must be a positive int or None, got {sub_batch!r}.")
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"`k` must be a positive int, got {k!r}.")
-        if not (isinstance(tol, (int, float)) and 0 < tol < 1):
-            raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
         self.model = model
-        self.loss_fn = loss_fn
+        self.loss_fn = step_loss(loss_fn)
         self.k, self.tol, self.max_iter = k, tol, max_iter
         self.cold_every = cold_every
         self.sub_batch = sub_batch
         self.mode: ModelMode = mode
         self.hvp_method: HVPMethod = hvp_method
         self.params = None if params is None else list(params)
+        self.rank_weighting: RankWeighting = rank_weighting
         self.density_every, self.density_probes, self.density_iter = density_every, density_probes, density_iter
         self.num_checks = 0
         self.warm_vectors: torch.Tensor | None = None
@@ -168,12 +147,16 @@ class CurvatureProbe:
         """
         start = time.perf_counter()
         batch = take_sub_batch(batch, sub_batch or self.sub_batch)
-        cold = self.warm_vectors is None or (self.cold_every > 0 and self.num_checks % self.cold_every == 0)
         seed = self.num_checks  # a fresh dropout draw per check, the same for all products of one check
         operator = HessianOperator(
-            self.model, self.loss_fn, batch, params=self.params, mode=self.mode, method=self.hvp_method, seed=seed
-        )
-        with operator:
+            self.model, self.loss_fn, batch, params=self.params, mode=self.mode, method=self.hvp_method, seed=seed,
+            # equal rank weights: every rank counts as one sample
+            batch_size=1 if self.rank_weighting == "equal" else batch_size(batch),
+        )  # fmt: skip
+        if self.warm_vectors is not None and self.warm_vectors.shape[-1] != operator.dim:
+            self.warm_vectors = self.warm_preconditioned = None  # the trainable parameters changed
+        cold = self.warm_vectors is None or (self.cold_every > 0 and self.num_checks % self.cold_every == 0)
+        with preserved_state(unwrap_model(self.model), operator.params), operator:
             result = eigenvalues_of(
                 operator, k=self.k, tol=self.tol, max_iter=self.max_iter, v0=None if cold else self.warm_vectors, seed=seed
             )
@@ -207,7 +190,7 @@ class CurvatureProbe:
             stability=stability,
             loss_change_along_bottom=escape,
             cold=cold,
-            batch_size=infer_batch_size(batch),
+            batch_size=batch_size(batch),
             density=density,
         )
 

@@ -9,6 +9,7 @@ norm added 0.1-5% to a training step, a ``.item()`` per tensor 18-25%.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -69,15 +70,22 @@ class GradientStats:
     tensor per observed step until the next read (three with `track_updates`). Neither the parameters
     nor their ``.grad`` are ever modified.
 
+    A parameter whose ``.grad`` is None at an observe (frozen, or unused in this step's loss: an
+    auxiliary head) has *no* gradient, which is not a zero gradient: it is left out of that step's
+    norms, and a module none of whose parameters has a gradient is left out of the step's per-module
+    norms. Every parameter of the model is watched, so a layer unfrozen mid-run enters the statistics
+    at its first gradient. Several observes of one step (an LBFGS closure evaluated several times,
+    manual optimisation stepping several optimizers) make one record: per tensor, the last gradient
+    seen in that step.
+
     Args:
-        named_parameters: ``model.named_parameters()``; those without ``requires_grad`` are skipped.
-            Their order is the depth order of the readout.
+        named_parameters: ``model.named_parameters()``. Their order is the depth order of the readout.
         track_updates: also measure the update-to-weight ratio ||Δθ|| / ||θ|| per module, the
             relative step the optimizer actually took (for Adam it differs from lr ||g|| / ||θ||).
             Costs a copy of the parameters kept on their device, and two passes over them per step.
 
     Raises:
-        ValueError: no trainable parameters.
+        ValueError: no parameters.
 
     Example::
 
@@ -91,9 +99,9 @@ class GradientStats:
     """
 
     def __init__(self, named_parameters: Iterable[tuple[str, nn.Parameter]], track_updates: bool = False) -> None:
-        named = [(name, p) for name, p in named_parameters if p.requires_grad]
+        named = list(named_parameters)
         if not named:
-            raise ValueError("No trainable parameters to watch (none has requires_grad=True).")
+            raise ValueError("No parameters to watch: the model has none.")
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.modules: list[str] = list(dict.fromkeys(module_name(name) for name in self.names))
@@ -102,25 +110,32 @@ class GradientStats:
         for index, p in enumerate(self.params):
             groups.setdefault((p.device, p.dtype), []).append(index)
         self._groups = list(groups.values())
-        # foreach_norm needs a tensor for every slot: a missing gradient is a zero scalar.
+        # foreach_norm needs a tensor for every slot: a missing gradient gets a zero scalar, and is
+        # masked out on read (the mask lives on the host: `p.grad is None` needs no device read).
         self._zeros = [torch.zeros((), device=device, dtype=dtype) for device, dtype in groups]
         self._order = torch.tensor([index for group in self._groups for index in group])
         self._device = self.params[0].device
         self.track_updates = track_updates
         self._previous: list[list[torch.Tensor]] | None = None  # parameters at the previous observe, per group
-        self._history: list[tuple[int, torch.Tensor]] = []
+        # (step, which tensors had a gradient, the row of norms on the device)
+        self._history: list[tuple[int, tuple[bool, ...], torch.Tensor]] = []
 
     @torch.no_grad()
     def observe(self, step: int) -> None:
-        """Record the norms of the current ``.grad`` (missing gradients count as 0). No host sync."""
+        """Record the norms of the current ``.grad`` (None: no gradient, left out). No host sync."""
+        present = tuple(p.grad is not None for p in self.params)
+        if not any(present):
+            return  # nothing to measure: no placeholder row
+        repeat = bool(self._history) and self._history[-1][0] == step
         grad_norms = []
         for group, zero in zip(self._groups, self._zeros):
-            grads = [self.params[i].grad if self.params[i].grad is not None else zero for i in group]
+            grads = [self.params[i].grad if present[i] else zero for i in group]
             grad_norms.append(self._stacked(torch._foreach_norm(grads)))
         row = [torch.cat(grad_norms)]
         if self.track_updates:
-            row += self._update_norms()
-        self._history.append((step, torch.cat(row)))
+            # A repeated observe of one step: the update was measured at its first observe.
+            row += [torch.full((2 * len(self.params),), math.nan, device=self._device)] if repeat else self._update_norms()
+        self._history.append((step, present, torch.cat(row)))
 
     def _stacked(self, norms: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(norms).to(device=self._device, dtype=torch.float32)
@@ -144,29 +159,56 @@ class GradientStats:
         """Everything since the last read in one device-to-host transfer; ``None`` if nothing new."""
         if not self._history:
             return None
-        steps = [step for step, _ in self._history]
-        per_step = torch.stack([values for _, values in self._history])
-        self._history.clear()
+        history, self._history = self._history, []
+        per_row = torch.stack([values for _, _, values in history])
         weight_norms = torch.cat(
             [self._stacked(torch._foreach_norm([self.params[i].detach() for i in group])) for group in self._groups]
         )
-        host = torch.cat([per_step.flatten(), weight_norms]).cpu().double()  # the one transfer
-        size, count = per_step.numel(), len(self.params)
-        per_step = self._original_order(host[:size].view(len(steps), -1))
-        grads = per_step[:, :count]
+        host = torch.cat([per_row.flatten(), weight_norms]).cpu().double()  # the one transfer
+        size, count = per_row.numel(), len(self.params)
+        per_row = self._original_order(host[:size].view(len(history), -1))
+        steps, grads, present, updates = self._merge_steps(history, per_row)
         update_ratios = None
         if self.track_updates:
-            previous, change = per_step[:, count : 2 * count], per_step[:, 2 * count :]
+            previous, change = updates[:, :count], updates[:, count:]
             ratios = self._per_module(change) / self._per_module(previous)
             update_ratios = [list(zip(self.modules, row)) for row in ratios.tolist()]
+        squares = torch.where(present, grads, 0.0) ** 2
+        has_gradient = torch.zeros(len(steps), len(self.modules), dtype=torch.long).index_add_(
+            1, self._module_of, present.long()
+        ) > 0
+        layer_norms = self._per_module(torch.where(present, grads, 0.0))
         return GradientReadout(
             steps=steps,
-            grad_norms=grads.pow(2).sum(dim=1).sqrt().tolist(),
-            nonfinite_tensors=(~torch.isfinite(grads)).sum(dim=1).tolist(),
-            layer_grad_norms=[list(zip(self.modules, row)) for row in self._per_module(grads).tolist()],
+            grad_norms=squares.sum(dim=1).sqrt().tolist(),
+            nonfinite_tensors=(present & ~torch.isfinite(grads)).sum(dim=1).tolist(),
+            layer_grad_norms=[
+                [(name, value) for name, value, has in zip(self.modules, row, mask) if has]
+                for row, mask in zip(layer_norms.tolist(), has_gradient.tolist())
+            ],
             layer_weight_norms=list(zip(self.modules, self._per_module(self._original_order(host[None, size:]))[0].tolist())),
             layer_update_ratios=update_ratios,
         )
+
+    def _merge_steps(
+        self, history: list[tuple[int, tuple[bool, ...], torch.Tensor]], rows: torch.Tensor
+    ) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One row per step: per tensor, its last gradient norm in the step; the update norms of the
+        step's first observe. Returns steps, gradient norms, presence mask and update norms."""
+        count = len(self.params)
+        steps: list[int] = []
+        grads, present, updates = [], [], []
+        for (step, mask, _), row in zip(history, rows):
+            mask_row = torch.tensor(mask)
+            if steps and steps[-1] == step:
+                grads[-1] = torch.where(mask_row, row[:count], grads[-1])
+                present[-1] = present[-1] | mask_row
+            else:
+                steps.append(step)
+                grads.append(row[:count])
+                present.append(mask_row)
+                updates.append(row[count:])
+        return steps, torch.stack(grads), torch.stack(present), torch.stack(updates)
 
     def _original_order(self, values: torch.Tensor) -> torch.Tensor:
         """Columns from (device, dtype) group order back to parameter order, per block of one value

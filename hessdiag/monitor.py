@@ -13,6 +13,9 @@ sends what it finds to writers (TensorBoard). A loop calls it at two points::
         monitor.after_step(batch, loss)  # every `log_every` steps: read back, detect, log;
                                          # every `check_every` steps: curvature on `batch`
 
+Under gradient accumulation pass the step's micro-batches as ``hessdiag.MicroBatches([...])`` and
+the step's mean loss: the check then measures the loss the optimizer steps on.
+
 The per-step path never synchronises host and device: statistics stay on the device and are read
 back in one transfer every `log_every` steps. Diagnostics never change the run (parameters,
 buffers, optimizer state, RNG, ``.grad``) and never crash it: a failing check is reported once,
@@ -33,19 +36,14 @@ from torch import nn
 
 from hessdiag import _distributed
 from hessdiag._isolation import ModelMode, unwrap_model
-from hessdiag.curvature import CurvatureCheck, CurvatureProbe
-from hessdiag.detectors import (
-    EdgeOfStabilityDetector,
-    ExplodingGradientDetector,
-    PlateauDetector,
-    SaddleDetector,
-    VanishingGradientDetector,
-)
+from hessdiag.batches import MicroBatches
+from hessdiag.curvature import CurvatureCheck, CurvatureProbe, RankWeighting
 from hessdiag.errors import HessdiagError, HessdiagWarning
-from hessdiag.flags import FLAG_NAMES, FlagEvent
+from hessdiag.flags import FlagEvent
 from hessdiag.gradients import GradientStats
 from hessdiag.hvp import HVPMethod, LossFn
 from hessdiag.schedule import CheckEvery, CheckSchedule
+from hessdiag.settings import DiagnosticsSettings, resolve_detectors
 from hessdiag.tensorboard import PREFIX, DiagnosticsWriter, TensorBoardWriter
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -67,10 +65,20 @@ class Monitor:
             (see :mod:`hessdiag.schedule`).
         overhead_budget: share of the wall time the checks may take with ``check_every="auto"``.
         log_every: steps between read-backs of the gradient statistics (detection and logging).
-        sub_batch: samples of the batch used by a curvature check (default: the whole batch).
-        k, tol, max_iter, cold_every, mode, hvp_method, params: see :class:`CurvatureProbe`.
+        sub_batch: samples of the batch used by a curvature check (default: the whole batch; of each
+            micro-batch for :class:`~hessdiag.MicroBatches`). Every tensor of the batch is cut along
+            its first dimension; a batch whose tensors differ there is refused (the check fails
+            with a warning naming `sub_batch`).
+        k, tol, max_iter, cold_every, hvp_method, params: see :class:`CurvatureProbe`.
+        mode: the module modes of a check: ``"as_is"`` (default): each module keeps the mode it had
+            in the training step (a frozen backbone held in eval stays in eval); ``"train"`` or
+            ``"eval"``: the whole model in that mode.
+        rank_weighting: under data parallelism, ``"equal"`` (default): the check's loss is the mean
+            of the ranks' mean losses, which is what DDP's gradient averaging descends;
+            ``"samples"``: the mean over all the ranks' samples.
         density_every: every n-th check also logs the spectral density (0: never).
-        detectors: the detectors to run (default: one of each, with default thresholds).
+        detectors: the detectors to run: flag names (defaults) or detector instances (default: one of
+            each, with default thresholds).
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 mixed-precision loop (call
             :meth:`after_backward` after ``scaler.unscale_(optimizer)``). Steps whose gradients
             overflow are then skipped steps of the scaler, not explosions: they are counted
@@ -101,9 +109,10 @@ class Monitor:
         max_iter: int | None = None,
         cold_every: int = 5,
         density_every: int = 10,
-        mode: ModelMode = "train",
+        mode: ModelMode = "as_is",
         hvp_method: HVPMethod = "auto",
         params: Iterable[torch.Tensor] | None = None,
+        rank_weighting: RankWeighting = "equal",
         detectors: Sequence[Any] | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         update_ratios: bool = False,
@@ -111,8 +120,11 @@ class Monitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        if not isinstance(log_every, int) or log_every < 1:
-            raise ValueError(f"`log_every` must be an int >= 1, got {log_every!r}.")
+        self.settings = DiagnosticsSettings(
+            check_every=check_every, overhead_budget=overhead_budget, log_every=log_every, sub_batch=sub_batch, k=k,
+            tol=tol, max_iter=max_iter, cold_every=cold_every, density_every=density_every, mode=mode,
+            hvp_method=hvp_method, rank_weighting=rank_weighting, update_ratios=update_ratios, strict=strict,
+        )  # fmt: skip
         self.schedule = CheckSchedule(check_every, overhead_budget)
         if self.schedule.enabled and loss_fn is None:
             raise ValueError("`loss_fn` is required for curvature checks (or set `check_every=0`).")
@@ -133,33 +145,21 @@ class Monitor:
         self.probe = (
             CurvatureProbe(
                 model, loss_fn, k=k, tol=tol, max_iter=max_iter, cold_every=cold_every, sub_batch=sub_batch,
-                mode=mode, hvp_method=hvp_method, params=params, density_every=density_every,
+                mode=mode, hvp_method=hvp_method, params=params, rank_weighting=rank_weighting,
+                density_every=density_every,
             )  # fmt: skip
             if loss_fn is not None
             else None
         )
-        self.detectors = {d.name: d for d in (detectors if detectors is not None else self._default_detectors())}
-        unknown = set(self.detectors) - set(FLAG_NAMES)
-        if unknown:
-            raise ValueError(f"`detectors` must be hessdiag detectors with names in {FLAG_NAMES}, got {sorted(unknown)}.")
+        self.detectors = {d.name: d for d in resolve_detectors(detectors)}
         self.step = 0
         self.events: list[FlagEvent] = []
         self.checks: list[CurvatureCheck] = []
         self.failed_checks: list[tuple[int, str]] = []  # (step, reason) of each check that failed
-        self._losses: list[torch.Tensor] = []
+        self._losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) given since the last read-back
         self._warned: set[str] = set()
 
     # -- construction helpers ------------------------------------------------------------
-    @staticmethod
-    def _default_detectors() -> list[Any]:
-        return [
-            ExplodingGradientDetector(),
-            VanishingGradientDetector(),
-            PlateauDetector(),
-            SaddleDetector(),
-            EdgeOfStabilityDetector(),
-        ]
-
     @staticmethod
     def _writers(writer: Any) -> list[DiagnosticsWriter]:
         if writer is None:
@@ -189,19 +189,22 @@ class Monitor:
 
     def after_backward(self) -> None:
         """Record this step's gradient statistics; call when the gradients are final (accumulated,
-        all-reduced, unscaled). No host-device synchronisation: values stay on the device."""
+        all-reduced, unscaled). No host-device synchronisation: values stay on the device. Calling it
+        several times before :meth:`after_step` (an LBFGS closure) still makes one record of the step."""
         with self._guard("the gradient statistics"):
             self.gradients.observe(self.step + 1)
 
     def after_step(self, batch: Any = None, loss: torch.Tensor | float | None = None) -> list[FlagEvent]:
         """Count an optimizer step and its `loss`; read back, detect and log every `log_every` steps;
-        run a curvature check on `batch` every `check_every` steps. Returns the new flag events."""
+        run a curvature check on `batch` every `check_every` steps. Returns the new flag events.
+
+        `loss` is copied (one kernel, no host read), so a buffer the loop reuses is safe to pass.
+        """
         self.step += 1
         events: list[FlagEvent] = []
-        value = None
-        with self._guard("the per-step statistics"):
-            value = self._loss_value(loss)
-        self._losses.append(torch.tensor(math.nan) if value is None else value)  # one per step, in order
+        if loss is not None:
+            with self._guard("the per-step statistics"):
+                self._losses.append((self.step, self._loss_value(loss)))
         if self.step % self.log_every == 0:
             with self._guard("the per-step statistics"):
                 events += self._read_back()
@@ -211,33 +214,52 @@ class Monitor:
         return events
 
     # -- per-step statistics ---------------------------------------------------------------
-    def _loss_value(self, loss: torch.Tensor | float | None) -> torch.Tensor:
-        """The step's loss as a 0-d tensor, left on its device (no sync); NaN when not given."""
+    def _loss_value(self, loss: torch.Tensor | float) -> torch.Tensor:
+        """The step's loss as a 0-d float32 copy, left on its device (no sync)."""
         if not isinstance(loss, torch.Tensor):
-            return torch.tensor(math.nan if loss is None else float(loss))
+            return torch.tensor(float(loss))
         if loss.numel() == 1:
-            return loss.detach().float().reshape(())  # a view: no kernel on the per-step path
+            return loss.detach().to(torch.float32, copy=True).reshape(())
         self._warn_once(
             "loss shape",
             f"hessdiag: `loss` should be the scalar training loss, got shape {tuple(loss.shape)}; its mean is used.",
         )
         return loss.detach().float().mean()
 
-    def _read_back(self) -> list[FlagEvent]:
-        """One transfer for everything since the last read-back; feed the per-step detectors."""
-        readout = self.gradients.read()
-        losses_on_device, self._losses = self._losses, []
-        if readout is None:
-            return []
+    def _pending_losses(self) -> dict[int, float]:
+        """The losses given since the last read-back, by step (one transfer; the rank mean under DDP)."""
+        pending, self._losses = self._losses, []
+        if not pending:
+            return {}
         device = self.gradients_device
-        losses = torch.stack([loss.to(device) for loss in losses_on_device]) if losses_on_device else None
-        if losses is not None and _distributed.is_data_parallel():  # every rank must decide the same
+        losses = torch.stack([loss.to(device) for _, loss in pending])
+        if _distributed.is_data_parallel():  # every rank must decide the same
             losses = _distributed.all_reduce_sum_(losses) / torch.distributed.get_world_size()
-        loss_values = losses.cpu().tolist() if losses is not None else []
-        loss_values += [math.nan] * (len(readout.steps) - len(loss_values))
+        return dict(zip((step for step, _ in pending), losses.cpu().tolist()))
+
+    def _read_back(self) -> list[FlagEvent]:
+        """One transfer for everything since the last read-back; feed the per-step detectors.
+
+        A step is judged on what was measured: without its loss (``after_step(loss=None)``) the
+        exploding and plateau rules skip it; without gradients (no :meth:`after_backward`) only a
+        non-finite loss is judged. No placeholder value reaches a detector.
+        """
+        readout = self.gradients.read()
+        losses = self._pending_losses()
+        if readout is None:
+            return self._judge_losses_only(losses)
+        if len(losses) < len(readout.steps):
+            self._warn_once(
+                "no loss",
+                "hessdiag: `after_step` was called without the step's `loss`; the exploding and plateau detectors "
+                "skip such steps. Pass `monitor.after_step(batch, loss)`.",
+            )
         events: list[FlagEvent] = []
         scaling = self.grad_scaler is not None and self.grad_scaler.is_enabled()
-        for index, (step, loss) in enumerate(zip(readout.steps, loss_values)):
+        for index, step in enumerate(readout.steps):
+            loss = losses.get(step)
+            if loss is None:
+                continue
             overflow_skip = scaling and readout.nonfinite_tensors[index] > 0 and math.isfinite(loss)
             self.overflow_skips += overflow_skip
             events += self._update(
@@ -246,12 +268,17 @@ class Monitor:
                 overflow_skip=overflow_skip,
             )  # fmt: skip
             # Non-finite losses and gradients (overflow skips included) are skipped by the detector itself.
-            events += self._update("plateau", step, loss=loss, grad_norm=readout.grad_norms[index])
+            events += self._update(
+                "plateau", step, loss=loss, grad_norm=readout.grad_norms[index],
+                lambda_max=self.checks[-1].lambda_max if self.checks else None,
+            )  # fmt: skip
         step = readout.steps[-1]
         events += self._update(
             "vanishing", step, layer_grad_norms=readout.layer_grad_norms[-1], layer_weight_norms=readout.layer_weight_norms
         )
-        scalars = {f"{PREFIX}/grad_norm": readout.grad_norms[-1], f"{PREFIX}/loss": loss_values[-1]}
+        scalars = {f"{PREFIX}/grad_norm": readout.grad_norms[-1]}
+        if losses:
+            scalars[f"{PREFIX}/loss"] = losses[max(losses)]
         if scaling:
             scalars[f"{PREFIX}/overflow_skips"] = float(self.overflow_skips)
         for name, value in readout.layer_grad_norms[-1]:
@@ -264,6 +291,23 @@ class Monitor:
             scalars[f"{PREFIX}/layer_update_ratio/{name}"] = value
         scalars |= self._flag_scalars()
         self._emit(step, scalars, events, {})  # the writers show the per-layer values as they see fit
+        return events
+
+    def _judge_losses_only(self, losses: Mapping[int, float]) -> list[FlagEvent]:
+        """Steps with a loss but no gradient statistics: log the loss, flag it if it is not finite."""
+        if not losses:
+            return []
+        self._warn_once(
+            "no after_backward",
+            "hessdiag: `after_step` was called without `after_backward`: no gradient statistics, so only the loss "
+            "is logged and a non-finite loss flagged. Call `monitor.after_backward()` after `loss.backward()`.",
+        )
+        events: list[FlagEvent] = []
+        for step, loss in losses.items():
+            if not math.isfinite(loss):
+                events += self._update("exploding", step, loss=loss, grad_norm=math.nan)
+        step = max(losses)
+        self._emit(step, {f"{PREFIX}/loss": losses[step]} | self._flag_scalars(), events, {})
         return events
 
     @property
@@ -322,7 +366,7 @@ class Monitor:
                 if _is_out_of_memory(error) and attempt < 2:
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
-                    size = _distributed.infer_batch_size(batch)
+                    size = _distributed.infer_batch_size(batch[0] if isinstance(batch, MicroBatches) else batch)
                     sub_batch = max(1, (sub_batch or self.probe.sub_batch or size or 2) // 2)
                     self._warn_once("oom", f"Out of memory in a curvature check; retrying on {sub_batch} samples.")
                     self.probe.warm_vectors = self.probe.warm_preconditioned = None
@@ -365,6 +409,12 @@ class Monitor:
         for writer in self.writers:
             with self._guard(f"{type(writer).__name__}.{method}"):
                 getattr(writer, method)(*args)
+
+    def note(self, key: str, message: str) -> None:
+        """Report a fallback once: a warning, and a text entry on the dashboard."""
+        if key not in self._warned:
+            self._warn_once(key, message)
+            self._write("text", self.step, f"{PREFIX}/notes/{key}", message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import torch
 
 from hessdiag import _distributed
+from hessdiag.errors import HessdiagWarning
 
 _MAX_BACKOFF = 16
 _STEP_WINDOW = 256  # recent step times whose median is the typical step
@@ -107,6 +109,7 @@ class CheckSchedule:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "check_every": self.check_every,
             "interval": self.interval,
             "next_check": self.next_check,
             "failures": self.failures,
@@ -116,9 +119,26 @@ class CheckSchedule:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.interval = int(state.get("interval", self.interval))
+        """Restore a :meth:`state_dict`. Saved with another `check_every`, the timing history is
+        kept but the cadence is this schedule's: the next check comes one new interval after the
+        saved last one (a warning says so)."""
         self._recent_steps = deque(map(float, state.get("recent_step_seconds", [])), maxlen=_STEP_WINDOW)
         self._steps_timed = int(state.get("steps_timed", 0))
         self._check_seconds = float(state.get("check_seconds", 0.0))
-        self.next_check = int(state.get("next_check", self.next_check))
         self.failures = int(state.get("failures", 0))
+        saved_every = state.get("check_every", self.check_every)
+        if saved_every != self.check_every:
+            interval = int(state.get("interval", self.interval))
+            last_check = int(state.get("next_check", interval)) - interval
+            self.next_check = max(last_check, 0) + self.interval
+            self.failures = 0
+            warnings.warn(
+                f"hessdiag: the checkpoint was saved with check_every={saved_every!r}, this run has "
+                f"check_every={self.check_every!r}: the new cadence applies (next check at step {self.next_check}); "
+                "the rest of the diagnostics state is restored.",
+                HessdiagWarning,
+                stacklevel=2,
+            )
+            return
+        self.interval = int(state.get("interval", self.interval))
+        self.next_check = int(state.get("next_check", self.next_check))

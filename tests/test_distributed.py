@@ -1,5 +1,6 @@
 """Data parallel: the HVP is that of the global-batch loss, identical on every rank."""
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -7,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessdiag import HessianOperator, hessian_eigenvalues
+from hessdiag.curvature import CurvatureProbe
+from tests.oracles import dense_hessian
 
 SPLIT = (5, 11)  # unequal local batches: the ranks must be weighted by their share
 
@@ -36,17 +39,29 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
             product = hessian.matvec(vector)
             loss = hessian.loss
         result = hessian_eigenvalues(ddp, loss_fn, local, tol=1e-6)
+        # The training check: by default the loss DDP descends, the mean of the ranks' mean losses.
+        checks = {
+            weighting: CurvatureProbe(ddp, loss_fn, tol=1e-8, max_iter=100, rank_weighting=weighting).run(1, local)
+            for weighting in ("equal", "samples")
+        }
         torch.save(
-            {"product": product, "loss": loss, "lambda_max": result.lambda_max, "num_hvps": result.num_hvps},
+            {"product": product, "loss": loss, "lambda_max": result.lambda_max, "num_hvps": result.num_hvps,
+             "checks": {w: (c.lambda_max, c.loss) for w, c in checks.items()}},  # fmt: skip
             f"{out_dir}/rank{rank}.pt",
         )
     finally:
         dist.destroy_process_group()
 
 
-def test_distributed_hvp_equals_the_hvp_of_the_union_batch(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What each of two gloo ranks computed (one spawn for the module's tests)."""
+    directory = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, str(directory / "init"), str(directory)), nprocs=2, join=True)
+    return [torch.load(directory / f"rank{r}.pt") for r in range(2)]
+
+
+def test_distributed_hvp_equals_the_hvp_of_the_union_batch(ranks):
     model, batch, vector = make_problem()
     with HessianOperator(model, loss_fn, batch) as hessian:
         expected = hessian.matvec(vector)
@@ -58,3 +73,22 @@ def test_distributed_hvp_equals_the_hvp_of_the_union_batch(tmp_path):
         assert abs(got["lambda_max"] - reference.lambda_max) <= 1e-5 * reference.lambda_max
     assert torch.equal(ranks[0]["product"], ranks[1]["product"])
     assert ranks[0]["num_hvps"] == ranks[1]["num_hvps"]
+
+
+def test_training_check_weights_ranks_as_ddp_does(ranks):
+    """Unequal local batches (a custom sampler): DDP averages the ranks' gradients with equal weights,
+    so the loss it descends is the mean of the per-rank mean losses; `rank_weighting="samples"` is the
+    mean over the union batch. Both against the dense Hessian of that loss."""
+    model, (x, y), _ = make_problem()
+    model = model.double()
+    shards = [(x[:SPLIT[0]].double(), y[:SPLIT[0]]), (x[SPLIT[0]:].double(), y[SPLIT[0]:])]
+    per_rank_mean = lambda m, b: (loss_fn(m, b[0]) + loss_fn(m, b[1])) / 2  # noqa: E731
+    union = lambda m, b: loss_fn(m, (torch.cat([b[0][0], b[1][0]]), torch.cat([b[0][1], b[1][1]])))  # noqa: E731
+    for weighting, closure in (("equal", per_rank_mean), ("samples", union)):
+        expected = float(torch.linalg.eigvalsh(dense_hessian(model, closure, shards))[-1])
+        expected_loss = float(closure(model, shards))
+        for got in ranks:
+            lambda_max, loss = got["checks"][weighting]
+            assert lambda_max == pytest.approx(expected, rel=1e-5), weighting
+            assert loss == pytest.approx(expected_loss, rel=1e-5), weighting
+    assert abs(ranks[0]["checks"]["equal"][0] - ranks[0]["checks"]["samples"][0]) > 1e-3  # the case tells them apart

@@ -57,7 +57,8 @@ def test_grouping_by_module_with_nested_and_top_level_parameters():
     model.frozen = nn.Linear(4, 4).requires_grad_(False)
     stats = GradientStats(model.named_parameters())
     # named_parameters order: a module's own parameters before its children's
-    assert stats.modules == ["embed", "block", "block.attn", "block.attn.out_proj", "block.norm"]
+    # every parameter is watched: a frozen layer enters the statistics once it has a gradient
+    assert stats.modules == ["embed", "block", "block.attn", "block.attn.out_proj", "block.norm", "frozen"]
 
 
 def test_many_steps_are_read_in_one_go_and_missing_gradients_count_as_zero():
@@ -139,10 +140,55 @@ def test_observe_never_reads_a_value_back(track_updates):
         stats.read()  # the one place that reads back
 
 
-def test_no_trainable_parameters():
-    model = nn.Linear(2, 2).requires_grad_(False)
-    with pytest.raises(ValueError, match="No trainable parameters"):
-        GradientStats(model.named_parameters())
+def test_no_parameters():
+    with pytest.raises(ValueError, match="No parameters to watch"):
+        GradientStats(nn.ReLU().named_parameters())
+
+
+def test_a_parameter_without_gradient_is_left_out_not_counted_as_zero():
+    """An unused head and a frozen layer have no gradient; unfreezing brings the layer in."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    head = nn.Linear(8, 3)  # registered, never used in the loss
+    model.add_module("head", head)
+    model[0].requires_grad_(False)
+    x = torch.randn(7, 5)
+    model[2](model[1](model[0](x))).pow(2).sum().backward()
+    stats = GradientStats(model.named_parameters())
+    stats.observe(1)
+    model[0].requires_grad_(True)  # unfrozen mid-run
+    model.zero_grad()
+    model[2](model[1](model[0](x))).pow(2).sum().backward()
+    stats.observe(2)
+    readout = stats.read()
+    first, second = dict(readout.layer_grad_norms[0]), dict(readout.layer_grad_norms[1])
+    assert list(first) == ["1", "2"] and list(second) == ["0", "1", "2"]
+    assert "head" not in second and readout.nonfinite_tensors == [0, 0]
+    assert second["0"] == pytest.approx(norm(p.grad for p in model[0].parameters()), rel=1e-6)
+    assert readout.grad_norms[1] == pytest.approx(norm(p.grad for p in model.parameters() if p.grad is not None), rel=1e-6)
+    assert "head" in dict(readout.layer_weight_norms)
+
+
+@pytest.mark.parametrize("track_updates", [False, True])
+def test_several_observes_of_one_step_make_one_record(track_updates):
+    """LBFGS evaluates its closure several times, a GAN steps two optimizers: one record per step,
+    holding each tensor's last gradient of that step."""
+    model = model_with_grads()
+    stats = GradientStats(model.named_parameters(), track_updates=track_updates)
+    stats.observe(1)
+    first_layer = [p.grad for p in model[0].parameters()]
+    for p in model[0].parameters():  # the second optimizer's turn: only its parameters have gradients
+        p.grad = None
+    for p in model[3].parameters():
+        p.grad = p.grad * 3
+    stats.observe(1)
+    stats.observe(2)
+    readout = stats.read()
+    assert readout.steps == [1, 2]
+    latest = [*first_layer, *(p.grad for p in model.parameters() if p.grad is not None)]
+    assert readout.grad_norms[0] == pytest.approx(norm(latest), rel=1e-6)
+    assert dict(readout.layer_grad_norms[0])["3"] == pytest.approx(norm(p.grad for p in model[3].parameters()), rel=1e-6)
+    assert "0" in dict(readout.layer_grad_norms[0]) and "0" not in dict(readout.layer_grad_norms[1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists only with CUDA")

@@ -1,0 +1,120 @@
+"""The settings of the training diagnostics, validated once and shared by `Monitor` and the callback.
+
+Construction has no side effects: plain checks only (no module, tensor or random draw is built to
+validate an argument), so creating a `Monitor` or a `HessianDiagnostics` before or after seeding
+leaves the user's run unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hessdiag._isolation import MODEL_MODES, ModelMode
+from hessdiag.curvature import RankWeighting
+from hessdiag.detectors import (
+    EdgeOfStabilityDetector,
+    ExplodingGradientDetector,
+    PlateauDetector,
+    SaddleDetector,
+    VanishingGradientDetector,
+)
+from hessdiag.flags import FLAG_NAMES
+from hessdiag.hvp import HVP_METHODS, HVPMethod
+from hessdiag.schedule import CheckEvery
+
+#: The detector class behind each flag name (``detectors=["plateau", ...]`` builds these with defaults).
+DETECTOR_CLASSES: dict[str, type] = {
+    "exploding": ExplodingGradientDetector,
+    "vanishing": VanishingGradientDetector,
+    "plateau": PlateauDetector,
+    "saddle": SaddleDetector,
+    "edge_of_stability": EdgeOfStabilityDetector,
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class DiagnosticsSettings:
+    """What the diagnostics compute and how often (see :class:`hessdiag.Monitor` for each field).
+
+    Raises:
+        ValueError: a bad value, with the argument's name and what is allowed.
+    """
+
+    check_every: CheckEvery = "auto"
+    overhead_budget: float = 0.05
+    log_every: int = 10
+    sub_batch: int | None = None
+    k: int = 1
+    tol: float = 1e-3
+    max_iter: int | None = None
+    cold_every: int = 5
+    density_every: int = 10
+    mode: ModelMode = "as_is"
+    hvp_method: HVPMethod = "auto"
+    rank_weighting: RankWeighting = "equal"
+    update_ratios: bool = False
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.check_every != "auto" and (not _is_int(self.check_every) or self.check_every < 0):
+            raise ValueError(f"`check_every` must be an int >= 0 or 'auto', got {self.check_every!r}.")
+        if not isinstance(self.overhead_budget, (int, float)) or not 0 < self.overhead_budget < 1:
+            raise ValueError(f"`overhead_budget` must be a number in (0, 1), got {self.overhead_budget!r}.")
+        if not _is_int(self.log_every) or self.log_every < 1:
+            raise ValueError(f"`log_every` must be an int >= 1, got {self.log_every!r}.")
+        if self.sub_batch is not None and (not _is_int(self.sub_batch) or self.sub_batch < 1):
+            raise ValueError(f"`sub_batch` must be a positive int or None, got {self.sub_batch!r}.")
+        if not _is_int(self.k) or self.k < 1:
+            raise ValueError(f"`k` must be a positive int, got {self.k!r}.")
+        if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or not 0 < self.tol < 1:
+            raise ValueError(f"`tol` must be a number in (0, 1), got {self.tol!r}.")
+        if self.max_iter is not None and (not _is_int(self.max_iter) or self.max_iter < 1):
+            raise ValueError(f"`max_iter` must be a positive int or None, got {self.max_iter!r}.")
+        for name in ("cold_every", "density_every"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
+        if self.mode not in MODEL_MODES:
+            raise ValueError(f"`mode` must be one of {MODEL_MODES}, got {self.mode!r}.")
+        if self.hvp_method not in HVP_METHODS:
+            raise ValueError(f"`hvp_method` must be one of {HVP_METHODS}, got {self.hvp_method!r}.")
+        if self.rank_weighting not in ("equal", "samples"):
+            raise ValueError(f"`rank_weighting` must be 'equal' or 'samples', got {self.rank_weighting!r}.")
+        for name in ("update_ratios", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+
+
+def resolve_detectors(detectors: Sequence[Any] | None) -> list[Any]:
+    """The detectors to run, from `detectors`: None (one of each, default thresholds), flag names
+    (``"plateau"``: that detector with defaults) or detector instances (used as they are).
+
+    Raises:
+        ValueError: an unknown name, an object that is not a detector, or a flag given twice.
+    """
+    if detectors is None:
+        return [cls() for cls in DETECTOR_CLASSES.values()]
+    if isinstance(detectors, (str, bytes)) or not isinstance(detectors, Sequence):
+        raise ValueError(f"`detectors` must be a list of flag names or detectors, got {type(detectors).__name__}.")
+    resolved = []
+    for item in detectors:
+        if isinstance(item, str):
+            if item not in DETECTOR_CLASSES:
+                raise ValueError(f"`detectors`: unknown flag name {item!r}; the names are {FLAG_NAMES}.")
+            resolved.append(DETECTOR_CLASSES[item]())
+        elif getattr(item, "name", None) in FLAG_NAMES and callable(getattr(item, "update", None)):
+            resolved.append(item)
+        else:
+            raise ValueError(
+                f"`detectors` must hold flag names {FLAG_NAMES} or hessdiag detectors, got {type(item).__name__}."
+            )
+    names = [detector.name for detector in resolved]
+    if len(set(names)) != len(names):
+        raise ValueError(f"`detectors` names a flag twice: {names}.")
+    return resolved
