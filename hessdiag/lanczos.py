@@ -68,6 +68,38 @@ _HOST_BUDGET_FRACTION = 0.5  # of available host memory
 _KAHAN_PARLETT = 2**-0.5
 
 
+@dataclass(frozen=True)
+class VectorShard:
+    """How the vectors are split across processes (e.g. FSDP2-sharded parameters): each process
+    holds `size` of the `dim` coordinates and the inner products are sums over processes.
+
+    Attributes:
+        size: this process's number of coordinates (shards may be uneven).
+        sum_: sums a tensor of partial inner products over the processes, in place, and returns it.
+        index: this process's rank; each process draws its own coordinates of a random vector from
+            a generator seeded by (seed, index), so the whole vector has i.i.d. Gaussian entries.
+    """
+
+    size: int
+    sum_: Callable[[torch.Tensor], torch.Tensor]
+    index: int
+
+
+def _partial_sums(shard: VectorShard | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    return (lambda partial: partial) if shard is None else shard.sum_
+
+
+def _norm(w: torch.Tensor, shard: VectorShard | None) -> torch.Tensor:
+    """The norm of the whole vector of which `w` is this process's piece."""
+    if shard is None:
+        return torch.linalg.vector_norm(w)
+    return shard.sum_(torch.dot(w, w).reshape(1)).sqrt().reshape(())
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, shard: VectorShard | None) -> float:
+    return float(_partial_sums(shard)(torch.dot(a, b).reshape(1)))
+
+
 @dataclass
 class LanczosResult:
     """Ritz pairs of both ends of the spectrum from one Lanczos run.
@@ -129,36 +161,41 @@ def start_vector(
     device: torch.device,
     dtype: torch.dtype,
     generator: torch.Generator,
+    shard: VectorShard | None = None,
 ) -> torch.Tensor:
     """A unit start vector: random, or a warm start mixed with a random component.
 
     A warm start is a vector of shape (dim,) or a block (b, dim) of previous Ritz vectors (e.g. the
     top and bottom ones), summed after normalising each row; the result is mixed as
     sqrt(1 - rho^2) u + rho r with r random and rho = `warm_random`, so that an eigenvector that
-    has turned since the last check is still reachable from the Krylov space.
+    has turned since the last check is still reachable from the Krylov space. With a `shard`,
+    `dim` is this process's size and `v0` its piece.
     """
     noise = torch.randn(dim, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
-    noise /= torch.linalg.vector_norm(noise)
+    noise /= _norm(noise, shard)
     if v0 is None:
         return noise
     block = v0.detach().reshape(-1, dim).to(device=device, dtype=dtype)
-    norms = torch.linalg.vector_norm(block, dim=1, keepdim=True)
+    norms = _partial_sums(shard)(block.pow(2).sum(dim=1, keepdim=True)).sqrt()
     block = block[norms.squeeze(1) > 0] / norms[norms.squeeze(1) > 0]
     if block.numel() == 0:
         return noise
     warm = block.sum(dim=0)
-    warm_norm = torch.linalg.vector_norm(warm)
+    warm_norm = _norm(warm, shard)
     if not torch.isfinite(warm_norm) or warm_norm == 0:
         return noise
     mixed = math.sqrt(1.0 - warm_random**2) * (warm / warm_norm) + warm_random * noise
-    return mixed / torch.linalg.vector_norm(mixed)
+    return mixed / _norm(mixed, shard)
 
 
 class _Basis:
     """Storage of the Lanczos vectors and the two-pass Gram-Schmidt against them."""
 
-    def __init__(self, capacity: int, dim: int, storage: str, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, capacity: int, dim: int, storage: str, device: torch.device, dtype: torch.dtype, shard: VectorShard | None
+    ) -> None:
         self.storage = storage
+        self.shard = shard
         self.device = device
         self.size = 0
         if storage == "recurrence":
@@ -186,16 +223,17 @@ class _Basis:
         """
         if self.vectors is None:
             for q in self.recent:
-                w -= torch.dot(q, w) * q
+                w -= _dot(q, w, self.shard) * q
             return w
         basis = self.vectors[: self.size]
+        coefficients_of = _partial_sums(self.shard)
         for _ in range(2):
-            before = torch.linalg.vector_norm(w)
+            before = _norm(w, self.shard)
             if self.storage == "host":
-                w -= (basis.T @ (basis @ w.cpu())).to(w.device)
+                w -= (basis.T @ coefficients_of(basis @ w.cpu())).to(w.device)
             else:
-                w -= basis.T @ (basis @ w)
-            if torch.linalg.vector_norm(w) > _KAHAN_PARLETT * before:
+                w -= basis.T @ coefficients_of(basis @ w)
+            if _norm(w, self.shard) > _KAHAN_PARLETT * before:
                 break
         return w
 
@@ -248,6 +286,7 @@ def lanczos(
     memory_budget: int | None = None,
     matvec_error: float | Callable[[], float] = 0.0,
     warm_steps: int = 8,
+    shard: VectorShard | None = None,
 ) -> LanczosResult:
     """Extreme eigenvalues of the symmetric operator `matvec` by Lanczos.
 
@@ -271,6 +310,10 @@ def lanczos(
             exact products), or a callable returning it, read again at every stopping test.
         warm_steps: with a warm start, products beyond `min_iter` before the run may stop, so that
             the random part of the start can reveal an eigenvalue that overtook the previous top.
+        shard: the vectors are split across processes (:class:`VectorShard`): `matvec`, `v0` and
+            the Ritz vectors are this process's pieces (``shard.size`` coordinates), `dim` is the
+            whole dimension, and every inner product is summed over the processes, so that all of
+            them take the same steps and stop together.
 
     Returns:
         A :class:`LanczosResult`: Ritz values of both ends with their proven error bounds.
@@ -291,11 +334,17 @@ def lanczos(
         raise ValueError(f"`warm_steps` must be a non-negative int, got {warm_steps!r}.")
     device = torch.device(device)
     dtype = torch.promote_types(dtype, torch.float32)
-    storage = choose_basis_storage(basis, max_iter, dim, dtype, device, memory_budget)
-    generator = torch.Generator().manual_seed(seed)
-    q = start_vector(dim, v0, warm_random=warm_random, device=device, dtype=dtype, generator=generator)
+    size = dim if shard is None else shard.size
+    storage = choose_basis_storage(basis, max_iter, size, dtype, device, memory_budget)
+    if shard is not None:
+        # Without a basis the run takes other collective steps: recurrence on one process means on all.
+        votes = shard.sum_(torch.tensor([float(storage == "recurrence")], dtype=torch.float64, device=device))
+        storage = "recurrence" if float(votes) > 0 else storage
+    # Each process draws its own coordinates: one stream per (seed, rank) (hash of ints is fixed).
+    generator = torch.Generator().manual_seed(seed if shard is None else hash((seed, shard.index)) % 2**63)
+    q = start_vector(size, v0, warm_random=warm_random, device=device, dtype=dtype, generator=generator, shard=shard)
 
-    vectors = _Basis(max_iter, dim, storage, device, dtype)
+    vectors = _Basis(max_iter, size, storage, device, dtype, shard)
     alphas: list[float] = []
     betas: list[float] = []
     previous: torch.Tensor | None = None
@@ -305,14 +354,14 @@ def lanczos(
     while True:
         vectors.append(q)
         w = _product(matvec, q, len(alphas), dtype)
-        alpha = float(torch.dot(q, w))
+        alpha = _dot(q, w, shard)
         # The three-term recurrence first: what is left is nearly orthogonal to the basis, so one
         # reorthogonalisation pass usually suffices.
         w -= alpha * q
         if previous is not None:
             w -= betas[-1] * previous
         vectors.orthogonalise_(w)
-        beta = float(torch.linalg.vector_norm(w))
+        beta = float(_norm(w, shard))
         alphas.append(alpha)
         theta, s = _tridiagonal_eigh(alphas, betas)
         state.update(theta, s, beta, product_error(), len(alphas) >= may_stop_from)
@@ -324,10 +373,10 @@ def lanczos(
             if storage == "recurrence":
                 break  # invariant subspace; without a basis there is nothing to restart against
             # Invariant subspace found: continue from a fresh direction orthogonal to it.
-            w = torch.randn(dim, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+            w = torch.randn(size, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
             vectors.orthogonalise_(w)
             beta_next = 0.0
-            w /= torch.linalg.vector_norm(w)
+            w /= _norm(w, shard)
         else:
             beta_next = beta
             w /= beta
