@@ -175,10 +175,10 @@ def eigenvalues_of(
         v0 = v0.warm_start()
     if not isinstance(k, int) or not 1 <= k <= operator.dim:
         raise ValueError(f"`k` must be an int in [1, {operator.dim}] (the number of parameters), got {k!r}.")
-    if v0 is not None and v0.numel() % operator.dim != 0:
-        raise ValueError(f"`v0` must have shape ({operator.dim},) or (b, {operator.dim}), got {tuple(v0.shape)}.")
+    if v0 is not None and v0.numel() % operator.size != 0:
+        raise ValueError(f"`v0` must have shape ({operator.size},) or (b, {operator.size}), got {tuple(v0.shape)}.")
     hvps_before = operator.num_hvps
-    grad_norm = float(torch.linalg.vector_norm(operator.gradient()))
+    grad_norm = operator.norm(operator.gradient())
     result = lanczos(
         operator.matvec,
         operator.dim,
@@ -195,6 +195,7 @@ def eigenvalues_of(
         basis=basis,
         memory_budget=memory_budget,
         matvec_error=lambda: operator.product_error,
+        shard=operator.shard,
     )
     return HessianEigenvalues(
         top=result.top,

@@ -16,37 +16,50 @@ gradients are not a Hessian there (:class:`~hessdiag.errors.NonSmoothLossError`)
 
 The parameters are written in place (so the sharded parameters of FSDP2 and reentrant
 checkpointing, which recomputes the forward during backward, see the shifted values) and
-restored bit-for-bit from a saved copy, never by subtracting the shift again.
+restored bit-for-bit from a saved copy, never by subtracting the shift again. With a `shard`
+(FSDP2) the parameters are this rank's local shards and the norms are those of the whole vectors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from hessdiag.errors import _REENTRANT_CHECKPOINT
+from hessdiag.lanczos import VectorShard, vector_norm
 
 #: D(eps) and D(2 eps) differing by more than this fraction of ||D(eps)|| means the gradient is not
 #: differentiable along v (measured, CPU float32: smooth networks 1e-4..1e-3, ReLU networks 0.2..2.6).
 NON_SMOOTH_DISAGREEMENT = 0.05
 
+T = TypeVar("T")
 
 
-def step_size(params: Sequence[torch.Tensor], dtype: torch.dtype) -> float:
+
+def step_size(params: Sequence[torch.Tensor], dtype: torch.dtype, shard: VectorShard | None = None) -> float:
     """The central-difference step eps for a unit vector, in parameter units.
 
     u^(1/3) balances truncation (~eps^2) against rounding (~u / eps); the factor (1 + ||theta|| /
     sqrt(dim)) keeps the shift eps * v_i above the rounding of each coordinate theta_i when the
     parameters are large (a unit v has coordinates of about 1 / sqrt(dim)). float32: 4.9e-3 for
-    parameters of unit scale or less; float64: 6.1e-6.
+    parameters of unit scale or less; float64: 6.1e-6. With a `shard`, `params` are this rank's
+    pieces and norm and dim are the whole model's (the same step on every rank).
     """
     unit_roundoff = torch.finfo(dtype).eps
     with torch.no_grad():
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.float()) for p in params])))
+        norm = float(_norm_of(params, shard))
     dim = sum(p.numel() for p in params)
+    if shard is not None:
+        dim = int(shard.sum_(torch.tensor([float(dim)], dtype=torch.float64, device=params[0].device)))
     return unit_roundoff ** (1 / 3) * (1.0 + norm / dim**0.5)
+
+
+def _norm_of(pieces: Sequence[torch.Tensor], shard: VectorShard | None) -> torch.Tensor:
+    """The norm of the whole vector given as pieces (and, with a shard, across processes)."""
+    return vector_norm(torch.stack([torch.linalg.vector_norm(v.float()) for v in pieces]), shard)
 
 
 def gradient_by_backward(
@@ -94,10 +107,10 @@ class Measurement:
     relative: float
 
     @classmethod
-    def of(cls, fine: torch.Tensor, coarse: torch.Tensor, eps: float) -> Measurement:
-        """From D(eps) and D(2 eps) of one unit vector."""
-        error = float(torch.linalg.vector_norm(fine - coarse))
-        size = float(torch.linalg.vector_norm(fine))
+    def of(cls, fine: torch.Tensor, coarse: torch.Tensor, eps: float, shard: VectorShard | None = None) -> Measurement:
+        """From D(eps) and D(2 eps) of one unit vector (this rank's pieces, with a `shard`)."""
+        error = float(vector_norm(fine - coarse, shard))
+        size = float(vector_norm(fine, shard))
         relative = error / size if size > 0 else (0.0 if error == 0 else float("inf"))
         return cls(eps=eps, error=error, relative=relative)
 
@@ -116,14 +129,21 @@ class CentralDifference:
         gradient: computes the flat gradient at the parameters' current values (same batch, same
             dropout masks every call, no graph kept).
         eps: the step for a unit vector (default: :func:`step_size`).
+        shard: `params` are this rank's shards of parameters split across processes (FSDP2), and
+            `gradient` returns this rank's piece of the gradient.
     """
 
     def __init__(
-        self, params: Sequence[torch.Tensor], gradient: Callable[[], torch.Tensor], eps: float | None = None
+        self,
+        params: Sequence[torch.Tensor],
+        gradient: Callable[[], torch.Tensor],
+        eps: float | None = None,
+        shard: VectorShard | None = None,
     ) -> None:
         self.params = list(params)
         self.gradient = gradient
-        self.eps = step_size(self.params, self.params[0].dtype) if eps is None else float(eps)
+        self.shard = shard
+        self.eps = step_size(self.params, self.params[0].dtype, shard) if eps is None else float(eps)
         self._saved = [p.detach().clone() for p in self.params]
 
     def product(self, pieces: Sequence[torch.Tensor], eps: float | None = None) -> torch.Tensor:
@@ -132,7 +152,7 @@ class CentralDifference:
         The step is ``eps / ||v||``, so that the shift has norm `eps` whatever the vector's scale.
         """
         eps = self.eps if eps is None else eps
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in pieces])))
+        norm = float(_norm_of(pieces, self.shard))
         if norm == 0.0:
             return torch.zeros_like(self.gradient())
         step = eps / norm
@@ -141,11 +161,16 @@ class CentralDifference:
         return forward.sub_(backward).div_(2 * step)
 
     def _gradient_at(self, pieces: Sequence[torch.Tensor], step: float) -> torch.Tensor:
+        return self.evaluate_at(pieces, step, self.gradient)
+
+    def evaluate_at(self, pieces: Sequence[torch.Tensor], step: float, function: Callable[[], T]) -> T:
+        """``function()`` with the parameters moved by ``step * v`` (v given as pieces), then
+        restored bit-for-bit from the saved copy."""
         try:
             with torch.no_grad():
                 for p, v in zip(self.params, pieces):
                     p.add_(v, alpha=step)
-            return self.gradient()
+            return function()
         finally:
             with torch.no_grad():
                 for p, original in zip(self.params, self._saved):

@@ -16,6 +16,11 @@ v -> H v on flat vectors over the chosen parameters. Methods:
   differences on a random vector; finite differences where double backward fails or disagrees
   (a backward that is not differentiable: autograd drops its second-order term without a word).
 
+FSDP2-sharded models (``fully_shard``; see :mod:`hessdiag._sharded`): vectors are this rank's
+pieces (``size`` coordinates of ``dim``), products are finite differences of the gradient FSDP
+computes ("auto" picks them; the exact methods are refused), and `shard` carries the all-reduced
+inner products that :func:`~hessdiag.lanczos.lanczos` needs.
+
 The operator is the loss the optimizer sees and leaves no trace (see :mod:`hessdiag._isolation`):
 open it with ``with``; on exit the graph is freed and modes, buffers and RNG are put back.
 """
@@ -31,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hessdiag import _distributed
+from hessdiag import _distributed, _sharded
 from hessdiag._isolation import MODEL_MODES, ModelMode, isolation, seed_rng, unwrap_model
 from hessdiag.errors import (
     HessdiagError,
@@ -49,6 +54,7 @@ from hessdiag.finite_difference import (
     gradient_by_backward,
     refuses_autograd_grad,
 )
+from hessdiag.lanczos import VectorShard, random_generator, start_vector, vector_norm
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 HVPMethod = Literal["auto", "double_backward", "forward_over_reverse", "finite_difference"]
@@ -127,9 +133,12 @@ class HessianOperator:
         batch_size: this rank's number of samples, to weight ranks under data parallelism
             (default: the leading dimension of the first tensor in `batch`).
         distributed: average over the process group when one is initialised (default True).
+            Sharded models are always averaged as FSDP averages them: the mean over ranks of the
+            per-rank losses (`batch_size` is ignored there).
 
     Raises:
-        ValueError: bad arguments (see :func:`trainable_parameters`).
+        ValueError: bad arguments (see :func:`trainable_parameters`), or an exact `method` on an
+            FSDP2-sharded model.
         LossClosureError: `loss_fn` raised on `batch` or did not return a scalar tensor that
             depends on the parameters.
         NonFiniteLossError: the loss is NaN or infinite.
@@ -179,10 +188,23 @@ class HessianOperator:
         self.device: torch.device = self.params[0].device
         self.dtype: torch.dtype = self.params[0].dtype
         self.dim: int = sum(p.numel() for p in self.params)
+        self.shard: VectorShard | None = None
+        if _sharded.is_sharded(self.params):
+            self.shard = _sharded.vector_shard(self.params)
+            if method in _EXACT_METHODS:
+                raise ValueError(
+                    f"`method`={method!r} cannot run on FSDP2-sharded parameters: double backward through "
+                    "fully_shard fails and forward-mode derivatives of its collectives do not exist; use 'auto' or "
+                    "'finite_difference' (products from the sharded gradients)."
+                )
+        #: This process's number of coordinates of the flat vectors (`dim` unless sharded).
+        self.size: int = self.dim if self.shard is None else self.shard.size
+        self._local_params = [_sharded.local(p) for p in self.params]
         self.num_hvps: int = 0
         self.product_error: float = 0.0
         self._share = 1.0
-        self._distributed = distributed and _distributed.is_data_parallel()
+        # FSDP's gradient already averages the ranks: no product all-reduce on sharded models.
+        self._distributed = distributed and self.shard is None and _distributed.is_data_parallel()
         self._batch_size = batch_size
         self._stack: contextlib.ExitStack | None = None
         self._grads: tuple[torch.Tensor | None, ...] = ()
@@ -192,7 +214,9 @@ class HessianOperator:
         self._probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._exact_failure: SecondDerivativeError | None = None
         self._attention: list[SDPBackend] = []
-        self._plain_backward = False  # reentrant checkpointing: gradients by loss.backward() only
+        # Reentrant checkpointing and FSDP2 (whose autograd.grad returns None for sharded
+        # parameters): gradients by loss.backward() only.
+        self._plain_backward = self.shard is not None
 
     # -- lifetime -------------------------------------------------------------------------
     def __enter__(self) -> HessianOperator:
@@ -231,7 +255,7 @@ class HessianOperator:
         """Build the graph; under data parallelism, all ranks agree that it worked before any
         product's all-reduce, so a rank that failed (a NaN on its shard) cannot leave the others
         waiting forever."""
-        if not self._distributed:
+        if not self._distributed and self.shard is None:
             self._build()
             return
         failure: BaseException | None = None
@@ -269,8 +293,11 @@ class HessianOperator:
             raise LossClosureError(
                 "The loss does not depend on the chosen parameters (was it computed under torch.no_grad()?)."
             )
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"The loss is {loss.item()} on this batch; the Hessian is undefined there.")
+        finite = bool(torch.isfinite(loss))
+        if self.shard is not None:  # decided together: a rank that stops here would leave FSDP's backward waiting
+            finite = float(self.shard.sum_(torch.tensor([float(not finite)], dtype=torch.float64, device=self.device))) == 0
+        if not finite:
+            raise NonFiniteLossError(f"The loss is {loss.item()} on this batch (or another rank's); the Hessian is undefined there.")
         return loss
 
     def _build(self) -> None:
@@ -287,15 +314,15 @@ class HessianOperator:
                 self._warn_constant_gradients()
             return
         loss = self._checked_loss()
-        if self.requested_method == "finite_difference":
+        if self.requested_method == "finite_difference" or self.shard is not None:
             self._loss = loss.detach()
             self._grads = tuple(self._split(self._gradient_without_graph(loss)))
         del loss  # free its graph before the finite differences: they move the parameters it saved
-        self._central = CentralDifference(self.params, self._gradient_without_graph)
+        self._central = CentralDifference(self._local_params, self._gradient_without_graph, shard=self.shard)
         probe = self._probe_vector()
         pieces = self._split(probe)
         self._probe = (probe, self._central.product(pieces), self._central.product(pieces, 2 * self._central.eps))
-        if self.requested_method == "finite_difference":
+        if self.requested_method == "finite_difference" or self.shard is not None:
             return
         # "auto": the finite differences moved the parameters in place, so the graph comes after them.
         loss = self._checked_loss()
@@ -342,7 +369,13 @@ class HessianOperator:
             return self._flatten(gradient_by_backward(loss, self.params, list(self.model.parameters())))
 
     def _probe_vector(self) -> torch.Tensor:
-        """A random unit vector, the same on every rank (seeded by `seed`)."""
+        """A random unit vector, the same on every rank (seeded by `seed`); on a sharded model
+        this rank's piece of one."""
+        if self.shard is not None:
+            generator = random_generator(self.seed, self.shard)
+            return start_vector(
+                self.size, None, warm_random=0.0, device=self.device, dtype=self.dtype, generator=generator, shard=self.shard
+            )
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
         vector = torch.randn(self.dim, generator=generator, device=self.device, dtype=self.dtype)
         return vector / torch.linalg.vector_norm(vector)
@@ -355,9 +388,12 @@ class HessianOperator:
         probe, fine, coarse = self._probe
         self._probe = None
         fine, coarse = self._finish(fine), self._finish(coarse)
-        measured = Measurement.of(fine, coarse, self._central.eps)
+        measured = Measurement.of(fine, coarse, self._central.eps, self.shard)
         if self.requested_method == "finite_difference":
             self._use_finite_difference(measured, "asked for")
+            return
+        if self.shard is not None:
+            self._use_finite_difference(measured, "the model is FSDP2-sharded: double backward cannot run through it")
             return
         exact = None
         failure = self._exact_failure
@@ -440,14 +476,18 @@ class HessianOperator:
 
     @property
     def loss(self) -> float:
-        """The loss at the current parameters (global batch under data parallelism)."""
+        """The loss at the current parameters (global batch under data parallelism; the mean
+        over ranks on a sharded model)."""
+        if self.shard is not None:
+            return float(_sharded.mean_over_ranks(self._require_open(self._loss), self.shard))
         value = self._require_open(self._loss) * self._share
         if self._distributed:
             _distributed.all_reduce_sum_(value)
         return float(value.item())
 
     def gradient(self) -> torch.Tensor:
-        """The flat gradient on this batch (global batch under data parallelism)."""
+        """The flat gradient on this batch (global batch under data parallelism; this rank's
+        piece on a sharded model)."""
         self._require_open(self._loss)
         flat = self._flatten([None if g is None else g.detach() for g in self._grads])
         return self._finish(flat)
@@ -455,10 +495,16 @@ class HessianOperator:
     def loss_along(self, direction: torch.Tensor, step: float) -> float:
         """The loss at theta + step * direction (flat `direction`), same batch and dropout masks.
 
-        Evaluated functionally: the parameters themselves are never written.
+        Evaluated functionally: the parameters themselves are never written (on a sharded model
+        the local shards are shifted in place and restored from a copy, bit-for-bit).
         """
         self._require_open(self._loss)
         offsets = self._split(direction.to(device=self.device, dtype=self.dtype))
+        if self.shard is not None:
+            assert self._central is not None
+            with torch.no_grad():
+                value = self._central.evaluate_at(offsets, step, lambda: self._evaluate_loss(self.model).detach())
+            return float(_sharded.mean_over_ranks(value, self.shard))
         names = self._parameter_names()
         wrapper = _LossModule(self.model, self.loss_fn, self.batch)
         seed_rng(self.seed, self.device)
@@ -473,8 +519,8 @@ class HessianOperator:
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         """H v for a flat `vector` of shape ``(dim,)``; returns a new tensor of the same shape."""
         self._require_open(self._loss)
-        if vector.shape != (self.dim,):
-            raise ValueError(f"Expected a vector of shape ({self.dim},), got {tuple(vector.shape)}.")
+        if vector.shape != (self.size,):
+            raise ValueError(f"Expected a vector of shape ({self.size},), got {tuple(vector.shape)}.")
         pieces = self._split(vector.to(device=self.device, dtype=self.dtype))
         try:
             if self.method == "double_backward":
@@ -527,14 +573,21 @@ class HessianOperator:
         return [by_id[id(p)] for p in self.params]
 
     # -- flat <-> per-parameter ------------------------------------------------------------
+    def norm(self, flat: torch.Tensor) -> float:
+        """The norm of a flat vector (of the whole vector, when `flat` is this rank's piece)."""
+        return float(vector_norm(flat, self.shard))
+
     def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [piece.view_as(p) for piece, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
+        pieces = flat.split([p.numel() for p in self._local_params])
+        return [piece.view_as(p) for piece, p in zip(pieces, self._local_params)]
 
     def _flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
         return torch.cat(
             [
-                torch.zeros(p.numel(), device=self.device, dtype=self.dtype) if t is None else _dense(t).reshape(-1)
-                for t, p in zip(tensors, self.params)
+                torch.zeros(p.numel(), device=self.device, dtype=self.dtype)
+                if t is None
+                else _dense(_sharded.local(t)).reshape(-1)
+                for t, p in zip(tensors, self._local_params)
             ]
         )
 

@@ -89,11 +89,17 @@ def _partial_sums(shard: VectorShard | None) -> Callable[[torch.Tensor], torch.T
     return (lambda partial: partial) if shard is None else shard.sum_
 
 
-def _norm(w: torch.Tensor, shard: VectorShard | None) -> torch.Tensor:
-    """The norm of the whole vector of which `w` is this process's piece."""
+def vector_norm(w: torch.Tensor, shard: VectorShard | None = None) -> torch.Tensor:
+    """The norm of the whole vector of which `w` is this process's piece (0-dim tensor)."""
     if shard is None:
         return torch.linalg.vector_norm(w)
     return shard.sum_(torch.dot(w, w).reshape(1)).sqrt().reshape(())
+
+
+def random_generator(seed: int, shard: VectorShard | None = None) -> torch.Generator:
+    """A CPU generator for random vectors: seeded by `seed`, and with a shard by (seed, rank) so
+    that each process draws its own coordinates (the hash of a tuple of ints is fixed)."""
+    return torch.Generator().manual_seed(seed if shard is None else hash((seed, shard.index)) % 2**63)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor, shard: VectorShard | None) -> float:
@@ -172,7 +178,7 @@ def start_vector(
     `dim` is this process's size and `v0` its piece.
     """
     noise = torch.randn(dim, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
-    noise /= _norm(noise, shard)
+    noise /= vector_norm(noise, shard)
     if v0 is None:
         return noise
     block = v0.detach().reshape(-1, dim).to(device=device, dtype=dtype)
@@ -181,11 +187,11 @@ def start_vector(
     if block.numel() == 0:
         return noise
     warm = block.sum(dim=0)
-    warm_norm = _norm(warm, shard)
+    warm_norm = vector_norm(warm, shard)
     if not torch.isfinite(warm_norm) or warm_norm == 0:
         return noise
     mixed = math.sqrt(1.0 - warm_random**2) * (warm / warm_norm) + warm_random * noise
-    return mixed / _norm(mixed, shard)
+    return mixed / vector_norm(mixed, shard)
 
 
 class _Basis:
@@ -228,12 +234,12 @@ class _Basis:
         basis = self.vectors[: self.size]
         coefficients_of = _partial_sums(self.shard)
         for _ in range(2):
-            before = _norm(w, self.shard)
+            before = vector_norm(w, self.shard)
             if self.storage == "host":
                 w -= (basis.T @ coefficients_of(basis @ w.cpu())).to(w.device)
             else:
                 w -= basis.T @ coefficients_of(basis @ w)
-            if _norm(w, self.shard) > _KAHAN_PARLETT * before:
+            if vector_norm(w, self.shard) > _KAHAN_PARLETT * before:
                 break
         return w
 
@@ -340,8 +346,7 @@ def lanczos(
         # Without a basis the run takes other collective steps: recurrence on one process means on all.
         votes = shard.sum_(torch.tensor([float(storage == "recurrence")], dtype=torch.float64, device=device))
         storage = "recurrence" if float(votes) > 0 else storage
-    # Each process draws its own coordinates: one stream per (seed, rank) (hash of ints is fixed).
-    generator = torch.Generator().manual_seed(seed if shard is None else hash((seed, shard.index)) % 2**63)
+    generator = random_generator(seed, shard)
     q = start_vector(size, v0, warm_random=warm_random, device=device, dtype=dtype, generator=generator, shard=shard)
 
     vectors = _Basis(max_iter, size, storage, device, dtype, shard)
@@ -361,7 +366,7 @@ def lanczos(
         if previous is not None:
             w -= betas[-1] * previous
         vectors.orthogonalise_(w)
-        beta = float(_norm(w, shard))
+        beta = float(vector_norm(w, shard))
         alphas.append(alpha)
         theta, s = _tridiagonal_eigh(alphas, betas)
         state.update(theta, s, beta, product_error(), len(alphas) >= may_stop_from)
@@ -376,7 +381,7 @@ def lanczos(
             w = torch.randn(size, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
             vectors.orthogonalise_(w)
             beta_next = 0.0
-            w /= _norm(w, shard)
+            w /= vector_norm(w, shard)
         else:
             beta_next = beta
             w /= beta

@@ -1,0 +1,114 @@
+"""FSDP2 (`fully_shard`) on two gloo processes: the Hessian of the loss FSDP averages, from shards."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from hessdiag import HessianOperator, Monitor, hessian_eigenvalues
+from tests.oracles import dense_hessian
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)
+
+SPLIT = (5, 11)  # unequal local batches: FSDP averages the ranks' mean losses with equal weights
+
+
+def make_model(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    # 5 output rows shard unevenly over two ranks (3 + 2); GELU and tanh keep the loss smooth.
+    return nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
+
+
+def make_data(dtype: torch.dtype):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(sum(SPLIT), 4, generator=generator).to(dtype)  # the same numbers in both dtypes
+    y = torch.randint(0, 3, (sum(SPLIT),), generator=generator)
+    return x, y
+
+
+def local_batch(rank: int, dtype: torch.dtype):
+    x, y = make_data(dtype)
+    start = sum(SPLIT[:rank])
+    return x[start : start + SPLIT[rank]], y[start : start + SPLIT[rank]]
+
+
+def loss_fn(m, batch):
+    return F.cross_entropy(m(batch[0]), batch[1])
+
+
+def shard(model: nn.Module) -> nn.Module:
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fsdp.fully_shard(layer)
+    return fsdp.fully_shard(model)
+
+
+def _eigenvalues_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        results = {}
+        for dtype in (torch.float64, torch.float32):
+            model = shard(make_model(dtype))
+            batch = local_batch(rank, dtype)
+            before = [p.to_local().clone() for p in model.parameters()]
+            result = hessian_eigenvalues(model, loss_fn, batch, tol=1e-4, max_iter=40)
+            with HessianOperator(model, loss_fn, batch) as operator:
+                method, product_error = operator.method, operator.product_error
+            untouched = all(torch.equal(b, p.to_local()) for b, p in zip(before, model.parameters()))
+            results[str(dtype)] = {
+                "top": result.lambda_max, "bottom": result.lambda_min, "converged": result.converged,
+                "top_bound": float(result.error_bounds["top"][0]), "bottom_bound": float(result.error_bounds["bottom"][0]),
+                "num_hvps": result.num_hvps, "loss": result.loss, "grad_norm": result.grad_norm,
+                "method": method, "product_error": product_error, "untouched": untouched,
+                "vector_size": result.top_vectors.shape[-1],
+            }  # fmt: skip
+        with pytest.raises(ValueError, match="`method`='double_backward' cannot run on FSDP2-sharded"):
+            HessianOperator(model, loss_fn, batch, method="double_backward")
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(worker, tmp_path) -> list[dict]:
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+def _mean_of_rank_losses(m, shards):
+    return sum(loss_fn(m, b) for b in shards) / len(shards)
+
+
+def test_hessian_eigenvalues_of_fsdp2_model_match_the_dense_hessian_within_their_bounds(tmp_path):
+    ranks = _spawn(_eigenvalues_worker, tmp_path)
+    model = make_model(torch.float64)
+    shards = [local_batch(r, torch.float64) for r in range(2)]
+    hessian = dense_hessian(model, _mean_of_rank_losses, shards)
+    torch.testing.assert_close(hessian, hessian.T)
+    eigenvalues = torch.linalg.eigvalsh(hessian)
+    true_max, true_min = float(eigenvalues[-1]), float(eigenvalues[0])
+    gradient = torch.autograd.grad(_mean_of_rank_losses(model, shards), list(model.parameters()))
+    true_grad_norm = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in gradient])))
+    assert true_min < -1e-3 * true_max  # both ends are tested, a negative one included
+    for dtype, rel in (("torch.float64", 1e-6), ("torch.float32", 1e-3)):
+        first, second = ranks[0][dtype], ranks[1][dtype]
+        for key in ("top", "bottom", "converged", "num_hvps", "loss", "method", "product_error", "top_bound"):
+            assert first[key] == second[key], (dtype, key)  # every rank decides alike
+        assert first["method"] == "finite_difference"
+        assert first["converged"]
+        # The claimed bound holds (plus the interlacing side: a Ritz value never exceeds lambda_max).
+        assert abs(first["top"] - true_max) <= first["top_bound"], dtype
+        assert abs(first["bottom"] - true_min) <= first["bottom_bound"], dtype
+        assert first["top"] == pytest.approx(true_max, rel=rel)
+        assert first["loss"] == pytest.approx(float(_mean_of_rank_losses(model, shards).detach()), rel=rel)
+        assert first["grad_norm"] == pytest.approx(true_grad_norm, rel=rel)
+        assert first["untouched"] and second["untouched"]  # parameters restored bit-for-bit
+        assert {first["vector_size"], second["vector_size"]} != {model_dim(model)}  # Ritz vectors are local pieces
+        assert first["vector_size"] + second["vector_size"] == model_dim(model)
+
+
+def model_dim(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
