@@ -71,3 +71,15 @@ def mean_over_ranks(value: torch.Tensor, shard: VectorShard) -> torch.Tensor:
     """The mean over the processes of a per-rank scalar (the loss FSDP's gradient belongs to)."""
     world_size = float(shard.sum_(torch.ones(1, dtype=torch.float64, device=value.device)))
     return shard.sum_(value.detach().reshape(1).clone()).reshape(()) / world_size
+
+
+def norms_over_ranks(norms: torch.Tensor, sharded: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Norms of whole tensors from per-rank norms: sqrt of the sum over ranks of the squares where
+    `sharded` (a bool mask like `norms`) says the norm is of a local shard; the others (replicated
+    tensors) are taken from rank 0. One all-reduce, float64; NaN and inf propagate."""
+    group = next(p for p in params if isinstance(p, DTensor)).device_mesh.get_group()
+    squares = norms.double() ** 2
+    keep = sharded.to(norms.device) | (dist.get_rank(group) == 0)
+    squares = torch.where(keep, squares, torch.zeros_like(squares))
+    dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=group)
+    return squares.sqrt()

@@ -11,7 +11,8 @@ reusing its gradient graph, computes:
   also scaled by lr_i / lr_0 (see :mod:`hessdiag.stability`);
 * when negative curvature is certified, the loss change along the bottom Ritz vector (both signs,
   the better one): a direct check that it is an escape direction;
-* every `density_every`-th check, the spectral density by stochastic Lanczos quadrature.
+* every `density_every`-th check, the spectral density by stochastic Lanczos quadrature (not on
+  FSDP2-sharded models, whose vectors are split across ranks).
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ class CurvatureCheck:
         loss_change_along_bottom: min over +-alpha of L(theta + alpha y_min) - L(theta), with alpha
             such that the quadratic model predicts a 1% drop; ``None`` without certified negative curvature.
         cold: the Lanczos run started from a random vector.
+        hvp_method: the product method the check used ("auto" resolved: "double_backward" or
+            "finite_difference"; or the one asked for).
+        hvp_method_reason: why that method (what "auto"'s cross-check found, "asked for", ...).
+        product_error: the error per product that entered the bounds (0 for exact products; for
+            finite differences an estimate measured on one random vector, see
+            :class:`~hessdiag.HessianOperator`).
         batch_size: samples in the check batch.
     """
 
@@ -77,6 +84,9 @@ class CurvatureCheck:
     loss_change_along_bottom: float | None
     cold: bool
     batch_size: int | None
+    hvp_method: str
+    hvp_method_reason: str
+    product_error: float
     density: SpectralDensity | None = None
 
     @property
@@ -153,7 +163,7 @@ class CurvatureProbe:
             # equal rank weights: every rank counts as one sample
             batch_size=1 if self.rank_weighting == "equal" else batch_size(batch),
         )  # fmt: skip
-        if self.warm_vectors is not None and self.warm_vectors.shape[-1] != operator.dim:
+        if self.warm_vectors is not None and self.warm_vectors.shape[-1] != operator.size:
             self.warm_vectors = self.warm_preconditioned = None  # the trainable parameters changed
         cold = self.warm_vectors is None or (self.cold_every > 0 and self.num_checks % self.cold_every == 0)
         with preserved_state(unwrap_model(self.model), operator.params), operator:
@@ -165,7 +175,7 @@ class CurvatureProbe:
             density = None
             # The n-th, 2n-th, ... check: not the first, which is cold and already the dearest
             # (with check_every="auto" a dear first check delays all the others).
-            if self.density_every and (self.num_checks + 1) % self.density_every == 0:
+            if self.density_every and (self.num_checks + 1) % self.density_every == 0 and operator.shard is None:
                 density = slq_density(
                     operator.matvec, operator.dim, num_probes=self.density_probes,
                     num_iter=min(self.density_iter, operator.dim), seed=seed,
@@ -191,6 +201,9 @@ class CurvatureProbe:
             loss_change_along_bottom=escape,
             cold=cold,
             batch_size=batch_size(batch),
+            hvp_method=operator.method,
+            hvp_method_reason=operator.method_reason,
+            product_error=operator.product_error,
             density=density,
         )
 
@@ -224,6 +237,7 @@ class CurvatureProbe:
             seed=seed,
             device=operator.device,
             dtype=operator.dtype,
+            shard=operator.shard,
         )
         self.warm_preconditioned = preconditioned.top_vectors
         return threshold, float(preconditioned.top[0])

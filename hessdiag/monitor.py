@@ -340,6 +340,8 @@ class Monitor:
             f"{PREFIX}/check_seconds": check.seconds,
             f"{PREFIX}/check_loss": check.loss,
             f"{PREFIX}/check_grad_norm": check.grad_norm,
+            f"{PREFIX}/product_error": check.product_error,
+            f"{PREFIX}/hvp_method_fd": float(check.hvp_method == "finite_difference"),
             f"{PREFIX}/check_failed": 0.0,
         }
         if check.stability is not None:
@@ -350,6 +352,10 @@ class Monitor:
             scalars[f"{PREFIX}/loss_change_along_bottom"] = check.loss_change_along_bottom
         scalars |= self._flag_scalars()
         self._emit(check.step, scalars, events, {}, density=check.density)
+        previous = self.checks[-2] if len(self.checks) > 1 else None
+        if previous is None or previous.hvp_method != check.hvp_method:  # the text when the choice changes
+            method = f"{check.hvp_method} ({check.hvp_method_reason}); product error {check.product_error:.3g}"
+            self._write("text", check.step, f"{PREFIX}/hvp_method", method)
         return events
 
     def _run_check(self, batch: Any) -> CurvatureCheck | None:

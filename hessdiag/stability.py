@@ -59,6 +59,8 @@ from typing import Any
 
 import torch
 
+from hessdiag._sharded import local
+
 
 @dataclass(frozen=True)
 class StabilityThreshold:
@@ -223,7 +225,7 @@ def relative_step_sizes(
     ratios = [lr_of.get(id(p), 0.0) / reference for p in params]
     if all(ratio == 1.0 for ratio in ratios):
         return None
-    return torch.cat([torch.full((p.numel(),), ratio, device=p.device) for p, ratio in zip(params, ratios)])
+    return torch.cat([torch.full((local(p).numel(),), ratio, device=p.device) for p, ratio in zip(params, ratios)])
 
 
 @torch.no_grad()
@@ -236,8 +238,8 @@ def adam_preconditioner_sqrt(optimizer: torch.optim.Optimizer, params: Sequence[
     with amsgrad), and eps that of the parameter's group.
 
     Returns:
-        A float32 vector of ``sum(p.numel())`` entries on the parameters' device; entries of parameters
-        without optimizer state (never stepped, or not in the optimizer) are 0, which leaves them out of
+        A float32 vector of ``sum(p.numel())`` entries (this rank's shards' on FSDP2) on the
+        parameters' device; entries of parameters without optimizer state (never stepped, or not in the optimizer) are 0, which leaves them out of
         the preconditioned operator, as Adam has never moved them. ``None`` when no parameter has state
         yet (before the first step). The optimizer state is only read.
     """
@@ -247,11 +249,11 @@ def adam_preconditioner_sqrt(optimizer: torch.optim.Optimizer, params: Sequence[
         state = optimizer.state.get(p, {})
         group = group_of.get(id(p))
         if group is None or "exp_avg_sq" not in state:
-            pieces.append(torch.zeros(p.numel(), device=p.device, dtype=torch.float32))
+            pieces.append(torch.zeros(local(p).numel(), device=p.device, dtype=torch.float32))
             continue
         found = True
         beta2, eps = float(group["betas"][1]), float(group["eps"])
         second = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
-        v_hat = second.detach().float().reshape(-1) / (1 - beta2 ** float(state["step"]))
+        v_hat = local(second).detach().float().reshape(-1) / (1 - beta2 ** float(state["step"]))
         pieces.append((v_hat.sqrt() + eps).rsqrt())
     return torch.cat(pieces) if found else None

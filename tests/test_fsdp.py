@@ -112,3 +112,66 @@ def test_hessian_eigenvalues_of_fsdp2_model_match_the_dense_hessian_within_their
 
 def model_dim(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _train(rank: int, monitor_dir: str | None, steps: int = 8):
+    """A plain FSDP2 loop on this rank's batches; with a Monitor when `monitor_dir` is given."""
+    model = shard(make_model(torch.float32))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    monitor = None
+    if monitor_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(monitor_dir) if rank == 0 else None  # rank 0 logs, as under DDP
+        monitor = Monitor(model, loss_fn, optimizer=optimizer, writer=writer, check_every=3, log_every=2, strict=True)
+    torch.manual_seed(100 + rank)
+    for _ in range(steps):
+        batch = local_batch(rank, torch.float32)
+        batch = (batch[0] + 0.1 * torch.randn_like(batch[0]), batch[1])
+        optimizer.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        if monitor is not None:
+            monitor.after_backward()
+        optimizer.step()
+        if monitor is not None:
+            monitor.after_step(batch, loss)
+    if monitor is not None:
+        monitor.flush()
+    state = [p.to_local().clone() for p in model.parameters()]
+    return state, monitor, torch.rand(1)
+
+
+def _monitor_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        plain, _, plain_rng = _train(rank, None)
+        observed, monitor, observed_rng = _train(rank, f"{out_dir}/logs")
+        checks = [(c.step, c.lambda_max, c.hvp_method, c.product_error) for c in monitor.checks]
+        torch.save(
+            {"identical": all(torch.equal(a, b) for a, b in zip(plain, observed)) and torch.equal(plain_rng, observed_rng),
+             "checks": checks, "failed": monitor.failed_checks, "events": [e.name for e in monitor.events]},  # fmt: skip
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_monitor_on_fsdp2_plain_loop_observes_without_changing_training(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first, second = _spawn(_monitor_worker, tmp_path)
+    for rank in (first, second):
+        assert rank["identical"]  # parameters and RNG bit-for-bit as without the monitor, on each rank
+        assert rank["failed"] == []
+        assert [step for step, *_ in rank["checks"]] == [3, 6]
+    assert first["checks"] == second["checks"] and first["events"] == second["events"]  # ranks agree
+    assert all(method == "finite_difference" and error > 0 for *_, method, error in first["checks"])
+    events = EventAccumulator(str(tmp_path / "logs"), size_guidance={"scalars": 0})
+    events.Reload()
+    lambda_max = [event.value for event in events.Scalars("hessdiag/lambda_max")]
+    assert lambda_max == pytest.approx([c[1] for c in first["checks"]])
+    assert [event.value for event in events.Scalars("hessdiag/product_error")] == pytest.approx(
+        [c[3] for c in first["checks"]]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["logs"]  # one writer: rank 0's
