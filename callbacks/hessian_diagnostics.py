@@ -230,10 +230,13 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         if stage != "fit":
             return
         strategy = type(trainer.strategy).__name__
+        # FSDP2 (`fully_shard`, e.g. in ModelParallelStrategy's `configure_model`) is supported: its parameters
+        # are DTensors. FSDPStrategy wraps in FSDP1 (flat parameters) and DeepSpeed partitions them its own way.
         if "FSDP" in strategy or "DeepSpeed" in strategy:
             raise MisconfigurationException(
-                f"HessianDiagnostics does not support the sharded strategy {strategy} yet: Hessian-vector products "
-                "need the full parameters on every rank. Use DDP, or remove the callback."
+                f"HessianDiagnostics does not support {strategy}: its flat, partitioned parameters hide the model's "
+                "Hessian. Shard with FSDP2 instead: ModelParallelStrategy with `fully_shard` in `configure_model`, or "
+                "DDP; or remove the callback."
             )
         writers: list[Any] = []
         if trainer.is_global_zero:

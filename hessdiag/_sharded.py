@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
 from hessdiag.lanczos import VectorShard
@@ -83,3 +85,17 @@ def norms_over_ranks(norms: torch.Tensor, sharded: torch.Tensor, params: Sequenc
     squares = torch.where(keep, squares, torch.zeros_like(squares))
     dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=group)
     return squares.sqrt()
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every gathered (unsharded) parameter copy of the FSDP2 modules in `model`.
+
+    A module FSDP2 treats as a root keeps its gathered parameters after forward (backward needs
+    them at once), and a forward reuses them instead of gathering again. When the forward is not
+    the root's (Lightning calls ``training_step``, whose submodules become roots), a copy can
+    outlive the backward; after the local shards were shifted in place, it would be stale.
+    Measured: finite differences then disagreed by 0.5 of a product on a smooth model.
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

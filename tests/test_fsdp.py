@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessdiag import HessianOperator, Monitor, hessian_eigenvalues
+from hessdiag.gradients import GradientStats
 from tests.oracles import dense_hessian
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -68,6 +69,12 @@ def _eigenvalues_worker(rank: int, world_size: int, init_file: str, out_dir: str
             }  # fmt: skip
         with pytest.raises(ValueError, match="`method`='double_backward' cannot run on FSDP2-sharded"):
             HessianOperator(model, loss_fn, batch, method="double_backward")
+        # Gradient statistics: per-rank shard norms, summed over ranks on read.
+        stats = GradientStats(model.named_parameters())
+        loss_fn(model, batch).backward()
+        stats.observe(step=1)
+        whole = torch.cat([p.grad.full_tensor().reshape(-1) for p in model.parameters()])
+        results["grad_norm"] = (stats.read().grad_norms[0], float(torch.linalg.vector_norm(whole)))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -108,6 +115,9 @@ def test_hessian_eigenvalues_of_fsdp2_model_match_the_dense_hessian_within_their
         assert first["untouched"] and second["untouched"]  # parameters restored bit-for-bit
         assert {first["vector_size"], second["vector_size"]} != {model_dim(model)}  # Ritz vectors are local pieces
         assert first["vector_size"] + second["vector_size"] == model_dim(model)
+    for rank in ranks:
+        observed, whole = rank["grad_norm"]
+        assert observed == pytest.approx(whole, rel=1e-6)
 
 
 def model_dim(model: nn.Module) -> int:
