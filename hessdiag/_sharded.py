@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.tensor import DTensor, Shard
 
 from hessdiag.lanczos import VectorShard
@@ -40,6 +40,20 @@ def is_sharded(params: Sequence[torch.Tensor]) -> bool:
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's piece of a DTensor (a view of its storage); a plain tensor as it is."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def refuse_fsdp1(model: nn.Module) -> None:
+    """FSDP1 (``FullyShardedDataParallel``) flattens parameters into per-rank pieces that are not
+    DTensors; taking the Hessian over them would be silently wrong.
+
+    Raises:
+        ValueError: `model` contains an FSDP1 wrapper.
+    """
+    if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+        raise ValueError(
+            "`model` is wrapped in FSDP1 (FullyShardedDataParallel), whose flat parameters hide the Hessian's "
+            "structure: shard with FSDP2 (torch.distributed.fsdp.fully_shard) instead, or use DDP."
+        )
 
 
 def vector_shard(params: Sequence[torch.Tensor]) -> VectorShard:

@@ -177,6 +177,7 @@ class HessianOperator:
         if method not in HVP_METHODS:
             raise ValueError(f"`method` must be one of {HVP_METHODS}, got {method!r}.")
         self.model = unwrap_model(model)
+        _sharded.refuse_fsdp1(self.model)
         self.params: list[torch.Tensor] = trainable_parameters(self.model, params)
         self.loss_fn = loss_fn
         self.batch = batch

@@ -341,7 +341,6 @@ class Monitor:
             f"{PREFIX}/check_loss": check.loss,
             f"{PREFIX}/check_grad_norm": check.grad_norm,
             f"{PREFIX}/product_error": check.product_error,
-            f"{PREFIX}/hvp_method_fd": float(check.hvp_method == "finite_difference"),
             f"{PREFIX}/check_failed": 0.0,
         }
         if check.stability is not None:

@@ -185,3 +185,27 @@ def test_monitor_on_fsdp2_plain_loop_observes_without_changing_training(tmp_path
         [c[3] for c in first["checks"]]
     )
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["logs"]  # one writer: rank 0's
+
+
+def test_lightning_callback_under_model_parallel_strategy_with_fully_shard(tmp_path):
+    """ModelParallelStrategy + `fully_shard` in `configure_model` on two CPU processes. Lightning's
+    launcher re-runs the script for rank 1, so the fit runs in a subprocess (see the script)."""
+    import os
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    script = os.path.join(os.path.dirname(__file__), "fsdp_lightning_run.py")
+    run = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1  # rank 0 alone writes
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert [step for step, _ in scalars["hessdiag/lambda_max"]] == [3, 6]
+    assert all(value > 0 for _, value in scalars["hessdiag/lambda_max"])
+    assert [value for _, value in scalars["hessdiag/check_failed"]] == [0.0, 0.0]
+    texts = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("hessdiag/hvp_method/text_summary")]
+    assert len(texts) == 1 and texts[0].startswith("finite_difference (the model is FSDP2-sharded")  # once: it never changed
+    assert all(value > 0 for _, value in scalars["hessdiag/product_error"])
