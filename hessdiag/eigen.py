@@ -42,11 +42,13 @@ class HessianEigenvalues:
             lambda_min relative to the spectral norm).
         top_vectors, bottom_vectors: unit Ritz vectors, shape (k, dim), flat over the parameters in
             order; pass the result itself (or a block of vectors) as the next `v0`. ``None`` when the
-            basis did not fit in memory (recurrence mode).
+            basis did not fit in memory (recurrence mode). On an FSDP2-sharded model, this rank's
+            pieces: shape (k, operator size), over its local shards.
         negative_curvature_certified: theta_min is below zero by more than the run's rounding and
             product errors, which proves lambda_min < 0 and makes ``bottom_vectors[0]`` a direction
             of negative curvature. ``False`` proves nothing.
-        loss: the loss at the point (global batch under data parallelism).
+        loss: the loss at the point (global batch under data parallelism; the mean over ranks of
+            the per-rank losses on an FSDP2-sharded model, as FSDP averages them).
         grad_norm: the norm of the gradient on the same batch.
         lanczos: the underlying :class:`~hessdiag.lanczos.LanczosResult` (tridiagonal, all Ritz values).
     """

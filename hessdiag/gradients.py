@@ -169,12 +169,12 @@ class GradientStats:
             return None
         history, self._history = self._history, []
         per_row = torch.stack([values for _, _, values in history])
-        weight_norms = torch.cat(
-            [self._stacked(torch._foreach_norm([_sharded.local(self.params[i].detach()) for i in group])) for group in self._groups]
-        )
+        weights = [[_sharded.local(self.params[i].detach()) for i in group] for group in self._groups]
+        weight_norms = torch.cat([self._stacked(torch._foreach_norm(tensors)) for tensors in weights])
         norms = torch.cat([per_row.flatten(), weight_norms])
-        if bool(self._sharded_columns.any()):
-            norms = _sharded.norms_over_ranks(norms, self._sharded_columns.repeat(norms.numel() // len(self.params)), self.params)
+        if bool(self._sharded_columns.any()):  # every block of the row holds one norm per tensor
+            sharded = self._sharded_columns.repeat(norms.numel() // len(self.params))
+            norms = _sharded.norms_over_ranks(norms, sharded, self.params)
         host = norms.cpu().double()  # the one transfer
         size, count = per_row.numel(), len(self.params)
         per_row = self._original_order(host[:size].view(len(history), -1))
