@@ -163,7 +163,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
             per-step flags (exploding, vanishing, plateau), at the check for saddle and
             edge_of_stability.
         on_flag: ``on_flag(event, trainer, pl_module)``, called on every rank for every
-            :class:`~hessdiag.FlagEvent`, onsets and clearances alike (``event.kind`` tells), in the
+            :class:`~hessdiag.flags.FlagEvent`, onsets and clearances alike (``event.kind`` tells), in the
             order they happened, right after the read-back or check that produced them (so
             ``trainer.global_step`` may be past ``event.step`` by up to ``log_every - 1``). An error
             inside is a diagnostics fault: a warning once, training goes on (`strict` re-raises).

@@ -29,7 +29,7 @@ def data(n=64, seed=0):
     return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
 
 
-def train_loop(log_every, steps=120, diverge_at=None):
+def train_loop(log_every, steps=80, diverge_at=None):
     """A hand-written loop whose network dies after step DEATH_STEP (or whose lr explodes at `diverge_at`)."""
     torch.manual_seed(0)
     model = mlp()
