@@ -8,7 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import EarlyStopping
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
@@ -115,6 +115,15 @@ def test_a_healthy_run_is_not_stopped_by_early_stopping_on_a_flag(tmp_path):
     run = trainer(tmp_path, [HessianDiagnostics(check_every=10), stopper], max_steps=24, limit_train_batches=4)
     run.fit(Classifier(), loader())  # the first epoch ends before any read-back: the flag's key is there
     assert run.global_step == 24
+
+
+def test_model_checkpoint_keeps_the_flattest_check(tmp_path):
+    diagnostics = HessianDiagnostics(check_every=4)
+    keeper = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="hessdiag/lambda_max", mode="min", save_top_k=1, every_n_train_steps=4)
+    trainer(tmp_path, [diagnostics, keeper], max_steps=16, enable_checkpointing=True).fit(Classifier(), loader())
+    flattest = min(diagnostics.monitor.checks, key=lambda c: c.lambda_max)
+    assert keeper.best_model_score.item() == pytest.approx(flattest.lambda_max, rel=1e-6)
+    assert f"step={flattest.step}" in keeper.best_model_path
 
 
 def test_stop_on_stops_a_diverging_run_at_the_onset_step_with_the_evidence(tmp_path):
