@@ -26,7 +26,9 @@ class HessianEigenvalues:
     What is proven and what is probable (details in :mod:`hessdiag.lanczos`): each Ritz value has an
     eigenvalue of the Hessian within its error bound, rounding and product errors included; that
     this eigenvalue is the extreme one (no larger eigenvalue hides outside the Krylov space) is
-    probable only, set by the random part of the start vector.
+    probable only, set by the random part of the start vector. With finite-difference products the
+    product error entering the bounds is measured, an estimate and not a bound (see
+    :mod:`hessdiag.finite_difference`), so there the bounds and `converged` hold as far as it does.
 
     Attributes:
         top: the k largest eigenvalue estimates (Ritz values), descending, float64 on the CPU.

@@ -112,6 +112,22 @@ def test_exploding_fires_on_sustained_growth_not_on_one_spike_and_clears():
     assert kinds(events) == [("onset", 109), ("cleared", 134)]  # after 20 normal steps
 
 
+def test_exploding_ignores_a_catapult_that_barely_lifts_a_deterministic_loss():
+    """Full-batch GD at the edge of stability: a smooth descent 2.3 -> 0.17 (almost no spread), then the
+    gradient jumps 15x for 12 steps while the loss rises 0.17 -> 0.18, 0.5% of the way it came down:
+    significant against the spread, not material. The same lift after a flat stretch is an explosion."""
+    def run(descent: bool) -> list:
+        detector, events = ExplodingGradientDetector(), []
+        for t in range(200):
+            loss = 0.17 + 2.13 * math.exp(-t / 20) if descent else 0.17 + 1e-4 * (t % 2)
+            events += detector.update(t, loss, 0.03)
+        for t in range(200, 212):
+            events += detector.update(t, 0.18, 0.45)
+        return events
+    assert run(descent=True) == []
+    assert kinds(run(descent=False)) == [("onset", 207)]
+
+
 def test_exploding_does_not_normalise_a_long_explosion():
     detector = ExplodingGradientDetector()
     events = []

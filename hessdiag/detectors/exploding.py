@@ -20,7 +20,7 @@ class ExplodingGradientDetector(Detector):
     * the loss or the gradient norm is non-finite, or some gradient tensor is (`nonfinite_count` > 0):
       the flag is raised on that very step, severity ``critical``; or
     * the loss is rising (above its recent median by more than `loss_spread` x its recent median
-      absolute deviation) and
+      absolute deviation, and by more than `min_rise` x the range the run's loss has spanned) and
       either the global gradient norm exceeds `factor` x the median of the last `window` normal steps,
       or some layer's ratio (gradient- or update-to-weight) exceeds `layer_factor` x its own median;
       `onset` such steps in a row raise the flag, severity ``warning``.
@@ -30,6 +30,12 @@ class ExplodingGradientDetector(Detector):
     settles) are how it works, not an explosion. Such a step (`overflow_skip=True`) is not judged
     and leaves the histories alone; only `max_overflow_skips` skipped steps in a row (the scale cut
     by 2^`max_overflow_skips`) raise the flag, critical.
+
+    The rise must be significant (beyond the loss's noise) and material (a share of the run's own
+    loss range): a nearly deterministic loss (full-batch gradient descent) has almost no spread, so
+    a catapult at the edge of stability that lifts the loss by 0.5% of the way it has come down is
+    many MADs but no explosion (measured on the edge-of-stability demo: 0.17 -> 0.18 after a descent
+    from 2.3).
 
     Every test is a ratio of like quantities or a comparison with the loss's own spread, so the
     verdicts do not depend on the loss's units: multiplying the loss by a constant or adding one
@@ -47,6 +53,8 @@ class ExplodingGradientDetector(Detector):
             ratios are noisier than the global norm).
         loss_spread: the loss counts as rising above ``median + loss_spread x MAD`` of the recent normal
             losses (default 3: uniform noise never exceeds 2 MADs, Gaussian noise only 0.1% of the time).
+        min_rise: the rise must also exceed this fraction of the range (highest - lowest finite loss
+            seen so far) the run's loss has spanned (default 0.05).
         window: normal steps in the running medians (default 50).
         min_history: normal steps needed before spikes are judged (default 10).
         onset: consecutive spiking steps that raise the flag (default 8; non-finite values: at once).
@@ -78,6 +86,7 @@ class ExplodingGradientDetector(Detector):
         factor: float = 10.0,
         layer_factor: float = 100.0,
         loss_spread: float = 3.0,
+        min_rise: float = 0.05,
         window: int = 50,
         min_history: int = 10,
         onset: int = 8,
@@ -90,6 +99,8 @@ class ExplodingGradientDetector(Detector):
         self.factor = check_positive("factor", factor)
         self.layer_factor = check_positive("layer_factor", layer_factor)
         self.loss_spread = check_positive("loss_spread", loss_spread)
+        self.min_rise = check_positive("min_rise", min_rise, upper=1.0)
+        self.loss_range = (math.inf, -math.inf)  # lowest and highest finite loss seen
         self.window = check_count("window", window, 2)
         self.min_history = check_count("min_history", min_history)
         if self.min_history > self.window:
@@ -125,7 +136,11 @@ class ExplodingGradientDetector(Detector):
         median = statistics.median(self.norms) if len(self.norms) >= self.min_history else math.nan
         median_loss = statistics.median(self.losses) if self.losses else math.nan
         spread = statistics.median(abs(value - median_loss) for value in self.losses) if self.losses else math.nan
-        rising = not self.losses or loss - median_loss > self.loss_spread * spread
+        low, high = self.loss_range
+        material = max(high - low, 0.0) * self.min_rise
+        rising = not self.losses or loss - median_loss > max(self.loss_spread * spread, material)
+        if math.isfinite(loss):
+            self.loss_range = (min(low, loss), max(high, loss))
         spike = not nonfinite and rising and median > 0 and grad_norm > self.factor * median
         # Layer medians only matter while the loss rises: skip them otherwise (a median per layer per
         # step is most of this detector's host time, and it runs while the device may wait).
@@ -186,6 +201,7 @@ class ExplodingGradientDetector(Detector):
         """Hysteresis, evidence, and the normal histories (lists of floats)."""
         return super().state_dict() | {
             "overflow_skips": self.overflow_skips,
+            "loss_range": list(self.loss_range),
             "norms": list(self.norms),
             "losses": list(self.losses),
             "layer_history": {layer: list(values) for layer, values in self.layer_history.items()},
@@ -195,6 +211,7 @@ class ExplodingGradientDetector(Detector):
         """Restore a :meth:`state_dict`; missing keys keep their defaults (empty histories)."""
         super().load_state_dict(state)
         self.overflow_skips = int(state.get("overflow_skips", 0))
+        self.loss_range = tuple(state.get("loss_range", (math.inf, -math.inf)))
         self.norms = deque(state.get("norms", []), maxlen=self.window)
         self.losses = deque(state.get("losses", []), maxlen=self.window)
         self.layer_history = {
