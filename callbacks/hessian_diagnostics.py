@@ -35,9 +35,9 @@ from hessdiag.flags import FlagEvent
 from hessdiag.hvp import HVPMethod
 from hessdiag.monitor import Monitor
 from hessdiag.schedule import CheckEvery
-from hessdiag.settings import DiagnosticsSettings, resolve_detectors
+from hessdiag.settings import DiagnosticsSettings, check_flag_names, resolve_detectors
 from hessdiag.spectrum import SpectralDensity
-from hessdiag.tensorboard import TensorBoardWriter
+from hessdiag.tensorboard import PREFIX, TensorBoardWriter
 
 _CALLBACK_BASES: tuple[type, ...] = (pl.Callback,)
 _TENSORBOARD_LOGGERS: tuple[type, ...] = (TensorBoardLogger,)
@@ -52,6 +52,12 @@ except ImportError:
     pass
 
 LossHook = Callable[[pl.LightningModule, Any], torch.Tensor]
+FlagHook = Callable[[FlagEvent, pl.Trainer, pl.LightningModule], None]
+
+#: The values put in ``trainer.callback_metrics`` (with ``hessdiag/flags/<name>`` for every detector).
+CALLBACK_METRICS: tuple[str, ...] = tuple(
+    f"{PREFIX}/{name}" for name in ("lambda_max", "lambda_min", "stability_ratio", "grad_norm")
+)
 
 
 class LoggerWriter:
@@ -150,7 +156,30 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         update_ratios: also log per-layer update-to-weight ratios (see :class:`hessdiag.Monitor`).
         progress_bar: show lambda_max and the number of active flags in the progress bar, as of the
             last read-back (logged only then, so that the bar adds no host read per step).
+        stop_on: flag names whose onset stops training (default: none): ``trainer.should_stop`` is
+            set, agreed across ranks (any rank's onset stops all), with a warning naming the flag, its
+            onset step and its evidence (also kept in :attr:`stop_reason`). The stop comes at the
+            read-back or check that sees the onset: at most ``log_every - 1`` steps after it for the
+            per-step flags (exploding, vanishing, plateau), at the check for saddle and
+            edge_of_stability.
+        on_flag: ``on_flag(event, trainer, pl_module)``, called on every rank for every
+            :class:`~hessdiag.flags.FlagEvent`, onsets and clearances alike (``event.kind`` tells), in the
+            order they happened, right after the read-back or check that produced them (so
+            ``trainer.global_step`` may be past ``event.step`` by up to ``log_every - 1``). An error
+            inside is a diagnostics fault: a warning once, training goes on (`strict` re-raises).
         strict: re-raise errors of the diagnostics instead of warning and backing off.
+
+    ``trainer.callback_metrics`` (for ``EarlyStopping`` and ``ModelCheckpoint``), 0-d float32 CPU
+    tensors made from values already read back (no extra host sync):
+
+    * ``hessdiag/flags/<name>`` (0 or 1) for every detector: from the start of training (0 until
+      raised); updated at every read-back and check;
+    * ``hessdiag/grad_norm``: from the first read-back (step `log_every`);
+    * ``hessdiag/lambda_max``, ``hessdiag/lambda_min``: from the first successful check;
+      ``hessdiag/stability_ratio`` (sharpness / its threshold) too, with one optimizer.
+
+    A monitor whose key is not there yet fails ``EarlyStopping(strict=True)`` (its default) if it
+    checks first; pass ``strict=False`` for the curvature keys, or check after the first check.
 
     Raises:
         ValueError: a bad argument (named in the message).
@@ -159,7 +188,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     Example::
 
         from hessdiag.callbacks import HessianDiagnostics
-        trainer = Trainer(callbacks=[HessianDiagnostics(check_every=200)])
+        trainer = Trainer(callbacks=[HessianDiagnostics(check_every=200, stop_on=("exploding",))])
     """
 
     def __init__(
@@ -180,6 +209,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         detectors: Sequence[Any] | None = None,
         update_ratios: bool = False,
         progress_bar: bool = True,
+        stop_on: Sequence[str] = (),
+        on_flag: FlagHook | None = None,
         strict: bool = False,
     ) -> None:
         # Plain checks only: building anything here (a module, a tensor) could draw from the RNG.
@@ -195,6 +226,13 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
             hvp_method=hvp_method, rank_weighting=rank_weighting, update_ratios=update_ratios, strict=strict,
         )  # fmt: skip
         resolve_detectors(detectors)  # validated now; built afresh for every fit
+        if on_flag is not None and not callable(on_flag):
+            raise ValueError(
+                f"`on_flag` must be callable as on_flag(event, trainer, pl_module), got {type(on_flag).__name__}."
+            )
+        self.stop_on = check_flag_names("stop_on", stop_on)
+        self.on_flag = on_flag
+        self.stop_reason: str | None = None  # why `stop_on` stopped the last fit, if it did
         self.check_every = check_every
         self.log_every = log_every
         self.loss_fn = loss_fn
@@ -248,6 +286,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         # A fresh fit starts fresh: a checkpoint's state arrives after setup, through load_state_dict.
         self._restored = None
         self._micro_batches, self._step_loss, self._stepped = [], None, False
+        self.stop_reason = None
         self.monitor = Monitor(
             pl_module,
             self._loss_closure(pl_module),
@@ -261,6 +300,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.monitor is None:
             return
+        # Flags exist from the start (none raised yet), so EarlyStopping on one never misses its key.
+        self._publish(trainer, self.monitor.latest)
         if len(trainer.optimizers) == 1:
             self.monitor.optimizer = trainer.optimizers[0]
         elif trainer.optimizers:
@@ -311,14 +352,50 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         self._stepped, self._micro_batches, self._step_loss = False, [], None
         check_batch = micro_batches[0] if len(micro_batches) == 1 else MicroBatches(micro_batches) if micro_batches else batch
         num_checks = len(self.monitor.checks)
+        # Every rank reaches the same read-backs and due checks (the schedule is agreed): the steps
+        # where the ranks may meet in a collective to agree on stopping.
+        check_due = self.monitor.schedule.due(trainer.global_step)
         self.monitor.step = trainer.global_step - 1  # after_step counts this optimizer step
-        self.monitor.after_step(check_batch, step_loss)
+        events = self.monitor.after_step(check_batch, step_loss)
         read_back = self.monitor.step % self.monitor.log_every == 0
+        if read_back or len(self.monitor.checks) > num_checks or check_due:
+            self._publish(trainer, self.monitor.latest)
+        if self.on_flag is not None:
+            for event in events:
+                with self.monitor._guard("the `on_flag` callable"):
+                    self.on_flag(event, trainer, pl_module)
+        if self.stop_on and (read_back or check_due):
+            self._stop_if_flagged(trainer, events)
         check = self.monitor.last_check
         if self.progress_bar and check is not None and (read_back or len(self.monitor.checks) > num_checks):
             # Only when values were read back anyway: the progress bar reads logged values to the host.
             pl_module.log("λmax", check.lambda_max, prog_bar=True, logger=False, on_step=True, on_epoch=False)
             pl_module.log("flags", float(len(self.monitor.active_flags)), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    def _publish(self, trainer: pl.Trainer, latest: Mapping[str, float]) -> None:
+        """Put the latest values (host floats already read back) in ``trainer.callback_metrics``."""
+        for tag, value in latest.items():
+            if tag in CALLBACK_METRICS or tag.startswith(f"{PREFIX}/flags/"):
+                trainer.callback_metrics[tag] = torch.tensor(value, dtype=torch.float32)
+
+    def _stop_if_flagged(self, trainer: pl.Trainer, events: Sequence[FlagEvent]) -> None:
+        """Stop at the onset of a `stop_on` flag on any rank (a collective: every rank calls it at
+        the same steps)."""
+        onsets = [event for event in events if event.kind == "onset" and event.name in self.stop_on]
+        if not trainer.strategy.reduce_boolean_decision(bool(onsets), all=False):
+            return
+        trainer.should_stop = True
+        if onsets:
+            event = onsets[0]
+            evidence = ", ".join(f"{key}={value:.4g}" for key, value in event.evidence.items())
+            self.stop_reason = (
+                f"hessdiag: stopping at step {trainer.global_step}: `{event.name}` (in stop_on) raised at step "
+                f"{event.step}. {event.summary} Evidence: {evidence}. Remedy: {event.remedy}"
+            )
+        else:
+            self.stop_reason = f"hessdiag: stopping at step {trainer.global_step}: a flag in stop_on {self.stop_on} was raised on another rank."
+        assert self.monitor is not None
+        self.monitor.note("stop_on", self.stop_reason)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

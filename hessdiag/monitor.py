@@ -157,6 +157,9 @@ class Monitor:
         self.checks: list[CurvatureCheck] = []
         self.failed_checks: list[tuple[int, str]] = []  # (step, reason) of each check that failed
         self._losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) given since the last read-back
+        # The last value of every scalar tag, as written at the last read-back or check (host floats);
+        # the flags from the start (0: not raised).
+        self.latest: dict[str, float] = self._flag_scalars()
         self._warned: set[str] = set()
 
     # -- construction helpers ------------------------------------------------------------
@@ -240,8 +243,11 @@ class Monitor:
     def _read_back(self) -> list[FlagEvent]:
         """One transfer for everything since the last read-back; feed the per-step detectors.
 
-        A step is judged on what was measured: without its loss (``after_step(loss=None)``) the
-        exploding and plateau rules skip it; without gradients (no :meth:`after_backward`) only a
+        Every step's record is fed to the per-step detectors in order (one transfer, no per-step
+        sync), so their hysteresis counts optimizer steps, not read-backs: an onset carries the step
+        it became true, and is known at the first read-back after it (at most `log_every` - 1 steps
+        later). A step is judged on what was measured: without its loss (``after_step(loss=None)``)
+        the exploding and plateau rules skip it; without gradients (no :meth:`after_backward`) only a
         non-finite loss is judged. No placeholder value reaches a detector.
         """
         readout = self.gradients.read()
@@ -257,6 +263,12 @@ class Monitor:
         events: list[FlagEvent] = []
         scaling = self.grad_scaler is not None and self.grad_scaler.is_enabled()
         for index, step in enumerate(readout.steps):
+            # Every step in order, so that an onset is dated at the step it became true whatever
+            # `log_every` is. Weights are read once per read-back: they move little within one.
+            events += self._update(
+                "vanishing", step, layer_grad_norms=readout.layer_grad_norms[index],
+                layer_weight_norms=readout.layer_weight_norms,
+            )  # fmt: skip
             loss = losses.get(step)
             if loss is None:
                 continue
@@ -273,9 +285,6 @@ class Monitor:
                 lambda_max=self.checks[-1].lambda_max if self.checks else None,
             )  # fmt: skip
         step = readout.steps[-1]
-        events += self._update(
-            "vanishing", step, layer_grad_norms=readout.layer_grad_norms[-1], layer_weight_norms=readout.layer_weight_norms
-        )
         scalars = {f"{PREFIX}/grad_norm": readout.grad_norms[-1]}
         if losses:
             scalars[f"{PREFIX}/loss"] = losses[max(losses)]
@@ -392,6 +401,7 @@ class Monitor:
         self._warn_once(kind if expected else "unexpected", message)
         self.failed_checks.append((self.step, f"{kind}: {error}"))
         scalars = {f"{PREFIX}/check_failed": 1.0} | self._flag_scalars()
+        self.latest.update(scalars)
         self._write("scalars", self.step, scalars)
         self._write("text", self.step, f"{PREFIX}/events/check_failed", message)
 
@@ -447,6 +457,7 @@ class Monitor:
         histograms: Mapping[str, torch.Tensor],
         density: Any = None,
     ) -> None:
+        self.latest.update(scalars)
         self._write("scalars", step, scalars)
         if events:
             self._write("events", step, events)
@@ -499,3 +510,4 @@ class Monitor:
             if name in self.detectors:
                 self.detectors[name].load_state_dict(detector_state)
         self.events = [FlagEvent(**event) for event in state.get("events", [])]
+        self.latest.update(self._flag_scalars())

@@ -91,6 +91,16 @@ class DiagnosticsSettings:
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
 
 
+def check_flag_names(argument: str, names: Any) -> tuple[str, ...]:
+    """`names` as a tuple of flag names, or a ValueError naming `argument` and the allowed names."""
+    if isinstance(names, str) or not isinstance(names, (Sequence, set, frozenset)):
+        raise ValueError(f"`{argument}` must be a sequence of flag names {FLAG_NAMES}, got {names!r}.")
+    unknown = [name for name in names if name not in FLAG_NAMES]
+    if unknown:
+        raise ValueError(f"`{argument}`: unknown flag name(s) {unknown}; the names are {FLAG_NAMES}.")
+    return tuple(names)
+
+
 def resolve_detectors(detectors: Sequence[Any] | None) -> list[Any]:
     """The detectors to run, from `detectors`: None (one of each, default thresholds), flag names
     (``"plateau"``: that detector with defaults) or detector instances (used as they are).

@@ -43,7 +43,8 @@ class VanishingGradientDetector(Detector):
         min_ratio: fraction of its largest value so far below which the global gradient/weight ratio
             counts as negligible (default 1e-8; converged runs have small gradients too, so this is
             deliberately tiny).
-        onset: consecutive updates that raise the flag (default 5).
+        onset: consecutive updates that raise the flag (default 5; :class:`hessdiag.Monitor` feeds
+            one update per optimizer step, so 5 steps).
         clear: consecutive updates that clear it (default 5).
 
     Raises:
