@@ -595,3 +595,26 @@ def test_verdicts_do_not_depend_on_the_loss_units(case, scale, shift):
     assert got == expected
     if "healthy" not in case:
         assert any(kind == "onset" for _, kind, _ in expected)  # the stream has a verdict to keep
+
+
+@pytest.mark.parametrize(
+    ("lambda_min", "certified", "words"),
+    [
+        (-1.0, True, "|lambda_min| is 100% of the spectral norm"),
+        (-0.005, True, "the negative curvature is small: |lambda_min| is 0.5% of the spectral norm"),
+        (-1e-7, False, "negative curvature is not certified beyond rounding"),
+        (0.2, False, "no negative curvature found"),
+    ],
+)
+def test_saddle_summaries_never_contradict_their_numbers(lambda_min, certified, words):
+    detector = SaddleDetector()
+    detector.update(0, grad_norm=1e-6, lambda_max=1.0, lambda_min=lambda_min, negative_certified=certified, loss=1.0)
+    assert words in detector.summary and "-100" not in detector.summary and "minimum-like" not in detector.summary
+
+
+def test_plateau_summary_says_how_the_loss_changed_in_words():
+    from hessdiag.detectors.plateau import _change_in_words
+
+    assert _change_in_words(1.7e-8) == "changed by less than 0.01%"
+    assert _change_in_words(0.0042) == "improved by 0.42%"
+    assert _change_in_words(-0.03) == "rose by 3%"

@@ -140,7 +140,7 @@ class PlateauDetector(Detector):
             "gradient_step_gain": gradient_gain,
         }
         self.summary = (
-            f"The loss moved {100 * improvement:.2g}% over {self.window} steps to {last:.4g}, with gradient norm "
+            f"The loss {_change_in_words(improvement)} over {self.window} steps to {last:.4g}, with gradient norm "
             f"{recent_grad:.2g} (peak {self.peak_grad_norm:.2g})."
         )
         return self._decide(step, stalled and small and above_floor, "warning")
@@ -163,3 +163,10 @@ class PlateauDetector(Detector):
         self.peak_grad_norm = float(state.get("peak_grad_norm", 0.0))
         self.peak_loss_left = float(state.get("peak_loss_left", 0.0))
         self.lambda_max = float(state.get("lambda_max", 0.0))
+
+
+def _change_in_words(improvement: float) -> str:
+    """'improved by 0.42%', 'rose by 3%', or 'changed by less than 0.01%' for a relative improvement."""
+    if abs(improvement) < 1e-4:
+        return "changed by less than 0.01%"
+    return f"{'improved' if improvement > 0 else 'rose'} by {100 * abs(improvement):.2g}%"

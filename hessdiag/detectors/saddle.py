@@ -129,22 +129,41 @@ class SaddleDetector(Detector):
         }
         if loss_change_along_bottom is not None:
             self.evidence["loss_change_along_bottom"] = loss_change_along_bottom
+        self.summary = self._describe(grad_norm, lambda_min, lambda_max, negative_certified, loss_change_along_bottom)
+        return self._decide(step, self.classification == "saddle", "warning")
+
+    def _describe(
+        self,
+        grad_norm: float,
+        lambda_min: float,
+        lambda_max: float,
+        negative_certified: bool,
+        loss_change_along_bottom: float | None,
+    ) -> str:
+        """One sentence that says why the point got its classification, in words that match its numbers."""
+        share = abs(self.evidence["curvature_ratio"])
+        numbers = f"gradient norm {grad_norm:.2g}, lambda_min {lambda_min:.4g}, lambda_max {lambda_max:.4g}"
         if self.classification == "saddle":
             escape = (
                 f"; a step along it changes the loss by {loss_change_along_bottom:.3g}"
                 if loss_change_along_bottom is not None
                 else ""
             )
-            self.summary = (
-                f"Gradient norm {grad_norm:.2g} with certified negative curvature lambda_min {lambda_min:.4g} "
-                f"({100 * curvature_ratio:.1f}% of the spectral norm){escape}."
+            return (
+                f"Near-critical point ({numbers}) with certified negative curvature: |lambda_min| is "
+                f"{100 * share:.3g}% of the spectral norm{escape}."
             )
+        if self.classification == "not critical":
+            return f"Not near a critical point: a gradient step would still remove a real share of the loss ({numbers})."
+        if self.classification == "degenerate":
+            return f"Near-critical point with no curvature to speak of in any direction ({numbers})."
+        if lambda_min < 0 and not negative_certified:
+            reason = "negative curvature is not certified beyond rounding"
+        elif lambda_min < 0:
+            reason = f"the negative curvature is small: |lambda_min| is {100 * share:.3g}% of the spectral norm"
         else:
-            self.summary = (
-                f"Point classified {self.classification} (gradient norm {grad_norm:.2g}, lambda_min {lambda_min:.4g}, "
-                f"lambda_max {lambda_max:.4g})."
-            )
-        return self._decide(step, self.classification == "saddle", "warning")
+            reason = "no negative curvature found"
+        return f"Near-critical point, not a saddle: {reason} ({numbers})."
 
     def state_dict(self) -> dict[str, Any]:
         """Hysteresis, evidence and the latest classification (primitives)."""
