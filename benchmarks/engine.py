@@ -13,17 +13,15 @@ reorthogonalised reference run. Saves the figures as JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from _report import save_report  # noqa: E402
 from models import GPT, classification_loss, image_batch, next_token_loss, resnet18_cifar, token_batch  # noqa: E402
 
 from hessdiag import HessianOperator  # noqa: E402
@@ -189,16 +187,7 @@ def main() -> None:
         row["config"] = config
         rows.append(row)
         print_row(row)
-    report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "date": date.today().isoformat(),
-        "size": size,
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"device: {report['device']}, torch {report['torch']}; saved {args.out}")
+    save_report(args.out, device, size, rows)
 
 
 def print_row(row: dict) -> None:

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from _report import save_report  # noqa: E402
 from models import GPT, classification_loss, image_batch, next_token_loss, resnet18_cifar, token_batch  # noqa: E402
 
 from hessdiag import Monitor  # noqa: E402
@@ -103,14 +101,7 @@ def main() -> None:
             memory = f", peak memory {peak:.2f}x" if peak else ""
             print(f"  {arm:24s} {args.steps / state['seconds']:7.2f} steps/s, overhead {100 * slowdown:+5.1f}%{memory}, {checks} checks")
         rows.append(row)
-    report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "date": date.today().isoformat(), "size": size, "rows": rows,
-    }  # fmt: skip
-    out = Path(args.out or f"benchmarks/results/overhead-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\ndevice: {report['device']}, torch {report['torch']}; saved {out}")
+    save_report(args.out or f"benchmarks/results/overhead-{device.type}.json", device, size, rows)
 
 
 if __name__ == "__main__":

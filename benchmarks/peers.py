@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import platform
 import sys
 import time
 from collections.abc import Callable
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -31,6 +28,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from _report import save_report  # noqa: E402
 from models import GPT, image_batch, resnet18_cifar, token_batch  # noqa: E402
 
 import hessdiag  # noqa: E402
@@ -270,14 +268,8 @@ def main() -> None:
         row = bench(make_problem(name, device), args)
         print_row(row)
         rows.append(row)
-    report = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "date": date.today().isoformat(), "target": TARGET, "rows": rows,
-    }  # fmt: skip
-    out = Path(args.out or f"benchmarks/results/peers-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"\ndevice: {report['device']}, torch {report['torch']}; saved {out}")
+    size = "gpu" if device.type == "cuda" else "cpu"
+    save_report(args.out or f"benchmarks/results/peers-{device.type}.json", device, size, rows, target=TARGET)
 
 
 if __name__ == "__main__":

@@ -18,17 +18,15 @@ cost only).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
-import platform
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from _report import save_report  # noqa: E402
 from engine import SIZES, peak_bytes, timed  # noqa: E402
 from models import GPT, classification_loss, image_batch, next_token_loss, resnet18_cifar, token_batch  # noqa: E402
 
@@ -158,18 +156,9 @@ def main() -> None:
             f"{row['finite_difference_peak_over_gradient']:.2f}x peak; FD / double backward "
             f"{row['finite_difference_over_double_backward']:.2f}x time, {row['finite_difference_peak_over_double_backward']:.2f}x peak"
         )
-    report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "date": date.today().isoformat(),
-        "size": size,
-        "peak_memory": "CUDA allocator peak" if device.type == "cuda" else "growth of the process's max RSS (fresh process per method)",
-        "rows": rows,
-    }
-    out = Path(args.out or f"benchmarks/results/products-{'gpu' if device.type == 'cuda' else 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"device: {report['device']}, torch {report['torch']}; saved {out}")
+    peak = "CUDA allocator peak" if device.type == "cuda" else "growth of the process's max RSS (fresh process per method)"
+    out = args.out or f"benchmarks/results/products-{'gpu' if device.type == 'cuda' else 'cpu'}.json"
+    save_report(out, device, size, rows, peak_memory=peak)
 
 
 if __name__ == "__main__":
