@@ -362,7 +362,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
             self._publish(trainer, self.monitor.latest)
         if self.on_flag is not None:
             for event in events:
-                with self.monitor._guard("the `on_flag` callable"):
+                with self.monitor.guard("the `on_flag` callable"):
                     self.on_flag(event, trainer, pl_module)
         if self.stop_on and (read_back or check_due):
             self._stop_if_flagged(trainer, events)

@@ -194,7 +194,7 @@ class Monitor:
         """Record this step's gradient statistics; call when the gradients are final (accumulated,
         all-reduced, unscaled). No host-device synchronisation: values stay on the device. Calling it
         several times before :meth:`after_step` (an LBFGS closure) still makes one record of the step."""
-        with self._guard("the gradient statistics"):
+        with self.guard("the gradient statistics"):
             self.gradients.observe(self.step + 1)
 
     def after_step(self, batch: Any = None, loss: torch.Tensor | float | None = None) -> list[FlagEvent]:
@@ -206,10 +206,10 @@ class Monitor:
         self.step += 1
         events: list[FlagEvent] = []
         if loss is not None:
-            with self._guard("the per-step statistics"):
+            with self.guard("the per-step statistics"):
                 self._losses.append((self.step, self._loss_value(loss)))
         if self.step % self.log_every == 0:
-            with self._guard("the per-step statistics"):
+            with self.guard("the per-step statistics"):
                 events += self._read_back()
         self.schedule.step_finished()
         if self.probe is not None and batch is not None and self.schedule.due(self.step):
@@ -406,8 +406,9 @@ class Monitor:
         self._write("text", self.step, f"{PREFIX}/events/check_failed", message)
 
     @contextlib.contextmanager
-    def _guard(self, what: str) -> Iterator[None]:
-        """Diagnostics never crash training: an error inside is reported once and skipped."""
+    def guard(self, what: str) -> Iterator[None]:
+        """Diagnostics never crash training: an error inside is warned about once and skipped
+        (``strict=True`` re-raises). Public so that adapters run user hooks (``on_flag``) under it."""
         try:
             yield
         except Exception as error:
@@ -422,7 +423,7 @@ class Monitor:
     def _write(self, method: str, *args: Any) -> None:
         """Call `method` on every writer; a failing writer (a full disk, say) does not stop the others."""
         for writer in self.writers:
-            with self._guard(f"{type(writer).__name__}.{method}"):
+            with self.guard(f"{type(writer).__name__}.{method}"):
                 getattr(writer, method)(*args)
 
     def note(self, key: str, message: str) -> None:
@@ -441,7 +442,7 @@ class Monitor:
         detector = self.detectors.get(name)
         events: list[FlagEvent] = []
         if detector is not None:
-            with self._guard(f"the {name} detector"):
+            with self.guard(f"the {name} detector"):
                 events = detector.update(step, **inputs)
         self.events.extend(events)
         return events
@@ -468,7 +469,7 @@ class Monitor:
 
     def flush(self) -> None:
         """Read back pending statistics and flush the writers (call at the end of training)."""
-        with self._guard("the per-step statistics"):
+        with self.guard("the per-step statistics"):
             self._read_back()
         if self.probe is not None and self.schedule.enabled and self.step and not self.checks:
             if self.failed_checks:
