@@ -108,6 +108,15 @@ def run_hessdiag(problem: Problem, which: str, v0=None):
     return (result.lambda_max if which == "top" else result.lambda_min), result.num_hvps, result
 
 
+def hessdiag_row(outcome, seconds: float, which: str, ref) -> dict:
+    """A hessdiag estimate with its error and how far its probable limit (99%) lies beyond the value,
+    in the units of the error."""
+    value, hvps, result = outcome
+    scale = abs(ref[0]) if which == "top" else max(abs(ref[0]), abs(ref[1]))
+    limit_distance = abs(result.probable_limits[which] - value) / scale
+    return {"value": value, "hvps": hvps, "seconds": seconds, "error": errors(value, which, ref), "limit_distance": limit_distance}
+
+
 def run_pyhessian(problem: Problem, which: str, tol: float):
     import importlib
 
@@ -189,9 +198,8 @@ def bench(problem: Problem, args) -> dict:
         row["reference"] = {"lambda_max": ref[0], "lambda_min": ref[1], "iterations": args.reference_iter}
         for which in ("top", "bottom"):
             outcome, seconds = timed(lambda: run_hessdiag(problem, which))
-            value, hvps, result = outcome
-            row[f"hessdiag_{which}_cold"] = {"value": value, "hvps": hvps, "seconds": seconds, "error": errors(value, which, ref)}
-            row[f"_{which}_result"] = result
+            row[f"hessdiag_{which}_cold"] = hessdiag_row(outcome, seconds, which, ref)
+            row[f"_{which}_result"] = outcome[2]
         for name, (fn, settings) in SWEEPS.items():
             for which in ("top", "bottom"):
                 runs = []
@@ -216,11 +224,9 @@ def bench(problem: Problem, args) -> dict:
         for which in ("top", "bottom"):
             previous = row.pop(f"_{which}_result")
             outcome, seconds = timed(lambda: run_hessdiag(problem, which, v0=previous))
-            value, hvps, _ = outcome
-            row[f"hessdiag_{which}_warm"] = {"value": value, "hvps": hvps, "seconds": seconds, "error": errors(value, which, ref)}
+            row[f"hessdiag_{which}_warm"] = hessdiag_row(outcome, seconds, which, ref)
             outcome, seconds = timed(lambda: run_hessdiag(problem, which))
-            value, hvps, _ = outcome
-            row[f"hessdiag_{which}_cold_after_10_steps"] = {"value": value, "hvps": hvps, "seconds": seconds, "error": errors(value, which, ref)}
+            row[f"hessdiag_{which}_cold_after_10_steps"] = hessdiag_row(outcome, seconds, which, ref)
             if which == "top":
                 pyh = measure(problem, "top", ref, run_pyhessian, 1e-4)
                 row["pyhessian_top_after_10_steps_tol1e-4"] = pyh
@@ -233,7 +239,8 @@ def print_row(row: dict) -> None:
 
     def show(label, r):
         if r:
-            print(f"  {label:52s} {r['hvps']:4d} HVPs {r['seconds']:8.3f} s  error {r['error']:.1e}")
+            limit = f"  probable limit {r['limit_distance']:.1e} beyond" if "limit_distance" in r else ""
+            print(f"  {label:52s} {r['hvps']:4d} HVPs {r['seconds']:8.3f} s  error {r['error']:.1e}{limit}")
 
     for which in ("top", "bottom"):
         end = "lambda_max" if which == "top" else "lambda_min"

@@ -37,6 +37,12 @@ class HessianEigenvalues:
             `bottom`: an eigenvalue of the Hessian lies within each of its Ritz value.
         residuals: ``{"top": ..., "bottom": ...}`` the Lanczos residuals beta_m |s_m| alone (the
             bounds without product errors and rounding).
+        probable_limits: ``{"top": ..., "bottom": ...}``: with probability at least 99% over the
+            random part of the start vector (``hessdiag.lanczos.MISS_PROBABILITY``), no eigenvalue of
+            the Hessian lies above ``probable_limits["top"]`` or below ``probable_limits["bottom"]``: a
+            bound (Christoffel function of the run, see :mod:`hessdiag.lanczos`), not an estimate. So
+            lambda_max lies between ``top[0]`` (less ``lanczos.interlacing_slack``: proven) and
+            ``probable_limits["top"]`` (probable), and likewise lambda_min at the bottom.
         num_hvps: Hessian-vector products spent.
         converged: every requested error bound is within `tol` (lambda_max relative to itself,
             lambda_min relative to the spectral norm).
@@ -57,6 +63,7 @@ class HessianEigenvalues:
     bottom: torch.Tensor
     error_bounds: dict[str, torch.Tensor]
     residuals: dict[str, torch.Tensor]
+    probable_limits: dict[str, float]
     num_hvps: int
     converged: bool
     top_vectors: torch.Tensor | None
@@ -206,6 +213,7 @@ def eigenvalues_of(
         bottom=result.bottom,
         error_bounds={"top": result.top_error_bounds, "bottom": result.bottom_error_bounds},
         residuals={"top": result.top_residuals, "bottom": result.bottom_residuals},
+        probable_limits={"top": result.top_limit, "bottom": result.bottom_limit},
         num_hvps=operator.num_hvps - hvps_before,
         converged=result.converged,
         top_vectors=result.top_vectors,

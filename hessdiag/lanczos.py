@@ -28,10 +28,24 @@ explicit matrices and used on Hessians alike.
   theta_min >= lambda_min - slack (slack = sqrt(m) e + rounding, the size of Q^T F); that no larger
   eigenvalue hides outside the Krylov space depends on the random part of the start vector. From
   a uniformly random start on a positive semi-definite A, Kuczynski and Wozniakowski (1992) bound
-  P[lambda_max - theta_max > eps lambda_max] <= 1.648 sqrt(dim) exp(-sqrt(eps) (2m - 1)), which is
-  void at the tens of steps used here, so the failure rates were measured instead (README): cold
-  runs at tol=1e-3 on six adversarial spectral families, 240 runs: 4 stopped on a near-degenerate
+  P[lambda_max - theta_max > eps lambda_max] <= 1.648 sqrt(dim) exp(-sqrt(eps) (2m - 1)) for every
+  A, which is void at the tens of steps used here. Measured instead (README): cold runs at
+  tol=1e-3 on six adversarial spectral families, 240 runs: 4 stopped on a near-degenerate
   neighbour of the extreme eigenvalue (within 3 tol of it; its bound held), none further off.
+* What this run shows about the rest, with a stated probability (`top_limit`, `bottom_limit`): the
+  tridiagonal T defines the orthonormal polynomials p_j of the start vector's spectral measure
+  mu = sum_i c_i^2 delta(lambda_i) (c_i its component along eigenvector i), and the Christoffel
+  function K(x) = 1 / sum_{j<m} p_j(x)^2 = min {int q^2 dmu : deg q < m, q(x) = 1} bounds the weight
+  of every eigenvalue: c_i^2 <= K(lambda_i). Beyond the extreme Ritz values K decreases (every p_j
+  has its zeros inside them), so an eigenvalue above the first x > theta_max with K(x) <= eta must
+  have c^2 <= eta. The start's random part r (weight rho, uniform on the sphere) makes that
+  improbable whatever the warm part: the density of <r, x> is symmetric, unimodal and at most
+  sqrt(dim / (2 pi)), so by Anderson's inequality P[c^2 <= eta] <= (kappa / rho) sqrt(2 dim eta / pi),
+  kappa = sqrt(1 - rho^2) + rho (the start's norm before normalising). With
+  eta = pi p^2 rho^2 / (2 dim kappa^2) that is p = `MISS_PROBABILITY`, for every A and whenever the
+  run stops (the bad event depends on the start alone). Exact arithmetic; full reorthogonalisation
+  keeps floating point close to it. This is the a-posteriori, spectrum-adapted form of the bound
+  above: the limit is close to theta_max when the run has explored beyond it, and far when it has not.
 * Warm starts: a start near the previous top eigenvector, after another direction has overtaken
   it, converges at once onto the old one (its residual is tiny) while the new top hides in the
   random part, whose weight along it is only about rho / sqrt(dim). So a warm start keeps a random
@@ -66,6 +80,12 @@ BASIS_STORAGES: tuple[str, ...] = ("auto", "device", "host", "recurrence")
 _DEVICE_BUDGET_FRACTION = 0.3  # of free accelerator memory; the HVPs need the rest
 _HOST_BUDGET_FRACTION = 0.5  # of available host memory
 _KAHAN_PARLETT = 2**-0.5
+#: The probability, over the random part of the start vector, that an eigenvalue lies beyond the
+#: reported `top_limit` / `bottom_limit` (module docstring).
+MISS_PROBABILITY = 0.01
+# Distances from the extreme Ritz value at which the limits are tried, in units of the spectral norm:
+# 10 per decade from 1e-12 to 1e6; the first distance that passes is reported (rounded outwards).
+_LIMIT_DISTANCES = torch.logspace(-12, 6, 181, dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -131,6 +151,11 @@ class LanczosResult:
         basis: where the basis lived: "device", "host" or "recurrence".
         interlacing_slack: how far a Ritz value may lie outside [lambda_min, lambda_max] because of
             product errors and rounding (sqrt(m) e + rounding).
+        top_limit, bottom_limit: probable limits of the whole spectrum: with probability at least
+            1 - `MISS_PROBABILITY` over the random part of the start, no eigenvalue lies above
+            `top_limit` or below `bottom_limit` (module docstring: a Christoffel-function bound, not
+            an estimate). Infinite when the start had no random part; equal to the extreme Ritz
+            values when the run exhausted the start's Krylov space. Both widened by `interlacing_slack`.
     """
 
     top: torch.Tensor
@@ -151,6 +176,8 @@ class LanczosResult:
     betas: torch.Tensor
     basis: str
     interlacing_slack: float
+    top_limit: float
+    bottom_limit: float
 
     @property
     def negative_curvature_certified(self) -> bool:
@@ -356,6 +383,8 @@ def lanczos(
     # A warm start may stop only once its random part had `warm_steps` products to show itself.
     may_stop_from = min_iter if v0 is None else min(min_iter + warm_steps, max_iter)
     state = _Convergence(k, which, tol, dim, torch.finfo(dtype).eps)
+    # The random part's weight in the start (a warm start that fell back to noise has more: conservative).
+    random_weight = 1.0 if v0 is None else warm_random
     while True:
         vectors.append(q)
         w = _product(matvec, q, len(alphas), dtype)
@@ -387,7 +416,7 @@ def lanczos(
             w /= beta
         betas.append(beta_next)
         previous, q = q, w
-    return state.result(theta, s, vectors, alphas, betas, storage)
+    return state.result(theta, s, vectors, alphas, betas, storage, random_weight)
 
 
 def _validate(
@@ -464,7 +493,7 @@ class _Convergence:
     """The stopping rule on proven bounds (module docstring) and the assembly of the result."""
 
     def __init__(self, k: int, which: str, tol: float, dim: int, eps: float) -> None:
-        self.k, self.which, self.tol = k, which, tol
+        self.k, self.which, self.tol, self.dim = k, which, tol, dim
         # Rounding per unit of m * ||A||; the constant is justified in the module docstring.
         self.rounding_per_step = (10 + math.log2(dim)) * eps
         self.converged = False
@@ -495,10 +524,20 @@ class _Convergence:
         self.converged = all(wanted[end] for end in (("top", "bottom") if self.which == "both" else (self.which,)))
 
     def result(
-        self, theta: torch.Tensor, s: torch.Tensor, vectors: _Basis, alphas: list[float], betas: list[float], storage: str
+        self,
+        theta: torch.Tensor,
+        s: torch.Tensor,
+        vectors: _Basis,
+        alphas: list[float],
+        betas: list[float],
+        storage: str,
+        random_weight: float,
     ) -> LanczosResult:
         m = theta.numel()
         kk = min(self.k, m)
+        bottom_limit, top_limit = probable_limits(alphas, betas[: m - 1], theta, self.dim, random_weight)
+        # Floating point: the run is exact for an operator within the slack of A.
+        bottom_limit, top_limit = bottom_limit - self.interlacing_slack, top_limit + self.interlacing_slack
         top, bottom = torch.arange(m - 1, m - 1 - kk, -1), torch.arange(kk)
         return LanczosResult(
             top=theta[top],
@@ -519,4 +558,45 @@ class _Convergence:
             betas=torch.tensor(betas[: m - 1], dtype=torch.float64),
             basis=storage,
             interlacing_slack=self.interlacing_slack,
+            top_limit=top_limit,
+            bottom_limit=bottom_limit,
         )
+
+
+def probable_limits(
+    alphas: list[float], betas: list[float], theta: torch.Tensor, dim: int, random_weight: float
+) -> tuple[float, float]:
+    """(bottom, top): with probability >= 1 - `MISS_PROBABILITY` over the random part of the start
+    (weight `random_weight`), every eigenvalue lies within them (module docstring).
+
+    `alphas` (m) and `betas` (m - 1) are the tridiagonal T of the run, `theta` its Ritz values.
+    """
+    low, high = float(theta[0]), float(theta[-1])
+    if 0.0 in betas:  # the start's Krylov space was exhausted: every eigenvalue it has weight on was found
+        return low, high
+    if random_weight <= 0.0 or len(alphas) < 2:
+        return -math.inf, math.inf
+    kappa = math.sqrt(1.0 - random_weight**2) + random_weight
+    eta = math.pi * MISS_PROBABILITY**2 * random_weight**2 / (2.0 * dim * kappa**2)
+    scale = max(float(theta.abs().max()), torch.finfo(torch.float64).tiny)
+    distances = scale * _LIMIT_DISTANCES
+    passes = _christoffel_sums(alphas, betas, torch.cat([high + distances, low - distances])) >= 1.0 / eta
+    above, below = passes[: len(distances)], passes[len(distances) :]
+    # K decreases monotonically beyond the extreme Ritz values: the first distance that passes is the limit.
+    top = high + float(distances[above.nonzero()[0]]) if bool(above.any()) else math.inf
+    bottom = low - float(distances[below.nonzero()[0]]) if bool(below.any()) else -math.inf
+    return bottom, top
+
+
+def _christoffel_sums(alphas: list[float], betas: list[float], x: torch.Tensor) -> torch.Tensor:
+    """sum_{j<m} p_j(x)^2 at every point of `x` (float64), the p_j orthonormal for the start's spectral
+    measure: beta_j p_{j+1} = (x - alpha_j) p_j - beta_{j-1} p_{j-1}, p_0 = 1. Outside the Ritz
+    values this forward recurrence follows its growing solution, so it is stable; an overflow is a
+    sum beyond any threshold (infinity)."""
+    previous, current = torch.zeros_like(x), torch.ones_like(x)
+    total = torch.ones_like(x)
+    for j, beta in enumerate(betas):
+        below = betas[j - 1] if j > 0 else 0.0
+        previous, current = current, ((x - alphas[j]) * current - below * previous) / beta
+        total += current * current
+    return torch.nan_to_num(total, nan=math.inf)

@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hessdiag import HessianOperator, hessian_eigenvalues
 from hessdiag.eigen import eigenvalues_of
-from hessdiag.lanczos import lanczos
+from hessdiag.lanczos import _christoffel_sums, lanczos
 from oracles import dense_hessian
 
 DIM = 200
@@ -94,6 +94,51 @@ def test_a_warm_start_on_an_overtaken_top_finds_the_new_top_or_does_not_converge
         a, old_top = overtaken(gap, seed)
         result = lanczos(lambda v: a @ v, DIM, which="top", v0=old_top, seed=seed, dtype=torch.float64)
         assert not result.converged or abs(float(result.top[0]) - 1.0) <= 1e-3, (gap, seed)
+        assert result.top_limit >= 1.0  # the run also says how far above theta_max the top may be
+
+
+@pytest.mark.parametrize("steps", [3, 8, 20])
+def test_the_christoffel_function_bounds_the_start_weight_of_every_eigenvalue(steps):
+    """The inequality the probable limits rest on: c_i^2 sum_{j<m} p_j(lambda_i)^2 <= 1 for every
+    eigenvalue, c_i the start's component along its eigenvector (A diagonal: c = the start)."""
+    generator = torch.Generator().manual_seed(steps)
+    d = torch.cat([torch.tensor([1.0, 0.9, 0.85], dtype=torch.float64), 0.5 * torch.rand(DIM - 3, generator=generator, dtype=torch.float64)])
+    start = torch.randn(DIM, generator=generator, dtype=torch.float64)
+    start[:3] *= 1e-3  # the top three nearly unseen: the bound must still hold there
+    start /= start.norm()
+    result = lanczos(lambda v: d * v, DIM, tol=0.0, max_iter=steps, v0=start, warm_random=0.0, dtype=torch.float64)
+    sums = _christoffel_sums(result.alphas.tolist(), result.betas.tolist(), d)
+    assert float((start**2 * sums).max()) <= 1 + 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_probable_limits_contain_the_spectrum(family, dtype):
+    """Cold, and warm from a vector that is not an eigenvector: no eigenvalue beyond the limits (each
+    is allowed to fail with probability 1% over the start; the bound is conservative and no run does),
+    and where the ends are resolved (outliers over a bulk) the top limit is tight."""
+    generator = torch.Generator().manual_seed(10 + FAMILIES.index(family))
+    for seed in SEEDS:
+        d = spectrum(family, generator)
+        q = _orthogonal(DIM, generator)
+        a_run = ((q * d) @ q.T).to(dtype)
+        for v0 in (None, q[:, d.argsort()[DIM // 2]].to(dtype)):  # warm: a mid-spectrum eigenvector
+            result = lanczos(lambda v: a_run @ v, DIM, which="both", max_iter=100, seed=seed, v0=v0, dtype=dtype)
+            assert result.bottom_limit <= float(d.min()) and float(d.max()) <= result.top_limit, (family, seed, v0 is None)
+            if family == "outliers_over_bulk" and v0 is None:
+                assert result.top_limit - float(result.top[0]) <= 1e-3 * float(d.max())
+
+
+def test_the_probable_limits_are_infinite_without_a_random_part_and_exact_on_an_exhausted_space():
+    q = torch.nn.functional.normalize(torch.randn(DIM, generator=torch.Generator().manual_seed(3), dtype=torch.float64), dim=0)
+    rank_one = 5 * torch.outer(q, q)
+    exhausted = lanczos(lambda v: rank_one @ v, DIM, tol=0.0, max_iter=6, dtype=torch.float64)
+    slack = exhausted.interlacing_slack
+    assert exhausted.top_limit == float(exhausted.top[0]) + slack and exhausted.bottom_limit == float(exhausted.bottom[0]) - slack
+    assert abs(exhausted.top_limit - 5.0) < 1e-12 and abs(exhausted.bottom_limit) < 1e-12
+    d = torch.linspace(-1, 1, DIM, dtype=torch.float64)
+    no_random = lanczos(lambda v: d * v, DIM, v0=torch.ones(DIM, dtype=torch.float64), warm_random=0.0, dtype=torch.float64)
+    assert no_random.top_limit == float("inf") and no_random.bottom_limit == float("-inf")
 
 
 def test_float32_least_squares_is_never_certified_negative():
