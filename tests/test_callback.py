@@ -225,6 +225,44 @@ def test_bf16_autocast_checks_run_in_float32(tmp_path):
         assert value == pytest.approx(reference.reference[step][0], rel=2e-3)
 
 
+class FineTuned(pl.LightningModule):
+    """A backbone that Lightning's BackboneFinetuning freezes, then unfreezes into a new param group
+    with its own (growing) learning rate."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.Tanh())
+        self.head = nn.Linear(32, 3)
+
+    def net(self, x):
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(filter(lambda p: p.requires_grad, self.parameters()), lr=0.1, momentum=0.9)
+
+
+def test_backbone_finetuning_brings_the_unfrozen_backbone_into_the_checks(tmp_path):
+    """Checks before the unfreezing cover the head, after it the whole model (a cold start), each
+    equal to an independent Lanczos on the trainable parameters of that moment; the threshold reads
+    the two param groups' learning rates."""
+    from pytorch_lightning.callbacks import BackboneFinetuning
+
+    reference = RecordCheckBatches(every=10)
+    diagnostics = HessianDiagnostics(check_every=10)
+    unfreeze = BackboneFinetuning(unfreeze_backbone_at_epoch=2)  # 8 batches an epoch: from step 16 on
+    trainer(tmp_path, [unfreeze, diagnostics, reference], max_steps=40).fit(FineTuned(), loader())
+    checks = diagnostics.monitor.checks
+    assert [c.step for c in checks] == [10, 20, 30, 40]
+    assert [c.cold for c in checks[:2]] == [True, True]  # the dimension grew: no warm start across it
+    for check in checks:
+        assert check.lambda_max == pytest.approx(reference.reference[check.step][0], rel=2e-3)
+    assert checks[-1].stability is not None and math.isfinite(checks[-1].stability_ratio)
+    assert "hessdiag/layer_grad_norm" not in str(scalars(tmp_path))  # per-layer values stay summarised
+
+
 class OverflowsAt(Classifier):
     """Puts an inf into a gradient after the backward at the given steps, as an fp16 overflow would."""
 
