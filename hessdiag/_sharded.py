@@ -83,6 +83,21 @@ def vector_shard(params: Sequence[torch.Tensor]) -> VectorShard:
     return VectorShard(size=sum(local(p).numel() for p in params), sum_=sum_, index=dist.get_rank(group))
 
 
+def coarse_compute_dtype(model: nn.Module, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype FSDP2 gathers parameters in for compute (``MixedPrecisionPolicy(param_dtype=...)``)
+    when it is coarser than the parameters' own `dtype`, else None. torch has no public reader of a
+    module's policy: where its internals differ, None (and finite differences measure what they get)."""
+    coarsest = None
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            state = getattr(module, "_get_fsdp_state", lambda: None)()
+            compute = getattr(getattr(state, "_mp_policy", None), "param_dtype", None)
+            if isinstance(compute, torch.dtype) and compute.is_floating_point and torch.finfo(compute).eps > torch.finfo(dtype).eps:
+                if coarsest is None or torch.finfo(compute).eps > torch.finfo(coarsest).eps:
+                    coarsest = compute
+    return coarsest
+
+
 def mean_over_ranks(value: torch.Tensor, shard: VectorShard) -> torch.Tensor:
     """The mean over the processes of a per-rank scalar (the loss FSDP's gradient belongs to)."""
     world_size = float(shard.sum_(torch.ones(1, dtype=torch.float64, device=value.device)))

@@ -54,13 +54,18 @@ class NonSmoothLossError(HessdiagError):
         relative_disagreement: ||D(eps) - D(2 eps)|| / ||D(eps)|| on the measured vector.
     """
 
-    def __init__(self, relative_disagreement: float, threshold: float, why: str = "") -> None:
+    def __init__(self, relative_disagreement: float, threshold: float, why: str = "", exact_possible: bool = True) -> None:
         self.relative_disagreement = relative_disagreement
+        advice = (
+            "Use `hvp_method='double_backward'` (exact almost everywhere for piecewise-linear activations), or a smooth "
+            "activation (GELU, SiLU)."
+            if exact_possible
+            else "Use a smooth activation (GELU, SiLU): exact products cannot run on this model."
+        )
         super().__init__(
             f"Finite-difference Hessian-vector products at two step sizes differ by {relative_disagreement:.2g} of "
             f"their size (at most {threshold:g} on a smooth loss): the gradient jumps (ReLU-like kinks), so "
-            f"differences of gradients are not the Hessian here.{why} Use `hvp_method='double_backward'` (exact "
-            "almost everywhere for piecewise-linear activations), or a smooth activation (GELU, SiLU)."
+            f"differences of gradients are not the Hessian here.{why} {advice}"
         )
 
 

@@ -198,6 +198,16 @@ class HessianOperator:
                     "fully_shard fails and forward-mode derivatives of its collectives do not exist; use 'auto' or "
                     "'finite_difference' (products from the sharded gradients)."
                 )
+            compute = _sharded.coarse_compute_dtype(self.model, self.dtype)
+            if compute is not None:
+                raise HessdiagError(
+                    f"FSDP2 gathers these {self.dtype} parameters in {compute} for compute (MixedPrecisionPolicy("
+                    f"param_dtype={compute})), so every gradient carries {compute} rounding ({torch.finfo(compute).eps:.1g} "
+                    "relative). Finite differences of gradients, the only Hessian-vector products FSDP2 allows, are then "
+                    "rounding, not curvature (measured: the two step sizes disagreed by 0.76 of a product on a small "
+                    "MLP). Curvature checks need the parameters' own precision in the fully_shard calls of the "
+                    "monitored run (param_dtype=None); the other diagnostics do not."
+                )
         #: This process's number of coordinates of the flat vectors (`dim` unless sharded).
         self.size: int = self.dim if self.shard is None else self.shard.size
         self._local_params = [_sharded.local(p) for p in self.params]
@@ -478,7 +488,7 @@ class HessianOperator:
     def _use_finite_difference(self, measured: Measurement, reason: str) -> None:
         if not measured.smooth:
             why = "" if reason == "asked for" else f" Finite differences were needed because {reason}, so no method works here."
-            raise NonSmoothLossError(measured.relative, NON_SMOOTH_DISAGREEMENT, why)
+            raise NonSmoothLossError(measured.relative, NON_SMOOTH_DISAGREEMENT, why, exact_possible=self.shard is None)
         self.method = "finite_difference"
         self.method_reason = reason
         self.product_error = measured.error

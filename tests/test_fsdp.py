@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from hessdiag import HessianOperator, Monitor, hessian_eigenvalues
+from hessdiag import HessianOperator, HessdiagError, Monitor, hessian_eigenvalues
 from hessdiag.gradients import GradientStats
 from tests.oracles import dense_hessian
 
@@ -69,6 +69,15 @@ def _eigenvalues_worker(rank: int, world_size: int, init_file: str, out_dir: str
             }  # fmt: skip
         with pytest.raises(ValueError, match="`method`='double_backward' cannot run on FSDP2-sharded"):
             HessianOperator(model, loss_fn, batch, method="double_backward")
+        # bfloat16 compute: gradients carry its rounding, finite differences of them are no curvature.
+        bf16 = make_model(torch.float32)
+        policy = fsdp.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in bf16:
+            if isinstance(layer, nn.Linear):
+                fsdp.fully_shard(layer, mp_policy=policy)
+        fsdp.fully_shard(bf16, mp_policy=policy)
+        with pytest.raises(HessdiagError, match=r"param_dtype=torch.bfloat16.*param_dtype=None"):
+            hessian_eigenvalues(bf16, loss_fn, local_batch(rank, torch.float32))
         # Gradient statistics: per-rank shard norms, summed over ranks on read.
         stats = GradientStats(model.named_parameters())
         loss_fn(model, batch).backward()
