@@ -112,7 +112,9 @@ class CurvatureProbe:
     Args:
         model, loss_fn: the network and ``loss_fn(model, batch) -> scalar``.
         k, tol, max_iter: as for :func:`~hessdiag.hessian_eigenvalues`.
-        cold_every: every n-th check starts from a random vector (0: never after the first).
+        cold_every: every n-th check starts from a random vector (0: never after the first); with
+            ``hvp_method="auto"`` only cold checks cross-check double backward against finite
+            differences, warm ones reuse an approval.
         sub_batch: samples of the batch to use (default: all).
         mode, hvp_method, params: as for :class:`~hessdiag.HessianOperator`; the default mode
             ``"as_is"`` keeps each module's mode of the training step (a frozen backbone in eval).
@@ -154,6 +156,8 @@ class CurvatureProbe:
         self.num_checks = 0
         self.warm_vectors: torch.Tensor | None = None
         self.warm_preconditioned: torch.Tensor | None = None
+        #: The step of the last cold check whose cross-check ("auto") chose double backward, else None.
+        self.verified_step: int | None = None
 
     def run(self, step: int, batch: Any, optimizer: torch.optim.Optimizer | None = None, *, sub_batch: int | None = None) -> CurvatureCheck:
         """One check on `batch` (cut to `sub_batch` or the probe's own sub-batch size).
@@ -163,14 +167,16 @@ class CurvatureProbe:
         start = time.perf_counter()
         batch = take_sub_batch(batch, sub_batch or self.sub_batch)
         seed = self.num_checks  # a fresh dropout draw per check, the same for all products of one check
-        operator = HessianOperator(
-            self.model, self.loss_fn, batch, params=self.params, mode=self.mode, method=self.hvp_method, seed=seed,
-            # equal rank weights: every rank counts as one sample
-            batch_size=1 if self.rank_weighting == "equal" else batch_size(batch),
-        )  # fmt: skip
+        cold = self.warm_vectors is None or (self.cold_every > 0 and self.num_checks % self.cold_every == 0)
+        # "auto"'s cross-check (about four gradients and two products) runs on cold checks; a warm one
+        # reuses the last verdict for exact products: the same model and loss run the same ops.
+        reuse = self.hvp_method == "auto" and self.verified_step is not None and not cold
+        operator = self._operator(batch, seed, "double_backward" if reuse else self.hvp_method)
         if self.warm_vectors is not None and self.warm_vectors.shape[-1] != operator.size:
             self.warm_vectors = self.warm_preconditioned = None  # the trainable parameters changed
-        cold = self.warm_vectors is None or (self.cold_every > 0 and self.num_checks % self.cold_every == 0)
+            cold = True
+            if reuse:  # parameters that were not cross-checked: check them
+                reuse, operator = False, self._operator(batch, seed, self.hvp_method)
         with preserved_state(unwrap_model(self.model), operator.params), operator:
             result = eigenvalues_of(
                 operator, k=self.k, tol=self.tol, max_iter=self.max_iter, v0=None if cold else self.warm_vectors, seed=seed
@@ -189,6 +195,12 @@ class CurvatureProbe:
             num_hvps = operator.num_hvps
         self.warm_vectors = result.warm_start()
         self.num_checks += 1
+        if reuse:
+            operator.method_reason = (
+                f"cross-checked against finite differences at step {self.verified_step} (again at every cold check)"
+            )
+        elif self.hvp_method == "auto":
+            self.verified_step = step if operator.method == "double_backward" else None
         return CurvatureCheck(
             step=step,
             lambda_max=result.lambda_max,
@@ -213,6 +225,13 @@ class CurvatureProbe:
             product_error=operator.product_error,
             density=density,
         )
+
+    def _operator(self, batch: Any, seed: int, method: HVPMethod) -> HessianOperator:
+        return HessianOperator(
+            self.model, self.loss_fn, batch, params=self.params, mode=self.mode, method=method, seed=seed,
+            # equal rank weights: every rank counts as one sample
+            batch_size=1 if self.rank_weighting == "equal" else batch_size(batch),
+        )  # fmt: skip
 
     def _stability(
         self,
