@@ -136,6 +136,8 @@ def test_the_probable_limits_are_infinite_without_a_random_part_and_exact_on_an_
     slack = exhausted.interlacing_slack
     assert exhausted.top_limit == float(exhausted.top[0]) + slack and exhausted.bottom_limit == float(exhausted.bottom[0]) - slack
     assert abs(exhausted.top_limit - 5.0) < 1e-12 and abs(exhausted.bottom_limit) < 1e-12
+    small = lanczos(lambda v: 3 * v, 1, dtype=torch.float64)  # one dimension: the whole space after one step
+    assert small.top_limit - small.interlacing_slack == small.bottom_limit + small.interlacing_slack == 3.0
     d = torch.linspace(-1, 1, DIM, dtype=torch.float64)
     no_random = lanczos(lambda v: d * v, DIM, v0=torch.ones(DIM, dtype=torch.float64), warm_random=0.0, dtype=torch.float64)
     assert no_random.top_limit == float("inf") and no_random.bottom_limit == float("-inf")
