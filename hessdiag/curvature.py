@@ -11,8 +11,8 @@ reusing its gradient graph, computes:
   also scaled by lr_i / lr_0 (see :mod:`hessdiag.stability`);
 * when negative curvature is certified, the loss change along the bottom Ritz vector (both signs,
   the better one): a direct check that it is an escape direction;
-* every `density_every`-th check, the spectral density by stochastic Lanczos quadrature (not on
-  FSDP2-sharded models, whose vectors are split across ranks).
+* every `density_every`-th check, the spectral density by stochastic Lanczos quadrature (on
+  FSDP2-sharded models from this rank's coordinates of the probes, the same on every rank).
 """
 
 from __future__ import annotations
@@ -186,11 +186,11 @@ class CurvatureProbe:
             density = None
             # The n-th, 2n-th, ... check: not the first, which is cold and already the dearest
             # (with check_every="auto" a dear first check delays all the others).
-            if self.density_every and (self.num_checks + 1) % self.density_every == 0 and operator.shard is None:
+            if self.density_every and (self.num_checks + 1) % self.density_every == 0:
                 density = slq_density(
                     operator.matvec, operator.dim, num_probes=self.density_probes,
                     num_iter=min(self.density_iter, operator.dim), seed=seed,
-                    device=operator.device, dtype=operator.dtype,
+                    device=operator.device, dtype=operator.dtype, shard=operator.shard,
                 )  # fmt: skip
             num_hvps = operator.num_hvps
         self.warm_vectors = result.warm_start()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from hessdiag.hvp import HessianOperator, LossFn
-from hessdiag.lanczos import lanczos
+from hessdiag.lanczos import VectorShard, lanczos, random_generator
 
 
 @dataclass
@@ -105,18 +105,25 @@ def slq_density(
     seed: int = 0,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    shard: VectorShard | None = None,
 ) -> SpectralDensity:
-    """Stochastic Lanczos quadrature with `num_probes` Rademacher probes of `num_iter` steps each."""
+    """Stochastic Lanczos quadrature with `num_probes` Rademacher probes of `num_iter` steps each.
+
+    With a `shard` (vectors split across processes, see :class:`~hessdiag.lanczos.VectorShard`),
+    each process draws its own coordinates of the probes and every process gets the same density.
+    """
     if not isinstance(num_probes, int) or num_probes < 1:
         raise ValueError(f"`num_probes` must be a positive int, got {num_probes!r}.")
     if not isinstance(num_iter, int) or num_iter < 1:
         raise ValueError(f"`num_iter` must be a positive int, got {num_iter!r}.")
-    generator = torch.Generator().manual_seed(seed)
+    generator = random_generator(seed, shard)
+    size = dim if shard is None else shard.size
     nodes, weights = [], []
-    for probe in _rademacher(dim, num_probes, generator, torch.device(device), dtype):
+    for probe in _rademacher(size, num_probes, generator, torch.device(device), dtype):
         run = lanczos(
-            matvec, dim, k=1, tol=0.0, max_iter=num_iter, v0=probe, warm_random=0.0, device=device, dtype=dtype
-        )
+            matvec, dim, k=1, tol=0.0, max_iter=num_iter, v0=probe, warm_random=0.0, device=device, dtype=dtype,
+            shard=shard,
+        )  # fmt: skip
         nodes.append(run.ritz_values)
         weights.append(run.ritz_weights)
     # Rows differ in length only when a probe hit an invariant subspace early: pad with zero weight.
@@ -166,4 +173,5 @@ def hessian_spectral_density(
             seed=seed,
             device=operator.device,
             dtype=operator.dtype,
+            shard=operator.shard,
         )

@@ -9,6 +9,7 @@ from torch import nn
 
 from hessdiag import HessianOperator, HessdiagError, Monitor, hessian_eigenvalues
 from hessdiag.gradients import GradientStats
+from hessdiag.spectrum import slq_density
 from tests.oracles import dense_hessian
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -59,6 +60,9 @@ def _eigenvalues_worker(rank: int, world_size: int, init_file: str, out_dir: str
             result = hessian_eigenvalues(model, loss_fn, batch, tol=1e-4, max_iter=40)
             with HessianOperator(model, loss_fn, batch) as operator:
                 method, product_error = operator.method, operator.product_error
+                # A full-length run per probe: the quadrature nodes are eigenvalues of the whole Hessian.
+                density = slq_density(operator.matvec, operator.dim, num_probes=2, num_iter=operator.dim,
+                                      dtype=dtype, shard=operator.shard)  # fmt: skip
             untouched = all(torch.equal(b, p.to_local()) for b, p in zip(before, model.parameters()))
             results[str(dtype)] = {
                 "top": result.lambda_max, "bottom": result.lambda_min, "converged": result.converged,
@@ -66,6 +70,7 @@ def _eigenvalues_worker(rank: int, world_size: int, init_file: str, out_dir: str
                 "num_hvps": result.num_hvps, "loss": result.loss, "grad_norm": result.grad_norm,
                 "method": method, "product_error": product_error, "untouched": untouched,
                 "vector_size": result.top_vectors.shape[-1],
+                "density": (density.nodes, density.weights),
             }  # fmt: skip
         with pytest.raises(ValueError, match="`method`='double_backward' cannot run on FSDP2-sharded"):
             HessianOperator(model, loss_fn, batch, method="double_backward")
@@ -124,6 +129,11 @@ def test_hessian_eigenvalues_of_fsdp2_model_match_the_dense_hessian_within_their
         assert first["untouched"] and second["untouched"]  # parameters restored bit-for-bit
         assert {first["vector_size"], second["vector_size"]} != {model_dim(model)}  # Ritz vectors are local pieces
         assert first["vector_size"] + second["vector_size"] == model_dim(model)
+        nodes, weights = first["density"]
+        torch.testing.assert_close(nodes, second["density"][0], rtol=0, atol=0)  # the same density on every rank
+        seen = nodes[weights > 1e-8]
+        distance = (seen[:, None] - eigenvalues[None, :]).abs().min(dim=1).values
+        assert float(distance.max()) <= rel * float(eigenvalues.abs().max()), dtype
     for rank in ranks:
         observed, whole = rank["grad_norm"]
         assert observed == pytest.approx(whole, rel=1e-6)
@@ -142,7 +152,8 @@ def _train(rank: int, monitor_dir: str | None, steps: int = 8):
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(monitor_dir) if rank == 0 else None  # rank 0 logs, as under DDP
-        monitor = Monitor(model, loss_fn, optimizer=optimizer, writer=writer, check_every=3, log_every=2, strict=True)
+        monitor = Monitor(model, loss_fn, optimizer=optimizer, writer=writer, check_every=3, log_every=2, strict=True,
+                          density_every=2)  # fmt: skip
     torch.manual_seed(100 + rank)
     for _ in range(steps):
         batch = local_batch(rank, torch.float32)
@@ -186,8 +197,9 @@ def test_monitor_on_fsdp2_plain_loop_observes_without_changing_training(tmp_path
         assert [step for step, *_ in rank["checks"]] == [3, 6]
     assert first["checks"] == second["checks"] and first["events"] == second["events"]  # ranks agree
     assert all(method == "finite_difference" and error > 0 for *_, method, error in first["checks"])
-    events = EventAccumulator(str(tmp_path / "logs"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(tmp_path / "logs"), size_guidance={"scalars": 0, "histograms": 0})
     events.Reload()
+    assert [e.step for e in events.Histograms("hessdiag/spectral_density")] == [6]  # the second check's
     lambda_max = [event.value for event in events.Scalars("hessdiag/lambda_max")]
     assert lambda_max == pytest.approx([c[1] for c in first["checks"]])
     assert [event.value for event in events.Scalars("hessdiag/product_error")] == pytest.approx(
