@@ -41,7 +41,7 @@ from hessdiag.curvature import CurvatureCheck, CurvatureProbe, RankWeighting
 from hessdiag.errors import HessdiagError, HessdiagWarning
 from hessdiag.flags import FlagEvent
 from hessdiag.gradients import GradientStats
-from hessdiag.hvp import HVPMethod, LossFn
+from hessdiag.hvp import LOW_PRECISION_ROUNDING, HVPMethod, LossFn
 from hessdiag.schedule import CheckEvery, CheckSchedule
 from hessdiag.settings import DiagnosticsSettings, resolve_detectors
 from hessdiag.tensorboard import PREFIX, DiagnosticsWriter, TensorBoardWriter
@@ -151,6 +151,8 @@ class Monitor:
             if loss_fn is not None
             else None
         )
+        if self.probe is not None and self.schedule.enabled:
+            self._warn_low_precision(tol)
         self.detectors = {d.name: d for d in resolve_detectors(detectors)}
         self.step = 0
         self.events: list[FlagEvent] = []
@@ -163,6 +165,26 @@ class Monitor:
         self._warned: set[str] = set()
 
     # -- construction helpers ------------------------------------------------------------
+    def _warn_low_precision(self, tol: float) -> None:
+        """bfloat16/float16 parameters: every product carries the dtype's rounding, which the proven
+        bounds include, so a `tol` below it is never met and each check runs to `max_iter`."""
+        coarse = {
+            p.dtype for p in unwrap_model(self.model).parameters()
+            if p.requires_grad and torch.finfo(p.dtype).eps > torch.finfo(torch.float32).eps
+        }  # fmt: skip
+        if not coarse:
+            return
+        eps = max(torch.finfo(dtype).eps for dtype in coarse)
+        if tol < 4 * LOW_PRECISION_ROUNDING * eps:
+            warnings.warn(
+                f"hessdiag: the model's parameters are {sorted(map(str, coarse))}: each Hessian-vector product carries "
+                f"their rounding (about {eps:.1g} of ||H||), which the proven bounds include, so `tol`={tol:g} is not "
+                f"reached and every check runs to `max_iter`. Keep float32 parameters under autocast (the checks then "
+                f"run in float32), or pass `tol` >= {4 * LOW_PRECISION_ROUNDING * eps:.2g}.",
+                HessdiagWarning,
+                stacklevel=3,
+            )
+
     @staticmethod
     def _writers(writer: Any) -> list[DiagnosticsWriter]:
         if writer is None:
