@@ -316,7 +316,9 @@ class HessianOperator:
         loss = self._evaluate_loss(self.model)
         if not loss.requires_grad:
             raise LossClosureError(
-                "The loss does not depend on the chosen parameters (was it computed under torch.no_grad()?)."
+                "The loss does not depend on the chosen parameters: was it computed under torch.no_grad(), or "
+                "through checkpoint(..., use_reentrant=True) on inputs that do not require grad (whose output has "
+                "no graph: training gets no gradients there either; use use_reentrant=False)?"
             )
         finite = bool(torch.isfinite(loss))
         if self.shard is not None:  # decided together: a rank that stops here would leave FSDP's backward waiting
