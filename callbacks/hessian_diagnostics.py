@@ -244,6 +244,9 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         self._stepped = False
         self._micro_batches: list[Any] = []  # the current step's, kept only when a check is due
         self._step_loss: torch.Tensor | None = None  # the current step's mean loss, summed on the device
+        # Another callback (EarlyStopping, ModelCheckpoint) watches one of our values: have them all
+        # by the end of the first optimizer step, before any epoch end or validation can ask for them.
+        self._first_values_due = False
 
     @property
     @override
@@ -302,6 +305,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
             return
         # Flags exist from the start (none raised yet), so EarlyStopping on one never misses its key.
         self._publish(trainer, self.monitor.latest)
+        watched = {getattr(callback, "monitor", None) for callback in trainer.callbacks}
+        self._first_values_due = bool(watched & set(CALLBACK_METRICS))
         if len(trainer.optimizers) == 1:
             self.monitor.optimizer = trainer.optimizers[0]
         elif trainer.optimizers:
@@ -314,7 +319,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.monitor is not None and self.monitor.schedule.due(trainer.global_step + 1):
+        if self.monitor is not None and (self._first_values_due or self.monitor.schedule.due(trainer.global_step + 1)):
             # A check follows this optimizer step: keep its micro-batches (references, no copy).
             self._micro_batches.append(batch)
             if len(self._micro_batches) > MAX_MICRO_BATCHES:
@@ -358,6 +363,9 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         self.monitor.step = trainer.global_step - 1  # after_step counts this optimizer step
         events = self.monitor.after_step(check_batch, step_loss)
         read_back = self.monitor.step % self.monitor.log_every == 0
+        if self._first_values_due:
+            events += self._first_values(check_batch, read_back, num_checks)
+            read_back = True
         if read_back or len(self.monitor.checks) > num_checks or check_due:
             self._publish(trainer, self.monitor.latest)
         if self.on_flag is not None:
@@ -371,6 +379,18 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
             # Only when values were read back anyway: the progress bar reads logged values to the host.
             pl_module.log("λmax", check.lambda_max, prog_bar=True, logger=False, on_step=True, on_epoch=False)
             pl_module.log("flags", float(len(self.monitor.active_flags)), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    def _first_values(self, batch: Any, read_back: bool, num_checks: int) -> list[FlagEvent]:
+        """Once per fit, when another callback watches one of our values: a read-back and a check at
+        the first optimizer step, out of cadence, unless they just happened. Without it, a watcher
+        that reads the key before the first check (an epoch shorter than `check_every`) stops
+        the run: Lightning's ModelCheckpoint and EarlyStopping raise on a missing key."""
+        assert self.monitor is not None
+        self._first_values_due = False
+        events = [] if read_back else self.monitor.read_back()
+        if self.monitor.probe is not None and self.monitor.schedule.enabled and len(self.monitor.checks) == num_checks:
+            events += self.monitor.check_curvature(batch)
+        return events
 
     def _publish(self, trainer: pl.Trainer, latest: Mapping[str, float]) -> None:
         """Put the latest values (host floats already read back) in ``trainer.callback_metrics``."""

@@ -238,6 +238,13 @@ class Monitor:
             events += self.check_curvature(batch)
         return events
 
+    def read_back(self) -> list[FlagEvent]:
+        """Read back and judge the steps since the last read-back now, out of the `log_every` cadence
+        (one transfer); log them. Returns the new flag events."""
+        with self.guard("the per-step statistics"):
+            return self._read_back()
+        return []
+
     # -- per-step statistics ---------------------------------------------------------------
     def _loss_value(self, loss: torch.Tensor | float) -> torch.Tensor:
         """The step's loss as a 0-d float32 copy, left on its device (no sync)."""
@@ -491,8 +498,7 @@ class Monitor:
 
     def flush(self) -> None:
         """Read back pending statistics and flush the writers (call at the end of training)."""
-        with self.guard("the per-step statistics"):
-            self._read_back()
+        self.read_back()
         if self.probe is not None and self.schedule.enabled and self.step and not self.checks:
             if self.failed_checks:
                 last_step, reason = self.failed_checks[-1]

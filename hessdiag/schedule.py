@@ -99,7 +99,8 @@ class CheckSchedule:
             if _distributed.is_data_parallel():
                 interval = int(_distributed.all_reduce_max_(torch.tensor([float(interval)], device=device)).item())
             self.interval = interval
-        self.next_check = step + self.interval
+        if self.check_every == "auto" or step >= self.next_check:  # a check out of a fixed cadence keeps it
+            self.next_check = step + self.interval
         self._clock = time.perf_counter()  # the check's own time is not a step's
 
     def check_failed(self, step: int) -> None:

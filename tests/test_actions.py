@@ -121,7 +121,8 @@ def test_model_checkpoint_keeps_the_flattest_check(tmp_path):
     diagnostics = HessianDiagnostics(check_every=4)
     keeper = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="hessdiag/lambda_max", mode="min", save_top_k=1, every_n_train_steps=4)
     trainer(tmp_path, [diagnostics, keeper], max_steps=16, enable_checkpointing=True).fit(Classifier(), loader())
-    flattest = min(diagnostics.monitor.checks, key=lambda c: c.lambda_max)
+    assert [c.step for c in diagnostics.monitor.checks] == [1, 4, 8, 12, 16]  # the watched value exists from step 1
+    flattest = min(diagnostics.monitor.checks[1:], key=lambda c: c.lambda_max)  # those at the saving steps
     assert keeper.best_model_score.item() == pytest.approx(flattest.lambda_max, rel=1e-6)
     assert f"step={flattest.step}" in keeper.best_model_path
 
@@ -223,3 +224,23 @@ def test_stop_on_under_ddp_stops_both_ranks_at_the_same_step(tmp_path):
     assert onset["name"] == "exploding" and onset["kind"] == "onset" and onset["step"] >= DIVERGE_AT
     assert stops[0]["step"] == stops[1]["step"] == onset["step"] == onset["at"]  # at the onset, on both ranks
     assert f"raised at step {onset['step']}" in stops[0]["reason"] and stops[1]["reason"]
+
+
+@pytest.mark.parametrize("watched", ["hessdiag/lambda_max", "hessdiag/grad_norm"])
+def test_watching_a_value_before_its_first_check_or_read_back_does_not_stop_the_run(tmp_path, watched):
+    """Epochs of 4 steps with validation, checks every 10 steps, read-backs every 6: Lightning's
+    ModelCheckpoint and EarlyStopping raise when the key they watch is missing at the first epoch's
+    end. The callback measures it at the first optimizer step instead (found by trying it)."""
+
+    class Validated(Classifier):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", F.cross_entropy(self.net(batch[0]), batch[1]))
+
+    diagnostics = HessianDiagnostics(check_every=10, log_every=6)
+    keeper = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=watched, mode="min", save_top_k=1)
+    stopper = EarlyStopping(monitor=watched, mode="min", patience=1000)
+    run = trainer(tmp_path, [stopper, diagnostics, keeper], max_steps=12, limit_train_batches=4, limit_val_batches=2,
+                  enable_checkpointing=True)  # fmt: skip
+    run.fit(Validated(), loader(), loader(64))
+    assert run.global_step == 12 and keeper.best_model_score is not None
+    assert [c.step for c in diagnostics.monitor.checks] == [1, 10]
