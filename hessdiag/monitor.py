@@ -151,8 +151,6 @@ class Monitor:
             if loss_fn is not None
             else None
         )
-        if self.probe is not None and self.schedule.enabled:
-            self._warn_low_precision(tol)
         self.detectors = {d.name: d for d in resolve_detectors(detectors)}
         self.step = 0
         self.events: list[FlagEvent] = []
@@ -163,11 +161,15 @@ class Monitor:
         # the flags from the start (0: not raised).
         self.latest: dict[str, float] = self._flag_scalars()
         self._warned: set[str] = set()
+        if self.probe is not None and self.schedule.enabled:
+            self._warn_low_precision()
 
     # -- construction helpers ------------------------------------------------------------
-    def _warn_low_precision(self, tol: float) -> None:
+    def _warn_low_precision(self) -> None:
         """bfloat16/float16 parameters: every product carries the dtype's rounding, which the proven
-        bounds include, so a `tol` below it is never met and each check runs to `max_iter`."""
+        bounds include, so a `tol` below it is never met and each check runs to `max_iter`. Looked at
+        on construction and at each check (Lightning's "bf16-true" converts the model after setup)."""
+        tol = self.settings.tol
         coarse = {
             p.dtype for p in unwrap_model(self.model).parameters()
             if p.requires_grad and torch.finfo(p.dtype).eps > torch.finfo(torch.float32).eps
@@ -176,13 +178,12 @@ class Monitor:
             return
         eps = max(torch.finfo(dtype).eps for dtype in coarse)
         if tol < 4 * LOW_PRECISION_ROUNDING * eps:
-            warnings.warn(
+            self._warn_once(
+                "low precision",
                 f"hessdiag: the model's parameters are {sorted(map(str, coarse))}: each Hessian-vector product carries "
                 f"their rounding (about {eps:.1g} of ||H||), which the proven bounds include, so `tol`={tol:g} is not "
                 f"reached and every check runs to `max_iter`. Keep float32 parameters under autocast (the checks then "
                 f"run in float32), or pass `tol` >= {4 * LOW_PRECISION_ROUNDING * eps:.2g}.",
-                HessdiagWarning,
-                stacklevel=3,
             )
 
     @staticmethod
@@ -356,6 +357,7 @@ class Monitor:
     def check_curvature(self, batch: Any) -> list[FlagEvent]:
         """Run a curvature check on `batch` now; feed the saddle and edge-of-stability detectors."""
         assert self.probe is not None, "no loss_fn was given"
+        self._warn_low_precision()
         check = self._run_check(batch)
         if check is None:
             return []

@@ -263,6 +263,16 @@ def test_backbone_finetuning_brings_the_unfrozen_backbone_into_the_checks(tmp_pa
     assert "hessdiag/layer_grad_norm" not in str(scalars(tmp_path))  # per-layer values stay summarised
 
 
+def test_bf16_true_precision_is_told_that_checks_cannot_reach_tol(tmp_path):
+    """"bf16-true" converts the model after the callback's setup: the first check notices the bfloat16
+    parameters, whose rounding the bounds include, and says why the checks do not converge."""
+    diagnostics = HessianDiagnostics(check_every=5, max_iter=12)
+    with pytest.warns(hessdiag.HessdiagWarning, match="torch.bfloat16.*`tol`=0.001 is not reached"):
+        trainer(tmp_path, [diagnostics], max_steps=5, precision="bf16-true").fit(Classifier(), loader())
+    (check,) = diagnostics.monitor.checks
+    assert not check.converged and check.product_error > 0
+
+
 class OverflowsAt(Classifier):
     """Puts an inf into a gradient after the backward at the given steps, as an fp16 overflow would."""
 
