@@ -15,6 +15,7 @@ from torch import nn
 from hessdiag.callbacks import HessianDiagnostics
 from hessdiag.errors import HessdiagWarning
 from hessdiag.flags import FLAG_NAMES, FlagEvent
+from spawned import fit_spawned
 
 DIVERGE_AT = 30  # the optimizer step from which the learning rate makes the run diverge
 
@@ -217,7 +218,8 @@ class WriteStop(pl.Callback):
 def test_stop_on_under_ddp_stops_both_ranks_at_the_same_step(tmp_path):
     out = str(tmp_path)
     callbacks = [HessianDiagnostics(check_every=1000, stop_on=("exploding",), on_flag=WriteEvents(out)), WriteStop(out)]
-    trainer(tmp_path, callbacks, max_steps=200, strategy="ddp_spawn", devices=2).fit(Classifier(diverge_at=DIVERGE_AT), loader())
+    run = trainer(tmp_path, callbacks, max_steps=200, strategy="ddp_spawn", devices=2)
+    fit_spawned(run, Classifier(diverge_at=DIVERGE_AT), loader(), finished=[os.path.join(out, f"stop{rank}.json") for rank in (0, 1)])
     stops = [json.load(open(os.path.join(out, f"stop{rank}.json"))) for rank in (0, 1)]
     events = [[json.loads(line) for line in open(os.path.join(out, f"flags{rank}.jsonl"))] for rank in (0, 1)]
     onset = events[0][0]

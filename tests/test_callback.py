@@ -23,6 +23,7 @@ from torch import nn
 
 import hessdiag
 from hessdiag.callbacks import HessianDiagnostics
+from spawned import fit_spawned
 
 
 def dataset(n=256, seed=0):
@@ -201,10 +202,11 @@ class RankReport(pl.Callback):
 
 def test_ddp_two_cpu_processes(tmp_path):
     pl.seed_everything(0)
-    trainer(
+    run = trainer(
         tmp_path, [HessianDiagnostics(check_every=5), RankReport(str(tmp_path))], max_steps=15,
         strategy="ddp_spawn", devices=2,
-    ).fit(Classifier(), loader(n=128, batch_size=16))  # fmt: skip
+    )  # fmt: skip
+    fit_spawned(run, Classifier(), loader(n=128, batch_size=16), finished=[str(tmp_path / f"rank{r}.json") for r in range(2)])
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert ranks[0] == ranks[1]  # identical curvature and identical flag decisions
     assert len(ranks[0]["lambda_max"]) == 3
