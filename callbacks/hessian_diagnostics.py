@@ -178,8 +178,9 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     * ``hessdiag/lambda_max``, ``hessdiag/lambda_min``: from the first successful check;
       ``hessdiag/stability_ratio`` (sharpness / its threshold) too, with one optimizer.
 
-    A monitor whose key is not there yet fails ``EarlyStopping(strict=True)`` (its default) if it
-    checks first; pass ``strict=False`` for the curvature keys, or check after the first check.
+    When another callback of the trainer watches one of these keys (``monitor=``), the first
+    optimizer step gets a read-back and a check out of cadence, so the key is there before any
+    epoch end or validation: Lightning's EarlyStopping and ModelCheckpoint raise on a missing key.
 
     Raises:
         ValueError: a bad argument (named in the message).
@@ -233,12 +234,10 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         self.stop_on = check_flag_names("stop_on", stop_on)
         self.on_flag = on_flag
         self.stop_reason: str | None = None  # why `stop_on` stopped the last fit, if it did
-        self.check_every = check_every
         self.log_every = log_every
         self.loss_fn = loss_fn
         self.detectors = detectors
         self.progress_bar = progress_bar
-        self.strict = strict
         self.monitor: Monitor | None = None
         self._restored: dict[str, Any] | None = None
         self._stepped = False

@@ -348,7 +348,7 @@ class HessianOperator:
         if self.shard is not None:
             self._check_gradient_repeats()
         self._central = CentralDifference(self._local_params, self._gradient_without_graph, shard=self.shard)
-        probe = self._probe_vector()
+        probe = self._probe_vector(self.seed)
         pieces = self._split(probe)
         self._probe = (probe, self._central.product(pieces), self._central.product(pieces, 2 * self._central.eps))
         if self.requested_method == "finite_difference" or self.shard is not None:
@@ -415,17 +415,13 @@ class HessianOperator:
                 "`training_step` (or pass `loss_fn=` that does)."
             )
 
-    def _probe_vector(self) -> torch.Tensor:
+    def _probe_vector(self, seed: int) -> torch.Tensor:
         """A random unit vector, the same on every rank (seeded by `seed`); on a sharded model
         this rank's piece of one."""
-        if self.shard is not None:
-            generator = random_generator(self.seed, self.shard)
-            return start_vector(
-                self.size, None, warm_random=0.0, device=self.device, dtype=self.dtype, generator=generator, shard=self.shard
-            )
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        vector = torch.randn(self.dim, generator=generator, device=self.device, dtype=self.dtype)
-        return vector / torch.linalg.vector_norm(vector)
+        generator = random_generator(seed, self.shard)
+        return start_vector(
+            self.size, None, warm_random=0.0, device=self.device, dtype=self.dtype, generator=generator, shard=self.shard
+        )
 
     def _settle_method(self) -> None:
         """Measure finite differences on the probe vector and, for "auto", cross-check double
@@ -478,9 +474,7 @@ class HessianOperator:
     def _check_symmetry(self, probe: torch.Tensor, product: torch.Tensor, measured: Measurement) -> None:
         """u.Hw = w.Hu for exact products; a dropped second-order term breaks it. Needs one more
         product (of a second random vector w)."""
-        generator = torch.Generator(device=self.device).manual_seed(self.seed + 1)
-        other = torch.randn(self.dim, generator=generator, device=self.device, dtype=self.dtype)
-        other /= torch.linalg.vector_norm(other)
+        other = self._probe_vector(self.seed + 1)
         other_product = self._finish(self._double_backward(self._split(other)))
         defect = abs(float(probe @ other_product - other @ product))
         scale = float(torch.linalg.vector_norm(product) + torch.linalg.vector_norm(other_product))
