@@ -256,3 +256,31 @@ def test_sparse_embedding_gradients_give_the_dense_answer():
     for got, want in zip(hessian_vector_product(sparse, loss_fn, batch, v), expected, strict=True):
         assert not got.is_sparse and torch.allclose(got, want, atol=1e-6)
     assert expected[0].abs().sum() > 0  # the embedding rows of the batch have curvature
+
+
+def test_tied_weights_are_one_parameter_for_every_product_method():
+    """A language model whose output layer shares the embedding matrix (weight tying): the Hessian is
+    over the shared matrix once, with both uses' curvature in it; every method must match the dense
+    Hessian, and the tie must survive the estimate (finite differences move the parameters)."""
+
+    class TiedLanguageModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.mix = nn.Embedding(7, 4), nn.Linear(4, 4)
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, tokens):
+            return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+    torch.manual_seed(0)
+    model = TiedLanguageModel().double()
+    batch = (torch.randint(0, 7, (32,)), torch.randint(0, 7, (32,)))
+    spectrum = torch.linalg.eigvalsh(dense_hessian(model, cross_entropy, batch))
+    assert spectrum.numel() == 7 * 4 + 4 * 4 + 4  # the shared matrix counted once
+    for method, accuracy in [("double_backward", 1e-10), ("forward_over_reverse", 1e-10), ("finite_difference", 1e-7), ("auto", 1e-10)]:
+        result = hessian_eigenvalues(model, cross_entropy, batch, hvp_method=method, tol=1e-8, max_iter=60)
+        assert result.converged, method
+        assert abs(result.lambda_max - float(spectrum[-1])) <= accuracy * float(spectrum.abs().max()), method
+        assert abs(result.lambda_min - float(spectrum[0])) <= accuracy * float(spectrum.abs().max()), method
+        assert model.head.weight is model.embed.weight
