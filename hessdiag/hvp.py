@@ -418,7 +418,7 @@ class HessianOperator:
     def _probe_vector(self, seed: int) -> torch.Tensor:
         """A random unit vector, the same on every rank (seeded by `seed`); on a sharded model
         this rank's piece of one."""
-        generator = random_generator(seed, self.shard)
+        generator = random_generator(seed, self.shard, self.device)
         return start_vector(
             self.size, None, warm_random=0.0, device=self.device, dtype=self.dtype, generator=generator, shard=self.shard
         )

@@ -75,6 +75,8 @@ from typing import Literal
 
 import torch
 
+from hessdiag import _distributed
+
 Which = Literal["top", "bottom", "both"]
 WHICH: tuple[str, ...] = ("top", "bottom", "both")
 BasisStorage = Literal["auto", "device", "host", "recurrence"]
@@ -119,10 +121,29 @@ def vector_norm(w: torch.Tensor, shard: VectorShard | None = None) -> torch.Tens
     return shard.sum_(torch.dot(w, w).reshape(1)).sqrt().reshape(())
 
 
-def random_generator(seed: int, shard: VectorShard | None = None) -> torch.Generator:
-    """A CPU generator for random vectors: seeded by `seed`, and with a shard by (seed, rank) so
-    that each process draws its own coordinates (the hash of a tuple of ints is fixed)."""
-    return torch.Generator().manual_seed(seed if shard is None else hash((seed, shard.index)) % 2**63)
+def random_generator(seed: int, shard: VectorShard | None = None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator for random vectors, seeded by `seed`, and with a shard by (seed, rank) so that
+    each process draws its own coordinates (the hash of a tuple of ints is fixed).
+
+    It lives on `device`, so that a vector of millions of coordinates is drawn where it is used (a
+    host draw costs, on this project's 2-core CPU, 0.26 s for 11 M float64 coordinates, then a copy to
+    the GPU; a cold check draws three). Except where several processes must draw the *same* vector
+    (a data-parallel process group, vectors not sharded): there it lives on the CPU, whose float64
+    draws (scalar code, no CPU-specific vector kernel) agree wherever the same torch runs, while a
+    CUDA generator's stream may depend on the GPU model (its launch grid follows the SM count).
+    """
+    device = torch.device(device)
+    if shard is None and _distributed.is_data_parallel():
+        device = torch.device("cpu")
+    return torch.Generator(device=device).manual_seed(seed if shard is None else hash((seed, shard.index)) % 2**63)
+
+
+def _gaussian(size: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`size` i.i.d. standard normal numbers from `generator`, on `device` in `dtype`: drawn on the
+    generator's device; on the host in float64 (see `random_generator`)."""
+    if generator.device.type == "cpu":
+        return torch.randn(size, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    return torch.randn(size, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor, shard: VectorShard | None) -> float:
@@ -207,7 +228,7 @@ def start_vector(
     has turned since the last check is still reachable from the Krylov space. With a `shard`,
     `dim` is this process's size and `v0` its piece.
     """
-    noise = torch.randn(dim, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    noise = _gaussian(dim, generator, device, dtype)
     noise /= vector_norm(noise, shard)
     if v0 is None:
         return noise
@@ -338,7 +359,8 @@ def lanczos(
             against false convergence from a warm start.
         v0: warm start (dim,) or block (b, dim), e.g. previous Ritz vectors; see `start_vector`.
         warm_random: weight of the random component mixed into a warm start, in [0, 1].
-        seed: seeds the random start; identical on every rank, so data-parallel runs agree.
+        seed: seeds the random start, drawn on `device` (see `random_generator`); identical on
+            every rank, so data-parallel runs agree.
         device, dtype: where and in what precision the Lanczos vectors live (at least float32).
         basis: "auto", "device", "host" or "recurrence" (see module docstring).
         memory_budget: bytes the basis may take on the device (default: 30% of free memory).
@@ -356,7 +378,8 @@ def lanczos(
 
     Raises:
         ValueError: bad arguments, or `matvec` returned a tensor of the wrong shape.
-        FloatingPointError: `matvec` returned NaN or infinity.
+        FloatingPointError: `matvec` returned NaN or infinity (with a `shard`: on every process at
+            the same step, whichever piece held it).
 
     Example:
         >>> a = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
@@ -376,7 +399,7 @@ def lanczos(
         # Without a basis the run takes other collective steps: recurrence on one process means on all.
         votes = shard.sum_(torch.tensor([float(storage == "recurrence")], dtype=torch.float64, device=device))
         storage = "recurrence" if float(votes) > 0 else storage
-    generator = random_generator(seed, shard)
+    generator = random_generator(seed, shard, device)
     q = start_vector(size, v0, warm_random=warm_random, device=device, dtype=dtype, generator=generator, shard=shard)
 
     vectors = _Basis(max_iter, size, storage, device, dtype, shard)
@@ -390,8 +413,16 @@ def lanczos(
     random_weight = 1.0 if v0 is None else warm_random
     while True:
         vectors.append(q)
-        w = _product(matvec, q, len(alphas), dtype)
+        w = _product(matvec, q, dtype)
         alpha = _dot(q, w, shard)
+        # Any NaN or infinity in w makes alpha NaN or infinite (0 * inf is NaN): one test on a number
+        # every process already holds, so that with sharded vectors they all raise together.
+        if not math.isfinite(alpha):
+            raise FloatingPointError(
+                f"`matvec` returned NaN or infinity at Lanczos step {len(alphas) + 1} (for a unit vector), or values "
+                "whose inner product overflows: the operator is not finite there (for a Hessian: a loss that "
+                "overflows or a non-smooth point); no eigenvalue reported."
+            )
         # The three-term recurrence first: what is left is nearly orthogonal to the basis, so one
         # reorthogonalisation pass usually suffices.
         w -= alpha * q
@@ -410,7 +441,7 @@ def lanczos(
             if storage == "recurrence":
                 break  # invariant subspace; without a basis there is nothing to restart against
             # Invariant subspace found: continue from a fresh direction orthogonal to it.
-            w = torch.randn(size, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+            w = _gaussian(size, generator, device, dtype)
             vectors.orthogonalise_(w)
             beta_next = 0.0
             w /= vector_norm(w, shard)
@@ -462,20 +493,14 @@ def _tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[torch.Te
     return torch.linalg.eigh(t)
 
 
-def _product(matvec: Callable[[torch.Tensor], torch.Tensor], q: torch.Tensor, step: int, dtype: torch.dtype) -> torch.Tensor:
+def _product(matvec: Callable[[torch.Tensor], torch.Tensor], q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A v on a private copy of q, returned as a fresh tensor: a matvec that writes into its
     input, or returns a buffer it reuses (or its input), cannot corrupt the basis or the next step."""
     w = matvec(q.clone())
     if not isinstance(w, torch.Tensor) or w.shape != q.shape:
         got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
         raise ValueError(f"`matvec` must return a tensor of shape {tuple(q.shape)}, got {got}.")
-    w = w.to(device=q.device, dtype=dtype, copy=True)
-    if not bool(torch.isfinite(w).all()):
-        raise FloatingPointError(
-            f"`matvec` returned NaN or infinity at Lanczos step {step + 1} (for a unit vector): the operator is "
-            "not finite there (for a Hessian: a loss that overflows or a non-smooth point); no eigenvalue reported."
-        )
-    return w
+    return w.to(device=q.device, dtype=dtype, copy=True)
 
 
 def _product_error_reader(matvec_error: float | Callable[[], float]) -> Callable[[], float]:

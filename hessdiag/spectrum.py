@@ -68,7 +68,8 @@ class SpectralDensity:
 
 
 def _rademacher(dim: int, count: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    signs = torch.randint(0, 2, (count, dim), generator=generator, dtype=torch.int8)
+    """`count` random sign vectors, drawn on the generator's device (see `random_generator`)."""
+    signs = torch.randint(0, 2, (count, dim), generator=generator, device=generator.device, dtype=torch.int8)
     return (signs.to(dtype=dtype) * 2 - 1).to(device)
 
 
@@ -85,7 +86,7 @@ def hutchpp_trace(
     if not isinstance(num_matvecs, int) or num_matvecs < 3:
         raise ValueError(f"`num_matvecs` must be an int >= 3, got {num_matvecs!r}.")
     device = torch.device(device)
-    generator = torch.Generator().manual_seed(seed)
+    generator = random_generator(seed, None, device)
     third = num_matvecs // 3
     sketch = torch.stack([matvec(s) for s in _rademacher(dim, third, generator, device, dtype)], dim=1)
     q, _ = torch.linalg.qr(sketch)
@@ -116,7 +117,7 @@ def slq_density(
         raise ValueError(f"`num_probes` must be a positive int, got {num_probes!r}.")
     if not isinstance(num_iter, int) or num_iter < 1:
         raise ValueError(f"`num_iter` must be a positive int, got {num_iter!r}.")
-    generator = random_generator(seed, shard)
+    generator = random_generator(seed, shard, device)
     size = dim if shard is None else shard.size
     nodes, weights = [], []
     for probe in _rademacher(size, num_probes, generator, torch.device(device), dtype):

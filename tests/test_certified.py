@@ -6,6 +6,7 @@ float32, against the prescribed d; a small attention block against its dense flo
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -215,12 +216,17 @@ def test_a_matvec_that_aliases_its_output_gives_the_same_answer(kind):
     assert not aliased.negative_curvature_certified
 
 
-def test_a_non_finite_product_is_a_clear_error():
+@pytest.mark.parametrize("bad", [[math.nan], [math.inf], [math.inf, -math.inf], [-math.inf]], ids=str)
+def test_a_non_finite_product_is_a_clear_error(bad):
+    """Even a single non-finite coordinate, and infinities of both signs (whose sum is NaN)."""
     calls = []
 
     def matvec(v):
         calls.append(1)
-        return v * (float("nan") if len(calls) == 3 else 1.0)
+        w = v.clone()
+        if len(calls) == 3:
+            w[: len(bad)] = torch.tensor(bad, dtype=w.dtype)
+        return w
 
     with pytest.raises(FloatingPointError, match="NaN or infinity at Lanczos step 3"):
         lanczos(matvec, 20)

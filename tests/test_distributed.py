@@ -1,5 +1,8 @@
 """Data parallel: the HVP is that of the global-batch loss, identical on every rank."""
 
+import math
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -7,8 +10,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from hessdiag import HessianOperator, hessian_eigenvalues
+from hessdiag import HessianOperator, _distributed, hessian_eigenvalues
 from hessdiag.curvature import CurvatureProbe
+from hessdiag.lanczos import VectorShard, lanczos
 from tests.oracles import dense_hessian
 
 SPLIT = (5, 11)  # unequal local batches: the ranks must be weighted by their share
@@ -92,3 +96,39 @@ def test_training_check_weights_ranks_as_ddp_does(ranks):
             assert lambda_max == pytest.approx(expected, rel=1e-5), weighting
             assert loss == pytest.approx(expected_loss, rel=1e-5), weighting
     assert abs(ranks[0]["checks"]["equal"][0] - ranks[0]["checks"]["samples"][0]) > 1e-3  # the case tells them apart
+
+
+def _non_finite_shard_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """Lanczos over a diagonal operator whose coordinates are split across the two ranks; rank 1's
+    piece of the third product is NaN. Gloo's timeout turns a hang into an error."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=30)
+    )
+    try:
+        diagonal = torch.linspace(0.1, 1.0, 20, dtype=torch.float64)[10 * rank : 10 * rank + 10]
+        calls = []
+
+        def matvec(v):
+            calls.append(1)
+            return diagonal * v * (math.nan if rank == 1 and len(calls) == 3 else 1.0)
+
+        shard = VectorShard(size=10, sum_=lambda partial: _distributed.all_reduce_sum_(partial), index=rank)
+        try:
+            lanczos(matvec, 20, dtype=torch.float64, shard=shard)
+            outcome = "finished"
+        except FloatingPointError as error:
+            outcome = str(error)
+        except RuntimeError as error:  # e.g. a collective that timed out: the other rank did not take part
+            outcome = f"RuntimeError: {error}"
+        torch.save(outcome, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_product_on_one_rank_stops_every_rank_with_the_same_error(tmp_path):
+    """With sharded vectors (FSDP2) a NaN in one process's piece must not leave the others waiting in
+    a collective: every rank raises FloatingPointError at the same step."""
+    mp.spawn(_non_finite_shard_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    outcomes = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for outcome in outcomes:
+        assert "NaN or infinity at Lanczos step 3" in outcome, outcome

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from hessdiag.lanczos import lanczos
+from hessdiag import _distributed
+from hessdiag.lanczos import VectorShard, lanczos, random_generator
 
 
 def matrix_with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,3 +150,30 @@ def test_not_converged_is_reported():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lanczos(lambda v: v, 10, **kwargs)
+
+
+def test_random_vectors_are_drawn_on_the_device_unless_processes_must_draw_the_same(monkeypatch):
+    """Drawn where they are used (no host vector of millions of coordinates per check), except under
+    data parallelism with unsharded vectors: every process must then draw the same numbers, which a
+    CUDA generator does not promise across GPU models, so the draw stays on the CPU. Sharded vectors
+    are drawn per process anyway."""
+    assert random_generator(0, None, "cpu").device.type == "cpu"
+    monkeypatch.setattr(_distributed, "is_data_parallel", lambda: True)
+    assert random_generator(0, None, "cuda").device.type == "cpu"  # without the rule: a CUDA generator
+    shard = VectorShard(size=4, sum_=lambda partial: partial, index=1)
+    assert torch.equal(
+        torch.randn(4, generator=random_generator(0, shard)), torch.randn(4, generator=random_generator(0, shard))
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA generators exist only with CUDA")
+def test_on_cuda_the_start_is_drawn_on_the_device_and_the_bounds_hold():
+    assert random_generator(0, None, "cuda").device.type == "cuda"
+    generator = torch.Generator().manual_seed(0)
+    d = torch.cat([torch.tensor([1.0, -0.3], dtype=torch.float64), 0.5 * torch.rand(3000, generator=generator, dtype=torch.float64)])
+    diagonal = d.cuda()
+    for dtype in (torch.float64, torch.float32):
+        result = lanczos(lambda v: diagonal.to(dtype) * v, d.numel(), which="both", max_iter=100, device="cuda", dtype=dtype)
+        assert result.converged and result.top_vectors.device.type == "cuda"
+        assert abs(float(result.top[0]) - 1.0) <= float(result.top_error_bounds[0])
+        assert abs(float(result.bottom[0]) + 0.3) <= float(result.bottom_error_bounds[0])
