@@ -8,7 +8,12 @@ explicit matrices and used on Hessians alike.
   eigenvalues, Ritz vectors that are orthonormal to rounding.
 * The tridiagonal matrix is kept and solved in float64.
 * A single start vector sees each distinct eigenvalue once: with ``k > 1`` the k largest *distinct*
-  eigenvalues come back (a repeated eigenvalue is reported once).
+  eigenvalues come back (a repeated eigenvalue is reported once), each within its proven bound of
+  *an* eigenvalue; that the i-th is the i-th largest is probable, like the extreme one below
+  (measured, k = 2 and 3 on the six families below, 15 seeds, float64 and float32: in 7 of 360
+  converged runs a Ritz value after the first sat on a further eigenvalue, up to 1.3e-2 of the
+  spectral norm off the one it stands for; the bounds held in all). In float32 a multiple eigenvalue
+  splits by rounding into distinct ones, and they come back as such.
 * What is proven, per Ritz value (theta, y = Q s) after m steps. Lanczos computes
   A Q = Q T + beta q e_m^T - F, where column j of F is the error of step j: the product's own error
   (``matvec_error`` e, a bound for a unit vector, e.g. finite differences) plus floating-point
