@@ -90,6 +90,25 @@ def overtaken(gap: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (q * d) @ q.T, q[:, -2]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [2, 3])
+def test_with_k_values_per_end_every_bound_contains_an_eigenvalue(k, dtype):
+    """Every family, every seed: each of the k Ritz values per end has an eigenvalue of the operator
+    (as run, in its dtype) within its bound, converged or not."""
+    for family in FAMILIES:
+        generator = torch.Generator().manual_seed(100 * k + FAMILIES.index(family))
+        for seed in SEEDS:
+            d = spectrum(family, generator)
+            q = _orthogonal(DIM, generator)
+            a_run = ((q * d) @ q.T).to(dtype)
+            eigenvalues = torch.linalg.eigvalsh(a_run.double())
+            result = lanczos(lambda v: a_run @ v, DIM, k=k, which="both", max_iter=100, seed=seed, dtype=dtype)
+            for values, bounds in ((result.top, result.top_error_bounds), (result.bottom, result.bottom_error_bounds)):
+                assert values.numel() == k
+                for value, bound in zip(values.tolist(), bounds.tolist()):
+                    assert float((eigenvalues - value).abs().min()) <= bound, (family, seed, value, bound)
+
+
 @pytest.mark.parametrize("gap", [0.005, 0.02, 0.1])
 def test_a_warm_start_on_an_overtaken_top_finds_the_new_top_or_does_not_converge(gap):
     """Gaps beyond the near-degenerate range of `_check_extreme` (4 tol): no exception allowed."""
