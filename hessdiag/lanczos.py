@@ -90,6 +90,7 @@ BASIS_STORAGES: tuple[str, ...] = ("auto", "device", "host", "recurrence")
 _DEVICE_BUDGET_FRACTION = 0.3  # of free accelerator memory; the HVPs need the rest
 _HOST_BUDGET_FRACTION = 0.5  # of available host memory
 _KAHAN_PARLETT = 2**-0.5
+_HOST_DRAW_CHUNK = 1 << 22  # random numbers per host draw (32 MB of float64); a multiple of 16
 #: The probability, over the random part of the start vector, that an eigenvalue lies beyond the
 #: reported `top_limit` / `bottom_limit` (module docstring).
 MISS_PROBABILITY = 0.01
@@ -145,10 +146,32 @@ def random_generator(seed: int, shard: VectorShard | None = None, device: torch.
 
 def _gaussian(size: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """`size` i.i.d. standard normal numbers from `generator`, on `device` in `dtype`: drawn on the
-    generator's device; on the host in float64 (see `random_generator`)."""
-    if generator.device.type == "cpu":
-        return torch.randn(size, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
-    return torch.randn(size, generator=generator, device=generator.device, dtype=dtype).to(device)
+    generator's device; on the host in float64 (see `random_generator`), in chunks."""
+    if generator.device.type != "cpu":
+        return torch.randn(size, generator=generator, device=generator.device, dtype=dtype).to(device)
+    return _in_host_chunks(size, device, dtype, lambda n: torch.randn(n, generator=generator, dtype=torch.float64))
+
+
+def random_signs(size: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`size` independent entries +1 or -1 (Rademacher) from `generator`, on `device` in `dtype`:
+    drawn on the generator's device; on the host in chunks."""
+    if generator.device.type != "cpu":
+        bits = torch.randint(0, 2, (size,), generator=generator, device=generator.device, dtype=torch.int8)
+        return bits.to(device=device, dtype=dtype).mul_(2).sub_(1)
+    bits = _in_host_chunks(size, device, dtype, lambda n: torch.randint(0, 2, (n,), generator=generator, dtype=torch.int8))
+    return bits.mul_(2).sub_(1)
+
+
+def _in_host_chunks(size: int, device: torch.device, dtype: torch.dtype, draw: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """A new tensor on `device` in `dtype` filled by `draw(n)` (a host generator) `_HOST_DRAW_CHUNK`
+    numbers at a time, so that the host never holds the whole draw (8 GB of float64 for a billion
+    coordinates, on every rank of a node at once). torch's host draws in chunks of a multiple of 16
+    numbers give the numbers of one draw (tested)."""
+    out = torch.empty(size, device=device, dtype=dtype)
+    for start in range(0, size, _HOST_DRAW_CHUNK):
+        piece = out[start : start + _HOST_DRAW_CHUNK]
+        piece.copy_(draw(piece.numel()))
+    return out
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor, shard: VectorShard | None) -> float:

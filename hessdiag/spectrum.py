@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from hessdiag.hvp import HessianOperator, LossFn
-from hessdiag.lanczos import VectorShard, lanczos, random_generator
+from hessdiag.lanczos import VectorShard, lanczos, random_generator, random_signs
 
 
 @dataclass
@@ -67,12 +67,6 @@ class SpectralDensity:
         return float((self.weights * self.nodes**power).sum(dim=1).mean())
 
 
-def _rademacher(dim: int, count: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """`count` random sign vectors, drawn on the generator's device (see `random_generator`)."""
-    signs = torch.randint(0, 2, (count, dim), generator=generator, device=generator.device, dtype=torch.int8)
-    return (signs.to(dtype=dtype) * 2 - 1).to(device)
-
-
 def hutchpp_trace(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     dim: int,
@@ -88,10 +82,10 @@ def hutchpp_trace(
     device = torch.device(device)
     generator = random_generator(seed, None, device)
     third = num_matvecs // 3
-    sketch = torch.stack([matvec(s) for s in _rademacher(dim, third, generator, device, dtype)], dim=1)
+    sketch = torch.stack([matvec(random_signs(dim, generator, device, dtype)) for _ in range(third)], dim=1)
     q, _ = torch.linalg.qr(sketch)
     low_rank = sum(float(torch.dot(qi, matvec(qi))) for qi in q.T)
-    probes = _rademacher(dim, third, generator, device, dtype)
+    probes = torch.stack([random_signs(dim, generator, device, dtype) for _ in range(third)])
     probes -= (probes @ q) @ q.T
     residual = sum(float(torch.dot(g, matvec(g))) for g in probes) / third
     return TraceEstimate(trace=low_rank + residual, num_matvecs=3 * third)
@@ -120,7 +114,8 @@ def slq_density(
     generator = random_generator(seed, shard, device)
     size = dim if shard is None else shard.size
     nodes, weights = [], []
-    for probe in _rademacher(size, num_probes, generator, torch.device(device), dtype):
+    for _ in range(num_probes):  # one probe at a time: the probes of a large model need not all fit
+        probe = random_signs(size, generator, torch.device(device), dtype)
         run = lanczos(
             matvec, dim, k=1, tol=0.0, max_iter=num_iter, v0=probe, warm_random=0.0, device=device, dtype=dtype,
             shard=shard,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hessdiag import _distributed
-from hessdiag.lanczos import VectorShard, lanczos, random_generator
+from hessdiag.lanczos import VectorShard, lanczos, random_generator, random_signs, start_vector
 
 
 def matrix_with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,3 +177,23 @@ def test_on_cuda_the_start_is_drawn_on_the_device_and_the_bounds_hold():
         assert result.converged and result.top_vectors.device.type == "cuda"
         assert abs(float(result.top[0]) - 1.0) <= float(result.top_error_bounds[0])
         assert abs(float(result.bottom[0]) + 0.3) <= float(result.bottom_error_bounds[0])
+
+
+def test_host_draws_in_chunks_give_the_numbers_of_one_draw(monkeypatch):
+    """Random vectors drawn on the host are made a chunk at a time (a billion float64 coordinates
+    would be 8 GB on every rank of a node); the chunks must not change a single number."""
+    import sys
+
+    def draws():
+        start = start_vector(1000, None, warm_random=0.0, device=torch.device("cpu"), dtype=torch.float32, generator=random_generator(3))
+        signs = random_signs(1000, random_generator(4), torch.device("cpu"), torch.float64)
+        return start, signs
+
+    whole = draws()
+    monkeypatch.setattr(sys.modules["hessdiag.lanczos"], "_HOST_DRAW_CHUNK", 48)
+    chunked = draws()
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    expected = torch.randn(1000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    torch.testing.assert_close(whole[0], (expected / expected.norm()).float())
+    bits = torch.randint(0, 2, (1000,), generator=torch.Generator().manual_seed(4), dtype=torch.int8)
+    assert torch.equal(whole[1], bits.double() * 2 - 1)
