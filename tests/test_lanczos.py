@@ -1,5 +1,7 @@
 """Lanczos on explicit symmetric matrices with prescribed spectra (float64 oracles)."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -160,10 +162,11 @@ def test_random_vectors_are_drawn_on_the_device_unless_processes_must_draw_the_s
     assert random_generator(0, None, "cpu").device.type == "cpu"
     monkeypatch.setattr(_distributed, "is_data_parallel", lambda: True)
     assert random_generator(0, None, "cuda").device.type == "cpu"  # without the rule: a CUDA generator
-    shard = VectorShard(size=4, sum_=lambda partial: partial, index=1)
-    assert torch.equal(
-        torch.randn(4, generator=random_generator(0, shard)), torch.randn(4, generator=random_generator(0, shard))
-    )
+    pieces = [
+        torch.randn(4, generator=random_generator(0, VectorShard(size=4, sum_=lambda partial: partial, index=rank)))
+        for rank in (0, 1)
+    ]
+    assert not torch.equal(pieces[0], pieces[1])  # each process draws its own coordinates
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA generators exist only with CUDA")
@@ -182,7 +185,6 @@ def test_on_cuda_the_start_is_drawn_on_the_device_and_the_bounds_hold():
 def test_host_draws_in_chunks_give_the_numbers_of_one_draw(monkeypatch):
     """Random vectors drawn on the host are made a chunk at a time (a billion float64 coordinates
     would be 8 GB on every rank of a node); the chunks must not change a single number."""
-    import sys
 
     def draws():
         start = start_vector(1000, None, warm_random=0.0, device=torch.device("cpu"), dtype=torch.float32, generator=random_generator(3))
@@ -190,7 +192,7 @@ def test_host_draws_in_chunks_give_the_numbers_of_one_draw(monkeypatch):
         return start, signs
 
     whole = draws()
-    monkeypatch.setattr(sys.modules["hessdiag.lanczos"], "_HOST_DRAW_CHUNK", 48)
+    monkeypatch.setattr(importlib.import_module("hessdiag.lanczos"), "_HOST_DRAW_CHUNK", 48)
     chunked = draws()
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
     expected = torch.randn(1000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
