@@ -32,7 +32,7 @@ from _report import save_report  # noqa: E402
 from models import GPT, image_batch, resnet18_cifar, token_batch  # noqa: E402
 
 import hessdiag  # noqa: E402
-from hessdiag.hvp import HessianOperator  # noqa: E402
+from hessdiag.operator import HessianOperator  # noqa: E402
 from hessdiag.lanczos import lanczos  # noqa: E402
 
 TARGET = 1e-3

@@ -32,7 +32,7 @@ from hessdiag._isolation import ModelMode
 from hessdiag.batches import MAX_MICRO_BATCHES, MicroBatches
 from hessdiag.curvature import RankWeighting
 from hessdiag.flags import FlagEvent
-from hessdiag.hvp import HVPMethod
+from hessdiag.operator import HVPMethod
 from hessdiag.monitor import Monitor
 from hessdiag.schedule import CheckEvery
 from hessdiag.settings import DiagnosticsSettings, check_flag_names, resolve_detectors

@@ -14,9 +14,9 @@ from hessdiag.errors import (
     NonSmoothLossError,
     SecondDerivativeError,
 )
-from hessdiag.hvp import HessianOperator, hessian_vector_product
 from hessdiag.lanczos import LanczosResult, lanczos
 from hessdiag.monitor import Monitor
+from hessdiag.operator import HessianOperator, hessian_vector_product
 from hessdiag.spectrum import (
     SpectralDensity,
     TraceEstimate,

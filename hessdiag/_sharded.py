@@ -10,7 +10,7 @@ gradient of the *mean over ranks* of the per-rank losses (the reduce-scatter ave
   pieces added to the local shards: its result is already this rank's piece of the product of the
   averaged loss, with no further all-reduce;
 * the Lanczos vectors are flat concatenations of the local shards, inner products and norms are
-  summed over the mesh's process group (:class:`~hessdiag.lanczos.VectorShard`);
+  summed over the mesh's process group (:class:`~hessdiag.vectors.VectorShard`);
 * double backward cannot run: ``torch.autograd.grad`` with respect to the sharded parameters
   returns None (the forward used the gathered copies), and a graph through the gathered ones
   fails ("differentiated Tensor ... appears to not have been used in the graph").
@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.tensor import DTensor, Shard
 
-from hessdiag.lanczos import VectorShard
+from hessdiag.vectors import VectorShard
 
 
 def is_sharded(params: Sequence[torch.Tensor]) -> bool:

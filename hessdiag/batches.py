@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hessdiag._distributed import infer_batch_size
-from hessdiag.hvp import LossFn
+from hessdiag.operator import LossFn
 
 #: The most micro-batches of one step a check keeps (the Lightning callback keeps the last ones
 #: beyond it, with a note): a check holds the graphs of all of them at once, so its memory grows as a

@@ -29,7 +29,7 @@ from torch import nn
 from hessdiag._isolation import ModelMode, preserved_state, unwrap_model
 from hessdiag.batches import batch_size, step_loss, take_sub_batch
 from hessdiag.eigen import HessianEigenvalues, eigenvalues_of
-from hessdiag.hvp import HVPMethod, HessianOperator, LossFn
+from hessdiag.operator import HessianOperator, HVPMethod, LossFn
 from hessdiag.lanczos import lanczos
 from hessdiag.spectrum import SpectralDensity, slq_density
 from hessdiag.stability import StabilityThreshold, adam_preconditioner_sqrt, relative_step_sizes, stability_threshold

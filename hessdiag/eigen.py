@@ -15,20 +15,20 @@ import torch
 from torch import nn
 
 from hessdiag._isolation import ModelMode
-from hessdiag.hvp import HessianOperator, HVPMethod, LossFn
 from hessdiag.lanczos import BasisStorage, LanczosResult, Which, lanczos
+from hessdiag.operator import HessianOperator, HVPMethod, LossFn
 
 
 @dataclass
 class HessianEigenvalues:
     """The result of :func:`hessian_eigenvalues`.
 
-    What is proven and what is probable (details in :mod:`hessdiag.lanczos`): each Ritz value has an
+    What is proven and what is probable (details in :mod:`hessdiag.lanczos.certificates`): each Ritz value has an
     eigenvalue of the Hessian within its error bound, rounding and product errors included; that
     this eigenvalue is the extreme one (no larger eigenvalue hides outside the Krylov space) is
     probable only, set by the random part of the start vector. With finite-difference products the
     product error entering the bounds is measured, an estimate and not a bound (see
-    :mod:`hessdiag.finite_difference`), so there the bounds and `converged` hold as far as it does.
+    :mod:`hessdiag.operator.finite_difference`), so there the bounds and `converged` hold as far as it does.
 
     Attributes:
         top: the k largest eigenvalue estimates (Ritz values), descending, float64 on the CPU.
@@ -40,7 +40,7 @@ class HessianEigenvalues:
         probable_limits: ``{"top": ..., "bottom": ...}``: with probability at least 99% over the
             random part of the start vector (``hessdiag.lanczos.MISS_PROBABILITY``), no eigenvalue of
             the Hessian lies above ``probable_limits["top"]`` or below ``probable_limits["bottom"]``: a
-            bound (Christoffel function of the run, see :mod:`hessdiag.lanczos`), not an estimate. So
+            bound (Christoffel function of the run, see :mod:`hessdiag.lanczos.certificates`), not an estimate. So
             lambda_max lies between ``top[0]`` (less ``lanczos.interlacing_slack``: proven) and
             ``probable_limits["top"]`` (probable), and likewise lambda_min at the bottom.
         num_hvps: Hessian-vector products spent.
@@ -132,10 +132,10 @@ def hessian_eigenvalues(
         mode: "train" (default, the loss the optimizer sees), "eval" or "as_is".
         hvp_method: "auto" (default: double backward, cross-checked once against finite differences,
             which replace it where it fails or is incomplete), "double_backward",
-            "forward_over_reverse" or "finite_difference" (see :mod:`hessdiag.hvp`).
+            "forward_over_reverse" or "finite_difference" (see :mod:`hessdiag.operator`).
         warm_random: weight of the random component mixed into a warm start.
         seed: seeds the random start vector and dropout inside the estimate.
-        basis, memory_budget: where the Lanczos basis lives (see :mod:`hessdiag.lanczos`).
+        basis, memory_budget: where the Lanczos basis lives (see :mod:`hessdiag.lanczos.basis`).
         batch_size: local samples, to weight ranks under data parallelism (default: inferred).
 
     Returns:

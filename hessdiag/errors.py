@@ -106,3 +106,9 @@ def is_missing_second_derivative(error: BaseException) -> bool:
             "must override the setup_context staticmethod",  # an autograd.Function under torch.func
         )
     ) or bool(_REENTRANT_CHECKPOINT.search(message))
+
+
+def refuses_autograd_grad(error: RuntimeError) -> bool:
+    """Whether `error` is reentrant checkpointing refusing `torch.autograd.grad` (gradients are then
+    taken by a plain ``loss.backward()``)."""
+    return bool(_REENTRANT_CHECKPOINT.search(str(error)))

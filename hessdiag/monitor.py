@@ -41,7 +41,7 @@ from hessdiag.curvature import CurvatureCheck, CurvatureProbe, RankWeighting
 from hessdiag.errors import HessdiagError, HessdiagWarning
 from hessdiag.flags import FlagEvent
 from hessdiag.gradients import GradientStats
-from hessdiag.hvp import LOW_PRECISION_ROUNDING, HVPMethod, LossFn
+from hessdiag.operator import LOW_PRECISION_ROUNDING, HVPMethod, LossFn
 from hessdiag.schedule import CheckEvery, CheckSchedule
 from hessdiag.settings import DiagnosticsSettings, resolve_detectors
 from hessdiag.tensorboard import PREFIX, DiagnosticsWriter, TensorBoardWriter

@@ -21,7 +21,7 @@ from hessdiag.detectors import (
     VanishingGradientDetector,
 )
 from hessdiag.flags import FLAG_NAMES
-from hessdiag.hvp import HVP_METHODS, HVPMethod
+from hessdiag.operator import HVP_METHODS, HVPMethod
 from hessdiag.schedule import CheckEvery
 
 #: The detector class behind each flag name (``detectors=["plateau", ...]`` builds these with defaults).

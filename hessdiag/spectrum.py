@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessdiag.hvp import HessianOperator, LossFn
-from hessdiag.lanczos import VectorShard, lanczos, random_generator, random_signs
+from hessdiag.lanczos import lanczos
+from hessdiag.operator import HessianOperator, LossFn
+from hessdiag.vectors import VectorShard, random_generator, random_signs
 
 
 @dataclass
@@ -104,7 +105,7 @@ def slq_density(
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature with `num_probes` Rademacher probes of `num_iter` steps each.
 
-    With a `shard` (vectors split across processes, see :class:`~hessdiag.lanczos.VectorShard`),
+    With a `shard` (vectors split across processes, see :class:`~hessdiag.vectors.VectorShard`),
     each process draws its own coordinates of the probes and every process gets the same density.
     """
     if not isinstance(num_probes, int) or num_probes < 1:
@@ -141,7 +142,7 @@ def hessian_trace(
 ) -> TraceEstimate:
     """Hutch++ estimate of the Hessian trace of ``loss_fn(model, batch)``.
 
-    `operator_options` are passed to :class:`~hessdiag.hvp.HessianOperator` (params, mode, ...).
+    `operator_options` are passed to :class:`~hessdiag.operator.HessianOperator` (params, mode, ...).
     """
     with HessianOperator(model, loss_fn, batch, seed=seed, **operator_options) as operator:
         return hutchpp_trace(

@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hessdiag import HessianOperator, hessian_eigenvalues
 from hessdiag.eigen import eigenvalues_of
-from hessdiag.lanczos import _christoffel_sums, lanczos
+from hessdiag.lanczos import christoffel_sums, lanczos
 from oracles import dense_hessian
 
 DIM = 200
@@ -129,7 +129,7 @@ def test_the_christoffel_function_bounds_the_start_weight_of_every_eigenvalue(st
     start[:3] *= 1e-3  # the top three nearly unseen: the bound must still hold there
     start /= start.norm()
     result = lanczos(lambda v: d * v, DIM, tol=0.0, max_iter=steps, v0=start, warm_random=0.0, dtype=torch.float64)
-    sums = _christoffel_sums(result.alphas.tolist(), result.betas.tolist(), d)
+    sums = christoffel_sums(result.alphas.tolist(), result.betas.tolist(), d)
     assert float((start**2 * sums).max()) <= 1 + 1e-9
 
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from hessdiag import HessianOperator, _distributed, hessian_eigenvalues
 from hessdiag.curvature import CurvatureProbe
-from hessdiag.lanczos import VectorShard, lanczos
+from hessdiag.lanczos import lanczos
+from hessdiag.vectors import VectorShard
 from tests.oracles import dense_hessian
 
 SPLIT = (5, 11)  # unequal local batches: the ranks must be weighted by their share

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hessdiag import _distributed
-from hessdiag.lanczos import VectorShard, lanczos, random_generator, random_signs, start_vector
+from hessdiag.lanczos import lanczos, start_vector
+from hessdiag.vectors import VectorShard, random_generator, random_signs
 
 
 def matrix_with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +193,7 @@ def test_host_draws_in_chunks_give_the_numbers_of_one_draw(monkeypatch):
         return start, signs
 
     whole = draws()
-    monkeypatch.setattr(importlib.import_module("hessdiag.lanczos"), "_HOST_DRAW_CHUNK", 48)
+    monkeypatch.setattr(importlib.import_module("hessdiag.vectors"), "HOST_DRAW_CHUNK", 48)
     chunked = draws()
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
     expected = torch.randn(1000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)

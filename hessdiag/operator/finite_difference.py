@@ -28,15 +28,13 @@ from typing import TypeVar
 
 import torch
 
-from hessdiag.errors import _REENTRANT_CHECKPOINT
-from hessdiag.lanczos import VectorShard, vector_norm
+from hessdiag.vectors import VectorShard, vector_norm
 
 #: D(eps) and D(2 eps) differing by more than this fraction of ||D(eps)|| means the gradient is not
 #: differentiable along v (measured, CPU float32: smooth networks 1e-4..1e-3, ReLU networks 0.2..2.6).
 NON_SMOOTH_DISAGREEMENT = 0.05
 
 T = TypeVar("T")
-
 
 
 def step_size(params: Sequence[torch.Tensor], dtype: torch.dtype, shard: VectorShard | None = None) -> float:
@@ -60,32 +58,6 @@ def step_size(params: Sequence[torch.Tensor], dtype: torch.dtype, shard: VectorS
 def _norm_of(pieces: Sequence[torch.Tensor], shard: VectorShard | None) -> torch.Tensor:
     """The norm of the whole vector given as pieces (and, with a shard, across processes)."""
     return vector_norm(torch.stack([torch.linalg.vector_norm(v.float()) for v in pieces]), shard)
-
-
-def gradient_by_backward(
-    loss: torch.Tensor, params: Sequence[torch.Tensor], every_parameter: Sequence[torch.Tensor]
-) -> list[torch.Tensor | None]:
-    """The gradient of `loss` by a plain ``loss.backward()``, `.grad` left as found.
-
-    For reentrant checkpointing, which refuses `torch.autograd.grad`: each parameter's ``.grad``
-    is swapped out and the very same tensor object put back. Parameters outside `params` that
-    the backward reaches accumulate into their ``.grad`` too, so all of `every_parameter` (the
-    model's) are swapped.
-    """
-    saved = [(p, p.grad) for p in every_parameter]
-    try:
-        for p, _ in saved:
-            p.grad = None
-        loss.backward()
-        return [p.grad for p in params]
-    finally:
-        for p, grad in saved:
-            p.grad = grad
-
-
-def refuses_autograd_grad(error: RuntimeError) -> bool:
-    """Whether `error` is reentrant checkpointing refusing `torch.autograd.grad`."""
-    return bool(_REENTRANT_CHECKPOINT.search(str(error)))
 
 
 @dataclass

@@ -1,0 +1,104 @@
+"""Where the Lanczos vectors live, and the Gram-Schmidt against them.
+
+Memory: the basis costs (max_iter + 1) x dim floats. ``basis="auto"`` keeps it on the device when it
+fits the budget, else in host memory, else falls back to the three-vector recurrence (extreme
+eigenvalues only, no Ritz vectors; duplicate "ghost" copies of converged values are harmless for the
+extremes; without reorthogonalisation the rounding model of :mod:`hessdiag.lanczos.certificates` is
+optimistic, and so are the probable limits, which assume the exact Lanczos polynomials).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+
+from hessdiag.vectors import VectorShard, dot, partial_sums, vector_norm
+
+BasisStorage = Literal["auto", "device", "host", "recurrence"]
+BASIS_STORAGES: tuple[str, ...] = ("auto", "device", "host", "recurrence")
+
+_DEVICE_BUDGET_FRACTION = 0.3  # of free accelerator memory; the HVPs need the rest
+_HOST_BUDGET_FRACTION = 0.5  # of available host memory
+_KAHAN_PARLETT = 2**-0.5
+
+
+class Basis:
+    """Storage of the Lanczos vectors and the two-pass Gram-Schmidt against them."""
+
+    def __init__(
+        self, capacity: int, dim: int, storage: str, device: torch.device, dtype: torch.dtype, shard: VectorShard | None
+    ) -> None:
+        self.storage = storage
+        self.shard = shard
+        self.device = device
+        self.size = 0
+        if storage == "recurrence":
+            self.vectors: torch.Tensor | None = None
+            self.recent: list[torch.Tensor] = []
+        else:
+            where = device if storage == "device" else torch.device("cpu")
+            pin = storage == "host" and device.type == "cuda"
+            self.vectors = torch.empty(capacity, dim, dtype=dtype, device=where, pin_memory=pin)
+            self.recent = []
+
+    def append(self, vector: torch.Tensor) -> None:
+        if self.vectors is None:
+            self.recent = (self.recent + [vector])[-2:]
+        else:
+            self.vectors[self.size].copy_(vector, non_blocking=False)
+        self.size += 1
+
+    def orthogonalise_(self, w: torch.Tensor) -> torch.Tensor:
+        """Remove from `w` its components along the basis.
+
+        Classical Gram-Schmidt, repeated only when a pass cancelled more than 1 - 1/sqrt(2) of the
+        norm (Kahan-Parlett: "twice is enough", and once is enough when little cancels). Each pass
+        reads the whole basis, so skipping the second halves the cost outside the HVPs.
+        """
+        if self.vectors is None:
+            for q in self.recent:
+                w -= dot(q, w, self.shard) * q
+            return w
+        basis = self.vectors[: self.size]
+        coefficients_of = partial_sums(self.shard)
+        for _ in range(2):
+            before = vector_norm(w, self.shard)
+            if self.storage == "host":
+                w -= (basis.T @ coefficients_of(basis @ w.cpu())).to(w.device)
+            else:
+                w -= basis.T @ coefficients_of(basis @ w)
+            if vector_norm(w, self.shard) > _KAHAN_PARLETT * before:
+                break
+        return w
+
+    def combine(self, coefficients: torch.Tensor) -> torch.Tensor | None:
+        """Rows of ``coefficients.T @ basis``: Ritz vectors from columns of eigenvectors of T."""
+        if self.vectors is None:
+            return None
+        basis = self.vectors[: self.size]
+        return (coefficients.T.to(device=basis.device, dtype=basis.dtype) @ basis).to(self.device)
+
+
+def choose_basis_storage(
+    storage: BasisStorage, capacity: int, dim: int, dtype: torch.dtype, device: torch.device, memory_budget: int | None
+) -> str:
+    """Where the basis of `capacity` vectors lives (see the module docstring)."""
+    if storage != "auto":
+        return storage
+    need = capacity * dim * torch.finfo(dtype).bits // 8
+    if device.type == "cuda":
+        budget = memory_budget if memory_budget is not None else _DEVICE_BUDGET_FRACTION * torch.cuda.mem_get_info(device)[0]
+        if need <= budget:
+            return "device"
+        return "host" if need <= _host_budget() else "recurrence"
+    budget = memory_budget if memory_budget is not None else _host_budget()
+    return "device" if need <= budget else "recurrence"
+
+
+def _host_budget() -> float:
+    try:
+        return _HOST_BUDGET_FRACTION * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return float("inf")

@@ -1,0 +1,286 @@
+"""The Lanczos recurrence for both ends of a symmetric spectrum, from one Krylov run.
+
+Works on any symmetric operator given as ``matvec(v) -> A v`` on flat vectors, so it is tested on
+explicit matrices and used on Hessians alike.
+
+* Full Gram-Schmidt reorthogonalisation against the stored basis (tens of vectors) after the
+  three-term recurrence, with a second pass when the first cancels much (Kahan-Parlett): no ghost
+  eigenvalues, Ritz vectors that are orthonormal to rounding (:mod:`hessdiag.lanczos.basis`).
+* The tridiagonal matrix is kept and solved in float64.
+* A single start vector sees each distinct eigenvalue once: with ``k > 1`` the k largest *distinct*
+  eigenvalues come back (a repeated eigenvalue is reported once), each within its proven bound of
+  *an* eigenvalue; that the i-th is the i-th largest is probable, like the extreme one (measured,
+  k = 2 and 3 on the six families of :mod:`hessdiag.lanczos.certificates`, 15 seeds, float64 and
+  float32: in 7 of 360 converged runs a Ritz value after the first sat on a further eigenvalue, up to
+  1.3e-2 of the spectral norm off the one it stands for; the bounds held in all). In float32 a
+  multiple eigenvalue splits by rounding into distinct ones, and they come back as such.
+* When to stop, and what the result proves and makes probable: :mod:`hessdiag.lanczos.certificates`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+from hessdiag.lanczos.basis import BASIS_STORAGES, Basis, BasisStorage, choose_basis_storage
+from hessdiag.lanczos.certificates import Convergence
+from hessdiag.lanczos.result import LanczosResult
+from hessdiag.lanczos.start import start_vector
+from hessdiag.vectors import VectorShard, dot, gaussian, random_generator, vector_norm
+
+Which = Literal["top", "bottom", "both"]
+WHICH: tuple[str, ...] = ("top", "bottom", "both")
+
+
+def lanczos(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    dim: int,
+    *,
+    k: int = 1,
+    which: Which = "both",
+    tol: float = 1e-3,
+    max_iter: int | None = None,
+    min_iter: int | None = None,
+    v0: torch.Tensor | None = None,
+    warm_random: float = 0.3,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    basis: BasisStorage = "auto",
+    memory_budget: int | None = None,
+    matvec_error: float | Callable[[], float] = 0.0,
+    warm_steps: int = 8,
+    shard: VectorShard | None = None,
+) -> LanczosResult:
+    """Extreme eigenvalues of the symmetric operator `matvec` by Lanczos.
+
+    Args:
+        matvec: v -> A v on vectors of shape (dim,) (A symmetric).
+        dim: the operator's dimension.
+        k: Ritz pairs wanted at each requested end.
+        which: "top", "bottom" or "both" ends to converge (both are always reported).
+        tol: relative accuracy; the top end relative to |theta_max|, the bottom end relative to the
+            spectral norm. ``0`` runs exactly `max_iter` steps (stochastic Lanczos quadrature).
+        max_iter: most operator applications (default min(dim, 64)).
+        min_iter: fewest applications before stopping (default min(dim, max(3, k + 1))); guards
+            against false convergence from a warm start.
+        v0: warm start (dim,) or block (b, dim), e.g. previous Ritz vectors; see `start_vector`.
+        warm_random: weight of the random component mixed into a warm start, in [0, 1].
+        seed: seeds the random start, drawn on `device` (see `random_generator`); identical on
+            every rank, so data-parallel runs agree.
+        device, dtype: where and in what precision the Lanczos vectors live (at least float32).
+        basis: "auto", "device", "host" or "recurrence" (see module docstring).
+        memory_budget: bytes the basis may take on the device (default: 30% of free memory).
+        matvec_error: a bound on ||matvec(v) - A v|| for a unit v beyond rounding (absolute; 0 for
+            exact products), or a callable returning it, read again at every stopping test.
+        warm_steps: with a warm start, products beyond `min_iter` before the run may stop, so that
+            the random part of the start can reveal an eigenvalue that overtook the previous top.
+        shard: the vectors are split across processes (:class:`VectorShard`): `matvec`, `v0` and
+            the Ritz vectors are this process's pieces (``shard.size`` coordinates), `dim` is the
+            whole dimension, and every inner product is summed over the processes, so that all of
+            them take the same steps and stop together.
+
+    Returns:
+        A :class:`LanczosResult`: Ritz values of both ends with their proven error bounds.
+
+    Raises:
+        ValueError: bad arguments, or `matvec` returned a tensor of the wrong shape.
+        FloatingPointError: `matvec` returned NaN or infinity (with a `shard`: on every process at
+            the same step, whichever piece held it).
+
+    Example:
+        >>> a = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+        >>> result = lanczos(lambda v: a @ v, 100, which="top", dtype=torch.float64)
+        >>> result.converged, abs(float(result.top[0]) - 100.0) <= float(result.top_error_bounds[0])
+        (True, True)
+    """
+    dim, k, max_iter, min_iter = _validate(dim, k, which, tol, max_iter, min_iter, warm_random, basis)
+    product_error = _product_error_reader(matvec_error)
+    if not isinstance(warm_steps, int) or warm_steps < 0:
+        raise ValueError(f"`warm_steps` must be a non-negative int, got {warm_steps!r}.")
+    device = torch.device(device)
+    dtype = torch.promote_types(dtype, torch.float32)
+    size = dim if shard is None else shard.size
+    storage = _agreed_storage(basis, max_iter, size, dtype, device, memory_budget, shard)
+    generator = random_generator(seed, shard, device)
+    q = start_vector(size, v0, warm_random=warm_random, device=device, dtype=dtype, generator=generator, shard=shard)
+    recurrence = _Recurrence(matvec, Basis(max_iter, size, storage, device, dtype, shard), generator, shard)
+    # A warm start may stop only once its random part had `warm_steps` products to show itself.
+    may_stop_from = min_iter if v0 is None else min(min_iter + warm_steps, max_iter)
+    state = Convergence(k, which, tol, dim, torch.finfo(dtype).eps)
+    theta, s = recurrence.run(q, state, product_error, may_stop_from, max_iter)
+    # The random part's weight in the start (a warm start that fell back to noise has more: conservative).
+    random_weight = 1.0 if v0 is None else warm_random
+    return state.result(theta, s, recurrence.basis, recurrence.alphas, recurrence.betas, storage, random_weight)
+
+
+class _Recurrence:
+    """The three-term recurrence with full reorthogonalisation: the tridiagonal T (`alphas` on its
+    diagonal, `betas` off it) and the basis of Lanczos vectors, one product per step."""
+
+    def __init__(
+        self,
+        matvec: Callable[[torch.Tensor], torch.Tensor],
+        basis: Basis,
+        generator: torch.Generator,
+        shard: VectorShard | None,
+    ) -> None:
+        self.matvec = matvec
+        self.basis = basis
+        self.generator = generator
+        self.shard = shard
+        self.alphas: list[float] = []
+        self.betas: list[float] = []
+        self.previous: torch.Tensor | None = None
+        self.current: torch.Tensor | None = None
+        self.residual: torch.Tensor | None = None
+        self.beta = 0.0
+
+    def run(
+        self, q: torch.Tensor, state: Convergence, product_error: Callable[[], float], may_stop_from: int, max_iter: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps from the start `q` until `state` converges (from step `may_stop_from` on), `max_iter`
+        steps, or the whole dimension; returns the eigenpairs (theta, s) of the last T."""
+        while True:
+            beta = self.extend(q)
+            theta, s = _tridiagonal_eigh(self.alphas, self.betas)
+            state.update(theta, s, beta, product_error(), len(self.alphas) >= may_stop_from)
+            m = len(self.alphas)
+            if m >= max_iter or (state.tol > 0 and state.converged) or m >= state.dim:
+                return theta, s
+            next_q = self.next_vector(float(theta.abs().max()))
+            if next_q is None:
+                return theta, s  # invariant subspace; without a basis there is nothing to restart against
+            q = next_q
+
+    def extend(self, q: torch.Tensor) -> float:
+        """One step from the unit vector `q`: its product, the next diagonal entry, and the residual
+        orthogonalised against the basis; returns the residual's norm (the next off-diagonal)."""
+        self.basis.append(q)
+        w = _product(self.matvec, q, q.dtype)
+        alpha = dot(q, w, self.shard)
+        # Any NaN or infinity in w makes alpha NaN or infinite (0 * inf is NaN): one test on a number
+        # every process already holds, so that with sharded vectors they all raise together.
+        if not math.isfinite(alpha):
+            raise FloatingPointError(
+                f"`matvec` returned NaN or infinity at Lanczos step {len(self.alphas) + 1} (for a unit vector), or "
+                "values whose inner product overflows: the operator is not finite there (for a Hessian: a loss that "
+                "overflows or a non-smooth point); no eigenvalue reported."
+            )
+        # The three-term recurrence first: what is left is nearly orthogonal to the basis, so one
+        # reorthogonalisation pass usually suffices.
+        w -= alpha * q
+        if self.previous is not None:
+            w -= self.betas[-1] * self.previous
+        self.basis.orthogonalise_(w)
+        self.beta = float(vector_norm(w, self.shard))
+        self.alphas.append(alpha)
+        self.current, self.residual = q, w
+        return self.beta
+
+    def next_vector(self, scale: float) -> torch.Tensor | None:
+        """The next Lanczos vector from the last residual (`scale`: the largest |Ritz value| so far);
+        None when the residual vanished (an invariant subspace) and there is no basis to restart
+        against."""
+        w, beta, dtype = self.residual, self.beta, self.current.dtype
+        if beta <= 100 * torch.finfo(dtype).eps * max(scale, torch.finfo(dtype).tiny):
+            if self.basis.storage == "recurrence":
+                return None
+            # Invariant subspace found: continue from a fresh direction orthogonal to it.
+            w = gaussian(w.numel(), self.generator, w.device, dtype)
+            self.basis.orthogonalise_(w)
+            beta_next = 0.0
+            w /= vector_norm(w, self.shard)
+        else:
+            beta_next = beta
+            w /= beta
+        self.betas.append(beta_next)
+        self.previous = self.current
+        return w
+
+
+def _agreed_storage(
+    basis: BasisStorage,
+    capacity: int,
+    size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    memory_budget: int | None,
+    shard: VectorShard | None,
+) -> str:
+    """Where the basis lives (:func:`~hessdiag.lanczos.basis.choose_basis_storage`), the same on
+    every process of a `shard`."""
+    storage = choose_basis_storage(basis, capacity, size, dtype, device, memory_budget)
+    if shard is not None:
+        # Without a basis the run takes other collective steps: recurrence on one process means on all.
+        votes = shard.sum_(torch.tensor([float(storage == "recurrence")], dtype=torch.float64, device=device))
+        storage = "recurrence" if float(votes) > 0 else storage
+    return storage
+
+
+def _validate(
+    dim: int, k: int, which: str, tol: float, max_iter: int | None, min_iter: int | None, warm_random: float, basis: str
+) -> tuple[int, int, int, int]:
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"`dim` must be a positive int, got {dim!r}.")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` must be a positive int, got {k!r}.")
+    if k > dim:
+        raise ValueError(f"`k` must be at most the dimension ({dim}), got {k}.")
+    if which not in WHICH:
+        raise ValueError(f"`which` must be one of {WHICH}, got {which!r}.")
+    if not (isinstance(tol, (int, float)) and 0 <= tol < 1):
+        raise ValueError(f"`tol` must be a number in [0, 1), got {tol!r}.")
+    if not 0.0 <= warm_random <= 1.0:
+        raise ValueError(f"`warm_random` must be in [0, 1], got {warm_random!r}.")
+    if basis not in BASIS_STORAGES:
+        raise ValueError(f"`basis` must be one of {BASIS_STORAGES}, got {basis!r}.")
+    if max_iter is None:
+        max_iter = min(dim, 64)
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"`max_iter` must be a positive int, got {max_iter!r}.")
+    max_iter = min(max_iter, dim)
+    if max_iter < k:
+        raise ValueError(f"`max_iter` ({max_iter}) must be at least `k` ({k}).")
+    if min_iter is None:
+        min_iter = max(3, k + 1)
+    if not isinstance(min_iter, int) or min_iter < 1:
+        raise ValueError(f"`min_iter` must be a positive int, got {min_iter!r}.")
+    return dim, k, max_iter, min(min_iter, max_iter)
+
+
+def _tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    m = len(alphas)
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if m > 1:
+        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+        t += torch.diag(off, 1) + torch.diag(off, -1)
+    return torch.linalg.eigh(t)
+
+
+def _product(matvec: Callable[[torch.Tensor], torch.Tensor], q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A v on a private copy of q, returned as a fresh tensor: a matvec that writes into its
+    input, or returns a buffer it reuses (or its input), cannot corrupt the basis or the next step."""
+    w = matvec(q.clone())
+    if not isinstance(w, torch.Tensor) or w.shape != q.shape:
+        got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"`matvec` must return a tensor of shape {tuple(q.shape)}, got {got}.")
+    return w.to(device=q.device, dtype=dtype, copy=True)
+
+
+def _product_error_reader(matvec_error: float | Callable[[], float]) -> Callable[[], float]:
+    """`matvec_error` as a callable; a number is validated here, a callable at each read."""
+
+    def checked(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"`matvec_error` must be a finite number >= 0 (or return one), got {value!r}.")
+        return float(value)
+
+    if callable(matvec_error):
+        return lambda: checked(matvec_error())
+    fixed = checked(matvec_error)
+    return lambda: fixed
+

@@ -1,0 +1,58 @@
+"""The Hessian of a loss closure as a linear operator (curvlinops' shape: one module per job).
+
+* :mod:`~hessdiag.operator.space`: the chosen parameters and their flat vectors (split, flatten,
+  norms, shards, the data-parallel batch share).
+* :mod:`~hessdiag.operator.loss`: the loss on one batch and its gradient, evaluated alike every time.
+* One module per product method: :mod:`~hessdiag.operator.double_backward`,
+  :mod:`~hessdiag.operator.forward_over_reverse`, :mod:`~hessdiag.operator.finite_difference`.
+* :mod:`~hessdiag.operator.auto`: the ``"auto"`` choice of method, with its reason and error.
+* :mod:`~hessdiag.operator.hessian`: :class:`HessianOperator`, which dispatches products.
+
+Nothing here imports the solver (:mod:`hessdiag.lanczos`); the vector plumbing both use lives in
+:mod:`hessdiag.vectors`.
+"""
+
+from hessdiag.operator.auto import MethodChoice, choose_method, finite_differences
+from hessdiag.operator.double_backward import DoubleBackward
+from hessdiag.operator.finite_difference import NON_SMOOTH_DISAGREEMENT, CentralDifference, Measurement, step_size
+from hessdiag.operator.forward_over_reverse import ForwardOverReverse
+from hessdiag.operator.hessian import (
+    EXACT_METHODS,
+    HVP_METHODS,
+    LOW_PRECISION_ROUNDING,
+    HessianOperator,
+    HVPMethod,
+    hessian_vector_product,
+)
+from hessdiag.operator.loss import BatchLoss, LossFn, LossModule, gradient_by_backward
+from hessdiag.operator.space import ParameterSpace, refuse_coarse_compute, trainable_parameters
+
+__all__ = [
+    # the operator
+    "HessianOperator",
+    "hessian_vector_product",
+    "HVPMethod",
+    "HVP_METHODS",
+    "EXACT_METHODS",
+    "LOW_PRECISION_ROUNDING",
+    # the parameter space
+    "ParameterSpace",
+    "trainable_parameters",
+    "refuse_coarse_compute",
+    # the loss
+    "LossFn",
+    "BatchLoss",
+    "LossModule",
+    "gradient_by_backward",
+    # product methods
+    "DoubleBackward",
+    "ForwardOverReverse",
+    "CentralDifference",
+    "Measurement",
+    "NON_SMOOTH_DISAGREEMENT",
+    "step_size",
+    # the "auto" choice
+    "choose_method",
+    "finite_differences",
+    "MethodChoice",
+]

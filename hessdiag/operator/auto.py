@@ -1,0 +1,124 @@
+"""The ``"auto"`` choice of product method: double backward, checked once against finite differences.
+
+Double backward is exact where every op's backward is differentiable; where one is not
+(``@once_differentiable``, ``.detach()`` inside a backward) autograd drops its second-order term
+without a word. So ``"auto"`` cross-checks double backward once per operator against central
+differences on a random unit vector, and takes finite differences where double backward fails or
+disagrees beyond their own (measured) error. On a loss that is not smooth, finite differences cannot
+check anything: double backward is kept if it is at least symmetric on two random vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from hessdiag.errors import NonSmoothLossError, SecondDerivativeError, is_missing_second_derivative
+from hessdiag.operator.finite_difference import NON_SMOOTH_DISAGREEMENT, Measurement
+
+
+@dataclass(frozen=True)
+class MethodChoice:
+    """The product method chosen and why.
+
+    Attributes:
+        method: ``"double_backward"`` or ``"finite_difference"``.
+        reason: why, in words (for logs).
+        error: the measured error of one product beyond rounding: finite differences' estimate
+            (:class:`~hessdiag.operator.finite_difference.Measurement`), 0 for double backward.
+    """
+
+    method: str
+    reason: str
+    error: float
+
+
+def finite_differences(measured: Measurement, reason: str, *, sharded: bool) -> MethodChoice:
+    """Finite differences, for `reason`, if the loss is smooth enough for them.
+
+    Raises:
+        NonSmoothLossError: the two step sizes disagree (the gradient jumps along the probe).
+    """
+    if not measured.smooth:
+        why = "" if reason == "asked for" else f" Finite differences were needed because {reason}, so no method works here."
+        raise NonSmoothLossError(measured.relative, NON_SMOOTH_DISAGREEMENT, why, exact_possible=not sharded)
+    return MethodChoice("finite_difference", reason, measured.error)
+
+
+def choose_method(
+    measured: Measurement,
+    probe: torch.Tensor,
+    fine: torch.Tensor,
+    exact_product: Callable[[torch.Tensor], torch.Tensor],
+    second_probe: Callable[[], torch.Tensor],
+    *,
+    build_failure: SecondDerivativeError | None = None,
+) -> MethodChoice:
+    """What ``"auto"`` takes on an unsharded model.
+
+    Args:
+        measured: finite differences at two step sizes on `probe` (global products).
+        probe: the random unit vector; `fine` its central difference D(eps) (global).
+        exact_product: the double-backward product of a flat vector (global); not called when
+            `build_failure` says the gradient graph could not be built.
+        second_probe: a second random unit vector, for the symmetry check on a non-smooth loss.
+        build_failure: why building the gradient graph failed, if it did.
+
+    Raises:
+        NonSmoothLossError: no method works (finite differences needed on a loss that is not smooth,
+            or double backward asymmetric there).
+    """
+    exact = None
+    failure = build_failure
+    if failure is None:
+        try:
+            exact = exact_product(probe)
+        except RuntimeError as error:
+            if not is_missing_second_derivative(error):
+                raise
+            failure = SecondDerivativeError(error, "double_backward")
+    if failure is not None:
+        reason = f"double backward failed: {failure.op or 'an op of the loss'} cannot be differentiated twice"
+        return finite_differences(measured, reason, sharded=False)
+    assert exact is not None
+    if not measured.smooth:
+        _check_symmetry(probe, exact, second_probe(), exact_product, measured)
+        return MethodChoice(
+            "double_backward", "the loss is not smooth, finite differences cannot check double backward; it is symmetric", 0.0
+        )
+    disagreement = float(torch.linalg.vector_norm(exact - fine))
+    size = float(torch.linalg.vector_norm(fine))
+    # Within the finite differences' own error (x4: it is an estimate) or their rounding floor.
+    tolerance = 4 * measured.error + torch.finfo(fine.dtype).eps ** 0.5 * size
+    if disagreement <= tolerance:
+        return MethodChoice("double_backward", f"double backward agrees with finite differences ({disagreement / size:.1e} of a product)", 0.0)
+    return finite_differences(
+        measured,
+        f"double backward is incomplete: it differs from finite differences by {disagreement / size:.2g} of a "
+        "product (a backward that is not differentiable, e.g. @once_differentiable or .detach() inside it)",
+        sharded=False,
+    )
+
+
+def _check_symmetry(
+    probe: torch.Tensor,
+    product: torch.Tensor,
+    other: torch.Tensor,
+    exact_product: Callable[[torch.Tensor], torch.Tensor],
+    measured: Measurement,
+) -> None:
+    """u.Hw = w.Hu for exact products; a dropped second-order term breaks it. Needs one more
+    product (of the second random vector w, `other`)."""
+    other_product = exact_product(other)
+    defect = abs(float(probe @ other_product - other @ product))
+    scale = float(torch.linalg.vector_norm(product) + torch.linalg.vector_norm(other_product))
+    if defect > torch.finfo(product.dtype).eps ** 0.5 * scale:
+        raise NonSmoothLossError(
+            measured.relative,
+            NON_SMOOTH_DISAGREEMENT,
+            f" Double backward is incomplete too: u.Hw - w.Hu = {defect:.2g} (of {scale:.2g}) on two random vectors "
+            "(a backward that is not differentiable, e.g. @once_differentiable or .detach() inside it), so no "
+            "method works here: make that backward differentiable.",
+        )

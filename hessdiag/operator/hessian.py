@@ -1,0 +1,345 @@
+"""The Hessian of a user loss closure as a linear operator on flat vectors.
+
+`HessianOperator` turns ``loss_fn(model, batch) -> scalar`` into the symmetric linear operator
+v -> H v on flat vectors over the chosen parameters (:class:`~hessdiag.operator.space.ParameterSpace`).
+It only dispatches products to the method in use:
+
+* ``"double_backward"`` (:mod:`~hessdiag.operator.double_backward`): one backward-of-backward
+  through the gradient graph, built once. Exact, but only where every op's backward is differentiable.
+* ``"forward_over_reverse"`` (:mod:`~hessdiag.operator.forward_over_reverse`): ``torch.func.jvp`` of
+  ``torch.func.grad``, for ops whose backward is not itself differentiable but has a forward-mode rule.
+* ``"finite_difference"`` (:mod:`~hessdiag.operator.finite_difference`): central differences of
+  ordinary gradients: two gradients per product, no graph kept, fused kernels as they are; its error
+  is measured, and a non-smooth loss is refused.
+* ``"auto"`` (default, :mod:`~hessdiag.operator.auto`): double backward, cross-checked once per
+  operator against finite differences on a random vector; finite differences where double backward
+  fails or disagrees (a backward that is not differentiable: autograd drops its second-order term
+  without a word).
+
+FSDP2-sharded models (``fully_shard``; see :mod:`hessdiag._sharded`): vectors are this rank's
+pieces (``size`` coordinates of ``dim``), products are finite differences of the gradient FSDP
+computes ("auto" picks them; the exact methods are refused), and `shard` carries the all-reduced
+inner products that :func:`~hessdiag.lanczos.lanczos` needs.
+
+The operator is the loss the optimizer sees and leaves no trace (see :mod:`hessdiag._isolation`):
+open it with ``with``; on exit the graph is freed and modes, buffers and RNG are put back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from hessdiag import _distributed, _sharded
+from hessdiag._isolation import MODEL_MODES, ModelMode, isolation, unwrap_model
+from hessdiag.errors import HessdiagError, SecondDerivativeError, is_missing_second_derivative
+from hessdiag.operator.auto import choose_method, finite_differences
+from hessdiag.operator.double_backward import DoubleBackward
+from hessdiag.operator.finite_difference import CentralDifference, Measurement
+from hessdiag.operator.forward_over_reverse import ForwardOverReverse
+from hessdiag.operator.loss import BatchLoss, LossFn, enabled_attention_backends
+from hessdiag.operator.space import ParameterSpace, refuse_coarse_compute
+
+HVPMethod = Literal["auto", "double_backward", "forward_over_reverse", "finite_difference"]
+HVP_METHODS: tuple[str, ...] = ("auto", "double_backward", "forward_over_reverse", "finite_difference")
+EXACT_METHODS: tuple[str, ...] = ("double_backward", "forward_over_reverse")
+#: Rounding of one product of a bfloat16/float16 model, in units of its dtype's eps times ||H||:
+#: measured up to 0.34 (double backward, small MLP, GELU/LayerNorm MLP and CNN, both dtypes, against
+#: float64 Hessians at the same parameters) plus up to 0.5 from rounding the input vector to the dtype.
+LOW_PRECISION_ROUNDING = 2.0
+
+
+class HessianOperator:
+    """The Hessian of ``loss_fn(model, batch)`` as a linear operator on flat vectors.
+
+    Use it as a context manager; products are only valid inside::
+
+        with HessianOperator(model, loss_fn, batch) as H:
+            hv = H.matvec(v)        # v, hv: shape (H.dim,), H.dtype, on H.device
+
+    Args:
+        model: the network (a DDP wrapper is unwrapped).
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the training loss on `batch`.
+        batch: whatever `loss_fn` takes.
+        params: parameters to differentiate (default: all with ``requires_grad``).
+        mode: ``"train"`` (default: dropout on, BatchNorm on batch statistics, as the optimizer
+            sees it), ``"eval"``, or ``"as_is"`` (keep each module's current mode).
+        method: ``"auto"`` (default), ``"double_backward"``, ``"forward_over_reverse"`` or
+            ``"finite_difference"`` (see the module docstring).
+        seed: seeds dropout inside the estimate, so every product uses the same masks.
+        batch_size: this rank's number of samples, to weight ranks under data parallelism
+            (default: the leading dimension of the first tensor in `batch`).
+        distributed: average over the process group when one is initialised (default True).
+            Sharded models are always averaged as FSDP averages them: the mean over ranks of the
+            per-rank losses (`batch_size` is ignored there).
+
+    Raises:
+        ValueError: bad arguments (see :func:`~hessdiag.operator.space.trainable_parameters`), or an
+            exact `method` on an FSDP2-sharded model.
+        LossClosureError: `loss_fn` raised on `batch` or did not return a scalar tensor that
+            depends on the parameters.
+        NonFiniteLossError: the loss is NaN or infinite.
+        SecondDerivativeError: an op of the loss cannot be differentiated twice (exact methods).
+        NonSmoothLossError: finite differences were needed (asked for, or double backward failed)
+            and the loss is not smooth enough for them.
+
+    Attributes set on entering (for logging):
+        method: the method the products use: `method` as asked, or what ``"auto"`` chose.
+        method_reason: why (``"asked for"`` or what the cross-check found).
+        product_error: the error of one product, ``||computed H v - H v||`` for a unit v, that
+            Lanczos adds to its bounds; it reads back what is set. 0 for the exact methods (a bound,
+            given their preconditions hold; ``"auto"`` checks them on one vector). For finite
+            differences an *estimate*, not a bound: ||D(eps) - D(2 eps)|| measured on one random unit
+            vector (see :class:`~hessdiag.operator.finite_difference.Measurement`); products along
+            directions of larger third derivative can be worse. For parameters in a dtype coarser than
+            float32 (a bfloat16 or float16 model) each product adds to it the growth of its own
+            rounding: ``LOW_PRECISION_ROUNDING`` eps of that dtype times the largest ||H v|| seen (a
+            lower bound of ||H||, as Lanczos' own rounding model uses max |theta|), so the bounds stay
+            true there and a `tol` below about eps is not reached.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batch: Any,
+        *,
+        params: Iterable[torch.Tensor] | None = None,
+        mode: ModelMode = "train",
+        method: HVPMethod = "auto",
+        seed: int = 0,
+        batch_size: int | None = None,
+        distributed: bool = True,
+    ) -> None:
+        if not callable(loss_fn):
+            raise ValueError(f"`loss_fn` must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}.")
+        if mode not in MODEL_MODES:
+            raise ValueError(f"`mode` must be one of {MODEL_MODES}, got {mode!r}.")
+        if method not in HVP_METHODS:
+            raise ValueError(f"`method` must be one of {HVP_METHODS}, got {method!r}.")
+        self.model = unwrap_model(model)
+        _sharded.refuse_fsdp1(self.model)
+        self.space = ParameterSpace(self.model, params, distributed=distributed)
+        if self.space.shard is not None:
+            if method in EXACT_METHODS:
+                raise ValueError(
+                    f"`method`={method!r} cannot run on FSDP2-sharded parameters: double backward through "
+                    "fully_shard fails and forward-mode derivatives of its collectives do not exist; use 'auto' or "
+                    "'finite_difference' (products from the sharded gradients)."
+                )
+            refuse_coarse_compute(self.model, self.space.dtype)
+        self.params, self.device, self.dtype = self.space.params, self.space.device, self.space.dtype
+        self.dim, self.size, self.shard = self.space.dim, self.space.size, self.space.shard
+        self.loss_fn, self.batch, self.mode, self.seed = loss_fn, batch, mode, int(seed)
+        self.requested_method: HVPMethod = method
+        self.method: HVPMethod = method
+        self.method_reason: str = "asked for"
+        self.product_error: float = 0.0
+        self.num_hvps: int = 0
+        # Products in a dtype coarser than float32 carry its rounding (see `product_error`).
+        coarse = torch.finfo(self.dtype).eps > torch.finfo(torch.float32).eps
+        self._rounding_eps = torch.finfo(self.dtype).eps if coarse else 0.0
+        self._largest_product = 0.0
+        self._batch_size = batch_size
+        self._stack: contextlib.ExitStack | None = None
+        self._loss: BatchLoss | None = None
+        self._products: DoubleBackward | ForwardOverReverse | CentralDifference | None = None
+        self._central: CentralDifference | None = None
+
+    # -- lifetime -------------------------------------------------------------------------
+    def __enter__(self) -> HessianOperator:
+        # Read before `isolation` forces the math kernels: gradients without graph use the user's.
+        attention = enabled_attention_backends()
+        stack = contextlib.ExitStack()
+        stack.enter_context(isolation(self.model, self.mode, self.device))
+        try:
+            self.space.weigh_batch(self.batch, self._batch_size)
+            self._loss = BatchLoss(self.model, self.loss_fn, self.batch, self.space, self.seed, attention)
+            self._build_on_every_rank()
+        except BaseException:
+            self._release()
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._release()
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    def _release(self) -> None:
+        if self._loss is not None:
+            self._loss.release()
+        self._loss = self._products = self._central = None
+
+    def _build_on_every_rank(self) -> None:
+        """Build the gradient and choose the method; under data parallelism, all ranks agree that
+        the build worked before any product's all-reduce, so a rank that failed (a NaN on its shard)
+        cannot leave the others waiting forever."""
+        if not self.space.distributed and self.shard is None:
+            probe = self._build()
+        else:
+            failure: BaseException | None = None
+            try:
+                probe = self._build()
+            except Exception as error:  # re-raised below, after the other ranks know
+                failure = error
+            everyone_ok = torch.tensor([0.0 if failure else 1.0], device=self.device)
+            _distributed.all_reduce_min_(everyone_ok)
+            if failure is not None:
+                raise failure
+            if everyone_ok.item() < 1:
+                raise HessdiagError("Another rank could not build its part of the curvature check; skipped on every rank.")
+        if probe is not None:
+            self._settle_method(*probe)
+
+    def _build(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SecondDerivativeError | None] | None:
+        """This rank's part of entering: everything that needs no collective.
+
+        Exact methods: forward once and keep the gradient graph for all products. Finite
+        differences and "auto": the two central differences on the probe vector (they move the
+        parameters in place, so they come before any graph that saved them), then the gradient:
+        with its graph for "auto", which tries double backward first. Returns, for those, the probe
+        vector, its local D(eps) and D(2 eps), and why the graph could not be built (if so).
+        """
+        loss = self._loss
+        assert loss is not None
+        if self.requested_method in EXACT_METHODS:
+            loss.build_graph(loss.checked(), self.method)
+            if self.method == "double_backward":
+                self._products = DoubleBackward(loss.grads, self.space)
+                loss.warn_constant_gradients()
+            else:
+                self._products = ForwardOverReverse(loss)
+            return None
+        graph_free = self.requested_method == "finite_difference" or self.shard is not None
+        if graph_free:
+            loss.build_without_graph(loss.checked())
+        else:
+            loss.checked()  # refuse a bad loss before the finite differences move the parameters
+        if self.shard is not None:
+            loss.check_repeats()
+        self._central = CentralDifference(self.space.local_params, loss.gradient_without_graph, shard=self.shard)
+        probe = self.space.random_unit_vector(self.seed)
+        pieces = self.space.split(probe)
+        fine, coarse = self._central.product(pieces), self._central.product(pieces, 2 * self._central.eps)
+        if graph_free:
+            return probe, fine, coarse, None
+        # "auto": the finite differences moved the parameters in place, so the graph comes after them.
+        try:
+            loss.build_graph(loss.checked(), "double_backward")
+        except SecondDerivativeError as error:
+            loss.build_without_graph(loss.checked())  # the failed double backward may have freed part of the graph
+            return probe, fine, coarse, error
+        return probe, fine, coarse, None
+
+    def _settle_method(
+        self, probe: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor, failure: SecondDerivativeError | None
+    ) -> None:
+        """Measure finite differences on the probe vector and, for "auto", choose the method; set
+        `method`, `method_reason` and `product_error`. Runs on every rank on global (all-reduced)
+        products, so all ranks decide alike."""
+        assert self._loss is not None and self._central is not None
+        fine, coarse = self.space.finish(fine), self.space.finish(coarse)
+        measured = Measurement.of(fine, coarse, self._central.eps, self.shard)
+        if self.requested_method == "finite_difference":
+            choice = finite_differences(measured, "asked for", sharded=self.shard is not None)
+        elif self.shard is not None:
+            reason = "the model is FSDP2-sharded: double backward cannot run through it"
+            choice = finite_differences(measured, reason, sharded=True)
+        else:
+            exact = DoubleBackward(self._loss.grads, self.space)
+            choice = choose_method(
+                measured, probe, fine, lambda v: self.space.finish(exact.product(self.space.split(v))),
+                lambda: self.space.random_unit_vector(self.seed + 1), build_failure=failure,
+            )  # fmt: skip
+        self.method, self.method_reason, self.product_error = choice.method, choice.reason, choice.error  # type: ignore[assignment]
+        if choice.method == "finite_difference":
+            self._loss.drop_graph()
+            self._products = self._central
+        else:
+            self._products, self._central = DoubleBackward(self._loss.grads, self.space), None
+            self._loss.warn_constant_gradients()
+
+    # -- the loss and its gradient ---------------------------------------------------------
+    @property
+    def loss(self) -> float:
+        """The loss at the current parameters (global batch under data parallelism; the mean
+        over ranks on a sharded model)."""
+        return self._open().total()
+
+    def gradient(self) -> torch.Tensor:
+        """The flat gradient on this batch (global batch under data parallelism; this rank's
+        piece on a sharded model)."""
+        return self._open().gradient()
+
+    def loss_along(self, direction: torch.Tensor, step: float) -> float:
+        """The loss at theta + step * direction (flat `direction`), same batch and dropout masks;
+        the parameters are left as they were (:meth:`~hessdiag.operator.loss.BatchLoss.along`)."""
+        return self._open().along(direction, step, self._central)
+
+    # -- products --------------------------------------------------------------------------
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """H v for a flat `vector` of shape ``(size,)``; returns a new tensor of the same shape."""
+        self._open()
+        if vector.shape != (self.size,):
+            raise ValueError(f"Expected a vector of shape ({self.size},), got {tuple(vector.shape)}.")
+        assert self._products is not None
+        pieces = self.space.split(vector.to(device=self.device, dtype=self.dtype))
+        try:
+            product = self._products.product(pieces)
+        except RuntimeError as error:
+            if is_missing_second_derivative(error):
+                raise SecondDerivativeError(error, self.method) from error
+            raise
+        self.num_hvps += 1
+        product = self.space.finish(product.to(vector.dtype))
+        if self._rounding_eps:  # one norm per product, for low-precision models only
+            self._add_rounding(vector, product)
+        return product
+
+    def _add_rounding(self, vector: torch.Tensor, product: torch.Tensor) -> None:
+        """Raise `product_error` by the growth of the products' modelled rounding (class docstring)."""
+        size = self.norm(vector)
+        if size > 0:
+            largest = max(self._largest_product, self.norm(product) / size)
+            before = LOW_PRECISION_ROUNDING * self._rounding_eps * self._largest_product
+            after = LOW_PRECISION_ROUNDING * self._rounding_eps * largest
+            self.product_error = self.product_error - before + after
+            self._largest_product = largest
+
+    def norm(self, flat: torch.Tensor) -> float:
+        """The norm of a flat vector (of the whole vector, when `flat` is this rank's piece)."""
+        return self.space.norm(flat)
+
+    def _open(self) -> BatchLoss:
+        if self._loss is None or self._loss.value is None:
+            raise RuntimeError("The HessianOperator is closed: use it inside `with HessianOperator(...) as H:`.")
+        return self._loss
+
+
+def hessian_vector_product(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    vector: Sequence[torch.Tensor] | torch.Tensor,
+    **options: Any,
+) -> list[torch.Tensor]:
+    """One Hessian-vector product, shaped like the parameters.
+
+    Args:
+        vector: a flat tensor of shape ``(dim,)`` or one tensor per parameter.
+        **options: as for :class:`HessianOperator`.
+
+    Returns:
+        H v as one tensor per parameter (same order as `params` or ``model.parameters()``).
+    """
+    with HessianOperator(model, loss_fn, batch, **options) as operator:
+        flat = vector if isinstance(vector, torch.Tensor) else torch.cat([t.reshape(-1) for t in vector])
+        return [t.clone() for t in operator.space.split(operator.matvec(flat))]

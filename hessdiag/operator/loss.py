@@ -1,0 +1,288 @@
+"""The loss the optimizer sees, on one batch, and its gradient: evaluated alike every time.
+
+Every evaluation seeds the RNG (:func:`~hessdiag._isolation.seed_rng`), so dropout draws the same
+masks in every product of one estimate. A failure inside the user's closure is a
+:class:`~hessdiag.errors.LossClosureError`; a NaN or infinite loss a
+:class:`~hessdiag.errors.NonFiniteLossError`. The gradient is built once per estimate: with its graph
+(``create_graph=True``) for double backward, without one for finite differences, under the attention
+kernels the user has enabled (fused ones included: only first derivatives are taken), and by a plain
+``loss.backward()`` where ``torch.autograd.grad`` is refused (reentrant checkpointing) or returns
+None for sharded parameters (FSDP2).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from hessdiag import _sharded
+from hessdiag._isolation import seed_rng
+from hessdiag.errors import (
+    HessdiagError,
+    HessdiagWarning,
+    LossClosureError,
+    NonFiniteLossError,
+    SecondDerivativeError,
+    is_missing_second_derivative,
+    refuses_autograd_grad,
+)
+from hessdiag.operator.finite_difference import CentralDifference
+from hessdiag.operator.space import ParameterSpace
+from hessdiag.vectors import vector_norm
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+class LossModule(nn.Module):
+    """Wraps ``loss_fn(model, batch)`` as a module, so `torch.func.functional_call` can swap the
+    model's parameters by name (public API, no private reparametrisation)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Any) -> None:
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+        self._batch = batch
+
+    def forward(self) -> torch.Tensor:
+        return self._loss_fn(self.model, self._batch)
+
+
+def functional_names(model: nn.Module, params: Sequence[torch.Tensor]) -> list[str]:
+    """The names of `params` inside a :class:`LossModule` of `model` (for `functional_call`)."""
+    by_id = {id(p): f"model.{name}" for name, p in model.named_parameters(remove_duplicate=False)}
+    return [by_id[id(p)] for p in params]
+
+
+def gradient_by_backward(
+    loss: torch.Tensor, params: Sequence[torch.Tensor], every_parameter: Sequence[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """The gradient of `loss` by a plain ``loss.backward()``, `.grad` left as found.
+
+    For reentrant checkpointing, which refuses `torch.autograd.grad`: each parameter's ``.grad``
+    is swapped out and the very same tensor object put back. Parameters outside `params` that
+    the backward reaches accumulate into their ``.grad`` too, so all of `every_parameter` (the
+    model's) are swapped.
+    """
+    saved = [(p, p.grad) for p in every_parameter]
+    try:
+        for p, _ in saved:
+            p.grad = None
+        loss.backward()
+        return [p.grad for p in params]
+    finally:
+        for p, grad in saved:
+            p.grad = grad
+
+
+def enabled_attention_backends() -> list[SDPBackend]:
+    """The scaled-dot-product attention backends the user has enabled (math at least)."""
+    enabled = [
+        backend
+        for backend, on in (
+            (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
+            (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
+            (SDPBackend.CUDNN_ATTENTION, torch.backends.cuda.cudnn_sdp_enabled()),
+            (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled()),
+        )
+        if on
+    ]
+    return enabled or [SDPBackend.MATH]
+
+
+class BatchLoss:
+    """``loss_fn(model, batch)`` at the current parameters, with fixed dropout masks, and the
+    gradient kept for the products.
+
+    Args:
+        model, loss_fn, batch: the (unwrapped) network, ``loss_fn(model, batch) -> scalar``, its batch.
+        space: the chosen parameters and their flat vectors.
+        seed: seeds the RNG before every evaluation (the same dropout masks each time).
+        attention: the attention backends gradients without graph run under (the user's, read
+            before :func:`~hessdiag._isolation.isolation` forces the math one).
+
+    Attributes:
+        value: the loss on this rank (detached), once a gradient is built; None before.
+        grads: the gradient, one entry per parameter (None where unused): with its graph after
+            :meth:`build_graph` for double backward, detached otherwise.
+    """
+
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, batch: Any, space: ParameterSpace, seed: int, attention: list[SDPBackend]
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batch = batch
+        self.space = space
+        self.seed = seed
+        self.attention = attention
+        self.value: torch.Tensor | None = None
+        self.grads: tuple[torch.Tensor | None, ...] = ()
+        # Reentrant checkpointing and FSDP2 (whose autograd.grad returns None for sharded
+        # parameters): gradients by loss.backward() only.
+        self.plain_backward = space.shard is not None
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate(self) -> torch.Tensor:
+        """The loss as a 0-dim tensor (with its graph), RNG seeded.
+
+        Raises:
+            LossClosureError: the closure raised (other than out of memory), or returned no real scalar.
+        """
+        if self.space.shard is not None:
+            _sharded.reshard(self.model)  # so that the forward gathers the shards as they are now
+        seed_rng(self.seed, self.space.device)
+        try:
+            loss = self.loss_fn(self.model, self.batch)
+        except torch.OutOfMemoryError:
+            raise  # not the closure's fault: the caller may retry on a smaller batch
+        except Exception as error:  # the user's closure: any other failure is a bad batch or closure
+            raise LossClosureError(
+                f"loss_fn(model, batch) raised {type(error).__name__}: {error}. Check that `batch` is what "
+                "the closure expects (the curvature check calls it outside the training step)."
+            ) from error
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.dtype.is_floating_point:
+            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise LossClosureError(f"loss_fn(model, batch) must return a real scalar tensor, got {got}.")
+        return loss.reshape(())
+
+    def checked(self) -> torch.Tensor:
+        """:meth:`evaluate`, refusing a loss without graph or a non-finite one (on any rank of a
+        sharded model: decided together)."""
+        loss = self.evaluate()
+        if not loss.requires_grad:
+            raise LossClosureError(
+                "The loss does not depend on the chosen parameters: was it computed under torch.no_grad(), or "
+                "through checkpoint(..., use_reentrant=True) on inputs that do not require grad (whose output has "
+                "no graph: training gets no gradients there either; use use_reentrant=False)?"
+            )
+        finite = bool(torch.isfinite(loss))
+        shard = self.space.shard
+        if shard is not None:  # decided together: a rank that stops here would leave FSDP's backward waiting
+            finite = float(shard.sum_(torch.tensor([float(not finite)], dtype=torch.float64, device=self.space.device))) == 0
+        if not finite:
+            raise NonFiniteLossError(f"The loss is {loss.item()} on this batch (or another rank's); the Hessian is undefined there.")
+        return loss
+
+    # -- the gradient ----------------------------------------------------------------------
+    def build_graph(self, loss: torch.Tensor, method: str) -> None:
+        """The gradient of `loss` for an exact `method`: with its graph for ``"double_backward"``.
+
+        Raises:
+            SecondDerivativeError: an op of the loss cannot be differentiated twice.
+        """
+        create_graph = method == "double_backward"
+        try:
+            grads = torch.autograd.grad(loss, self.space.params, create_graph=create_graph, allow_unused=True)
+        except RuntimeError as error:
+            if is_missing_second_derivative(error):
+                raise SecondDerivativeError(error, method) from error
+            raise
+        self.value = loss.detach()
+        self.grads = grads if create_graph else tuple(None if g is None else g.detach() for g in grads)
+
+    def build_without_graph(self, loss: torch.Tensor) -> None:
+        """The gradient of `loss` with no graph kept (finite differences)."""
+        self.value = loss.detach()
+        self.grads = tuple(self.space.split(self.gradient_without_graph(loss)))
+
+    def drop_graph(self) -> None:
+        """Keep the gradient's values, free its graph (products by finite differences from here)."""
+        self.grads = tuple(None if g is None else g.detach() for g in self.grads)
+
+    def release(self) -> None:
+        self.value = None
+        self.grads = ()
+
+    def gradient_without_graph(self, loss: torch.Tensor | None = None) -> torch.Tensor:
+        """The flat local gradient at the parameters' current values (of `loss` when given), with
+        the attention kernels the user has enabled (fused ones included: only first derivatives
+        are taken)."""
+        with sdpa_kernel(self.attention):
+            if loss is None:
+                loss = self.evaluate()
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"The loss is {loss.item()} at a finite-difference step from the parameters; "
+                        "use `hvp_method='double_backward'`."
+                    )
+            if not self.plain_backward:
+                try:
+                    return self.space.flatten(torch.autograd.grad(loss, self.space.params, allow_unused=True))
+                except RuntimeError as error:
+                    if not refuses_autograd_grad(error):
+                        raise
+                    self.plain_backward = True
+                    loss = self.evaluate()  # the refused backward freed part of the graph
+            every_parameter = list(self.model.parameters())
+            return self.space.flatten(gradient_by_backward(loss, self.space.params, every_parameter))
+
+    def check_repeats(self) -> None:
+        """Two gradients at the same parameters must agree. On FSDP2 they do not when the loss
+        closure bypasses the root module's forward (e.g. Lightning's ``training_step`` calling
+        ``self.net(x)``): each submodule then acts as a root and part of the gradient reduction lands
+        after the backward returns (measured: 5-15% of the gradient, CPU/gloo, torch 2.14).
+        Costs one gradient; all ranks decide alike (the difference is summed over them)."""
+        shard = self.space.shard
+        first = self.space.flatten([None if g is None else g.detach() for g in self.grads])
+        difference = float(vector_norm(self.gradient_without_graph() - first, shard))
+        size = float(vector_norm(first, shard))
+        if difference > torch.finfo(self.space.dtype).eps ** 0.5 * size:
+            raise HessdiagError(
+                f"FSDP2: two gradients at the same parameters differ by {difference / max(size, 1e-30):.2g} of their "
+                "size, so no Hessian-vector product can be formed. The loss closure must call the root module "
+                "(the one `fully_shard` was applied to last) through its forward, `model(...)`, not a submodule: FSDP2 "
+                "finishes the gradient reduction only then. In Lightning, define `forward` and call `self(...)` in "
+                "`training_step` (or pass `loss_fn=` that does)."
+            )
+
+    def warn_constant_gradients(self) -> None:
+        """A gradient with no graph is constant in the parameters: its Hessian rows are zero. That
+        is right for a loss linear in them, and silently wrong behind a backward that is not
+        differentiable (``@once_differentiable``), which autograd does not report."""
+        constant = [i for i, g in enumerate(self.grads) if g is not None and not g.requires_grad]
+        if constant:
+            warnings.warn(
+                f"The gradient of {len(constant)} parameter tensor(s) (indices {constant[:5]}) does not depend on "
+                "the parameters; their Hessian rows are taken as zero. This is exact if the loss is linear in "
+                "them, wrong if an op's backward is not differentiable (e.g. @once_differentiable).",
+                HessdiagWarning,
+                stacklevel=3,
+            )
+
+    # -- what the operator reports ---------------------------------------------------------
+    def total(self) -> float:
+        """The loss at the current parameters (global batch under data parallelism; the mean
+        over ranks on a sharded model)."""
+        assert self.value is not None
+        return self.space.total(self.value)
+
+    def gradient(self) -> torch.Tensor:
+        """The flat gradient on this batch (global batch under data parallelism; this rank's
+        piece on a sharded model)."""
+        return self.space.finish(self.space.flatten([None if g is None else g.detach() for g in self.grads]))
+
+    def along(self, direction: torch.Tensor, step: float, shifter: CentralDifference | None) -> float:
+        """The loss at theta + step * direction (flat `direction`), same batch and dropout masks.
+
+        Evaluated functionally: the parameters themselves are never written (on a sharded model
+        the local shards are shifted in place by `shifter` and restored from a copy, bit-for-bit).
+        """
+        space = self.space
+        offsets = space.split(direction.to(device=space.device, dtype=space.dtype))
+        if space.shard is not None:
+            assert shifter is not None
+            with torch.no_grad():
+                value = shifter.evaluate_at(offsets, step, lambda: self.evaluate().detach())
+            return space.total(value)
+        names = functional_names(self.model, space.params)
+        wrapper = LossModule(self.model, self.loss_fn, self.batch)
+        seed_rng(self.seed, space.device)
+        with torch.no_grad():
+            moved = {name: p + step * o for name, p, o in zip(names, space.params, offsets)}
+            value = torch.func.functional_call(wrapper, moved, ()).detach().reshape(())
+        return space.total(value)

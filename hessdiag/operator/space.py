@@ -1,0 +1,172 @@
+"""The flat vector space of the chosen parameters: what the Hessian is taken over, and how vectors
+map to parameter-shaped pieces.
+
+A vector of the operator is the concatenation of one flat piece per chosen parameter, in their
+order. Under data parallelism every rank holds the whole vector and a product is finished by
+weighting this rank's product by its share n_r / N of the global batch and summing over ranks (see
+:mod:`hessdiag._distributed`). On an FSDP2-sharded model (see :mod:`hessdiag._sharded`) each rank
+holds only its local shards' coordinates (`size` of `dim`), and norms are summed over the ranks
+through a :class:`~hessdiag.vectors.VectorShard`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from hessdiag import _distributed, _sharded
+from hessdiag._isolation import unwrap_model
+from hessdiag.errors import HessdiagError
+from hessdiag.vectors import VectorShard, random_generator, random_unit_vector, vector_norm
+
+
+def trainable_parameters(model: nn.Module, params: Iterable[torch.Tensor] | None) -> list[torch.Tensor]:
+    """The parameters the Hessian is taken over: `params`, or every trainable one of `model`.
+
+    Raises:
+        ValueError: none is trainable, a given tensor does not require grad or is not a
+            parameter of `model`, or they span several devices or dtypes.
+    """
+    model = unwrap_model(model)
+    owned = {id(p) for p in model.parameters()}
+    if params is None:
+        chosen = [p for p in model.parameters() if p.requires_grad]
+        if not chosen:
+            raise ValueError("The model has no trainable parameters (none has requires_grad=True).")
+    else:
+        chosen = list(params)
+        if not chosen:
+            raise ValueError("`params` is empty: pass at least one parameter, or None for all trainable ones.")
+        for index, p in enumerate(chosen):
+            if id(p) not in owned:
+                raise ValueError(f"`params[{index}]` is not a parameter of the model.")
+            if not p.requires_grad:
+                raise ValueError(f"`params[{index}]` does not require grad, so its Hessian block is undefined.")
+    if len({id(p) for p in chosen}) != len(chosen):
+        raise ValueError("`params` lists the same parameter twice.")
+    devices = {p.device for p in chosen}
+    dtypes = {p.dtype for p in chosen}
+    if len(devices) > 1 or len(dtypes) > 1:
+        raise ValueError(
+            f"The parameters span devices {sorted(map(str, devices))} and dtypes {sorted(map(str, dtypes))}; "
+            "pass `params=` with parameters of one device and dtype."
+        )
+    if not chosen[0].dtype.is_floating_point:
+        raise ValueError(f"Parameters must be floating point, got {chosen[0].dtype}.")
+    return chosen
+
+
+def refuse_coarse_compute(model: nn.Module, dtype: torch.dtype) -> None:
+    """Refuse an FSDP2 model that gathers its `dtype` parameters in a coarser dtype for compute.
+
+    Raises:
+        HessdiagError: a ``MixedPrecisionPolicy(param_dtype=...)`` coarser than `dtype` is in force.
+    """
+    compute = _sharded.coarse_compute_dtype(model, dtype)
+    if compute is not None:
+        raise HessdiagError(
+            f"FSDP2 gathers these {dtype} parameters in {compute} for compute (MixedPrecisionPolicy("
+            f"param_dtype={compute})), so every gradient carries {compute} rounding ({torch.finfo(compute).eps:.1g} "
+            "relative). Finite differences of gradients, the only Hessian-vector products FSDP2 allows, are then "
+            "rounding, not curvature (measured: the two step sizes disagreed by 0.76 of a product on a small "
+            "MLP). Curvature checks need the parameters' own precision in the fully_shard calls of the "
+            "monitored run (param_dtype=None); the other diagnostics do not."
+        )
+
+
+class ParameterSpace:
+    """Flat vectors over the chosen parameters of a model, whole or this rank's shard of them.
+
+    Args:
+        model: the network (unwrapped).
+        params: parameters to differentiate (default: all with ``requires_grad``); validated by
+            :func:`trainable_parameters`.
+        distributed: average products over the process group when one is initialised. Sharded
+            models never are (FSDP's gradient already averages the ranks).
+
+    Attributes:
+        params: the chosen parameters; `device`, `dtype` theirs.
+        dim: the number of coordinates of the whole vectors.
+        shard: how vectors are split across processes (FSDP2), or None.
+        size: this process's number of coordinates (`dim` unless sharded).
+        distributed: products are weighted by `share` and summed over the ranks.
+        share: this rank's fraction n_r / N of the global batch (1 until :meth:`weigh_batch`).
+    """
+
+    def __init__(self, model: nn.Module, params: Iterable[torch.Tensor] | None, *, distributed: bool) -> None:
+        self.params: list[torch.Tensor] = trainable_parameters(model, params)
+        self.device: torch.device = self.params[0].device
+        self.dtype: torch.dtype = self.params[0].dtype
+        self.dim: int = sum(p.numel() for p in self.params)
+        self.shard: VectorShard | None = _sharded.vector_shard(self.params) if _sharded.is_sharded(self.params) else None
+        self.size: int = self.dim if self.shard is None else self.shard.size
+        #: This rank's pieces of the parameters (the parameters themselves unless sharded).
+        self.local_params: list[torch.Tensor] = [_sharded.local(p) for p in self.params]
+        self.distributed: bool = distributed and self.shard is None and _distributed.is_data_parallel()
+        self.share = 1.0
+
+    def weigh_batch(self, batch: Any, batch_size: int | None) -> None:
+        """Set `share` from this rank's number of samples (`batch_size`, or the leading dimension of
+        the first tensor in `batch`); one all-reduce. Only under data parallelism.
+
+        Raises:
+            ValueError: the batch size cannot be inferred.
+        """
+        if not self.distributed:
+            return
+        size = batch_size or _distributed.infer_batch_size(batch)
+        if size is None:
+            raise ValueError("Cannot infer the batch size for data-parallel weighting: pass `batch_size=`.")
+        self.share = _distributed.batch_share(size, self.device)
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a flat vector (this rank's coordinates), one per parameter, shaped like it."""
+        pieces = flat.split([p.numel() for p in self.local_params])
+        return [piece.view_as(p) for piece, p in zip(pieces, self.local_params)]
+
+    def flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """One tensor per parameter (None for zero, DTensors as their local shards, sparse as dense)
+        as a new flat vector."""
+        return torch.cat(
+            [
+                torch.zeros(p.numel(), device=self.device, dtype=self.dtype)
+                if t is None
+                else _dense(_sharded.local(t)).reshape(-1)
+                for t, p in zip(tensors, self.local_params)
+            ]
+        )
+
+    def finish(self, local: torch.Tensor) -> torch.Tensor:
+        """This rank's product as the global batch's: weighted by `share` and summed over the ranks
+        (in place); as it is without data parallelism."""
+        if not self.distributed:
+            return local
+        return _distributed.all_reduce_sum_(local.mul_(self.share))
+
+    def total(self, local: torch.Tensor) -> float:
+        """A per-rank value of the loss (0-dim tensor) as the global batch's: weighted and summed
+        under data parallelism, the mean over ranks on a sharded model (as FSDP averages)."""
+        if self.shard is not None:
+            return float(_sharded.mean_over_ranks(local, self.shard))
+        value = local * self.share
+        if self.distributed:
+            _distributed.all_reduce_sum_(value)
+        return float(value.item())
+
+    def norm(self, flat: torch.Tensor) -> float:
+        """The norm of a flat vector (of the whole vector, when `flat` is this rank's piece)."""
+        return float(vector_norm(flat, self.shard))
+
+    def random_unit_vector(self, seed: int) -> torch.Tensor:
+        """A random unit vector, the same on every rank (seeded by `seed`); on a sharded model
+        this rank's piece of one."""
+        generator = random_generator(seed, self.shard, self.device)
+        return random_unit_vector(self.size, generator, self.device, self.dtype, self.shard)
+
+
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    """Sparse gradients (``nn.Embedding(sparse=True)``) as dense tensors, for the flat vectors."""
+    return tensor.to_dense() if tensor.is_sparse else tensor
