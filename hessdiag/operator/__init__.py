@@ -24,7 +24,7 @@ from hessdiag.operator.hessian import (
     HVPMethod,
     hessian_vector_product,
 )
-from hessdiag.operator.loss import BatchLoss, LossFn, LossModule, gradient_by_backward
+from hessdiag.operator.loss import BatchLoss, LossFn, LossModule, enabled_attention_backends, gradient_by_backward
 from hessdiag.operator.space import ParameterSpace, refuse_coarse_compute, trainable_parameters
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "BatchLoss",
     "LossModule",
     "gradient_by_backward",
+    "enabled_attention_backends",
     # product methods
     "DoubleBackward",
     "ForwardOverReverse",

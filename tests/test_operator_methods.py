@@ -1,0 +1,81 @@
+"""Each product method against the dense float64 Hessian (`torch.autograd.functional.hessian`,
+looped double backward: `torch.func.hessian` is wrong through LayerNorm), on a model with LayerNorm."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hessdiag.operator import (
+    BatchLoss,
+    CentralDifference,
+    DoubleBackward,
+    ForwardOverReverse,
+    HessianOperator,
+    ParameterSpace,
+    enabled_attention_backends,
+)
+from oracles import dense_hessian
+
+
+def cross_entropy(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+@pytest.fixture(scope="module")
+def problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    batch = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    hessian = dense_hessian(model, cross_entropy, batch)
+    assert torch.allclose(hessian, hessian.T, atol=1e-12)  # a reference worth the name is symmetric
+    vector = torch.randn(hessian.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return model, batch, hessian, vector
+
+
+def batch_loss(model, batch):
+    space = ParameterSpace(model, None, distributed=False)
+    return BatchLoss(model, cross_entropy, batch, space, seed=0, attention=enabled_attention_backends())
+
+
+def test_double_backward_matches_the_dense_hessian(problem):
+    model, batch, hessian, vector = problem
+    loss = batch_loss(model, batch)
+    loss.build_graph(loss.checked(), "double_backward")
+    product = DoubleBackward(loss.grads, loss.space).product(loss.space.split(vector))
+    torch.testing.assert_close(product, hessian @ vector, rtol=1e-10, atol=1e-12)
+
+
+def test_forward_over_reverse_matches_the_dense_hessian(problem):
+    model, batch, hessian, vector = problem
+    loss = batch_loss(model, batch)
+    product = ForwardOverReverse(loss).product(loss.space.split(vector))
+    torch.testing.assert_close(product, hessian @ vector, rtol=1e-10, atol=1e-12)
+
+
+def test_central_differences_match_the_dense_hessian_and_restore_the_parameters(problem):
+    model, batch, hessian, vector = problem
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = batch_loss(model, batch)
+    central = CentralDifference(loss.space.local_params, loss.gradient_without_graph)
+    product = central.product(loss.space.split(vector))
+    torch.testing.assert_close(product, hessian @ vector, rtol=1e-7, atol=1e-8)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # bit-for-bit
+
+
+@pytest.mark.parametrize("method", ["auto", "double_backward", "forward_over_reverse", "finite_difference"])
+def test_the_operator_dispatches_to_each_method(problem, method):
+    model, batch, hessian, vector = problem
+    with HessianOperator(model, cross_entropy, batch, method=method) as operator:
+        product = operator.matvec(vector)
+        gradient = operator.gradient()
+        assert operator.num_hvps == 1
+    expected_method = "double_backward" if method == "auto" else method
+    assert operator.method == expected_method
+    exact = method != "finite_difference"
+    torch.testing.assert_close(product, hessian @ vector, rtol=1e-10 if exact else 1e-7, atol=1e-12 if exact else 1e-8)
+    params = list(model.parameters())
+    reference = torch.autograd.grad(cross_entropy(model, batch), params)
+    torch.testing.assert_close(gradient, torch.cat([g.reshape(-1) for g in reference]))
+    with pytest.raises(RuntimeError, match="closed"):
+        operator.matvec(vector)
