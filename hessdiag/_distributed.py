@@ -8,10 +8,15 @@ the Lanczos recurrences stay identical across ranks without further communicatio
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from hessdiag.errors import HessdiagError
+
+T = TypeVar("T")
 
 
 def is_data_parallel() -> bool:
@@ -56,3 +61,25 @@ def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
     """In-place MAX all-reduce; returns `tensor`."""
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def agreed(build: Callable[[], T], device: torch.device) -> T:
+    """`build()` on this rank, once every rank knows that every rank's build worked (one MIN
+    all-reduce): a rank that failed (a NaN on its shard) re-raises its error, the others raise too,
+    so that none is left waiting forever in a later collective.
+
+    Raises:
+        HessdiagError: another rank's build failed.
+    """
+    failure: BaseException | None = None
+    try:
+        result = build()
+    except Exception as error:  # re-raised below, after the other ranks know
+        failure = error
+    everyone_ok = torch.tensor([0.0 if failure else 1.0], device=device)
+    all_reduce_min_(everyone_ok)
+    if failure is not None:
+        raise failure
+    if everyone_ok.item() < 1:
+        raise HessdiagError("Another rank could not build its part of the curvature check; skipped on every rank.")
+    return result

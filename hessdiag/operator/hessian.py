@@ -36,7 +36,7 @@ from torch import nn
 
 from hessdiag import _distributed, _sharded
 from hessdiag._isolation import MODEL_MODES, ModelMode, isolation, unwrap_model
-from hessdiag.errors import HessdiagError, SecondDerivativeError, is_missing_second_derivative
+from hessdiag.errors import SecondDerivativeError, is_missing_second_derivative
 from hessdiag.operator.auto import choose_method, finite_differences
 from hessdiag.operator.double_backward import DoubleBackward
 from hessdiag.operator.finite_difference import CentralDifference, Measurement
@@ -125,13 +125,7 @@ class HessianOperator:
         _sharded.refuse_fsdp1(self.model)
         self.space = ParameterSpace(self.model, params, distributed=distributed)
         if self.space.shard is not None:
-            if method in EXACT_METHODS:
-                raise ValueError(
-                    f"`method`={method!r} cannot run on FSDP2-sharded parameters: double backward through "
-                    "fully_shard fails and forward-mode derivatives of its collectives do not exist; use 'auto' or "
-                    "'finite_difference' (products from the sharded gradients)."
-                )
-            refuse_coarse_compute(self.model, self.space.dtype)
+            _refuse_on_shards(self.model, method, self.space.dtype)
         self.params, self.device, self.dtype = self.space.params, self.space.device, self.space.dtype
         self.dim, self.size, self.shard = self.space.dim, self.space.size, self.space.shard
         self.loss_fn, self.batch, self.mode, self.seed = loss_fn, batch, mode, int(seed)
@@ -179,23 +173,12 @@ class HessianOperator:
         self._loss = self._products = self._central = None
 
     def _build_on_every_rank(self) -> None:
-        """Build the gradient and choose the method; under data parallelism, all ranks agree that
-        the build worked before any product's all-reduce, so a rank that failed (a NaN on its shard)
-        cannot leave the others waiting forever."""
+        """Build the gradient, then choose the method; under data parallelism or sharding, all ranks
+        agree that the build worked before any product's all-reduce (:func:`~hessdiag._distributed.agreed`)."""
         if not self.space.distributed and self.shard is None:
             probe = self._build()
         else:
-            failure: BaseException | None = None
-            try:
-                probe = self._build()
-            except Exception as error:  # re-raised below, after the other ranks know
-                failure = error
-            everyone_ok = torch.tensor([0.0 if failure else 1.0], device=self.device)
-            _distributed.all_reduce_min_(everyone_ok)
-            if failure is not None:
-                raise failure
-            if everyone_ok.item() < 1:
-                raise HessdiagError("Another rank could not build its part of the curvature check; skipped on every rank.")
+            probe = _distributed.agreed(self._build, self.device)
         if probe is not None:
             self._settle_method(*probe)
 
@@ -322,6 +305,23 @@ class HessianOperator:
         if self._loss is None or self._loss.value is None:
             raise RuntimeError("The HessianOperator is closed: use it inside `with HessianOperator(...) as H:`.")
         return self._loss
+
+
+def _refuse_on_shards(model: nn.Module, method: str, dtype: torch.dtype) -> None:
+    """What FSDP2-sharded parameters cannot give: exact products, or curvature from gradients that
+    were computed in a coarser dtype than the parameters'.
+
+    Raises:
+        ValueError: an exact `method`.
+        HessdiagError: see :func:`~hessdiag.operator.space.refuse_coarse_compute`.
+    """
+    if method in EXACT_METHODS:
+        raise ValueError(
+            f"`method`={method!r} cannot run on FSDP2-sharded parameters: double backward through "
+            "fully_shard fails and forward-mode derivatives of its collectives do not exist; use 'auto' or "
+            "'finite_difference' (products from the sharded gradients)."
+        )
+    refuse_coarse_compute(model, dtype)
 
 
 def hessian_vector_product(
