@@ -9,7 +9,7 @@ graph is kept between products: the memory of a training step, two gradients per
 The error of D(eps) has two parts: truncation, c eps^2 with c set by the third derivative along v,
 and rounding, about u ||g|| / eps (u the unit roundoff). The step balancing them is of the order of
 u^(1/3); :func:`step_size` scales it by the parameters' and the vector's norms, so that the shift
-stays above the rounding of theta itself. The error is then *measured* (:func:`measure`) by
+stays above the rounding of theta itself. The error is then *measured* (:meth:`Measurement.of`) by
 comparing D(eps) with D(2 eps): on a smooth loss they agree to the product's error; where gradients
 jump (ReLU kinks switching units) they disagree by the size of the product, and differences of
 gradients are not a Hessian there (:class:`~hessdiag.errors.NonSmoothLossError`).
