@@ -179,12 +179,12 @@ def test_onsets_are_spikes_at_their_steps_and_the_event_log_reads_in_order(tmp_p
     onset series is a spike at each onset step and 0 everywhere else."""
     summary_writer = SummaryWriter(tmp_path)
     writer = TensorBoardWriter(summary_writer)
-    writer.scalars(10, flag_values())
-    writer.scalars(20, flag_values(["exploding"]))  # read-back of steps 11-20
+    writer.scalars(10, flag_values(), {})
+    writer.scalars(20, flag_values(["exploding"]), {})  # read-back of steps 11-20
     writer.events(20, [event("exploding", 12, "onset", "the loss rose")])
-    writer.scalars(20, {"hessdiag/lambda_max": 2.0} | flag_values(["exploding", "saddle"]))  # a check at 20
+    writer.scalars(20, {"hessdiag/lambda_max": 2.0} | flag_values(["exploding", "saddle"]), {})  # a check at 20
     writer.events(20, [event("saddle", 20, "onset", "negative curvature")])
-    writer.scalars(30, flag_values(["saddle"]))
+    writer.scalars(30, flag_values(["saddle"]), {})
     writer.events(30, [event("exploding", 27, "cleared", "the loss fell")])
     writer.flush()
     summary_writer.close()
