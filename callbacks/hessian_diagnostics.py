@@ -27,7 +27,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from hessdiag.dashboard import shown_scalars
+from hessdiag.dashboard import LayerValues, shown_scalars
 from hessdiag._isolation import ModelMode
 from hessdiag.batches import MAX_MICRO_BATCHES, MicroBatches
 from hessdiag.curvature import RankWeighting
@@ -66,17 +66,14 @@ class LoggerWriter:
     def __init__(self, trainer: pl.Trainer) -> None:
         self.trainer = trainer
 
-    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+    def scalars(self, step: int, values: Mapping[str, float], layers: LayerValues) -> None:
         for logger in self.trainer.loggers:
-            logger.log_metrics(shown_scalars(values), step=step)
+            logger.log_metrics(shown_scalars(values, layers), step=step)
 
     def events(self, step: int, events: Sequence[FlagEvent]) -> None:
         for event in events:
             if event.kind == "onset":
                 rank_zero_info(f"hessdiag: {event.name} at step {event.step}: {event.summary} Remedy: {event.remedy}")
-
-    def histograms(self, step: int, values: Mapping[str, torch.Tensor]) -> None:
-        pass
 
     def density(self, step: int, density: SpectralDensity) -> None:
         pass
@@ -307,7 +304,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         watched = {getattr(callback, "monitor", None) for callback in trainer.callbacks}
         self._first_values_due = bool(watched & set(CALLBACK_METRICS))
         if len(trainer.optimizers) == 1:
-            self.monitor.optimizer = trainer.optimizers[0]
+            self.monitor.use_optimizer(trainer.optimizers[0])
         elif trainer.optimizers:
             # Each optimizer steps on its own parameters with its own rule (a GAN): no single
             # threshold applies to the Hessian over all of them.
@@ -318,7 +315,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.monitor is not None and (self._first_values_due or self.monitor.schedule.due(trainer.global_step + 1)):
+        if self.monitor is not None and (self._first_values_due or self.monitor.check_due(trainer.global_step + 1)):
             # A check follows this optimizer step: keep its micro-batches (references, no copy).
             self._micro_batches.append(batch)
             if len(self._micro_batches) > MAX_MICRO_BATCHES:
@@ -358,10 +355,9 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         num_checks = len(self.monitor.checks)
         # Every rank reaches the same read-backs and due checks (the schedule is agreed): the steps
         # where the ranks may meet in a collective to agree on stopping.
-        check_due = self.monitor.schedule.due(trainer.global_step)
-        self.monitor.step = trainer.global_step - 1  # after_step counts this optimizer step
-        events = self.monitor.after_step(check_batch, step_loss)
-        read_back = self.monitor.step % self.monitor.log_every == 0
+        check_due = self.monitor.check_due(trainer.global_step)
+        events = self.monitor.after_step(check_batch, step_loss, step=trainer.global_step)
+        read_back = self.monitor.read_back_due(trainer.global_step)
         if self._first_values_due:
             events += self._first_values(check_batch, read_back, num_checks)
             read_back = True

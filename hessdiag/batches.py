@@ -57,6 +57,12 @@ def batch_size(batch: Any) -> int | None:
     return infer_batch_size(batch)
 
 
+def sub_batch_base(batch: Any) -> int | None:
+    """The samples `sub_batch` counts in: those of the batch, or of the first micro-batch of a
+    `MicroBatches` (which :func:`take_sub_batch` cuts one by one); None if it has no tensor."""
+    return infer_batch_size(batch[0] if isinstance(batch, MicroBatches) and batch else batch)
+
+
 def _leading_sizes(item: Any, sizes: set[int]) -> set[int]:
     if isinstance(item, torch.Tensor):
         if item.dim() > 0:

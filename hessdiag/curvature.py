@@ -195,8 +195,9 @@ class CurvatureProbe:
             num_hvps = operator.num_hvps
         self.warm_vectors = result.warm_start()
         self.num_checks += 1
+        method_reason = operator.method_reason
         if reuse:
-            operator.method_reason = (
+            method_reason = (
                 f"cross-checked against finite differences at step {self.verified_step} (again at every cold check)"
             )
         elif self.hvp_method == "auto":
@@ -221,10 +222,18 @@ class CurvatureProbe:
             cold=cold,
             batch_size=batch_size(batch),
             hvp_method=operator.method,
-            hvp_method_reason=operator.method_reason,
+            hvp_method_reason=method_reason,
             product_error=operator.product_error,
             density=density,
         )
+
+    def shrink_sub_batch(self, size: int) -> None:
+        """Use at most `size` samples of each batch from now on (a smaller check fitted in memory)."""
+        self.sub_batch = size if self.sub_batch is None else min(self.sub_batch, size)
+
+    def forget_warm_start(self) -> None:
+        """Start the next check cold (its warm-start vectors belong to a check that did not finish)."""
+        self.warm_vectors = self.warm_preconditioned = None
 
     def _operator(self, batch: Any, seed: int, method: HVPMethod) -> HessianOperator:
         return HessianOperator(

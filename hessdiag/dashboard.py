@@ -16,71 +16,63 @@ import statistics
 from collections.abc import Iterable, Mapping
 
 from hessdiag.flags import FLAG_NAMES
+from hessdiag.tags import (
+    ACTIVE_FLAGS,
+    CERTIFIED_LAMBDA_MIN,
+    CHECK_FAILED,
+    CHECK_SECONDS,
+    FLAG_ONSETS,
+    GRAD_NORM,
+    LAMBDA_MAX,
+    LAMBDA_MIN,
+    LAYER_FAMILIES,
+    LAYER_STATISTICS,
+    LOSS,
+    LOSS_CHANGE_ALONG_BOTTOM,
+    NEGATIVE_CURVATURE_CERTIFIED,
+    NUM_HVPS,
+    OVERFLOW_SKIPS,
+    PREFIX,
+    RATIO_LIMIT,
+    RESIDUAL_MAX,
+    RESIDUAL_MIN,
+    SHARPNESS,
+    STABILITY_RATIO,
+    STABILITY_THRESHOLD,
+    flag_tag,
+    layer_summary_tag,
+    layer_tag,
+)
 
-PREFIX = "hessdiag"
-
-#: Per-layer quantities the Monitor logs as ``hessdiag/<family>/<module name>``, with their meaning.
-LAYER_FAMILIES: dict[str, str] = {
-    "layer_grad_norm": "gradient norm",
-    "layer_grad_to_weight": "gradient norm / weight norm",
-    "layer_weight_norm": "weight norm",
-    "layer_update_ratio": "update norm / weight norm",
-}
-LAYER_STATISTICS = ("max", "median", "min")
-_LAYER_TAG = re.compile(rf"{PREFIX}/({'|'.join(LAYER_FAMILIES)})/(.+)")
-
-#: Derived series: the reference line of the stability ratio, lambda_min where its sign is
-#: certified (0 elsewhere), the number of flags raised, and a spike of 1 at each flag onset.
-RATIO_LIMIT = f"{PREFIX}/stability_ratio_limit"
-CERTIFIED_LAMBDA_MIN = f"{PREFIX}/lambda_min_certified"
-ACTIVE_FLAGS = f"{PREFIX}/active_flags"
-FLAG_ONSETS = f"{PREFIX}/flag_onsets"
-
-
-def layer_summary_tag(family: str, statistic: str) -> str:
-    """The tag of one summary over layers, e.g. ``hessdiag/layers/grad_norm/max``."""
-    return f"{PREFIX}/layers/{family.removeprefix('layer_')}/{statistic}"
-
-
-def layer_histogram_tag(family: str) -> str:
-    """The tag of a histogram over layers, e.g. ``hessdiag/layer_grad_norms``."""
-    return f"{PREFIX}/{family}s"
-
-
-def split_layer_values(values: Mapping[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Separate the per-layer values (by family, then module name) from the others."""
-    others: dict[str, float] = {}
-    layers: dict[str, dict[str, float]] = {}
-    for tag, value in values.items():
-        match = _LAYER_TAG.fullmatch(tag)
-        if match:
-            layers.setdefault(match[1], {})[match[2]] = value
-        else:
-            others[tag] = value
-    return others, layers
+#: Per-layer values as the Monitor hands them to its writers: ``{quantity: {module name: value}}``,
+#: the quantities those of :data:`hessdiag.tags.LAYER_FAMILIES`, modules from the input to the output.
+LayerValues = Mapping[str, Mapping[str, float]]
 
 
-def shown_scalars(values: Mapping[str, float], *, per_layer_scalars: bool = False) -> dict[str, float]:
-    """The scalars to log for the `values` a Monitor hands its writers at one step.
+def shown_scalars(
+    values: Mapping[str, float], layers: LayerValues | None = None, *, per_layer_scalars: bool = False
+) -> dict[str, float]:
+    """The scalars to log for what a Monitor hands its writers at one step: `values` by tag and the
+    per-layer `layers`.
 
     Per-layer values become their largest, median and smallest finite value over layers (non-finite
     ones are counted by the explosion detector and would hide the rest); with `per_layer_scalars`
     they are logged one by one as well. Derived series are added where their inputs are present.
     """
-    shown, layers = split_layer_values(values)
-    for family, by_layer in layers.items():
+    shown = dict(values)
+    for family, by_layer in (layers or {}).items():
         finite = [v for v in by_layer.values() if math.isfinite(v)]
         if finite:
             summary = {"max": max(finite), "median": statistics.median(finite), "min": min(finite)}
             shown |= {layer_summary_tag(family, name): summary[name] for name in LAYER_STATISTICS}
         if per_layer_scalars:
-            shown |= {f"{PREFIX}/{family}/{name}": value for name, value in by_layer.items()}
-    if f"{PREFIX}/stability_ratio" in values:
+            shown |= {layer_tag(family, name): value for name, value in by_layer.items()}
+    if STABILITY_RATIO in values:
         shown[RATIO_LIMIT] = 1.0
-    lambda_min, certified = values.get(f"{PREFIX}/lambda_min"), values.get(f"{PREFIX}/negative_curvature_certified")
+    lambda_min, certified = values.get(LAMBDA_MIN), values.get(NEGATIVE_CURVATURE_CERTIFIED)
     if lambda_min is not None and certified is not None:
         shown[CERTIFIED_LAMBDA_MIN] = min(lambda_min, 0.0) if certified else 0.0
-    flags = [values[f"{PREFIX}/flags/{name}"] for name in FLAG_NAMES if f"{PREFIX}/flags/{name}" in values]
+    flags = [values[flag_tag(name)] for name in FLAG_NAMES if flag_tag(name) in values]
     if flags:
         shown[ACTIVE_FLAGS] = float(sum(flags))
     return shown
@@ -111,41 +103,41 @@ def _charts() -> dict[str, list[_Chart]]:
         layer_charts.append(
             (f"{meaning} over layers: max, median, min", [layer_summary_tag(family, s) for s in LAYER_STATISTICS])
         )
-        layer_charts.append((f"{meaning}, every layer ({p}/{family}/<module>)", [f"{p}/{family}/.*"]))
+        layer_charts.append((f"{meaning}, every layer ({layer_tag(family, '<module>')})", [layer_tag(family, ".*")]))
     onsets = f"spikes of {FLAG_ONSETS}: flag onsets"
     return {
         f"{p}: curvature": [
             (
-                f"sharpness ({p}/sharpness: lambda_max, preconditioned for Adam) vs. its stability threshold "
-                f"({p}/stability_threshold)",
-                [f"{p}/sharpness", f"{p}/stability_threshold"],
+                f"sharpness ({SHARPNESS}: lambda_max, preconditioned for Adam) vs. its stability threshold "
+                f"({STABILITY_THRESHOLD})",
+                [SHARPNESS, STABILITY_THRESHOLD],
             ),
             (
-                f"sharpness / threshold ({p}/stability_ratio); >= the line at 1: edge of stability; {onsets}",
-                [f"{p}/stability_ratio", RATIO_LIMIT, FLAG_ONSETS],
+                f"sharpness / threshold ({STABILITY_RATIO}); >= the line at 1: edge of stability; {onsets}",
+                [STABILITY_RATIO, RATIO_LIMIT, FLAG_ONSETS],
             ),
             (
                 f"lambda_min; {CERTIFIED_LAMBDA_MIN} below 0: negative curvature certified; {onsets}",
-                [f"{p}/lambda_min", CERTIFIED_LAMBDA_MIN, FLAG_ONSETS],
+                [LAMBDA_MIN, CERTIFIED_LAMBDA_MIN, FLAG_ONSETS],
             ),
-            (f"Hessian extremes of the loss: {p}/lambda_max, {p}/lambda_min", [f"{p}/lambda_max", f"{p}/lambda_min"]),
-            (f"loss change along the bottom eigenvector ({p}/loss_change_along_bottom)", [f"{p}/loss_change_along_bottom"]),
+            (f"Hessian extremes of the loss: {LAMBDA_MAX}, {LAMBDA_MIN}", [LAMBDA_MAX, LAMBDA_MIN]),
+            (f"loss change along the bottom eigenvector ({LOSS_CHANGE_ALONG_BOTTOM})", [LOSS_CHANGE_ALONG_BOTTOM]),
         ],
         f"{p}: flags (0 = clear, 1 = raised; set smoothing to 0)": [
             (f"active flags ({ACTIVE_FLAGS}) and {onsets}", [ACTIVE_FLAGS, FLAG_ONSETS]),
-            *[(f"{name} ({p}/flags/{name})", [f"{p}/flags/{name}"]) for name in FLAG_NAMES],
+            *[(f"{name} ({flag_tag(name)})", [flag_tag(name)]) for name in FLAG_NAMES],
         ],
         f"{p}: gradients": [
-            (f"gradient norm ({p}/grad_norm)", [f"{p}/grad_norm"]),
-            (f"training loss ({p}/loss)", [f"{p}/loss"]),
+            (f"gradient norm ({GRAD_NORM})", [GRAD_NORM]),
+            (f"training loss ({LOSS})", [LOSS]),
             *layer_charts,
-            (f"fp16 steps skipped for overflow ({p}/overflow_skips)", [f"{p}/overflow_skips"]),
+            (f"fp16 steps skipped for overflow ({OVERFLOW_SKIPS})", [OVERFLOW_SKIPS]),
         ],
         f"{p}: cost of the curvature checks": [
-            (f"Hessian-vector products per check ({p}/num_hvps)", [f"{p}/num_hvps"]),
-            (f"seconds per check ({p}/check_seconds)", [f"{p}/check_seconds"]),
-            (f"failed checks (1 = failed; {p}/check_failed)", [f"{p}/check_failed"]),
-            (f"Ritz residual bounds ({p}/residual_max, {p}/residual_min)", [f"{p}/residual_max", f"{p}/residual_min"]),
+            (f"Hessian-vector products per check ({NUM_HVPS})", [NUM_HVPS]),
+            (f"seconds per check ({CHECK_SECONDS})", [CHECK_SECONDS]),
+            (f"failed checks (1 = failed; {CHECK_FAILED})", [CHECK_FAILED]),
+            (f"Ritz residual bounds ({RESIDUAL_MAX}, {RESIDUAL_MIN})", [RESIDUAL_MAX, RESIDUAL_MIN]),
         ],
     }
 

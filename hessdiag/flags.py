@@ -21,7 +21,8 @@ class FlagEvent:
     """A flag raised (``kind="onset"``) or cleared, with the numbers behind it.
 
     Attributes:
-        name: one of :data:`FLAG_NAMES`.
+        name: the flag's name: one of :data:`FLAG_NAMES` for the built-in detectors, any other
+            non-empty string for a custom one.
         step: the optimizer step at which it happened.
         kind: ``"onset"`` or ``"cleared"``.
         severity: ``"info"``, ``"warning"`` or ``"critical"``.
@@ -30,7 +31,7 @@ class FlagEvent:
         summary: one line: what was seen.
 
     Raises:
-        ValueError: `name`, `kind` or `severity` outside the values above.
+        ValueError: an empty `name`, or `kind` or `severity` outside the values above.
     """
 
     name: str
@@ -42,7 +43,9 @@ class FlagEvent:
     summary: str = ""
 
     def __post_init__(self) -> None:
-        for attribute, allowed in (("name", FLAG_NAMES), ("kind", get_args(EventKind)), ("severity", get_args(Severity))):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"`name` must be a non-empty string, got {self.name!r}.")
+        for attribute, allowed in (("kind", get_args(EventKind)), ("severity", get_args(Severity))):
             if getattr(self, attribute) not in allowed:
                 raise ValueError(f"`{attribute}` must be one of {allowed}, got {getattr(self, attribute)!r}.")
 

@@ -1,4 +1,5 @@
-"""The TensorBoard writer: scalars, the dashboard layout, histograms, flag events, the density.
+"""The writer protocol, and the TensorBoard writer: scalars, the dashboard layout, histograms over
+layers, flag events, the density.
 
 The `Monitor` decides; writers show. A writer receives plain data (floats, tensors, `FlagEvent`s,
 `SpectralDensity`) and renders it; nothing here computes a diagnostic. What of it becomes a tag
@@ -8,40 +9,50 @@ is decided in :mod:`hessdiag.dashboard`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from hessdiag.dashboard import (
-    FLAG_ONSETS,
-    PREFIX,
-    layer_histogram_tag,
-    layout,
-    shown_scalars,
-    split_layer_values,
-    worst_layers,
-)
+from hessdiag.dashboard import LayerValues, layout, shown_scalars, worst_layers
 from hessdiag.flags import FlagEvent
 from hessdiag.spectrum import SpectralDensity
+from hessdiag.tags import EVENT_LOG, FLAG_ONSETS, FLAGS_PREFIX, PREFIX, SPECTRAL_DENSITY, WORST_LAYERS, event_tag, layer_histogram_tag
 
-__all__ = ["PREFIX", "DiagnosticsWriter", "TensorBoardWriter", "render_event"]
-
-EVENT_LOG = f"{PREFIX}/event_log"
-WORST_LAYERS = f"{PREFIX}/worst_layers"
+__all__ = ["PREFIX", "DiagnosticsWriter", "SummaryWriterLike", "TensorBoardWriter", "render_event"]
 
 
+@runtime_checkable
 class DiagnosticsWriter(Protocol):
-    """Where a `Monitor` sends what it found. Every method may be a no-op."""
+    """Where a `Monitor` sends what it found. Every method may be a no-op.
 
-    def scalars(self, step: int, values: Mapping[str, float]) -> None: ...
+    `scalars` gets the values by tag and the per-layer values as ``{quantity: {module: value}}``
+    (see :data:`hessdiag.dashboard.LayerValues`; empty at a curvature check);
+    :func:`hessdiag.dashboard.shown_scalars` turns both into the tags worth logging.
+    """
+
+    def scalars(self, step: int, values: Mapping[str, float], layers: LayerValues) -> None: ...
 
     def events(self, step: int, events: Sequence[FlagEvent]) -> None: ...
-
-    def histograms(self, step: int, values: Mapping[str, torch.Tensor]) -> None: ...
 
     def density(self, step: int, density: SpectralDensity) -> None: ...
 
     def text(self, step: int, tag: str, message: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+@runtime_checkable
+class SummaryWriterLike(Protocol):
+    """What :class:`TensorBoardWriter` calls: ``torch.utils.tensorboard.SummaryWriter`` and
+    Lightning's ``TensorBoardLogger.experiment`` have it."""
+
+    def add_scalar(self, tag, scalar_value, global_step=None) -> None: ...
+
+    def add_custom_scalars(self, layout) -> None: ...
+
+    def add_histogram(self, tag, values, global_step=None) -> None: ...
+
+    def add_text(self, tag, text_string, global_step=None) -> None: ...
 
     def flush(self) -> None: ...
 
@@ -94,12 +105,11 @@ class TensorBoardWriter:
         self._log_rows: list[str] = []
         self._last_step: int | None = None  # of the latest flag values, where the onset baseline ends
 
-    def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        shown = shown_scalars(values, per_layer_scalars=self.per_layer_scalars)
+    def scalars(self, step: int, values: Mapping[str, float], layers: LayerValues) -> None:
+        shown = shown_scalars(values, layers, per_layer_scalars=self.per_layer_scalars)
         if self.write_scalars:
             for tag, value in shown.items():
                 self.summary_writer.add_scalar(tag, value, step)
-        _, layers = split_layer_values(values)
         for family, by_layer in layers.items():
             finite = torch.tensor([v for v in by_layer.values()], dtype=torch.float64)
             finite = finite[torch.isfinite(finite)]
@@ -107,7 +117,7 @@ class TensorBoardWriter:
                 self.summary_writer.add_histogram(layer_histogram_tag(family), finite, step)
         if layers and self.worst_k:
             self.summary_writer.add_text(WORST_LAYERS, worst_layers(layers, self.worst_k), step)
-        if any(tag.startswith(f"{PREFIX}/flags/") for tag in values):
+        if any(tag.startswith(FLAGS_PREFIX) for tag in values):
             if self._last_step is None:  # the onset series' baseline starts with the run
                 self.summary_writer.add_scalar(FLAG_ONSETS, 0.0, step)
             self._last_step = step
@@ -130,7 +140,7 @@ class TensorBoardWriter:
             if event.kind == "onset":
                 self._raised_at[event.name] = event.step
                 onsets[event.step] = onsets.get(event.step, 0) + 1
-            self.summary_writer.add_text(f"{PREFIX}/events/{event.name}", render_event(event, raised_at), event.step)
+            self.summary_writer.add_text(event_tag(event.name), render_event(event, raised_at), event.step)
             what = "raised" if event.kind == "onset" else "cleared"
             self._log_rows.append(f"| {event.step} | {event.name} | {what} | {event.summary} |")
         # Each onset is a spike 0, n, 0 one step either side. Events of a read-back arrive after a
@@ -143,11 +153,6 @@ class TensorBoardWriter:
             table = "| step | flag | | what was seen |\n|---|---|---|---|\n" + "\n".join(self._log_rows)
             self.summary_writer.add_text(EVENT_LOG, f"Flag events so far, oldest first:\n\n{table}", step)
 
-    def histograms(self, step: int, values: Mapping[str, torch.Tensor]) -> None:
-        for tag, tensor in values.items():
-            if tensor.numel() and torch.isfinite(tensor).all():
-                self.summary_writer.add_histogram(tag, tensor.detach().float().cpu(), step)
-
     def density(self, step: int, density: SpectralDensity) -> None:
         """The smoothed spectral density as a histogram (buckets = grid cells, counts = mass)."""
         low, high = float(density.nodes.min()), float(density.nodes.max())
@@ -157,7 +162,7 @@ class TensorBoardWriter:
         mass = density.density(centers) * (edges[1] - edges[0])
         moments = density.moment(1), density.moment(2)
         self.summary_writer.add_histogram_raw(
-            f"{PREFIX}/spectral_density",
+            SPECTRAL_DENSITY,
             min=float(edges[0]),
             max=float(edges[-1]),
             num=float(mass.sum()),

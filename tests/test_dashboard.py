@@ -148,7 +148,7 @@ def test_scalar_tags_do_not_grow_with_depth(tmp_path, build):
     assert len(per_layer.Tags()["scalars"]) > 4 * layers  # the opt-in: every layer, four quantities
     # Per-layer detail is still there: a histogram over layers and the worst layers by name.
     for family in ("layer_grad_norms", "layer_grad_to_weights", "layer_weight_norms"):
-        assert default.Histograms(f"hessdiag/{family}")[-1].histogram_value.num == len(monitor.gradients.modules)
+        assert default.Histograms(f"hessdiag/{family}")[-1].histogram_value.num == len(monitor.statistics.gradients.modules)
     worst = texts(default, "hessdiag/worst_layers")[-1][1]
     rows = {row.split(" | ")[0].strip("| "): row for row in worst.splitlines()[2:]}
     assert len(rows) == 4  # the four per-layer quantities
@@ -179,12 +179,12 @@ def test_onsets_are_spikes_at_their_steps_and_the_event_log_reads_in_order(tmp_p
     onset series is a spike at each onset step and 0 everywhere else."""
     summary_writer = SummaryWriter(tmp_path)
     writer = TensorBoardWriter(summary_writer)
-    writer.scalars(10, flag_values())
-    writer.scalars(20, flag_values(["exploding"]))  # read-back of steps 11-20
+    writer.scalars(10, flag_values(), {})
+    writer.scalars(20, flag_values(["exploding"]), {})  # read-back of steps 11-20
     writer.events(20, [event("exploding", 12, "onset", "the loss rose")])
-    writer.scalars(20, {"hessdiag/lambda_max": 2.0} | flag_values(["exploding", "saddle"]))  # a check at 20
+    writer.scalars(20, {"hessdiag/lambda_max": 2.0} | flag_values(["exploding", "saddle"]), {})  # a check at 20
     writer.events(20, [event("saddle", 20, "onset", "negative curvature")])
-    writer.scalars(30, flag_values(["saddle"]))
+    writer.scalars(30, flag_values(["saddle"]), {})
     writer.events(30, [event("exploding", 27, "cleared", "the loss fell")])
     writer.flush()
     summary_writer.close()
@@ -224,14 +224,14 @@ def test_onset_steps_of_a_real_explosion_match_the_monitor(tmp_path):
 
 def test_shown_scalars_summarise_layers_and_keep_the_rest():
     values = {"hessdiag/grad_norm": 3.0, "hessdiag/lambda_min": -0.5, "hessdiag/negative_curvature_certified": 1.0}
-    values |= {f"hessdiag/layer_grad_norm/block{i}": float(i) for i in range(7)}
-    values["hessdiag/layer_grad_norm/broken"] = float("inf")
-    shown = shown_scalars(values)
+    layers = {"layer_grad_norm": {f"block{i}": float(i) for i in range(7)} | {"broken": float("inf")}}
+    shown = shown_scalars(values, layers)
     assert shown["hessdiag/grad_norm"] == 3.0 and not any("block" in tag for tag in shown)
     assert [shown[f"hessdiag/layers/grad_norm/{s}"] for s in ("max", "median", "min")] == [6.0, 3.0, 0.0]
     assert shown["hessdiag/lambda_min_certified"] == -0.5
     assert shown_scalars(values | {"hessdiag/negative_curvature_certified": 0.0})["hessdiag/lambda_min_certified"] == 0.0
-    assert shown_scalars(values, per_layer_scalars=True)["hessdiag/layer_grad_norm/block6"] == 6.0
+    assert shown_scalars(values, layers, per_layer_scalars=True)["hessdiag/layer_grad_norm/block6"] == 6.0
+    assert shown_scalars(values, {"layer_grad_norm": {"a/b.c": 2.0}}, per_layer_scalars=True)["hessdiag/layer_grad_norm/a/b.c"] == 2.0
 
 
 def test_the_first_auto_check_comes_early_and_a_run_without_checks_says_so_once(tmp_path):

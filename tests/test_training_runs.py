@@ -170,18 +170,21 @@ def test_diagnostics_leave_training_untouched(digits):
 
 
 class RecordingWriter:
-    """Keeps every scalar the monitor logs, by tag and step."""
+    """Keeps every scalar the monitor logs, by tag and step, and every per-layer value, by quantity,
+    module and step."""
 
     def __init__(self):
         self.logged = {}
+        self.layers = {}
 
-    def scalars(self, step, values):
+    def scalars(self, step, values, layers):
         for tag, value in values.items():
             self.logged.setdefault(tag, {})[step] = value
+        for family, by_layer in layers.items():
+            for module, value in by_layer.items():
+                self.layers.setdefault(family, {}).setdefault(module, {})[step] = value
 
     def events(self, step, events): ...
-
-    def histograms(self, step, values): ...
 
     def density(self, step, density): ...
 
@@ -210,13 +213,13 @@ def test_update_ratios_are_the_relative_step_sgd_took(digits):
         expected[step + 1] = (0.05 * grad_norm / weight_norm).item()  # seen at the next observe
         optimizer.step()
         monitor.after_step(batch, cross_entropy(model, batch).detach())
-    logged = writer.logged["hessdiag/layer_update_ratio/0"]
+    logged = writer.layers["layer_update_ratio"]["0"]
     assert sorted(logged) == [4, 8, 12]
     for step, value in logged.items():
         assert value == pytest.approx(expected[step], rel=1e-5)
-    assert "hessdiag/layer_update_ratio/2" in writer.logged
+    assert "2" in writer.layers["layer_update_ratio"]
     final_weight_norm = torch.cat([p.detach().flatten() for p in model[0].parameters()]).norm().item()
-    assert writer.logged["hessdiag/layer_weight_norm/0"][12] == pytest.approx(final_weight_norm, rel=1e-6)
+    assert writer.layers["layer_weight_norm"]["0"][12] == pytest.approx(final_weight_norm, rel=1e-6)
 
 
 @pytest.mark.parametrize("with_scaler", [True, False])
@@ -258,12 +261,12 @@ def test_loss_scaler_overflow_skips_are_not_explosions(digits, with_scaler):
 class BrokenWriter(RecordingWriter):
     """A writer whose disk is full."""
 
-    def scalars(self, step, values):
+    def scalars(self, step, values, layers):
         raise OSError("No space left on device")
 
 
 class BrokenDetector(PlateauDetector):
-    def update(self, step, **inputs):
+    def observe(self, record):
         raise ZeroDivisionError("a bug in a custom detector")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from hessdiag.detectors._common import Detector, check_positive
+from hessdiag.detectors.records import CheckRecord, Record
 from hessdiag.flags import FlagEvent
 
 
@@ -47,6 +48,12 @@ class EdgeOfStabilityDetector(Detector):
         self.clear_ratio = check_positive("clear_ratio", clear_ratio)
         if self.clear_ratio > self.ratio:
             raise ValueError(f"`clear_ratio` ({clear_ratio}) must be at most `ratio` ({ratio}).")
+
+    def observe(self, record: Record) -> list[FlagEvent]:
+        """Judge a curvature check that has a stability threshold; other records say nothing."""
+        if not isinstance(record, CheckRecord) or record.stability_threshold is None:
+            return []
+        return self.update(record.step, record.sharpness, record.stability_threshold)
 
     def update(self, step: int, sharpness: float, threshold: float) -> list[FlagEvent]:
         """Judge one curvature check: `sharpness` against the optimizer's stability `threshold`.

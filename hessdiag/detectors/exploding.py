@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hessdiag.detectors._common import Detector, check_count, check_positive
+from hessdiag.detectors.records import Record, StepRecord
 from hessdiag.flags import FlagEvent
 
 
@@ -108,6 +109,18 @@ class ExplodingGradientDetector(Detector):
         self.norms: deque[float] = deque(maxlen=self.window)
         self.losses: deque[float] = deque(maxlen=self.window)
         self.layer_history: dict[str, deque[float]] = {}
+
+    def observe(self, record: Record) -> list[FlagEvent]:
+        """Judge a step with its loss. Without gradient statistics only a non-finite loss is judged
+        (as critical, at once); other records say nothing."""
+        if not isinstance(record, StepRecord) or record.loss is None:
+            return []
+        if record.grad_norm is None:
+            return [] if math.isfinite(record.loss) else self.update(record.step, record.loss, math.nan)
+        return self.update(
+            record.step, record.loss, record.grad_norm, layer_ratios=dict(record.layer_ratios),
+            nonfinite_count=record.nonfinite_tensors, overflow_skip=record.overflow_skip,
+        )  # fmt: skip
 
     def update(
         self,

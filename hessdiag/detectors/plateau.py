@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hessdiag.detectors._common import Detector, check_count, check_finite, check_optional_positive, check_positive
+from hessdiag.detectors.records import Record, StepRecord
 from hessdiag.flags import FlagEvent
 
 
@@ -97,6 +98,12 @@ class PlateauDetector(Detector):
         self.peak_grad_norm = 0.0
         self.peak_loss_left = 0.0  # the largest quarter mean of loss - loss_floor so far
         self.lambda_max = 0.0  # from the latest curvature check; 0: none yet
+
+    def observe(self, record: Record) -> list[FlagEvent]:
+        """Judge a step with its loss and gradient statistics; other records say nothing."""
+        if not isinstance(record, StepRecord) or record.loss is None or record.grad_norm is None:
+            return []
+        return self.update(record.step, record.loss, record.grad_norm, lambda_max=record.lambda_max)
 
     def update(self, step: int, loss: float, grad_norm: float, lambda_max: float | None = None) -> list[FlagEvent]:
         """Judge one optimizer step from its training `loss` and global gradient L2 norm `grad_norm`.

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from hessdiag.detectors._common import Detector, check_finite, check_optional_positive, check_positive
+from hessdiag.detectors.records import CheckRecord, Record
 from hessdiag.flags import FlagEvent
 
 Classification = Literal["unknown", "not critical", "degenerate", "saddle", "minimum-like"]
@@ -84,6 +85,16 @@ class SaddleDetector(Detector):
         self.loss_floor = check_finite("loss_floor", loss_floor)
         self.flat_tol = check_positive("flat_tol", flat_tol)
         self.classification: Classification = "unknown"
+
+    def observe(self, record: Record) -> list[FlagEvent]:
+        """Judge a curvature check; other records say nothing."""
+        if not isinstance(record, CheckRecord):
+            return []
+        return self.update(
+            record.step, grad_norm=record.grad_norm, lambda_max=record.lambda_max, lambda_min=record.lambda_min,
+            negative_certified=record.negative_curvature_certified, loss=record.loss,
+            loss_change_along_bottom=record.loss_change_along_bottom,
+        )  # fmt: skip
 
     def update(
         self,

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hessdiag.detectors._common import Detector, check_positive
+from hessdiag.detectors.records import Record, StepRecord
 from hessdiag.flags import FlagEvent
 
 
@@ -71,6 +72,12 @@ class VanishingGradientDetector(Detector):
         self.depth_ratio = check_positive("depth_ratio", depth_ratio, upper=1.0)
         self.min_ratio = check_positive("min_ratio", min_ratio, upper=1.0)
         self.peak_global_ratio = 0.0
+
+    def observe(self, record: Record) -> list[FlagEvent]:
+        """Judge a step with gradient statistics; other records say nothing."""
+        if not isinstance(record, StepRecord) or record.grad_norm is None:
+            return []
+        return self.update(record.step, record.layer_grad_norms, record.layer_weight_norms)
 
     def update(
         self,

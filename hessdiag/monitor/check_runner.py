@@ -1,0 +1,185 @@
+"""Runs the curvature checks through the probe: the out-of-memory retry, and the history of checks.
+
+Out of memory, a check is retried twice, each time on half the samples, starting cold; the size that
+fitted is kept for the next checks. The probe is asked to change itself (``shrink_sub_batch``,
+``forget_warm_start``): the runner never writes its attributes. A check that still fails is the
+caller's to report (:meth:`CheckRunner.failed` keeps it and backs the schedule off).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hessdiag._isolation import unwrap_model
+from hessdiag.batches import sub_batch_base
+from hessdiag.curvature import CurvatureCheck, CurvatureProbe
+from hessdiag.detectors import CheckRecord
+from hessdiag.errors import HessdiagError
+from hessdiag.operator import LOW_PRECISION_ROUNDING
+from hessdiag.monitor.faults import FaultPolicy
+from hessdiag.schedule import CheckSchedule
+from hessdiag.tags import (
+    CHECK_FAILED,
+    CHECK_GRAD_NORM,
+    CHECK_LOSS,
+    CHECK_SECONDS,
+    LAMBDA_MAX,
+    LAMBDA_MIN,
+    LOSS_CHANGE_ALONG_BOTTOM,
+    NEGATIVE_CURVATURE_CERTIFIED,
+    NUM_HVPS,
+    PRODUCT_ERROR,
+    RESIDUAL_MAX,
+    RESIDUAL_MIN,
+    SHARPNESS,
+    STABILITY_RATIO,
+    STABILITY_THRESHOLD,
+)
+
+#: Tries of one check: the first, then two on half the samples each.
+ATTEMPTS = 3
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device (or host) allocation failed: worth a retry on fewer samples."""
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+class CheckRunner:
+    """Curvature checks of `probe` with the out-of-memory retry, and what became of them.
+
+    Args:
+        model: the network (its parameters' dtype sets the precision warning).
+        probe: runs one check.
+        schedule: told how long each check took, and of each failure (it backs off).
+        faults: reports the retry and the precision problem once; with ``strict`` nothing is retried.
+
+    Attributes:
+        checks: the checks that succeeded, in order.
+        failed_checks: ``(step, reason)`` of each check that failed.
+    """
+
+    def __init__(self, model: nn.Module, probe: CurvatureProbe, schedule: CheckSchedule, faults: FaultPolicy) -> None:
+        self.model = model
+        self.probe = probe
+        self.schedule = schedule
+        self._faults = faults
+        self.checks: list[CurvatureCheck] = []
+        self.failed_checks: list[tuple[int, str]] = []
+
+    def run(
+        self, step: int, batch: Any, optimizer: torch.optim.Optimizer | None, device: torch.device
+    ) -> CurvatureCheck:
+        """One check on `batch` at `step`, kept in :attr:`checks`; raises the error of the last try
+        when none succeeded. `device`: where the schedule times the check."""
+        check = self._run(step, batch, optimizer)
+        self.checks.append(check)
+        self.schedule.check_finished(step, check.seconds, device)
+        return check
+
+    def failed(self, step: int, error: BaseException) -> str:
+        """Keep a failed check, back the schedule off and warn once per kind of error; returns the message."""
+        self.schedule.check_failed(step)
+        kind = type(error).__name__
+        expected = isinstance(error, (HessdiagError, ValueError, RuntimeError))
+        message = (
+            f"hessdiag: the curvature check at step {step} failed ({kind}: {error}). Training continues; "
+            f"the next check is at step {self.schedule.next_check}."
+        )
+        self._faults.warn_once(kind if expected else "unexpected", message)
+        self.failed_checks.append((step, f"{kind}: {error}"))
+        return message
+
+    def no_check_message(self, steps: int) -> str:
+        """Why a run of `steps` steps has no curvature (for the end of training)."""
+        if self.failed_checks:
+            last_step, reason = self.failed_checks[-1]
+            return (
+                f"hessdiag: no curvature check succeeded in these {steps} steps: {len(self.failed_checks)} "
+                f"failed, the last at step {last_step} ({reason})."
+            )
+        return (
+            f"hessdiag: no curvature check ran in these {steps} steps (the first was due at step "
+            f"{self.schedule.next_check}). Lower `check_every`, or train longer, to see curvature."
+        )
+
+    def _run(self, step: int, batch: Any, optimizer: torch.optim.Optimizer | None) -> CurvatureCheck:
+        sub_batch = None
+        for attempt in range(ATTEMPTS):
+            try:
+                check = self.probe.run(step, batch, optimizer, sub_batch=sub_batch)
+            except Exception as error:
+                if self._faults.strict or not is_out_of_memory(error) or attempt == ATTEMPTS - 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                sub_batch = max(1, (sub_batch or self.probe.sub_batch or sub_batch_base(batch) or 2) // 2)
+                self._faults.warn_once("oom", f"Out of memory in a curvature check; retrying on {sub_batch} samples.")
+                self.probe.forget_warm_start()
+                continue
+            if sub_batch is not None:  # keep the size that fits for the next checks
+                self.probe.shrink_sub_batch(sub_batch)
+            return check
+        raise AssertionError("unreachable: the last try returns or raises")
+
+    def warn_low_precision(self, tol: float) -> None:
+        """bfloat16/float16 parameters: every product carries the dtype's rounding, which the proven
+        bounds include, so a `tol` below it is never met and each check runs to `max_iter`. Looked at
+        on construction and at each check (Lightning's "bf16-true" converts the model after setup)."""
+        coarse = {
+            p.dtype for p in unwrap_model(self.model).parameters()
+            if p.requires_grad and torch.finfo(p.dtype).eps > torch.finfo(torch.float32).eps
+        }  # fmt: skip
+        if not coarse:
+            return
+        eps = max(torch.finfo(dtype).eps for dtype in coarse)
+        if tol < 4 * LOW_PRECISION_ROUNDING * eps:
+            self._faults.warn_once(
+                "low precision",
+                f"hessdiag: the model's parameters are {sorted(map(str, coarse))}: each Hessian-vector product carries "
+                f"their rounding (about {eps:.1g} of ||H||), which the proven bounds include, so `tol`={tol:g} is not "
+                f"reached and every check runs to `max_iter`. Keep float32 parameters under autocast (the checks then "
+                f"run in float32), or pass `tol` >= {4 * LOW_PRECISION_ROUNDING * eps:.2g}.",
+            )
+
+
+def check_record(check: CurvatureCheck) -> CheckRecord:
+    """What the detectors see of a check."""
+    return CheckRecord(
+        step=check.step,
+        loss=check.loss,
+        grad_norm=check.grad_norm,
+        lambda_max=check.lambda_max,
+        lambda_min=check.lambda_min,
+        negative_curvature_certified=check.negative_curvature_certified,
+        loss_change_along_bottom=check.loss_change_along_bottom,
+        sharpness=check.sharpness,
+        stability_threshold=check.stability.threshold if check.stability is not None else None,
+    )
+
+
+def check_scalars(check: CurvatureCheck) -> dict[str, float]:
+    """The scalars a check logs, by tag."""
+    scalars = {
+        LAMBDA_MAX: check.lambda_max,
+        LAMBDA_MIN: check.lambda_min,
+        NEGATIVE_CURVATURE_CERTIFIED: float(check.negative_curvature_certified),
+        RESIDUAL_MAX: check.residual_max,
+        RESIDUAL_MIN: check.residual_min,
+        NUM_HVPS: float(check.num_hvps),
+        CHECK_SECONDS: check.seconds,
+        CHECK_LOSS: check.loss,
+        CHECK_GRAD_NORM: check.grad_norm,
+        PRODUCT_ERROR: check.product_error,
+        CHECK_FAILED: 0.0,
+    }
+    if check.stability is not None:
+        scalars[SHARPNESS] = check.sharpness
+        scalars[STABILITY_THRESHOLD] = check.stability.threshold
+        scalars[STABILITY_RATIO] = check.stability_ratio
+    if check.loss_change_along_bottom is not None:
+        scalars[LOSS_CHANGE_ALONG_BOTTOM] = check.loss_change_along_bottom
+    return scalars

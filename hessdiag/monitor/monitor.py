@@ -1,0 +1,387 @@
+"""`Monitor`: the diagnostics of hessdiag for a hand-written PyTorch training loop.
+
+It conducts the parts that do the work: the per-step statistics (:mod:`.step_statistics`), the
+curvature checks (:mod:`.check_runner`), the detectors (every record to every detector, see
+:mod:`hessdiag.detectors`), the fault policy (:mod:`.faults`) and the writers (:mod:`.writers`).
+A loop calls it at two points::
+
+    monitor = hessdiag.Monitor(model, loss_fn, optimizer=optimizer, writer=SummaryWriter("runs/x"))
+    for batch in loader:
+        optimizer.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        monitor.after_backward()         # gradient statistics on the device, no host sync
+        optimizer.step()
+        monitor.after_step(batch, loss)  # every `log_every` steps: read back, detect, log;
+                                         # every `check_every` steps: curvature on `batch`
+
+Under gradient accumulation pass the step's micro-batches as ``hessdiag.MicroBatches([...])`` and
+the step's mean loss: the check then measures the loss the optimizer steps on.
+
+The per-step path never synchronises host and device: statistics stay on the device and are read
+back in one transfer every `log_every` steps. Diagnostics never change the run (parameters,
+buffers, optimizer state, RNG, ``.grad``) and never crash it: a failing check is reported once,
+backs off, and training goes on; any other fault inside (a writer, a detector, a malformed loss) is
+reported once and skipped (``strict=True`` re-raises instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from hessdiag._isolation import ModelMode
+from hessdiag.curvature import CurvatureCheck, CurvatureProbe, RankWeighting
+from hessdiag.detectors import FlagDetector
+from hessdiag.flags import FlagEvent
+from hessdiag.operator import HVPMethod, LossFn
+from hessdiag.monitor.check_runner import CheckRunner, check_record, check_scalars
+from hessdiag.monitor.detection import Detection
+from hessdiag.monitor.faults import FaultPolicy
+from hessdiag.monitor.step_statistics import StepStatistics
+from hessdiag.monitor.writers import WriterFanOut, resolve_writers
+from hessdiag.schedule import CheckEvery, CheckSchedule
+from hessdiag.settings import DiagnosticsSettings, resolve_detectors
+from hessdiag.tags import CHECK_FAILED, HVP_METHOD, event_tag, note_tag
+
+
+class Monitor:
+    """Gradient statistics every step, curvature every `check_every` steps, flags, TensorBoard.
+
+    Args:
+        model: the network being trained (a DDP wrapper is fine).
+        loss_fn: ``loss_fn(model, batch) -> scalar``, the training loss; needed for curvature checks.
+        optimizer: read for the stability threshold (SGD, momentum, Nesterov, Adam, AdamW) and
+            Adam's preconditioner; never modified.
+        writer: a ``torch.utils.tensorboard.SummaryWriter``, a :class:`DiagnosticsWriter`, a list of
+            either, or None.
+        check_every: optimizer steps between curvature checks (0: never), or ``"auto"`` (default):
+            checks take at most `overhead_budget` of the wall time, at most one per 100 steps
+            (see :mod:`hessdiag.schedule`).
+        overhead_budget: share of the wall time the checks may take with ``check_every="auto"``.
+        log_every: steps between read-backs of the gradient statistics (detection and logging).
+        sub_batch: samples of the batch used by a curvature check (default: the whole batch; of each
+            micro-batch for :class:`~hessdiag.MicroBatches`). Every tensor of the batch is cut along
+            its first dimension; a batch whose tensors differ there is refused (the check fails
+            with a warning naming `sub_batch`).
+        k, tol, max_iter, cold_every, hvp_method, params: see :class:`CurvatureProbe`.
+        mode: the module modes of a check: ``"as_is"`` (default): each module keeps the mode it had
+            in the training step (a frozen backbone held in eval stays in eval); ``"train"`` or
+            ``"eval"``: the whole model in that mode.
+        rank_weighting: under data parallelism, ``"equal"`` (default): the check's loss is the mean
+            of the ranks' mean losses, which is what DDP's gradient averaging descends;
+            ``"samples"``: the mean over all the ranks' samples.
+        density_every: every n-th check also logs the spectral density (0: never).
+        detectors: the detectors to run: flag names (defaults) or detector instances (default: one of
+            each, with default thresholds).
+        grad_scaler: the ``torch.amp.GradScaler`` of an fp16 mixed-precision loop (call
+            :meth:`after_backward` after ``scaler.unscale_(optimizer)``). Steps whose gradients
+            overflow are then skipped steps of the scaler, not explosions: they are counted
+            (``overflow_skips``) and not judged, unless many come in a row (see
+            :class:`ExplodingGradientDetector`).
+        update_ratios: also log each layer's update-to-weight ratio ||delta theta|| / ||theta|| per
+            read-back (the step the optimizer really took; for Adam it is not lr ||g|| / ||theta||).
+            Keeps a copy of the parameters on their device.
+        strict: re-raise errors of the diagnostics instead of warning and backing off.
+
+    :meth:`from_settings` builds one from a :class:`~hessdiag.settings.DiagnosticsSettings` already
+    validated (the Lightning callback shares its own).
+
+    Raises:
+        ValueError: a bad argument, named in the message.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        writer: Any = None,
+        check_every: CheckEvery = "auto",
+        overhead_budget: float = 0.05,
+        log_every: int = 10,
+        sub_batch: int | None = None,
+        k: int = 1,
+        tol: float = 1e-3,
+        max_iter: int | None = None,
+        cold_every: int = 5,
+        density_every: int = 10,
+        mode: ModelMode = "as_is",
+        hvp_method: HVPMethod = "auto",
+        params: Iterable[torch.Tensor] | None = None,
+        rank_weighting: RankWeighting = "equal",
+        detectors: Sequence[Any] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        update_ratios: bool = False,
+        strict: bool = False,
+    ) -> None:
+        self._assemble(
+            model, loss_fn,
+            DiagnosticsSettings(
+                check_every=check_every, overhead_budget=overhead_budget, log_every=log_every, sub_batch=sub_batch,
+                k=k, tol=tol, max_iter=max_iter, cold_every=cold_every, density_every=density_every, mode=mode,
+                hvp_method=hvp_method, rank_weighting=rank_weighting, update_ratios=update_ratios, strict=strict,
+            ),
+            optimizer=optimizer, writer=writer, params=params, detectors=detectors, grad_scaler=grad_scaler,
+        )  # fmt: skip
+
+    @classmethod
+    def from_settings(
+        cls,
+        model: nn.Module,
+        loss_fn: LossFn | None,
+        settings: DiagnosticsSettings,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        writer: Any = None,
+        params: Iterable[torch.Tensor] | None = None,
+        detectors: Sequence[Any] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> Monitor:
+        """A Monitor computing what `settings` says (validated when they were built, not again)."""
+        monitor = cls.__new__(cls)
+        monitor._assemble(
+            model, loss_fn, settings, optimizer=optimizer, writer=writer, params=params, detectors=detectors,
+            grad_scaler=grad_scaler,
+        )  # fmt: skip
+        return monitor
+
+    def _assemble(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None,
+        settings: DiagnosticsSettings,
+        *,
+        optimizer: torch.optim.Optimizer | None,
+        writer: Any,
+        params: Iterable[torch.Tensor] | None,
+        detectors: Sequence[Any] | None,
+        grad_scaler: torch.amp.GradScaler | None,
+    ) -> None:
+        schedule = CheckSchedule(settings.check_every, settings.overhead_budget)
+        _check_arguments(model, loss_fn, optimizer, grad_scaler, checks=schedule.enabled)
+        self.settings = settings
+        self.model = model
+        self.schedule = schedule
+        self._optimizer = optimizer
+        self._step = 0
+        self.faults = FaultPolicy(strict=settings.strict, current_step=lambda: self._step)
+        self.writers = WriterFanOut(resolve_writers(writer), self.faults)
+        self.statistics = StepStatistics(
+            model, track_updates=settings.update_ratios, grad_scaler=grad_scaler, faults=self.faults
+        )
+        self.probe = _probe(model, loss_fn, settings, params) if loss_fn is not None else None
+        self._runner = CheckRunner(model, self.probe, schedule, self.faults) if self.probe is not None else None
+        self.detection = Detection(resolve_detectors(detectors), self.faults)
+        self.writers.remember(self.detection.flag_scalars())  # the flags exist from the start
+        if self._runner is not None and self.schedule.enabled:
+            self._runner.warn_low_precision(settings.tol)
+
+    # -- what the loop and the adapters read ---------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (counted by :meth:`after_step`, or adopted from its `step`)."""
+        return self._step
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer the stability threshold reads (see :meth:`use_optimizer`)."""
+        return self._optimizer
+
+    @property
+    def latest(self) -> dict[str, float]:
+        """The last value of every scalar tag, as written at the last read-back or check (host floats)."""
+        return self.writers.latest
+
+    @property
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        return self.statistics.grad_scaler
+
+    @property
+    def overflow_skips(self) -> int:
+        """Steps the fp16 loss scaler skipped for overflow, so far."""
+        return self.statistics.overflow_skips
+
+    @property
+    def detectors(self) -> dict[str, FlagDetector]:
+        """The detectors by flag name."""
+        return self.detection.detectors
+
+    @property
+    def events(self) -> list[FlagEvent]:
+        """Every flag event so far, in order."""
+        return self.detection.events
+
+    @property
+    def active_flags(self) -> list[str]:
+        """Names of the flags raised now."""
+        return self.detection.active_flags
+
+    @property
+    def checks(self) -> list[CurvatureCheck]:
+        """The curvature checks that succeeded, in order."""
+        return self._runner.checks if self._runner is not None else []
+
+    @property
+    def failed_checks(self) -> list[tuple[int, str]]:
+        """``(step, reason)`` of each check that failed."""
+        return self._runner.failed_checks if self._runner is not None else []
+
+    @property
+    def last_check(self) -> CurvatureCheck | None:
+        return self.checks[-1] if self.checks else None
+
+    def use_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Read `optimizer` for the stability threshold from now on (never modified)."""
+        _check_arguments(self.model, None, optimizer, None, checks=False)
+        self._optimizer = optimizer
+
+    def read_back_due(self, step: int) -> bool:
+        """Whether :meth:`after_step` reads back (detects, logs) at optimizer step `step`."""
+        return step % self.settings.log_every == 0
+
+    def check_due(self, step: int) -> bool:
+        """Whether a curvature check is due at optimizer step `step` (the same on every rank)."""
+        return self.probe is not None and self.schedule.due(step)
+
+    # -- the loop's two calls ----------------------------------------------------------------
+    def after_backward(self) -> None:
+        """Record this step's gradient statistics; call when the gradients are final (accumulated,
+        all-reduced, unscaled). No host-device synchronisation: values stay on the device. Calling it
+        several times before :meth:`after_step` (an LBFGS closure) still makes one record of the step."""
+        with self.guard("the gradient statistics"):
+            self.statistics.observe_gradients(self._step + 1)
+
+    def after_step(
+        self, batch: Any = None, loss: torch.Tensor | float | None = None, *, step: int | None = None
+    ) -> list[FlagEvent]:
+        """Count an optimizer step and its `loss`; read back, detect and log every `log_every` steps;
+        run a curvature check on `batch` every `check_every` steps. Returns the new flag events.
+
+        `step`: the optimizer steps taken including this one (Lightning's ``trainer.global_step``
+        at ``on_train_batch_end``), adopted instead of counting. `loss` is copied (one kernel, no
+        host read), so a buffer the loop reuses is safe to pass.
+        """
+        self._step = self._step + 1 if step is None else step
+        events: list[FlagEvent] = []
+        if loss is not None:
+            with self.guard("the per-step statistics"):
+                self.statistics.add_loss(self._step, loss)
+        if self.read_back_due(self._step):
+            events += self.read_back()
+        self.schedule.step_finished()
+        if batch is not None and self.check_due(self._step):
+            events += self.check_curvature(batch)
+        return events
+
+    def read_back(self) -> list[FlagEvent]:
+        """Read back and judge the steps since the last read-back now (one transfer); log them.
+        Returns the new flag events.
+
+        Every step's record goes to the detectors in order, so their hysteresis counts optimizer
+        steps, not read-backs: an onset carries the step it became true, and is known at the first
+        read-back after it (at most `log_every` - 1 steps later).
+        """
+        events: list[FlagEvent] = []
+        with self.guard("the per-step statistics"):
+            readout = self.statistics.read(self.checks[-1].lambda_max if self.checks else None)
+            if readout is not None:
+                events = self.detection.observe(readout.records)
+                self.writers.emit(readout.step, readout.values | self.detection.flag_scalars(), readout.layers, events)
+        return events
+
+    # -- curvature ---------------------------------------------------------------------------
+    def check_curvature(self, batch: Any) -> list[FlagEvent]:
+        """Run a curvature check on `batch` now; every detector observes it. A check that fails is
+        reported once per kind of error and backs off; training goes on."""
+        assert self._runner is not None, "no loss_fn was given"
+        self._runner.warn_low_precision(self.settings.tol)
+        try:
+            check = self._runner.run(self._step, batch, self._optimizer, self.statistics.device)
+        except Exception as error:  # diagnostics must never crash training
+            if self.faults.strict:
+                raise
+            message = self._runner.failed(self._step, error)
+            self.writers.scalars(self._step, {CHECK_FAILED: 1.0} | self.detection.flag_scalars(), {})
+            self.writers.text(self._step, event_tag("check_failed"), message)
+            return []
+        events = self.detection.observe([check_record(check)])
+        self.writers.emit(check.step, check_scalars(check) | self.detection.flag_scalars(), {}, events, check.density)
+        previous = self.checks[-2] if len(self.checks) > 1 else None
+        if previous is None or previous.hvp_method != check.hvp_method:  # the text when the choice changes
+            method = f"{check.hvp_method} ({check.hvp_method_reason}); product error {check.product_error:.3g}"
+            self.writers.text(check.step, HVP_METHOD, method)
+        return events
+
+    # -- faults and writers --------------------------------------------------------------------
+    def guard(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """Diagnostics never crash training: an error inside is warned about once and skipped
+        (``strict=True`` re-raises). Public so that adapters run user hooks (``on_flag``) under it."""
+        return self.faults.guard(what)
+
+    def note(self, key: str, message: str) -> None:
+        """Report a fallback once: a warning, and a text entry on the dashboard."""
+        if self.faults.warn_once(key, message):
+            self.writers.text(self._step, note_tag(key), message)
+
+    def flush(self) -> None:
+        """Read back pending statistics and flush the writers (call at the end of training)."""
+        self.read_back()
+        if self._runner is not None and self.schedule.enabled and self._step and not self.checks:
+            message = self._runner.no_check_message(self._step)
+            if not self.faults.warned("no check"):
+                self.writers.text(self._step, event_tag("no_check"), message)
+            self.faults.warn_once("no check", message)
+        self.writers.flush()
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Step, warm-start vectors, detector windows and the flag history (primitives and tensors)."""
+        return {
+            "step": self._step,
+            "schedule": self.schedule.state_dict(),
+            "probe": self.probe.state_dict() if self.probe is not None else {},
+            **self.detection.state_dict(),  # "detectors" and "events"
+            "overflow_skips": self.statistics.overflow_skips,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; keys missing in older checkpoints keep their defaults."""
+        self._step = int(state.get("step", 0))
+        self.schedule.load_state_dict(state.get("schedule", {}))
+        self.statistics.load_state_dict({"overflow_skips": state.get("overflow_skips", 0)})
+        if self.probe is not None:
+            self.probe.load_state_dict(state.get("probe", {}))
+        self.detection.load_state_dict(state)
+        self.writers.remember(self.detection.flag_scalars())
+
+
+def _check_arguments(
+    model: Any, loss_fn: Any, optimizer: Any, grad_scaler: Any, *, checks: bool
+) -> None:
+    """ValueError naming the first argument that is not what the Monitor needs."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if checks and loss_fn is None:
+        raise ValueError("`loss_fn` is required for curvature checks (or set `check_every=0`).")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ValueError(f"`loss_fn` must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}.")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+    if grad_scaler is not None and not callable(getattr(grad_scaler, "is_enabled", None)):
+        raise ValueError(f"`grad_scaler` must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}.")
+
+
+def _probe(
+    model: nn.Module, loss_fn: LossFn, settings: DiagnosticsSettings, params: Iterable[torch.Tensor] | None
+) -> CurvatureProbe:
+    return CurvatureProbe(
+        model, loss_fn, k=settings.k, tol=settings.tol, max_iter=settings.max_iter, cold_every=settings.cold_every,
+        sub_batch=settings.sub_batch, mode=settings.mode, hvp_method=settings.hvp_method, params=params,
+        rank_weighting=settings.rank_weighting, density_every=settings.density_every,
+    )  # fmt: skip

@@ -1,0 +1,95 @@
+"""Every TensorBoard / logger tag hessdiag writes, named in one place.
+
+All tags live under ``hessdiag/``. The Monitor, the dashboard layout, the TensorBoard writer and the
+CLI's summary read their names from here, so a renamed tag changes in one line. Per-layer values are
+not tags until a writer shows them: they travel as ``{quantity: {module: value}}`` (see
+:data:`LAYER_FAMILIES`) and only :func:`layer_tag`, :func:`layer_summary_tag` and
+:func:`layer_histogram_tag` turn them into names.
+"""
+
+from __future__ import annotations
+
+PREFIX = "hessdiag"
+
+
+def tag(name: str) -> str:
+    """``hessdiag/<name>``."""
+    return f"{PREFIX}/{name}"
+
+
+# -- per-step statistics (at each read-back) -------------------------------------------------------
+GRAD_NORM = tag("grad_norm")
+LOSS = tag("loss")
+OVERFLOW_SKIPS = tag("overflow_skips")
+
+# -- curvature checks ---------------------------------------------------------------------------
+LAMBDA_MAX = tag("lambda_max")
+LAMBDA_MIN = tag("lambda_min")
+NEGATIVE_CURVATURE_CERTIFIED = tag("negative_curvature_certified")
+RESIDUAL_MAX = tag("residual_max")
+RESIDUAL_MIN = tag("residual_min")
+NUM_HVPS = tag("num_hvps")
+CHECK_SECONDS = tag("check_seconds")
+CHECK_LOSS = tag("check_loss")
+CHECK_GRAD_NORM = tag("check_grad_norm")
+PRODUCT_ERROR = tag("product_error")
+CHECK_FAILED = tag("check_failed")
+SHARPNESS = tag("sharpness")
+STABILITY_THRESHOLD = tag("stability_threshold")
+STABILITY_RATIO = tag("stability_ratio")
+LOSS_CHANGE_ALONG_BOTTOM = tag("loss_change_along_bottom")
+SPECTRAL_DENSITY = tag("spectral_density")
+
+# -- derived series the dashboard adds (see hessdiag.dashboard.shown_scalars) -------------------
+RATIO_LIMIT = tag("stability_ratio_limit")
+CERTIFIED_LAMBDA_MIN = tag("lambda_min_certified")
+ACTIVE_FLAGS = tag("active_flags")
+FLAG_ONSETS = tag("flag_onsets")
+
+# -- text --------------------------------------------------------------------------------------
+HVP_METHOD = tag("hvp_method")
+EVENT_LOG = tag("event_log")
+WORST_LAYERS = tag("worst_layers")
+
+
+def flag_tag(name: str) -> str:
+    """0/1 series of a flag: ``hessdiag/flags/<name>``."""
+    return f"{PREFIX}/flags/{name}"
+
+
+FLAGS_PREFIX = flag_tag("")
+
+
+def event_tag(name: str) -> str:
+    """Text cards of a flag's events or of a diagnostics event: ``hessdiag/events/<name>``."""
+    return f"{PREFIX}/events/{name}"
+
+
+def note_tag(key: str) -> str:
+    """Text of a fallback reported once: ``hessdiag/notes/<key>``."""
+    return f"{PREFIX}/notes/{key}"
+
+
+#: Per-layer quantities, with their meaning (the keys of ``{quantity: {module: value}}``).
+LAYER_FAMILIES: dict[str, str] = {
+    "layer_grad_norm": "gradient norm",
+    "layer_grad_to_weight": "gradient norm / weight norm",
+    "layer_weight_norm": "weight norm",
+    "layer_update_ratio": "update norm / weight norm",
+}
+LAYER_STATISTICS = ("max", "median", "min")
+
+
+def layer_tag(family: str, module: str) -> str:
+    """One layer's scalar (opt-in), e.g. ``hessdiag/layer_grad_norm/<module>``."""
+    return f"{PREFIX}/{family}/{module}"
+
+
+def layer_summary_tag(family: str, statistic: str) -> str:
+    """The tag of one summary over layers, e.g. ``hessdiag/layers/grad_norm/max``."""
+    return f"{PREFIX}/layers/{family.removeprefix('layer_')}/{statistic}"
+
+
+def layer_histogram_tag(family: str) -> str:
+    """The tag of a histogram over layers, e.g. ``hessdiag/layer_grad_norms``."""
+    return f"{PREFIX}/{family}s"

@@ -1,0 +1,131 @@
+"""The Monitor as the adapters use it: built from shared settings, told the step, asked what is due,
+routing every record to every detector; and the tag names."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from hessdiag import Monitor, tags
+from hessdiag.dashboard import layout
+from hessdiag.detectors import CheckRecord, PlateauDetector, StepRecord
+from hessdiag.flags import FLAG_NAMES
+from hessdiag.settings import DiagnosticsSettings
+
+
+def mse(model, batch):
+    return (model(batch[0]) - batch[1]).pow(2).mean()
+
+
+def regression(n=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=generator), torch.randn(n, 1, generator=generator)
+
+
+def train(make_monitor, steps=12, adopt_step=False):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    monitor = make_monitor(model, optimizer)
+    batch = regression()
+    for step in range(1, steps + 1):
+        optimizer.zero_grad()
+        loss = mse(model, batch)
+        loss.backward()
+        monitor.after_backward()
+        optimizer.step()
+        monitor.after_step(batch, loss, step=step if adopt_step else None)
+    return monitor
+
+
+OPTIONS = {"check_every": 4, "log_every": 3, "max_iter": 10, "tol": 1e-4}
+
+
+def test_from_settings_runs_as_the_keyword_constructor_does():
+    by_keywords = train(lambda model, optimizer: Monitor(model, mse, optimizer=optimizer, **OPTIONS))
+    by_settings = train(
+        lambda model, optimizer: Monitor.from_settings(model, mse, DiagnosticsSettings(**OPTIONS), optimizer=optimizer)
+    )
+    assert by_settings.settings == by_keywords.settings
+    assert [dataclasses.replace(c, seconds=0.0) for c in by_settings.checks] == [
+        dataclasses.replace(c, seconds=0.0) for c in by_keywords.checks
+    ]
+    assert {k: v for k, v in by_settings.latest.items() if "seconds" not in k} == {
+        k: v for k, v in by_keywords.latest.items() if "seconds" not in k
+    }
+
+
+def test_an_adopted_step_is_the_counted_one():
+    counted = train(lambda model, optimizer: Monitor(model, mse, optimizer=optimizer, **OPTIONS))
+    adopted = train(lambda model, optimizer: Monitor(model, mse, optimizer=optimizer, **OPTIONS), adopt_step=True)
+    assert adopted.step == counted.step == 12
+    assert [c.step for c in adopted.checks] == [c.step for c in counted.checks] == [4, 8, 12]
+    assert [c.lambda_max for c in adopted.checks] == [c.lambda_max for c in counted.checks]
+    resumed = Monitor(nn.Linear(3, 1), mse, check_every=0)
+    resumed.after_step(step=40)  # a trainer resumed at step 40
+    assert resumed.step == 40
+
+
+def test_due_queries_follow_the_cadence():
+    monitor = Monitor(nn.Linear(3, 1), mse, check_every=5, log_every=4)
+    assert [s for s in range(1, 13) if monitor.read_back_due(s)] == [4, 8, 12]
+    assert not monitor.check_due(4) and monitor.check_due(5)  # due from step 5 until a check runs
+    assert not Monitor(nn.Linear(3, 1), check_every=0).check_due(5)  # no loss_fn: nothing to check
+
+
+def test_use_optimizer_sets_the_stability_threshold_source():
+    model = nn.Linear(3, 1)
+    monitor = Monitor(model, mse, check_every=1, max_iter=5)
+    monitor.after_step(regression())
+    assert monitor.last_check.stability is None  # no optimizer: no threshold
+    monitor.use_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert monitor.optimizer is not None
+    monitor.after_step(regression())
+    assert monitor.last_check.stability.threshold == pytest.approx(20.0)  # 2 / lr
+    with pytest.raises(ValueError, match="`optimizer` must be a torch.optim.Optimizer, got str"):
+        monitor.use_optimizer("sgd")
+
+
+class Watching(PlateauDetector):
+    """Keeps every record it is shown, and judges them as the plateau detector does."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def observe(self, record):
+        self.records.append(record)
+        return super().observe(record)
+
+
+def test_every_record_reaches_every_detector():
+    watching = Watching()
+    monitor = train(
+        lambda model, optimizer: Monitor(model, mse, optimizer=optimizer, detectors=[watching, "saddle"], **OPTIONS)
+    )
+    steps = [r.step for r in watching.records if isinstance(r, StepRecord)]
+    checks = [r.step for r in watching.records if isinstance(r, CheckRecord)]
+    assert steps == list(range(1, 13)) and checks == [4, 8, 12]
+    assert len(monitor.detectors["plateau"].losses) == 12  # the plateau rule judged every step
+    by_check = {r.step: r for r in watching.records if isinstance(r, CheckRecord)}
+    assert by_check[8].lambda_max == monitor.checks[1].lambda_max
+    assert by_check[8].stability_threshold == monitor.checks[1].stability.threshold
+
+
+# -- tags ---------------------------------------------------------------------------------------
+def test_tags_are_named_under_the_prefix():
+    assert tags.flag_tag("saddle") == "hessdiag/flags/saddle" and tags.event_tag("saddle") == "hessdiag/events/saddle"
+    assert tags.note_tag("oom") == "hessdiag/notes/oom"
+    assert tags.layer_tag("layer_grad_norm", "blocks.0") == "hessdiag/layer_grad_norm/blocks.0"
+    assert tags.layer_summary_tag("layer_grad_norm", "max") == "hessdiag/layers/grad_norm/max"
+    assert tags.layer_histogram_tag("layer_weight_norm") == "hessdiag/layer_weight_norms"
+    named = [value for name, value in vars(tags).items() if name.isupper() and isinstance(value, str)]
+    assert all(value.startswith("hessdiag/") for value in named if value != tags.PREFIX)
+
+
+def test_the_layout_charts_every_logged_tag_family():
+    logged = [tags.LAMBDA_MAX, tags.LAMBDA_MIN, tags.GRAD_NORM, tags.LOSS, tags.flag_tag(FLAG_NAMES[0])]
+    logged.append(tags.layer_summary_tag("layer_grad_norm", "max"))
+    charted = {tag for category in layout(logged).values() for _, series in category.values() for tag in series}
+    assert set(logged) <= charted
