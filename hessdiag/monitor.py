@@ -46,6 +46,11 @@ from hessdiag.schedule import CheckEvery, CheckSchedule
 from hessdiag.settings import DiagnosticsSettings, resolve_detectors
 from hessdiag.tensorboard import PREFIX, DiagnosticsWriter, TensorBoardWriter
 
+def _require_module(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
@@ -118,14 +123,50 @@ class Monitor:
         update_ratios: bool = False,
         strict: bool = False,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        self.settings = DiagnosticsSettings(
+        _require_module(model)
+        settings = DiagnosticsSettings(
             check_every=check_every, overhead_budget=overhead_budget, log_every=log_every, sub_batch=sub_batch, k=k,
             tol=tol, max_iter=max_iter, cold_every=cold_every, density_every=density_every, mode=mode,
             hvp_method=hvp_method, rank_weighting=rank_weighting, update_ratios=update_ratios, strict=strict,
         )  # fmt: skip
-        self.schedule = CheckSchedule(check_every, overhead_budget)
+        self._build(model, loss_fn, settings, optimizer=optimizer, writer=writer, params=params, detectors=detectors,
+                    grad_scaler=grad_scaler)  # fmt: skip
+
+    @classmethod
+    def from_settings(
+        cls,
+        model: nn.Module,
+        loss_fn: LossFn | None,
+        settings: DiagnosticsSettings,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        writer: Any = None,
+        params: Iterable[torch.Tensor] | None = None,
+        detectors: Sequence[Any] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> Monitor:
+        """A Monitor with `settings` as they are (already validated, shared with the caller)."""
+        _require_module(model)
+        monitor = cls.__new__(cls)
+        monitor._build(model, loss_fn, settings, optimizer=optimizer, writer=writer, params=params,
+                       detectors=detectors, grad_scaler=grad_scaler)  # fmt: skip
+        return monitor
+
+    def _build(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None,
+        settings: DiagnosticsSettings,
+        *,
+        optimizer: torch.optim.Optimizer | None,
+        writer: Any,
+        params: Iterable[torch.Tensor] | None,
+        detectors: Sequence[Any] | None,
+        grad_scaler: torch.amp.GradScaler | None,
+    ) -> None:
+        self.settings = settings
+        check_every, log_every, strict = settings.check_every, settings.log_every, settings.strict
+        self.schedule = CheckSchedule(check_every, settings.overhead_budget)
         if self.schedule.enabled and loss_fn is None:
             raise ValueError("`loss_fn` is required for curvature checks (or set `check_every=0`).")
         if loss_fn is not None and not callable(loss_fn):
@@ -141,12 +182,13 @@ class Monitor:
         self.log_every = log_every
         self.strict = strict
         self.writers: list[DiagnosticsWriter] = self._writers(writer)
-        self.gradients = GradientStats(unwrap_model(model).named_parameters(), track_updates=update_ratios)
+        self.gradients = GradientStats(unwrap_model(model).named_parameters(), track_updates=settings.update_ratios)
         self.probe = (
             CurvatureProbe(
-                model, loss_fn, k=k, tol=tol, max_iter=max_iter, cold_every=cold_every, sub_batch=sub_batch,
-                mode=mode, hvp_method=hvp_method, params=params, rank_weighting=rank_weighting,
-                density_every=density_every,
+                model, loss_fn, k=settings.k, tol=settings.tol, max_iter=settings.max_iter,
+                cold_every=settings.cold_every, sub_batch=settings.sub_batch, mode=settings.mode,
+                hvp_method=settings.hvp_method, params=params, rank_weighting=settings.rank_weighting,
+                density_every=settings.density_every,
             )  # fmt: skip
             if loss_fn is not None
             else None
@@ -220,24 +262,40 @@ class Monitor:
         with self.guard("the gradient statistics"):
             self.gradients.observe(self.step + 1)
 
-    def after_step(self, batch: Any = None, loss: torch.Tensor | float | None = None) -> list[FlagEvent]:
+    def after_step(
+        self, batch: Any = None, loss: torch.Tensor | float | None = None, *, step: int | None = None
+    ) -> list[FlagEvent]:
         """Count an optimizer step and its `loss`; read back, detect and log every `log_every` steps;
         run a curvature check on `batch` every `check_every` steps. Returns the new flag events.
 
+        `step`, when given, is the number of optimizer steps taken including this one (Lightning's
+        ``trainer.global_step``): the Monitor adopts it instead of counting.
         `loss` is copied (one kernel, no host read), so a buffer the loop reuses is safe to pass.
         """
-        self.step += 1
+        self.step = self.step + 1 if step is None else step
         events: list[FlagEvent] = []
         if loss is not None:
             with self.guard("the per-step statistics"):
                 self._losses.append((self.step, self._loss_value(loss)))
-        if self.step % self.log_every == 0:
+        if self.read_back_due(self.step):
             with self.guard("the per-step statistics"):
                 events += self._read_back()
         self.schedule.step_finished()
         if self.probe is not None and batch is not None and self.schedule.due(self.step):
             events += self.check_curvature(batch)
         return events
+
+    def use_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Read `optimizer` for the stability threshold from now on (None: no threshold)."""
+        self.optimizer = optimizer
+
+    def read_back_due(self, step: int) -> bool:
+        """Whether optimizer step `step` ends with a read-back of the gradient statistics."""
+        return step % self.log_every == 0
+
+    def check_due(self, step: int) -> bool:
+        """Whether a curvature check is due at optimizer step `step`."""
+        return self.schedule.due(step)
 
     def read_back(self) -> list[FlagEvent]:
         """Read back and judge the steps since the last read-back now, out of the `log_every` cadence
