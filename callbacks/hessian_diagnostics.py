@@ -10,6 +10,13 @@ A thin adapter over :class:`hessdiag.Monitor`: it feeds the monitor at the hooks
 gradients are final and unscaled, routes scalars through the trainer's loggers (TensorBoard, CSV,
 ...) and, with a TensorBoard logger, adds the dashboard layout, histograms, flag events and the
 spectral density.
+
+The hooks only route: the settings are checked by :class:`hessdiag.settings.CallbackSettings`; the
+loss of a check is chosen in :mod:`~hessdiag.callbacks.loss_closure`, the step's micro-batches are
+gathered in :mod:`~hessdiag.callbacks.micro_batches`, `stop_on` and `on_flag` act in
+:mod:`~hessdiag.callbacks.flag_stopping`, and scalars reach the loggers through
+:mod:`~hessdiag.callbacks.logger_writer` and ``trainer.callback_metrics`` through
+:mod:`~hessdiag.callbacks.callback_metrics`.
 """
 
 from __future__ import annotations
