@@ -1,4 +1,5 @@
-"""The values the callback puts in ``trainer.callback_metrics`` (for EarlyStopping, ModelCheckpoint)."""
+"""The values the callback hands the trainer: ``trainer.callback_metrics`` (for EarlyStopping and
+ModelCheckpoint) and the progress bar."""
 
 from __future__ import annotations
 
@@ -33,3 +34,10 @@ def watched_by_another_callback(trainer: pl.Trainer) -> bool:
     and ModelCheckpoint do)."""
     watched = {getattr(callback, "monitor", None) for callback in trainer.callbacks}
     return bool(watched & set(CALLBACK_METRICS))
+
+
+def show_in_progress_bar(pl_module: pl.LightningModule, lambda_max: float, active_flags: int) -> None:
+    """Show the last check's lambda_max and the number of active flags in the progress bar (not in
+    the loggers, which get them from the writers)."""
+    pl_module.log("λmax", lambda_max, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+    pl_module.log("flags", float(active_flags), prog_bar=True, logger=False, on_step=True, on_epoch=False)

@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from hessdiag._isolation import ModelMode
 from hessdiag.batches import MAX_MICRO_BATCHES
-from hessdiag.callbacks.callback_metrics import publish, watched_by_another_callback
+from hessdiag.callbacks.callback_metrics import publish, show_in_progress_bar, watched_by_another_callback
 from hessdiag.callbacks.flag_stopping import FlagHook, FlagStopping
 from hessdiag.callbacks.logger_writer import LoggerWriter
 from hessdiag.callbacks.loss_closure import LossHook, loss_closure
@@ -280,8 +280,9 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
             reason = self.flags.stop_if_flagged(trainer, events)
             if reason is not None:
                 self.monitor.note("stop_on", reason)
-        if self.settings.progress_bar and (read_back or checked):
-            self._show_in_progress_bar(pl_module)
+        if self.settings.progress_bar and (read_back or checked) and self.monitor.last_check is not None:
+            # Only when values were read back anyway: the progress bar reads logged values to the host.
+            show_in_progress_bar(pl_module, self.monitor.last_check.lambda_max, len(self.monitor.active_flags))
 
     def _first_values(self, batch: Any, read_back: bool, num_checks: int) -> list[FlagEvent]:
         """Once per fit, when another callback watches one of our values: a read-back and a check at
@@ -294,16 +295,6 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         if len(self.monitor.checks) == num_checks:  # the callback always has a loss and a cadence >= 1
             events += self.monitor.check_curvature(batch)
         return events
-
-    def _show_in_progress_bar(self, pl_module: pl.LightningModule) -> None:
-        """lambda_max and the number of active flags, only when values were read back anyway: the
-        progress bar reads logged values to the host."""
-        assert self.monitor is not None
-        check = self.monitor.last_check
-        if check is None:
-            return
-        pl_module.log("λmax", check.lambda_max, prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        pl_module.log("flags", float(len(self.monitor.active_flags)), prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,9 +1,16 @@
-"""`hessdiag.callbacks.logger_writer` and `callback_metrics`: what reaches the trainer's loggers and metrics."""
+"""`hessdiag.callbacks.logger_writer` and `callback_metrics`: what reaches the loggers, the metrics and the bar."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from hessdiag.callbacks.callback_metrics import CALLBACK_METRICS, publish, watched_by_another_callback
+from hessdiag.callbacks.callback_metrics import (
+    CALLBACK_METRICS,
+    publish,
+    show_in_progress_bar,
+    watched_by_another_callback,
+)
 from hessdiag.callbacks.logger_writer import LoggerWriter
 from hessdiag.dashboard import shown_scalars
 
@@ -36,3 +43,11 @@ def test_a_watching_callback_is_one_that_monitors_our_values(fake_trainer, watch
     fake_trainer.callbacks = [type("Watcher", (), {"monitor": watched})()]
     assert watched_by_another_callback(fake_trainer) is expected
     assert "hessdiag/stability_ratio" in CALLBACK_METRICS
+
+
+def test_the_progress_bar_shows_lambda_max_and_the_active_flags_but_no_logger_gets_them():
+    logged = []
+    module = SimpleNamespace(log=lambda name, value, **options: logged.append((name, value, options)))
+    show_in_progress_bar(module, 2.5, 2)
+    options = {"prog_bar": True, "logger": False, "on_step": True, "on_epoch": False}
+    assert logged == [("λmax", 2.5, options), ("flags", 2.0, options)]
