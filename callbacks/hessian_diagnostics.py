@@ -10,34 +10,41 @@ A thin adapter over :class:`hessdiag.Monitor`: it feeds the monitor at the hooks
 gradients are final and unscaled, routes scalars through the trainer's loggers (TensorBoard, CSV,
 ...) and, with a TensorBoard logger, adds the dashboard layout, histograms, flag events and the
 spectral density.
+
+The hooks only route: the settings are checked by :class:`hessdiag.settings.CallbackSettings`; the
+loss of a check is chosen in :mod:`~hessdiag.callbacks.loss_closure`, the step's micro-batches are
+gathered in :mod:`~hessdiag.callbacks.micro_batches`, `stop_on` and `on_flag` act in
+:mod:`~hessdiag.callbacks.flag_stopping`, and scalars reach the loggers through
+:mod:`~hessdiag.callbacks.logger_writer` and ``trainer.callback_metrics`` through
+:mod:`~hessdiag.callbacks.callback_metrics`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from hessdiag.dashboard import LayerValues, shown_scalars
 from hessdiag._isolation import ModelMode
-from hessdiag.batches import MAX_MICRO_BATCHES, MicroBatches
+from hessdiag.batches import MAX_MICRO_BATCHES
+from hessdiag.callbacks.callback_metrics import publish, show_in_progress_bar, watched_by_another_callback
+from hessdiag.callbacks.flag_stopping import FlagHook, FlagStopping
+from hessdiag.callbacks.logger_writer import LoggerWriter
+from hessdiag.callbacks.loss_closure import LossHook, loss_closure
+from hessdiag.callbacks.micro_batches import StepMicroBatches
 from hessdiag.curvature import RankWeighting
 from hessdiag.flags import FlagEvent
 from hessdiag.operator import HVPMethod
 from hessdiag.monitor import Monitor
 from hessdiag.schedule import CheckEvery
-from hessdiag.settings import DiagnosticsSettings, check_flag_names, resolve_detectors
-from hessdiag.spectrum import SpectralDensity
-from hessdiag.tensorboard import PREFIX, TensorBoardWriter
+from hessdiag.settings import CallbackSettings
+from hessdiag.tensorboard import TensorBoardWriter
 
 _CALLBACK_BASES: tuple[type, ...] = (pl.Callback,)
 _TENSORBOARD_LOGGERS: tuple[type, ...] = (TensorBoardLogger,)
@@ -50,71 +57,6 @@ try:  # one class that both Trainers accept, when the unified `lightning` packag
         _TENSORBOARD_LOGGERS += (_UnifiedTensorBoardLogger,)
 except ImportError:
     pass
-
-LossHook = Callable[[pl.LightningModule, Any], torch.Tensor]
-FlagHook = Callable[[FlagEvent, pl.Trainer, pl.LightningModule], None]
-
-#: The values put in ``trainer.callback_metrics`` (with ``hessdiag/flags/<name>`` for every detector).
-CALLBACK_METRICS: tuple[str, ...] = tuple(
-    f"{PREFIX}/{name}" for name in ("lambda_max", "lambda_min", "stability_ratio", "grad_norm")
-)
-
-
-class LoggerWriter:
-    """Sends scalars to every logger of the trainer (rank 0 only), so CSV and other loggers get them."""
-
-    def __init__(self, trainer: pl.Trainer) -> None:
-        self.trainer = trainer
-
-    def scalars(self, step: int, values: Mapping[str, float], layers: LayerValues) -> None:
-        for logger in self.trainer.loggers:
-            logger.log_metrics(shown_scalars(values, layers), step=step)
-
-    def events(self, step: int, events: Sequence[FlagEvent]) -> None:
-        for event in events:
-            if event.kind == "onset":
-                rank_zero_info(f"hessdiag: {event.name} at step {event.step}: {event.summary} Remedy: {event.remedy}")
-
-    def density(self, step: int, density: SpectralDensity) -> None:
-        pass
-
-    def text(self, step: int, tag: str, message: str) -> None:
-        pass
-
-    def flush(self) -> None:
-        for logger in self.trainer.loggers:
-            logger.save()
-
-
-@contextlib.contextmanager
-def _muted_logging(module: pl.LightningModule) -> Iterator[None]:
-    """Silence ``self.log`` / ``self.log_dict`` while the training step is re-run as a loss closure,
-    so the check does not add values to the user's metrics."""
-    saved = module.__dict__.get("log"), module.__dict__.get("log_dict")
-    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for name, value in zip(("log", "log_dict"), saved):
-            if value is None:
-                del module.__dict__[name]
-            else:
-                setattr(module, name, value)
-
-
-def training_step_loss(module: pl.LightningModule, batch: Any) -> torch.Tensor:
-    """The loss of ``module.training_step(batch, 0)``: its tensor output, or ``output["loss"]``."""
-    with _muted_logging(module):
-        output = module.training_step(batch, 0)
-    loss = output["loss"] if isinstance(output, Mapping) else output
-    if not isinstance(loss, torch.Tensor):
-        raise MisconfigurationException(
-            "HessianDiagnostics needs the training loss: `training_step` returned "
-            f"{type(output).__name__}. Return the loss (or {{'loss': loss}}), define "
-            "`hessdiag_loss(self, batch)` on the LightningModule, or pass `loss_fn=`."
-        )
-    return loss
 
 
 class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
@@ -180,7 +122,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     epoch end or validation: Lightning's EarlyStopping and ModelCheckpoint raise on a missing key.
 
     Raises:
-        ValueError: a bad argument (named in the message).
+        ValueError: a bad argument, named in the message (checked by :class:`hessdiag.settings.CallbackSettings`).
         MisconfigurationException: in ``setup``, manual optimisation without a loss closure.
 
     Example::
@@ -211,56 +153,32 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         on_flag: FlagHook | None = None,
         strict: bool = False,
     ) -> None:
-        # Plain checks only: building anything here (a module, a tensor) could draw from the RNG.
-        if check_every != "auto" and (not isinstance(check_every, int) or check_every < 1):
-            raise ValueError(f"`check_every` must be a positive int or 'auto', got {check_every!r}.")
-        if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
-            raise ValueError(f"`log_every` must be a positive int or None, got {log_every!r}.")
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"`loss_fn` must be callable as loss_fn(pl_module, batch), got {type(loss_fn).__name__}.")
-        self.settings = DiagnosticsSettings(
-            check_every=check_every, overhead_budget=overhead_budget, log_every=log_every or 1, sub_batch=sub_batch,
+        # Plain checks only (in the settings): building anything here could draw from the RNG.
+        self.settings = CallbackSettings(
+            check_every=check_every, overhead_budget=overhead_budget, log_every=log_every, sub_batch=sub_batch,
             k=k, tol=tol, max_iter=max_iter, cold_every=cold_every, density_every=density_every, mode=mode,
             hvp_method=hvp_method, rank_weighting=rank_weighting, update_ratios=update_ratios, strict=strict,
+            loss_fn=loss_fn, detectors=detectors, progress_bar=progress_bar, stop_on=stop_on, on_flag=on_flag,
         )  # fmt: skip
-        resolve_detectors(detectors)  # validated now; built afresh for every fit
-        if on_flag is not None and not callable(on_flag):
-            raise ValueError(
-                f"`on_flag` must be callable as on_flag(event, trainer, pl_module), got {type(on_flag).__name__}."
-            )
-        self.stop_on = check_flag_names("stop_on", stop_on)
-        self.on_flag = on_flag
-        self.stop_reason: str | None = None  # why `stop_on` stopped the last fit, if it did
-        self.log_every = log_every
-        self.loss_fn = loss_fn
-        self.detectors = detectors
-        self.progress_bar = progress_bar
+        self.flags = FlagStopping(self.settings.stop_on, on_flag)
         self.monitor: Monitor | None = None
         self._restored: dict[str, Any] | None = None
         self._stepped = False
-        self._micro_batches: list[Any] = []  # the current step's, kept only when a check is due
-        self._step_loss: torch.Tensor | None = None  # the current step's mean loss, summed on the device
+        self._step = StepMicroBatches()
         # Another callback (EarlyStopping, ModelCheckpoint) watches one of our values: have them all
         # by the end of the first optimizer step, before any epoch end or validation can ask for them.
         self._first_values_due = False
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why `stop_on` stopped the last fit, if it did."""
+        return self.flags.stop_reason
 
     @property
     @override
     def state_key(self) -> str:
         # Not keyed by settings: a run resumed with another `check_every` finds its state.
         return self._generate_state_key()
-
-    def _loss_closure(self, pl_module: pl.LightningModule) -> LossHook:
-        if self.loss_fn is not None:
-            return self.loss_fn
-        if callable(getattr(pl_module, "hessdiag_loss", None)):
-            return lambda module, batch: module.hessdiag_loss(batch)
-        if not pl_module.automatic_optimization:
-            raise MisconfigurationException(
-                "HessianDiagnostics: with manual optimisation `training_step` steps the optimizer, so it cannot "
-                "serve as the loss. Define `hessdiag_loss(self, batch)` on the LightningModule or pass `loss_fn=`."
-            )
-        return training_step_loss
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -281,18 +199,18 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
             for logger in trainer.loggers:
                 if isinstance(logger, _TENSORBOARD_LOGGERS):
                     writers.append(TensorBoardWriter(logger.experiment, write_scalars=False))
-        options = dataclasses.asdict(self.settings) | {"log_every": self.log_every or trainer.log_every_n_steps}
         # A fresh fit starts fresh: a checkpoint's state arrives after setup, through load_state_dict.
         self._restored = None
-        self._micro_batches, self._step_loss, self._stepped = [], None, False
-        self.stop_reason = None
-        self.monitor = Monitor(
+        self._step, self._stepped = StepMicroBatches(), False
+        self.flags = FlagStopping(self.settings.stop_on, self.settings.on_flag)
+        self.monitor = Monitor.from_settings(
             pl_module,
-            self._loss_closure(pl_module),
+            loss_closure(pl_module, self.settings.loss_fn),
+            self.settings.diagnostics(trainer.log_every_n_steps),
             writer=writers,
-            detectors=copy.deepcopy(self.detectors),  # a detector instance must not carry one fit's windows into the next
+            # a detector instance must not carry one fit's windows into the next
+            detectors=copy.deepcopy(self.settings.detectors),
             grad_scaler=getattr(trainer.precision_plugin, "scaler", None),  # fp16 AMP: overflow skips
-            **options,
         )
 
     @override
@@ -300,9 +218,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         if self.monitor is None:
             return
         # Flags exist from the start (none raised yet), so EarlyStopping on one never misses its key.
-        self._publish(trainer, self.monitor.latest)
-        watched = {getattr(callback, "monitor", None) for callback in trainer.callbacks}
-        self._first_values_due = bool(watched & set(CALLBACK_METRICS))
+        publish(trainer, self.monitor.latest)
+        self._first_values_due = watched_by_another_callback(trainer)
         if len(trainer.optimizers) == 1:
             self.monitor.use_optimizer(trainer.optimizers[0])
         elif trainer.optimizers:
@@ -315,17 +232,16 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.monitor is not None and (self._first_values_due or self.monitor.check_due(trainer.global_step + 1)):
-            # A check follows this optimizer step: keep its micro-batches (references, no copy).
-            self._micro_batches.append(batch)
-            if len(self._micro_batches) > MAX_MICRO_BATCHES:
-                self._micro_batches.pop(0)
-                self.monitor.note(
-                    "micro-batches",
-                    f"hessdiag: the check covers the last {MAX_MICRO_BATCHES} micro-batches of the step "
-                    f"(accumulate_grad_batches={trainer.accumulate_grad_batches}), not all of them: "
-                    "the memory budget of a check (hessdiag.batches.MAX_MICRO_BATCHES).",
-                )
+        if self.monitor is None or not (self._first_values_due or self.monitor.check_due(trainer.global_step + 1)):
+            return
+        # A check follows this optimizer step: keep its micro-batches (references, no copy).
+        if self._step.keep(batch):
+            self.monitor.note(
+                "micro-batches",
+                f"hessdiag: the check covers the last {MAX_MICRO_BATCHES} micro-batches of the step "
+                f"(accumulate_grad_batches={trainer.accumulate_grad_batches}), not all of them: "
+                "the memory budget of a check (hessdiag.batches.MAX_MICRO_BATCHES).",
+            )
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -342,38 +258,31 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     ) -> None:
         if self.monitor is None:
             return
-        loss = outputs["loss"] if isinstance(outputs, Mapping) and "loss" in outputs else outputs
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            # Lightning divides each micro-batch loss by accumulate_grad_batches: their sum is the step's mean.
-            loss = loss.detach()
-            self._step_loss = loss.clone() if self._step_loss is None else self._step_loss + loss
+        self._step.add_loss(outputs)
         if not self._stepped:
             return  # an accumulation step: no optimizer step yet
-        micro_batches, step_loss = self._micro_batches, self._step_loss
-        self._stepped, self._micro_batches, self._step_loss = False, [], None
-        check_batch = micro_batches[0] if len(micro_batches) == 1 else MicroBatches(micro_batches) if micro_batches else batch
-        num_checks = len(self.monitor.checks)
+        self._stepped = False
+        check_batch, step_loss = self._step.finish(batch)
+        step, num_checks = trainer.global_step, len(self.monitor.checks)
         # Every rank reaches the same read-backs and due checks (the schedule is agreed): the steps
         # where the ranks may meet in a collective to agree on stopping.
-        check_due = self.monitor.check_due(trainer.global_step)
-        events = self.monitor.after_step(check_batch, step_loss, step=trainer.global_step)
-        read_back = self.monitor.read_back_due(trainer.global_step)
+        check_due = self.monitor.check_due(step)
+        events = self.monitor.after_step(check_batch, step_loss, step=step)
+        read_back = self.monitor.read_back_due(step)
         if self._first_values_due:
             events += self._first_values(check_batch, read_back, num_checks)
             read_back = True
-        if read_back or len(self.monitor.checks) > num_checks or check_due:
-            self._publish(trainer, self.monitor.latest)
-        if self.on_flag is not None:
-            for event in events:
-                with self.monitor.guard("the `on_flag` callable"):
-                    self.on_flag(event, trainer, pl_module)
-        if self.stop_on and (read_back or check_due):
-            self._stop_if_flagged(trainer, events)
-        check = self.monitor.last_check
-        if self.progress_bar and check is not None and (read_back or len(self.monitor.checks) > num_checks):
+        checked = len(self.monitor.checks) > num_checks
+        if read_back or checked or check_due:
+            publish(trainer, self.monitor.latest)
+        self.flags.call_on_flag(events, trainer, pl_module, self.monitor.guard)
+        if read_back or check_due:
+            reason = self.flags.stop_if_flagged(trainer, events)
+            if reason is not None:
+                self.monitor.note("stop_on", reason)
+        if self.settings.progress_bar and (read_back or checked) and self.monitor.last_check is not None:
             # Only when values were read back anyway: the progress bar reads logged values to the host.
-            pl_module.log("λmax", check.lambda_max, prog_bar=True, logger=False, on_step=True, on_epoch=False)
-            pl_module.log("flags", float(len(self.monitor.active_flags)), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+            show_in_progress_bar(pl_module, self.monitor.last_check.lambda_max, len(self.monitor.active_flags))
 
     def _first_values(self, batch: Any, read_back: bool, num_checks: int) -> list[FlagEvent]:
         """Once per fit, when another callback watches one of our values: a read-back and a check at
@@ -383,34 +292,9 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         assert self.monitor is not None
         self._first_values_due = False
         events = [] if read_back else self.monitor.read_back()
-        if self.monitor.probe is not None and self.monitor.schedule.enabled and len(self.monitor.checks) == num_checks:
+        if len(self.monitor.checks) == num_checks:  # the callback always has a loss and a cadence >= 1
             events += self.monitor.check_curvature(batch)
         return events
-
-    def _publish(self, trainer: pl.Trainer, latest: Mapping[str, float]) -> None:
-        """Put the latest values (host floats already read back) in ``trainer.callback_metrics``."""
-        for tag, value in latest.items():
-            if tag in CALLBACK_METRICS or tag.startswith(f"{PREFIX}/flags/"):
-                trainer.callback_metrics[tag] = torch.tensor(value, dtype=torch.float32)
-
-    def _stop_if_flagged(self, trainer: pl.Trainer, events: Sequence[FlagEvent]) -> None:
-        """Stop at the onset of a `stop_on` flag on any rank (a collective: every rank calls it at
-        the same steps)."""
-        onsets = [event for event in events if event.kind == "onset" and event.name in self.stop_on]
-        if not trainer.strategy.reduce_boolean_decision(bool(onsets), all=False):
-            return
-        trainer.should_stop = True
-        if onsets:
-            event = onsets[0]
-            evidence = ", ".join(f"{key}={value:.4g}" for key, value in event.evidence.items())
-            self.stop_reason = (
-                f"hessdiag: stopping at step {trainer.global_step}: `{event.name}` (in stop_on) raised at step "
-                f"{event.step}. {event.summary} Evidence: {evidence}. Remedy: {event.remedy}"
-            )
-        else:
-            self.stop_reason = f"hessdiag: stopping at step {trainer.global_step}: a flag in stop_on {self.stop_on} was raised on another rank."
-        assert self.monitor is not None
-        self.monitor.note("stop_on", self.stop_reason)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

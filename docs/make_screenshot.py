@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=1060, help="window height in pixels")
     args = parser.parse_args()
     logdir = Path(tempfile.mkdtemp(prefix="hessdiag-screenshot-"))
-    subprocess.run([sys.executable, "-m", "hessdiag.cli", "demo", "--scenario", args.scenario, "--logdir", str(logdir)], check=True)
+    subprocess.run([sys.executable, "-m", "hessdiag.app.cli", "demo", "--scenario", args.scenario, "--logdir", str(logdir)], check=True)
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)],

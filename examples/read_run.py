@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pathlib import Path
 
-from hessdiag.cli import event_directories, format_summary, summarize
+from hessdiag.app.cli import event_directories, format_summary, summarize
 
 
 def main() -> None:

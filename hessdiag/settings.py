@@ -1,5 +1,9 @@
 """The settings of the training diagnostics, validated once and shared by `Monitor` and the callback.
 
+`DiagnosticsSettings` holds what the engine computes and how often; `CallbackSettings` adds what
+only the Lightning callback uses (its loss closure, detectors, stopping and hooks). Every argument
+of both is checked here and nowhere else.
+
 Construction has no side effects: plain checks only (no module, tensor or random draw is built to
 validate an argument), so creating a `Monitor` or a `HessianDiagnostics` before or after seeding
 leaves the user's run unchanged.
@@ -7,8 +11,8 @@ leaves the user's run unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 from hessdiag._isolation import MODEL_MODES, ModelMode
@@ -66,8 +70,7 @@ class DiagnosticsSettings:
             raise ValueError(f"`check_every` must be an int >= 0 or 'auto', got {self.check_every!r}.")
         if not isinstance(self.overhead_budget, (int, float)) or not 0 < self.overhead_budget < 1:
             raise ValueError(f"`overhead_budget` must be a number in (0, 1), got {self.overhead_budget!r}.")
-        if not _is_int(self.log_every) or self.log_every < 1:
-            raise ValueError(f"`log_every` must be an int >= 1, got {self.log_every!r}.")
+        self._check_log_every()
         if self.sub_batch is not None and (not _is_int(self.sub_batch) or self.sub_batch < 1):
             raise ValueError(f"`sub_batch` must be a positive int or None, got {self.sub_batch!r}.")
         if not _is_int(self.k) or self.k < 1:
@@ -89,6 +92,52 @@ class DiagnosticsSettings:
         for name in ("update_ratios", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+
+    def _check_log_every(self) -> None:
+        if not _is_int(self.log_every) or self.log_every < 1:
+            raise ValueError(f"`log_every` must be an int >= 1, got {self.log_every!r}.")
+
+
+@dataclass(frozen=True)
+class CallbackSettings(DiagnosticsSettings):
+    """The settings of :class:`hessdiag.callbacks.HessianDiagnostics`: those of the engine, plus what
+    only the callback uses (see its docstring for each field). `log_every` None means the trainer's
+    ``log_every_n_steps``; a check needs at least one step between checks (`check_every` >= 1).
+
+    Raises:
+        ValueError: a bad value, with the argument's name and what is allowed.
+    """
+
+    log_every: int | None = None  # type: ignore[assignment]
+    loss_fn: Callable[..., Any] | None = None
+    detectors: Sequence[Any] | None = None
+    progress_bar: bool = True
+    stop_on: Sequence[str] = ()
+    on_flag: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.check_every != "auto" and (not _is_int(self.check_every) or self.check_every < 1):
+            raise ValueError(f"`check_every` must be a positive int or 'auto', got {self.check_every!r}.")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ValueError(
+                f"`loss_fn` must be callable as loss_fn(pl_module, batch), got {type(self.loss_fn).__name__}."
+            )
+        super().__post_init__()
+        resolve_detectors(self.detectors)  # validated now; built afresh for every fit
+        if self.on_flag is not None and not callable(self.on_flag):
+            raise ValueError(
+                f"`on_flag` must be callable as on_flag(event, trainer, pl_module), got {type(self.on_flag).__name__}."
+            )
+        object.__setattr__(self, "stop_on", check_flag_names("stop_on", self.stop_on))
+
+    def _check_log_every(self) -> None:
+        if self.log_every is not None and (not _is_int(self.log_every) or self.log_every < 1):
+            raise ValueError(f"`log_every` must be a positive int or None, got {self.log_every!r}.")
+
+    def diagnostics(self, trainer_log_every: int) -> DiagnosticsSettings:
+        """The engine's part, for the Monitor of one fit; `log_every` None becomes `trainer_log_every`."""
+        values = {field.name: getattr(self, field.name) for field in fields(DiagnosticsSettings)}
+        return DiagnosticsSettings(**values | {"log_every": self.log_every or trainer_log_every})
 
 
 def check_flag_names(argument: str, names: Any) -> tuple[str, ...]:

@@ -7,14 +7,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from hessdiag.callbacks.demo import SCENARIOS, check_table, tensorboard_command
-from hessdiag.cli import SCENARIO_NAMES, main, summarize
+from hessdiag.app.cli import main, summarize
+from hessdiag.app.demo import SCENARIO_NAMES, SCENARIOS, check_table, tensorboard_command
 
 pytest.importorskip("sklearn")
 
 
-def test_scenario_names_match_the_demo():
-    assert SCENARIO_NAMES == tuple(SCENARIOS)
+def test_the_command_offers_the_demos_scenarios_and_refuses_others(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "{" + ",".join(SCENARIOS) + "}" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="2"):
+        main(["demo", "--scenario", "bogus"])
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("scenario", SCENARIO_NAMES)

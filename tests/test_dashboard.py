@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 import hessdiag
-from hessdiag.cli import summarize
+from hessdiag.app.cli import summarize
 from hessdiag.dashboard import shown_scalars
 from hessdiag.errors import HessdiagWarning
 from hessdiag.flags import FLAG_NAMES, FlagEvent

@@ -14,7 +14,7 @@ from hessdiag import HessianOperator, _distributed, hessian_eigenvalues
 from hessdiag.curvature import CurvatureProbe
 from hessdiag.lanczos import lanczos
 from hessdiag.vectors import VectorShard
-from tests.oracles import dense_hessian
+from oracles import dense_hessian
 
 SPLIT = (5, 11)  # unequal local batches: the ranks must be weighted by their share
 

@@ -10,7 +10,7 @@ from torch import nn
 from hessdiag import HessianOperator, HessdiagError, Monitor, hessian_eigenvalues
 from hessdiag.gradients import GradientStats
 from hessdiag.spectrum import slq_density
-from tests.oracles import dense_hessian
+from oracles import dense_hessian
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not dist.is_available() or not dist.is_gloo_available():

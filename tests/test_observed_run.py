@@ -17,7 +17,7 @@ import hessdiag
 from hessdiag import MicroBatches, Monitor
 from hessdiag.batches import take_sub_batch
 from hessdiag.callbacks import HessianDiagnostics
-from tests.oracles import dense_hessian
+from oracles import dense_hessian
 
 
 def extreme_eigenvalues(hessian):

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
-from hessdiag.callbacks.hessian_diagnostics import HessianDiagnostics
-from hessdiag.monitor import Monitor
+from hessdiag.callbacks import HessianDiagnostics
+from hessdiag import Monitor
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,8 @@ SCENARIOS: dict[str, Scenario] = {
         ("edge_of_stability",),
     ),  # fmt: skip
 }
+#: The scenarios' names, in the order the CLI offers them.
+SCENARIO_NAMES: tuple[str, ...] = tuple(SCENARIOS)
 
 
 class DigitsModule(pl.LightningModule):

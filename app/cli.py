@@ -1,8 +1,7 @@
 """The ``hessdiag`` command: ``hessdiag demo`` and ``hessdiag summary LOGDIR``.
 
-``summary`` reads TensorBoard event files with tensorboard's own reader (no Lightning). ``demo`` is
-a Lightning run, so it is imported from ``hessdiag.callbacks`` only when asked for: the engine keeps
-no import-time dependency on Lightning.
+``summary`` reads TensorBoard event files with tensorboard's own reader; ``demo`` runs one of the
+scenarios of :mod:`hessdiag.app.demo` (whose names it offers).
 """
 
 from __future__ import annotations
@@ -15,10 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hessdiag.app.demo import SCENARIO_NAMES, run_demo
 from hessdiag.flags import FLAG_NAMES
 from hessdiag.tensorboard import PREFIX
 
-SCENARIO_NAMES = ("healthy", "saddle", "plateau", "exploding", "vanishing", "edge-of-stability")
 _EVENT_FILE = "events.out.tfevents."
 
 
@@ -190,8 +189,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         if args.steps is not None and args.steps < 1:
             parser.error(f"--steps must be a positive int, got {args.steps}")
-        from hessdiag.callbacks.demo import run_demo
-
         return run_demo(args.scenario, args.logdir, args.steps, args.seed)
     try:
         summaries = summarize(args.logdir)

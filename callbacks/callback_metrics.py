@@ -1,0 +1,43 @@
+"""The values the callback hands the trainer: ``trainer.callback_metrics`` (for EarlyStopping and
+ModelCheckpoint) and the progress bar."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytorch_lightning as pl
+import torch
+
+from hessdiag.tensorboard import PREFIX
+
+#: The values put in ``trainer.callback_metrics`` (with ``hessdiag/flags/<name>`` for every detector).
+CALLBACK_METRICS: tuple[str, ...] = tuple(
+    f"{PREFIX}/{name}" for name in ("lambda_max", "lambda_min", "stability_ratio", "grad_norm")
+)
+
+
+def is_callback_metric(tag: str) -> bool:
+    """Whether `tag` goes to ``trainer.callback_metrics``."""
+    return tag in CALLBACK_METRICS or tag.startswith(f"{PREFIX}/flags/")
+
+
+def publish(trainer: pl.Trainer, latest: Mapping[str, float]) -> None:
+    """Put the latest values (host floats already read back, so no host sync) in
+    ``trainer.callback_metrics`` as 0-d float32 CPU tensors."""
+    for tag, value in latest.items():
+        if is_callback_metric(tag):
+            trainer.callback_metrics[tag] = torch.tensor(value, dtype=torch.float32)
+
+
+def watched_by_another_callback(trainer: pl.Trainer) -> bool:
+    """Whether a callback of the trainer watches one of our values (``monitor=``, as EarlyStopping
+    and ModelCheckpoint do)."""
+    watched = {getattr(callback, "monitor", None) for callback in trainer.callbacks}
+    return bool(watched & set(CALLBACK_METRICS))
+
+
+def show_in_progress_bar(pl_module: pl.LightningModule, lambda_max: float, active_flags: int) -> None:
+    """Show the last check's lambda_max and the number of active flags in the progress bar (not in
+    the loggers, which get them from the writers)."""
+    pl_module.log("λmax", lambda_max, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+    pl_module.log("flags", float(active_flags), prog_bar=True, logger=False, on_step=True, on_epoch=False)
