@@ -16,6 +16,7 @@ from hessdiag.errors import (
 )
 from hessdiag.hvp import HessianOperator, hessian_vector_product
 from hessdiag.lanczos import LanczosResult, lanczos
+from hessdiag.layer_shares import layer_shares, module_label
 from hessdiag.monitor import Monitor
 from hessdiag.spectrum import (
     SpectralDensity,
@@ -36,6 +37,9 @@ __all__ = [
     "HessianOperator",
     "lanczos",
     "LanczosResult",
+    # where the curvature lives
+    "layer_shares",
+    "module_label",
     # training diagnostics
     "Monitor",
     "MicroBatches",
