@@ -14,6 +14,7 @@ from hessdiag.errors import (
     NonSmoothLossError,
     SecondDerivativeError,
 )
+from hessdiag.gradient_curvature import GradientCurvature, gradient_curvature, gradient_curvature_of
 from hessdiag.hvp import HessianOperator, hessian_vector_product
 from hessdiag.lanczos import LanczosResult, lanczos
 from hessdiag.layer_shares import layer_shares, module_label
@@ -40,6 +41,10 @@ __all__ = [
     # where the curvature lives
     "layer_shares",
     "module_label",
+    # what limits the step
+    "gradient_curvature",
+    "gradient_curvature_of",
+    "GradientCurvature",
     # training diagnostics
     "Monitor",
     "MicroBatches",
