@@ -19,6 +19,7 @@ from hessdiag.hvp import HessianOperator, hessian_vector_product
 from hessdiag.lanczos import LanczosResult, lanczos
 from hessdiag.layer_shares import layer_shares, module_label
 from hessdiag.monitor import Monitor
+from hessdiag.noise_scale import NoiseScaleEstimate, RunningNoiseScale, gradient_noise_scale, noise_scale_from_norms
 from hessdiag.spectrum import (
     SpectralDensity,
     TraceEstimate,
@@ -45,6 +46,11 @@ __all__ = [
     "gradient_curvature",
     "gradient_curvature_of",
     "GradientCurvature",
+    # how much batch the run can use
+    "gradient_noise_scale",
+    "noise_scale_from_norms",
+    "NoiseScaleEstimate",
+    "RunningNoiseScale",
     # training diagnostics
     "Monitor",
     "MicroBatches",
