@@ -177,3 +177,66 @@ def test_bad_vectors_are_refused_naming_the_argument():
         layer_shares(model, torch.zeros(dim, dtype=torch.float64))
     with pytest.raises(ValueError, match="`vector` must be non-zero and finite"):
         layer_shares(model, torch.full((dim,), float("nan"), dtype=torch.float64))
+
+
+class RootOwned(nn.Module):
+    """The usual FSDP2 recipe: inner layers sharded, a parameter left to the root's group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(3))
+        self.encoder = nn.Linear(4, 5)  # 5 rows: uneven shards over two ranks
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.encoder(x))) + self.offset
+
+
+def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = RootOwned().double()
+        dim = sum(p.numel() for p in model.parameters())
+        vector = torch.randn(dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        ddp = nn.parallel.DistributedDataParallel(RootOwned().double())
+        fully_shard(model.encoder)
+        fully_shard(model.head)
+        fully_shard(model)
+        pieces, offset = [], 0
+        for p in model.parameters():
+            full = vector[offset : offset + p.numel()].view(p.shape)
+            offset += p.numel()
+            pieces.append(distribute_tensor(full, p.device_mesh, p.placements).to_local().reshape(-1))
+        local = torch.cat(pieces)
+        torch.save(
+            {"fsdp": layer_shares(model, local), "ddp": layer_shares(ddp, vector), "local_size": local.numel(), "vector": vector},
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shares_on_two_processes_fsdp2_local_pieces_all_reduced_and_ddp(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed")
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    model = RootOwned().double()
+    expected = layer_shares(model, ranks[0]["vector"])
+    assert set(expected) == {"", "encoder", "head"}
+    assert ranks[0]["local_size"] != ranks[1]["local_size"]  # really local pieces, uneven
+    assert ranks[0]["local_size"] + ranks[1]["local_size"] == ranks[0]["vector"].numel()
+    for rank in ranks:
+        for kind in ("fsdp", "ddp"):
+            assert list(rank[kind]) == list(expected), kind
+            for name, value in expected.items():
+                assert rank[kind][name] == pytest.approx(value, rel=1e-12), (kind, name)

@@ -45,7 +45,8 @@ def test_linear_regression_estimates_are_unbiased_against_the_closed_form():
     for values, truth in ((traces, true_trace), (grad_sqs, true_grad_sq)):
         standard_error = float(values.std() / math.sqrt(repeats))
         assert abs(float(values.mean()) - truth) <= 4 * standard_error, (float(values.mean()), truth, standard_error)
-        assert standard_error < 0.1 * truth  # the test has power: a 10% bias would fail it
+        # Power: a bias of 25% (1/b for 1/b - 1/B in tr(Sigma)) or 30% (||G_B||^2 itself for ||G||^2) fails it.
+        assert standard_error < 0.05 * truth
     # The jackknife standard errors are of the right size (conservative, noisy with 4 parts).
     for reported, values in ((trace_ses, traces), (grad_sq_ses, grad_sqs)):
         ratio = float(torch.tensor(reported).square().mean() / values.var())
