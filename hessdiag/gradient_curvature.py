@@ -113,7 +113,13 @@ def gradient_curvature_of(
     direction = gradient if scaling is None else gradient * scaling.to(gradient)
     size = operator.norm(direction)
     loss = operator.loss
-    common = dict(grad_norm=grad_norm, loss=loss, threshold=stable, lr=None if lr is None else float(lr), preconditioned=scaling is not None)
+    common = dict(
+        grad_norm=grad_norm,
+        loss=loss,
+        threshold=stable,
+        lr=None if lr is None else float(lr),
+        preconditioned=scaling is not None,
+    )
     if not size > 0:  # zero (or non-finite: NaN compares false) direction
         why = "the gradient is zero" if not grad_norm > 0 else "the scaled gradient is zero"
         if not math.isfinite(size):
@@ -183,6 +189,8 @@ def gradient_curvature(
             :mod:`hessdiag.errors`.
     """
     _checked_threshold(lr, threshold)  # before any forward
+    if scaling is not None and (not isinstance(scaling, torch.Tensor) or scaling.dim() != 1):
+        raise ValueError(f"`scaling` must be a flat tensor over the parameters, got {type(scaling).__name__}.")
     with HessianOperator(
         model, loss_fn, batch, params=params, mode=mode, method=hvp_method, seed=seed, batch_size=batch_size
     ) as operator:

@@ -26,8 +26,10 @@ micro-batches' gradients under accumulation against the accumulated one, or each
 under DDP against the all-reduced one (no extra backward at all).
 
 Cost of :func:`gradient_noise_scale`: n forwards and backwards of B/n samples each (about one gradient
-of the whole batch, no graph kept beyond a part), n flat gradients held at once (n x the parameters'
-memory) and n(n+1)/2 inner products (float64). No Hessian-vector product.
+of the whole batch, no graph kept beyond a part), n flat gradients held at once in float64 (2n x a
+float32 model's parameter memory, for exact differences of nearly equal norms) and n(n+1)/2 inner
+products. No Hessian-vector product. A parameter the loss does not reach (``autograd.grad`` gives None)
+counts as a zero gradient, as the optimizer sees it.
 """
 
 from __future__ import annotations
@@ -87,7 +89,14 @@ def _two_sizes(small_sq: float, small: int, big_sq: float, big: int) -> tuple[fl
 
 
 def _estimate(
-    trace: float, trace_se: float, grad_sq: float, grad_sq_se: float, small: int, big: int, count: int, loss: float | None
+    trace: float,
+    trace_se: float,
+    grad_sq: float,
+    grad_sq_se: float,
+    small: int,
+    big: int,
+    count: int,
+    loss: float | None,
 ) -> NoiseScaleEstimate:
     note = None
     if not grad_sq > 0:
@@ -99,7 +108,10 @@ def _estimate(
     else:
         scale = trace / grad_sq
         if trace < 0:
-            note = f"The tr(Sigma) estimate is {trace:.3g} < 0: the noise is below what {count} batches of {small} resolve."
+            note = (
+                f"The tr(Sigma) estimate is {trace:.3g} < 0: the noise is below what {count} batches of {small} "
+                "samples resolve."
+            )
     return NoiseScaleEstimate(scale, trace, trace_se, grad_sq, grad_sq_se, small, big, count, loss, note)
 
 
@@ -151,9 +163,8 @@ def noise_scale_from_norms(
     def standard_error(values: torch.Tensor) -> float:
         return float(values.std() / math.sqrt(count)) if count > 1 else math.nan
 
-    return _estimate(
-        float(traces.mean()), standard_error(traces), float(grad_sqs.mean()), standard_error(grad_sqs), small, big, count, None
-    )
+    trace, grad_sq = float(traces.mean()), float(grad_sqs.mean())
+    return _estimate(trace, standard_error(traces), grad_sq, standard_error(grad_sqs), small, big, count, None)
 
 
 def estimate_from_gram(gram: torch.Tensor, small_batch: int, loss: float | None = None) -> NoiseScaleEstimate:
