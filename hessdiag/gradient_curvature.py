@@ -12,7 +12,8 @@ P^-1 = diag(d^2), e.g. :func:`hessdiag.stability.adam_preconditioner_sqrt`, or t
 per-group relative step sizes), the quantity is the curvature of the scaled operator
 diag(d) H diag(d) along the scaled gradient u = d * g, ``c = u' dHd u / u'u`` (the direction of the
 step in the coordinates where the optimizer is plain gradient descent), and it is compared with the
-threshold of :func:`hessdiag.stability.stability_threshold` as lambda_max(P^-1 H) is there.
+threshold of :func:`hessdiag.stability.stability_threshold` as lambda_max(P^-1 H) is there. It is the
+direction of the preconditioned gradient of this batch, not of the optimizer's momentum.
 
 Exact, up to the products' own error (0 for double backward; measured for finite differences, see
 :mod:`hessdiag.hvp`), for the batch given: it is a mini-batch quantity, like the check's lambda_max.

@@ -128,3 +128,23 @@ def test_bad_arguments_name_the_argument():
         gradient_curvature(model, loss_fn, batch, lr=0.1, threshold=20.0)
     with pytest.raises(ValueError, match=r"`scaling` must be a flat tensor of shape \(63,\)"):
         gradient_curvature(model, loss_fn, batch, scaling=torch.ones(3, dtype=torch.float64), hvp_method="double_backward")
+
+
+def test_adam_preconditioned_curvature_with_the_stability_modules_scaling_and_threshold():
+    from hessdiag.stability import adam_preconditioner_sqrt, stability_threshold
+
+    model, batch = problem()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    loss_fn(model, batch).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    params = list(model.parameters())
+    d = adam_preconditioner_sqrt(optimizer, params).double()
+    threshold = stability_threshold(optimizer).threshold
+    result = gradient_curvature(model, loss_fn, batch, threshold=threshold, scaling=d, hvp_method="double_backward")
+    hessian = dense_hessian(model, loss_fn, batch)
+    u = d * dense_gradient(model, batch)
+    expected = float(u @ (torch.diag(d) @ hessian @ torch.diag(d)) @ u / (u @ u))
+    assert result.preconditioned and result.curvature == pytest.approx(expected, rel=1e-9)
+    assert result.headroom == pytest.approx(threshold / expected, rel=1e-9)
+    assert all(p.grad is None for p in params)  # the gradient was taken without touching .grad
