@@ -128,7 +128,10 @@ def noise_scale_from_norms(
 
     Args:
         small_sq_norms: ||g_i||^2 of each small-batch gradient (a micro-batch's, a rank's local one
-            before the all-reduce), each the mean-loss gradient of `small_batch` samples.
+            before the all-reduce), each the mean-loss gradient of `small_batch` samples (equal
+            small batches: ranks with unequal local batches are outside these formulas). Under DDP
+            the local gradient is the bucket's buffer on entry to a comm hook (undivided: tested on
+            two gloo processes, torch 2.14), gathered from every rank with one all-gather.
         small_batch: samples per small batch (b).
         big_sq_norm: ||G_B||^2 of the big batch's gradient (the accumulated or all-reduced mean).
         big_batch: its samples (B > b); e.g. b times the number of micro-batches or ranks.

@@ -230,3 +230,52 @@ def test_running_noise_scale_is_the_ratio_of_means_and_round_trips():
     mean = float((weights * traces).sum()) / w
     sample = float((weights * (traces - mean) ** 2).sum()) / (w - w2 / w)
     assert decayed.trace_covariance_se == pytest.approx(math.sqrt(sample * w2 / w**2), rel=1e-10)
+
+
+def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model, (x, y) = mlp_problem()
+        local = (x[rank * 6 : (rank + 1) * 6], y[rank * 6 : (rank + 1) * 6])
+        ddp = nn.parallel.DistributedDataParallel(model)
+        local_squares = []
+
+        def capture(state, bucket):  # the local gradient, before the all-reduce averages it
+            local_squares.append(bucket.buffer().double().square().sum())
+            return default_hooks.allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, capture)
+        classification_loss(ddp, local).backward()
+        reduced = float(sum(p.grad.double().square().sum() for p in model.parameters()))
+        mine = torch.stack(local_squares).sum().reshape(1)
+        everyone = [torch.zeros(1, dtype=torch.float64) for _ in range(world_size)]
+        dist.all_gather(everyone, mine)
+        estimate = noise_scale_from_norms([float(t) for t in everyone], 6, reduced, 6 * world_size)
+        torch.save({"estimate": estimate, "mine": float(mine)}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_estimate_from_ranks_local_norms_equals_the_parts_estimate(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    model, batch = mlp_problem()
+    by_parts = gradient_noise_scale(model, classification_loss, batch, num_parts=2)  # the ranks' halves
+    for rank, result in enumerate(ranks):
+        # The comm hook saw this rank's own gradient, undivided (checked by hand).
+        half = (batch[0][rank * 6 : (rank + 1) * 6], batch[1][rank * 6 : (rank + 1) * 6])
+        own = torch.autograd.grad(classification_loss(model, half), list(model.parameters()))
+        assert result["mine"] == pytest.approx(float(sum(g.square().sum() for g in own)), rel=1e-12)
+        estimate = result["estimate"]
+        assert (estimate.small_batch, estimate.big_batch, estimate.num_small) == (6, 12, 2)
+        assert estimate.grad_sq_norm == pytest.approx(by_parts.grad_sq_norm, rel=1e-10)
+        assert estimate.trace_covariance == pytest.approx(by_parts.trace_covariance, rel=1e-10)
+    assert ranks[0]["estimate"] == ranks[1]["estimate"]  # every rank decides alike
