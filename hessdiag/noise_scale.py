@@ -145,6 +145,13 @@ def noise_scale_from_norms(
 
     Raises:
         ValueError: an argument is out of range (named in the message).
+
+    Example (||G_b||^2 = 6 at b = 2, ||G_B||^2 = 4 at B = 4: ||G||^2 = (16 - 12) / 2, tr(Sigma) =
+    2 / (1/2 - 1/4))::
+
+        >>> estimate = noise_scale_from_norms([5.0, 7.0], 2, 4.0, 4)
+        >>> estimate.grad_sq_norm, estimate.trace_covariance, estimate.noise_scale
+        (2.0, 8.0, 4.0)
     """
     small = _positive_int("small_batch", small_batch)
     big = _positive_int("big_batch", big_batch)

@@ -279,3 +279,12 @@ def test_ddp_estimate_from_ranks_local_norms_equals_the_parts_estimate(tmp_path)
         assert estimate.grad_sq_norm == pytest.approx(by_parts.grad_sq_norm, rel=1e-10)
         assert estimate.trace_covariance == pytest.approx(by_parts.trace_covariance, rel=1e-10)
     assert ranks[0]["estimate"] == ranks[1]["estimate"]  # every rank decides alike
+
+
+def test_docstring_example_holds():
+    import doctest
+
+    import hessdiag.noise_scale
+
+    result = doctest.testmod(hessdiag.noise_scale)
+    assert result.attempted >= 2 and result.failed == 0
