@@ -130,13 +130,9 @@ def gradient_curvature_of(
             note=f"{why}: there is no direction to measure the curvature along.", **common,
         )  # fmt: skip
     unit = direction / size
-    if scaling is None:
-        product = operator.matvec(unit)
-        partial = torch.dot(unit.double(), product.double()).reshape(1)
-    else:
-        scale = scaling.to(gradient)
-        product = operator.matvec(unit * scale)
-        partial = torch.dot((unit * scale).double(), product.double()).reshape(1)
+    # u' dHd u / u'u for the unit u: the product of H with d u, read back along d u (d = 1 unscaled).
+    step = unit if scaling is None else unit * scaling.to(gradient)
+    partial = torch.dot(step.double(), operator.matvec(step).double()).reshape(1)
     if operator.shard is not None:
         partial = operator.shard.sum_(partial)
     curvature = float(partial)
