@@ -14,8 +14,11 @@ from hessdiag.errors import (
     NonSmoothLossError,
     SecondDerivativeError,
 )
+from hessdiag.gradient_curvature import GradientCurvature, gradient_curvature, gradient_curvature_of
 from hessdiag.lanczos import LanczosResult, lanczos
+from hessdiag.layer_shares import layer_shares, module_label
 from hessdiag.monitor import Monitor
+from hessdiag.noise_scale import NoiseScaleEstimate, RunningNoiseScale, gradient_noise_scale, noise_scale_from_norms
 from hessdiag.operator import HessianOperator, hessian_vector_product
 from hessdiag.spectrum import (
     SpectralDensity,
@@ -36,6 +39,18 @@ __all__ = [
     "HessianOperator",
     "lanczos",
     "LanczosResult",
+    # where the curvature lives
+    "layer_shares",
+    "module_label",
+    # what limits the step
+    "gradient_curvature",
+    "gradient_curvature_of",
+    "GradientCurvature",
+    # how much batch the run can use
+    "gradient_noise_scale",
+    "noise_scale_from_norms",
+    "NoiseScaleEstimate",
+    "RunningNoiseScale",
     # training diagnostics
     "Monitor",
     "MicroBatches",

@@ -1,0 +1,465 @@
+"""How much batch the run can use: the simple gradient noise scale B_simple = tr(Sigma) / ||G||^2.
+
+McCandlish et al., 2018, "An Empirical Model of Large-Batch Training" (appendix A). G is the true
+gradient (the expectation over samples of the per-sample gradient) and Sigma the per-sample gradient
+covariance, so a mini-batch gradient of b samples has E||G_b||^2 = ||G||^2 + tr(Sigma) / b. From
+squared norms at two batch sizes b < B, both unbiased:
+
+    ||G||^2   ~ (B ||G_B||^2 - b ||G_b||^2) / (B - b)
+    tr(Sigma) ~ (||G_b||^2 - ||G_B||^2) / (1/b - 1/B)
+
+B_simple is in samples: around it, doubling the batch stops halving the number of steps needed
+(batches well below it are noise-dominated, well above it waste samples). Units: ||G||^2 in squared
+loss per parameter unit, tr(Sigma) the same per sample.
+
+Here (:func:`gradient_noise_scale`) the check's batch of B samples is cut into n equal parts of b = B/n:
+the parts' gradients g_i are the small batches (||G_b||^2 the mean of their squared norms) and their
+mean the big one. With the Gram matrix M_ij = g_i . g_j the estimates are the U-statistics
+||G||^2 = sum_{i != j} M_ij / (n (n - 1)) and tr(Sigma) = b * (sample variance of the g_i, summed over
+coordinates); both are exactly unbiased for i.i.d. samples and a loss that is the mean over them.
+Their standard errors are the jackknife's over the parts (leave one part out; n >= 3, NaN for n = 2):
+estimates, and conservative ones. The ratio B_simple of one check is biased (a ratio of noisy
+estimates): :class:`RunningNoiseScale` takes the ratio of the running means over checks instead.
+
+:func:`noise_scale_from_norms` applies the same formulas to squared norms measured elsewhere: the
+micro-batches' gradients under accumulation against the accumulated one, or each rank's local gradient
+under DDP against the all-reduced one (no extra backward at all).
+
+Cost of :func:`gradient_noise_scale`: n forwards and backwards of B/n samples each (about one gradient
+of the whole batch, no graph kept beyond a part), n flat gradients held at once in float64 (2n x a
+float32 model's parameter memory, for exact differences of nearly equal norms) and n(n+1)/2 inner
+products. No Hessian-vector product. A parameter the loss does not reach (``autograd.grad`` gives None)
+counts as a zero gradient, as the optimizer sees it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hessdiag import _sharded
+from hessdiag._isolation import ModelMode, MODEL_MODES, isolation, preserved_state, seed_rng, unwrap_model
+from hessdiag.batches import MicroBatches
+from hessdiag.errors import LossClosureError, NonFiniteLossError
+from hessdiag.errors import refuses_autograd_grad
+from hessdiag.operator import gradient_by_backward
+from hessdiag.operator import LossFn, trainable_parameters
+
+
+@dataclass(frozen=True)
+class NoiseScaleEstimate:
+    """The simple noise scale and its two ingredients, from gradients at two batch sizes.
+
+    Attributes:
+        noise_scale: B_simple = trace_covariance / grad_sq_norm, in samples; NaN when the
+            ||G||^2 estimate is <= 0 (see `note`). Biased as a ratio: average the ingredients over
+            checks (:class:`RunningNoiseScale`) for a reported value.
+        trace_covariance: unbiased estimate of tr(Sigma), the per-sample gradient covariance's trace.
+        trace_covariance_se: its standard error (NaN where it cannot be estimated).
+        grad_sq_norm: unbiased estimate of ||G||^2, the true gradient's squared norm.
+        grad_sq_norm_se: its standard error.
+        small_batch: b, the samples of a small batch (a part, a micro-batch, a rank's batch).
+        big_batch: B, the samples of the big batch.
+        num_small: the number of small-batch gradients.
+        loss: the big batch's loss (the mean of the parts'), None when estimated from norms.
+        note: why a value is NaN or hard to read, else None.
+    """
+
+    noise_scale: float
+    trace_covariance: float
+    trace_covariance_se: float
+    grad_sq_norm: float
+    grad_sq_norm_se: float
+    small_batch: int
+    big_batch: int
+    num_small: int
+    loss: float | None = None
+    note: str | None = None
+
+
+def _two_sizes(small_sq: float, small: int, big_sq: float, big: int) -> tuple[float, float]:
+    """(||G||^2, tr(Sigma)) from the squared norms at batch sizes small < big (McCandlish, app. A)."""
+    grad_sq = (big * big_sq - small * small_sq) / (big - small)
+    trace = (small_sq - big_sq) / (1.0 / small - 1.0 / big)
+    return grad_sq, trace
+
+
+def _estimate(
+    trace: float,
+    trace_se: float,
+    grad_sq: float,
+    grad_sq_se: float,
+    small: int,
+    big: int,
+    count: int,
+    loss: float | None,
+) -> NoiseScaleEstimate:
+    note = None
+    if not grad_sq > 0:
+        scale = math.nan
+        note = (
+            f"The ||G||^2 estimate is {grad_sq:.3g} <= 0: at {big} samples the gradient's signal is below its noise, "
+            "so the noise scale is far above the batch; average over checks (RunningNoiseScale)."
+        )
+    else:
+        scale = trace / grad_sq
+        if trace < 0:
+            note = (
+                f"The tr(Sigma) estimate is {trace:.3g} < 0: the noise is below what {count} batches of {small} "
+                "samples resolve."
+            )
+    return NoiseScaleEstimate(scale, trace, trace_se, grad_sq, grad_sq_se, small, big, count, loss, note)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    return value
+
+
+def noise_scale_from_norms(
+    small_sq_norms: Sequence[float], small_batch: int, big_sq_norm: float, big_batch: int
+) -> NoiseScaleEstimate:
+    """The two-size estimates from squared gradient norms already measured.
+
+    Args:
+        small_sq_norms: ||g_i||^2 of each small-batch gradient (a micro-batch's, a rank's local one
+            before the all-reduce), each the mean-loss gradient of `small_batch` samples (equal
+            small batches: ranks with unequal local batches are outside these formulas). Under DDP
+            the local gradient is the bucket's buffer on entry to a comm hook (undivided: tested on
+            two gloo processes, torch 2.14), gathered from every rank with one all-gather.
+        small_batch: samples per small batch (b).
+        big_sq_norm: ||G_B||^2 of the big batch's gradient (the accumulated or all-reduced mean).
+        big_batch: its samples (B > b); e.g. b times the number of micro-batches or ranks.
+
+    Returns:
+        A :class:`NoiseScaleEstimate`: the means over i of the per-small-batch estimates (the
+        formulas with ||G_b||^2 = ||g_i||^2). When the big batch is the union of the small ones these
+        equal :func:`gradient_noise_scale`'s. The standard errors are the spread of the per-small-batch
+        estimates over sqrt(count) (NaN for a single one); they leave out the big batch's own
+        variation, so they understate the ||G||^2 error where the signal dominates.
+
+    Raises:
+        ValueError: an argument is out of range (named in the message).
+
+    Example (||G_b||^2 = 6 at b = 2, ||G_B||^2 = 4 at B = 4: ||G||^2 = (16 - 12) / 2, tr(Sigma) =
+    2 / (1/2 - 1/4))::
+
+        >>> estimate = noise_scale_from_norms([5.0, 7.0], 2, 4.0, 4)
+        >>> estimate.grad_sq_norm, estimate.trace_covariance, estimate.noise_scale
+        (2.0, 8.0, 4.0)
+    """
+    small = _positive_int("small_batch", small_batch)
+    big = _positive_int("big_batch", big_batch)
+    if big <= small:
+        raise ValueError(f"`big_batch` must exceed `small_batch`, got {big} <= {small}.")
+    norms = [float(value) for value in small_sq_norms]
+    if not norms:
+        raise ValueError("`small_sq_norms` is empty: pass at least one small-batch squared norm.")
+    if not all(math.isfinite(value) and value >= 0 for value in norms):
+        raise ValueError(f"`small_sq_norms` must be finite and >= 0, got {norms}.")
+    big_sq = float(big_sq_norm)
+    if not (math.isfinite(big_sq) and big_sq >= 0):
+        raise ValueError(f"`big_sq_norm` must be finite and >= 0, got {big_sq_norm!r}.")
+    pairs = [_two_sizes(value, small, big_sq, big) for value in norms]
+    grad_sqs = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
+    traces = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
+    count = len(norms)
+
+    def standard_error(values: torch.Tensor) -> float:
+        return float(values.std() / math.sqrt(count)) if count > 1 else math.nan
+
+    trace, grad_sq = float(traces.mean()), float(grad_sqs.mean())
+    return _estimate(trace, standard_error(traces), grad_sq, standard_error(grad_sqs), small, big, count, None)
+
+
+def estimate_from_gram(gram: torch.Tensor, small_batch: int, loss: float | None = None) -> NoiseScaleEstimate:
+    """The estimates from the Gram matrix ``gram[i, j] = g_i . g_j`` of n >= 2 equal parts' gradients
+    (each of `small_batch` samples; the big batch is their union), with jackknife standard errors
+    (NaN for n = 2)."""
+    gram = gram.double().cpu()
+    count = gram.shape[0]
+
+    def of(matrix: torch.Tensor) -> tuple[float, float]:
+        n = matrix.shape[0]
+        return _two_sizes(float(matrix.diagonal().mean()), small_batch, float(matrix.sum()) / n**2, n * small_batch)
+
+    grad_sq, trace = of(gram)
+    grad_sq_se = trace_se = math.nan
+    if count >= 3:
+        keep = [[j for j in range(count) if j != i] for i in range(count)]
+        leave_one_out = torch.tensor([of(gram[rows][:, rows]) for rows in keep], dtype=torch.float64)
+        spread = ((leave_one_out - leave_one_out.mean(0)) ** 2).sum(0) * (count - 1) / count
+        grad_sq_se, trace_se = (float(value) for value in spread.sqrt())
+    return _estimate(trace, trace_se, grad_sq, grad_sq_se, small_batch, count * small_batch, count, loss)
+
+
+def _leading_sizes(item: Any, sizes: set[int]) -> set[int]:
+    if isinstance(item, torch.Tensor):
+        if item.dim() > 0:
+            sizes.add(int(item.shape[0]))
+    elif isinstance(item, Mapping):
+        for value in item.values():
+            _leading_sizes(value, sizes)
+    elif isinstance(item, (list, tuple)):
+        for value in item:
+            _leading_sizes(value, sizes)
+    return sizes
+
+
+def _cut(item: Any, start: int, stop: int) -> Any:
+    if isinstance(item, torch.Tensor):
+        return item[start:stop] if item.dim() > 0 else item
+    if isinstance(item, Mapping):
+        return type(item)({key: _cut(value, start, stop) for key, value in item.items()})
+    if isinstance(item, tuple) and hasattr(item, "_fields"):
+        return type(item)(*(_cut(value, start, stop) for value in item))
+    if isinstance(item, (list, tuple)):
+        return type(item)(_cut(value, start, stop) for value in item)
+    return item
+
+
+def split_batch(batch: Any, num_parts: int) -> list[Any]:
+    """`batch` cut into `num_parts` equal consecutive parts: every tensor (in nested tuples, lists,
+    dicts, named tuples) along its leading dimension, which must be the same for all; other leaves
+    are kept in every part.
+
+    Raises:
+        ValueError: `num_parts` is not an int >= 2; `batch` is a MicroBatches, has no tensor with a
+            batch dimension, or tensors of different leading sizes; the batch size is not a multiple
+            of `num_parts`.
+    """
+    if isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 2:
+        raise ValueError(f"`num_parts` must be an int >= 2 (two batch sizes are needed), got {num_parts!r}.")
+    if isinstance(batch, MicroBatches):
+        raise ValueError(
+            "`batch` is a MicroBatches: pass one batch, or use noise_scale_from_norms with the micro-batches' "
+            "gradient norms against the accumulated gradient's."
+        )
+    sizes = _leading_sizes(batch, set())
+    if not sizes:
+        raise ValueError("`batch` holds no tensor with a batch dimension to split.")
+    if len(sizes) > 1:
+        raise ValueError(
+            f"`batch` has tensors of leading dimensions {sorted(sizes)}: the batch dimension cannot be told apart; "
+            "collate it so that every tensor's first dimension is the batch."
+        )
+    size = sizes.pop()
+    if size % num_parts != 0 or size < num_parts:
+        raise ValueError(f"`num_parts`={num_parts} must divide the batch size {size} (equal parts).")
+    part = size // num_parts
+    return [_cut(batch, i * part, (i + 1) * part) for i in range(num_parts)]
+
+
+def gradient_noise_scale(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    num_parts: int = 4,
+    params: Iterable[torch.Tensor] | None = None,
+    mode: ModelMode = "train",
+    seed: int = 0,
+) -> NoiseScaleEstimate:
+    """The simple gradient noise scale of ``loss_fn`` at the current parameters, from `batch`.
+
+    The batch is cut into `num_parts` equal parts, one gradient is taken per part, and the
+    two-size estimates of the module docstring are formed from their Gram matrix.
+
+    Example::
+
+        estimate = gradient_noise_scale(model, loss_fn, batch, num_parts=4)
+        estimate.noise_scale, estimate.trace_covariance, estimate.grad_sq_norm_se
+
+    Args:
+        model: the network (a DDP wrapper is unwrapped: under data parallelism this is this rank's
+            batch alone, no communication; ranks' estimates differ). Its parameters, buffers,
+            modes, ``.grad`` and the RNG are left as found.
+        loss_fn: ``loss_fn(model, batch) -> scalar``, the *mean* over the batch's samples of their
+            losses (the estimates count samples; a summed loss would scale them by the batch size).
+        batch: what `loss_fn` takes; every tensor's first dimension is the batch.
+        num_parts: the number n of small batches (>= 2; standard errors need >= 3). More parts:
+            smaller small batches, a better-resolved tr(Sigma), n gradients held in memory.
+        params: parameters whose gradient counts (default: all trainable ones).
+        mode: ``"train"`` (default: the loss the optimizer sees), ``"eval"`` or ``"as_is"``.
+        seed: seeds dropout in every part's forward.
+
+    Returns:
+        A :class:`NoiseScaleEstimate`; `small_batch` = B / n, `big_batch` = B.
+
+    Raises:
+        ValueError: bad `num_parts`, `batch`, `params` or `mode` (named in the message); an
+            FSDP2-sharded model (use :func:`noise_scale_from_norms`).
+        LossClosureError: `loss_fn` raised or did not return a scalar depending on the parameters.
+        NonFiniteLossError: a part's loss is NaN or infinite.
+
+    Note:
+        The parts must be independent samples for the estimates to be unbiased: with BatchNorm in
+        train mode each part's statistics are its own, so the per-sample losses of a part are not
+        independent, and the estimates describe the run at the part's size.
+    """
+    if mode not in MODEL_MODES:
+        raise ValueError(f"`mode` must be one of {MODEL_MODES}, got {mode!r}.")
+    parts = split_batch(batch, num_parts)
+    model = unwrap_model(model)
+    _sharded.refuse_fsdp1(model)
+    chosen = trainable_parameters(model, params)
+    if _sharded.is_sharded(chosen):
+        raise ValueError(
+            "`model` is FSDP2-sharded: the per-part gradients would need FSDP's backward per part; use "
+            "noise_scale_from_norms with the micro-batches' or ranks' gradient norms instead."
+        )
+    device = chosen[0].device
+    every = list(model.parameters())
+    gradients: list[torch.Tensor] = []
+    gram = torch.zeros(num_parts, num_parts, dtype=torch.float64)
+    losses = []
+    with isolation(model, mode, device), preserved_state(model, chosen):
+        for i, part in enumerate(parts):
+            loss = _part_loss(model, loss_fn, part, seed, device)
+            try:
+                grads = torch.autograd.grad(loss, chosen, allow_unused=True)
+            except RuntimeError as error:  # reentrant checkpointing refuses autograd.grad
+                if not refuses_autograd_grad(error):
+                    raise
+                grads = gradient_by_backward(_part_loss(model, loss_fn, part, seed, device), chosen, every)
+            flat = torch.cat([torch.zeros(p.numel(), device=device, dtype=p.dtype) if g is None else g.reshape(-1)
+                              for g, p in zip(grads, chosen)]).double()  # fmt: skip
+            gradients.append(flat)
+            for j, other in enumerate(gradients):
+                gram[i, j] = gram[j, i] = torch.dot(flat, other).cpu()
+            losses.append(loss.detach().double())
+            del loss, grads
+    mean_loss = float(torch.stack(losses).mean())
+    (part_size,) = _leading_sizes(parts[0], set())
+    return estimate_from_gram(gram, part_size, mean_loss)
+
+
+def _part_loss(model: nn.Module, loss_fn: LossFn, part: Any, seed: int, device: torch.device) -> torch.Tensor:
+    seed_rng(seed, device)
+    try:
+        loss = loss_fn(model, part)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # the user's closure
+        raise LossClosureError(f"loss_fn(model, part of batch) raised {type(error).__name__}: {error}.") from error
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.dtype.is_floating_point:
+        raise LossClosureError("loss_fn(model, batch) must return a real scalar tensor.")
+    if not loss.requires_grad:
+        raise LossClosureError("The loss does not depend on the chosen parameters (computed under torch.no_grad()?).")
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"The loss is {loss.item()} on a part of the batch; no noise scale there.")
+    return loss.reshape(())
+
+
+_STATE_KEYS = ("weight", "weight_sq", "trace", "grad_sq", "trace_sq", "grad_sq_sq", "cross")
+
+
+class RunningNoiseScale:
+    """The noise scale as the ratio of running means of tr(Sigma) and ||G||^2 over checks.
+
+    A ratio of two noisy estimates is biased (E[S / G] != E[S] / E[G]); their running means are
+    unbiased, and so their ratio is consistent. ``decay`` < 1 weights recent checks more
+    (weights decay^age, like McCandlish et al.'s moving averages: the noise scale grows during
+    training); 1 (default) weights all checks equally.
+
+    Example::
+
+        running = RunningNoiseScale(decay=0.9)
+        running.update(gradient_noise_scale(model, loss_fn, batch))
+        running.noise_scale, running.noise_scale_se
+
+    State (``state_dict``): floats only, summed over checks (per-rank values are not combined: pass
+    each check's global estimate).
+    """
+
+    def __init__(self, decay: float = 1.0) -> None:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+            raise ValueError(f"`decay` must be a number in (0, 1], got {decay!r}.")
+        self.decay: float = float(decay)
+        self.count: int = 0
+        self._sums: dict[str, float] = dict.fromkeys(_STATE_KEYS, 0.0)
+
+    def update(self, estimate: NoiseScaleEstimate) -> None:
+        """Add one check's estimate (its ingredients; a non-finite one is skipped)."""
+        trace, grad_sq = float(estimate.trace_covariance), float(estimate.grad_sq_norm)
+        if not (math.isfinite(trace) and math.isfinite(grad_sq)):
+            return
+        sums = self._sums
+        for key in sums:
+            sums[key] *= self.decay**2 if key == "weight_sq" else self.decay  # weights decay^age, squares decay^(2 age)
+        sums["weight"] += 1.0
+        sums["weight_sq"] += 1.0
+        sums["trace"] += trace
+        sums["grad_sq"] += grad_sq
+        sums["trace_sq"] += trace * trace
+        sums["grad_sq_sq"] += grad_sq * grad_sq
+        sums["cross"] += trace * grad_sq
+        self.count += 1
+
+    @property
+    def trace_covariance(self) -> float:
+        """The weighted mean of the checks' tr(Sigma) estimates (NaN before the first)."""
+        return self._mean("trace")
+
+    @property
+    def grad_sq_norm(self) -> float:
+        """The weighted mean of the checks' ||G||^2 estimates (NaN before the first)."""
+        return self._mean("grad_sq")
+
+    @property
+    def noise_scale(self) -> float:
+        """trace_covariance / grad_sq_norm, in samples; NaN while the mean ||G||^2 is <= 0."""
+        grad_sq = self.grad_sq_norm
+        return self.trace_covariance / grad_sq if grad_sq > 0 else math.nan
+
+    @property
+    def trace_covariance_se(self) -> float:
+        """Standard error of `trace_covariance` from the spread over checks (NaN under 2 checks)."""
+        return math.sqrt(self._covariance("trace_sq", "trace", "trace"))
+
+    @property
+    def grad_sq_norm_se(self) -> float:
+        """Standard error of `grad_sq_norm` from the spread over checks (NaN under 2 checks)."""
+        return math.sqrt(self._covariance("grad_sq_sq", "grad_sq", "grad_sq"))
+
+    @property
+    def noise_scale_se(self) -> float:
+        """Standard error of `noise_scale` by the delta method (first order in the means' errors)."""
+        scale, grad_sq = self.noise_scale, self.grad_sq_norm
+        if math.isnan(scale):
+            return math.nan
+        variance = (
+            self._covariance("trace_sq", "trace", "trace")
+            - 2 * scale * self._covariance("cross", "trace", "grad_sq")
+            + scale**2 * self._covariance("grad_sq_sq", "grad_sq", "grad_sq")
+        ) / grad_sq**2
+        return math.sqrt(max(variance, 0.0)) if not math.isnan(variance) else math.nan
+
+    def _mean(self, key: str) -> float:
+        weight = self._sums["weight"]
+        return self._sums[key] / weight if weight > 0 else math.nan
+
+    def _covariance(self, product: str, first: str, second: str) -> float:
+        """The variance of the weighted mean (covariance of two means): the weighted sample
+        covariance with reliability weights, times sum(w^2) / sum(w)^2."""
+        weight, weight_sq = self._sums["weight"], self._sums["weight_sq"]
+        if self.count < 2 or weight**2 <= weight_sq:
+            return math.nan
+        spread = self._sums[product] / weight - self._mean(first) * self._mean(second)
+        sample = spread * weight**2 / (weight**2 - weight_sq)
+        return sample * weight_sq / weight**2
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"decay": self.decay, "count": self.count, **self._sums}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; missing keys (an older checkpoint) take their defaults."""
+        self.decay = float(state.get("decay", self.decay))
+        self.count = int(state.get("count", 0))
+        self._sums = {key: float(state.get(key, 0.0)) for key in _STATE_KEYS}
