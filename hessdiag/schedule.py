@@ -5,8 +5,11 @@ so its price relative to a training step depends on the model, the batch and the
 adds a preconditioned estimate). ``check_every="auto"`` therefore measures both and spaces the checks
 so that they take at most `overhead_budget` of the training time (measured on a CPU GPT: one check
 per 100 steps cost +116%; see benchmarks/overhead.py), never more often than every `min_interval`
-steps. The first check comes early, at step `first_check` (10), so that a short run sees curvature
-too; its cost is paid back before the next one (which therefore comes later). The time of a training step is the median of the last 256 gaps between steps, so pauses in
+steps. The first checks come early and double their spacing (steps 10, 20, 40, 80, 160 with the
+defaults `first_check` = 10 and `early_checks` = 5), so that a short run draws a line of curvature
+rather than one point; they are not budgeted, and the budget pays them back before the next check (a
+300-step run thus spends more than `overhead_budget` on checks, a run of thousands of steps does
+not). The time of a training step is the median of the last 256 gaps between steps, so pauses in
 between (validation, checkpointing, a stalled data loader, other work in the same process) do not
 count as training time: the budget is a share of the training steps themselves. A failing check
 backs off exponentially (up to 16x). Under data parallelism the ranks agree on the next check (the
@@ -42,6 +45,8 @@ class CheckSchedule:
         overhead_budget: share of the wall time checks may take in ``"auto"`` mode (default 0.05).
         min_interval: fewest steps between checks in ``"auto"`` mode (100).
         first_check: the step of the first check in ``"auto"`` mode (10; at most `min_interval`).
+        early_checks: checks in ``"auto"`` mode placed at doubling steps from `first_check` (5; 1:
+            only the first), before the budget spaces them.
     """
 
     def __init__(
@@ -50,6 +55,7 @@ class CheckSchedule:
         overhead_budget: float = 0.05,
         min_interval: int = 100,
         first_check: int = 10,
+        early_checks: int = 5,
     ) -> None:
         if check_every != "auto" and (not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 0):
             raise ValueError(f"`check_every` must be an int >= 0 or 'auto', got {check_every!r}.")
@@ -59,9 +65,13 @@ class CheckSchedule:
             raise ValueError(f"`min_interval` must be a positive int, got {min_interval!r}.")
         if not isinstance(first_check, int) or isinstance(first_check, bool) or first_check < 1:
             raise ValueError(f"`first_check` must be a positive int, got {first_check!r}.")
+        if not isinstance(early_checks, int) or isinstance(early_checks, bool) or early_checks < 1:
+            raise ValueError(f"`early_checks` must be a positive int, got {early_checks!r}.")
         self.check_every = check_every
         self.overhead_budget = float(overhead_budget)
         self.min_interval = min_interval
+        self.early_checks = early_checks
+        self.checks_done = 0
         self.interval = min_interval if check_every == "auto" else check_every
         self.next_check = min(first_check, min_interval) if check_every == "auto" else self.interval
         self.failures = 0
@@ -88,7 +98,10 @@ class CheckSchedule:
     def check_finished(self, step: int, seconds: float, device: torch.device) -> None:
         self.failures = 0
         self._check_seconds += seconds
-        if self.check_every == "auto" and self._recent_steps:
+        self.checks_done += 1
+        if self.check_every == "auto" and self.checks_done < self.early_checks:
+            self.interval = max(step, 1)  # doubling: the next early check at twice this step
+        elif self.check_every == "auto" and self._recent_steps:
             # Pay in advance: the next check may start once the checks so far *and* the next one
             # (estimated as long as this one) fit in `overhead_budget` of the training time. So the
             # running total stays within budget even when the run ends right after a check; only
@@ -114,6 +127,7 @@ class CheckSchedule:
             "interval": self.interval,
             "next_check": self.next_check,
             "failures": self.failures,
+            "checks_done": self.checks_done,
             "recent_step_seconds": list(self._recent_steps),
             "steps_timed": self._steps_timed,
             "check_seconds": self._check_seconds,
@@ -127,6 +141,8 @@ class CheckSchedule:
         self._steps_timed = int(state.get("steps_timed", 0))
         self._check_seconds = float(state.get("check_seconds", 0.0))
         self.failures = int(state.get("failures", 0))
+        # A checkpoint from before early checks: its run is past them.
+        self.checks_done = int(state.get("checks_done", self.early_checks))
         saved_every = state.get("check_every", self.check_every)
         if saved_every != self.check_every:
             interval = int(state.get("interval", self.interval))

@@ -23,22 +23,50 @@ def test_fixed_cadence():
     assert CheckSchedule("auto", min_interval=4).next_check == 4  # never later than min_interval
 
 
-def test_auto_spaces_checks_to_the_overhead_budget(monkeypatch):
+def _run_steps(clock, schedule, steps, seconds=0.01):
+    for _ in range(steps):
+        clock.now += seconds
+        schedule.step_finished()
+
+
+def test_auto_draws_a_line_early_then_spaces_checks_to_the_overhead_budget(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(schedule_module.time, "perf_counter", clock)
     s = CheckSchedule("auto", overhead_budget=0.05, min_interval=100)
-    assert s.next_check == 10  # the first check comes early, so a short run sees curvature
-    for _ in range(10):  # steps of 10 ms
-        clock.now += 0.01
-        s.step_finished()
-    clock.now += 2.0  # a 2 s check after 0.09 s of timed steps (the first call starts the clock)
-    s.check_finished(10, 2.0, torch.device("cpu"))  # it and the next 2 s check are 5% of 80 s: paid back
-    assert s.interval == 7991 and s.next_check == 8001
-    for _ in range(7991):
-        clock.now += 0.01
-        s.step_finished()
-    s.check_finished(8001, 0.001, torch.device("cpu"))  # a cheap check: never more often than min_interval
+    cpu = torch.device("cpu")
+    early, step = [], 0
+    while len(early) < 5:  # steps of 10 ms, checks of 2 s: far over budget, yet a short run sees a line
+        _run_steps(clock, s, 1)
+        step += 1
+        if s.due(step):
+            early.append(step)
+            clock.now += 2.0
+            s.check_finished(step, 2.0, cpu)
+    assert early == [10, 20, 40, 80, 160]
+    # Then the budget: the five checks so far and the next one (12 s) are 5% of 240 s of steps.
+    assert s.interval == pytest.approx(24000 - 159, abs=2) and s.next_check == 160 + s.interval
+    _run_steps(clock, s, s.interval)
+    s.check_finished(s.next_check, 0.001, cpu)  # a cheap check: never more often than min_interval
     assert s.interval == 100
+
+
+def test_auto_overhead_stays_within_budget_over_a_long_run(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(schedule_module.time, "perf_counter", clock)
+    s = CheckSchedule("auto", overhead_budget=0.05)
+    check_seconds = 0.0
+    for step in range(1, 200_001):
+        _run_steps(clock, s, 1)
+        if s.due(step):
+            check_seconds += 1.0
+            s.check_finished(step, 1.0, torch.device("cpu"))
+    assert check_seconds / (200_000 * 0.01) <= 0.05
+
+
+def test_single_early_check():
+    s = CheckSchedule("auto", early_checks=1)
+    s.check_finished(10, 0.0, torch.device("cpu"))  # no step timed yet: the floor applies
+    assert s.next_check == 110
 
 
 def test_pauses_between_steps_are_not_training_time(monkeypatch):
@@ -46,7 +74,7 @@ def test_pauses_between_steps_are_not_training_time(monkeypatch):
     median gap, not the mean, so the interval is the same as without the pause."""
     clock = FakeClock()
     monkeypatch.setattr(schedule_module.time, "perf_counter", clock)
-    s = CheckSchedule("auto", overhead_budget=0.05, min_interval=100)
+    s = CheckSchedule("auto", overhead_budget=0.05, min_interval=100, early_checks=1)
     for step in range(100):
         clock.now += 60.0 if step == 50 else 0.01
         s.step_finished()
@@ -84,6 +112,7 @@ def test_state_round_trip():
         ({"overhead_budget": 0}, r"`overhead_budget` must be a number in \(0, 1\)"),
         ({"min_interval": 0}, "`min_interval` must be a positive int"),
         ({"first_check": 0}, "`first_check` must be a positive int"),
+        ({"early_checks": 0}, "`early_checks` must be a positive int"),
     ],
 )
 def test_bad_arguments(kwargs, match):
