@@ -146,3 +146,13 @@ def test_verdicts_do_not_depend_on_the_loss_units(case, scale, shift):
     assert_verdicts_do_not_depend_on_the_loss_units(
         PlateauDetector, UNIT_CASES[case], scale, shift, floored=True, healthy="healthy" in case
     )
+
+
+@pytest.mark.parametrize(
+    ("stream", "rule"),
+    [(plateau_stream, "gradient <= 0.1 x its peak"), (stuck_from_start_stream, "a full gradient step removes <= 0.01")],
+)
+def test_plateau_evidence_names_the_rule_that_fired(stream, rule):
+    detector = PlateauDetector()
+    onsets = [e for t, inputs in enumerate(stream()) for e in detector.update(t, **inputs) if e.kind == "onset"]
+    assert onsets and rule in onsets[0].summary

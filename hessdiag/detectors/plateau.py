@@ -132,11 +132,15 @@ class PlateauDetector(Detector):
         loss_left = last_left / self.peak_loss_left if self.peak_loss_left > 0 else 0.0
         stalled = improvement < self.rel_improvement
         gradient_gain = recent_grad**2 / (2 * self.lambda_max) if self.lambda_max > 0 else math.inf
-        small = (
-            recent_grad <= self.grad_fraction * self.peak_grad_norm
-            or gradient_gain <= self.critical_fraction * last_left
-            or (self.grad_tol is not None and recent_grad <= self.grad_tol)
-        )
+        small_rules = {
+            f"gradient <= {self.grad_fraction:g} x its peak": recent_grad <= self.grad_fraction * self.peak_grad_norm,
+            f"a full gradient step removes <= {self.critical_fraction:g} of the loss left": gradient_gain
+            <= self.critical_fraction * last_left,
+            f"gradient <= grad_tol ({self.grad_tol:g})" if self.grad_tol is not None else "": self.grad_tol is not None
+            and recent_grad <= self.grad_tol,
+        }
+        fired = [rule for rule, holds in small_rules.items() if holds]
+        small = bool(fired)
         above_floor = loss_left > self.floor_margin
         self.evidence = {
             "loss": last,
@@ -148,7 +152,8 @@ class PlateauDetector(Detector):
         }
         self.summary = (
             f"The loss {_change_in_words(improvement)} over {self.window} steps to {last:.4g}, with gradient norm "
-            f"{recent_grad:.2g} (peak {self.peak_grad_norm:.2g})."
+            f"{recent_grad:.2g} (peak {self.peak_grad_norm:.2g})"
+            + (f"; small by the rule{'s' if len(fired) > 1 else ''}: {'; '.join(fired)}." if fired else ".")
         )
         return self._decide(step, stalled and small and above_floor, "warning")
 
