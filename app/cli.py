@@ -189,7 +189,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         if args.steps is not None and args.steps < 1:
             parser.error(f"--steps must be a positive int, got {args.steps}")
-        return run_demo(args.scenario, args.logdir, args.steps, args.seed)
+        if Path(args.logdir).exists() and not Path(args.logdir).is_dir():
+            print(f"hessdiag demo: error: --logdir '{args.logdir}' is a file, not a directory", file=sys.stderr)
+            return 2
+        try:
+            return run_demo(args.scenario, args.logdir, args.steps, args.seed)
+        except OSError as error:  # a log directory that cannot be created or written
+            print(f"hessdiag demo: error: cannot write the run to '{args.logdir}': {error.strerror or error}", file=sys.stderr)
+            return 2
     try:
         summaries = summarize(args.logdir)
     except SummaryError as error:

@@ -87,3 +87,12 @@ def test_check_table_gives_a_failed_checks_reason_in_step_order():
     assert rows[2] == "    30  check failed: ValueError: nan"
     empty = SimpleNamespace(checks=[], failed_checks=[])
     assert "(no curvature check ran)" in check_table(empty)
+
+
+def test_demo_path_errors_are_one_line_with_a_non_zero_exit(tmp_path, capsys):
+    a_file = tmp_path / "README.md"
+    a_file.write_text("not a directory")
+    for logdir in (a_file, a_file / "below"):
+        assert main(["demo", "--logdir", str(logdir), "--steps", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hessdiag demo: error:") and "\n" not in err and str(a_file) in err
