@@ -16,10 +16,13 @@ edge-of-stability   tanh MLP, squared error, full-batch GD at lr 0.2 (2/lr = 10)
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shlex
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +32,8 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
+from hessdiag import HessdiagWarning, Monitor
 from hessdiag.callbacks import HessianDiagnostics
-from hessdiag import Monitor
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,24 @@ def check_table(monitor: Monitor) -> str:
     return f"{header}\n{body}\n\n{CHECK_TABLE_LEGEND}"
 
 
+@contextlib.contextmanager
+def third_party_quiet() -> Iterator[None]:
+    """The demo's output is its story: Lightning's tips and info lines and the warnings of the libraries
+    it drives (worker counts, deprecations) are silenced while it trains; hessdiag's own warnings stay."""
+    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("default", HessdiagWarning)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def run_demo(scenario_name: str, logdir: str, steps: int | None, seed: int) -> int:
     """Train the scenario, print the curvature trajectory and the flags; returns an exit code."""
     scenario = SCENARIOS[scenario_name]
@@ -170,13 +191,14 @@ def run_demo(scenario_name: str, logdir: str, steps: int | None, seed: int) -> i
     callback = HessianDiagnostics(check_every=scenario.check_every, log_every=10)
     # Runs go to LOGDIR/<scenario>/version_<n>, unless LOGDIR already names the scenario.
     logger = TensorBoardLogger(logdir, name="" if Path(logdir).name == scenario_name else scenario_name)
-    trainer = pl.Trainer(
-        accelerator="auto", devices=1, max_steps=steps or scenario.steps, max_epochs=-1, limit_val_batches=0,
-        log_every_n_steps=10, logger=logger, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=sys.stdout.isatty(), callbacks=[callback],
-    )  # fmt: skip
-    start = time.perf_counter()
-    trainer.fit(DigitsModule(scenario), digits_loader(scenario.batch_size, seed))
+    with third_party_quiet():
+        trainer = pl.Trainer(
+            accelerator="auto", devices=1, max_steps=steps or scenario.steps, max_epochs=-1, limit_val_batches=0,
+            log_every_n_steps=10, logger=logger, enable_checkpointing=False, enable_model_summary=False,
+            enable_progress_bar=sys.stdout.isatty(), callbacks=[callback],
+        )  # fmt: skip
+        start = time.perf_counter()
+        trainer.fit(DigitsModule(scenario), digits_loader(scenario.batch_size, seed))
     seconds = time.perf_counter() - start
     monitor = callback.monitor
     assert monitor is not None
