@@ -106,11 +106,15 @@ def noise_scale_of(
     seed: int,
 ) -> tuple[NoiseScaleEstimate | None, str]:
     """:func:`~hessdiag.gradient_noise_scale` of `batch` cut in `parts` (its first samples, a multiple
-    of `parts`), or (None, why not): micro-batches, an FSDP2-sharded model, fewer samples than parts,
-    a batch that cannot be cut or a part with a non-finite loss."""
-    samples = batch_size(batch)
+    of `parts`; under gradient accumulation the first micro-batch's), or (None, why not): an
+    FSDP2-sharded model, fewer samples than parts, a batch that cannot be cut or a part with a
+    non-finite loss. The noise scale is a property of the data and the parameters, not of the batch
+    it is measured on: a smaller batch gives a noisier estimate of the same number."""
     if isinstance(batch, MicroBatches):
-        return None, "the check batch is micro-batches (gradient accumulation), whose gradients are not kept apart"
+        if not batch:
+            return None, "the check batch holds no micro-batch"
+        batch = batch[0]
+    samples = batch_size(batch)
     if _sharded.is_sharded(list(unwrap_model(model).parameters())):
         return None, "the model is FSDP2-sharded: a gradient per part would need FSDP's backward per part"
     if samples is None or samples < parts:

@@ -181,8 +181,9 @@ class CurvatureProbe:
         noise_scale_parts: the number of parts the check batch is cut into for the noise scale
             (>= 2; 0: no noise scale). Cost: the parts' forwards and backwards (about one gradient
             of the check batch) and that many flat float64 gradients held at once (2x a float32
-            model's parameter memory per part). Skipped, with a reason in ``check.skipped``, on
-            micro-batches, FSDP2-sharded models and batches of fewer samples than parts.
+            model's parameter memory per part). Under gradient accumulation the first micro-batch
+            is cut. Skipped, with a reason in ``check.skipped``, on FSDP2-sharded models and batches
+            of fewer samples than parts.
 
     Attributes:
         noise_scale: the :class:`~hessdiag.RunningNoiseScale` over this probe's checks.

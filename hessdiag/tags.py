@@ -52,6 +52,12 @@ CONDITIONING = tag("conditioning")
 # -- derived series the dashboard adds (see hessdiag.dashboard.shown_scalars) -------------------
 RATIO_LIMIT = tag("stability_ratio_limit")
 HEADROOM_LIMIT = tag("lr_headroom_limit")
+
+#: The scalar tags of the quantities a check adds beyond the spectrum's ends (issue 20): a fixed set,
+#: whatever the model's depth (module names go to the text card :data:`LAYER_SHARES`).
+CHECK_QUANTITY_TAGS = (
+    GRADIENT_CURVATURE, GRADIENT_ALIGNMENT, LR_HEADROOM, HEADROOM_LIMIT, NOISE_SCALE, NOISE_SCALE_SE, CONDITIONING,
+)  # fmt: skip
 CERTIFIED_LAMBDA_MIN = tag("lambda_min_certified")
 ACTIVE_FLAGS = tag("active_flags")
 FLAG_ONSETS = tag("flag_onsets")

@@ -213,4 +213,10 @@ def check_texts(check: CurvatureCheck) -> dict[str, str]:
         texts[LAYER_SHARES] = layer_shares_text(check.top_shares, check.bottom_shares)
     if check.noise_scale is not None:
         texts[NOISE_SCALE_VERDICT] = noise_scale_verdict(check.noise_scale, check.noise_scale_se, check.step_batch_size)
+    elif check.noise is not None:  # measured, but the mean ||G||^2 estimate is still <= 0
+        texts[NOISE_SCALE_VERDICT] = (
+            f"noise scale not resolved yet: the mean ||G||^2 estimate over the checks is <= 0 (this check's "
+            f"{check.noise.grad_sq_norm:.3g} +- {check.noise.grad_sq_norm_se:.2g}): at {check.noise.big_batch} samples the "
+            "gradient's signal is below its noise, so the noise scale is probably well above the batch."
+        )
     return texts
