@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hessdiag.app.demo import SCENARIO_NAMES, run_demo
 from hessdiag.flags import FLAG_NAMES
+from hessdiag.tags import LAYER_SHARES, LR_HEADROOM, NOISE_SCALE_VERDICT
 from hessdiag.tensorboard import PREFIX
 
 _EVENT_FILE = "events.out.tfevents."
@@ -66,6 +67,9 @@ class RunSummary:
     hvps: float = 0.0
     check_seconds: float = 0.0
     failed_checks: int = 0
+    top_direction: list[tuple[int, str, float]] = field(default_factory=list)  # (step, module, share) per check
+    lr_headroom: Trajectory | None = None
+    noise_scale: str = ""  # the last check's noise scale against the batch, in a sentence
 
 
 def event_directories(logdir: Path) -> list[Path]:
@@ -109,6 +113,45 @@ def flag_history(accumulator, name: str) -> FlagHistory | None:
     return FlagHistory(name, episodes, evidence) if episodes else None
 
 
+_DIRECTION = re.compile(r"lies (\d+)% in `([^`]*)`")
+
+
+def texts(accumulator, tag: str) -> list[tuple[int, str]]:
+    """(step, markdown) of each text entry of `tag`, in step order."""
+    name = f"{tag}/text_summary"
+    if name not in accumulator.Tags().get("tensors", []):
+        return []
+    entries = sorted(accumulator.Tensors(name), key=lambda e: e.step)
+    return [(e.step, e.tensor_proto.string_val[0].decode("utf-8", "replace")) for e in entries]
+
+
+def top_directions(accumulator) -> list[tuple[int, str, float]]:
+    """(step, module, share) of the top eigenvector's largest module at each check, from the
+    ``hessdiag/layer_shares`` cards (whose first sentence names it)."""
+    found = []
+    for step, markdown in texts(accumulator, LAYER_SHARES):
+        match = _DIRECTION.search(markdown)
+        if match is not None:
+            found.append((step, match[2], int(match[1]) / 100))
+    return found
+
+
+def direction_spans(points: list[tuple[int, str, float]]) -> str:
+    """Consecutive checks with the same top module, as "`net.2` 64-80% (steps 20-100), then ..."."""
+    spans: list[list] = []
+    for step, module, share in points:
+        if spans and spans[-1][0] == module:
+            spans[-1][2], spans[-1][3], spans[-1][4] = step, min(spans[-1][3], share), max(spans[-1][4], share)
+        else:
+            spans.append([module, step, step, share, share])
+    parts = []
+    for module, first, last, low, high in spans:
+        shares = f"{low:.0%}" if low == high else f"{low:.0%}-{high:.0%}"
+        steps = f"step {first}" if first == last else f"steps {first}-{last}"
+        parts.append(f"`{module}` {shares} ({steps})")
+    return ", then ".join(parts)
+
+
 def summarize(logdir: str | Path) -> list[RunSummary]:
     """One summary per directory of event files under `logdir` (or for the one file `logdir`)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -138,6 +181,11 @@ def summarize(logdir: str | Path) -> list[RunSummary]:
             failed_checks=sum(1 for _, v in series(f"{PREFIX}/check_failed") if v > 0),
         )
         summary.flags = [history for name in FLAG_NAMES if (history := flag_history(accumulator, name))]
+        summary.top_direction = top_directions(accumulator)
+        headroom = series(LR_HEADROOM)
+        summary.lr_headroom = Trajectory.of(headroom) if headroom else None
+        verdicts = texts(accumulator, NOISE_SCALE_VERDICT)
+        summary.noise_scale = f"{verdicts[-1][1]} (step {verdicts[-1][0]})" if verdicts else ""
         summaries.append(summary)
     return summaries
 
@@ -161,6 +209,17 @@ def format_summary(summary: RunSummary) -> str:
             f"({summary.check_seconds / summary.checks:.3f} s each)"
             + (f", {summary.failed_checks} failed" if summary.failed_checks else "")
         )
+    if summary.top_direction:
+        lines.append(f"  top direction lies mostly in: {direction_spans(summary.top_direction)}")
+    if summary.lr_headroom is not None:
+        t = summary.lr_headroom
+        overshoot = " (below 1: the step along the gradient overshoots)" if t.low[1] < 1 else ""
+        lines.append(
+            f"  lr headroom along the gradient (largest stable lr / lr in use): start {t.start[1]:.3g} (step "
+            f"{t.start[0]}), end {t.end[1]:.3g} (step {t.end[0]}), min {t.low[1]:.3g} (step {t.low[0]}){overshoot}"
+        )
+    if summary.noise_scale:
+        lines.append(f"  {summary.noise_scale}")
     if not summary.flags:
         lines.append("  flags: none")
     for flag in summary.flags:

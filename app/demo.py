@@ -12,6 +12,10 @@ exploding           tanh MLP, squared error, full-batch SGD at lr 2 (2/lr = 1)  
 vanishing           10-layer sigmoid MLP from a 0.05 initialisation, full batch      vanishing, plateau
 edge-of-stability   tanh MLP, squared error, full-batch GD at lr 0.2 (2/lr = 10)     edge_of_stability
 ==================  ==============================================================  =====================
+
+The check table's ``headroom`` column tells the edge-of-stability story along the gradient: the
+largest stable learning rate along the step's own direction falls towards the one in use (~1) as
+the sharpness rises to 2/lr.
 """
 
 from __future__ import annotations
@@ -144,6 +148,8 @@ CHECK_TABLE_LEGEND = """\
   lambda_max  largest Hessian eigenvalue of the loss (steepest curvature)
   lambda_min  smallest Hessian eigenvalue found (the true one is at most this; negative: the loss curves down)
   sharp/thr   sharpness / stability threshold (2/lr for plain gradient descent); >= 1: edge of stability
+  headroom    largest stable learning rate along the gradient / the one in use; near 1: the step along the
+              gradient is at its stability limit, below 1 it overshoots (inf: no upward curvature along it)
   HVPs        Hessian-vector products the check took (each costs about 2-4 gradients)
   seconds     wall time of the check"""
 
@@ -153,15 +159,19 @@ def check_table(monitor: Monitor) -> str:
     rows: list[tuple[int, str]] = []
     for check in monitor.checks:
         ratio = f"{check.stability_ratio:9.2f}" if check.stability_ratio is not None else f"{'-':>9}"
+        headroom = f"{check.lr_headroom:8.3g}" if check.lr_headroom is not None else f"{'-':>8}"
         rows.append(
             (
                 check.step,
                 f"{check.step:6d} {check.loss:8.4f} {check.lambda_max:11.4g} {check.lambda_min:11.4g} {ratio} "
-                f"{check.num_hvps:5d} {check.seconds:8.3f}",
+                f"{headroom} {check.num_hvps:5d} {check.seconds:8.3f}",
             )
         )
     rows += [(step, f"{step:6d}  check failed: {reason}") for step, reason in monitor.failed_checks]
-    header = f"{'step':>6} {'loss':>8} {'lambda_max':>11} {'lambda_min':>11} {'sharp/thr':>9} {'HVPs':>5} {'seconds':>8}"
+    header = (
+        f"{'step':>6} {'loss':>8} {'lambda_max':>11} {'lambda_min':>11} {'sharp/thr':>9} {'headroom':>8} {'HVPs':>5} "
+        f"{'seconds':>8}"
+    )
     body = "\n".join(row for _, row in sorted(rows, key=lambda r: r[0])) or "  (no curvature check ran)"
     return f"{header}\n{body}\n\n{CHECK_TABLE_LEGEND}"
 

@@ -85,7 +85,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
             trainer's ``log_every_n_steps``).
         sub_batch: samples of the batch used by a check (default: all; per micro-batch under
             accumulation): every tensor is cut along its first dimension, or the check is refused.
-        k, tol, max_iter, cold_every, density_every, hvp_method: see :class:`hessdiag.Monitor`.
+        k, tol, max_iter, cold_every, density_every, noise_scale_parts, hvp_method: see
+            :class:`hessdiag.Monitor`.
         mode: ``"as_is"`` (default): each module keeps its mode of the training step (a backbone
             frozen in eval stays in eval); ``"train"`` / ``"eval"``: the whole model in that mode.
         rank_weighting: under DDP, ``"equal"`` (default: the mean of the ranks' mean losses, what
@@ -142,6 +143,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         max_iter: int | None = None,
         cold_every: int = 5,
         density_every: int = 10,
+        noise_scale_parts: int = 4,
         mode: ModelMode = "as_is",
         hvp_method: HVPMethod = "auto",
         rank_weighting: RankWeighting = "equal",
@@ -156,8 +158,9 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         # Plain checks only (in the settings): building anything here could draw from the RNG.
         self.settings = CallbackSettings(
             check_every=check_every, overhead_budget=overhead_budget, log_every=log_every, sub_batch=sub_batch,
-            k=k, tol=tol, max_iter=max_iter, cold_every=cold_every, density_every=density_every, mode=mode,
-            hvp_method=hvp_method, rank_weighting=rank_weighting, update_ratios=update_ratios, strict=strict,
+            k=k, tol=tol, max_iter=max_iter, cold_every=cold_every, density_every=density_every,
+            noise_scale_parts=noise_scale_parts, mode=mode, hvp_method=hvp_method, rank_weighting=rank_weighting,
+            update_ratios=update_ratios, strict=strict,
             loss_fn=loss_fn, detectors=detectors, progress_bar=progress_bar, stop_on=stop_on, on_flag=on_flag,
         )  # fmt: skip
         self.flags = FlagStopping(self.settings.stop_on, on_flag)

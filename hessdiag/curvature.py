@@ -12,7 +12,15 @@ reusing its gradient graph, computes:
 * when negative curvature is certified, the loss change along the bottom Ritz vector (both signs,
   the better one): a direct check that it is an escape direction;
 * every `density_every`-th check, the spectral density by stochastic Lanczos quadrature (on
-  FSDP2-sharded models from this rank's coordinates of the probes, the same on every rank).
+  FSDP2-sharded models from this rank's coordinates of the probes, the same on every rank), and from
+  its mean eigenvalue the conditioning lambda_max / (trace / n);
+* where the curvature lives: the module shares of the top and bottom Ritz vectors (no product);
+* what limits the step: the curvature along the gradient g'Hg / ||g||^2 (one product; for Adam and
+  per-group learning rates along the preconditioned gradient, with the same preconditioner and
+  threshold as the sharpness), its ratio to the sharpness and the learning-rate headroom;
+* how much batch the run can use: the gradient noise scale from the check's batch cut in
+  `noise_scale_parts` parts (about one more gradient of the check batch, no product), averaged over
+  checks in :attr:`CurvatureProbe.noise_scale` (the ratio of one check's estimates is biased).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -28,7 +36,18 @@ from torch import nn
 
 from hessdiag._isolation import ModelMode, preserved_state, unwrap_model
 from hessdiag.batches import batch_size, step_loss, take_sub_batch
+from hessdiag.check_quantities import (
+    Shares,
+    along_gradient,
+    check_noise_scale_parts,
+    conditioning,
+    finite_or_none,
+    module_shares,
+    noise_scale_of,
+    step_batch_size,
+)
 from hessdiag.eigen import HessianEigenvalues, eigenvalues_of
+from hessdiag.noise_scale import NoiseScaleEstimate, RunningNoiseScale
 from hessdiag.operator import HessianOperator, HVPMethod, LossFn
 from hessdiag.lanczos import lanczos
 from hessdiag.spectrum import SpectralDensity, slq_density
@@ -69,6 +88,24 @@ class CurvatureCheck:
             finite differences an estimate measured on one random vector, see
             :class:`~hessdiag.HessianOperator`).
         batch_size: samples in the check batch.
+        top_shares, bottom_shares: where the top and bottom Ritz vectors live: the
+            :data:`~hessdiag.check_quantities.SHARES_KEPT` modules holding most of each vector's squared norm, with their shares
+            (see :func:`hessdiag.layer_shares`); empty without Ritz vectors (recurrence basis).
+        gradient_curvature: g'Hg / ||g||^2 on the check batch, or along Adam's preconditioned
+            gradient in the units of `sharpness` (see :mod:`hessdiag.gradient_curvature`); None for
+            a zero gradient.
+        lr_headroom: the stability threshold over `gradient_curvature`: the largest stable learning
+            rate along the gradient over the one in use (< 1: the step along it overshoots; inf for
+            curvature <= 0); None without a threshold.
+        noise: this check's noise-scale estimate (biased as a ratio; see `noise_scale`), or None.
+        noise_scale, noise_scale_se: the running noise scale over the checks so far (samples) and
+            its standard error (see :class:`~hessdiag.RunningNoiseScale`); None before an estimate.
+        step_batch_size: samples of the optimizer step's batch (all micro-batches; times the number
+            of ranks under data parallelism), the batch the noise scale compares with.
+        conditioning: lambda_max / (trace / n) at a density check, the trace from the density's
+            mean eigenvalue; None elsewhere or when that mean is <= 0.
+        skipped: ``{quantity: why}`` for each of the above that was not measured for a reason a user
+            should hear (a batch too small for the noise scale's parts, a sharded model, ...).
     """
 
     step: int
@@ -93,11 +130,29 @@ class CurvatureCheck:
     hvp_method_reason: str
     product_error: float
     density: SpectralDensity | None = None
+    top_shares: Shares = ()
+    bottom_shares: Shares = ()
+    gradient_curvature: float | None = None
+    lr_headroom: float | None = None
+    noise: NoiseScaleEstimate | None = None
+    noise_scale: float | None = None
+    noise_scale_se: float | None = None
+    step_batch_size: int | None = None
+    conditioning: float | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def stability_ratio(self) -> float | None:
         """sharpness / threshold: >= 1 means the steepest direction is beyond the stability edge."""
         return self.sharpness / self.stability.threshold if self.stability else None
+
+    @property
+    def gradient_alignment(self) -> float | None:
+        """gradient_curvature / sharpness: 1 when the (preconditioned) gradient lies along the
+        sharpest direction; in [lambda_min / lambda_max, 1] up to the estimates' errors."""
+        if self.gradient_curvature is None or self.sharpness == 0:
+            return None
+        return self.gradient_curvature / self.sharpness
 
 
 class CurvatureProbe:
@@ -123,6 +178,15 @@ class CurvatureProbe:
             the ranks' samples (differs when local batches differ in size).
         density_every: every n-th check also estimates the spectral density (0: never).
         density_probes, density_iter: size of that estimate.
+        noise_scale_parts: the number of parts the check batch is cut into for the noise scale
+            (>= 2; 0: no noise scale). Cost: the parts' forwards and backwards (about one gradient
+            of the check batch) and that many flat float64 gradients held at once (2x a float32
+            model's parameter memory per part). Under gradient accumulation the first micro-batch
+            is cut. Skipped, with a reason in ``check.skipped``, on FSDP2-sharded models and batches
+            of fewer samples than parts.
+
+    Attributes:
+        noise_scale: the :class:`~hessdiag.RunningNoiseScale` over this probe's checks.
     """
 
     def __init__(
@@ -142,7 +206,9 @@ class CurvatureProbe:
         density_every: int = 0,
         density_probes: int = 2,
         density_iter: int = 20,
+        noise_scale_parts: int = 4,
     ) -> None:
+        check_noise_scale_parts(noise_scale_parts)
         self.model = model
         self.loss_fn = step_loss(loss_fn)
         self.k, self.tol, self.max_iter = k, tol, max_iter
@@ -153,6 +219,8 @@ class CurvatureProbe:
         self.params = None if params is None else list(params)
         self.rank_weighting: RankWeighting = rank_weighting
         self.density_every, self.density_probes, self.density_iter = density_every, density_probes, density_iter
+        self.noise_scale_parts = noise_scale_parts
+        self.noise_scale = RunningNoiseScale()
         self.num_checks = 0
         self.warm_vectors: torch.Tensor | None = None
         self.warm_preconditioned: torch.Tensor | None = None
@@ -165,6 +233,7 @@ class CurvatureProbe:
         Raises the engine's errors (see :mod:`hessdiag.errors`); the caller decides what to do.
         """
         start = time.perf_counter()
+        step_samples = batch_size(batch)
         batch = take_sub_batch(batch, sub_batch or self.sub_batch)
         seed = self.num_checks  # a fresh dropout draw per check, the same for all products of one check
         cold = self.warm_vectors is None or (self.cold_every > 0 and self.num_checks % self.cold_every == 0)
@@ -181,27 +250,16 @@ class CurvatureProbe:
             result = eigenvalues_of(
                 operator, k=self.k, tol=self.tol, max_iter=self.max_iter, v0=None if cold else self.warm_vectors, seed=seed
             )
-            stability, sharpness = self._stability(operator, result, optimizer, cold, seed)
+            stability, sharpness, scale = self._stability(operator, result, optimizer, cold, seed)
             escape = self._escape_probe(operator, result)
-            density = None
-            # The n-th, 2n-th, ... check: not the first, which is cold and already the dearest
-            # (with check_every="auto" a dear first check delays all the others).
-            if self.density_every and (self.num_checks + 1) % self.density_every == 0:
-                density = slq_density(
-                    operator.matvec, operator.dim, num_probes=self.density_probes,
-                    num_iter=min(self.density_iter, operator.dim), seed=seed,
-                    device=operator.device, dtype=operator.dtype, shard=operator.shard,
-                )  # fmt: skip
+            gradient_curvature, lr_headroom = along_gradient(operator, stability, scale)
+            density = self._density(operator, seed)
             num_hvps = operator.num_hvps
+        skipped: dict[str, str] = {}
+        top_shares, bottom_shares = module_shares(result, skipped)
+        noise = self._noise_scale_estimate(batch, seed, skipped)
         self.warm_vectors = result.warm_start()
         self.num_checks += 1
-        method_reason = operator.method_reason
-        if reuse:
-            method_reason = (
-                f"cross-checked against finite differences at step {self.verified_step} (again at every cold check)"
-            )
-        elif self.hvp_method == "auto":
-            self.verified_step = step if operator.method == "double_backward" else None
         return CurvatureCheck(
             step=step,
             lambda_max=result.lambda_max,
@@ -222,10 +280,52 @@ class CurvatureProbe:
             cold=cold,
             batch_size=batch_size(batch),
             hvp_method=operator.method,
-            hvp_method_reason=method_reason,
+            hvp_method_reason=self._method_reason(step, operator, reuse),
             product_error=operator.product_error,
             density=density,
+            top_shares=top_shares,
+            bottom_shares=bottom_shares,
+            gradient_curvature=gradient_curvature,
+            lr_headroom=lr_headroom,
+            noise=noise,
+            noise_scale=finite_or_none(self.noise_scale.noise_scale),
+            noise_scale_se=finite_or_none(self.noise_scale.noise_scale_se),
+            step_batch_size=step_batch_size(step_samples),
+            conditioning=conditioning(result.lambda_max, density),
+            skipped=skipped,
         )
+
+    def _method_reason(self, step: int, operator: HessianOperator, reuse: bool) -> str:
+        """Why the check's product method; with "auto", remember a cold check's approval."""
+        if reuse:
+            return f"cross-checked against finite differences at step {self.verified_step} (again at every cold check)"
+        if self.hvp_method == "auto":
+            self.verified_step = step if operator.method == "double_backward" else None
+        return operator.method_reason
+
+    def _density(self, operator: HessianOperator, seed: int) -> SpectralDensity | None:
+        # The n-th, 2n-th, ... check: not the first, which is cold and already the dearest
+        # (with check_every="auto" a dear first check delays all the others).
+        if not self.density_every or (self.num_checks + 1) % self.density_every != 0:
+            return None
+        return slq_density(
+            operator.matvec, operator.dim, num_probes=self.density_probes, num_iter=min(self.density_iter, operator.dim),
+            seed=seed, device=operator.device, dtype=operator.dtype, shard=operator.shard,
+        )  # fmt: skip
+
+    def _noise_scale_estimate(self, batch: Any, seed: int, skipped: dict[str, str]) -> NoiseScaleEstimate | None:
+        """This check's noise-scale estimate, added to :attr:`noise_scale`; None (and why, in
+        `skipped`) where there is none."""
+        if not self.noise_scale_parts:
+            return None
+        estimate, why = noise_scale_of(
+            self.model, self.loss_fn, batch, self.noise_scale_parts, params=self.params, mode=self.mode, seed=seed
+        )
+        if estimate is None:
+            skipped["noise_scale"] = f"No gradient noise scale: {why}."
+        else:
+            self.noise_scale.update(estimate)
+        return estimate
 
     def shrink_sub_batch(self, size: int) -> None:
         """Use at most `size` samples of each batch from now on (a smaller check fitted in memory)."""
@@ -249,18 +349,20 @@ class CurvatureProbe:
         optimizer: torch.optim.Optimizer | None,
         cold: bool,
         seed: int,
-    ) -> tuple[StabilityThreshold | None, float]:
+    ) -> tuple[StabilityThreshold | None, float, torch.Tensor | None]:
+        """The threshold, the sharpness compared with it, and the preconditioner's square root d
+        (None unless the threshold is preconditioned) under which that sharpness is lambda_max(dHd)."""
         if optimizer is None:
-            return None, result.lambda_max
+            return None, result.lambda_max, None
         try:
             threshold = stability_threshold(optimizer)
         except ValueError:  # an optimizer without a known stability rule: report the raw sharpness
-            return None, result.lambda_max
+            return None, result.lambda_max, None
         if not threshold.preconditioned:
-            return threshold, result.lambda_max
+            return threshold, result.lambda_max, None
         scale = self._preconditioner_sqrt(optimizer, operator.params)
         if scale is None:  # Adam before its first step: no second-moment estimate yet
-            return None, result.lambda_max
+            return None, result.lambda_max, None
         scale = scale.to(device=operator.device, dtype=operator.dtype)
         preconditioned = lanczos(
             lambda v: scale * operator.matvec(scale * v),
@@ -275,7 +377,7 @@ class CurvatureProbe:
             shard=operator.shard,
         )
         self.warm_preconditioned = preconditioned.top_vectors
-        return threshold, float(preconditioned.top[0])
+        return threshold, float(preconditioned.top[0]), scale
 
     @staticmethod
     def _preconditioner_sqrt(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -298,14 +400,19 @@ class CurvatureProbe:
         return min(operator.loss_along(direction, alpha), operator.loss_along(direction, -alpha)) - base
 
     def state_dict(self) -> dict[str, Any]:
-        """Warm-start vectors and the check count (tensors and ints only)."""
+        """Warm-start vectors, the check count and the running noise scale (tensors and primitives)."""
         return {
             "num_checks": self.num_checks,
             "warm_vectors": None if self.warm_vectors is None else self.warm_vectors.detach().cpu(),
             "warm_preconditioned": None if self.warm_preconditioned is None else self.warm_preconditioned.detach().cpu(),
+            "noise_scale": self.noise_scale.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; keys missing in older checkpoints keep their defaults (no
+        noise-scale checks yet)."""
         self.num_checks = int(state.get("num_checks", 0))
         self.warm_vectors = state.get("warm_vectors")
         self.warm_preconditioned = state.get("warm_preconditioned")
+        self.noise_scale.load_state_dict(state.get("noise_scale", {}))
+

@@ -4,8 +4,12 @@ Detectors decide, writers show. A `Monitor` hands its writers every value it has
 included; this module decides what of it a person can read. Per-layer values become three scalars
 per quantity (the largest, the median and the smallest over layers), a histogram over layers and a
 table of the worst layers by name, so the number of scalar tags does not grow with depth (all
-per-layer scalars are an opt-in). A few derived series make the charts readable: the line at 1 of the
-stability ratio, the certified part of lambda_min, the count of active flags and the flag onsets.
+per-layer scalars are an opt-in). A few derived series make the charts readable: the lines at 1 of the
+stability ratio and of the learning-rate headroom, the certified part of lambda_min, the count of
+active flags and the flag onsets. Where a check's directions live is a text card naming at most
+:data:`~hessdiag.check_quantities.SHARES_KEPT` modules per end (:func:`layer_shares_text`), and the
+noise scale's comparison with the batch a sentence (:func:`noise_scale_verdict`): module names and
+batch sizes never become scalar tags.
 """
 
 from __future__ import annotations
@@ -13,23 +17,31 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from hessdiag.flags import FLAG_NAMES
+from hessdiag.layer_shares import module_label
 from hessdiag.tags import (
     ACTIVE_FLAGS,
     CERTIFIED_LAMBDA_MIN,
     CHECK_FAILED,
     CHECK_SECONDS,
+    CONDITIONING,
     FLAG_ONSETS,
     GRAD_NORM,
+    GRADIENT_ALIGNMENT,
+    GRADIENT_CURVATURE,
+    HEADROOM_LIMIT,
     LAMBDA_MAX,
     LAMBDA_MIN,
     LAYER_FAMILIES,
     LAYER_STATISTICS,
     LOSS,
     LOSS_CHANGE_ALONG_BOTTOM,
+    LR_HEADROOM,
     NEGATIVE_CURVATURE_CERTIFIED,
+    NOISE_SCALE,
+    NOISE_SCALE_SE,
     NUM_HVPS,
     OVERFLOW_SKIPS,
     PREFIX,
@@ -69,6 +81,8 @@ def shown_scalars(
             shown |= {layer_tag(family, name): value for name, value in by_layer.items()}
     if STABILITY_RATIO in values:
         shown[RATIO_LIMIT] = 1.0
+    if LR_HEADROOM in values:
+        shown[HEADROOM_LIMIT] = 1.0
     lambda_min, certified = values.get(LAMBDA_MIN), values.get(NEGATIVE_CURVATURE_CERTIFIED)
     if lambda_min is not None and certified is not None:
         shown[CERTIFIED_LAMBDA_MIN] = min(lambda_min, 0.0) if certified else 0.0
@@ -91,6 +105,53 @@ def worst_layers(layers: Mapping[str, Mapping[str, float]], k: int) -> str:
     if not rows:
         return ""
     return f"| per layer | largest {k} | smallest {k} |\n|---|---|---|\n" + "\n".join(rows)
+
+
+def direction_sentence(shares: Sequence[tuple[str, float]], end: str = "top") -> str:
+    """"the sharpest direction lies 71% in `layer4.1.conv2`" for the largest of `shares`
+    (``((module, share), ...)``, largest first); ``end="bottom"``: the most negative direction."""
+    if not shares:
+        return ""
+    module, share = shares[0]
+    which = "sharpest direction" if end == "top" else "direction of lowest curvature"
+    return f"the {which} lies {share:.0%} in `{module_label(module)}`"
+
+
+def layer_shares_text(top: Sequence[tuple[str, float]], bottom: Sequence[tuple[str, float]]) -> str:
+    """Markdown: the sentence for the top direction, then per end the modules holding most of it."""
+    if not top and not bottom:
+        return ""
+    rows = [
+        f"| {end} | " + ", ".join(f"`{module_label(name)}` {share:.0%}" for name, share in shares) + " |"
+        for end, shares in (("top (lambda_max)", top), ("bottom (lambda_min)", bottom)) if shares
+    ]  # fmt: skip
+    sentence = direction_sentence(top)
+    sentence = sentence[:1].upper() + sentence[1:] + "." if sentence else ""
+    return f"{sentence}\n\n| eigenvector | modules holding most of its squared norm |\n|---|---|\n" + "\n".join(rows)
+
+
+def samples(value: float) -> str:
+    """A sample count to two significant figures, with thousands separators: ``~2,100``."""
+    rounded = float(f"{value:.2g}")
+    return f"~{rounded:,.0f}" if abs(rounded) >= 10 else f"~{rounded:.2g}"
+
+
+def noise_scale_verdict(noise_scale: float, noise_scale_se: float | None, batch: int | None) -> str:
+    """One sentence: the noise scale (samples) against the step's `batch`, and what it means
+    (McCandlish et al., 2018): well below the noise scale, steps fall nearly in proportion to the
+    batch (a larger batch costs few extra samples); well above it, a larger batch buys few steps."""
+    error = f" (+- {samples(noise_scale_se)[1:]})" if noise_scale_se is not None and math.isfinite(noise_scale_se) else ""
+    head = f"noise scale {samples(noise_scale)} samples{error}"
+    if batch is None:
+        return head
+    ratio = noise_scale / batch
+    if ratio >= 2:
+        meaning = "a larger batch would cost little sample efficiency (fewer steps for nearly the same samples)"
+    elif ratio <= 0.5:
+        meaning = "a smaller batch would reach the same loss on fewer samples; a larger one would buy few steps"
+    else:
+        meaning = "the batch is near the noise scale, the usual compromise between steps and samples"
+    return f"{head} vs batch {batch:,}: {meaning}"
 
 
 _Chart = tuple[str, list[str]]  # title, tags (regular expressions for per-layer scalars)
@@ -122,6 +183,25 @@ def _charts() -> dict[str, list[_Chart]]:
             ),
             (f"Hessian extremes of the loss: {LAMBDA_MAX}, {LAMBDA_MIN}", [LAMBDA_MAX, LAMBDA_MIN]),
             (f"loss change along the bottom eigenvector ({LOSS_CHANGE_ALONG_BOTTOM})", [LOSS_CHANGE_ALONG_BOTTOM]),
+        ],
+        f"{p}: what limits the step, where the curvature lives, how much batch": [
+            (
+                f"curvature along the gradient ({GRADIENT_CURVATURE}, preconditioned for Adam) vs. the sharpness "
+                f"({SHARPNESS}) and {LAMBDA_MAX}",
+                [GRADIENT_CURVATURE, SHARPNESS, LAMBDA_MAX],
+            ),
+            (
+                f"learning-rate headroom ({LR_HEADROOM}: the largest stable lr along the gradient / the lr in use); "
+                f"below the line at 1 the step overshoots; {onsets}",
+                [LR_HEADROOM, HEADROOM_LIMIT, FLAG_ONSETS],
+            ),
+            (f"alignment of the gradient with the sharpest direction ({GRADIENT_ALIGNMENT})", [GRADIENT_ALIGNMENT]),
+            (
+                f"gradient noise scale ({NOISE_SCALE}, samples; against the batch in the text tab) and its "
+                f"standard error ({NOISE_SCALE_SE})",
+                [NOISE_SCALE, NOISE_SCALE_SE],
+            ),
+            (f"conditioning lambda_max / (trace / n) at density checks ({CONDITIONING})", [CONDITIONING]),
         ],
         f"{p}: flags (0 = clear, 1 = raised; set smoothing to 0)": [
             (f"active flags ({ACTIVE_FLAGS}) and {onsets}", [ACTIVE_FLAGS, FLAG_ONSETS]),

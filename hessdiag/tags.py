@@ -39,9 +39,25 @@ STABILITY_THRESHOLD = tag("stability_threshold")
 STABILITY_RATIO = tag("stability_ratio")
 LOSS_CHANGE_ALONG_BOTTOM = tag("loss_change_along_bottom")
 SPECTRAL_DENSITY = tag("spectral_density")
+#: What limits the step: g'Hg / ||g||^2, its ratio to the sharpness, the learning-rate headroom.
+GRADIENT_CURVATURE = tag("gradient_curvature")
+GRADIENT_ALIGNMENT = tag("gradient_alignment")
+LR_HEADROOM = tag("lr_headroom")
+#: How much batch the run can use: the running noise scale (samples) and its standard error.
+NOISE_SCALE = tag("noise_scale")
+NOISE_SCALE_SE = tag("noise_scale_se")
+#: lambda_max / (trace / n), at density checks.
+CONDITIONING = tag("conditioning")
 
 # -- derived series the dashboard adds (see hessdiag.dashboard.shown_scalars) -------------------
 RATIO_LIMIT = tag("stability_ratio_limit")
+HEADROOM_LIMIT = tag("lr_headroom_limit")
+
+#: The scalar tags of the quantities a check adds beyond the spectrum's ends (issue 20): a fixed set,
+#: whatever the model's depth (module names go to the text card :data:`LAYER_SHARES`).
+CHECK_QUANTITY_TAGS = (
+    GRADIENT_CURVATURE, GRADIENT_ALIGNMENT, LR_HEADROOM, HEADROOM_LIMIT, NOISE_SCALE, NOISE_SCALE_SE, CONDITIONING,
+)  # fmt: skip
 CERTIFIED_LAMBDA_MIN = tag("lambda_min_certified")
 ACTIVE_FLAGS = tag("active_flags")
 FLAG_ONSETS = tag("flag_onsets")
@@ -50,6 +66,11 @@ FLAG_ONSETS = tag("flag_onsets")
 HVP_METHOD = tag("hvp_method")
 EVENT_LOG = tag("event_log")
 WORST_LAYERS = tag("worst_layers")
+#: Per check: the modules holding most of the top and bottom directions (at most 5 per end), and the
+#: sentence naming the first; text, so that module names never become scalar tags.
+LAYER_SHARES = tag("layer_shares")
+#: Per check with a noise scale: the noise scale against the step's batch, in a sentence.
+NOISE_SCALE_VERDICT = tag("noise_scale_verdict")
 
 
 def flag_tag(name: str) -> str:

@@ -79,11 +79,13 @@ def test_summary_names_a_run_once_when_logdir_names_the_scenario(tmp_path, capsy
 
 
 def test_check_table_gives_a_failed_checks_reason_in_step_order():
-    check = SimpleNamespace(step=20, loss=0.5, lambda_max=2.0, lambda_min=-1.0, stability_ratio=None, num_hvps=7, seconds=0.1)
+    check = SimpleNamespace(
+        step=20, loss=0.5, lambda_max=2.0, lambda_min=-1.0, stability_ratio=None, lr_headroom=None, num_hvps=7, seconds=0.1
+    )
     monitor = SimpleNamespace(checks=[check], failed_checks=[(10, "RuntimeError: out of memory"), (30, "ValueError: nan")])
     rows = check_table(monitor).splitlines()[1:4]
     assert rows[0] == "    10  check failed: RuntimeError: out of memory"
-    assert rows[1].split() == ["20", "0.5000", "2", "-1", "-", "7", "0.100"]
+    assert rows[1].split() == ["20", "0.5000", "2", "-1", "-", "-", "7", "0.100"]
     assert rows[2] == "    30  check failed: ValueError: nan"
     empty = SimpleNamespace(checks=[], failed_checks=[])
     assert "(no curvature check ran)" in check_table(empty)

@@ -7,6 +7,7 @@ import math
 from hessdiag.detectors._common import Detector, check_positive
 from hessdiag.detectors.records import CheckRecord, Record
 from hessdiag.flags import FlagEvent
+from hessdiag.layer_shares import module_label
 
 
 class EdgeOfStabilityDetector(Detector):
@@ -31,7 +32,9 @@ class EdgeOfStabilityDetector(Detector):
         ValueError: a threshold out of range, named in the message.
 
     Evidence: ``sharpness`` (lambda_max, or lambda_max(P^-1 H) for Adam), ``threshold`` (same units,
-    1/lr), ``ratio`` (sharpness / threshold). Severity ``warning`` at ratio >= 1 (beyond the edge),
+    1/lr), ``ratio`` (sharpness / threshold), and when the check knows where the top eigenvector lives,
+    ``top_module_share`` (the share of it in the module named in the summary and the remedy, which
+    then says what to do with that module). Severity ``warning`` at ratio >= 1 (beyond the edge),
     else ``info``.
     """
 
@@ -53,17 +56,41 @@ class EdgeOfStabilityDetector(Detector):
         """Judge a curvature check that has a stability threshold; other records say nothing."""
         if not isinstance(record, CheckRecord) or record.stability_threshold is None:
             return []
-        return self.update(record.step, record.sharpness, record.stability_threshold)
+        return self.update(
+            record.step, record.sharpness, record.stability_threshold,
+            top_module=record.top_module, top_module_share=record.top_module_share,
+        )  # fmt: skip
 
-    def update(self, step: int, sharpness: float, threshold: float) -> list[FlagEvent]:
+    def update(
+        self,
+        step: int,
+        sharpness: float,
+        threshold: float,
+        *,
+        top_module: str | None = None,
+        top_module_share: float | None = None,
+    ) -> list[FlagEvent]:
         """Judge one curvature check: `sharpness` against the optimizer's stability `threshold`.
 
-        A non-finite value or a threshold <= 0 says nothing and is skipped.
+        `top_module`, `top_module_share`: the module holding the largest share of the top
+        eigenvector, and that share, named in the summary and the remedy. A non-finite value or a
+        threshold <= 0 says nothing and is skipped.
         """
         if not (math.isfinite(sharpness) and math.isfinite(threshold)) or threshold <= 0:
             return []
         ratio = sharpness / threshold
         self.evidence = {"sharpness": sharpness, "threshold": threshold, "ratio": ratio}
         self.summary = f"Sharpness {sharpness:.4g} is {ratio:.2f}x the stability threshold {threshold:.4g}."
+        remedy = None
+        if top_module is not None and top_module_share is not None:
+            self.evidence["top_module_share"] = top_module_share
+            where = module_label(top_module)
+            self.summary += f" The sharpest direction lies {top_module_share:.0%} in `{where}`."
+            remedy = (
+                f"The steepest direction oscillates, {top_module_share:.0%} of it in `{where}`: give `{where}` a lower "
+                "learning rate (a parameter group of its own), normalise around it (a norm layer after it, a "
+                "smaller initialisation), or warm up the learning rate; or accept it (progressive sharpening to "
+                "the edge is common with full-batch GD and often harmless)."
+            )
         triggered = ratio >= self.ratio or (self.active and ratio >= self.clear_ratio)
-        return self._decide(step, triggered, "warning" if ratio >= 1 else "info")
+        return self._decide(step, triggered, "warning" if ratio >= 1 else "info", remedy=remedy)

@@ -9,8 +9,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from hessdiag.detectors._common import Detector, check_count, check_positive
-from hessdiag.detectors.records import Record, StepRecord
+from hessdiag.detectors.records import CheckRecord, Record, StepRecord
 from hessdiag.flags import FlagEvent
+from hessdiag.layer_shares import module_label
 
 
 class ExplodingGradientDetector(Detector):
@@ -70,7 +71,9 @@ class ExplodingGradientDetector(Detector):
     ``loss_spread`` (median absolute deviation of the recent normal losses, loss units),
     ``nonfinite_tensors`` (gradient tensors with a non-finite norm), ``layer_ratio_multiple`` (the worst
     layer's ratio over its own median, 0 while the loss is not rising; the layer is named in the
-    summary); for a run of loss-scaler skips, ``loss`` and ``consecutive_overflow_skips``.
+    summary); for a run of loss-scaler skips, ``loss`` and ``consecutive_overflow_skips``. Once a
+    curvature check has said where the top eigenvector lives, ``top_module_share``: the share of it in
+    the module the summary and the remedy name (a spike along the sharpest direction starts there).
 
     Example::
 
@@ -109,10 +112,14 @@ class ExplodingGradientDetector(Detector):
         self.norms: deque[float] = deque(maxlen=self.window)
         self.losses: deque[float] = deque(maxlen=self.window)
         self.layer_history: dict[str, deque[float]] = {}
+        self.top_module: tuple[str, float] | None = None  # (module, share) of the latest check's top vector
 
     def observe(self, record: Record) -> list[FlagEvent]:
         """Judge a step with its loss. Without gradient statistics only a non-finite loss is judged
-        (as critical, at once); other records say nothing."""
+        (as critical, at once); a curvature check tells where its top eigenvector lives (named in
+        later evidence); other records say nothing."""
+        if isinstance(record, CheckRecord) and record.top_module is not None and record.top_module_share is not None:
+            self.top_module = (record.top_module, record.top_module_share)
         if not isinstance(record, StepRecord) or record.loss is None:
             return []
         if record.grad_norm is None:
@@ -185,7 +192,22 @@ class ExplodingGradientDetector(Detector):
                 f"Gradient norm {grad_norm:.4g} is {self.evidence['ratio']:.3g}x its recent median {median:.4g}; "
                 f"loss {loss:.4g} vs. median {median_loss:.4g}."
             )
-        return self._decide(step, triggered, "critical" if nonfinite else "warning", immediate=nonfinite)
+        return self._decide(
+            step, triggered, "critical" if nonfinite else "warning", immediate=nonfinite, remedy=self._module_remedy()
+        )
+
+    def _module_remedy(self) -> str | None:
+        """Name the module holding most of the sharpest direction in the evidence, summary and remedy."""
+        if self.top_module is None:
+            return None
+        module, share = self.top_module
+        where = module_label(module)
+        self.evidence["top_module_share"] = share
+        self.summary += f" The sharpest direction (latest check) lies {share:.0%} in `{where}`."
+        return (
+            f"{self.remedy} Start with `{where}`, which holds {share:.0%} of the sharpest direction: a lower learning "
+            "rate for it (a parameter group of its own), normalisation around it, or a longer warm-up."
+        )
 
     def _overflow_skipped(self, step: int, loss: float) -> list[FlagEvent]:
         self.overflow_skips += 1
@@ -218,6 +240,7 @@ class ExplodingGradientDetector(Detector):
             "norms": list(self.norms),
             "losses": list(self.losses),
             "layer_history": {layer: list(values) for layer, values in self.layer_history.items()},
+            "top_module": None if self.top_module is None else list(self.top_module),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -230,3 +253,5 @@ class ExplodingGradientDetector(Detector):
         self.layer_history = {
             layer: deque(values, maxlen=self.window) for layer, values in state.get("layer_history", {}).items()
         }
+        top = state.get("top_module")
+        self.top_module = None if top is None else (str(top[0]), float(top[1]))

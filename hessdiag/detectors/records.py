@@ -64,6 +64,9 @@ class CheckRecord:
         sharpness: lambda_max, or for Adam the preconditioned lambda_max(P^-1 H).
         stability_threshold: the optimizer's stability threshold in the units of `sharpness`; None
             when the optimizer has none (or none was given).
+        top_module: the qualified name of the module holding the largest share of the top Ritz
+            vector (``""`` for the root's own parameters); None when the check kept no vectors.
+        top_module_share: that share of the vector's squared norm, in [0, 1]; None with `top_module`.
     """
 
     step: int
@@ -75,6 +78,8 @@ class CheckRecord:
     loss_change_along_bottom: float | None
     sharpness: float
     stability_threshold: float | None
+    top_module: str | None = None
+    top_module_share: float | None = None
 
 
 Record = StepRecord | CheckRecord

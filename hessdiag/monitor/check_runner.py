@@ -8,6 +8,7 @@ caller's to report (:meth:`CheckRunner.failed` keeps it and backs the schedule o
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from hessdiag._isolation import unwrap_model
 from hessdiag.batches import sub_batch_base
 from hessdiag.curvature import CurvatureCheck, CurvatureProbe
+from hessdiag.dashboard import layer_shares_text, noise_scale_verdict
 from hessdiag.detectors import CheckRecord
 from hessdiag.errors import HessdiagError
 from hessdiag.operator import LOW_PRECISION_ROUNDING
@@ -26,10 +28,18 @@ from hessdiag.tags import (
     CHECK_GRAD_NORM,
     CHECK_LOSS,
     CHECK_SECONDS,
+    CONDITIONING,
+    GRADIENT_ALIGNMENT,
+    GRADIENT_CURVATURE,
     LAMBDA_MAX,
+    LAYER_SHARES,
     LAMBDA_MIN,
     LOSS_CHANGE_ALONG_BOTTOM,
+    LR_HEADROOM,
     NEGATIVE_CURVATURE_CERTIFIED,
+    NOISE_SCALE,
+    NOISE_SCALE_SE,
+    NOISE_SCALE_VERDICT,
     NUM_HVPS,
     PRODUCT_ERROR,
     RESIDUAL_MAX,
@@ -158,6 +168,8 @@ def check_record(check: CurvatureCheck) -> CheckRecord:
         loss_change_along_bottom=check.loss_change_along_bottom,
         sharpness=check.sharpness,
         stability_threshold=check.stability.threshold if check.stability is not None else None,
+        top_module=check.top_shares[0][0] if check.top_shares else None,
+        top_module_share=check.top_shares[0][1] if check.top_shares else None,
     )
 
 
@@ -182,4 +194,29 @@ def check_scalars(check: CurvatureCheck) -> dict[str, float]:
         scalars[STABILITY_RATIO] = check.stability_ratio
     if check.loss_change_along_bottom is not None:
         scalars[LOSS_CHANGE_ALONG_BOTTOM] = check.loss_change_along_bottom
+    optional = {
+        GRADIENT_CURVATURE: check.gradient_curvature,
+        GRADIENT_ALIGNMENT: check.gradient_alignment,
+        LR_HEADROOM: check.lr_headroom,  # inf (curvature <= 0: no overshoot) is left out of the chart
+        NOISE_SCALE: check.noise_scale,
+        NOISE_SCALE_SE: check.noise_scale_se,
+        CONDITIONING: check.conditioning,
+    }
+    scalars |= {tag: value for tag, value in optional.items() if value is not None and math.isfinite(value)}
     return scalars
+
+
+def check_texts(check: CurvatureCheck) -> dict[str, str]:
+    """The text cards a check writes, by tag: where its directions live, the noise scale against the batch."""
+    texts = {}
+    if check.top_shares or check.bottom_shares:
+        texts[LAYER_SHARES] = layer_shares_text(check.top_shares, check.bottom_shares)
+    if check.noise_scale is not None:
+        texts[NOISE_SCALE_VERDICT] = noise_scale_verdict(check.noise_scale, check.noise_scale_se, check.step_batch_size)
+    elif check.noise is not None:  # measured, but the mean ||G||^2 estimate is still <= 0
+        texts[NOISE_SCALE_VERDICT] = (
+            f"noise scale not resolved yet: the mean ||G||^2 estimate over the checks is <= 0 (this check's "
+            f"{check.noise.grad_sq_norm:.3g} +- {check.noise.grad_sq_norm_se:.2g}): at {check.noise.big_batch} samples the "
+            "gradient's signal is below its noise, so the noise scale is probably well above the batch."
+        )
+    return texts

@@ -39,7 +39,7 @@ from hessdiag.curvature import CurvatureCheck, CurvatureProbe, RankWeighting
 from hessdiag.detectors import FlagDetector
 from hessdiag.flags import FlagEvent
 from hessdiag.operator import HVPMethod, LossFn
-from hessdiag.monitor.check_runner import CheckRunner, check_record, check_scalars
+from hessdiag.monitor.check_runner import CheckRunner, check_record, check_scalars, check_texts
 from hessdiag.monitor.detection import Detection
 from hessdiag.monitor.faults import FaultPolicy
 from hessdiag.monitor.step_statistics import StepStatistics
@@ -76,6 +76,8 @@ class Monitor:
             of the ranks' mean losses, which is what DDP's gradient averaging descends;
             ``"samples"``: the mean over all the ranks' samples.
         density_every: every n-th check also logs the spectral density (0: never).
+        noise_scale_parts: each check also estimates the gradient noise scale from its batch cut in
+            this many parts (0: never; default 4; see :class:`CurvatureProbe` for the cost).
         detectors: the detectors to run: flag names (defaults) or detector instances (default: one of
             each, with default thresholds).
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 mixed-precision loop (call
@@ -111,6 +113,7 @@ class Monitor:
         max_iter: int | None = None,
         cold_every: int = 5,
         density_every: int = 10,
+        noise_scale_parts: int = 4,
         mode: ModelMode = "as_is",
         hvp_method: HVPMethod = "auto",
         params: Iterable[torch.Tensor] | None = None,
@@ -124,8 +127,9 @@ class Monitor:
             model, loss_fn,
             DiagnosticsSettings(
                 check_every=check_every, overhead_budget=overhead_budget, log_every=log_every, sub_batch=sub_batch,
-                k=k, tol=tol, max_iter=max_iter, cold_every=cold_every, density_every=density_every, mode=mode,
-                hvp_method=hvp_method, rank_weighting=rank_weighting, update_ratios=update_ratios, strict=strict,
+                k=k, tol=tol, max_iter=max_iter, cold_every=cold_every, density_every=density_every,
+                noise_scale_parts=noise_scale_parts, mode=mode, hvp_method=hvp_method, rank_weighting=rank_weighting,
+                update_ratios=update_ratios, strict=strict,
             ),
             optimizer=optimizer, writer=writer, params=params, detectors=detectors, grad_scaler=grad_scaler,
         )  # fmt: skip
@@ -312,6 +316,10 @@ class Monitor:
             return []
         events = self.detection.observe([check_record(check)])
         self.writers.emit(check.step, check_scalars(check) | self.detection.flag_scalars(), {}, events, check.density)
+        for tag, message in check_texts(check).items():
+            self.writers.text(check.step, tag, message)
+        for key, why in check.skipped.items():  # a quantity the check could not measure: said once
+            self.note(key, why)
         previous = self.checks[-2] if len(self.checks) > 1 else None
         if previous is None or previous.hvp_method != check.hvp_method:  # the text when the choice changes
             method = f"{check.hvp_method} ({check.hvp_method_reason}); product error {check.product_error:.3g}"
@@ -384,4 +392,5 @@ def _probe(
         model, loss_fn, k=settings.k, tol=settings.tol, max_iter=settings.max_iter, cold_every=settings.cold_every,
         sub_batch=settings.sub_batch, mode=settings.mode, hvp_method=settings.hvp_method, params=params,
         rank_weighting=settings.rank_weighting, density_every=settings.density_every,
+        noise_scale_parts=settings.noise_scale_parts,
     )  # fmt: skip

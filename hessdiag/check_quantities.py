@@ -1,0 +1,129 @@
+"""The quantities a curvature check adds beyond the spectrum's ends, on what the check already holds.
+
+* where the curvature lives (:func:`module_shares`): the module shares of the top and bottom Ritz
+  vectors (no product; one host read);
+* what limits the step (:func:`along_gradient`): the curvature along the gradient g'Hg / ||g||^2
+  and the learning-rate headroom (one product on the check's open operator);
+* how much batch the run can use (:func:`noise_scale_of`): the gradient noise scale from the check's
+  batch cut in parts (the parts' forwards and backwards, about one gradient of the check batch);
+* the conditioning lambda_max / (trace / n) from a density check's mean eigenvalue (no product).
+
+:class:`~hessdiag.curvature.CurvatureProbe` calls them; each returns None (or says why) where its
+quantity is undefined or cannot be measured, never a placeholder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from hessdiag import _distributed, _sharded
+from hessdiag._isolation import ModelMode, unwrap_model
+from hessdiag.batches import MicroBatches, batch_size, take_sub_batch
+from hessdiag.eigen import HessianEigenvalues
+from hessdiag.errors import HessdiagError
+from hessdiag.gradient_curvature import gradient_curvature_of
+from hessdiag.noise_scale import NoiseScaleEstimate, gradient_noise_scale
+from hessdiag.operator import HessianOperator, LossFn
+from hessdiag.spectrum import SpectralDensity
+from hessdiag.stability import StabilityThreshold
+
+#: Modules kept per end of the spectrum in a check's layer shares (the dashboard's budget).
+SHARES_KEPT = 5
+
+#: ``((module name, share), ...)``, largest share first.
+Shares = tuple[tuple[str, float], ...]
+
+
+def check_noise_scale_parts(value: Any) -> int:
+    """`value` if it is 0 (no noise scale) or an int >= 2; else ValueError naming `noise_scale_parts`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value == 1:
+        raise ValueError(
+            f"`noise_scale_parts` must be 0 (no noise scale) or an int >= 2 (two batch sizes are needed), got {value!r}."
+        )
+    return value
+
+
+def along_gradient(
+    operator: HessianOperator, stability: StabilityThreshold | None, scale: torch.Tensor | None
+) -> tuple[float | None, float | None]:
+    """(g'Hg / ||g||^2, headroom): along the gradient preconditioned by `scale` when the sharpness is
+    (so the curvature and the threshold are in the sharpness's units); None for what is undefined
+    (a zero gradient; no threshold). One product."""
+    threshold = stability.threshold if stability is not None and 0 < stability.threshold < math.inf else None
+    along = gradient_curvature_of(operator, threshold=threshold, scaling=scale)
+    curvature = None if math.isnan(along.curvature) else along.curvature
+    headroom = None if along.headroom is None or math.isnan(along.headroom) else along.headroom
+    return curvature, headroom
+
+
+def module_shares(result: HessianEigenvalues, skipped: dict[str, str]) -> tuple[Shares, Shares]:
+    """The :data:`SHARES_KEPT` largest module shares of the top and bottom Ritz vectors."""
+    if result.top_vectors is None or result.bottom_vectors is None:
+        skipped["layer_shares"] = (
+            "No layer shares: the Lanczos basis ran as a three-vector recurrence (it did not fit in memory), "
+            "which keeps no eigenvectors."
+        )
+        return (), ()
+    top, bottom = (tuple(result.layer_shares(end).items())[:SHARES_KEPT] for end in ("top", "bottom"))
+    return top, bottom
+
+
+def finite_or_none(value: float) -> float | None:
+    """`value`, or None where it is NaN or infinite (a running mean before its first estimate)."""
+    return value if math.isfinite(value) else None
+
+
+def step_batch_size(local: int | None) -> int | None:
+    """Samples of the optimizer step: this rank's times the ranks (equal local batches assumed)."""
+    if local is None:
+        return None
+    return local * torch.distributed.get_world_size() if _distributed.is_data_parallel() else local
+
+
+def conditioning(lambda_max: float, density: SpectralDensity | None) -> float | None:
+    """lambda_max / (trace / n), the trace from the density's mean eigenvalue: stochastic Lanczos
+    quadrature is exact for degree-1 polynomials, so that mean is Hutchinson's estimate of trace / n
+    with the density's probes, at no extra product."""
+    if density is None:
+        return None
+    mean = density.moment(1)
+    return lambda_max / mean if mean > 0 else None
+
+
+def noise_scale_of(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    parts: int,
+    *,
+    params: Iterable[torch.Tensor] | None,
+    mode: ModelMode,
+    seed: int,
+) -> tuple[NoiseScaleEstimate | None, str]:
+    """:func:`~hessdiag.gradient_noise_scale` of `batch` cut in `parts` (its first samples, a multiple
+    of `parts`; under gradient accumulation the first micro-batch's), or (None, why not): an
+    FSDP2-sharded model, fewer samples than parts, a batch that cannot be cut or a part with a
+    non-finite loss. The noise scale is a property of the data and the parameters, not of the batch
+    it is measured on: a smaller batch gives a noisier estimate of the same number."""
+    if isinstance(batch, MicroBatches):
+        if not batch:
+            return None, "the check batch holds no micro-batch"
+        batch = batch[0]
+    samples = batch_size(batch)
+    if _sharded.is_sharded(list(unwrap_model(model).parameters())):
+        return None, "the model is FSDP2-sharded: a gradient per part would need FSDP's backward per part"
+    if samples is None or samples < parts:
+        return None, f"the check batch has {samples or 0} samples, fewer than noise_scale_parts={parts}"
+    try:
+        estimate = gradient_noise_scale(
+            model, loss_fn, take_sub_batch(batch, samples - samples % parts), num_parts=parts, params=params,
+            mode=mode, seed=seed,
+        )  # fmt: skip
+    except (ValueError, HessdiagError) as error:  # a batch that cannot be cut, a non-finite part's loss
+        return None, str(error)
+    return estimate, ""
