@@ -235,7 +235,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         if self.monitor is None or not (self._first_values_due or self.monitor.check_due(trainer.global_step + 1)):
             return
         # A check follows this optimizer step: keep its micro-batches (references, no copy).
-        if self._step.keep(batch):
+        if self._step.keep(batch, batch_idx):
             self.monitor.note(
                 "micro-batches",
                 f"hessdiag: the check covers the last {MAX_MICRO_BATCHES} micro-batches of the step "
@@ -262,7 +262,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         if not self._stepped:
             return  # an accumulation step: no optimizer step yet
         self._stepped = False
-        check_batch, step_loss = self._step.finish(batch)
+        check_batch, step_loss = self._step.finish(batch, batch_idx)
         step, num_checks = trainer.global_step, len(self.monitor.checks)
         # Every rank reaches the same read-backs and due checks (the schedule is agreed): the steps
         # where the ranks may meet in a collective to agree on stopping.

@@ -443,3 +443,37 @@ def test_zero_observer_effect(tmp_path):
 def test_constructor_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HessianDiagnostics(**kwargs)
+
+
+class TaskByBatchIdx(Classifier):
+    """A multi-task module that picks its task from `batch_idx`: odd batches train a second head on a
+    loss ten times larger."""
+
+    def __init__(self):
+        super().__init__()
+        self.other = nn.Linear(32, 3)
+
+    def training_step(self, batch, batch_idx):
+        head = self.net if batch_idx % 2 == 0 else nn.Sequential(self.net[:-1], self.other)
+        return 10.0 ** (batch_idx % 2) * F.cross_entropy(head(batch[0]), batch[1])
+
+
+class StepLossAfterTheStep(pl.Callback):
+    """The step's own loss at the parameters the check sees (placed before the diagnostics)."""
+
+    def __init__(self):
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with torch.no_grad():
+            self.losses[trainer.global_step] = float(pl_module.training_step(batch, batch_idx))
+
+
+def test_a_check_measures_the_loss_of_the_steps_own_batch_idx(tmp_path):
+    pl.seed_everything(0)
+    recorder, diagnostics = StepLossAfterTheStep(), HessianDiagnostics(check_every=3, log_every=3)
+    trainer(tmp_path, [recorder, diagnostics], max_steps=12).fit(TaskByBatchIdx(), loader())
+    checks = diagnostics.monitor.checks
+    assert [check.step for check in checks] == [3, 6, 9, 12]  # batch_idx 2, 5, then 0, 3 (8 batches an epoch)
+    for check in checks:
+        assert check.loss == pytest.approx(recorder.losses[check.step], rel=1e-5)
