@@ -36,8 +36,12 @@ def watched_by_another_callback(trainer: pl.Trainer) -> bool:
     return bool(watched & set(CALLBACK_METRICS))
 
 
-def show_in_progress_bar(pl_module: pl.LightningModule, lambda_max: float, active_flags: int) -> None:
+def show_in_progress_bar(trainer: pl.Trainer, lambda_max: float, active_flags: int) -> None:
     """Show the last check's lambda_max and the number of active flags in the progress bar (not in
-    the loggers, which get them from the writers)."""
-    pl_module.log("λmax", lambda_max, prog_bar=True, logger=False, on_step=True, on_epoch=False)
-    pl_module.log("flags", float(active_flags), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+    the loggers, which get them from the writers).
+
+    Host numbers go straight into ``trainer.progress_bar_metrics``, the dict the progress bar reads:
+    ``pl_module.log`` would turn them into device tensors that Lightning reads back at every step
+    (a host-device synchronisation per value and step on a GPU)."""
+    trainer.progress_bar_metrics["λmax"] = float(lambda_max)
+    trainer.progress_bar_metrics["flags"] = int(active_flags)

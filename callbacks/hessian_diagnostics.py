@@ -281,8 +281,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
             if reason is not None:
                 self.monitor.note("stop_on", reason)
         if self.settings.progress_bar and (read_back or checked) and self.monitor.last_check is not None:
-            # Only when values were read back anyway: the progress bar reads logged values to the host.
-            show_in_progress_bar(pl_module, self.monitor.last_check.lambda_max, len(self.monitor.active_flags))
+            show_in_progress_bar(trainer, self.monitor.last_check.lambda_max, len(self.monitor.active_flags))
 
     def _first_values(self, batch: Any, read_back: bool, num_checks: int) -> list[FlagEvent]:
         """Once per fit, when another callback watches one of our values: a read-back and a check at
