@@ -12,7 +12,7 @@ from hessdiag.tensorboard import PREFIX
 
 #: The values put in ``trainer.callback_metrics`` (with ``hessdiag/flags/<name>`` for every detector).
 CALLBACK_METRICS: tuple[str, ...] = tuple(
-    f"{PREFIX}/{name}" for name in ("lambda_max", "lambda_min", "stability_ratio", "grad_norm")
+    f"{PREFIX}/{name}" for name in ("lambda_max", "lambda_min", "stability_ratio", "grad_norm", "loss")
 )
 
 
@@ -30,9 +30,11 @@ def publish(trainer: pl.Trainer, latest: Mapping[str, float]) -> None:
 
 
 def watched_by_another_callback(trainer: pl.Trainer) -> bool:
-    """Whether a callback of the trainer watches one of our values (``monitor=``, as EarlyStopping
-    and ModelCheckpoint do)."""
+    """Whether one of our values is watched (``monitor=``) by a callback of the trainer, as
+    EarlyStopping and ModelCheckpoint do, or by a learning-rate scheduler (ReduceLROnPlateau's
+    ``"monitor"`` in ``configure_optimizers``): each reads the key at its first epoch end."""
     watched = {getattr(callback, "monitor", None) for callback in trainer.callbacks}
+    watched |= {getattr(config, "monitor", None) for config in getattr(trainer, "lr_scheduler_configs", [])}
     return bool(watched & set(CALLBACK_METRICS))
 
 

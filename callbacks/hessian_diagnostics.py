@@ -291,7 +291,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         assert self.monitor is not None
         self._first_values_due = False
         events = [] if read_back else self.monitor.read_back()
-        if len(self.monitor.checks) == num_checks:  # the callback always has a loss and a cadence >= 1
+        if len(self.monitor.checks) == num_checks and self.monitor.schedule.enabled:  # not with check_every=0
             events += self.monitor.check_curvature(batch)
         return events
 
