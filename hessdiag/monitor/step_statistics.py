@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,8 +72,20 @@ class StepStatistics:
         """Record the gradients of `step` on the device (no host read)."""
         self.gradients.observe(step)
 
-    def add_loss(self, step: int, loss: torch.Tensor | float) -> None:
-        """Keep `step`'s loss as a 0-d float32 copy on its device (no host read)."""
+    def add_loss(self, step: int, loss: torch.Tensor | float | Mapping[str, Any]) -> None:
+        """Keep `step`'s loss as a 0-d float32 copy on its device (no host read): a scalar tensor, a
+        number, or a mapping whose ``"loss"`` entry is one (what a training step often returns).
+        Anything else is warned about once, naming these forms, and the step has no loss."""
+        if isinstance(loss, Mapping) and "loss" in loss:
+            loss = loss["loss"]
+        if isinstance(loss, (bool, Mapping)) or not isinstance(loss, (torch.Tensor, int, float)):
+            shown = f"a mapping with keys {sorted(map(str, loss))}" if isinstance(loss, Mapping) else type(loss).__name__
+            self._faults.warn_once(
+                "loss type",
+                f"hessdiag: `after_step`'s `loss` must be the step's scalar loss: a tensor, a float, or a mapping with "
+                f"a 'loss' entry; got {shown}. Those steps have no loss for the detectors.",
+            )
+            return
         if not isinstance(loss, torch.Tensor):
             value = torch.tensor(float(loss))
         elif loss.numel() == 1:
@@ -96,13 +109,18 @@ class StepStatistics:
         losses = self._pending_losses()
         if readout is None:
             return self._losses_only(losses)
-        if len(losses) < len(readout.steps):
+        if any(step not in losses for step in readout.steps):
             self._faults.warn_once(
                 "no loss",
-                "hessdiag: `after_step` was called without the step's `loss`; the exploding and plateau detectors "
-                "skip such steps. Pass `monitor.after_step(batch, loss)`.",
+                "hessdiag: some steps have no loss (`after_step` was called without the step's `loss`, or with one it "
+                "could not read); the exploding and plateau detectors skip such steps. Pass `monitor.after_step(batch, loss)`.",
             )
         records = [self._record(readout, index, losses.get(step), lambda_max) for index, step in enumerate(readout.steps)]
+        # A step with a loss but no gradient statistics (its backward skipped, e.g. on a NaN loss): a
+        # record of the loss alone, so that a non-finite loss is still judged.
+        with_gradients = set(readout.steps)
+        records += [StepRecord(step=step, loss=loss) for step, loss in losses.items() if step not in with_gradients]
+        records.sort(key=lambda record: record.step)
         values = {GRAD_NORM: readout.grad_norms[-1]}
         if losses:
             values[LOSS] = losses[max(losses)]
