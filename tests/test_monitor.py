@@ -167,3 +167,25 @@ def test_after_step_with_an_unreadable_loss_says_which_forms_it_takes():
     with pytest.warns(UserWarning, match=r"a tensor, a float, or a mapping with a 'loss' entry; got a mapping with keys \['aux', 'total'\]") as caught:
         monitor.after_step(None, {"total": torch.tensor(1.0), "aux": torch.tensor(0.1)})
     assert not any("float()" in str(warning.message) or "TypeError" in str(warning.message) for warning in caught)
+
+
+def test_a_layer_replaced_after_the_monitor_is_built_is_followed_with_a_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    monitor = Monitor(model, check_every=0, log_every=4)
+    batch = regression()
+
+    def step():
+        model.zero_grad()
+        loss = mse(model, batch)
+        loss.backward()
+        monitor.after_backward()
+        monitor.after_step(None, loss)
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+
+    for _ in range(4):
+        step()
+    model[2] = nn.Linear(8, 1)  # e.g. a new head for fine-tuning
+    with pytest.warns(UserWarning, match="parameters changed since the Monitor was built"):
+        norms = [step() for _ in range(8)]
+    assert monitor.latest[tags.GRAD_NORM] == pytest.approx(norms[-1], rel=1e-5)

@@ -57,6 +57,7 @@ class StepStatistics:
     def __init__(
         self, model: nn.Module, *, track_updates: bool, grad_scaler: torch.amp.GradScaler | None, faults: FaultPolicy
     ) -> None:
+        self._model, self._track_updates = model, track_updates
         self.gradients = GradientStats(unwrap_model(model).named_parameters(), track_updates=track_updates)
         self.grad_scaler = grad_scaler
         self.overflow_skips = 0
@@ -105,10 +106,11 @@ class StepStatistics:
         what was measured: no loss (``after_step(loss=None)``) or no gradients (no ``after_backward``)
         leave that field None, never a placeholder.
         """
+        replaced = self._follow_replaced_parameters()
         readout = self.gradients.read()
         losses = self._pending_losses()
         if readout is None:
-            return self._losses_only(losses)
+            return self._losses_only(losses, warn=not replaced)
         if any(step not in losses for step in readout.steps):
             self._faults.warn_once(
                 "no loss",
@@ -149,15 +151,33 @@ class StepStatistics:
             lambda_max=lambda_max,
         )
 
-    def _losses_only(self, losses: Mapping[int, float]) -> StepReadout | None:
+    def _follow_replaced_parameters(self) -> bool:
+        """Whether the model's parameters are no longer those the statistics hold (a layer replaced
+        after the Monitor was built): then the statistics follow the new ones from now on, with a
+        warning; the steps since the last read-back keep their losses but lose their gradient
+        statistics (measured on parameters that no longer train). Looked at once per read-back."""
+        current = list(unwrap_model(self._model).named_parameters())
+        held = self.gradients.params
+        if len(current) == len(held) and all(p is q for (_, p), q in zip(current, held)):
+            return False
+        self._faults.warn_once(
+            "parameters replaced",
+            "hessdiag: the model's parameters changed since the Monitor was built (a layer replaced or added?); "
+            "the gradient statistics now follow the new parameters, from the next step on.",
+        )
+        self.gradients = GradientStats(current, track_updates=self._track_updates)
+        return True
+
+    def _losses_only(self, losses: Mapping[int, float], warn: bool = True) -> StepReadout | None:
         """Steps with a loss but no gradient statistics: records of the loss alone."""
         if not losses:
             return None
-        self._faults.warn_once(
-            "no after_backward",
-            "hessdiag: `after_step` was called without `after_backward`: no gradient statistics, so only the loss "
-            "is logged and a non-finite loss flagged. Call `monitor.after_backward()` after `loss.backward()`.",
-        )
+        if warn:
+            self._faults.warn_once(
+                "no after_backward",
+                "hessdiag: `after_step` was called without `after_backward`: no gradient statistics, so only the "
+                "loss is logged and a non-finite loss flagged. Call `monitor.after_backward()` after `loss.backward()`.",
+            )
         step = max(losses)
         return StepReadout([StepRecord(step=s, loss=loss) for s, loss in losses.items()], step, {LOSS: losses[step]})
 
