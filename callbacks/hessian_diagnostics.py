@@ -78,7 +78,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     two, since its ``training_step`` steps the optimizer.
 
     Args:
-        check_every: optimizer steps between curvature checks, or ``"auto"`` (default): checks take at
+        check_every: optimizer steps between curvature checks (0: never), or ``"auto"`` (default): checks take at
             most `overhead_budget` of the wall time and come at most every 100 steps.
         overhead_budget: share of the wall time the checks may take with ``check_every="auto"`` (0.05).
         log_every: optimizer steps between read-backs of the gradient statistics (default: the
