@@ -12,7 +12,7 @@ from hessdiag.tensorboard import PREFIX
 
 #: The values put in ``trainer.callback_metrics`` (with ``hessdiag/flags/<name>`` for every detector).
 CALLBACK_METRICS: tuple[str, ...] = tuple(
-    f"{PREFIX}/{name}" for name in ("lambda_max", "lambda_min", "stability_ratio", "grad_norm")
+    f"{PREFIX}/{name}" for name in ("lambda_max", "lambda_min", "stability_ratio", "grad_norm", "loss")
 )
 
 
@@ -30,14 +30,20 @@ def publish(trainer: pl.Trainer, latest: Mapping[str, float]) -> None:
 
 
 def watched_by_another_callback(trainer: pl.Trainer) -> bool:
-    """Whether a callback of the trainer watches one of our values (``monitor=``, as EarlyStopping
-    and ModelCheckpoint do)."""
+    """Whether one of our values is watched (``monitor=``) by a callback of the trainer, as
+    EarlyStopping and ModelCheckpoint do, or by a learning-rate scheduler (ReduceLROnPlateau's
+    ``"monitor"`` in ``configure_optimizers``): each reads the key at its first epoch end."""
     watched = {getattr(callback, "monitor", None) for callback in trainer.callbacks}
+    watched |= {getattr(config, "monitor", None) for config in getattr(trainer, "lr_scheduler_configs", [])}
     return bool(watched & set(CALLBACK_METRICS))
 
 
-def show_in_progress_bar(pl_module: pl.LightningModule, lambda_max: float, active_flags: int) -> None:
+def show_in_progress_bar(trainer: pl.Trainer, lambda_max: float, active_flags: int) -> None:
     """Show the last check's lambda_max and the number of active flags in the progress bar (not in
-    the loggers, which get them from the writers)."""
-    pl_module.log("λmax", lambda_max, prog_bar=True, logger=False, on_step=True, on_epoch=False)
-    pl_module.log("flags", float(active_flags), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+    the loggers, which get them from the writers).
+
+    Host numbers go straight into ``trainer.progress_bar_metrics``, the dict the progress bar reads:
+    ``pl_module.log`` would turn them into device tensors that Lightning reads back at every step
+    (a host-device synchronisation per value and step on a GPU)."""
+    trainer.progress_bar_metrics["λmax"] = float(lambda_max)
+    trainer.progress_bar_metrics["flags"] = int(active_flags)

@@ -78,7 +78,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     two, since its ``training_step`` steps the optimizer.
 
     Args:
-        check_every: optimizer steps between curvature checks, or ``"auto"`` (default): checks take at
+        check_every: optimizer steps between curvature checks (0: never), or ``"auto"`` (default): checks take at
             most `overhead_budget` of the wall time and come at most every 100 steps.
         overhead_budget: share of the wall time the checks may take with ``check_every="auto"`` (0.05).
         log_every: optimizer steps between read-backs of the gradient statistics (default: the
@@ -238,7 +238,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         if self.monitor is None or not (self._first_values_due or self.monitor.check_due(trainer.global_step + 1)):
             return
         # A check follows this optimizer step: keep its micro-batches (references, no copy).
-        if self._step.keep(batch):
+        if self._step.keep(batch, batch_idx):
             self.monitor.note(
                 "micro-batches",
                 f"hessdiag: the check covers the last {MAX_MICRO_BATCHES} micro-batches of the step "
@@ -265,7 +265,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         if not self._stepped:
             return  # an accumulation step: no optimizer step yet
         self._stepped = False
-        check_batch, step_loss = self._step.finish(batch)
+        check_batch, step_loss = self._step.finish(batch, batch_idx)
         step, num_checks = trainer.global_step, len(self.monitor.checks)
         # Every rank reaches the same read-backs and due checks (the schedule is agreed): the steps
         # where the ranks may meet in a collective to agree on stopping.
@@ -284,8 +284,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
             if reason is not None:
                 self.monitor.note("stop_on", reason)
         if self.settings.progress_bar and (read_back or checked) and self.monitor.last_check is not None:
-            # Only when values were read back anyway: the progress bar reads logged values to the host.
-            show_in_progress_bar(pl_module, self.monitor.last_check.lambda_max, len(self.monitor.active_flags))
+            show_in_progress_bar(trainer, self.monitor.last_check.lambda_max, len(self.monitor.active_flags))
 
     def _first_values(self, batch: Any, read_back: bool, num_checks: int) -> list[FlagEvent]:
         """Once per fit, when another callback watches one of our values: a read-back and a check at
@@ -295,7 +294,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         assert self.monitor is not None
         self._first_values_due = False
         events = [] if read_back else self.monitor.read_back()
-        if len(self.monitor.checks) == num_checks:  # the callback always has a loss and a cadence >= 1
+        if len(self.monitor.checks) == num_checks and self.monitor.schedule.enabled:  # not with check_every=0
             events += self.monitor.check_curvature(batch)
         return events
 

@@ -105,7 +105,7 @@ class DiagnosticsSettings:
 class CallbackSettings(DiagnosticsSettings):
     """The settings of :class:`hessdiag.callbacks.HessianDiagnostics`: those of the engine, plus what
     only the callback uses (see its docstring for each field). `log_every` None means the trainer's
-    ``log_every_n_steps``; a check needs at least one step between checks (`check_every` >= 1).
+    ``log_every_n_steps``; `check_every` 0 means no curvature checks, as for the Monitor.
 
     Raises:
         ValueError: a bad value, with the argument's name and what is allowed.
@@ -119,8 +119,6 @@ class CallbackSettings(DiagnosticsSettings):
     on_flag: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.check_every != "auto" and (not _is_int(self.check_every) or self.check_every < 1):
-            raise ValueError(f"`check_every` must be a positive int or 'auto', got {self.check_every!r}.")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ValueError(
                 f"`loss_fn` must be callable as loss_fn(pl_module, batch), got {type(self.loss_fn).__name__}."
@@ -170,11 +168,12 @@ def resolve_detectors(detectors: Sequence[Any] | None) -> list[Any]:
             if item not in DETECTOR_CLASSES:
                 raise ValueError(f"`detectors`: unknown flag name {item!r}; the names are {FLAG_NAMES}.")
             resolved.append(DETECTOR_CLASSES[item]())
-        elif getattr(item, "name", None) in FLAG_NAMES and callable(getattr(item, "update", None)):
-            resolved.append(item)
+        elif isinstance(getattr(item, "name", None), str) and callable(getattr(item, "observe", None)):
+            resolved.append(item)  # a built-in or custom detector (FlagDetector): any flag name
         else:
             raise ValueError(
-                f"`detectors` must hold flag names {FLAG_NAMES} or hessdiag detectors, got {type(item).__name__}."
+                f"`detectors` must hold flag names {FLAG_NAMES} or hessdiag detectors (a `name` and an "
+                f"`observe(record)` method), got {type(item).__name__}."
             )
     names = [detector.name for detector in resolved]
     if len(set(names)) != len(names):

@@ -433,7 +433,7 @@ def test_zero_observer_effect(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"check_every": 0}, "`check_every` must be a positive int or 'auto', got 0"),
+        ({"check_every": -1}, "`check_every` must be an int >= 0 or 'auto', got -1"),
         ({"log_every": -2}, "`log_every` must be a positive int or None"),
         ({"loss_fn": 3}, "`loss_fn` must be callable"),
         ({"tol": 2.0}, r"`tol` must be a number in \(0, 1\)"),
@@ -443,3 +443,65 @@ def test_zero_observer_effect(tmp_path):
 def test_constructor_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HessianDiagnostics(**kwargs)
+
+
+class TaskByBatchIdx(Classifier):
+    """A multi-task module that picks its task from `batch_idx`: odd batches train a second head on a
+    loss ten times larger."""
+
+    def __init__(self):
+        super().__init__()
+        self.other = nn.Linear(32, 3)
+
+    def training_step(self, batch, batch_idx):
+        head = self.net if batch_idx % 2 == 0 else nn.Sequential(self.net[:-1], self.other)
+        return 10.0 ** (batch_idx % 2) * F.cross_entropy(head(batch[0]), batch[1])
+
+
+class StepLossAfterTheStep(pl.Callback):
+    """The step's own loss at the parameters the check sees (placed before the diagnostics)."""
+
+    def __init__(self):
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with torch.no_grad():
+            self.losses[trainer.global_step] = float(pl_module.training_step(batch, batch_idx))
+
+
+def test_a_check_measures_the_loss_of_the_steps_own_batch_idx(tmp_path):
+    pl.seed_everything(0)
+    recorder, diagnostics = StepLossAfterTheStep(), HessianDiagnostics(check_every=3, log_every=3)
+    trainer(tmp_path, [recorder, diagnostics], max_steps=12).fit(TaskByBatchIdx(), loader())
+    checks = diagnostics.monitor.checks
+    assert [check.step for check in checks] == [3, 6, 9, 12]  # batch_idx 2, 5, then 0, 3 (8 batches an epoch)
+    for check in checks:
+        assert check.loss == pytest.approx(recorder.losses[check.step], rel=1e-5)
+
+
+def test_check_every_zero_means_no_checks_as_in_the_monitor(tmp_path):
+    diagnostics = HessianDiagnostics(check_every=0, log_every=5)
+    trainer(tmp_path, [diagnostics], max_steps=10).fit(Classifier(), loader())
+    assert diagnostics.monitor.checks == [] and diagnostics.monitor.failed_checks == []
+    assert "hessdiag/grad_norm" in diagnostics.monitor.latest  # the per-step statistics still run
+
+
+class PlateauScheduled(Classifier):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "hessdiag/lambda_max"}}
+
+
+def test_a_scheduler_monitoring_a_hessdiag_key_finds_it_at_the_first_epoch_end(tmp_path):
+    diagnostics = HessianDiagnostics(check_every=100, log_every=100)  # no check before the epoch ends
+    trainer(tmp_path, [diagnostics], max_steps=12).fit(PlateauScheduled(), loader())  # 8 steps an epoch
+    assert diagnostics.monitor.checks[0].step == 1  # the first values, out of cadence
+
+
+def test_model_checkpoint_on_the_hessdiag_loss_saves(tmp_path):
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", monitor="hessdiag/loss")
+    diagnostics = HessianDiagnostics(check_every=100, log_every=4)
+    trainer(tmp_path, [diagnostics, checkpoint], max_steps=16, enable_checkpointing=True).fit(Classifier(), loader())
+    assert checkpoint.best_model_path and os.path.exists(checkpoint.best_model_path)
+    assert checkpoint.best_model_score is not None

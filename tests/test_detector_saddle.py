@@ -2,6 +2,7 @@
 at a near-critical point, keeps its summaries in line with its numbers, and feeds from check records."""
 
 import pytest
+import torch
 from detector_streams import (
     assert_named_after_its_flag_and_quiet,
     assert_state_round_trip_continues_identically,
@@ -62,7 +63,10 @@ def test_saddle_one_other_check_does_not_clear_it():
     [({"tau": 0}, r"`tau` must be a finite number in \(0, 1.0\), got 0"),
      ({"critical_fraction": 1.5}, r"`critical_fraction` must be a finite number in \(0, 1.0\)"),
      ({"flat_tol": -1.0}, "`flat_tol` must be a finite number > 0"),
-     ({"loss_floor": "0"}, "`loss_floor` must be a finite number, got '0'")],
+     ({"loss_floor": "0"}, "`loss_floor` must be a finite number, got '0'"),
+     ({"window": 3}, "`window` must be an int >= 4, got 3"),
+     ({"progress_fraction": 0.0}, r"`progress_fraction` must be a finite number in \(0, 1.0\)"),
+     ({"pace_fraction": float("nan")}, r"`pace_fraction` must be a finite number in \(0, 1.0\)")],
 )  # fmt: skip
 def test_saddle_rejects_bad_thresholds(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -100,10 +104,85 @@ def test_observe_judges_checks_as_update_does():
     assert by_record.state_dict() == by_update.state_dict()
 
 
-def test_observe_skips_step_records():
+def test_step_records_feed_the_loss_history_and_raise_nothing():
     detector = SaddleDetector()
     assert detector.observe(StepRecord(step=1, loss=1.0, grad_norm=1e-9)) == []
-    assert detector.state_dict() == SaddleDetector().state_dict()
+    assert detector.observe(StepRecord(step=2, loss=None, grad_norm=1e-9)) == []
+    assert detector.observe(StepRecord(step=3, loss=float("nan"), grad_norm=1e-9)) == []
+    assert detector.state_dict()["losses"] == [[1, 1.0]] and not detector.active
+
+
+# A check with the geometry of a saddle and a small gradient: certified negative curvature at 10% of
+# the spectral norm, an escape step that lowers the loss, ||g||^2 / (2 lambda_max) far below 1% of the
+# loss. The rule without a loss history (and the rule before the loss history) flags it.
+SADDLE_GEOMETRY = {"grad_norm": 0.2, "lambda_max": 47.0, "lambda_min": -4.7, "negative_certified": True}
+
+
+def run_stream(detector, losses, check_every, escape=-0.01):
+    """Feed per-step `losses` as step records and a saddle-like check every `check_every` steps."""
+    events = []
+    for step, loss in enumerate(losses, start=1):
+        events += detector.observe(StepRecord(step=step, loss=loss, grad_norm=0.2))
+        if step % check_every == 0:
+            inputs = SADDLE_GEOMETRY | {"loss": loss, "loss_change_along_bottom": escape}
+            events += detector.observe(check_record(step, inputs))
+    return events
+
+
+def falling_curves(seed):
+    """Losses that fall steadily, as in healthy runs: a warm-up then an exponential fall, a power law
+    (slow, ever slower), a slow linear fall onto an irreducible floor (a diffusion loss), each with
+    mini-batch noise of 0%, 2% or 10%."""
+    generator = torch.Generator().manual_seed(seed)
+    t = torch.arange(1, 601, dtype=torch.float64)
+    shapes = {
+        # the pace ramps up over a 20-step warm-up, then decays with the learning rate
+        "warm-up then exponential": 3.7 - 0.004 * (torch.clamp(t, max=20) ** 2 / 40 + 300 * (1 - torch.exp(-torch.clamp(t - 20, min=0) / 300))),
+        "power law": 3.7 * (t / 10) ** -0.15,
+        "onto a floor": 0.9 + 0.1 * (1 - t / 1200),
+    }
+    curves = {}
+    for name, shape in shapes.items():
+        for noise in (0.0, 0.02, 0.1):
+            noisy = shape * (1 + noise * torch.randn(600, generator=generator, dtype=torch.float64))
+            curves[f"{name}, noise {noise}"] = noisy.tolist()
+    return curves
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_never_fires_on_a_run_whose_loss_falls_at_its_recent_pace(seed):
+    without_history = SaddleDetector()
+    assert without_history.update(0, loss=3.7, loss_change_along_bottom=-0.01, **SADDLE_GEOMETRY)  # the old alarm
+    for name, losses in falling_curves(seed).items():
+        for check_every in (25, 100):
+            detector = SaddleDetector()
+            assert run_stream(detector, losses, check_every) == [], name
+            assert detector.classification == "progressing", name
+
+
+def test_fires_on_a_run_slowed_at_a_saddle():
+    flat = [2.3 + 1e-7 * (step % 3) for step in range(200)]  # stuck from the start (a tiny initialisation)
+    detector = SaddleDetector()
+    (onset,) = run_stream(detector, flat, 25)
+    assert onset.step == 25 and onset.kind == "onset" and abs(onset.evidence["loss_drop_over_window"]) < 1e-6
+    assert "lowered the loss by 0.01" in onset.remedy and "Slowed near a point" in onset.summary
+    # Falls for 300 steps, then stalls: the recent pace is a small fraction of the one before.
+    stalls = [2.0 - 0.002 * min(step, 300) for step in range(1, 501)]
+    events = run_stream(SaddleDetector(), stalls, 50)
+    assert [(event.kind, event.step) for event in events] == [("onset", 350)]
+    assert events[0].evidence["pace_ratio"] < 0.25
+
+
+def test_no_escape_no_saddle_and_words_that_match_the_evidence():
+    """The LoRA case: certified negative curvature, but a step along the bottom eigenvector raises the loss."""
+    flat = [0.7] * 100
+    detector = SaddleDetector()
+    assert run_stream(detector, flat, 25, escape=0.003) == []
+    assert detector.classification == "no escape" and not detector.active
+    assert "raises the loss by 0.003" in detector.summary and "lowers" not in detector.summary
+    unmeasured = SaddleDetector()
+    (onset,) = run_stream(unmeasured, flat, 25, escape=None)
+    assert "lower" not in onset.remedy and "lower" not in onset.summary  # never claims what was not measured
 
 
 UNIT_CASES = {

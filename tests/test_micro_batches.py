@@ -4,25 +4,27 @@ import torch
 
 from hessdiag import MicroBatches
 from hessdiag.batches import MAX_MICRO_BATCHES
+from hessdiag.callbacks.loss_closure import StepBatch
 from hessdiag.callbacks.micro_batches import StepMicroBatches
 
 
 def test_a_step_of_one_batch_checks_that_batch():
     step = StepMicroBatches()
-    assert not step.keep("a")
-    assert step.finish("last") == ("a", None)
+    assert not step.keep("a", 7)
+    assert step.finish("last", 8) == (StepBatch("a", 7), None)
 
 
 def test_micro_batches_are_kept_in_order_up_to_the_budget():
     step = StepMicroBatches()
-    dropped = [step.keep(index) for index in range(MAX_MICRO_BATCHES + 2)]
+    dropped = [step.keep(f"batch {index}", index) for index in range(MAX_MICRO_BATCHES + 2)]
     assert dropped == [False] * MAX_MICRO_BATCHES + [True, True]
-    batch, _ = step.finish("last")
-    assert isinstance(batch, MicroBatches) and list(batch) == list(range(2, MAX_MICRO_BATCHES + 2))
+    batch, _ = step.finish("last", MAX_MICRO_BATCHES + 2)
+    assert isinstance(batch, MicroBatches)
+    assert list(batch) == [StepBatch(f"batch {index}", index) for index in range(2, MAX_MICRO_BATCHES + 2)]
 
 
 def test_without_kept_batches_the_steps_last_batch_is_checked():
-    assert StepMicroBatches().finish("last") == ("last", None)
+    assert StepMicroBatches().finish("last", 3) == (StepBatch("last", 3), None)
 
 
 def test_the_step_loss_is_the_sum_of_the_micro_batch_losses_and_a_copy():
@@ -33,13 +35,13 @@ def test_the_step_loss_is_the_sum_of_the_micro_batch_losses_and_a_copy():
     step.add_loss(None)  # a training step may return nothing: no loss is added
     step.add_loss({"logits": torch.zeros(3)})
     first += 100  # the user reuses its buffer
-    _, loss = step.finish("last")
+    _, loss = step.finish("last", 0)
     assert torch.equal(loss, torch.tensor([0.75]))
 
 
 def test_finishing_a_step_starts_the_next_afresh():
     step = StepMicroBatches()
-    step.keep("a")
+    step.keep("a", 0)
     step.add_loss(torch.tensor(1.0))
-    step.finish("last")
-    assert step.finish("next") == ("next", None)
+    step.finish("last", 0)
+    assert step.finish("next", 1) == (StepBatch("next", 1), None)

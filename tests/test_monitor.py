@@ -129,3 +129,63 @@ def test_the_layout_charts_every_logged_tag_family():
     logged.append(tags.layer_summary_tag("layer_grad_norm", "max"))
     charted = {tag for category in layout(logged).values() for _, series in category.values() for tag in series}
     assert set(logged) <= charted
+
+
+def loop_with_a_skipped_backward(monitor, model, optimizer, losses):
+    """A loop that skips backward and the optimizer step on a non-finite loss (a common guard)."""
+    batch = regression()
+    for loss in losses:
+        optimizer.zero_grad()
+        if torch.isfinite(loss):
+            mse(model, batch).backward()
+            monitor.after_backward()
+            optimizer.step()
+        monitor.after_step(None, loss)
+
+
+def test_a_nan_loss_on_a_step_whose_backward_was_skipped_is_flagged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = Monitor(model, check_every=0, log_every=4)
+    losses = [torch.tensor(1.0)] * 5 + [torch.tensor(float("nan"))] + [torch.tensor(1.0)] * 2
+    loop_with_a_skipped_backward(monitor, model, optimizer, losses)
+    assert [(event.name, event.step, event.kind) for event in monitor.events] == [("exploding", 6, "onset")]
+
+
+@pytest.mark.parametrize("extra", [{}, {"logits": torch.zeros(3)}])
+def test_after_step_takes_a_mapping_with_a_loss_entry(extra):
+    monitor = train(lambda model, optimizer: Monitor(model, optimizer=optimizer, check_every=0, log_every=4), steps=0)
+    monitor.after_backward()
+    monitor.after_step(None, {"loss": torch.tensor(0.5)} | extra)
+    monitor.read_back()
+    assert monitor.latest[tags.LOSS] == 0.5
+
+
+def test_after_step_with_an_unreadable_loss_says_which_forms_it_takes():
+    monitor = train(lambda model, optimizer: Monitor(model, optimizer=optimizer, check_every=0, log_every=1), steps=0)
+    with pytest.warns(UserWarning, match=r"a tensor, a float, or a mapping with a 'loss' entry; got a mapping with keys \['aux', 'total'\]") as caught:
+        monitor.after_step(None, {"total": torch.tensor(1.0), "aux": torch.tensor(0.1)})
+    assert not any("float()" in str(warning.message) or "TypeError" in str(warning.message) for warning in caught)
+
+
+def test_a_layer_replaced_after_the_monitor_is_built_is_followed_with_a_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    monitor = Monitor(model, check_every=0, log_every=4)
+    batch = regression()
+
+    def step():
+        model.zero_grad()
+        loss = mse(model, batch)
+        loss.backward()
+        monitor.after_backward()
+        monitor.after_step(None, loss)
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+
+    for _ in range(4):
+        step()
+    model[2] = nn.Linear(8, 1)  # e.g. a new head for fine-tuning
+    with pytest.warns(UserWarning, match="parameters changed since the Monitor was built"):
+        norms = [step() for _ in range(8)]
+    assert monitor.latest[tags.GRAD_NORM] == pytest.approx(norms[-1], rel=1e-5)

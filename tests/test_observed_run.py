@@ -375,17 +375,41 @@ def test_a_training_step_that_updates_state_is_undone(tmp_path):
         assert torch.equal(value, other), name
 
 
-def test_progress_bar_values_are_logged_only_at_read_backs(tmp_path):
-    logged_at = []
+class ReadBackCounter(pl.Callback):
+    """Counts ``Tensor.item`` / ``tolist`` / ``cpu`` calls made while the trainer is at each step."""
 
-    class Watched(Net):
-        def log(self, name, *args, **kwargs):
-            if name == "λmax":
-                logged_at.append(self.trainer.global_step)
-            return super().log(name, *args, **kwargs)
+    def __init__(self, monkeypatch):
+        self.calls, self.step = {}, None
+        for name in ("item", "tolist", "cpu"):
+            original = getattr(torch.Tensor, name)
 
-    fit(tmp_path, Watched(), [HessianDiagnostics(check_every=4, log_every=5)], 20, loader(), enable_progress_bar=True)
-    assert logged_at == [4, 5, 8, 10, 12, 15, 16, 20]
+            def counted(tensor, *args, _original=original, **kwargs):
+                if self.step is not None:
+                    self.calls[self.step] = self.calls.get(self.step, 0) + 1
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step = trainer.global_step + 1  # the optimizer step under way
+
+    def on_train_end(self, trainer, pl_module):
+        self.step = None
+
+
+def test_no_read_back_in_the_steps_between_read_backs_and_checks_with_the_progress_bar_on(tmp_path, monkeypatch):
+    """After the first check, 20 steps without a read-back or a check: no ``item``/``tolist``/``cpu``
+    call, whatever the progress bar shows (it gets host numbers, not tensors to read back)."""
+    counter = ReadBackCounter(monkeypatch)
+    diagnostics = HessianDiagnostics(check_every=10, log_every=10)
+    trainer = fit(
+        tmp_path, Net(), [counter, diagnostics], 30, loader(n=256), enable_progress_bar=True, log_every_n_steps=50
+    )
+    assert [check.step for check in diagnostics.monitor.checks] == [10, 20, 30]
+    quiet_steps = [step for step in range(11, 31) if step % 10]
+    assert {step: counter.calls.get(step, 0) for step in quiet_steps} == dict.fromkeys(quiet_steps, 0)
+    shown = trainer.progress_bar_metrics
+    assert shown["λmax"] == diagnostics.monitor.last_check.lambda_max and isinstance(shown["flags"], int)
 
 
 # -- 5. arguments are validated at construction --------------------------------------------------

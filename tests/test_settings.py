@@ -37,13 +37,13 @@ def test_diagnostics_settings_reject_bad_values(kwargs, match):
 
 
 CALLBACK_ERRORS = [
-    ({"check_every": 0}, r"`check_every` must be a positive int or 'auto', got 0"),
+    ({"check_every": -1}, r"`check_every` must be an int >= 0 or 'auto', got -1"),
     ({"log_every": 0}, r"`log_every` must be a positive int or None, got 0"),
     ({"log_every": 2.0}, r"`log_every` must be a positive int or None, got 2.0"),
     ({"loss_fn": 3}, r"`loss_fn` must be callable as loss_fn\(pl_module, batch\), got int"),
     ({"detectors": ["bogus"]}, r"`detectors`: unknown flag name 'bogus'"),
     ({"detectors": "plateau"}, r"`detectors` must be a list of flag names or detectors, got str"),
-    ({"detectors": [object()]}, r"`detectors` must hold flag names .* or hessdiag detectors, got object"),
+    ({"detectors": [object()]}, r"`detectors` must hold flag names .* or hessdiag detectors .*got object"),
     ({"detectors": ["plateau", PlateauDetector()]}, r"`detectors` names a flag twice: \['plateau', 'plateau'\]"),
     ({"on_flag": "print"}, r"`on_flag` must be callable as on_flag\(event, trainer, pl_module\), got str"),
     ({"stop_on": "exploding"}, r"`stop_on` must be a sequence of flag names"),
@@ -53,7 +53,7 @@ CALLBACK_ERRORS = [
 
 @pytest.mark.parametrize(("kwargs", "match"), [*ENGINE_ERRORS[2:], *CALLBACK_ERRORS])
 def test_callback_settings_reject_bad_values(kwargs, match):
-    # The engine's own values but `check_every` (the callback needs >= 1), and the callback's.
+    # The engine's own values but `check_every` (listed with the callback's), and the callback's.
     with pytest.raises(ValueError, match=match):
         CallbackSettings(**kwargs)
 
@@ -85,3 +85,30 @@ def test_flag_names_and_detectors_resolve_to_what_they_name():
     assert sorted(d.name for d in resolve_detectors(None)) == sorted(FLAG_NAMES)
     plateau = PlateauDetector()
     assert resolve_detectors(["saddle", plateau])[1] is plateau  # instances are used as they are
+
+
+def test_check_every_zero_means_never_in_the_monitor_and_the_callback_alike():
+    assert DiagnosticsSettings(check_every=0).check_every == CallbackSettings(check_every=0).check_every == 0
+
+
+class NamedOtherwise:
+    """A custom detector: any name, the FlagDetector interface."""
+
+    name = "loss_spike"
+    active = False
+
+    def observe(self, record):
+        return []
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_custom_detector_objects_of_any_name_are_accepted_names_must_be_known():
+    custom = NamedOtherwise()
+    assert CallbackSettings(detectors=["plateau", custom]).detectors[1] is custom
+    with pytest.raises(ValueError, match=r"unknown flag name 'bogus'; the names are \('plateau'"):
+        CallbackSettings(detectors=["bogus"])

@@ -355,3 +355,103 @@ def test_monitor_rejects_bad_arguments(kwargs, match):
     options = {"loss_fn": cross_entropy} | kwargs
     with pytest.raises(ValueError, match=match):
         Monitor(nn.Linear(2, 2), options.pop("loss_fn"), **options)
+
+
+class TinyTransformer(nn.Module):
+    """One pre-norm attention block with a token embedding and an output head (GPT-like, causal)."""
+
+    def __init__(self, vocab=16, width=16, heads=2, length=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(0.02 * torch.randn(length, width))
+        self.norm1, self.norm2, self.norm_out = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.head = nn.Linear(width, vocab)
+        self.register_buffer("mask", torch.triu(torch.ones(length, length, dtype=torch.bool), 1))
+
+    def forward(self, tokens):
+        x = self.embed(tokens) + self.position[: tokens.shape[1]]
+        h = self.norm1(x)
+        x = x + self.attention(h, h, h, attn_mask=self.mask[: tokens.shape[1], : tokens.shape[1]], need_weights=False)[0]
+        x = x + self.mlp(self.norm2(x))
+        return self.head(self.norm_out(x))
+
+
+def next_token(model, batch):
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear map plus a low-rank adapter B A with B = 0 at initialisation (as LoRA starts)."""
+
+    def __init__(self, base: nn.Linear, rank=2):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.a = nn.Parameter(0.1 * torch.randn(rank, base.in_features))
+        self.b = nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x):
+        return self.base(x) + x @ self.a.T @ self.b.T
+
+
+def healthy_runs():
+    """Runs whose loss falls steadily: an Adam-trained transformer with warm-up, a LoRA adapter from its
+    zero initialisation, and a regression whose loss has an irreducible noise floor."""
+    generator = torch.Generator().manual_seed(0)
+    sequences = torch.randint(0, 16, (256, 9), generator=generator)
+    sequences[:, 1::2] = (sequences[:, 0::2][:, :4] * 3 + 1) % 16  # a learnable rule on every other token
+
+    def transformer():
+        torch.manual_seed(0)
+        model = TinyTransformer()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 40))
+        return model, optimizer, warmup, next_token, lambda step: sequences[(step * 32) % 256 :][:32]
+
+    x = torch.randn(512, 12, generator=generator)
+    teacher = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 4))
+    torch.manual_seed(1)
+    teacher_base = nn.Linear(12, 4)
+    y_lora = teacher_base(x).detach() + 0.5 * (x[:, :2] @ torch.randn(2, 4, generator=generator))
+
+    def lora():
+        torch.manual_seed(2)
+        base = copy.deepcopy(teacher_base)
+        model = nn.Sequential(LoRALinear(base))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        return model, optimizer, None, half_squared_error, lambda step: (x[(step * 64) % 512 :][:64], y_lora[(step * 64) % 512 :][:64])
+
+    y_noisy = teacher(x).detach() + 0.3 * torch.randn(512, 4, generator=generator)
+
+    def noise_floor():
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 4))
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        return model, optimizer, None, half_squared_error, lambda step: (x[(step * 64) % 512 :][:64], y_noisy[(step * 64) % 512 :][:64])
+
+    return {"transformer-adamw-warmup": transformer, "lora-zero-init": lora, "regression-noise-floor": noise_floor}
+
+
+@pytest.mark.parametrize("name", list(healthy_runs()))
+def test_no_saddle_on_a_run_whose_loss_falls(name):
+    """Every check finds certified negative curvature (the geometry of a saddle), but the loss history
+    says the run is not slowed: no saddle flag."""
+    model, optimizer, scheduler, loss_fn, batches = healthy_runs()[name]()
+    monitor = Monitor(model, loss_fn, optimizer=optimizer, check_every=25, log_every=5, density_every=0)
+    losses = []
+    for step in range(150):
+        batch = batches(step)
+        optimizer.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        monitor.after_backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        monitor.after_step(batch, loss)
+        losses.append(loss.item())
+    assert sum(losses[-25:]) < 0.9 * sum(losses[:25])  # the loss did fall
+    assert any(check.negative_curvature_certified for check in monitor.checks)
+    assert "saddle" not in {event.name for event in monitor.events}

@@ -1,4 +1,5 @@
-"""Saddle points: a near-critical point with certified, significant negative curvature."""
+"""Saddle points: a run slowed near a point with certified, significant negative curvature that a step
+along it can leave."""
 
 from __future__ import annotations
 
@@ -6,50 +7,73 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from hessdiag.detectors._common import Detector, check_finite, check_optional_positive, check_positive
-from hessdiag.detectors.records import CheckRecord, Record
+from hessdiag.detectors._common import Detector, check_count, check_finite, check_optional_positive, check_positive
+from hessdiag.detectors.loss_trend import LossTrend
+from hessdiag.detectors.records import CheckRecord, Record, StepRecord
 from hessdiag.flags import FlagEvent
 
-Classification = Literal["unknown", "not critical", "degenerate", "saddle", "minimum-like"]
+Classification = Literal[
+    "unknown", "progressing", "not critical", "degenerate", "saddle", "no escape", "minimum-like"
+]
 
 
 class SaddleDetector(Detector):
-    """Raises ``saddle`` at a curvature check that finds the run near a strict saddle.
+    """Raises ``saddle`` at a curvature check that finds the run slowed by a strict saddle.
 
-    Near a critical point L(theta + v) ~ L(theta) + v^T H v / 2: eigenvalues of both signs make a
-    saddle. Each check classifies the point (``classification``):
+    Three things must hold at a check, and each is in the evidence and the summary:
 
-    * ``"not critical"``: the gradient is not small;
-    * ``"degenerate"``: all curvature is ~0 (max |lambda| < `flat_tol`): flat in every direction
-      measured, never called a strict saddle;
-    * ``"saddle"``: negative curvature is *certified* (a negative Ritz value proves lambda_min < 0)
-      and significant: lambda_min < -`tau` x max(|lambda_max|, |lambda_min|);
-    * ``"minimum-like"``: otherwise (no certified or no significant negative curvature).
+    1. **The run is not making progress.** From the per-step losses the detector has seen (the
+       Monitor hands it every step's record), a least-squares line over the last `window` steps
+       gives the pace (loss removed per step) and its standard error. The run is stalled when,
+       even at the pace's upper confidence bound, the loss fell over the window by less than
+       `progress_fraction` of the loss left above `loss_floor`, *and* the pace is below
+       `pace_fraction` x the pace of the `window` steps before, whenever those fell
+       significantly (a run that falls at its recent pace, however slowly, is never stalled).
+       A loss too noisy for its pace to be measured to within `progress_fraction` of the loss left
+       over the window (2 standard errors) is never called stalled either: mini-batch noise is
+       not a stall (and is itself what the remedy adds); widen `window` to judge such runs. Only with fewer
+       than four losses seen (a loop that passes no loss, or a check in the first steps) does the
+       quadratic model decide instead: the largest drop of a gradient step, ||g||^2 / (2
+       lambda_max), is at most `critical_fraction` of the loss left (or ||g|| <= `grad_tol`).
+       The first check can thus still recognise a run that starts at a saddle (a tiny
+       initialisation): its loss is flat from the first step. Otherwise ``"progressing"`` (or, by
+       the quadratic model, ``"not critical"``).
+    2. **Certified, significant negative curvature**: a negative Ritz value proves lambda_min < 0,
+       and lambda_min < -`tau` x max(|lambda_max|, |lambda_min|). Judged on the Hessian itself:
+       under Adam the preconditioned operator P^-1/2 H P^-1/2 has the same number of negative
+       eigenvalues (Sylvester's law of inertia), so negative curvature exists in the optimizer's
+       geometry exactly when it does in H; its share of the spectral norm is H's. All curvature ~0
+       (spectral norm < `flat_tol`) is ``"degenerate"``; no certified or no significant negative
+       curvature is ``"minimum-like"``.
+    3. **An escape it can take**: when the check measured the loss change of a step along the
+       bottom eigenvector (``loss_change_along_bottom``), it must be negative; a step that raises
+       the loss (the quadratic model does not hold at that scale) is ``"no escape"``, not flagged.
+       The remedy states the measured drop, and never claims one that was not measured.
 
-    The gradient is small (the point near-critical) when a gradient step could remove at most a
-    fraction `critical_fraction` of the loss above its floor: ||g||^2 / (2 lambda_max) <=
-    `critical_fraction` x (loss - `loss_floor`), where ||g||^2 / (2 lambda_max) is the largest decrease
-    of the quadratic model along -g; or, when given, when ||g|| <= `grad_tol`. This needs no history
-    of past checks, so the very first check can recognise a saddle (a run starting at one, as from a
-    tiny initialisation, has no larger past gradient to compare with). Only ``"saddle"`` triggers.
+    Only ``"saddle"`` triggers.
 
-    Units: both sides of the test are loss changes, and the curvature tests compare eigenvalues with
-    each other, so multiplying the loss by a constant changes no verdict; adding one changes none once
-    `loss_floor` moves with it (the loss left, loss - `loss_floor`, is the scale against which a
-    gradient step counts as small; a loss at or below its floor is never near-critical).
-    `grad_tol` (gradient units) and `flat_tol` (curvature units) are absolute: `grad_tol` is off by
-    default; `flat_tol` only tells an all-flat point (a dead network) from a saddle, at 1e-6.
+    Units: every test compares like with like (paces with paces and with the loss left, eigenvalues
+    with each other), so multiplying the loss by a constant changes no verdict, and adding one
+    changes none once `loss_floor` moves with it. `grad_tol` (gradient units) and `flat_tol`
+    (curvature units) are absolute: `grad_tol` is off by default.
 
     Args:
         tau: significance of negative curvature relative to the spectral norm (default 0.05: 50x the
             1e-3 relative accuracy of the eigenvalue estimates, and above the slight negative curvature
             that accompanies ordinary training: about 1% of lambda_max on ResNet-18, DESIGN.md).
-        critical_fraction: see above (default 0.01).
-        grad_tol: gradient norm that counts as small whatever the loss (default None: off; in the
-            gradient's units, so it ties the verdict to the loss's scale).
+        window: steps over which the recent pace is measured, and the earlier one before it
+            (default 50, >= 4).
+        progress_fraction: share of the loss left that the loss must fall by over `window` steps
+            for the run to count as progressing on its own (default 0.001: a diffusion loss creeping
+            onto its irreducible floor at 0.4% per 50 steps is progressing; a run stuck at a saddle
+            from a tiny initialisation moves its loss by 1e-6 or less).
+        pace_fraction: the recent pace counts as slowed below this fraction of the earlier pace
+            (default 0.25).
+        critical_fraction: the quadratic model's test, used without a loss history (default 0.01).
+        grad_tol: gradient norm that counts as small whatever the loss, in the quadratic model's
+            test only (default None: off).
         loss_floor: the lowest attainable loss (default 0).
-        flat_tol: spectral norm below which the point is degenerate (default 1e-6, in Hessian
-            eigenvalue units: loss per squared parameter unit).
+        flat_tol: spectral norm below which the point is degenerate (default 1e-6).
         onset: consecutive saddle checks that raise the flag (default 1: checks are sparse and the
             negative curvature is certified, not estimated).
         clear: consecutive other checks that clear it (default 2).
@@ -58,19 +82,21 @@ class SaddleDetector(Detector):
         ValueError: a threshold out of range, named in the message.
 
     Evidence: ``grad_norm``, ``lambda_min``, ``lambda_max``, ``curvature_ratio`` (lambda_min / spectral
-    norm, in [-1, 1]), ``loss``, ``gradient_step_gain`` (||g||^2 / (2 lambda_max), loss units), and,
-    when measured, ``loss_change_along_bottom`` (loss change of a step along the bottom eigenvector:
-    negative means an escape direction was found).
+    norm, in [-1, 1]), ``loss``, ``gradient_step_gain`` (||g||^2 / (2 lambda_max), loss units); with a
+    loss history ``loss_drop_over_window`` (the fitted drop over the window over the loss left, a
+    fraction) and, when the earlier stretch fell, ``pace_ratio`` (recent pace / earlier pace); when
+    measured, ``loss_change_along_bottom`` (negative: an escape direction was found).
     """
 
     name = "saddle"
-    remedy = (
-        "Keep or add momentum or gradient noise; a step along the bottom eigenvector (escape direction) lowers the loss."
-    )
+    remedy = "Keep or add momentum or gradient noise, so that the run leaves along the direction of negative curvature."
 
     def __init__(
         self,
         tau: float = 0.05,
+        window: int = 50,
+        progress_fraction: float = 0.001,
+        pace_fraction: float = 0.25,
         critical_fraction: float = 0.01,
         grad_tol: float | None = None,
         loss_floor: float = 0.0,
@@ -80,14 +106,22 @@ class SaddleDetector(Detector):
     ) -> None:
         super().__init__(onset, clear)
         self.tau = check_positive("tau", tau, upper=1.0)
+        self.window = check_count("window", window, 4)
+        self.progress_fraction = check_positive("progress_fraction", progress_fraction, upper=1.0)
+        self.pace_fraction = check_positive("pace_fraction", pace_fraction, upper=1.0)
         self.critical_fraction = check_positive("critical_fraction", critical_fraction, upper=1.0)
         self.grad_tol = check_optional_positive("grad_tol", grad_tol)
         self.loss_floor = check_finite("loss_floor", loss_floor)
         self.flat_tol = check_positive("flat_tol", flat_tol)
+        self.trend = LossTrend(self.window)
         self.classification: Classification = "unknown"
 
     def observe(self, record: Record) -> list[FlagEvent]:
-        """Judge a curvature check; other records say nothing."""
+        """Keep each step's loss; judge a curvature check."""
+        if isinstance(record, StepRecord):
+            if record.loss is not None:
+                self.add_loss(record.step, record.loss)
+            return []
         if not isinstance(record, CheckRecord):
             return []
         return self.update(
@@ -95,6 +129,10 @@ class SaddleDetector(Detector):
             negative_certified=record.negative_curvature_certified, loss=record.loss,
             loss_change_along_bottom=record.loss_change_along_bottom,
         )  # fmt: skip
+
+    def add_loss(self, step: int, loss: float) -> None:
+        """Keep the training loss of optimizer step `step` for the pace (non-finite losses are skipped)."""
+        self.trend.add(step, loss)
 
     def update(
         self,
@@ -106,7 +144,7 @@ class SaddleDetector(Detector):
         loss: float,
         loss_change_along_bottom: float | None = None,
     ) -> list[FlagEvent]:
-        """Classify the point of one curvature check.
+        """Classify the point of one curvature check, with the losses given by :meth:`add_loss` so far.
 
         Args:
             step: the optimizer step of the check.
@@ -117,31 +155,61 @@ class SaddleDetector(Detector):
             loss_change_along_bottom: loss change of a step along the bottom eigenvector, if measured.
         """
         gradient_gain = grad_norm**2 / (2 * lambda_max) if lambda_max > 0 else math.inf
-        small = gradient_gain <= self.critical_fraction * (loss - self.loss_floor) or (
-            self.grad_tol is not None and grad_norm <= self.grad_tol
-        )
         spectral_norm = max(abs(lambda_max), abs(lambda_min))
-        if not small:
-            self.classification = "not critical"
-        elif spectral_norm < self.flat_tol:
-            self.classification = "degenerate"
-        elif negative_certified and lambda_min < -self.tau * spectral_norm:
-            self.classification = "saddle"
-        else:
-            self.classification = "minimum-like"
-        curvature_ratio = lambda_min / spectral_norm if spectral_norm > 0 else 0.0
         self.evidence = {
             "grad_norm": grad_norm,
             "lambda_min": lambda_min,
             "lambda_max": lambda_max,
-            "curvature_ratio": curvature_ratio,
+            "curvature_ratio": lambda_min / spectral_norm if spectral_norm > 0 else 0.0,
             "loss": loss,
             "gradient_step_gain": gradient_gain,
         }
+        stalled = self._stalled(grad_norm, gradient_gain, loss)
         if loss_change_along_bottom is not None:
             self.evidence["loss_change_along_bottom"] = loss_change_along_bottom
+        if not stalled:
+            self.classification = "progressing" if "loss_drop_over_window" in self.evidence else "not critical"
+        elif spectral_norm < self.flat_tol:
+            self.classification = "degenerate"
+        elif not (negative_certified and lambda_min < -self.tau * spectral_norm):
+            self.classification = "minimum-like"
+        elif loss_change_along_bottom is not None and not loss_change_along_bottom < 0:
+            self.classification = "no escape"
+        else:
+            self.classification = "saddle"
         self.summary = self._describe(grad_norm, lambda_min, lambda_max, negative_certified, loss_change_along_bottom)
-        return self._decide(step, self.classification == "saddle", "warning")
+        return self._decide(step, self.classification == "saddle", "warning", remedy=self._remedy(loss_change_along_bottom))
+
+    def _stalled(self, grad_norm: float, gradient_gain: float, loss: float) -> bool:
+        """Whether the run is not making progress (see the class docstring); writes the pace evidence."""
+        recent = self.trend.recent()
+        if recent is None:  # no loss history: the quadratic model along the gradient
+            small_gradient = self.grad_tol is not None and grad_norm <= self.grad_tol
+            return gradient_gain <= self.critical_fraction * (loss - self.loss_floor) or small_gradient
+        loss_left = recent.mean - self.loss_floor
+        if loss_left <= 0:  # at or below its floor: nothing left to make progress on
+            self.evidence["loss_drop_over_window"] = 0.0
+            return False
+        self.evidence["loss_drop_over_window"] = recent.rate * max(recent.span, 1) / loss_left
+        # Slow even at the upper confidence bound, and resolved: a loss too noisy to measure the pace
+        # to within `progress_fraction` of the loss left over the window is never called stalled.
+        threshold = self.progress_fraction * loss_left
+        span = max(recent.span, 1)
+        slow = recent.upper * span <= threshold and 2 * recent.stderr * span <= threshold
+        earlier = self.trend.earlier()
+        if earlier is None or earlier.lower <= 0:  # no earlier fall to compare with
+            return slow
+        self.evidence["pace_ratio"] = recent.rate / earlier.rate
+        return slow and recent.upper <= self.pace_fraction * earlier.rate
+
+    def _remedy(self, loss_change_along_bottom: float | None) -> str:
+        """The remedy, with the escape the check measured (never one it did not)."""
+        if loss_change_along_bottom is None or not loss_change_along_bottom < 0:
+            return self.remedy
+        return (
+            f"Keep or add momentum or gradient noise: a step along the bottom eigenvector (escape direction) "
+            f"lowered the loss by {-loss_change_along_bottom:.3g} at this check."
+        )
 
     def _describe(
         self,
@@ -154,33 +222,51 @@ class SaddleDetector(Detector):
         """One sentence that says why the point got its classification, in words that match its numbers."""
         share = abs(self.evidence["curvature_ratio"])
         numbers = f"gradient norm {grad_norm:.2g}, lambda_min {lambda_min:.4g}, lambda_max {lambda_max:.4g}"
-        if self.classification == "saddle":
-            escape = (
-                f"; a step along it changes the loss by {loss_change_along_bottom:.3g}"
-                if loss_change_along_bottom is not None
-                else ""
-            )
+        progress = _progress_in_words(self.evidence, self.window)
+        if self.classification in ("saddle", "no escape"):
+            curvature = f"certified negative curvature: |lambda_min| is {100 * share:.3g}% of the spectral norm"
+            if loss_change_along_bottom is None:
+                return f"Slowed near a point with {curvature} ({progress}; {numbers})."
+            if self.classification == "saddle":
+                return (
+                    f"Slowed near a point with {curvature}; a step along the bottom eigenvector lowers the loss by "
+                    f"{-loss_change_along_bottom:.3g} ({progress}; {numbers})."
+                )
             return (
-                f"Near-critical point ({numbers}) with certified negative curvature: |lambda_min| is "
-                f"{100 * share:.3g}% of the spectral norm{escape}."
+                f"Slowed near a point with {curvature}, but a step along the bottom eigenvector raises the loss by "
+                f"{loss_change_along_bottom:.3g}: no escape direction at that scale, not a saddle flag ({progress}; {numbers})."
             )
+        if self.classification == "progressing":
+            return f"The run is making progress: {progress} ({numbers})."
         if self.classification == "not critical":
             return f"Not near a critical point: a gradient step would still remove a real share of the loss ({numbers})."
         if self.classification == "degenerate":
-            return f"Near-critical point with no curvature to speak of in any direction ({numbers})."
+            return f"Slowed near a point with no curvature to speak of in any direction ({numbers})."
         if lambda_min < 0 and not negative_certified:
             reason = "negative curvature is not certified beyond rounding"
         elif lambda_min < 0:
             reason = f"the negative curvature is small: |lambda_min| is {100 * share:.3g}% of the spectral norm"
         else:
             reason = "no negative curvature found"
-        return f"Near-critical point, not a saddle: {reason} ({numbers})."
+        return f"Slowed near a point that is not a saddle: {reason} ({numbers})."
 
     def state_dict(self) -> dict[str, Any]:
-        """Hysteresis, evidence and the latest classification (primitives)."""
-        return super().state_dict() | {"classification": self.classification}
+        """Hysteresis, evidence, the latest classification and the loss history (primitives)."""
+        return super().state_dict() | {"classification": self.classification, "losses": self.trend.state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; missing keys keep their defaults."""
         super().load_state_dict(state)
         self.classification = state.get("classification", "unknown")
+        self.trend.restore(state.get("losses", []))
+
+
+def _progress_in_words(evidence: Mapping[str, float], window: int) -> str:
+    """What the loss history says, e.g. 'the loss fell by 0.02% of the loss left over 50 steps'."""
+    if "loss_drop_over_window" not in evidence:
+        return "no loss history: judged by the quadratic model along the gradient"
+    drop = evidence["loss_drop_over_window"]
+    words = f"the loss {'fell' if drop >= 0 else 'rose'} by {100 * abs(drop):.2g}% of the loss left over the last {window} steps"
+    if "pace_ratio" in evidence:
+        words += f", {evidence['pace_ratio']:.2g}x its earlier pace"
+    return words

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,6 +57,7 @@ class StepStatistics:
     def __init__(
         self, model: nn.Module, *, track_updates: bool, grad_scaler: torch.amp.GradScaler | None, faults: FaultPolicy
     ) -> None:
+        self._model, self._track_updates = model, track_updates
         self.gradients = GradientStats(unwrap_model(model).named_parameters(), track_updates=track_updates)
         self.grad_scaler = grad_scaler
         self.overflow_skips = 0
@@ -71,8 +73,20 @@ class StepStatistics:
         """Record the gradients of `step` on the device (no host read)."""
         self.gradients.observe(step)
 
-    def add_loss(self, step: int, loss: torch.Tensor | float) -> None:
-        """Keep `step`'s loss as a 0-d float32 copy on its device (no host read)."""
+    def add_loss(self, step: int, loss: torch.Tensor | float | Mapping[str, Any]) -> None:
+        """Keep `step`'s loss as a 0-d float32 copy on its device (no host read): a scalar tensor, a
+        number, or a mapping whose ``"loss"`` entry is one (what a training step often returns).
+        Anything else is warned about once, naming these forms, and the step has no loss."""
+        if isinstance(loss, Mapping) and "loss" in loss:
+            loss = loss["loss"]
+        if isinstance(loss, (bool, Mapping)) or not isinstance(loss, (torch.Tensor, int, float)):
+            shown = f"a mapping with keys {sorted(map(str, loss))}" if isinstance(loss, Mapping) else type(loss).__name__
+            self._faults.warn_once(
+                "loss type",
+                f"hessdiag: `after_step`'s `loss` must be the step's scalar loss: a tensor, a float, or a mapping with "
+                f"a 'loss' entry; got {shown}. Those steps have no loss for the detectors.",
+            )
+            return
         if not isinstance(loss, torch.Tensor):
             value = torch.tensor(float(loss))
         elif loss.numel() == 1:
@@ -92,17 +106,23 @@ class StepStatistics:
         what was measured: no loss (``after_step(loss=None)``) or no gradients (no ``after_backward``)
         leave that field None, never a placeholder.
         """
+        replaced = self._follow_replaced_parameters()
         readout = self.gradients.read()
         losses = self._pending_losses()
         if readout is None:
-            return self._losses_only(losses)
-        if len(losses) < len(readout.steps):
+            return self._losses_only(losses, warn=not replaced)
+        if any(step not in losses for step in readout.steps):
             self._faults.warn_once(
                 "no loss",
-                "hessdiag: `after_step` was called without the step's `loss`; the exploding and plateau detectors "
-                "skip such steps. Pass `monitor.after_step(batch, loss)`.",
+                "hessdiag: some steps have no loss (`after_step` was called without the step's `loss`, or with one it "
+                "could not read); the exploding and plateau detectors skip such steps. Pass `monitor.after_step(batch, loss)`.",
             )
         records = [self._record(readout, index, losses.get(step), lambda_max) for index, step in enumerate(readout.steps)]
+        # A step with a loss but no gradient statistics (its backward skipped, e.g. on a NaN loss): a
+        # record of the loss alone, so that a non-finite loss is still judged.
+        with_gradients = set(readout.steps)
+        records += [StepRecord(step=step, loss=loss) for step, loss in losses.items() if step not in with_gradients]
+        records.sort(key=lambda record: record.step)
         values = {GRAD_NORM: readout.grad_norms[-1]}
         if losses:
             values[LOSS] = losses[max(losses)]
@@ -131,15 +151,33 @@ class StepStatistics:
             lambda_max=lambda_max,
         )
 
-    def _losses_only(self, losses: Mapping[int, float]) -> StepReadout | None:
+    def _follow_replaced_parameters(self) -> bool:
+        """Whether the model's parameters are no longer those the statistics hold (a layer replaced
+        after the Monitor was built): then the statistics follow the new ones from now on, with a
+        warning; the steps since the last read-back keep their losses but lose their gradient
+        statistics (measured on parameters that no longer train). Looked at once per read-back."""
+        current = list(unwrap_model(self._model).named_parameters())
+        held = self.gradients.params
+        if len(current) == len(held) and all(p is q for (_, p), q in zip(current, held)):
+            return False
+        self._faults.warn_once(
+            "parameters replaced",
+            "hessdiag: the model's parameters changed since the Monitor was built (a layer replaced or added?); "
+            "the gradient statistics now follow the new parameters, from the next step on.",
+        )
+        self.gradients = GradientStats(current, track_updates=self._track_updates)
+        return True
+
+    def _losses_only(self, losses: Mapping[int, float], warn: bool = True) -> StepReadout | None:
         """Steps with a loss but no gradient statistics: records of the loss alone."""
         if not losses:
             return None
-        self._faults.warn_once(
-            "no after_backward",
-            "hessdiag: `after_step` was called without `after_backward`: no gradient statistics, so only the loss "
-            "is logged and a non-finite loss flagged. Call `monitor.after_backward()` after `loss.backward()`.",
-        )
+        if warn:
+            self._faults.warn_once(
+                "no after_backward",
+                "hessdiag: `after_step` was called without `after_backward`: no gradient statistics, so only the "
+                "loss is logged and a non-finite loss flagged. Call `monitor.after_backward()` after `loss.backward()`.",
+            )
         step = max(losses)
         return StepReadout([StepRecord(step=s, loss=loss) for s, loss in losses.items()], step, {LOSS: losses[step]})
 
