@@ -13,6 +13,7 @@ from hessdiag.errors import (
     NonFiniteLossError,
     NonSmoothLossError,
     SecondDerivativeError,
+    UnrecordedGradientError,
 )
 from hessdiag.gradient_curvature import GradientCurvature, gradient_curvature, gradient_curvature_of
 from hessdiag.lanczos import LanczosResult, lanczos
@@ -68,4 +69,5 @@ __all__ = [
     "NonFiniteLossError",
     "NonSmoothLossError",
     "SecondDerivativeError",
+    "UnrecordedGradientError",
 ]

@@ -2,7 +2,8 @@
 
 A curvature estimate must see the loss the optimizer sees (train mode, the same batch
 statistics, dropout on) yet must not change the run it observes: BatchNorm running statistics,
-every other buffer, the module modes and the caller's RNG streams are put back bit-for-bit.
+every other buffer (the very tensor objects, also where ``forward`` reassigns one:
+``self.running = ...``), the module modes and the caller's RNG streams are put back bit-for-bit.
 Inside, autocast is off (bf16 HVPs are off by ~3e-2) and scaled-dot-product attention runs on
 the math backend, because the fused flash / memory-efficient kernels have no second derivative.
 """
@@ -56,11 +57,13 @@ def isolation(model: nn.Module, mode: ModelMode, device: torch.device) -> Iterat
     in place while the graph is alive would fail autograd's version check.
 
     Args:
-        model: the (unwrapped) model; its modes and buffers are restored on exit.
+        model: the (unwrapped) model; its modes and buffers (objects and values) are restored on exit.
         mode: ``"train"`` (the loss the optimizer sees), ``"eval"``, or ``"as_is"``.
         device: the parameters' device, whose generator is forked along with the CPU one.
     """
     modes = [(module, module.training) for module in model.modules()]
+    # The slots too: a forward that assigns a new tensor to a buffer leaves the old one untouched.
+    slots = [(module, dict(module._buffers)) for module in model.modules()]
     buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     cuda_devices = [device] if device.type == "cuda" else []
     try:
@@ -80,6 +83,9 @@ def isolation(model: nn.Module, mode: ModelMode, device: torch.device) -> Iterat
     finally:
         for module, training in modes:
             module.training = training
+        for module, saved_slots in slots:
+            module._buffers.clear()
+            module._buffers.update(saved_slots)
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
@@ -99,11 +105,10 @@ def preserved_state(model: nn.Module, hessian_params: Sequence[torch.Tensor]) ->
     """Undo what a loss closure did to the model's state during a check, bit for bit.
 
     A training step used as the check's loss may update state: an EMA teacher's parameters, a
-    step counter, a buffer it reassigns (``self.stat = new``) rather than updates in place. On exit
-    this puts back every parameter and buffer object (reassigned ones included, new ones dropped),
-    the values of the parameters outside `hessian_params` (within :data:`SNAPSHOT_BUDGET`), and every
-    module attribute of a primitive type (ints, floats, strings: counters, flags). Buffer values are
-    restored by :func:`isolation`.
+    step counter. On exit this puts back every parameter object (reassigned ones included, new ones
+    dropped), the values of the parameters outside `hessian_params` (within :data:`SNAPSHOT_BUDGET`),
+    and every module attribute of a primitive type (ints, floats, strings: counters, flags). Buffers
+    (objects and values, a reassigned ``self.stat = new`` included) are restored by :func:`isolation`.
 
     Raises:
         LossClosureError: on exit, if a parameter too large to copy was changed in place: that cannot
@@ -111,7 +116,7 @@ def preserved_state(model: nn.Module, hessian_params: Sequence[torch.Tensor]) ->
     """
     chosen = {id(p) for p in hessian_params}
     modules = list(model.modules())
-    slots = [(module, dict(module._parameters), dict(module._buffers)) for module in modules]
+    slots = [(module, dict(module._parameters)) for module in modules]
     attributes = [(module, {k: v for k, v in vars(module).items() if isinstance(v, _PRIMITIVES)}) for module in modules]
     others = [p for p in model.parameters() if id(p) not in chosen]
     copied = sum(p.numel() for p in others) <= SNAPSHOT_BUDGET * sum(p.numel() for p in hessian_params)
@@ -119,11 +124,9 @@ def preserved_state(model: nn.Module, hessian_params: Sequence[torch.Tensor]) ->
     try:
         yield
     finally:
-        for module, parameters, buffers in slots:
+        for module, parameters in slots:
             module._parameters.clear()
             module._parameters.update(parameters)
-            module._buffers.clear()
-            module._buffers.update(buffers)
         for module, values in attributes:
             vars(module).update(values)
         changed = [p for p, _, version in saved if p._version != version]

@@ -68,6 +68,9 @@ class CurvatureCheck:
         lambda_max, lambda_min: extreme Ritz values of the Hessian on the check batch.
         negative_curvature_certified: lambda_min <= lambda_min (the reported value) < 0 is proven.
         residual_max, residual_min: residual bounds of the two values.
+        error_bound_max, error_bound_min: their full error bounds (residual, product error and
+            rounding; finite differences: measured along each value's own Ritz vector): an
+            eigenvalue of the Hessian lies within each of its value.
         lambda_max_limit, lambda_min_limit: with probability at least 99% over the random part of the
             start, no eigenvalue lies above `lambda_max_limit` or below `lambda_min_limit` (the run's
             ``probable_limits``: how far a warm start that stopped early may be from the true ends).
@@ -114,6 +117,8 @@ class CurvatureCheck:
     negative_curvature_certified: bool
     residual_max: float
     residual_min: float
+    error_bound_max: float
+    error_bound_min: float
     lambda_max_limit: float
     lambda_min_limit: float
     converged: bool
@@ -267,6 +272,8 @@ class CurvatureProbe:
             negative_curvature_certified=result.negative_curvature_certified,
             residual_max=float(result.residuals["top"][0]),
             residual_min=float(result.residuals["bottom"][0]),
+            error_bound_max=float(result.error_bounds["top"][0]),
+            error_bound_min=float(result.error_bounds["bottom"][0]),
             lambda_max_limit=result.probable_limits["top"],
             lambda_min_limit=result.probable_limits["bottom"],
             converged=result.converged,

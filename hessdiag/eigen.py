@@ -3,10 +3,19 @@
 One Lanczos run over exact Hessian-vector products gives both ends of the spectrum. The gradient
 graph is built once per estimate and every product reuses it, so an estimate of m products costs
 one forward, one backward and m backward-of-backward passes.
+
+With finite-difference products the error of a product depends on its direction (four orders of
+magnitude apart on a transformer: large along residual-stream biases, small along a random vector),
+so the error measured on a random vector only steers the stopping rule. Each reported value is then
+re-measured along its own Ritz vector y (:meth:`~hessdiag.operator.HessianOperator.along`): the value
+is the Rayleigh quotient theta = y.R y of the extrapolated product R, its bound
+||R y - theta y|| + ||R y - H y|| (the second term measured as ||R(eps) y - R(2 eps) y||, about 15
+times R's truncation along y) plus rounding, and `converged` rests on these bounds.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,7 +26,8 @@ from torch import nn
 from hessdiag._isolation import ModelMode
 from hessdiag.layer_shares import layer_shares
 from hessdiag.lanczos import BasisStorage, LanczosResult, Which, lanczos
-from hessdiag.operator import HessianOperator, HVPMethod, LossFn
+from hessdiag.operator import HVP_METHODS, HessianOperator, HVPMethod, LossFn
+from hessdiag.vectors import dot
 
 
 @dataclass
@@ -27,17 +37,23 @@ class HessianEigenvalues:
     What is proven and what is probable (details in :mod:`hessdiag.lanczos.certificates`): each Ritz value has an
     eigenvalue of the Hessian within its error bound, rounding and product errors included; that
     this eigenvalue is the extreme one (no larger eigenvalue hides outside the Krylov space) is
-    probable only, set by the random part of the start vector. With finite-difference products the
-    product error entering the bounds is measured, an estimate and not a bound (see
-    :mod:`hessdiag.operator.finite_difference`), so there the bounds and `converged` hold as far as it does.
+    probable only, set by the random part of the start vector. With finite-difference products each
+    value and its bound are measured along the value's own Ritz vector (module docstring): the product
+    error there is an estimate (conservative: about 15 times the truncation it stands for), not a proof,
+    so the bounds and `converged` hold as far as it does. Without Ritz vectors (``basis="recurrence"``)
+    finite-difference values cannot be re-measured: `converged` and the negative-curvature
+    certificate are then False.
 
     Attributes:
         top: the k largest eigenvalue estimates (Ritz values), descending, float64 on the CPU.
         bottom: the k smallest, ascending (most negative first).
         error_bounds: ``{"top": ..., "bottom": ...}`` proven bounds, same shapes as `top` and
-            `bottom`: an eigenvalue of the Hessian lies within each of its Ritz value.
-        residuals: ``{"top": ..., "bottom": ...}`` the Lanczos residuals beta_m |s_m| alone (the
-            bounds without product errors and rounding).
+            `bottom`: an eigenvalue of the Hessian lies within each of its Ritz value. They include
+            the residual, the products' error (finite differences: measured along each Ritz vector)
+            and rounding.
+        residuals: ``{"top": ..., "bottom": ...}`` the residuals alone (the bounds without product
+            errors and rounding): beta_m |s_m| for exact products, ||R y - theta y|| for finite
+            differences.
         probable_limits: ``{"top": ..., "bottom": ...}``: with probability at least 99% over the
             random part of the start vector (``hessdiag.lanczos.MISS_PROBABILITY``), no eigenvalue of
             the Hessian lies above ``probable_limits["top"]`` or below ``probable_limits["bottom"]``: a
@@ -129,7 +145,7 @@ def hessian_eigenvalues(
     min_iter: int | None = None,
     v0: torch.Tensor | HessianEigenvalues | None = None,
     params: Iterable[torch.Tensor] | None = None,
-    mode: ModelMode = "train",
+    mode: ModelMode = "as_is",
     hvp_method: HVPMethod = "auto",
     warm_random: float = 0.3,
     seed: int = 0,
@@ -153,13 +169,15 @@ def hessian_eigenvalues(
         batch: passed to `loss_fn`.
         k: eigenvalues per end.
         which: the end(s) that must converge: "top", "bottom" or "both" (both are reported).
-        tol: relative accuracy: lambda_max relative to itself, lambda_min relative to the spectral
-            norm.
+        tol: relative accuracy, in (0, 1): lambda_max relative to itself, lambda_min relative to the
+            spectral norm.
         max_iter: most Hessian-vector products (default min(dim, 64)).
         min_iter: fewest products before stopping (default max(3, k + 1)).
         v0: warm start: a previous result, a vector (dim,) or a block (b, dim).
         params: parameters to take the Hessian over (default: all trainable ones).
-        mode: "train" (default, the loss the optimizer sees), "eval" or "as_is".
+        mode: "as_is" (default: each module keeps its mode, so a frozen backbone held in eval, e.g.
+            BatchNorm on running statistics, stays so: the loss the optimizer sees, as the callback
+            and the Monitor measure it), "train" (every module in train mode) or "eval".
         hvp_method: "auto" (default: double backward, cross-checked once against finite differences,
             which replace it where it fails or is incomplete), "double_backward",
             "forward_over_reverse" or "finite_difference" (see :mod:`hessdiag.operator`).
@@ -177,6 +195,9 @@ def hessian_eigenvalues(
         LossClosureError, NonFiniteLossError, SecondDerivativeError, NonSmoothLossError: see
             :mod:`hessdiag.errors`.
     """
+    if hvp_method not in HVP_METHODS:
+        raise ValueError(f"`hvp_method` must be one of {HVP_METHODS}, got {hvp_method!r}.")
+    _check_tol(tol)
     operator = HessianOperator(
         model, loss_fn, batch, params=params, mode=mode, method=hvp_method, seed=seed, batch_size=batch_size
     )
@@ -196,6 +217,63 @@ def hessian_eigenvalues(
         )
 
 
+def _check_tol(tol: object) -> None:
+    """`tol` must be a number in (0, 1): at 0 no bound could ever be met (the solver would spend
+    `max_iter` products and report ``converged=False``).
+
+    Raises:
+        ValueError: otherwise, naming `tol`.
+    """
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+        raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
+
+
+@dataclass(frozen=True)
+class _End:
+    """One end of the spectrum: values, residuals, bounds (float64, CPU) and whether it converged."""
+
+    values: torch.Tensor
+    residuals: torch.Tensor
+    bounds: torch.Tensor
+    converged: bool
+
+
+def _measured_along_ritz_vectors(
+    operator: HessianOperator, result: LanczosResult, which: Which, tol: float
+) -> tuple[dict[str, _End], bool]:
+    """Both ends re-measured along their Ritz vectors with finite-difference products (module
+    docstring), and the negative-curvature certificate from them: y.H y <= theta + error < 0 proves
+    lambda_min < 0. Without Ritz vectors nothing is re-measured and nothing is claimed."""
+    if result.top_vectors is None or result.bottom_vectors is None:
+        ends = {
+            "top": _End(result.top, result.top_residuals, result.top_error_bounds, False),
+            "bottom": _End(result.bottom, result.bottom_residuals, result.bottom_error_bounds, False),
+        }
+        return ends, False
+    eps = torch.finfo(torch.promote_types(operator.dtype, torch.float32)).eps
+    rounding_per_unit = (10 + math.log2(operator.dim)) * eps  # the arithmetic of theta and the residual
+    measured: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for end, vectors in (("top", result.top_vectors), ("bottom", result.bottom_vectors)):
+        values, residuals, errors = [], [], []
+        for y in vectors:
+            y = y / operator.norm(y)
+            along = operator.along(y)
+            theta = float(dot(y, along.product, operator.shard))
+            residual = operator.norm(along.product - theta * y)
+            values.append(theta)
+            residuals.append(residual)
+            errors.append(along.error + rounding_per_unit * operator.norm(along.product))
+        measured[end] = tuple(torch.tensor(x, dtype=torch.float64) for x in (values, residuals, errors))
+    scale = max(float(result.ritz_values.abs().max()), *(float(m[0].abs().max()) for m in measured.values()))
+    ends = {}
+    for end, (values, residuals, errors) in measured.items():
+        bounds = residuals + errors
+        reference = abs(float(values[0])) if end == "top" else scale
+        ends[end] = _End(values, residuals, bounds, bool((bounds <= tol * reference).all()))
+    values, _, errors = measured["bottom"]
+    return ends, bool(values[0] + errors[0] < 0)
+
+
 def eigenvalues_of(
     operator: HessianOperator,
     *,
@@ -212,6 +290,7 @@ def eigenvalues_of(
 ) -> HessianEigenvalues:
     """:func:`hessian_eigenvalues` on an open :class:`HessianOperator` (whose graph other
     estimates of the same check can reuse). Arguments as for :func:`hessian_eigenvalues`."""
+    _check_tol(tol)
     if isinstance(v0, HessianEigenvalues):
         v0 = v0.warm_start()
     if not isinstance(k, int) or not 1 <= k <= operator.dim:
@@ -238,17 +317,25 @@ def eigenvalues_of(
         matvec_error=lambda: operator.product_error,
         shard=operator.shard,
     )
+    ends = {
+        "top": _End(result.top, result.top_residuals, result.top_error_bounds, result.top_converged),
+        "bottom": _End(result.bottom, result.bottom_residuals, result.bottom_error_bounds, result.bottom_converged),
+    }
+    certified = result.negative_curvature_certified
+    if operator.method == "finite_difference":
+        ends, certified = _measured_along_ritz_vectors(operator, result, which, tol)
+    wanted = ("top", "bottom") if which == "both" else (which,)
     return HessianEigenvalues(
-        top=result.top,
-        bottom=result.bottom,
-        error_bounds={"top": result.top_error_bounds, "bottom": result.bottom_error_bounds},
-        residuals={"top": result.top_residuals, "bottom": result.bottom_residuals},
+        top=ends["top"].values,
+        bottom=ends["bottom"].values,
+        error_bounds={end: ends[end].bounds for end in ends},
+        residuals={end: ends[end].residuals for end in ends},
         probable_limits={"top": result.top_limit, "bottom": result.bottom_limit},
         num_hvps=operator.num_hvps - hvps_before,
-        converged=result.converged,
+        converged=all(ends[end].converged for end in wanted),
         top_vectors=result.top_vectors,
         bottom_vectors=result.bottom_vectors,
-        negative_curvature_certified=result.negative_curvature_certified,
+        negative_curvature_certified=certified,
         loss=operator.loss,
         grad_norm=grad_norm,
         lanczos=result,

@@ -44,6 +44,32 @@ class SecondDerivativeError(HessdiagError):
         )
 
 
+class UnrecordedGradientError(HessdiagError):
+    """``torch.autograd.grad`` returns no gradient for parameters that ``loss.backward()`` reaches.
+
+    Under ``checkpoint(..., use_reentrant=True)`` with inputs made to require grad (Hugging Face's
+    ``enable_input_require_grads()``, the usual recipe for adapters on a checkpointed base), the
+    checkpointed blocks' parameters are not in the graph ``autograd.grad`` walks: it returns None for
+    them (with ``allow_unused=True``) instead of raising, while training's ``backward()`` gives them
+    their gradients when the checkpoint recomputes its forward. None is then a method failure, not a
+    zero gradient, and exact products cannot be formed.
+
+    Attributes:
+        count: the number of parameter tensors concerned.
+    """
+
+    def __init__(self, count: int, method: str) -> None:
+        self.count = count
+        super().__init__(
+            f"torch.autograd.grad returns no gradient for {count} parameter tensor(s) that loss.backward() does reach "
+            f"(parameters inside checkpoint(..., use_reentrant=True) blocks: their graph is recorded only when "
+            f"backward() recomputes the block), so {method} Hessian-vector products cannot be formed (they would be "
+            "zero, not the curvature). Use `hvp_method='auto'` or 'finite_difference' (differences of the gradients "
+            "backward() computes), or checkpoint with use_reentrant=False (e.g. "
+            "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))."
+        )
+
+
 class NonSmoothLossError(HessdiagError):
     """Finite differences of the gradient disagree with themselves: the loss is not smooth.
 

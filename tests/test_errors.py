@@ -122,3 +122,22 @@ def test_once_differentiable_backward_warns():
     model, batch = small()
     with pytest.warns(HessdiagWarning, match="does not depend on the parameters"):
         hessian_eigenvalues(model, lambda m, b: Cube.apply(m(b[0])).mean(), batch, hvp_method="double_backward")
+
+
+@pytest.mark.parametrize("tol", [0, 0.0, -1e-3, 1.0, True])
+def test_tol_outside_0_1_is_an_error_naming_tol(tol):
+    model, batch = small()
+    with pytest.raises(ValueError, match="`tol` must be a number in"):
+        hessian_eigenvalues(model, mse, batch, tol=tol)
+
+
+def test_a_bad_hvp_method_names_hvp_method():
+    model, batch = small()
+    with pytest.raises(ValueError, match="`hvp_method` must be one of"):
+        hessian_eigenvalues(model, mse, batch, hvp_method="bogus")
+
+
+def test_inference_mode_is_named_as_the_cause():
+    model, batch = small()
+    with torch.inference_mode(), pytest.raises(LossClosureError, match=r"torch.inference_mode\(\)"):
+        hessian_eigenvalues(model, mse, batch)

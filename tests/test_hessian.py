@@ -137,9 +137,9 @@ def test_cnn_batchnorm_dropout_matches_dense_hessian_and_leaves_no_trace():
     buffers_before = {name: b.clone() for name, b in model.named_buffers()}
     torch.manual_seed(1234)
     rng_before = torch.get_rng_state()
-    model.eval()  # the estimate runs in train mode by default and must restore this
+    model.eval()  # the estimate runs in train mode as asked and must restore this
 
-    result = hessian_eigenvalues(model, cross_entropy, batch, k=2, tol=1e-10, max_iter=200)
+    result = hessian_eigenvalues(model, cross_entropy, batch, k=2, tol=1e-10, max_iter=200, mode="train")
 
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert not model.training and not model.bn.training
@@ -284,3 +284,63 @@ def test_tied_weights_are_one_parameter_for_every_product_method():
         assert abs(result.lambda_max - float(spectrum[-1])) <= accuracy * float(spectrum.abs().max()), method
         assert abs(result.lambda_min - float(spectrum[0])) <= accuracy * float(spectrum.abs().max()), method
         assert model.head.weight is model.embed.weight
+
+
+class ReassignedBuffer(nn.Module):
+    """A forward that replaces its buffer by a new tensor instead of updating it in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+        self.register_buffer("running", torch.zeros(2))
+
+    def forward(self, x):
+        y = self.linear(x)
+        self.running = 0.9 * self.running + y.detach().mean(0)
+        return y
+
+
+def test_a_buffer_the_forward_reassigns_is_put_back():
+    torch.manual_seed(0)
+    model = ReassignedBuffer()
+    before = model.running
+    hessian_eigenvalues(model, cross_entropy, (torch.randn(8, 3), torch.randint(0, 2, (8,))))
+    assert model.running is before and torch.equal(before, torch.zeros(2))
+
+
+def test_by_default_a_frozen_eval_mode_backbone_stays_in_eval_as_in_the_callback():
+    """The loss the optimizer sees: a BatchNorm backbone frozen in eval mode uses its running statistics."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh()).requires_grad_(False).eval()
+    with torch.no_grad():
+        backbone[1].running_mean.normal_(0, 1.0)
+        backbone[1].running_var.uniform_(0.5, 2.0)
+    model = nn.Sequential(backbone, nn.Linear(6, 3))
+    batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    exact = torch.linalg.eigvalsh(dense_hessian(model, cross_entropy, batch, mode="eval"))
+    result = hessian_eigenvalues(model, cross_entropy, batch, tol=1e-6, max_iter=exact.numel())
+    assert result.lambda_max == pytest.approx(float(exact[-1]), rel=1e-4)
+    assert not backbone.training and model[1].training
+
+
+def test_the_error_bounds_include_product_error_and_rounding():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    for method in ("double_backward", "finite_difference"):
+        result = hessian_eigenvalues(model, cross_entropy, batch, hvp_method=method)
+        for end in ("top", "bottom"):
+            assert (result.error_bounds[end] > result.residuals[end]).all()
+
+
+def test_a_curvature_check_carries_the_full_error_bounds():
+    from hessdiag.curvature import CurvatureProbe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    check = CurvatureProbe(model, cross_entropy, hvp_method="finite_difference").run(1, batch)
+    result = hessian_eigenvalues(model, cross_entropy, batch, hvp_method="finite_difference")
+    assert check.error_bound_max == pytest.approx(float(result.error_bounds["top"][0]), rel=1e-6)
+    assert check.error_bound_min == pytest.approx(float(result.error_bounds["bottom"][0]), rel=1e-6)
+    assert check.error_bound_max > check.residual_max

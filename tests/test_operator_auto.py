@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessdiag import NonSmoothLossError, SecondDerivativeError
+from hessdiag import NonSmoothLossError, SecondDerivativeError, hessian_eigenvalues
 from hessdiag.operator import (
     LOW_PRECISION_ROUNDING,
     NON_SMOOTH_DISAGREEMENT,
@@ -29,8 +29,8 @@ def unit(seed: int) -> torch.Tensor:
 
 
 def measured_on(fine, coarse):
-    """What D(eps) = `fine` and D(2 eps) = `coarse` on one unit vector show."""
-    return Measurement.of(fine, coarse, eps=1e-3)
+    """What D(eps) = `fine`, D(2 eps) = `coarse` and D(4 eps) continuing their trend show."""
+    return Measurement.of(fine, coarse, 2 * coarse - fine, eps=1e-3)
 
 
 def test_auto_takes_double_backward_when_finite_differences_agree():
@@ -120,3 +120,20 @@ def test_low_precision_products_add_their_rounding_to_what_is_set():
         first = operator.product_error
         operator.matvec(vector)  # the same product: no larger ||H v||, nothing added
         assert operator.product_error == first
+
+
+@pytest.mark.parametrize("exact_scale", [0.0, 1.0])
+def test_a_zero_product_divides_nothing(exact_scale):
+    """A Hessian that is zero along the probe (a loss linear in the parameters, or gradients that
+    vanished): no ZeroDivisionError, and double backward is kept only where it agrees."""
+    probe, zero = unit(1), torch.zeros(DIM, dtype=torch.float64)
+    measured = measured_on(zero, zero)
+    choice = choose_method(measured, probe, zero, lambda v: exact_scale * symmetric(0) @ v, lambda: unit(4))
+    assert choice.method == ("double_backward" if exact_scale == 0 else "finite_difference")
+
+
+def test_a_loss_linear_in_the_parameters_has_a_zero_spectrum_under_auto():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    result = hessian_eigenvalues(model, lambda m, x: m(x).sum(), torch.randn(4, 3))
+    assert result.lambda_max == result.lambda_min == 0.0

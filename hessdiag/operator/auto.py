@@ -10,12 +10,13 @@ check anything: double backward is kept if it is at least symmetric on two rando
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from hessdiag.errors import NonSmoothLossError, SecondDerivativeError, is_missing_second_derivative
+from hessdiag.errors import HessdiagError, NonSmoothLossError, SecondDerivativeError, UnrecordedGradientError, is_missing_second_derivative
 from hessdiag.operator.finite_difference import NON_SMOOTH_DISAGREEMENT, Measurement
 
 
@@ -54,17 +55,19 @@ def choose_method(
     exact_product: Callable[[torch.Tensor], torch.Tensor],
     second_probe: Callable[[], torch.Tensor],
     *,
-    build_failure: SecondDerivativeError | None = None,
+    build_failure: HessdiagError | None = None,
 ) -> MethodChoice:
     """What ``"auto"`` takes on an unsharded model.
 
     Args:
         measured: finite differences at two step sizes on `probe` (global products).
-        probe: the random unit vector; `fine` its central difference D(eps) (global).
+        probe: the random unit vector; `fine` its extrapolated finite-difference product (global).
         exact_product: the double-backward product of a flat vector (global); not called when
             `build_failure` says the gradient graph could not be built.
         second_probe: a second random unit vector, for the symmetry check on a non-smooth loss.
-        build_failure: why building the gradient graph failed, if it did.
+        build_failure: why building the gradient graph failed, if it did (a
+            :class:`~hessdiag.errors.SecondDerivativeError` or an
+            :class:`~hessdiag.errors.UnrecordedGradientError`).
 
     Raises:
         NonSmoothLossError: no method works (finite differences needed on a loss that is not smooth,
@@ -79,7 +82,13 @@ def choose_method(
             if not is_missing_second_derivative(error):
                 raise
             failure = SecondDerivativeError(error, "double_backward")
-    if failure is not None:
+    if isinstance(failure, UnrecordedGradientError):
+        reason = (
+            f"torch.autograd.grad returns no gradient for {failure.count} parameter tensor(s) that backward() reaches "
+            "(reentrant checkpointing)"
+        )
+        return finite_differences(measured, reason, sharded=False)
+    if isinstance(failure, SecondDerivativeError):
         reason = f"double backward failed: {failure.op or 'an op of the loss'} cannot be differentiated twice"
         return finite_differences(measured, reason, sharded=False)
     assert exact is not None
@@ -92,11 +101,13 @@ def choose_method(
     size = float(torch.linalg.vector_norm(fine))
     # Within the finite differences' own error (x4: it is an estimate) or their rounding floor.
     tolerance = 4 * measured.error + torch.finfo(fine.dtype).eps ** 0.5 * size
+    # Relative to the product's size; a zero product (a Hessian that is zero along the probe) divides nothing.
+    relative = disagreement / size if size > 0 else (0.0 if disagreement == 0 else math.inf)
     if disagreement <= tolerance:
-        return MethodChoice("double_backward", f"double backward agrees with finite differences ({disagreement / size:.1e} of a product)", 0.0)
+        return MethodChoice("double_backward", f"double backward agrees with finite differences ({relative:.1e} of a product)", 0.0)
     return finite_differences(
         measured,
-        f"double backward is incomplete: it differs from finite differences by {disagreement / size:.2g} of a "
+        f"double backward is incomplete: it differs from finite differences by {relative:.2g} of a "
         "product (a backward that is not differentiable, e.g. @once_differentiable or .detach() inside it)",
         sharded=False,
     )

@@ -36,10 +36,10 @@ from torch import nn
 
 from hessdiag import _distributed, _sharded
 from hessdiag._isolation import MODEL_MODES, ModelMode, isolation, unwrap_model
-from hessdiag.errors import SecondDerivativeError, is_missing_second_derivative
+from hessdiag.errors import HessdiagError, SecondDerivativeError, UnrecordedGradientError, is_missing_second_derivative
 from hessdiag.operator.auto import choose_method, finite_differences
 from hessdiag.operator.double_backward import DoubleBackward
-from hessdiag.operator.finite_difference import CentralDifference, Measurement
+from hessdiag.operator.finite_difference import AlongVector, CentralDifference, Measurement, Richardson, extrapolate
 from hessdiag.operator.forward_over_reverse import ForwardOverReverse
 from hessdiag.operator.loss import BatchLoss, LossFn, enabled_attention_backends
 from hessdiag.operator.space import ParameterSpace, refuse_coarse_compute
@@ -66,8 +66,10 @@ class HessianOperator:
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the training loss on `batch`.
         batch: whatever `loss_fn` takes.
         params: parameters to differentiate (default: all with ``requires_grad``).
-        mode: ``"train"`` (default: dropout on, BatchNorm on batch statistics, as the optimizer
-            sees it), ``"eval"``, or ``"as_is"`` (keep each module's current mode).
+        mode: ``"as_is"`` (default: each module keeps its current mode, so the loss is the one the
+            optimizer sees, frozen eval-mode parts included, as the callback and the Monitor take
+            it), ``"train"`` (every module in train mode: dropout on, BatchNorm on batch statistics)
+            or ``"eval"``.
         method: ``"auto"`` (default), ``"double_backward"``, ``"forward_over_reverse"`` or
             ``"finite_difference"`` (see the module docstring).
         seed: seeds dropout inside the estimate, so every product uses the same masks.
@@ -94,8 +96,10 @@ class HessianOperator:
             Lanczos adds to its bounds; it reads back what is set. 0 for the exact methods (a bound,
             given their preconditions hold; ``"auto"`` checks them on one vector). For finite
             differences an *estimate*, not a bound: ||D(eps) - D(2 eps)|| measured on one random unit
-            vector (see :class:`~hessdiag.operator.finite_difference.Measurement`); products along
-            directions of larger third derivative can be worse. For parameters in a dtype coarser than
+            vector (see :class:`~hessdiag.operator.finite_difference.Measurement`) of the
+            extrapolated products R(eps) the solver uses; products along directions of larger third
+            derivative can be worse, so the values reported are re-measured along their own vectors
+            (:meth:`along`). For parameters in a dtype coarser than
             float32 (a bfloat16 or float16 model) each product adds to it the growth of its own
             rounding: ``LOW_PRECISION_ROUNDING`` eps of that dtype times the largest ||H v|| seen (a
             lower bound of ||H||, as Lanczos' own rounding model uses max |theta|), so the bounds stay
@@ -109,7 +113,7 @@ class HessianOperator:
         batch: Any,
         *,
         params: Iterable[torch.Tensor] | None = None,
-        mode: ModelMode = "train",
+        mode: ModelMode = "as_is",
         method: HVPMethod = "auto",
         seed: int = 0,
         batch_size: int | None = None,
@@ -141,7 +145,7 @@ class HessianOperator:
         self._batch_size = batch_size
         self._stack: contextlib.ExitStack | None = None
         self._loss: BatchLoss | None = None
-        self._products: DoubleBackward | ForwardOverReverse | CentralDifference | None = None
+        self._products: DoubleBackward | ForwardOverReverse | Richardson | None = None
         self._central: CentralDifference | None = None
 
     # -- lifetime -------------------------------------------------------------------------
@@ -182,14 +186,14 @@ class HessianOperator:
         if probe is not None:
             self._settle_method(*probe)
 
-    def _build(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SecondDerivativeError | None] | None:
+    def _build(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], HessdiagError | None] | None:
         """This rank's part of entering: everything that needs no collective.
 
         Exact methods: forward once and keep the gradient graph for all products. Finite
-        differences and "auto": the two central differences on the probe vector (they move the
+        differences and "auto": the three central differences on the probe vector (they move the
         parameters in place, so they come before any graph that saved them), then the gradient:
         with its graph for "auto", which tries double backward first. Returns, for those, the probe
-        vector, its local D(eps) and D(2 eps), and why the graph could not be built (if so).
+        vector, its local D(eps), D(2 eps), D(4 eps), and why the graph could not be built (if so).
         """
         loss = self._loss
         assert loss is not None
@@ -211,26 +215,24 @@ class HessianOperator:
         self._central = CentralDifference(self.space.local_params, loss.gradient_without_graph, shard=self.shard)
         probe = self.space.random_unit_vector(self.seed)
         pieces = self.space.split(probe)
-        fine, coarse = self._central.product(pieces), self._central.product(pieces, 2 * self._central.eps)
+        steps = tuple(self._central.product(pieces, scale * self._central.eps) for scale in (1, 2, 4))
         if graph_free:
-            return probe, fine, coarse, None
+            return probe, steps, None
         # "auto": the finite differences moved the parameters in place, so the graph comes after them.
         try:
             loss.build_graph(loss.checked(), "double_backward")
-        except SecondDerivativeError as error:
+        except (SecondDerivativeError, UnrecordedGradientError) as error:
             loss.build_without_graph(loss.checked())  # the failed double backward may have freed part of the graph
-            return probe, fine, coarse, error
-        return probe, fine, coarse, None
+            return probe, steps, error
+        return probe, steps, None
 
-    def _settle_method(
-        self, probe: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor, failure: SecondDerivativeError | None
-    ) -> None:
+    def _settle_method(self, probe: torch.Tensor, steps: tuple[torch.Tensor, ...], failure: HessdiagError | None) -> None:
         """Measure finite differences on the probe vector and, for "auto", choose the method; set
         `method`, `method_reason` and `product_error`. Runs on every rank on global (all-reduced)
         products, so all ranks decide alike."""
         assert self._loss is not None and self._central is not None
-        fine, coarse = self.space.finish(fine), self.space.finish(coarse)
-        measured = Measurement.of(fine, coarse, self._central.eps, self.shard)
+        fine, coarse, coarsest = (self.space.finish(product) for product in steps)
+        measured = Measurement.of(fine, coarse, coarsest, self._central.eps, self.shard)
         if self.requested_method == "finite_difference":
             choice = finite_differences(measured, "asked for", sharded=self.shard is not None)
         elif self.shard is not None:
@@ -239,13 +241,13 @@ class HessianOperator:
         else:
             exact = DoubleBackward(self._loss.grads, self.space)
             choice = choose_method(
-                measured, probe, fine, lambda v: self.space.finish(exact.product(self.space.split(v))),
+                measured, probe, extrapolate(fine, coarse), lambda v: self.space.finish(exact.product(self.space.split(v))),
                 lambda: self.space.random_unit_vector(self.seed + 1), build_failure=failure,
             )  # fmt: skip
         self.method, self.method_reason, self.product_error = choice.method, choice.reason, choice.error  # type: ignore[assignment]
         if choice.method == "finite_difference":
             self._loss.drop_graph()
-            self._products = self._central
+            self._products = Richardson(self._central)
         else:
             self._products, self._central = DoubleBackward(self._loss.grads, self.space), None
             self._loss.warn_constant_gradients()
@@ -286,6 +288,22 @@ class HessianOperator:
         if self._rounding_eps:  # one norm per product, for low-precision models only
             self._add_rounding(vector, product)
         return product
+
+    def along(self, vector: torch.Tensor) -> AlongVector:
+        """The finite-difference product of a flat `vector` (unit, shape ``(size,)``) with its error
+        measured along that vector itself (:meth:`~hessdiag.operator.finite_difference.Richardson.along`):
+        what a value computed from `vector` can be bounded by. Three central differences.
+
+        Raises:
+            RuntimeError: the products are not finite differences (exact products need no such check).
+        """
+        self._open()
+        if not isinstance(self._products, Richardson):
+            raise RuntimeError(f"`along` measures finite-difference products; this operator uses {self.method}.")
+        pieces = self.space.split(vector.to(device=self.device, dtype=self.dtype))
+        measured = self._products.along(pieces, self.space.finish)
+        self.num_hvps += 2  # six gradients: one and a half extrapolated products, counted as two
+        return measured
 
     def _add_rounding(self, vector: torch.Tensor, product: torch.Tensor) -> None:
         """Raise `product_error` by the growth of the products' modelled rounding (class docstring)."""

@@ -28,6 +28,7 @@ from hessdiag.errors import (
     LossClosureError,
     NonFiniteLossError,
     SecondDerivativeError,
+    UnrecordedGradientError,
     is_missing_second_derivative,
     refuses_autograd_grad,
 )
@@ -125,6 +126,10 @@ class BatchLoss:
         # Reentrant checkpointing and FSDP2 (whose autograd.grad returns None for sharded
         # parameters): gradients by loss.backward() only.
         self.plain_backward = space.shard is not None
+        #: Parameters whose autograd.grad is None though backward() reaches them (reentrant
+        #: checkpointing on inputs made to require grad); compared once, at the first None.
+        self.unrecorded = 0
+        self._compared = False
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self) -> torch.Tensor:
@@ -154,6 +159,12 @@ class BatchLoss:
         """:meth:`evaluate`, refusing a loss without graph or a non-finite one (on any rank of a
         sharded model: decided together)."""
         loss = self.evaluate()
+        if not loss.requires_grad and torch.is_inference_mode_enabled():
+            raise LossClosureError(
+                "The loss was computed under torch.inference_mode(), which records no graph (torch.enable_grad() "
+                "cannot lift it): run the curvature check outside inference mode (for a check from validation or "
+                "prediction in Lightning, `Trainer(inference_mode=False)`)."
+            )
         if not loss.requires_grad:
             raise LossClosureError(
                 "The loss does not depend on the chosen parameters: was it computed under torch.no_grad(), or "
@@ -174,6 +185,7 @@ class BatchLoss:
 
         Raises:
             SecondDerivativeError: an op of the loss cannot be differentiated twice.
+            UnrecordedGradientError: autograd.grad returns None for parameters backward() reaches.
         """
         create_graph = method == "double_backward"
         try:
@@ -182,6 +194,9 @@ class BatchLoss:
             if is_missing_second_derivative(error):
                 raise SecondDerivativeError(error, method) from error
             raise
+        self._compare_with_backward(grads)
+        if self.unrecorded:
+            raise UnrecordedGradientError(self.unrecorded, method)
         self.value = loss.detach()
         self.grads = grads if create_graph else tuple(None if g is None else g.detach() for g in grads)
 
@@ -212,14 +227,33 @@ class BatchLoss:
                     )
             if not self.plain_backward:
                 try:
-                    return self.space.flatten(torch.autograd.grad(loss, self.space.params, allow_unused=True))
+                    grads = torch.autograd.grad(loss, self.space.params, allow_unused=True)
                 except RuntimeError as error:
                     if not refuses_autograd_grad(error):
                         raise
                     self.plain_backward = True
                     loss = self.evaluate()  # the refused backward freed part of the graph
+                else:
+                    backward = self._compare_with_backward(grads)
+                    if backward is None:
+                        return self.space.flatten(grads)
+                    self.plain_backward = True
+                    return self.space.flatten(backward)
             every_parameter = list(self.model.parameters())
             return self.space.flatten(gradient_by_backward(loss, self.space.params, every_parameter))
+
+    def _compare_with_backward(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None] | None:
+        """Whether a None in `grads` (from ``autograd.grad``) is a zero gradient or a graph never
+        recorded: compared once with what training's ``loss.backward()`` gives (one more forward and
+        backward, only when some entry is None). Sets `unrecorded`; returns backward()'s gradient
+        when it reaches a parameter autograd.grad left None, else None."""
+        missing = [i for i, g in enumerate(grads) if g is None]
+        if not missing or self._compared:
+            return None
+        self._compared = True
+        backward = gradient_by_backward(self.evaluate(), self.space.params, list(self.model.parameters()))
+        self.unrecorded = sum(backward[i] is not None for i in missing)
+        return backward if self.unrecorded else None
 
     def check_repeats(self) -> None:
         """Two gradients at the same parameters must agree. On FSDP2 they do not when the loss
