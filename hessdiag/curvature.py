@@ -69,6 +69,8 @@ class CurvatureCheck:
             finite differences an estimate measured on one random vector, see
             :class:`~hessdiag.HessianOperator`).
         batch_size: samples in the check batch.
+        tol: the tolerance `converged` was tested against: the one asked for, or the precision floor
+            of a bfloat16/float16 model when that is larger (see :func:`~hessdiag.hessian_eigenvalues`).
     """
 
     step: int
@@ -92,6 +94,7 @@ class CurvatureCheck:
     hvp_method: str
     hvp_method_reason: str
     product_error: float
+    tol: float
     density: SpectralDensity | None = None
 
     @property
@@ -224,6 +227,7 @@ class CurvatureProbe:
             hvp_method=operator.method,
             hvp_method_reason=method_reason,
             product_error=operator.product_error,
+            tol=result.tol,
             density=density,
         )
 

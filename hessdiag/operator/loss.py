@@ -23,7 +23,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from hessdiag import _sharded
 from hessdiag._isolation import seed_rng
 from hessdiag.errors import (
-    HessdiagError,
     HessdiagWarning,
     LossClosureError,
     NonFiniteLossError,
@@ -125,6 +124,9 @@ class BatchLoss:
         # Reentrant checkpointing and FSDP2 (whose autograd.grad returns None for sharded
         # parameters): gradients by loss.backward() only.
         self.plain_backward = space.shard is not None
+        # The parameter objects whose `.grad` a plain backward writes, as they are before a forward
+        # (see `evaluate`).
+        self.before_forward: list[torch.Tensor] = list(model.parameters())
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self) -> torch.Tensor:
@@ -135,6 +137,11 @@ class BatchLoss:
         """
         if self.space.shard is not None:
             _sharded.reshard(self.model)  # so that the forward gathers the shards as they are now
+        # After the forward an FSDP2 group that keeps its gathered parameters (the root's, or any with
+        # reshard_after_forward=False) has them registered on its modules in place of the sharded
+        # ones, while its reduce-scatter accumulates into the sharded parameters' `.grad`: those are
+        # the ones a plain backward must swap out.
+        self.before_forward = list(self.model.parameters())
         seed_rng(self.seed, self.space.device)
         try:
             loss = self.loss_fn(self.model, self.batch)
@@ -218,27 +225,7 @@ class BatchLoss:
                         raise
                     self.plain_backward = True
                     loss = self.evaluate()  # the refused backward freed part of the graph
-            every_parameter = list(self.model.parameters())
-            return self.space.flatten(gradient_by_backward(loss, self.space.params, every_parameter))
-
-    def check_repeats(self) -> None:
-        """Two gradients at the same parameters must agree. On FSDP2 they do not when the loss
-        closure bypasses the root module's forward (e.g. Lightning's ``training_step`` calling
-        ``self.net(x)``): each submodule then acts as a root and part of the gradient reduction lands
-        after the backward returns (measured: 5-15% of the gradient, CPU/gloo, torch 2.14).
-        Costs one gradient; all ranks decide alike (the difference is summed over them)."""
-        shard = self.space.shard
-        first = self.space.flatten([None if g is None else g.detach() for g in self.grads])
-        difference = float(vector_norm(self.gradient_without_graph() - first, shard))
-        size = float(vector_norm(first, shard))
-        if difference > torch.finfo(self.space.dtype).eps ** 0.5 * size:
-            raise HessdiagError(
-                f"FSDP2: two gradients at the same parameters differ by {difference / max(size, 1e-30):.2g} of their "
-                "size, so no Hessian-vector product can be formed. The loss closure must call the root module "
-                "(the one `fully_shard` was applied to last) through its forward, `model(...)`, not a submodule: FSDP2 "
-                "finishes the gradient reduction only then. In Lightning, define `forward` and call `self(...)` in "
-                "`training_step` (or pass `loss_fn=` that does)."
-            )
+            return self.space.flatten(gradient_by_backward(loss, self.space.params, self.before_forward))
 
     def warn_constant_gradients(self) -> None:
         """A gradient with no graph is constant in the parameters: its Hessian rows are zero. That
