@@ -51,6 +51,12 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_from_first_(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: rank 0's values on every rank; returns `tensor`."""
+    dist.broadcast(tensor, src=0)
+    return tensor
+
+
 def all_reduce_min_(tensor: torch.Tensor) -> torch.Tensor:
     """In-place MIN all-reduce (e.g. "did every rank succeed?"); returns `tensor`."""
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)

@@ -109,6 +109,8 @@ class CurvatureCheck:
             mean eigenvalue; None elsewhere or when that mean is <= 0.
         skipped: ``{quantity: why}`` for each of the above that was not measured for a reason a user
             should hear (a batch too small for the noise scale's parts, a sharded model, ...).
+        tol: the tolerance `converged` was tested against: the one asked for, or the precision floor
+            of a bfloat16/float16 model when that is larger (see :func:`~hessdiag.hessian_eigenvalues`).
     """
 
     step: int
@@ -134,6 +136,7 @@ class CurvatureCheck:
     hvp_method: str
     hvp_method_reason: str
     product_error: float
+    tol: float
     density: SpectralDensity | None = None
     top_shares: Shares = ()
     bottom_shares: Shares = ()
@@ -289,6 +292,7 @@ class CurvatureProbe:
             hvp_method=operator.method,
             hvp_method_reason=self._method_reason(step, operator, reuse),
             product_error=operator.product_error,
+            tol=result.tol,
             density=density,
             top_shares=top_shares,
             bottom_shares=bottom_shares,

@@ -16,6 +16,7 @@ times R's truncation along y) plus rounding, and `converged` rests on these boun
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from hessdiag._isolation import ModelMode
+from hessdiag.errors import HessdiagWarning
 from hessdiag.layer_shares import layer_shares
 from hessdiag.lanczos import BasisStorage, LanczosResult, Which, lanczos
 from hessdiag.operator import HVP_METHODS, HessianOperator, HVPMethod, LossFn
@@ -63,6 +65,9 @@ class HessianEigenvalues:
         num_hvps: Hessian-vector products spent.
         converged: every requested error bound is within `tol` (lambda_max relative to itself,
             lambda_min relative to the spectral norm).
+        tol: the tolerance `converged` was tested against: the one asked for, or, for a bfloat16 or
+            float16 model, the precision floor its bounds can reach when that is larger
+            (``HessianOperator.precision_floor``).
         top_vectors, bottom_vectors: unit Ritz vectors, shape (k, dim), flat over the parameters in
             order; pass the result itself (or a block of vectors) as the next `v0`. ``None`` when the
             basis did not fit in memory (recurrence mode). On an FSDP2-sharded model, this rank's
@@ -91,6 +96,7 @@ class HessianEigenvalues:
     loss: float
     grad_norm: float
     lanczos: LanczosResult
+    tol: float
     model: nn.Module | None = field(default=None, repr=False)
     params: list[torch.Tensor] | None = field(default=None, repr=False)
 
@@ -170,7 +176,8 @@ def hessian_eigenvalues(
         k: eigenvalues per end.
         which: the end(s) that must converge: "top", "bottom" or "both" (both are reported).
         tol: relative accuracy, in (0, 1): lambda_max relative to itself, lambda_min relative to the
-            spectral norm.
+            spectral norm. For a bfloat16 or float16 model, raised to the precision floor its bounds
+            can reach (8 eps of the dtype: 0.0625 for bfloat16, 0.0078 for float16), with a warning.
         max_iter: most Hessian-vector products (default min(dim, 64)).
         min_iter: fewest products before stopping (default max(3, k + 1)).
         v0: warm start: a previous result, a vector (dim,) or a block (b, dim).
@@ -202,7 +209,7 @@ def hessian_eigenvalues(
         model, loss_fn, batch, params=params, mode=mode, method=hvp_method, seed=seed, batch_size=batch_size
     )
     with operator:
-        return eigenvalues_of(
+        result = eigenvalues_of(
             operator,
             k=k,
             which=which,
@@ -215,6 +222,15 @@ def hessian_eigenvalues(
             basis=basis,
             memory_budget=memory_budget,
         )
+    if result.tol > tol:
+        warnings.warn(
+            f"`tol`={tol:g} is below what the bounds of this {operator.dtype} model can prove (its products carry "
+            f"the dtype's rounding): raised to {result.tol:.3g}. Keep float32 parameters (e.g. under autocast) "
+            "for a tighter tolerance.",
+            HessdiagWarning,
+            stacklevel=2,
+        )
+    return result
 
 
 def _check_tol(tol: object) -> None:
@@ -289,7 +305,8 @@ def eigenvalues_of(
     memory_budget: int | None = None,
 ) -> HessianEigenvalues:
     """:func:`hessian_eigenvalues` on an open :class:`HessianOperator` (whose graph other
-    estimates of the same check can reuse). Arguments as for :func:`hessian_eigenvalues`."""
+    estimates of the same check can reuse). Arguments as for :func:`hessian_eigenvalues`; `tol` is
+    raised to ``operator.precision_floor`` silently (the result's `tol` says so)."""
     _check_tol(tol)
     if isinstance(v0, HessianEigenvalues):
         v0 = v0.warm_start()
@@ -298,6 +315,7 @@ def eigenvalues_of(
     if v0 is not None and v0.numel() % operator.size != 0:
         raise ValueError(f"`v0` must have shape ({operator.size},) or (b, {operator.size}), got {tuple(v0.shape)}.")
     hvps_before = operator.num_hvps
+    tol = max(tol, operator.precision_floor)
     grad_norm = operator.norm(operator.gradient())
     result = lanczos(
         operator.matvec,
@@ -339,6 +357,7 @@ def eigenvalues_of(
         loss=operator.loss,
         grad_norm=grad_norm,
         lanczos=result,
+        tol=tol,
         model=operator.model,
         params=list(operator.params),
     )

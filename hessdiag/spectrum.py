@@ -116,7 +116,7 @@ def slq_density(
     size = dim if shard is None else shard.size
     nodes, weights = [], []
     for _ in range(num_probes):  # one probe at a time: the probes of a large model need not all fit
-        probe = random_signs(size, generator, torch.device(device), dtype)
+        probe = random_signs(size, generator, torch.device(device), dtype, shard)
         run = lanczos(
             matvec, dim, k=1, tol=0.0, max_iter=num_iter, v0=probe, warm_random=0.0, device=device, dtype=dtype,
             shard=shard,

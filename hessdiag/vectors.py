@@ -56,28 +56,38 @@ def dot(a: torch.Tensor, b: torch.Tensor, shard: VectorShard | None = None) -> f
 
 
 def random_generator(seed: int, shard: VectorShard | None = None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator for random vectors, seeded by `seed`, and with a shard by (seed, rank) so that
-    each process draws its own coordinates (the hash of a tuple of ints is fixed).
+    """A generator for random vectors on `device`, seeded by `seed`, and with a shard by (seed, rank)
+    so that each process draws its own coordinates (the hash of a tuple of ints is fixed).
 
     It lives on `device`, so that a vector of millions of coordinates is drawn where it is used (a
     host draw costs, on this project's 2-core CPU, 0.26 s for 11 M float64 coordinates, then a copy to
-    the GPU; a cold check draws three). Except where several processes must draw the *same* vector
-    (a data-parallel process group, vectors not sharded): there it lives on the CPU, whose float64
-    draws (scalar code, no CPU-specific vector kernel) agree wherever the same torch runs, while a
-    CUDA generator's stream may depend on the GPU model (its launch grid follows the SM count).
+    the GPU; a cold check draws three). Where several processes must hold the *same* vector (a
+    data-parallel process group, vectors not sharded), a CUDA generator's stream may depend on the
+    GPU model (its launch grid follows the SM count), so the draws take rank 0's numbers
+    (:func:`agreed_draw`).
     """
-    device = torch.device(device)
+    return torch.Generator(device=torch.device(device)).manual_seed(seed if shard is None else hash((seed, shard.index)) % 2**63)
+
+
+def agreed_draw(draw: torch.Tensor, shard: VectorShard | None) -> torch.Tensor:
+    """`draw` as every process must hold it: rank 0's numbers under data parallelism with unsharded
+    vectors (one broadcast, on the device), this process's own with a `shard` or alone."""
     if shard is None and _distributed.is_data_parallel():
-        device = torch.device("cpu")
-    return torch.Generator(device=device).manual_seed(seed if shard is None else hash((seed, shard.index)) % 2**63)
+        _distributed.broadcast_from_first_(draw)
+    return draw
 
 
-def gaussian(size: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """`size` i.i.d. standard normal numbers from `generator`, on `device` in `dtype`: drawn on the
-    generator's device; on the host in float64 (see `random_generator`), in chunks."""
+def gaussian(
+    size: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype, shard: VectorShard | None = None
+) -> torch.Tensor:
+    """`size` i.i.d. standard normal numbers from `generator`, on `device` in `dtype`, the same on
+    every process where they must be (:func:`agreed_draw`): drawn on the generator's device; a host
+    generator draws float64, in chunks (:func:`in_host_chunks`)."""
     if generator.device.type != "cpu":
-        return torch.randn(size, generator=generator, device=generator.device, dtype=dtype).to(device)
-    return in_host_chunks(size, device, dtype, lambda n: torch.randn(n, generator=generator, dtype=torch.float64))
+        noise = torch.randn(size, generator=generator, device=generator.device, dtype=dtype).to(device)
+    else:
+        noise = in_host_chunks(size, device, dtype, lambda n: torch.randn(n, generator=generator, dtype=torch.float64))
+    return agreed_draw(noise, shard)
 
 
 def random_unit_vector(
@@ -85,25 +95,30 @@ def random_unit_vector(
 ) -> torch.Tensor:
     """A uniformly random unit vector (a normalised Gaussian one); with a `shard`, this process's
     piece (`size` coordinates) of one."""
-    noise = gaussian(size, generator, device, dtype)
+    noise = gaussian(size, generator, device, dtype, shard)
     noise /= vector_norm(noise, shard)
     return noise
 
 
-def random_signs(size: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """`size` independent entries +1 or -1 (Rademacher) from `generator`, on `device` in `dtype`:
-    drawn on the generator's device; on the host in chunks."""
+def random_signs(
+    size: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype, shard: VectorShard | None = None
+) -> torch.Tensor:
+    """`size` independent entries +1 or -1 (Rademacher) from `generator`, on `device` in `dtype`, the
+    same on every process where they must be (:func:`agreed_draw`): drawn on the generator's device;
+    on the host in chunks."""
     if generator.device.type != "cpu":
         bits = torch.randint(0, 2, (size,), generator=generator, device=generator.device, dtype=torch.int8)
-        return bits.to(device=device, dtype=dtype).mul_(2).sub_(1)
-    bits = in_host_chunks(size, device, dtype, lambda n: torch.randint(0, 2, (n,), generator=generator, dtype=torch.int8))
-    return bits.mul_(2).sub_(1)
+        signs = bits.to(device=device, dtype=dtype).mul_(2).sub_(1)
+    else:
+        bits = in_host_chunks(size, device, dtype, lambda n: torch.randint(0, 2, (n,), generator=generator, dtype=torch.int8))
+        signs = bits.mul_(2).sub_(1)
+    return agreed_draw(signs, shard)
 
 
 def in_host_chunks(size: int, device: torch.device, dtype: torch.dtype, draw: Callable[[int], torch.Tensor]) -> torch.Tensor:
-    """A new tensor on `device` in `dtype` filled by `draw(n)` (a host generator) `HOST_DRAW_CHUNK`
-    numbers at a time, so that the host never holds the whole draw (8 GB of float64 for a billion
-    coordinates, on every rank of a node at once). torch's host draws in chunks of a multiple of 16
+    """A new tensor on `device` in `dtype` filled by `draw(n)` (a host generator, i.e. a model on the
+    CPU) `HOST_DRAW_CHUNK` numbers at a time, so that the host never holds a second float64 copy of
+    the whole draw. torch's host draws in chunks of a multiple of 16
     numbers give the numbers of one draw (tested)."""
     out = torch.empty(size, device=device, dtype=dtype)
     for start in range(0, size, HOST_DRAW_CHUNK):

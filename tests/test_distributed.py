@@ -13,7 +13,7 @@ from torch import nn
 from hessdiag import HessianOperator, _distributed, hessian_eigenvalues
 from hessdiag.curvature import CurvatureProbe
 from hessdiag.lanczos import lanczos
-from hessdiag.vectors import VectorShard
+from hessdiag.vectors import VectorShard, gaussian, random_signs
 from oracles import dense_hessian
 
 SPLIT = (5, 11)  # unequal local batches: the ranks must be weighted by their share
@@ -49,8 +49,14 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
             weighting: CurvatureProbe(ddp, loss_fn, tol=1e-8, max_iter=100, rank_weighting=weighting).run(1, local)
             for weighting in ("equal", "samples")
         }
+        # Generators that differ by rank (as a CUDA generator's stream may across GPU models): the
+        # draws are still the same on every rank, rank 0's.
+        generator = torch.Generator().manual_seed(rank)
+        draws = [gaussian(1000, generator, torch.device("cpu"), torch.float32),
+                 random_signs(1000, generator, torch.device("cpu"), torch.float64)]  # fmt: skip
         torch.save(
             {"product": product, "loss": loss, "lambda_max": result.lambda_max, "num_hvps": result.num_hvps,
+             "draws": draws,
              "checks": {w: (c.lambda_max, c.loss) for w, c in checks.items()}},  # fmt: skip
             f"{out_dir}/rank{rank}.pt",
         )
@@ -78,6 +84,14 @@ def test_distributed_hvp_equals_the_hvp_of_the_union_batch(ranks):
         assert abs(got["lambda_max"] - reference.lambda_max) <= 1e-5 * reference.lambda_max
     assert torch.equal(ranks[0]["product"], ranks[1]["product"])
     assert ranks[0]["num_hvps"] == ranks[1]["num_hvps"]
+
+
+def test_random_draws_are_rank_zeros_on_every_rank(ranks):
+    """Under data parallelism random vectors are drawn on the device and broadcast from rank 0."""
+    expected = torch.randn(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+    torch.testing.assert_close(ranks[0]["draws"][0], expected, rtol=0, atol=0)
+    for first, second in zip(ranks[0]["draws"], ranks[1]["draws"]):
+        assert torch.equal(first, second)
 
 
 def test_training_check_weights_ranks_as_ddp_does(ranks):

@@ -49,6 +49,53 @@ def shard(model: nn.Module) -> nn.Module:
     return fsdp.fully_shard(model)
 
 
+class TinyLanguageModel(nn.Module):
+    """GPT-shaped: token and position embeddings, pre-norm residual blocks, final norm, head."""
+
+    VOCAB, WIDTH, LENGTH = 7, 4, 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(self.VOCAB, self.WIDTH)
+        self.position = nn.Parameter(0.1 * torch.randn(self.LENGTH, self.WIDTH))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(self.WIDTH), nn.Linear(self.WIDTH, self.WIDTH), nn.GELU()) for _ in range(2)
+        )
+        self.norm = nn.LayerNorm(self.WIDTH)
+        self.head = nn.Linear(self.WIDTH, self.VOCAB)
+
+    def forward(self, tokens):
+        hidden = self.embedding(tokens) + self.position
+        for block in self.blocks:
+            hidden = hidden + block(hidden)
+        return self.head(self.norm(hidden))
+
+
+def lm_loss(m, batch):
+    return F.cross_entropy(m(batch[0]).reshape(-1, TinyLanguageModel.VOCAB), batch[1].reshape(-1))
+
+
+def make_lm() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyLanguageModel().double()
+
+
+def lm_batch(rank: int):
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, TinyLanguageModel.VOCAB, (6, TinyLanguageModel.LENGTH), generator=generator)
+    targets = torch.randint(0, TinyLanguageModel.VOCAB, (6, TinyLanguageModel.LENGTH), generator=generator)
+    return tokens[3 * rank : 3 * rank + 3], targets[3 * rank : 3 * rank + 3]
+
+
+#: The usual recipes, each leaving parameters to the root's group: (name, model, its sharding, loss, batch).
+RECIPES = {
+    "whole": (lambda: make_model(torch.float64), lambda m, raf: fsdp.fully_shard(m, reshard_after_forward=raf),
+              loss_fn, lambda rank: local_batch(rank, torch.float64)),
+    "blocks": (make_lm, lambda m, raf: [fsdp.fully_shard(b, reshard_after_forward=raf) for b in m.blocks]
+               and fsdp.fully_shard(m, reshard_after_forward=raf), lm_loss, lm_batch),
+}  # fmt: skip
+
+
 def _eigenvalues_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
@@ -92,6 +139,59 @@ def _eigenvalues_worker(rank: int, world_size: int, init_file: str, out_dir: str
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _root_recipes_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """Each recipe with reshard_after_forward True and False, after a training backward left `.grad`:
+    the eigenvalues, and whether parameters, `.grad`, the RNG and the next training gradient are
+    as without the check."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        results = {}
+        for name, (build, apply_sharding, loss, batch_of) in RECIPES.items():
+            for reshard_after_forward in (True, False):
+                model = build()
+                apply_sharding(model, reshard_after_forward)
+                batch = batch_of(rank)
+                loss(model, batch).backward()  # the training step's gradient, left in .grad
+                params = [p.to_local().clone() for p in model.parameters()]
+                grads = [p.grad.to_local().clone() for p in model.parameters()]
+                rng = torch.get_rng_state()
+                result = hessian_eigenvalues(model, loss, batch, tol=1e-6, max_iter=60)
+                untouched = (
+                    all(torch.equal(a, p.to_local()) for a, p in zip(params, model.parameters()))
+                    and all(torch.equal(a, p.grad.to_local()) for a, p in zip(grads, model.parameters()))
+                    and torch.equal(rng, torch.get_rng_state())
+                )
+                model.zero_grad(set_to_none=True)
+                loss(model, batch).backward()  # training goes on: the same gradient as before the check
+                trains = all(torch.equal(a, p.grad.to_local()) for a, p in zip(grads, model.parameters()))
+                results[name, reshard_after_forward] = {
+                    "top": result.lambda_max, "bottom": result.lambda_min, "converged": result.converged,
+                    "top_bound": float(result.error_bounds["top"][0]),
+                    "bottom_bound": float(result.error_bounds["bottom"][0]), "untouched": untouched, "trains": trains,
+                }  # fmt: skip
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_usual_fsdp2_recipes_with_parameters_in_the_root_group_match_the_dense_hessian(tmp_path):
+    """One `fully_shard(model)`; blocks sharded with embeddings, norm and head in the root's group.
+    Refused before ("two gradients ... differ by 1 of their size"): the `.grad` swap missed the
+    sharded parameters that the root's reduce-scatter accumulates into."""
+    first, second = _spawn(_root_recipes_worker, tmp_path)
+    assert first == second  # every rank decides alike
+    for name, (build, _, loss, batch_of) in RECIPES.items():
+        model = build()
+        hessian = dense_hessian(model, lambda m, shards: sum(loss(m, b) for b in shards) / 2, [batch_of(0), batch_of(1)])
+        eigenvalues = torch.linalg.eigvalsh(hessian)
+        for reshard_after_forward in (True, False):
+            got = first[name, reshard_after_forward]
+            assert got["converged"] and got["untouched"] and got["trains"], (name, reshard_after_forward)
+            assert abs(got["top"] - float(eigenvalues[-1])) <= got["top_bound"]
+            assert abs(got["bottom"] - float(eigenvalues[0])) <= got["bottom_bound"]
+            assert got["top"] == pytest.approx(float(eigenvalues[-1]), rel=1e-6)
 
 
 def _spawn(worker, tmp_path) -> list[dict]:
@@ -144,8 +244,9 @@ def model_dim(model: nn.Module) -> int:
 
 
 def _train(rank: int, monitor_dir: str | None, steps: int = 8):
-    """A plain FSDP2 loop on this rank's batches; with a Monitor when `monitor_dir` is given."""
-    model = shard(make_model(torch.float32))
+    """A plain FSDP2 loop on this rank's batches; with a Monitor when `monitor_dir` is given. One
+    `fully_shard(model)`: every parameter in the root's group."""
+    model = fsdp.fully_shard(make_model(torch.float32))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     monitor = None
     if monitor_dir is not None:
@@ -208,9 +309,12 @@ def test_monitor_on_fsdp2_plain_loop_observes_without_changing_training(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["logs"]  # one writer: rank 0's
 
 
-def test_lightning_callback_under_model_parallel_strategy_with_fully_shard(tmp_path):
-    """ModelParallelStrategy + `fully_shard` in `configure_model` on two CPU processes. Lightning's
-    launcher re-runs the script for rank 1, so the fit runs in a subprocess (see the script)."""
+@pytest.mark.parametrize("call", ["self", "submodule"])
+def test_lightning_callback_under_model_parallel_strategy_with_fully_shard(tmp_path, call):
+    """ModelParallelStrategy + `fully_shard` in `configure_model` on two CPU processes: embeddings,
+    norm and head in the root's group, the training step through ``self(...)``; or the root owning
+    nothing and the step calling a submodule, bypassing it (refused before). Lightning's launcher
+    re-runs the script for rank 1, so the fit runs in a subprocess (see the script)."""
     import os
     import subprocess
     import sys
@@ -218,7 +322,7 @@ def test_lightning_callback_under_model_parallel_strategy_with_fully_shard(tmp_p
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     script = os.path.join(os.path.dirname(__file__), "fsdp_lightning_run.py")
-    run = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, script, str(tmp_path), call], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1  # rank 0 alone writes
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})

@@ -155,14 +155,12 @@ def test_bad_arguments(kwargs, match):
         lanczos(lambda v: v, 10, **kwargs)
 
 
-def test_random_vectors_are_drawn_on_the_device_unless_processes_must_draw_the_same(monkeypatch):
-    """Drawn where they are used (no host vector of millions of coordinates per check), except under
-    data parallelism with unsharded vectors: every process must then draw the same numbers, which a
-    CUDA generator does not promise across GPU models, so the draw stays on the CPU. Sharded vectors
-    are drawn per process anyway."""
+def test_random_vectors_are_drawn_on_the_device_also_under_data_parallelism(monkeypatch):
+    """Drawn where they are used (no host vector of millions of coordinates per check), under data
+    parallelism too (rank 0's draw is broadcast there: see tests/test_distributed.py). Sharded vectors
+    are drawn per process."""
     assert random_generator(0, None, "cpu").device.type == "cpu"
     monkeypatch.setattr(_distributed, "is_data_parallel", lambda: True)
-    assert random_generator(0, None, "cuda").device.type == "cpu"  # without the rule: a CUDA generator
     pieces = [
         torch.randn(4, generator=random_generator(0, VectorShard(size=4, sum_=lambda partial: partial, index=rank)))
         for rank in (0, 1)
@@ -171,8 +169,11 @@ def test_random_vectors_are_drawn_on_the_device_unless_processes_must_draw_the_s
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA generators exist only with CUDA")
-def test_on_cuda_the_start_is_drawn_on_the_device_and_the_bounds_hold():
+def test_on_cuda_the_start_is_drawn_on_the_device_and_the_bounds_hold(monkeypatch):
     assert random_generator(0, None, "cuda").device.type == "cuda"
+    with monkeypatch.context() as patched:
+        patched.setattr(_distributed, "is_data_parallel", lambda: True)
+        assert random_generator(0, None, "cuda").device.type == "cuda"  # was forced onto the host before
     generator = torch.Generator().manual_seed(0)
     d = torch.cat([torch.tensor([1.0, -0.3], dtype=torch.float64), 0.5 * torch.rand(3000, generator=generator, dtype=torch.float64)])
     diagonal = d.cuda()

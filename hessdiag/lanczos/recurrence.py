@@ -190,7 +190,7 @@ class _Recurrence:
             if self.basis.storage == "recurrence":
                 return None
             # Invariant subspace found: continue from a fresh direction orthogonal to it.
-            w = gaussian(w.numel(), self.generator, w.device, dtype)
+            w = gaussian(w.numel(), self.generator, w.device, dtype, self.shard)
             self.basis.orthogonalise_(w)
             beta_next = 0.0
             w /= vector_norm(w, self.shard)

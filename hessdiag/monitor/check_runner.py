@@ -20,7 +20,7 @@ from hessdiag.curvature import CurvatureCheck, CurvatureProbe
 from hessdiag.dashboard import layer_shares_text, noise_scale_verdict
 from hessdiag.detectors import CheckRecord
 from hessdiag.errors import HessdiagError
-from hessdiag.operator import LOW_PRECISION_ROUNDING
+from hessdiag.operator import PRECISION_FLOOR
 from hessdiag.monitor.faults import FaultPolicy
 from hessdiag.schedule import CheckSchedule
 from hessdiag.tags import (
@@ -137,8 +137,9 @@ class CheckRunner:
 
     def warn_low_precision(self, tol: float) -> None:
         """bfloat16/float16 parameters: every product carries the dtype's rounding, which the proven
-        bounds include, so a `tol` below it is never met and each check runs to `max_iter`. Looked at
-        on construction and at each check (Lightning's "bf16-true" converts the model after setup)."""
+        bounds include, so a `tol` below its floor cannot be proven; the checks raise it to the floor
+        (each check's `tol` says so). Looked at on construction and at each check (Lightning's
+        "bf16-true" converts the model after setup)."""
         coarse = {
             p.dtype for p in unwrap_model(self.model).parameters()
             if p.requires_grad and torch.finfo(p.dtype).eps > torch.finfo(torch.float32).eps
@@ -146,13 +147,13 @@ class CheckRunner:
         if not coarse:
             return
         eps = max(torch.finfo(dtype).eps for dtype in coarse)
-        if tol < 4 * LOW_PRECISION_ROUNDING * eps:
+        if tol < PRECISION_FLOOR * eps:
             self._faults.warn_once(
                 "low precision",
                 f"hessdiag: the model's parameters are {sorted(map(str, coarse))}: each Hessian-vector product carries "
-                f"their rounding (about {eps:.1g} of ||H||), which the proven bounds include, so `tol`={tol:g} is not "
-                f"reached and every check runs to `max_iter`. Keep float32 parameters under autocast (the checks then "
-                f"run in float32), or pass `tol` >= {4 * LOW_PRECISION_ROUNDING * eps:.2g}.",
+                f"their rounding (about {eps:.1g} of ||H||), which the proven bounds include, so `tol`={tol:g} cannot be "
+                f"proven: the checks use {PRECISION_FLOOR * eps:.2g} instead. Keep float32 parameters under autocast "
+                "(the checks then run in float32) for a tighter tolerance.",
             )
 
 

@@ -20,6 +20,7 @@ from hessdiag.operator.hessian import (
     EXACT_METHODS,
     HVP_METHODS,
     LOW_PRECISION_ROUNDING,
+    PRECISION_FLOOR,
     HessianOperator,
     HVPMethod,
     hessian_vector_product,
@@ -35,6 +36,7 @@ __all__ = [
     "HVP_METHODS",
     "EXACT_METHODS",
     "LOW_PRECISION_ROUNDING",
+    "PRECISION_FLOOR",
     # the parameter space
     "ParameterSpace",
     "trainable_parameters",

@@ -51,6 +51,12 @@ EXACT_METHODS: tuple[str, ...] = ("double_backward", "forward_over_reverse")
 #: measured up to 0.34 (double backward, small MLP, GELU/LayerNorm MLP and CNN, both dtypes, against
 #: float64 Hessians at the same parameters) plus up to 0.5 from rounding the input vector to the dtype.
 LOW_PRECISION_ROUNDING = 2.0
+#: The relative tolerance a low-precision model's bounds can reach, in units of its dtype's eps: the
+#: bound of a Ritz value includes the products' rounding times ||s||_1 of its Ritz vector in the
+#: Lanczos basis (see :mod:`hessdiag.lanczos.certificates`), measured 1.3-1.8 at the top on MLPs and
+#: up to 3.6 at the bottom after 64 steps, so 4 x LOW_PRECISION_ROUNDING eps is reached where the
+#: Krylov part converged.
+PRECISION_FLOOR = 4 * LOW_PRECISION_ROUNDING
 
 
 class HessianOperator:
@@ -104,6 +110,10 @@ class HessianOperator:
             rounding: ``LOW_PRECISION_ROUNDING`` eps of that dtype times the largest ||H v|| seen (a
             lower bound of ||H||, as Lanczos' own rounding model uses max |theta|), so the bounds stay
             true there and a `tol` below about eps is not reached.
+        precision_floor: the smallest relative tolerance the bounds can prove: ``PRECISION_FLOOR``
+            eps of a dtype coarser than float32, 0 otherwise. Estimates raise `tol` to it
+            (:func:`~hessdiag.eigen.eigenvalues_of`) rather than run to `max_iter` for a tolerance
+            they cannot reach.
     """
 
     def __init__(
@@ -141,6 +151,7 @@ class HessianOperator:
         # Products in a dtype coarser than float32 carry its rounding (see `product_error`).
         coarse = torch.finfo(self.dtype).eps > torch.finfo(torch.float32).eps
         self._rounding_eps = torch.finfo(self.dtype).eps if coarse else 0.0
+        self.precision_floor: float = PRECISION_FLOOR * self._rounding_eps
         self._largest_product = 0.0
         self._batch_size = batch_size
         self._stack: contextlib.ExitStack | None = None
@@ -175,6 +186,13 @@ class HessianOperator:
         if self._loss is not None:
             self._loss.release()
         self._loss = self._products = self._central = None
+        if self.shard is not None:
+            # The last forward left groups that keep their gathered parameters (the root's) with those
+            # registered on the modules: leave every group sharded, as after training's backward, so
+            # that a caller restoring the modules' parameter slots (the Monitor's preserved_state) and
+            # FSDP2's own state agree; else the next training forward finds the root "already gathered"
+            # with its sharded parameters registered (measured: Lightning's next step failed).
+            _sharded.reshard(self.model)
 
     def _build_on_every_rank(self) -> None:
         """Build the gradient, then choose the method; under data parallelism or sharding, all ranks
@@ -210,8 +228,6 @@ class HessianOperator:
             loss.build_without_graph(loss.checked())
         else:
             loss.checked()  # refuse a bad loss before the finite differences move the parameters
-        if self.shard is not None:
-            loss.check_repeats()
         self._central = CentralDifference(self.space.local_params, loss.gradient_without_graph, shard=self.shard)
         probe = self.space.random_unit_vector(self.seed)
         pieces = self.space.split(probe)

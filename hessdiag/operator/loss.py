@@ -23,7 +23,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from hessdiag import _sharded
 from hessdiag._isolation import seed_rng
 from hessdiag.errors import (
-    HessdiagError,
     HessdiagWarning,
     LossClosureError,
     NonFiniteLossError,
@@ -130,6 +129,9 @@ class BatchLoss:
         #: checkpointing on inputs made to require grad); compared once, at the first None.
         self.unrecorded = 0
         self._compared = False
+        # The parameter objects whose `.grad` a plain backward writes, as they are before a forward
+        # (see `evaluate`).
+        self.before_forward: list[torch.Tensor] = list(model.parameters())
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self) -> torch.Tensor:
@@ -140,6 +142,11 @@ class BatchLoss:
         """
         if self.space.shard is not None:
             _sharded.reshard(self.model)  # so that the forward gathers the shards as they are now
+        # After the forward an FSDP2 group that keeps its gathered parameters (the root's, or any with
+        # reshard_after_forward=False) has them registered on its modules in place of the sharded
+        # ones, while its reduce-scatter accumulates into the sharded parameters' `.grad`: those are
+        # the ones a plain backward must swap out.
+        self.before_forward = list(self.model.parameters())
         seed_rng(self.seed, self.space.device)
         try:
             loss = self.loss_fn(self.model, self.batch)
@@ -239,8 +246,7 @@ class BatchLoss:
                         return self.space.flatten(grads)
                     self.plain_backward = True
                     return self.space.flatten(backward)
-            every_parameter = list(self.model.parameters())
-            return self.space.flatten(gradient_by_backward(loss, self.space.params, every_parameter))
+            return self.space.flatten(gradient_by_backward(loss, self.space.params, self.before_forward))
 
     def _compare_with_backward(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None] | None:
         """Whether a None in `grads` (from ``autograd.grad``) is a zero gradient or a graph never
@@ -251,28 +257,9 @@ class BatchLoss:
         if not missing or self._compared:
             return None
         self._compared = True
-        backward = gradient_by_backward(self.evaluate(), self.space.params, list(self.model.parameters()))
+        backward = gradient_by_backward(self.evaluate(), self.space.params, self.before_forward)
         self.unrecorded = sum(backward[i] is not None for i in missing)
         return backward if self.unrecorded else None
-
-    def check_repeats(self) -> None:
-        """Two gradients at the same parameters must agree. On FSDP2 they do not when the loss
-        closure bypasses the root module's forward (e.g. Lightning's ``training_step`` calling
-        ``self.net(x)``): each submodule then acts as a root and part of the gradient reduction lands
-        after the backward returns (measured: 5-15% of the gradient, CPU/gloo, torch 2.14).
-        Costs one gradient; all ranks decide alike (the difference is summed over them)."""
-        shard = self.space.shard
-        first = self.space.flatten([None if g is None else g.detach() for g in self.grads])
-        difference = float(vector_norm(self.gradient_without_graph() - first, shard))
-        size = float(vector_norm(first, shard))
-        if difference > torch.finfo(self.space.dtype).eps ** 0.5 * size:
-            raise HessdiagError(
-                f"FSDP2: two gradients at the same parameters differ by {difference / max(size, 1e-30):.2g} of their "
-                "size, so no Hessian-vector product can be formed. The loss closure must call the root module "
-                "(the one `fully_shard` was applied to last) through its forward, `model(...)`, not a submodule: FSDP2 "
-                "finishes the gradient reduction only then. In Lightning, define `forward` and call `self(...)` in "
-                "`training_step` (or pass `loss_fn=` that does)."
-            )
 
     def warn_constant_gradients(self) -> None:
         """A gradient with no graph is constant in the parameters: its Hessian rows are zero. That
