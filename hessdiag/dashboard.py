@@ -169,13 +169,13 @@ def _charts() -> dict[str, list[_Chart]]:
     return {
         f"{p}: curvature": [
             (
+                f"sharpness / threshold ({STABILITY_RATIO}); >= the line at 1: edge of stability; {onsets}",
+                [STABILITY_RATIO, RATIO_LIMIT, FLAG_ONSETS],
+            ),
+            (
                 f"sharpness ({SHARPNESS}: lambda_max, preconditioned for Adam) vs. its stability threshold "
                 f"({STABILITY_THRESHOLD})",
                 [SHARPNESS, STABILITY_THRESHOLD],
-            ),
-            (
-                f"sharpness / threshold ({STABILITY_RATIO}); >= the line at 1: edge of stability; {onsets}",
-                [STABILITY_RATIO, RATIO_LIMIT, FLAG_ONSETS],
             ),
             (
                 f"lambda_min; {CERTIFIED_LAMBDA_MIN} below 0: negative curvature certified; {onsets}",
@@ -222,17 +222,26 @@ def _charts() -> dict[str, list[_Chart]]:
     }
 
 
+def _anchored(pattern: str) -> str:
+    """A tag as the exact series it names (TensorBoard searches chart patterns as regular expressions:
+    unanchored, `hessdiag/loss` would also draw `hessdiag/loss_change_along_bottom`)."""
+    return pattern if pattern.endswith(".*") else f"^{re.escape(pattern)}$"
+
+
 def layout(tags: Iterable[str]) -> dict[str, dict[str, list]]:
-    """The custom-scalars layout for the scalar `tags` logged so far: only charts with data, only
-    the tags each has (so a chart never names a series that does not exist), no empty category."""
+    """The custom-scalars layout for the scalar `tags` logged so far.
+
+    A chart is shown once its headline series (its first) has data, and always with the same content
+    (every series of its title, each pattern anchored): runs that share a log directory then register
+    identical charts, which TensorBoard merges into one, and a run without curvature checks registers
+    no curvature chart. No empty category."""
     tags = set(tags)
     result: dict[str, dict[str, list]] = {}
     for category, charts in _charts().items():
         shown = {}
         for title, patterns in charts:
-            present = [p for p in patterns if any(re.fullmatch(p, tag) for tag in tags)]
-            if present:
-                shown[title] = ["Multiline", present]
+            if any(re.fullmatch(patterns[0], tag) for tag in tags):
+                shown[title] = ["Multiline", [_anchored(p) for p in patterns]]
         if shown:
             result[category] = shown
     return result

@@ -34,7 +34,12 @@ def charts(accumulator):
     """{chart title: tags} of the latest custom-scalars layout (the one TensorBoard shows)."""
     layout = layout_pb2.Layout()
     layout.ParseFromString(accumulator.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
-    return {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    return {chart.title: [series(tag) for tag in chart.multiline.tag] for category in layout.category for chart in category.chart}
+
+
+def series(pattern):
+    """The tag an anchored chart pattern names (per-layer patterns stay regular expressions)."""
+    return re.sub(r"\\(.)", r"\1", pattern[1:-1]) if pattern.startswith("^") and pattern.endswith("$") else pattern
 
 
 def texts(accumulator, tag):
@@ -253,3 +258,19 @@ def test_the_first_auto_check_comes_early_and_a_run_without_checks_says_so_once(
     assert len([w for w in caught if "no curvature check" in str(w.message)]) == 1
     writer.close()
     assert len(texts(read(tmp_path), "hessdiag/events/no_check")) == 1
+
+
+def test_runs_sharing_a_directory_register_one_layout_and_patterns_draw_exactly_their_series():
+    from hessdiag.dashboard import layout
+    from hessdiag.tags import LOSS, LOSS_CHANGE_ALONG_BOTTOM, STABILITY_RATIO, FLAG_ONSETS
+
+    with_checks = layout([LOSS, LOSS_CHANGE_ALONG_BOTTOM, STABILITY_RATIO, FLAG_ONSETS])
+    without_checks = layout([LOSS, FLAG_ONSETS])  # a run whose every check failed
+    shared = {title: chart for category in without_checks.values() for title, chart in category.items()}
+    for category in with_checks.values():
+        for title, chart in category.items():
+            assert title not in shared or shared[title] == chart  # identical charts merge into one
+    assert not any("sharpness / threshold" in title for title in shared)  # no curvature chart without a check
+    loss_chart = next(chart for title, chart in shared.items() if title.startswith("training loss"))
+    patterns = loss_chart[1]
+    assert any(re.search(p, LOSS) for p in patterns) and not any(re.search(p, LOSS_CHANGE_ALONG_BOTTOM) for p in patterns)

@@ -1,6 +1,7 @@
 """The Monitor as the adapters use it: built from shared settings, told the step, asked what is due,
 routing every record to every detector; and the tag names."""
 
+import re
 import dataclasses
 
 import pytest
@@ -127,8 +128,8 @@ def test_tags_are_named_under_the_prefix():
 def test_the_layout_charts_every_logged_tag_family():
     logged = [tags.LAMBDA_MAX, tags.LAMBDA_MIN, tags.GRAD_NORM, tags.LOSS, tags.flag_tag(FLAG_NAMES[0])]
     logged.append(tags.layer_summary_tag("layer_grad_norm", "max"))
-    charted = {tag for category in layout(logged).values() for _, series in category.values() for tag in series}
-    assert set(logged) <= charted
+    patterns = [p for category in layout(logged).values() for _, series in category.values() for p in series]
+    assert all(any(re.search(p, tag) for p in patterns) for tag in logged)
 
 
 def loop_with_a_skipped_backward(monitor, model, optimizer, losses):
