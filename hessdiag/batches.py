@@ -63,16 +63,17 @@ def sub_batch_base(batch: Any) -> int | None:
     return infer_batch_size(batch[0] if isinstance(batch, MicroBatches) and batch else batch)
 
 
-def _leading_sizes(item: Any, sizes: set[int]) -> set[int]:
+def leading_sizes(item: Any, sizes: set[int]) -> set[int]:
+    """The leading dimensions of every tensor in `item` (nested tuples, lists, dicts), added to `sizes`."""
     if isinstance(item, torch.Tensor):
         if item.dim() > 0:
             sizes.add(int(item.shape[0]))
     elif isinstance(item, Mapping):
         for value in item.values():
-            _leading_sizes(value, sizes)
+            leading_sizes(value, sizes)
     elif isinstance(item, (list, tuple)):
         for value in item:
-            _leading_sizes(value, sizes)
+            leading_sizes(value, sizes)
     return sizes
 
 
@@ -89,7 +90,7 @@ def take_sub_batch(batch: Any, size: int | None) -> Any:
         return batch
     if isinstance(batch, MicroBatches):
         return MicroBatches(take_sub_batch(micro, size) for micro in batch)
-    sizes = _leading_sizes(batch, set())
+    sizes = leading_sizes(batch, set())
     if len(sizes) > 1:
         raise ValueError(
             f"`sub_batch` cannot tell the batch dimension: the batch's tensors have leading dimensions "
@@ -99,15 +100,18 @@ def take_sub_batch(batch: Any, size: int | None) -> Any:
     if not sizes or sizes.pop() <= size:
         return batch
 
-    def cut(item: Any) -> Any:
-        if isinstance(item, torch.Tensor):
-            return item[:size] if item.dim() > 0 else item
-        if isinstance(item, Mapping):
-            return type(item)({key: cut(value) for key, value in item.items()})
-        if isinstance(item, tuple) and hasattr(item, "_fields"):
-            return type(item)(*(cut(value) for value in item))
-        if isinstance(item, (list, tuple)):
-            return type(item)(cut(value) for value in item)
-        return item
+    return cut_samples(batch, 0, size)
 
-    return cut(batch)
+
+def cut_samples(item: Any, start: int, stop: int) -> Any:
+    """Samples `start` to `stop` of every tensor in `item` (nested tuples, lists, dicts, named tuples),
+    cut along the leading dimension; other leaves and 0-d tensors are kept as they are."""
+    if isinstance(item, torch.Tensor):
+        return item[start:stop] if item.dim() > 0 else item
+    if isinstance(item, Mapping):
+        return type(item)({key: cut_samples(value, start, stop) for key, value in item.items()})
+    if isinstance(item, tuple) and hasattr(item, "_fields"):
+        return type(item)(*(cut_samples(value, start, stop) for value in item))
+    if isinstance(item, (list, tuple)):
+        return type(item)(cut_samples(value, start, stop) for value in item)
+    return item

@@ -44,11 +44,9 @@ from torch import nn
 
 from hessdiag import _sharded
 from hessdiag._isolation import ModelMode, MODEL_MODES, isolation, preserved_state, seed_rng, unwrap_model
-from hessdiag.batches import MicroBatches
-from hessdiag.errors import LossClosureError, NonFiniteLossError
-from hessdiag.errors import refuses_autograd_grad
-from hessdiag.operator import gradient_by_backward
-from hessdiag.operator import LossFn, trainable_parameters
+from hessdiag.batches import MicroBatches, cut_samples, leading_sizes
+from hessdiag.errors import LossClosureError, NonFiniteLossError, refuses_autograd_grad
+from hessdiag.operator import LossFn, gradient_by_backward, trainable_parameters
 
 
 @dataclass(frozen=True)
@@ -199,31 +197,6 @@ def estimate_from_gram(gram: torch.Tensor, small_batch: int, loss: float | None 
     return _estimate(trace, trace_se, grad_sq, grad_sq_se, small_batch, count * small_batch, count, loss)
 
 
-def _leading_sizes(item: Any, sizes: set[int]) -> set[int]:
-    if isinstance(item, torch.Tensor):
-        if item.dim() > 0:
-            sizes.add(int(item.shape[0]))
-    elif isinstance(item, Mapping):
-        for value in item.values():
-            _leading_sizes(value, sizes)
-    elif isinstance(item, (list, tuple)):
-        for value in item:
-            _leading_sizes(value, sizes)
-    return sizes
-
-
-def _cut(item: Any, start: int, stop: int) -> Any:
-    if isinstance(item, torch.Tensor):
-        return item[start:stop] if item.dim() > 0 else item
-    if isinstance(item, Mapping):
-        return type(item)({key: _cut(value, start, stop) for key, value in item.items()})
-    if isinstance(item, tuple) and hasattr(item, "_fields"):
-        return type(item)(*(_cut(value, start, stop) for value in item))
-    if isinstance(item, (list, tuple)):
-        return type(item)(_cut(value, start, stop) for value in item)
-    return item
-
-
 def split_batch(batch: Any, num_parts: int) -> list[Any]:
     """`batch` cut into `num_parts` equal consecutive parts: every tensor (in nested tuples, lists,
     dicts, named tuples) along its leading dimension, which must be the same for all; other leaves
@@ -241,7 +214,7 @@ def split_batch(batch: Any, num_parts: int) -> list[Any]:
             "`batch` is a MicroBatches: pass one batch, or use noise_scale_from_norms with the micro-batches' "
             "gradient norms against the accumulated gradient's."
         )
-    sizes = _leading_sizes(batch, set())
+    sizes = leading_sizes(batch, set())
     if not sizes:
         raise ValueError("`batch` holds no tensor with a batch dimension to split.")
     if len(sizes) > 1:
@@ -253,7 +226,7 @@ def split_batch(batch: Any, num_parts: int) -> list[Any]:
     if size % num_parts != 0 or size < num_parts:
         raise ValueError(f"`num_parts`={num_parts} must divide the batch size {size} (equal parts).")
     part = size // num_parts
-    return [_cut(batch, i * part, (i + 1) * part) for i in range(num_parts)]
+    return [cut_samples(batch, i * part, (i + 1) * part) for i in range(num_parts)]
 
 
 def gradient_noise_scale(
@@ -336,7 +309,7 @@ def gradient_noise_scale(
             losses.append(loss.detach().double())
             del loss, grads
     mean_loss = float(torch.stack(losses).mean())
-    (part_size,) = _leading_sizes(parts[0], set())
+    (part_size,) = leading_sizes(parts[0], set())
     return estimate_from_gram(gram, part_size, mean_loss)
 
 

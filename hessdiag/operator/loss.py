@@ -33,7 +33,6 @@ from hessdiag.errors import (
 )
 from hessdiag.operator.finite_difference import CentralDifference
 from hessdiag.operator.space import ParameterSpace
-from hessdiag.vectors import vector_norm
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
