@@ -77,9 +77,9 @@ def test_callback_metrics_hold_the_latest_values_as_tensors(tmp_path):
     # Before anything is measured: the flags only (none raised), so EarlyStopping on a flag finds its key.
     assert {k for k in record.at_start if k.startswith("hessdiag/")} == flags
     assert set(record.by_step[2]) == flags  # no read-back yet
-    assert set(record.by_step[3]) == flags | {"hessdiag/grad_norm"}  # the first read-back
+    assert set(record.by_step[3]) == flags | {"hessdiag/grad_norm", "hessdiag/loss"}  # the first read-back
     after_check = record.by_step[4]
-    assert set(after_check) == flags | {"hessdiag/grad_norm", "hessdiag/lambda_max", "hessdiag/lambda_min", "hessdiag/stability_ratio"}
+    assert set(after_check) == flags | {"hessdiag/grad_norm", "hessdiag/loss", "hessdiag/lambda_max", "hessdiag/lambda_min", "hessdiag/stability_ratio"}
     for value in after_check.values():
         assert isinstance(value, torch.Tensor) and value.shape == () and value.device.type == "cpu"
     checks = diagnostics.monitor.checks
