@@ -253,7 +253,7 @@ def test_finite_differences_keep_the_fused_cuda_attention():
 
 @pytest.mark.parametrize("branch", ["plain", "once_differentiable"])
 def test_monitor_cross_checks_on_cold_checks_and_reuses_the_verdict_on_warm_ones(branch):
-    """Checks 1 and 6 are cold (cold_every=5): "auto" cross-checks there (four gradients for the finite
+    """Checks 1 and 6 are cold (cold_every=5): "auto" cross-checks there (six gradients for the finite
     differences and another forward for the graph); warm checks reuse an approval of double backward.
     A model whose double backward is incomplete is never approved: every check measures."""
     from hessdiag.curvature import CurvatureProbe
@@ -277,7 +277,7 @@ def test_monitor_cross_checks_on_cold_checks_and_reuses_the_verdict_on_warm_ones
     if branch == "plain":
         assert [m for m, _ in reasons] == ["double_backward"] * 7
         warm = [n for i, n in enumerate(per_check) if i not in (0, 5)]
-        assert per_check[0] == per_check[5] == warm[0] + 5 and len(set(warm)) == 1  # + 4 gradients and the graph
+        assert per_check[0] == per_check[5] == warm[0] + 7 and len(set(warm)) == 1  # + 6 gradients and the graph
         assert "agrees with finite differences" in reasons[5][1] and "at step 1" in reasons[4][1]
     else:
         assert [m for m, _ in reasons] == ["finite_difference"] * 7 and min(per_check) >= 6
