@@ -154,7 +154,7 @@ def gradient_curvature(
     lr: float | None = None,
     threshold: float | None = None,
     scaling: torch.Tensor | None = None,
-    mode: ModelMode = "train",
+    mode: ModelMode = "as_is",
     hvp_method: HVPMethod = "auto",
     seed: int = 0,
     batch_size: int | None = None,

@@ -236,7 +236,7 @@ def gradient_noise_scale(
     *,
     num_parts: int = 4,
     params: Iterable[torch.Tensor] | None = None,
-    mode: ModelMode = "train",
+    mode: ModelMode = "as_is",
     seed: int = 0,
 ) -> NoiseScaleEstimate:
     """The simple gradient noise scale of ``loss_fn`` at the current parameters, from `batch`.
@@ -259,7 +259,8 @@ def gradient_noise_scale(
         num_parts: the number n of small batches (>= 2; standard errors need >= 3). More parts:
             smaller small batches, a better-resolved tr(Sigma), n gradients held in memory.
         params: parameters whose gradient counts (default: all trainable ones).
-        mode: ``"train"`` (default: the loss the optimizer sees), ``"eval"`` or ``"as_is"``.
+        mode: ``"as_is"`` (default: each module keeps its mode of the training step, as in
+            :func:`~hessdiag.hessian_eigenvalues`), ``"train"`` or ``"eval"``.
         seed: seeds dropout in every part's forward.
 
     Returns:
