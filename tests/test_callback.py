@@ -177,7 +177,8 @@ def test_tensorboard_server_serves_scalars_and_the_layout(tmp_path):
         assert "hessdiag/lambda_max" in tags[run]
         layout = json.load(urllib.request.urlopen(f"{base}/custom_scalars/layout", timeout=5))
         charts = [chart["multiline"]["tag"] for category in layout["category"] for chart in category["chart"]]
-        assert ["hessdiag/sharpness", "hessdiag/stability_threshold"] in charts
+        # Each chart's patterns are anchored: they draw exactly the series they name.
+        assert ["^hessdiag/sharpness$", "^hessdiag/stability_threshold$"] in charts
     finally:
         server.terminate()
         server.wait(timeout=30)
