@@ -19,7 +19,8 @@ from hessdiag.gradient_curvature import GradientCurvature, gradient_curvature, g
 from hessdiag.lanczos import LanczosResult, lanczos
 from hessdiag.layer_shares import layer_shares, module_label
 from hessdiag.monitor import Monitor
-from hessdiag.noise_scale import NoiseScaleEstimate, RunningNoiseScale, gradient_noise_scale, noise_scale_from_norms
+from hessdiag.noise_scale import NoiseScaleEstimate, gradient_noise_scale, noise_scale_from_norms
+from hessdiag.running_noise_scale import RunningNoiseScale
 from hessdiag.operator import HessianOperator, hessian_vector_product
 from hessdiag.spectrum import (
     SpectralDensity,

@@ -127,3 +127,18 @@ def noise_scale_of(
     except (ValueError, HessdiagError) as error:  # a batch that cannot be cut, a non-finite part's loss
         return None, str(error)
     return estimate, ""
+
+
+#: The escape probe steps so that the quadratic model predicts a loss drop of this fraction.
+ESCAPE_PROBE_FRACTION = 0.01
+
+
+def escape_probe(operator: HessianOperator, result: HessianEigenvalues) -> float | None:
+    """The loss change one step along the bottom Ritz vector (the better sign), sized so that the
+    quadratic model predicts a drop of :data:`ESCAPE_PROBE_FRACTION` of the loss; None unless negative
+    curvature is certified. A direct check that the direction is an escape."""
+    if not result.negative_curvature_certified or result.bottom_vectors is None:
+        return None
+    alpha = math.sqrt(2 * ESCAPE_PROBE_FRACTION * max(abs(result.loss), 1e-12) / abs(result.lambda_min))
+    direction = result.bottom_vectors[0]
+    return min(operator.loss_along(direction, alpha), operator.loss_along(direction, -alpha)) - result.loss

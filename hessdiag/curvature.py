@@ -25,10 +25,8 @@ reusing its gradient graph, computes:
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -37,130 +35,25 @@ from torch import nn
 from hessdiag._isolation import ModelMode, preserved_state, unwrap_model
 from hessdiag.batches import batch_size, step_loss, take_sub_batch
 from hessdiag.check_quantities import (
-    Shares,
     along_gradient,
     check_noise_scale_parts,
     conditioning,
+    escape_probe,
     finite_or_none,
     module_shares,
     noise_scale_of,
     step_batch_size,
 )
+from hessdiag.curvature_check import CurvatureCheck
 from hessdiag.eigen import HessianEigenvalues, eigenvalues_of
-from hessdiag.noise_scale import NoiseScaleEstimate, RunningNoiseScale
+from hessdiag.noise_scale import NoiseScaleEstimate
+from hessdiag.running_noise_scale import RunningNoiseScale
 from hessdiag.operator import HessianOperator, HVPMethod, LossFn
 from hessdiag.lanczos import lanczos
 from hessdiag.spectrum import SpectralDensity, slq_density
-from hessdiag.stability import StabilityThreshold, adam_preconditioner_sqrt, relative_step_sizes, stability_threshold
-
-#: The escape probe steps so that the quadratic model predicts a loss drop of this fraction.
-_ESCAPE_PROBE_FRACTION = 0.01
+from hessdiag.stability import StabilityThreshold, preconditioner_sqrt, stability_threshold
 
 RankWeighting = Literal["equal", "samples"]
-
-
-@dataclass
-class CurvatureCheck:
-    """What one curvature check found (python floats; see :func:`~hessdiag.hessian_eigenvalues`).
-
-    Attributes:
-        step: the training step.
-        lambda_max, lambda_min: extreme Ritz values of the Hessian on the check batch.
-        negative_curvature_certified: lambda_min <= lambda_min (the reported value) < 0 is proven.
-        residual_max, residual_min: residual bounds of the two values.
-        error_bound_max, error_bound_min: their full error bounds (residual, product error and
-            rounding; finite differences: measured along each value's own Ritz vector): an
-            eigenvalue of the Hessian lies within each of its value.
-        lambda_max_limit, lambda_min_limit: with probability at least 99% over the random part of the
-            start, no eigenvalue lies above `lambda_max_limit` or below `lambda_min_limit` (the run's
-            ``probable_limits``: how far a warm start that stopped early may be from the true ends).
-        converged: both ends met the tolerance.
-        num_hvps: products spent (all estimates of the check).
-        seconds: wall time of the check.
-        loss, grad_norm: on the check batch.
-        sharpness: the value compared with the stability threshold: lambda_max, or for Adam the
-            preconditioned lambda_max(P^-1 H).
-        stability: the optimizer's stability threshold, when it has one.
-        loss_change_along_bottom: min over +-alpha of L(theta + alpha y_min) - L(theta), with alpha
-            such that the quadratic model predicts a 1% drop; ``None`` without certified negative curvature.
-        cold: the Lanczos run started from a random vector.
-        hvp_method: the product method the check used ("auto" resolved: "double_backward" or
-            "finite_difference"; or the one asked for).
-        hvp_method_reason: why that method (what "auto"'s cross-check found, "asked for", ...).
-        product_error: the error per product that entered the bounds (0 for exact products; for
-            finite differences an estimate measured on one random vector, see
-            :class:`~hessdiag.HessianOperator`).
-        batch_size: samples in the check batch.
-        top_shares, bottom_shares: where the top and bottom Ritz vectors live: the
-            :data:`~hessdiag.check_quantities.SHARES_KEPT` modules holding most of each vector's squared norm, with their shares
-            (see :func:`hessdiag.layer_shares`); empty without Ritz vectors (recurrence basis).
-        gradient_curvature: g'Hg / ||g||^2 on the check batch, or along Adam's preconditioned
-            gradient in the units of `sharpness` (see :mod:`hessdiag.gradient_curvature`); None for
-            a zero gradient.
-        lr_headroom: the stability threshold over `gradient_curvature`: the largest stable learning
-            rate along the gradient over the one in use (< 1: the step along it overshoots; inf for
-            curvature <= 0); None without a threshold.
-        noise: this check's noise-scale estimate (biased as a ratio; see `noise_scale`), or None.
-        noise_scale, noise_scale_se: the running noise scale over the checks so far (samples) and
-            its standard error (see :class:`~hessdiag.RunningNoiseScale`); None before an estimate.
-        step_batch_size: samples of the optimizer step's batch (all micro-batches; times the number
-            of ranks under data parallelism), the batch the noise scale compares with.
-        conditioning: lambda_max / (trace / n) at a density check, the trace from the density's
-            mean eigenvalue; None elsewhere or when that mean is <= 0.
-        skipped: ``{quantity: why}`` for each of the above that was not measured for a reason a user
-            should hear (a batch too small for the noise scale's parts, a sharded model, ...).
-        tol: the tolerance `converged` was tested against: the one asked for, or the precision floor
-            of a bfloat16/float16 model when that is larger (see :func:`~hessdiag.hessian_eigenvalues`).
-    """
-
-    step: int
-    lambda_max: float
-    lambda_min: float
-    negative_curvature_certified: bool
-    residual_max: float
-    residual_min: float
-    error_bound_max: float
-    error_bound_min: float
-    lambda_max_limit: float
-    lambda_min_limit: float
-    converged: bool
-    num_hvps: int
-    seconds: float
-    loss: float
-    grad_norm: float
-    sharpness: float
-    stability: StabilityThreshold | None
-    loss_change_along_bottom: float | None
-    cold: bool
-    batch_size: int | None
-    hvp_method: str
-    hvp_method_reason: str
-    product_error: float
-    tol: float
-    density: SpectralDensity | None = None
-    top_shares: Shares = ()
-    bottom_shares: Shares = ()
-    gradient_curvature: float | None = None
-    lr_headroom: float | None = None
-    noise: NoiseScaleEstimate | None = None
-    noise_scale: float | None = None
-    noise_scale_se: float | None = None
-    step_batch_size: int | None = None
-    conditioning: float | None = None
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def stability_ratio(self) -> float | None:
-        """sharpness / threshold: >= 1 means the steepest direction is beyond the stability edge."""
-        return self.sharpness / self.stability.threshold if self.stability else None
-
-    @property
-    def gradient_alignment(self) -> float | None:
-        """gradient_curvature / sharpness: 1 when the (preconditioned) gradient lies along the
-        sharpest direction; in [lambda_min / lambda_max, 1] up to the estimates' errors."""
-        if self.gradient_curvature is None or self.sharpness == 0:
-            return None
-        return self.gradient_curvature / self.sharpness
 
 
 class CurvatureProbe:
@@ -259,7 +152,7 @@ class CurvatureProbe:
                 operator, k=self.k, tol=self.tol, max_iter=self.max_iter, v0=None if cold else self.warm_vectors, seed=seed
             )
             stability, sharpness, scale = self._stability(operator, result, optimizer, cold, seed)
-            escape = self._escape_probe(operator, result)
+            escape = escape_probe(operator, result)
             gradient_curvature, lr_headroom = along_gradient(operator, stability, scale)
             density = self._density(operator, seed)
             num_hvps = operator.num_hvps
@@ -371,7 +264,7 @@ class CurvatureProbe:
             return None, result.lambda_max, None
         if not threshold.preconditioned:
             return threshold, result.lambda_max, None
-        scale = self._preconditioner_sqrt(optimizer, operator.params)
+        scale = preconditioner_sqrt(optimizer, operator.params)
         if scale is None:  # Adam before its first step: no second-moment estimate yet
             return None, result.lambda_max, None
         scale = scale.to(device=operator.device, dtype=operator.dtype)
@@ -389,26 +282,6 @@ class CurvatureProbe:
         )
         self.warm_preconditioned = preconditioned.top_vectors
         return threshold, float(preconditioned.top[0]), scale
-
-    @staticmethod
-    def _preconditioner_sqrt(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
-        """The diagonal whose square preconditions H for the stability threshold: Adam's
-        (sqrt(v_hat) + eps)^-1/2 and the per-group learning rates' sqrt(lr_i / lr_0), combined."""
-        steps = relative_step_sizes(optimizer, params)
-        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            return None if steps is None else steps.sqrt()
-        adam = adam_preconditioner_sqrt(optimizer, params)
-        return adam if adam is None or steps is None else adam * steps.sqrt()
-
-    @staticmethod
-    def _escape_probe(operator: HessianOperator, result: HessianEigenvalues) -> float | None:
-        if not result.negative_curvature_certified or result.bottom_vectors is None:
-            return None
-        curvature = abs(result.lambda_min)
-        alpha = math.sqrt(2 * _ESCAPE_PROBE_FRACTION * max(abs(result.loss), 1e-12) / curvature)
-        direction = result.bottom_vectors[0]
-        base = result.loss
-        return min(operator.loss_along(direction, alpha), operator.loss_along(direction, -alpha)) - base
 
     def state_dict(self) -> dict[str, Any]:
         """Warm-start vectors, the check count and the running noise scale (tensors and primitives)."""

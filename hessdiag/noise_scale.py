@@ -19,7 +19,7 @@ mean the big one. With the Gram matrix M_ij = g_i . g_j the estimates are the U-
 coordinates); both are exactly unbiased for i.i.d. samples and a loss that is the mean over them.
 Their standard errors are the jackknife's over the parts (leave one part out; n >= 3, NaN for n = 2):
 estimates, and conservative ones. The ratio B_simple of one check is biased (a ratio of noisy
-estimates): :class:`RunningNoiseScale` takes the ratio of the running means over checks instead.
+estimates): :class:`~hessdiag.running_noise_scale.RunningNoiseScale` takes the ratio of the running means over checks instead.
 
 :func:`noise_scale_from_norms` applies the same formulas to squared norms measured elsewhere: the
 micro-batches' gradients under accumulation against the accumulated one, or each rank's local gradient
@@ -35,7 +35,7 @@ counts as a zero gradient, as the optimizer sees it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,7 @@ from torch import nn
 from hessdiag import _sharded
 from hessdiag._isolation import ModelMode, MODEL_MODES, isolation, preserved_state, seed_rng, unwrap_model
 from hessdiag.batches import MicroBatches, cut_samples, leading_sizes
-from hessdiag.errors import LossClosureError, NonFiniteLossError, refuses_autograd_grad
+from hessdiag.errors import LossClosureError, NonFiniteLossError
 from hessdiag.operator import LossFn, gradient_by_backward, trainable_parameters
 
 
@@ -56,7 +56,7 @@ class NoiseScaleEstimate:
     Attributes:
         noise_scale: B_simple = trace_covariance / grad_sq_norm, in samples; NaN when the
             ||G||^2 estimate is <= 0 (see `note`). Biased as a ratio: average the ingredients over
-            checks (:class:`RunningNoiseScale`) for a reported value.
+            checks (:class:`~hessdiag.running_noise_scale.RunningNoiseScale`) for a reported value.
         trace_covariance: unbiased estimate of tr(Sigma), the per-sample gradient covariance's trace.
         trace_covariance_se: its standard error (NaN where it cannot be estimated).
         grad_sq_norm: unbiased estimate of ||G||^2, the true gradient's squared norm.
@@ -289,29 +289,25 @@ def gradient_noise_scale(
             "noise_scale_from_norms with the micro-batches' or ranks' gradient norms instead."
         )
     device = chosen[0].device
-    every = list(model.parameters())
-    gradients: list[torch.Tensor] = []
-    gram = torch.zeros(num_parts, num_parts, dtype=torch.float64)
-    losses = []
     with isolation(model, mode, device), preserved_state(model, chosen):
-        for i, part in enumerate(parts):
-            loss = _part_loss(model, loss_fn, part, seed, device)
-            try:
-                grads = torch.autograd.grad(loss, chosen, allow_unused=True)
-            except RuntimeError as error:  # reentrant checkpointing refuses autograd.grad
-                if not refuses_autograd_grad(error):
-                    raise
-                grads = gradient_by_backward(_part_loss(model, loss_fn, part, seed, device), chosen, every)
-            flat = torch.cat([torch.zeros(p.numel(), device=device, dtype=p.dtype) if g is None else g.reshape(-1)
-                              for g, p in zip(grads, chosen)]).double()  # fmt: skip
-            gradients.append(flat)
-            for j, other in enumerate(gradients):
-                gram[i, j] = gram[j, i] = torch.dot(flat, other).cpu()
-            losses.append(loss.detach().double())
-            del loss, grads
-    mean_loss = float(torch.stack(losses).mean())
+        gradients, losses = zip(*(_part_gradient(model, loss_fn, part, chosen, seed) for part in parts))
+    stacked = torch.stack(gradients)
+    gram = (stacked @ stacked.T).cpu()  # one transfer for all the parts' inner products
     (part_size,) = leading_sizes(parts[0], set())
-    return estimate_from_gram(gram, part_size, mean_loss)
+    return estimate_from_gram(gram, part_size, float(torch.stack(losses).mean()))
+
+
+def _part_gradient(
+    model: nn.Module, loss_fn: LossFn, part: Any, chosen: list[torch.Tensor], seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One part's flat float64 gradient over `chosen` and its loss, by a plain ``backward()`` as in
+    training (``.grad`` left as found): ``autograd.grad`` is refused under reentrant checkpointing, and
+    returns None, silently, for parameters behind it when the inputs were made to require grad."""
+    every = list(model.parameters())
+    loss = _part_loss(model, loss_fn, part, seed, chosen[0].device)
+    grads = gradient_by_backward(loss, chosen, every)
+    flat = torch.cat([torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1) for g, p in zip(grads, chosen)])
+    return flat.double(), loss.detach().double()
 
 
 def _part_loss(model: nn.Module, loss_fn: LossFn, part: Any, seed: int, device: torch.device) -> torch.Tensor:
@@ -329,111 +325,3 @@ def _part_loss(model: nn.Module, loss_fn: LossFn, part: Any, seed: int, device: 
     if not torch.isfinite(loss):
         raise NonFiniteLossError(f"The loss is {loss.item()} on a part of the batch; no noise scale there.")
     return loss.reshape(())
-
-
-_STATE_KEYS = ("weight", "weight_sq", "trace", "grad_sq", "trace_sq", "grad_sq_sq", "cross")
-
-
-class RunningNoiseScale:
-    """The noise scale as the ratio of running means of tr(Sigma) and ||G||^2 over checks.
-
-    A ratio of two noisy estimates is biased (E[S / G] != E[S] / E[G]); their running means are
-    unbiased, and so their ratio is consistent. ``decay`` < 1 weights recent checks more
-    (weights decay^age, like McCandlish et al.'s moving averages: the noise scale grows during
-    training); 1 (default) weights all checks equally.
-
-    Example::
-
-        running = RunningNoiseScale(decay=0.9)
-        running.update(gradient_noise_scale(model, loss_fn, batch))
-        running.noise_scale, running.noise_scale_se
-
-    State (``state_dict``): floats only, summed over checks (per-rank values are not combined: pass
-    each check's global estimate).
-    """
-
-    def __init__(self, decay: float = 1.0) -> None:
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
-            raise ValueError(f"`decay` must be a number in (0, 1], got {decay!r}.")
-        self.decay: float = float(decay)
-        self.count: int = 0
-        self._sums: dict[str, float] = dict.fromkeys(_STATE_KEYS, 0.0)
-
-    def update(self, estimate: NoiseScaleEstimate) -> None:
-        """Add one check's estimate (its ingredients; a non-finite one is skipped)."""
-        trace, grad_sq = float(estimate.trace_covariance), float(estimate.grad_sq_norm)
-        if not (math.isfinite(trace) and math.isfinite(grad_sq)):
-            return
-        sums = self._sums
-        for key in sums:
-            sums[key] *= self.decay**2 if key == "weight_sq" else self.decay  # weights decay^age, squares decay^(2 age)
-        sums["weight"] += 1.0
-        sums["weight_sq"] += 1.0
-        sums["trace"] += trace
-        sums["grad_sq"] += grad_sq
-        sums["trace_sq"] += trace * trace
-        sums["grad_sq_sq"] += grad_sq * grad_sq
-        sums["cross"] += trace * grad_sq
-        self.count += 1
-
-    @property
-    def trace_covariance(self) -> float:
-        """The weighted mean of the checks' tr(Sigma) estimates (NaN before the first)."""
-        return self._mean("trace")
-
-    @property
-    def grad_sq_norm(self) -> float:
-        """The weighted mean of the checks' ||G||^2 estimates (NaN before the first)."""
-        return self._mean("grad_sq")
-
-    @property
-    def noise_scale(self) -> float:
-        """trace_covariance / grad_sq_norm, in samples; NaN while the mean ||G||^2 is <= 0."""
-        grad_sq = self.grad_sq_norm
-        return self.trace_covariance / grad_sq if grad_sq > 0 else math.nan
-
-    @property
-    def trace_covariance_se(self) -> float:
-        """Standard error of `trace_covariance` from the spread over checks (NaN under 2 checks)."""
-        return math.sqrt(self._covariance("trace_sq", "trace", "trace"))
-
-    @property
-    def grad_sq_norm_se(self) -> float:
-        """Standard error of `grad_sq_norm` from the spread over checks (NaN under 2 checks)."""
-        return math.sqrt(self._covariance("grad_sq_sq", "grad_sq", "grad_sq"))
-
-    @property
-    def noise_scale_se(self) -> float:
-        """Standard error of `noise_scale` by the delta method (first order in the means' errors)."""
-        scale, grad_sq = self.noise_scale, self.grad_sq_norm
-        if math.isnan(scale):
-            return math.nan
-        variance = (
-            self._covariance("trace_sq", "trace", "trace")
-            - 2 * scale * self._covariance("cross", "trace", "grad_sq")
-            + scale**2 * self._covariance("grad_sq_sq", "grad_sq", "grad_sq")
-        ) / grad_sq**2
-        return math.sqrt(max(variance, 0.0)) if not math.isnan(variance) else math.nan
-
-    def _mean(self, key: str) -> float:
-        weight = self._sums["weight"]
-        return self._sums[key] / weight if weight > 0 else math.nan
-
-    def _covariance(self, product: str, first: str, second: str) -> float:
-        """The variance of the weighted mean (covariance of two means): the weighted sample
-        covariance with reliability weights, times sum(w^2) / sum(w)^2."""
-        weight, weight_sq = self._sums["weight"], self._sums["weight_sq"]
-        if self.count < 2 or weight**2 <= weight_sq:
-            return math.nan
-        spread = self._sums[product] / weight - self._mean(first) * self._mean(second)
-        sample = spread * weight**2 / (weight**2 - weight_sq)
-        return sample * weight_sq / weight**2
-
-    def state_dict(self) -> dict[str, float | int]:
-        return {"decay": self.decay, "count": self.count, **self._sums}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; missing keys (an older checkpoint) take their defaults."""
-        self.decay = float(state.get("decay", self.decay))
-        self.count = int(state.get("count", 0))
-        self._sums = {key: float(state.get(key, 0.0)) for key in _STATE_KEYS}

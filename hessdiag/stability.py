@@ -257,3 +257,14 @@ def adam_preconditioner_sqrt(optimizer: torch.optim.Optimizer, params: Sequence[
         v_hat = local(second).detach().float().reshape(-1) / (1 - beta2 ** float(state["step"]))
         pieces.append((v_hat.sqrt() + eps).rsqrt())
     return torch.cat(pieces) if found else None
+
+
+def preconditioner_sqrt(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The diagonal whose square preconditions H for the stability threshold: Adam's
+    (sqrt(v_hat) + eps)^-1/2 and the per-group learning rates' sqrt(lr_i / lr_0), combined; None
+    where neither applies (or Adam before its first step)."""
+    steps = relative_step_sizes(optimizer, params)
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return None if steps is None else steps.sqrt()
+    adam = adam_preconditioner_sqrt(optimizer, params)
+    return adam if adam is None or steps is None else adam * steps.sqrt()

@@ -52,7 +52,7 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class CheckRecord:
-    """What one curvature check found (see :class:`hessdiag.curvature.CurvatureCheck`).
+    """What one curvature check found (see :class:`hessdiag.curvature_check.CurvatureCheck`).
 
     Attributes:
         step: the optimizer step of the check.

@@ -16,7 +16,8 @@ from torch import nn
 
 from hessdiag._isolation import unwrap_model
 from hessdiag.batches import sub_batch_base
-from hessdiag.curvature import CurvatureCheck, CurvatureProbe
+from hessdiag.curvature import CurvatureProbe
+from hessdiag.curvature_check import CurvatureCheck
 from hessdiag.dashboard import layer_shares_text, noise_scale_verdict
 from hessdiag.detectors import CheckRecord
 from hessdiag.errors import HessdiagError

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from hessdiag._isolation import ModelMode
-from hessdiag.curvature import CurvatureCheck, CurvatureProbe, RankWeighting
+from hessdiag.curvature import CurvatureProbe, RankWeighting
+from hessdiag.curvature_check import CurvatureCheck
 from hessdiag.detectors import FlagDetector
 from hessdiag.flags import FlagEvent
 from hessdiag.operator import HVPMethod, LossFn
