@@ -223,6 +223,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         # Flags exist from the start (none raised yet), so EarlyStopping on one never misses its key.
         publish(trainer, self.monitor.latest)
         self._first_values_due = watched_by_another_callback(trainer)
+        # The strategy's DDP wrapper exists from here on: the noise scale comes from its ranks' gradients.
+        self.monitor.watch_ranks(trainer.strategy.model)
         if len(trainer.optimizers) == 1:
             self.monitor.use_optimizer(trainer.optimizers[0])
         elif trainer.optimizers:
@@ -235,6 +237,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.monitor is not None:
+            self._step.count(batch)
         if self.monitor is None or not (self._first_values_due or self.monitor.check_due(trainer.global_step + 1)):
             return
         # A check follows this optimizer step: keep its micro-batches (references, no copy).
@@ -265,12 +269,12 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         if not self._stepped:
             return  # an accumulation step: no optimizer step yet
         self._stepped = False
-        check_batch, step_loss = self._step.finish(batch, batch_idx)
+        check_batch, step_loss, samples = self._step.finish(batch, batch_idx)
         step, num_checks = trainer.global_step, len(self.monitor.checks)
         # Every rank reaches the same read-backs and due checks (the schedule is agreed): the steps
         # where the ranks may meet in a collective to agree on stopping.
         check_due = self.monitor.check_due(step)
-        events = self.monitor.after_step(check_batch, step_loss, step=step)
+        events = self.monitor.after_step(check_batch, step_loss, step=step, samples=samples)
         read_back = self.monitor.read_back_due(step)
         if self._first_values_due:
             events += self._first_values(check_batch, read_back, num_checks)

@@ -5,7 +5,8 @@ check must measure the loss of the whole step, so the micro-batches of a step wi
 kept with their `batch_idx` (references, no copy; at most :data:`hessdiag.batches.MAX_MICRO_BATCHES`,
 the last ones; see :class:`~hessdiag.callbacks.loss_closure.StepBatch`) and
 the micro-batch losses are summed on the device (Lightning divides each by
-``accumulate_grad_batches``, so their sum is the step's mean loss).
+``accumulate_grad_batches``, so their sum is the step's mean loss). The step's samples are counted
+over all its micro-batches (host shapes only): the noise scale under DDP needs this rank's batch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hessdiag.batches import MAX_MICRO_BATCHES, MicroBatches
+from hessdiag.batches import MAX_MICRO_BATCHES, MicroBatches, batch_size
 from hessdiag.callbacks.loss_closure import StepBatch
 
 
@@ -25,6 +26,12 @@ class StepMicroBatches:
     def __init__(self) -> None:
         self.batches: list[Any] = []  # the current step's, kept only when a check is due
         self.loss: torch.Tensor | None = None  # the current step's mean loss, summed on the device
+        self.samples: int | None = 0  # the current step's samples so far (None: a micro-batch without a size)
+
+    def count(self, batch: Any) -> None:
+        """Add `batch`'s samples (its leading dimension, read from the shape: no device read)."""
+        size = batch_size(batch)
+        self.samples = None if size is None or self.samples is None else self.samples + size
 
     def keep(self, batch: Any, batch_idx: int) -> bool:
         """Keep `batch` and its `batch_idx` for the step's check; True when an older one was dropped to
@@ -42,12 +49,12 @@ class StepMicroBatches:
             loss = loss.detach()
             self.loss = loss.clone() if self.loss is None else self.loss + loss
 
-    def finish(self, batch: Any, batch_idx: int) -> tuple[Any, torch.Tensor | None]:
-        """The step's check batch and mean loss, and a fresh start for the next step. The check batch
-        is the one kept micro-batch, :class:`~hessdiag.MicroBatches` of several, or `batch` (the
-        step's last, at `batch_idx`) when none was kept."""
-        batches, loss = self.batches, self.loss
-        self.batches, self.loss = [], None
+    def finish(self, batch: Any, batch_idx: int) -> tuple[Any, torch.Tensor | None, int | None]:
+        """The step's check batch, mean loss and samples (None: unknown), and a fresh start for the
+        next step. The check batch is the one kept micro-batch, :class:`~hessdiag.MicroBatches` of
+        several, or `batch` (the step's last, at `batch_idx`) when none was kept."""
+        batches, loss, samples = self.batches, self.loss, self.samples
+        self.batches, self.loss, self.samples = [], None, 0
         if not batches:
-            return StepBatch(batch, batch_idx), loss
-        return (batches[0] if len(batches) == 1 else MicroBatches(batches)), loss
+            return StepBatch(batch, batch_idx), loss, samples or None
+        return (batches[0] if len(batches) == 1 else MicroBatches(batches)), loss, samples or None

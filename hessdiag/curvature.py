@@ -231,6 +231,11 @@ class CurvatureProbe:
             self.noise_scale.update(estimate)
         return estimate
 
+    def skip_noise_scale_parts(self) -> None:
+        """Cut no batch for the noise scale from now on: it is measured elsewhere (under DDP from the
+        ranks' local gradients, see :meth:`hessdiag.Monitor.watch_ranks`)."""
+        self.noise_scale_parts = 0
+
     def shrink_sub_batch(self, size: int) -> None:
         """Use at most `size` samples of each batch from now on (a smaller check fitted in memory)."""
         self.sub_batch = size if self.sub_batch is None else min(self.sub_batch, size)

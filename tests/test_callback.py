@@ -196,6 +196,9 @@ class RankReport(pl.Callback):
             "lambda_max": [c.lambda_max for c in monitor.checks],
             "flags": [(e.name, e.kind, e.step) for e in monitor.events],
             "steps": monitor.step,
+            "check_noise": [c.noise for c in monitor.checks],
+            "rank_noise_scale": monitor.ranks.estimator.running.state_dict(),
+            "verdict": monitor.ranks.verdict(),
         }
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(report, f)
@@ -211,7 +214,11 @@ def test_ddp_two_cpu_processes(tmp_path):
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert ranks[0] == ranks[1]  # identical curvature and identical flag decisions
     assert len(ranks[0]["lambda_max"]) == 3
+    # The noise scale from the ranks' local gradients at every step, not the checks' split.
+    assert ranks[0]["check_noise"] == [None] * 3 and ranks[0]["rank_noise_scale"]["count"] == 15
+    assert "vs batch 32" in ranks[0]["verdict"]  # 16 samples on each of 2 ranks
     logged = scalars(tmp_path)
+    assert "hessdiag/noise_scale" in logged
     assert [s for s, _ in logged["hessdiag/lambda_max"]] == [5, 10, 15]  # rank 0 alone logged once per check
     for (_, value), expected in zip(logged["hessdiag/lambda_max"], ranks[0]["lambda_max"]):
         assert value == pytest.approx(expected, rel=1e-6)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from hessdiag._isolation import ModelMode
+from hessdiag.batches import batch_size
 from hessdiag.curvature import CurvatureProbe, RankWeighting
 from hessdiag.curvature_check import CurvatureCheck
 from hessdiag.detectors import FlagDetector
@@ -43,11 +44,12 @@ from hessdiag.operator import HVPMethod, LossFn
 from hessdiag.monitor.check_runner import CheckRunner, check_record, check_scalars, check_texts
 from hessdiag.monitor.detection import Detection
 from hessdiag.monitor.faults import FaultPolicy
+from hessdiag.monitor.rank_noise import RankNoise
 from hessdiag.monitor.step_statistics import StepStatistics
 from hessdiag.monitor.writers import WriterFanOut, resolve_writers
 from hessdiag.schedule import CheckEvery, CheckSchedule
 from hessdiag.settings import DiagnosticsSettings, resolve_detectors
-from hessdiag.tags import CHECK_FAILED, HVP_METHOD, event_tag, note_tag
+from hessdiag.tags import CHECK_FAILED, HVP_METHOD, NOISE_SCALE_VERDICT, event_tag, note_tag
 
 
 class Monitor:
@@ -78,7 +80,8 @@ class Monitor:
             ``"samples"``: the mean over all the ranks' samples.
         density_every: every n-th check also logs the spectral density (0: never).
         noise_scale_parts: each check also estimates the gradient noise scale from its batch cut in
-            this many parts (0: never; default 4; see :class:`CurvatureProbe` for the cost).
+            this many parts (0: no noise scale; default 4; see :class:`CurvatureProbe` for the cost);
+            under DDP from every step's local and all-reduced gradients instead (:meth:`watch_ranks`).
         detectors: the detectors to run: flag names (defaults) or detector instances (default: one of
             each, with default thresholds).
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 mixed-precision loop (call
@@ -182,10 +185,13 @@ class Monitor:
         )
         self.probe = _probe(model, loss_fn, settings, params) if loss_fn is not None else None
         self._runner = CheckRunner(model, self.probe, schedule, self.faults) if self.probe is not None else None
+        self.ranks = RankNoise()
         self.detection = Detection(resolve_detectors(detectors), self.faults)
         self.writers.remember(self.detection.flag_scalars())  # the flags exist from the start
         if self._runner is not None and self.schedule.enabled:
             self._runner.warn_low_precision(settings.tol)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            self.watch_ranks(model)
 
     # -- what the loop and the adapters read ---------------------------------------------------
     @property
@@ -246,6 +252,19 @@ class Monitor:
         _check_arguments(self.model, None, optimizer, None, checks=False)
         self._optimizer = optimizer
 
+    def watch_ranks(self, ddp: nn.Module) -> None:
+        """The noise scale from every step's local gradients against DDP's all-reduced one (a
+        communication hook reducing as DDP does; no extra backward), not the checks' split; see
+        :mod:`hessdiag.rank_noise_scale`. Called for a DDP `model`, and by the callback. A DDP that
+        has its own hook keeps it, and the split stays (said once)."""
+        if not self.settings.noise_scale_parts:
+            return
+        why_not = self.ranks.watch(ddp)
+        if why_not is None and self.probe is not None:
+            self.probe.skip_noise_scale_parts()
+        elif why_not is not None and isinstance(ddp, nn.parallel.DistributedDataParallel):
+            self.note("rank noise scale", f"hessdiag: no noise scale from the ranks' gradients: {why_not}; checks split their batch.")
+
     def read_back_due(self, step: int) -> bool:
         """Whether :meth:`after_step` reads back (detects, logs) at optimizer step `step`."""
         return step % self.settings.log_every == 0
@@ -263,17 +282,26 @@ class Monitor:
             self.statistics.observe_gradients(self._step + 1)
 
     def after_step(
-        self, batch: Any = None, loss: torch.Tensor | float | None = None, *, step: int | None = None
+        self,
+        batch: Any = None,
+        loss: torch.Tensor | float | None = None,
+        *,
+        step: int | None = None,
+        samples: int | None = None,
     ) -> list[FlagEvent]:
         """Count an optimizer step and its `loss`; read back, detect and log every `log_every` steps;
         run a curvature check on `batch` every `check_every` steps. Returns the new flag events.
 
         `step`: the optimizer steps taken including this one (Lightning's ``trainer.global_step``
         at ``on_train_batch_end``), adopted instead of counting. `loss` is copied (one kernel, no
-        host read), so a buffer the loop reuses is safe to pass.
+        host read), so a buffer the loop reuses is safe to pass. `samples`: this rank's samples of the
+        step (default: those of `batch`), for the noise scale under DDP.
         """
         self._step = self._step + 1 if step is None else step
         events: list[FlagEvent] = []
+        if self.ranks.active:
+            with self.guard("the noise scale from the ranks"):
+                self.ranks.close_step(samples if samples is not None else batch_size(batch))
         if loss is not None:
             with self.guard("the per-step statistics"):
                 self.statistics.add_loss(self._step, loss)
@@ -297,7 +325,8 @@ class Monitor:
             readout = self.statistics.read(self.checks[-1].lambda_max if self.checks else None)
             if readout is not None:
                 events = self.detection.observe(readout.records)
-                self.writers.emit(readout.step, readout.values | self.detection.flag_scalars(), readout.layers, events)
+                values = readout.values | self.ranks.read() | self.detection.flag_scalars()
+                self.writers.emit(readout.step, values, readout.layers, events)
         return events
 
     # -- curvature ---------------------------------------------------------------------------
@@ -319,6 +348,9 @@ class Monitor:
         self.writers.emit(check.step, check_scalars(check) | self.detection.flag_scalars(), {}, events, check.density)
         for tag, message in check_texts(check).items():
             self.writers.text(check.step, tag, message)
+        verdict = self.ranks.verdict()
+        if verdict is not None:
+            self.writers.text(check.step, NOISE_SCALE_VERDICT, verdict)
         for key, why in check.skipped.items():  # a quantity the check could not measure: said once
             self.note(key, why)
         previous = self.checks[-2] if len(self.checks) > 1 else None
@@ -357,6 +389,7 @@ class Monitor:
             "probe": self.probe.state_dict() if self.probe is not None else {},
             **self.detection.state_dict(),  # "detectors" and "events"
             "overflow_skips": self.statistics.overflow_skips,
+            "rank_noise_scale": self.ranks.estimator.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -366,6 +399,7 @@ class Monitor:
         self.statistics.load_state_dict({"overflow_skips": state.get("overflow_skips", 0)})
         if self.probe is not None:
             self.probe.load_state_dict(state.get("probe", {}))
+        self.ranks.estimator.load_state_dict(state.get("rank_noise_scale", {}))
         self.detection.load_state_dict(state)
         self.writers.remember(self.detection.flag_scalars())
 
