@@ -32,7 +32,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from hessdiag._isolation import ModelMode
-from hessdiag.batches import MAX_MICRO_BATCHES
+from hessdiag.batches import MAX_MICRO_BATCHES, batch_size
 from hessdiag.callbacks.callback_metrics import publish, show_in_progress_bar, watched_by_another_callback
 from hessdiag.callbacks.flag_stopping import FlagHook, FlagStopping
 from hessdiag.callbacks.logger_writer import LoggerWriter
@@ -239,6 +239,9 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.monitor is not None:
             self._step.count(batch)
+            if trainer.accumulate_grad_batches > 1 and pl_module.automatic_optimization:
+                # Lightning divides each micro-batch loss by accumulate_grad_batches.
+                self.monitor.begin_micro_batch(batch_size(batch), 1.0 / trainer.accumulate_grad_batches)
         if self.monitor is None or not (self._first_values_due or self.monitor.check_due(trainer.global_step + 1)):
             return
         # A check follows this optimizer step: keep its micro-batches (references, no copy).

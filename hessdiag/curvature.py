@@ -128,8 +128,18 @@ class CurvatureProbe:
         #: The step of the last cold check whose cross-check ("auto") chose double backward, else None.
         self.verified_step: int | None = None
 
-    def run(self, step: int, batch: Any, optimizer: torch.optim.Optimizer | None = None, *, sub_batch: int | None = None) -> CurvatureCheck:
-        """One check on `batch` (cut to `sub_batch` or the probe's own sub-batch size).
+    def run(
+        self,
+        step: int,
+        batch: Any,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        sub_batch: int | None = None,
+        noise: NoiseScaleEstimate | None = None,
+    ) -> CurvatureCheck:
+        """One check on `batch` (cut to `sub_batch` or the probe's own sub-batch size). `noise`: the
+        step's noise-scale estimate measured elsewhere (the micro-batches' gradients), added to
+        :attr:`noise_scale` instead of cutting the batch.
 
         Raises the engine's errors (see :mod:`hessdiag.errors`); the caller decides what to do.
         """
@@ -158,7 +168,7 @@ class CurvatureProbe:
             num_hvps = operator.num_hvps
         skipped: dict[str, str] = {}
         top_shares, bottom_shares = module_shares(result, skipped)
-        noise = self._noise_scale_estimate(batch, seed, skipped)
+        noise = self._noise_scale_estimate(batch, seed, skipped, noise)
         self.warm_vectors = result.warm_start()
         self.num_checks += 1
         return CurvatureCheck(
@@ -217,11 +227,16 @@ class CurvatureProbe:
             seed=seed, device=operator.device, dtype=operator.dtype, shard=operator.shard,
         )  # fmt: skip
 
-    def _noise_scale_estimate(self, batch: Any, seed: int, skipped: dict[str, str]) -> NoiseScaleEstimate | None:
-        """This check's noise-scale estimate, added to :attr:`noise_scale`; None (and why, in
-        `skipped`) where there is none."""
+    def _noise_scale_estimate(
+        self, batch: Any, seed: int, skipped: dict[str, str], given: NoiseScaleEstimate | None
+    ) -> NoiseScaleEstimate | None:
+        """This check's noise-scale estimate (`given`, or from the batch cut in parts), added to
+        :attr:`noise_scale`; None (and why, in `skipped`) where there is none."""
         if not self.noise_scale_parts:
             return None
+        if given is not None:
+            self.noise_scale.update(given)
+            return given
         estimate, why = noise_scale_of(
             self.model, self.loss_fn, batch, self.noise_scale_parts, params=self.params, mode=self.mode, seed=seed
         )

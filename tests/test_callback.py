@@ -197,8 +197,8 @@ class RankReport(pl.Callback):
             "flags": [(e.name, e.kind, e.step) for e in monitor.events],
             "steps": monitor.step,
             "check_noise": [c.noise for c in monitor.checks],
-            "rank_noise_scale": monitor.ranks.estimator.running.state_dict(),
-            "verdict": monitor.ranks.verdict(),
+            "rank_noise_scale": monitor.noise.ranks.running.state_dict(),
+            "verdict": monitor.noise.verdict(),
         }
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(report, f)
@@ -316,6 +316,8 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     trainer(tmp_path, [callback], max_steps=15, accumulate_grad_batches=3).fit(Classifier(), loader(n=512))
     assert callback.monitor.step == 15
     assert [c.step for c in callback.monitor.checks] == [5, 10, 15]
+    # The noise scale from the step's three micro-batches' gradients, not from cutting the first.
+    assert all((c.noise.small_batch, c.noise.num_small, c.noise.big_batch) == (32, 3, 96) for c in callback.monitor.checks)
     logged = scalars(tmp_path)
     assert [s for s, _ in logged["hessdiag/grad_norm"]] == [5, 10, 15]
 

@@ -79,14 +79,14 @@ def _worker(rank, world_size, init_file, out_dir):
         torch.save(
             {
                 "same": all(torch.equal(a, b) for a, b in zip(plain, params)),
-                "running": monitor.ranks.estimator.running.state_dict(),
+                "running": monitor.noise.ranks.running.state_dict(),
                 "latest": monitor.latest,
                 "check_noise": [c.noise for c in monitor.checks],
                 "check_skipped": [c.skipped for c in monitor.checks],
                 "locals": torch.stack(everyone),
                 "reduced": [h[1] for h in by_hand],
                 "warnings": [str(w.message) for w in caught],
-                "hooked_active": other.ranks.active,
+                "hooked_active": other.noise.from_ranks,
                 "hooked_parts": other.probe.noise_scale_parts,
                 "hooked_warnings": [str(w.message) for w in hooked_warnings],
                 "state": monitor.state_dict()["rank_noise_scale"],

@@ -21,6 +21,7 @@ from hessdiag.curvature_check import CurvatureCheck
 from hessdiag.dashboard import layer_shares_text, noise_scale_verdict
 from hessdiag.detectors import CheckRecord
 from hessdiag.errors import HessdiagError
+from hessdiag.noise_scale import NoiseScaleEstimate
 from hessdiag.operator import PRECISION_FLOOR
 from hessdiag.monitor.faults import FaultPolicy
 from hessdiag.schedule import CheckSchedule
@@ -82,11 +83,17 @@ class CheckRunner:
         self.failed_checks: list[tuple[int, str]] = []
 
     def run(
-        self, step: int, batch: Any, optimizer: torch.optim.Optimizer | None, device: torch.device
+        self,
+        step: int,
+        batch: Any,
+        optimizer: torch.optim.Optimizer | None,
+        device: torch.device,
+        noise: NoiseScaleEstimate | None = None,
     ) -> CurvatureCheck:
         """One check on `batch` at `step`, kept in :attr:`checks`; raises the error of the last try
-        when none succeeded. `device`: where the schedule times the check."""
-        check = self._run(step, batch, optimizer)
+        when none succeeded. `device`: where the schedule times the check; `noise`: the step's
+        noise-scale estimate measured elsewhere (see :meth:`CurvatureProbe.run`)."""
+        check = self._run(step, batch, optimizer, noise)
         self.checks.append(check)
         self.schedule.check_finished(step, check.seconds, device)
         return check
@@ -117,11 +124,13 @@ class CheckRunner:
             f"{self.schedule.next_check}). Lower `check_every`, or train longer, to see curvature."
         )
 
-    def _run(self, step: int, batch: Any, optimizer: torch.optim.Optimizer | None) -> CurvatureCheck:
+    def _run(
+        self, step: int, batch: Any, optimizer: torch.optim.Optimizer | None, noise: NoiseScaleEstimate | None
+    ) -> CurvatureCheck:
         sub_batch = None
         for attempt in range(ATTEMPTS):
             try:
-                check = self.probe.run(step, batch, optimizer, sub_batch=sub_batch)
+                check = self.probe.run(step, batch, optimizer, sub_batch=sub_batch, noise=noise)
             except Exception as error:
                 if self._faults.strict or not is_out_of_memory(error) or attempt == ATTEMPTS - 1:
                     raise

@@ -34,17 +34,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessdiag._isolation import ModelMode
+from hessdiag._isolation import ModelMode, unwrap_model
 from hessdiag.batches import batch_size
-from hessdiag.curvature import CurvatureProbe, RankWeighting
+from hessdiag.curvature import RankWeighting
 from hessdiag.curvature_check import CurvatureCheck
 from hessdiag.detectors import FlagDetector
 from hessdiag.flags import FlagEvent
 from hessdiag.operator import HVPMethod, LossFn
+from hessdiag.monitor.assembly import check_arguments, probe_from_settings
 from hessdiag.monitor.check_runner import CheckRunner, check_record, check_scalars, check_texts
 from hessdiag.monitor.detection import Detection
 from hessdiag.monitor.faults import FaultPolicy
-from hessdiag.monitor.rank_noise import RankNoise
+from hessdiag.monitor.noise_sources import NoiseSources
 from hessdiag.monitor.step_statistics import StepStatistics
 from hessdiag.monitor.writers import WriterFanOut, resolve_writers
 from hessdiag.schedule import CheckEvery, CheckSchedule
@@ -172,7 +173,7 @@ class Monitor:
         grad_scaler: torch.amp.GradScaler | None,
     ) -> None:
         schedule = CheckSchedule(settings.check_every, settings.overhead_budget)
-        _check_arguments(model, loss_fn, optimizer, grad_scaler, checks=schedule.enabled)
+        check_arguments(model, loss_fn, optimizer, grad_scaler, checks=schedule.enabled)
         self.settings = settings
         self.model = model
         self.schedule = schedule
@@ -183,9 +184,10 @@ class Monitor:
         self.statistics = StepStatistics(
             model, track_updates=settings.update_ratios, grad_scaler=grad_scaler, faults=self.faults
         )
-        self.probe = _probe(model, loss_fn, settings, params) if loss_fn is not None else None
+        self.probe = probe_from_settings(model, loss_fn, settings, params) if loss_fn is not None else None
         self._runner = CheckRunner(model, self.probe, schedule, self.faults) if self.probe is not None else None
-        self.ranks = RankNoise()
+        chosen = self.probe.params if self.probe is not None else None  # the checks' parameters
+        self.noise = NoiseSources(lambda: chosen or list(unwrap_model(model).parameters()))
         self.detection = Detection(resolve_detectors(detectors), self.faults)
         self.writers.remember(self.detection.flag_scalars())  # the flags exist from the start
         if self._runner is not None and self.schedule.enabled:
@@ -249,7 +251,7 @@ class Monitor:
 
     def use_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Read `optimizer` for the stability threshold from now on (never modified)."""
-        _check_arguments(self.model, None, optimizer, None, checks=False)
+        check_arguments(self.model, None, optimizer, None, checks=False)
         self._optimizer = optimizer
 
     def watch_ranks(self, ddp: nn.Module) -> None:
@@ -259,11 +261,21 @@ class Monitor:
         has its own hook keeps it, and the split stays (said once)."""
         if not self.settings.noise_scale_parts:
             return
-        why_not = self.ranks.watch(ddp)
+        why_not = self.noise.watch(ddp)
         if why_not is None and self.probe is not None:
             self.probe.skip_noise_scale_parts()
         elif why_not is not None and isinstance(ddp, nn.parallel.DistributedDataParallel):
             self.note("rank noise scale", f"hessdiag: no noise scale from the ranks' gradients: {why_not}; checks split their batch.")
+
+    def begin_micro_batch(self, samples: int | None = None, loss_scale: float = 1.0) -> None:
+        """Under gradient accumulation, call before each micro-batch's backward (`samples`: its
+        samples; `loss_scale`: its loss's factor, 1 / micro-batches): a check after this step takes
+        the noise scale from the micro-batches' gradients (:mod:`hessdiag.micro_batch_noise`, no
+        extra backward), not its split. Only without DDP's ranks and an fp16 loss scaler."""
+        scaled = self.grad_scaler is not None and self.grad_scaler.is_enabled()
+        if self.settings.noise_scale_parts and not self.noise.from_ranks and not scaled and self.check_due(self._step + 1):
+            with self.guard("the noise scale from the micro-batches"):
+                self.noise.begin_micro_batch(samples, loss_scale)
 
     def read_back_due(self, step: int) -> bool:
         """Whether :meth:`after_step` reads back (detects, logs) at optimizer step `step`."""
@@ -280,6 +292,7 @@ class Monitor:
         several times before :meth:`after_step` (an LBFGS closure) still makes one record of the step."""
         with self.guard("the gradient statistics"):
             self.statistics.observe_gradients(self._step + 1)
+            self.noise.gradients_final()
 
     def after_step(
         self,
@@ -299,9 +312,9 @@ class Monitor:
         """
         self._step = self._step + 1 if step is None else step
         events: list[FlagEvent] = []
-        if self.ranks.active:
+        if self.noise.from_ranks:
             with self.guard("the noise scale from the ranks"):
-                self.ranks.close_step(samples if samples is not None else batch_size(batch))
+                self.noise.close_step(samples if samples is not None else batch_size(batch))
         if loss is not None:
             with self.guard("the per-step statistics"):
                 self.statistics.add_loss(self._step, loss)
@@ -325,7 +338,7 @@ class Monitor:
             readout = self.statistics.read(self.checks[-1].lambda_max if self.checks else None)
             if readout is not None:
                 events = self.detection.observe(readout.records)
-                values = readout.values | self.ranks.read() | self.detection.flag_scalars()
+                values = readout.values | self.noise.read() | self.detection.flag_scalars()
                 self.writers.emit(readout.step, values, readout.layers, events)
         return events
 
@@ -336,7 +349,8 @@ class Monitor:
         assert self._runner is not None, "no loss_fn was given"
         self._runner.warn_low_precision(self.settings.tol)
         try:
-            check = self._runner.run(self._step, batch, self._optimizer, self.statistics.device)
+            noise = self.noise.check_estimate()
+            check = self._runner.run(self._step, batch, self._optimizer, self.statistics.device, noise=noise)
         except Exception as error:  # diagnostics must never crash training
             if self.faults.strict:
                 raise
@@ -348,7 +362,7 @@ class Monitor:
         self.writers.emit(check.step, check_scalars(check) | self.detection.flag_scalars(), {}, events, check.density)
         for tag, message in check_texts(check).items():
             self.writers.text(check.step, tag, message)
-        verdict = self.ranks.verdict()
+        verdict = self.noise.verdict()
         if verdict is not None:
             self.writers.text(check.step, NOISE_SCALE_VERDICT, verdict)
         for key, why in check.skipped.items():  # a quantity the check could not measure: said once
@@ -389,7 +403,7 @@ class Monitor:
             "probe": self.probe.state_dict() if self.probe is not None else {},
             **self.detection.state_dict(),  # "detectors" and "events"
             "overflow_skips": self.statistics.overflow_skips,
-            "rank_noise_scale": self.ranks.estimator.state_dict(),
+            "rank_noise_scale": self.noise.ranks.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -399,33 +413,7 @@ class Monitor:
         self.statistics.load_state_dict({"overflow_skips": state.get("overflow_skips", 0)})
         if self.probe is not None:
             self.probe.load_state_dict(state.get("probe", {}))
-        self.ranks.estimator.load_state_dict(state.get("rank_noise_scale", {}))
+        self.noise.ranks.load_state_dict(state.get("rank_noise_scale", {}))
         self.detection.load_state_dict(state)
         self.writers.remember(self.detection.flag_scalars())
 
-
-def _check_arguments(
-    model: Any, loss_fn: Any, optimizer: Any, grad_scaler: Any, *, checks: bool
-) -> None:
-    """ValueError naming the first argument that is not what the Monitor needs."""
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    if checks and loss_fn is None:
-        raise ValueError("`loss_fn` is required for curvature checks (or set `check_every=0`).")
-    if loss_fn is not None and not callable(loss_fn):
-        raise ValueError(f"`loss_fn` must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}.")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise ValueError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
-    if grad_scaler is not None and not callable(getattr(grad_scaler, "is_enabled", None)):
-        raise ValueError(f"`grad_scaler` must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}.")
-
-
-def _probe(
-    model: nn.Module, loss_fn: LossFn, settings: DiagnosticsSettings, params: Iterable[torch.Tensor] | None
-) -> CurvatureProbe:
-    return CurvatureProbe(
-        model, loss_fn, k=settings.k, tol=settings.tol, max_iter=settings.max_iter, cold_every=settings.cold_every,
-        sub_batch=settings.sub_batch, mode=settings.mode, hvp_method=settings.hvp_method, params=params,
-        rank_weighting=settings.rank_weighting, density_every=settings.density_every,
-        noise_scale_parts=settings.noise_scale_parts,
-    )  # fmt: skip
