@@ -48,10 +48,11 @@ from hessdiag.curvature_check import CurvatureCheck
 from hessdiag.eigen import HessianEigenvalues, eigenvalues_of
 from hessdiag.noise_scale import NoiseScaleEstimate
 from hessdiag.running_noise_scale import RunningNoiseScale
-from hessdiag.operator import HessianOperator, HVPMethod, LossFn
+from hessdiag.operator import HessianOperator, HVPMethod, LossFn, trainable_parameters
 from hessdiag.lanczos import lanczos
 from hessdiag.spectrum import SpectralDensity, slq_density
 from hessdiag.stability import StabilityThreshold, preconditioner_sqrt, stability_threshold
+from hessdiag.update_prediction import UpdatePrediction, UpdateStart, predict_update
 
 RankWeighting = Literal["equal", "samples"]
 
@@ -127,6 +128,7 @@ class CurvatureProbe:
         self.warm_preconditioned: torch.Tensor | None = None
         #: The step of the last cold check whose cross-check ("auto") chose double backward, else None.
         self.verified_step: int | None = None
+        self._update_start: UpdateStart | None = None
 
     def run(
         self,
@@ -144,6 +146,8 @@ class CurvatureProbe:
         Raises the engine's errors (see :mod:`hessdiag.errors`); the caller decides what to do.
         """
         start = time.perf_counter()
+        update_start, self._update_start = self._update_start, None
+        skipped: dict[str, str] = {}
         step_samples = batch_size(batch)
         batch = take_sub_batch(batch, sub_batch or self.sub_batch)
         seed = self.num_checks  # a fresh dropout draw per check, the same for all products of one check
@@ -164,9 +168,9 @@ class CurvatureProbe:
             stability, sharpness, scale = self._stability(operator, result, optimizer, cold, seed)
             escape = escape_probe(operator, result)
             gradient_curvature, lr_headroom = along_gradient(operator, stability, scale)
+            update = self._update_prediction(operator, update_start, step, skipped)
             density = self._density(operator, seed)
             num_hvps = operator.num_hvps
-        skipped: dict[str, str] = {}
         top_shares, bottom_shares = module_shares(result, skipped)
         noise = self._noise_scale_estimate(batch, seed, skipped, noise)
         self.warm_vectors = result.warm_start()
@@ -206,6 +210,7 @@ class CurvatureProbe:
             noise_scale_se=finite_or_none(self.noise_scale.noise_scale_se),
             step_batch_size=step_batch_size(step_samples),
             conditioning=conditioning(result.lambda_max, density),
+            update_prediction=update,
             skipped=skipped,
         )
 
@@ -245,6 +250,23 @@ class CurvatureProbe:
         else:
             self.noise_scale.update(estimate)
         return estimate
+
+    def remember_update_start(self, step: int) -> None:
+        """Copy the parameters before optimizer step `step` (its gradients final, the step not yet
+        taken), for the check after it to measure the update (:mod:`hessdiag.update_prediction`).
+        Once per step: a second call for the same step (an LBFGS closure) keeps the first copy."""
+        if self._update_start is None or self._update_start.step != step:
+            self._update_start = UpdateStart(step, trainable_parameters(unwrap_model(self.model), self.params))
+
+    def _update_prediction(
+        self, operator: HessianOperator, start: UpdateStart | None, step: int, skipped: dict[str, str]
+    ) -> UpdatePrediction | None:
+        if start is None or start.step != step:  # no copy, or one of a step without its check
+            return None
+        prediction, why = predict_update(operator, start)
+        if prediction is None:
+            skipped["update_prediction"] = f"No prediction of the update's loss change: {why}."
+        return prediction
 
     def skip_noise_scale_parts(self) -> None:
         """Cut no batch for the noise scale from now on: it is measured elsewhere (under DDP from the

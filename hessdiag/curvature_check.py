@@ -9,6 +9,7 @@ from hessdiag.check_quantities import Shares
 from hessdiag.noise_scale import NoiseScaleEstimate
 from hessdiag.spectrum import SpectralDensity
 from hessdiag.stability import StabilityThreshold
+from hessdiag.update_prediction import UpdatePrediction
 
 
 @dataclass
@@ -59,6 +60,9 @@ class CurvatureCheck:
             of ranks under data parallelism), the batch the noise scale compares with.
         conditioning: lambda_max / (trace / n) at a density check, the trace from the density's
             mean eigenvalue; None elsewhere or when that mean is <= 0.
+        update_prediction: with ``update_ratios=True``, the loss change of the optimizer's update
+            that led to this check as the quadratic model predicts it, against the observed one
+            (see :mod:`hessdiag.update_prediction`); None otherwise.
         skipped: ``{quantity: why}`` for each of the above that was not measured for a reason a user
             should hear (a batch too small for the noise scale's parts, a sharded model, ...).
         tol: the tolerance `converged` was tested against: the one asked for, or the precision floor
@@ -99,6 +103,7 @@ class CurvatureCheck:
     noise_scale_se: float | None = None
     step_batch_size: int | None = None
     conditioning: float | None = None
+    update_prediction: UpdatePrediction | None = None
     skipped: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -51,6 +51,9 @@ from hessdiag.tags import (
     SHARPNESS,
     STABILITY_RATIO,
     STABILITY_THRESHOLD,
+    UPDATE_LOSS_OBSERVED,
+    UPDATE_LOSS_PREDICTED,
+    UPDATE_LOSS_RATIO,
     flag_tag,
     layer_summary_tag,
     layer_tag,
@@ -202,6 +205,12 @@ def _charts() -> dict[str, list[_Chart]]:
                 [NOISE_SCALE, NOISE_SCALE_SE],
             ),
             (f"conditioning lambda_max / (trace / n) at density checks ({CONDITIONING})", [CONDITIONING]),
+            (
+                f"loss change of the step's update: the quadratic model's ({UPDATE_LOSS_PREDICTED}) and the observed "
+                f"({UPDATE_LOSS_OBSERVED}), with update_ratios",
+                [UPDATE_LOSS_PREDICTED, UPDATE_LOSS_OBSERVED],
+            ),
+            (f"observed / predicted loss change of the update ({UPDATE_LOSS_RATIO}; 1: the step stayed quadratic)", [UPDATE_LOSS_RATIO]),
         ],
         f"{p}: flags (0 = clear, 1 = raised; set smoothing to 0)": [
             (f"active flags ({ACTIVE_FLAGS}) and {onsets}", [ACTIVE_FLAGS, FLAG_ONSETS]),

@@ -48,6 +48,11 @@ NOISE_SCALE = tag("noise_scale")
 NOISE_SCALE_SE = tag("noise_scale_se")
 #: lambda_max / (trace / n), at density checks.
 CONDITIONING = tag("conditioning")
+#: With update_ratios: the loss change of the optimizer's update the quadratic model predicts, the
+#: observed one on the same batch, and observed / predicted (1: the step stayed quadratic).
+UPDATE_LOSS_PREDICTED = tag("update_loss_predicted")
+UPDATE_LOSS_OBSERVED = tag("update_loss_observed")
+UPDATE_LOSS_RATIO = tag("update_loss_ratio")
 
 # -- derived series the dashboard adds (see hessdiag.dashboard.shown_scalars) -------------------
 RATIO_LIMIT = tag("stability_ratio_limit")
@@ -57,6 +62,7 @@ HEADROOM_LIMIT = tag("lr_headroom_limit")
 #: whatever the model's depth (module names go to the text card :data:`LAYER_SHARES`).
 CHECK_QUANTITY_TAGS = (
     GRADIENT_CURVATURE, GRADIENT_ALIGNMENT, LR_HEADROOM, HEADROOM_LIMIT, NOISE_SCALE, NOISE_SCALE_SE, CONDITIONING,
+    UPDATE_LOSS_PREDICTED, UPDATE_LOSS_OBSERVED, UPDATE_LOSS_RATIO,
 )  # fmt: skip
 CERTIFIED_LAMBDA_MIN = tag("lambda_min_certified")
 ACTIVE_FLAGS = tag("active_flags")

@@ -49,6 +49,9 @@ from hessdiag.tags import (
     SHARPNESS,
     STABILITY_RATIO,
     STABILITY_THRESHOLD,
+    UPDATE_LOSS_OBSERVED,
+    UPDATE_LOSS_PREDICTED,
+    UPDATE_LOSS_RATIO,
 )
 
 #: Tries of one check: the first, then two on half the samples each.
@@ -213,6 +216,9 @@ def check_scalars(check: CurvatureCheck) -> dict[str, float]:
         NOISE_SCALE_SE: check.noise_scale_se,
         CONDITIONING: check.conditioning,
     }
+    update = check.update_prediction
+    if update is not None:
+        optional |= {UPDATE_LOSS_PREDICTED: update.predicted, UPDATE_LOSS_OBSERVED: update.observed, UPDATE_LOSS_RATIO: update.ratio}
     scalars |= {tag: value for tag, value in optional.items() if value is not None and math.isfinite(value)}
     return scalars
 

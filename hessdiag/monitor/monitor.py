@@ -91,7 +91,9 @@ class Monitor:
             (``overflow_skips``) and not judged, unless many come in a row (see
             :class:`ExplodingGradientDetector`).
         update_ratios: also log each layer's update-to-weight ratio ||delta theta|| / ||theta|| per
-            read-back (the step the optimizer really took; for Adam it is not lr ||g|| / ||theta||).
+            read-back (the step the optimizer really took; for Adam it is not lr ||g|| / ||theta||),
+            and at each check the loss change of the step's update that the quadratic model predicts
+            against the observed one (:mod:`hessdiag.update_prediction`: one more product and forward).
             Keeps a copy of the parameters on their device.
         strict: re-raise errors of the diagnostics instead of warning and backing off.
 
@@ -293,6 +295,8 @@ class Monitor:
         with self.guard("the gradient statistics"):
             self.statistics.observe_gradients(self._step + 1)
             self.noise.gradients_final()
+            if self.settings.update_ratios and self.check_due(self._step + 1):
+                self.probe.remember_update_start(self._step + 1)  # a check follows: measure its update
 
     def after_step(
         self,
