@@ -6,7 +6,8 @@
   and the learning-rate headroom (one product on the check's open operator);
 * how much batch the run can use (:func:`noise_scale_of`): the gradient noise scale from the check's
   batch cut in parts (the parts' forwards and backwards, about one gradient of the check batch);
-* the conditioning lambda_max / (trace / n) from a density check's mean eigenvalue (no product).
+* the conditioning lambda_max / (trace / n) at a density check, the trace by Hutch++
+  (:data:`CONDITIONING_TRACE_MATVECS` products).
 
 :class:`~hessdiag.curvature.CurvatureProbe` calls them; each returns None (or says why) where its
 quantity is undefined or cannot be measured, never a placeholder.
@@ -29,7 +30,7 @@ from hessdiag.errors import HessdiagError
 from hessdiag.gradient_curvature import gradient_curvature_of
 from hessdiag.noise_scale import NoiseScaleEstimate, gradient_noise_scale
 from hessdiag.operator import HessianOperator, LossFn
-from hessdiag.spectrum import SpectralDensity
+from hessdiag.spectrum import SpectralDensity, hutchpp_trace
 from hessdiag.stability import StabilityThreshold
 
 #: Modules kept per end of the spectrum in a check's layer shares (the dashboard's budget).
@@ -85,13 +86,33 @@ def step_batch_size(local: int | None) -> int | None:
     return local * torch.distributed.get_world_size() if _distributed.is_data_parallel() else local
 
 
-def conditioning(lambda_max: float, density: SpectralDensity | None) -> float | None:
-    """lambda_max / (trace / n), the trace from the density's mean eigenvalue: stochastic Lanczos
-    quadrature is exact for degree-1 polynomials, so that mean is Hutchinson's estimate of trace / n
-    with the density's probes, at no extra product."""
+#: Products of the Hutch++ trace behind the conditioning (a third sketch the dominant subspace, a
+#: third take its exact trace, a third feed Hutchinson on the rest): exact when the Hessian's rank
+#: is at most a third of it.
+CONDITIONING_TRACE_MATVECS = 18
+
+
+def conditioning(
+    lambda_max: float, operator: HessianOperator, density: SpectralDensity | None, seed: int
+) -> float | None:
+    """lambda_max / (trace / n) at a density check (None elsewhere, or when the trace is <= 0).
+
+    The trace by Hutch++ on the check's operator (:data:`CONDITIONING_TRACE_MATVECS` products): the
+    Hessian's trace is dominated by its few large eigenvalues, which Hutch++ takes exactly, where
+    Hutchinson's estimate (the density's mean eigenvalue) carries their variance. On an
+    FSDP2-sharded model (Hutch++'s sketch would need a QR across ranks) the density's mean
+    eigenvalue is used: stochastic Lanczos quadrature is exact for degree-1 polynomials, so it is
+    Hutchinson's estimate with the density's probes."""
     if density is None:
         return None
-    mean = density.moment(1)
+    if operator.shard is not None:
+        mean = density.moment(1)
+    else:
+        trace = hutchpp_trace(
+            operator.matvec, operator.dim, num_matvecs=CONDITIONING_TRACE_MATVECS, seed=seed, device=operator.device,
+            dtype=operator.dtype,
+        )  # fmt: skip
+        mean = trace.trace / operator.dim
     return lambda_max / mean if mean > 0 else None
 
 

@@ -12,8 +12,8 @@ reusing its gradient graph, computes:
 * when negative curvature is certified, the loss change along the bottom Ritz vector (both signs,
   the better one): a direct check that it is an escape direction;
 * every `density_every`-th check, the spectral density by stochastic Lanczos quadrature (on
-  FSDP2-sharded models from this rank's coordinates of the probes, the same on every rank), and from
-  its mean eigenvalue the conditioning lambda_max / (trace / n);
+  FSDP2-sharded models from this rank's coordinates of the probes, the same on every rank), and the
+  conditioning lambda_max / (trace / n) with the trace by Hutch++ (18 more products);
 * where the curvature lives: the module shares of the top and bottom Ritz vectors (no product);
 * what limits the step: the curvature along the gradient g'Hg / ||g||^2 (one product; for Adam and
   per-group learning rates along the preconditioned gradient, with the same preconditioner and
@@ -170,6 +170,7 @@ class CurvatureProbe:
             gradient_curvature, lr_headroom = along_gradient(operator, stability, scale)
             update = self._update_prediction(operator, update_start, step, skipped)
             density = self._density(operator, seed)
+            condition = conditioning(result.lambda_max, operator, density, seed)
             num_hvps = operator.num_hvps
         top_shares, bottom_shares = module_shares(result, skipped)
         noise = self._noise_scale_estimate(batch, seed, skipped, noise)
@@ -209,7 +210,7 @@ class CurvatureProbe:
             noise_scale=finite_or_none(self.noise_scale.noise_scale),
             noise_scale_se=finite_or_none(self.noise_scale.noise_scale_se),
             step_batch_size=step_batch_size(step_samples),
-            conditioning=conditioning(result.lambda_max, density),
+            conditioning=condition,
             update_prediction=update,
             skipped=skipped,
         )

@@ -58,8 +58,8 @@ class CurvatureCheck:
             its standard error (see :class:`~hessdiag.RunningNoiseScale`); None before an estimate.
         step_batch_size: samples of the optimizer step's batch (all micro-batches; times the number
             of ranks under data parallelism), the batch the noise scale compares with.
-        conditioning: lambda_max / (trace / n) at a density check, the trace from the density's
-            mean eigenvalue; None elsewhere or when that mean is <= 0.
+        conditioning: lambda_max / (trace / n) at a density check, the trace by Hutch++ (see
+            :func:`~hessdiag.check_quantities.conditioning`); None elsewhere or when it is <= 0.
         update_prediction: with ``update_ratios=True``, the loss change of the optimizer's update
             that led to this check as the quadratic model predicts it, against the observed one
             (see :mod:`hessdiag.update_prediction`); None otherwise.
