@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hessdiag._distributed import is_data_parallel
 from hessdiag._isolation import ModelMode, unwrap_model
 from hessdiag.batches import batch_size
 from hessdiag.curvature import RankWeighting
@@ -273,9 +274,10 @@ class Monitor:
         """Under gradient accumulation, call before each micro-batch's backward (`samples`: its
         samples; `loss_scale`: its loss's factor, 1 / micro-batches): a check after this step takes
         the noise scale from the micro-batches' gradients (:mod:`hessdiag.micro_batch_noise`, no
-        extra backward), not its split. Only without DDP's ranks and an fp16 loss scaler."""
+        extra backward), not its split. Not under data parallelism (DDP's ranks give the noise scale
+        there, and `.grad` holds more samples than the micro-batches) nor an fp16 loss scaler."""
         scaled = self.grad_scaler is not None and self.grad_scaler.is_enabled()
-        if self.settings.noise_scale_parts and not self.noise.from_ranks and not scaled and self.check_due(self._step + 1):
+        if self.settings.noise_scale_parts and not is_data_parallel() and not scaled and self.check_due(self._step + 1):
             with self.guard("the noise scale from the micro-batches"):
                 self.noise.begin_micro_batch(samples, loss_scale)
 
