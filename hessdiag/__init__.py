@@ -18,6 +18,7 @@ from hessdiag.errors import (
 from hessdiag.gradient_curvature import GradientCurvature, gradient_curvature, gradient_curvature_of
 from hessdiag.lanczos import LanczosResult, lanczos
 from hessdiag.layer_shares import layer_shares, module_label
+from hessdiag.module_sharpness import ModuleSharpness, module_sharpness
 from hessdiag.monitor import Monitor
 from hessdiag.noise_scale import NoiseScaleEstimate, gradient_noise_scale, noise_scale_from_norms
 from hessdiag.running_noise_scale import RunningNoiseScale
@@ -44,6 +45,8 @@ __all__ = [
     # where the curvature lives
     "layer_shares",
     "module_label",
+    "module_sharpness",
+    "ModuleSharpness",
     # what limits the step
     "gradient_curvature",
     "gradient_curvature_of",

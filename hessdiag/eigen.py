@@ -28,7 +28,7 @@ from hessdiag._isolation import ModelMode
 from hessdiag.errors import HessdiagWarning
 from hessdiag.layer_shares import layer_shares
 from hessdiag.lanczos import BasisStorage, LanczosResult, Which, lanczos
-from hessdiag.operator import HVP_METHODS, HessianOperator, HVPMethod, LossFn
+from hessdiag.operator import HVP_METHODS, HessianBlock, HessianOperator, HVPMethod, LossFn
 from hessdiag.vectors import dot
 
 
@@ -255,7 +255,7 @@ class _End:
 
 
 def _measured_along_ritz_vectors(
-    operator: HessianOperator, result: LanczosResult, which: Which, tol: float
+    operator: HessianOperator | HessianBlock, result: LanczosResult, which: Which, tol: float
 ) -> tuple[dict[str, _End], bool]:
     """Both ends re-measured along their Ritz vectors with finite-difference products (module
     docstring), and the negative-curvature certificate from them: y.H y <= theta + error < 0 proves
@@ -291,7 +291,7 @@ def _measured_along_ritz_vectors(
 
 
 def eigenvalues_of(
-    operator: HessianOperator,
+    operator: HessianOperator | HessianBlock,
     *,
     k: int = 1,
     which: Which = "both",
@@ -305,7 +305,8 @@ def eigenvalues_of(
     memory_budget: int | None = None,
 ) -> HessianEigenvalues:
     """:func:`hessian_eigenvalues` on an open :class:`HessianOperator` (whose graph other
-    estimates of the same check can reuse). Arguments as for :func:`hessian_eigenvalues`; `tol` is
+    estimates of the same check can reuse), or on a diagonal block of one (:class:`HessianBlock`).
+    Arguments as for :func:`hessian_eigenvalues`; `tol` is
     raised to ``operator.precision_floor`` silently (the result's `tol` says so)."""
     _check_tol(tol)
     if isinstance(v0, HessianEigenvalues):

@@ -7,11 +7,13 @@
   :mod:`~hessdiag.operator.forward_over_reverse`, :mod:`~hessdiag.operator.finite_difference`.
 * :mod:`~hessdiag.operator.auto`: the ``"auto"`` choice of method, with its reason and error.
 * :mod:`~hessdiag.operator.hessian`: :class:`HessianOperator`, which dispatches products.
+* :mod:`~hessdiag.operator.block`: :class:`HessianBlock`, a diagonal block of it (some parameters only).
 
 Nothing here imports the solver (:mod:`hessdiag.lanczos`); the vector plumbing both use lives in
 :mod:`hessdiag.vectors`.
 """
 
+from hessdiag.operator.block import HessianBlock
 from hessdiag.operator.auto import MethodChoice, choose_method, finite_differences
 from hessdiag.operator.double_backward import DoubleBackward
 from hessdiag.operator.finite_difference import NON_SMOOTH_DISAGREEMENT, CentralDifference, Measurement, step_size
@@ -32,6 +34,7 @@ __all__ = [
     # the operator
     "HessianOperator",
     "hessian_vector_product",
+    "HessianBlock",
     "HVPMethod",
     "HVP_METHODS",
     "EXACT_METHODS",

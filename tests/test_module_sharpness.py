@@ -1,0 +1,177 @@
+"""Per-module sharpness: lambda_max of a module's own diagonal block, against dense float64 blocks.
+
+A block-diagonal Hessian (two independent non-quadratic branches): each module's value is its dense
+block's top eigenvalue, and the larger one the whole lambda_max. A coupled Hessian (an MLP): each
+value is the top eigenvalue of the dense *diagonal block*, not of the whole Hessian (which is larger,
+the cross terms adding). Bounds hold; products counted; the model left as found."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hessdiag import HessianOperator, hessian_eigenvalues, module_sharpness
+from hessdiag.module_sharpness import ModuleSharpness, module_block, module_sharpness_of
+from hessdiag.operator import HessianBlock
+from oracles import dense_hessian, flat_parameters
+
+
+class Branches(nn.Module):
+    """Two independent tanh regressions, losses added: the Hessian is block-diagonal across `a` and
+    `b` and not quadratic (tanh), the `a` branch's inputs scaled up so the two blocks differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+        self.b = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return torch.tanh(self.a(3 * x)), torch.tanh(self.b(x))
+
+
+def branches_loss(model, batch):
+    x, y = batch
+    a, b = model(x)
+    return F.mse_loss(a, y) + F.mse_loss(b, y)
+
+
+def branches_problem():
+    torch.manual_seed(0)
+    model = Branches().double()
+    generator = torch.Generator().manual_seed(1)
+    return model, (torch.randn(16, 3, generator=generator, dtype=torch.float64), torch.randn(16, 2, generator=generator, dtype=torch.float64))
+
+
+def mlp_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    generator = torch.Generator().manual_seed(1)
+    return model, (torch.randn(24, 4, generator=generator, dtype=torch.float64), torch.randint(0, 3, (24,), generator=generator))
+
+
+def cross_entropy(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def dense_blocks(model, loss_fn, batch):
+    """The whole dense Hessian and each module's dense diagonal block, by slicing in parameter order."""
+    hessian = dense_hessian(model, loss_fn, batch)
+    blocks, offset = {}, 0
+    for name, p in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        blocks.setdefault(owner, []).extend(range(offset, offset + p.numel()))
+        offset += p.numel()
+    return hessian, {owner: hessian[index][:, index] for owner, index in blocks.items()}
+
+
+def top(matrix):
+    return float(torch.linalg.eigvalsh(matrix)[-1])
+
+
+@pytest.mark.parametrize("method", ["double_backward", "finite_difference"])
+def test_on_a_block_diagonal_hessian_each_module_is_its_dense_block(method):
+    model, batch = branches_problem()
+    hessian, blocks = dense_blocks(model, branches_loss, batch)
+    assert hessian[:8, 8:].abs().max() == 0  # block-diagonal across the two modules (8 parameters each)
+    results = module_sharpness(model, branches_loss, batch, ["a", "b"], hvp_method=method, tol=1e-6)
+    assert list(results) == ["a", "b"]
+    for module, result in results.items():
+        expected = top(blocks[module])
+        assert result.converged
+        assert abs(result.lambda_max - expected) <= result.error_bounds["top"][0] + 1e-9 * abs(expected)
+        assert result.lambda_max == pytest.approx(expected, rel=1e-5)
+    assert max(top(b) for b in blocks.values()) == pytest.approx(top(hessian), rel=1e-12)
+    assert top(blocks["a"]) > 2 * top(blocks["b"])  # the two blocks are told apart
+
+
+@pytest.mark.parametrize("method", ["double_backward", "finite_difference"])
+def test_on_a_coupled_hessian_each_module_is_its_diagonal_block_not_the_whole(method):
+    model, batch = mlp_problem()
+    hessian, blocks = dense_blocks(model, cross_entropy, batch)
+    whole = top(hessian)
+    results = module_sharpness(model, cross_entropy, batch, ["2", "0"], hvp_method=method, tol=1e-6)
+    for module, result in results.items():
+        expected = top(blocks[module])
+        assert expected < whole * 0.999  # the cross terms matter: the block is not the whole
+        assert result.converged
+        assert abs(result.lambda_max - expected) <= result.error_bounds["top"][0] + 1e-9 * abs(expected)
+        assert result.lambda_max == pytest.approx(expected, rel=1e-5)
+        assert result.lanczos.top_vectors.shape[1] == blocks[module].shape[0]  # vectors over the module only
+
+
+def test_the_root_module_and_a_subset_of_params():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor([1.5], dtype=torch.float64))
+            self.body = nn.Linear(4, 3).double()
+
+        def forward(self, x):
+            return self.scale * torch.tanh(self.body(x))
+
+    torch.manual_seed(0)
+    model = Scaled()
+    _, batch = mlp_problem()
+    _, blocks = dense_blocks(model, cross_entropy, batch)
+    for name in ("", "(root)"):
+        result = module_sharpness(model, cross_entropy, batch, [name], hvp_method="double_backward", tol=1e-8)[name]
+        assert result.lambda_max == pytest.approx(top(blocks[""]), rel=1e-6)  # a 1x1 block: the second derivative
+    # Over `params` = the body's weight only: the block is that weight's, its bias left out.
+    result = module_sharpness(model, cross_entropy, batch, ["body"], params=[model.body.weight], hvp_method="double_backward", tol=1e-8)
+    assert result["body"].lambda_max == pytest.approx(top(blocks["body"][:12, :12]), rel=1e-6)
+
+
+def test_each_module_costs_its_lanczos_products_and_the_model_is_left_as_found():
+    model, batch = mlp_problem()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    before, rng = flat_parameters(model).clone(), torch.get_rng_state()
+    model.eval()
+    with HessianOperator(model, cross_entropy, batch, method="double_backward") as operator:
+        start = operator.num_hvps
+        results = module_sharpness_of(operator, ["0", "2"], tol=1e-3)
+        spent = operator.num_hvps - start
+    assert spent == sum(r.num_hvps for r in results.values()) and all(r.num_hvps >= 3 for r in results.values())
+    assert torch.equal(flat_parameters(model), before) and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in model.parameters())
+    assert not model.training
+    record = ModuleSharpness.of("0", results["0"])
+    assert record.lambda_max == results["0"].lambda_max and record.num_hvps == results["0"].num_hvps
+
+
+def test_a_warm_start_from_the_top_ritz_vector_gives_the_same_value():
+    model, batch = mlp_problem()
+    _, blocks = dense_blocks(model, cross_entropy, batch)
+    with HessianOperator(model, cross_entropy, batch, method="double_backward") as operator:
+        whole = hessian_eigenvalues(model, cross_entropy, batch, hvp_method="double_backward")
+        results = module_sharpness_of(operator, ["0", "2"], tol=1e-6, v0=whole.top_vectors[0])
+    for module, result in results.items():
+        assert result.lambda_max == pytest.approx(top(blocks[module]), rel=1e-5)
+
+
+def test_the_block_maps_vectors_as_the_dense_block_does():
+    model, batch = mlp_problem()
+    _, blocks = dense_blocks(model, cross_entropy, batch)
+    with HessianOperator(model, cross_entropy, batch, method="double_backward") as operator:
+        block = module_block(operator, "2")
+        assert isinstance(block, HessianBlock) and block.dim == block.size == 18 and block.shard is None
+        v = torch.randn(18, dtype=torch.float64)
+        torch.testing.assert_close(block.matvec(v), blocks["2"] @ v)
+        torch.testing.assert_close(block.restrict(block.embed(v)), v)
+        assert block.embed(v)[:25].abs().max() == 0  # zero outside the module (the first layer: 20 + 5)
+        with pytest.raises(ValueError, match=r"shape \(18,\)"):
+            block.matvec(torch.zeros(3, dtype=torch.float64))
+        with pytest.raises(ValueError, match="not one of the operator's parameters"):
+            HessianBlock(operator, [nn.Parameter(torch.zeros(2))])
+        with pytest.raises(ValueError, match="same parameter twice"):
+            HessianBlock(operator, [model[0].weight, model[0].weight])
+
+
+def test_bad_modules_name_the_argument():
+    model, batch = mlp_problem()
+    with pytest.raises(ValueError, match="owns none of the parameters.*'0', '2'"):
+        module_sharpness(model, cross_entropy, batch, ["1"])
+    for bad in ("0", [], ["0", "0"], [0]):
+        with pytest.raises(ValueError, match="`modules`"):
+            module_sharpness(model, cross_entropy, batch, bad)
