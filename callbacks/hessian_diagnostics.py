@@ -85,8 +85,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
             trainer's ``log_every_n_steps``).
         sub_batch: samples of the batch used by a check (default: all; per micro-batch under
             accumulation): every tensor is cut along its first dimension, or the check is refused.
-        k, tol, max_iter, cold_every, density_every, noise_scale_parts, hvp_method: see
-            :class:`hessdiag.Monitor`.
+        k, tol, max_iter, cold_every, density_every, noise_scale_parts, module_sharpness, hvp_method:
+            see :class:`hessdiag.Monitor`.
         mode: ``"as_is"`` (default): each module keeps its mode of the training step (a backbone
             frozen in eval stays in eval); ``"train"`` / ``"eval"``: the whole model in that mode.
         rank_weighting: under DDP, ``"equal"`` (default: the mean of the ranks' mean losses, what
@@ -144,6 +144,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         cold_every: int = 5,
         density_every: int = 10,
         noise_scale_parts: int = 4,
+        module_sharpness: int = 0,
         mode: ModelMode = "as_is",
         hvp_method: HVPMethod = "auto",
         rank_weighting: RankWeighting = "equal",
@@ -159,8 +160,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         self.settings = CallbackSettings(
             check_every=check_every, overhead_budget=overhead_budget, log_every=log_every, sub_batch=sub_batch,
             k=k, tol=tol, max_iter=max_iter, cold_every=cold_every, density_every=density_every,
-            noise_scale_parts=noise_scale_parts, mode=mode, hvp_method=hvp_method, rank_weighting=rank_weighting,
-            update_ratios=update_ratios, strict=strict,
+            noise_scale_parts=noise_scale_parts, module_sharpness=module_sharpness, mode=mode, hvp_method=hvp_method,
+            rank_weighting=rank_weighting, update_ratios=update_ratios, strict=strict,
             loss_fn=loss_fn, detectors=detectors, progress_bar=progress_bar, stop_on=stop_on, on_flag=on_flag,
         )  # fmt: skip
         self.flags = FlagStopping(self.settings.stop_on, on_flag)

@@ -7,7 +7,9 @@
 * how much batch the run can use (:func:`noise_scale_of`): the gradient noise scale from the check's
   batch cut in parts (the parts' forwards and backwards, about one gradient of the check batch);
 * the conditioning lambda_max / (trace / n) at a density check, the trace by Hutch++
-  (:data:`CONDITIONING_TRACE_MATVECS` products).
+  (:data:`CONDITIONING_TRACE_MATVECS` products);
+* with ``module_sharpness`` > 0, lambda_max of the top modules' own diagonal blocks
+  (:func:`top_module_sharpness`: a Lanczos run per module on the check's operator).
 
 :class:`~hessdiag.curvature.CurvatureProbe` calls them; each returns None (or says why) where its
 quantity is undefined or cannot be measured, never a placeholder.
@@ -28,6 +30,7 @@ from hessdiag.batches import MicroBatches, batch_size, take_sub_batch
 from hessdiag.eigen import HessianEigenvalues
 from hessdiag.errors import HessdiagError
 from hessdiag.gradient_curvature import gradient_curvature_of
+from hessdiag.module_sharpness import ModuleSharpness, module_sharpness_of
 from hessdiag.noise_scale import NoiseScaleEstimate, gradient_noise_scale
 from hessdiag.operator import HessianOperator, LossFn
 from hessdiag.spectrum import SpectralDensity, hutchpp_trace
@@ -72,6 +75,30 @@ def module_shares(result: HessianEigenvalues, skipped: dict[str, str]) -> tuple[
         return (), ()
     top, bottom = (tuple(result.layer_shares(end).items())[:SHARES_KEPT] for end in ("top", "bottom"))
     return top, bottom
+
+
+def check_module_sharpness(value: Any) -> int:
+    """`value` if it is an int in [0, :data:`SHARES_KEPT`]; else ValueError naming `module_sharpness`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SHARES_KEPT:
+        raise ValueError(
+            f"`module_sharpness` must be an int in [0, {SHARES_KEPT}] (0: off; n: the n modules holding most of the "
+            f"top eigenvector), got {value!r}."
+        )
+    return value
+
+
+def top_module_sharpness(
+    operator: HessianOperator, result: HessianEigenvalues, shares: Shares, count: int, tol: float,
+    max_iter: int | None, seed: int,
+) -> tuple[ModuleSharpness, ...]:  # fmt: skip
+    """lambda_max of the own diagonal blocks of the first `count` modules of `shares` (the top
+    eigenvector's), each warm-started from the top Ritz vector's restriction to it; () for `count` 0
+    or without shares. Each module costs its Lanczos products (:mod:`hessdiag.module_sharpness`)."""
+    modules = [module for module, _ in shares[:count]]
+    if not modules or result.top_vectors is None:
+        return ()
+    found = module_sharpness_of(operator, modules, tol=tol, max_iter=max_iter, seed=seed, v0=result.top_vectors[0])
+    return tuple(ModuleSharpness.of(module, block) for module, block in found.items())
 
 
 def finite_or_none(value: float) -> float | None:

@@ -15,6 +15,8 @@ reusing its gradient graph, computes:
   FSDP2-sharded models from this rank's coordinates of the probes, the same on every rank), and the
   conditioning lambda_max / (trace / n) with the trace by Hutch++ (18 more products);
 * where the curvature lives: the module shares of the top and bottom Ritz vectors (no product);
+  with `module_sharpness` n > 0, lambda_max of the own diagonal blocks of the n modules holding most
+  of the top vector (a Lanczos run each on the check's operator);
 * what limits the step: the curvature along the gradient g'Hg / ||g||^2 (one product; for Adam and
   per-group learning rates along the preconditioned gradient, with the same preconditioner and
   threshold as the sharpness), its ratio to the sharpness and the learning-rate headroom;
@@ -40,9 +42,11 @@ from hessdiag.check_quantities import (
     conditioning,
     escape_probe,
     finite_or_none,
+    check_module_sharpness,
     module_shares,
     noise_scale_of,
     step_batch_size,
+    top_module_sharpness,
 )
 from hessdiag.curvature_check import CurvatureCheck
 from hessdiag.eigen import HessianEigenvalues, eigenvalues_of
@@ -86,6 +90,9 @@ class CurvatureProbe:
             model's parameter memory per part). Under gradient accumulation the first micro-batch
             is cut. Skipped, with a reason in ``check.skipped``, on FSDP2-sharded models and batches
             of fewer samples than parts.
+        module_sharpness: how many of the modules holding most of the top eigenvector get the
+            lambda_max of their own diagonal Hessian block (0, the default: none; at most 5). Cost per
+            module: its Lanczos products (see :mod:`hessdiag.module_sharpness`).
 
     Attributes:
         noise_scale: the :class:`~hessdiag.RunningNoiseScale` over this probe's checks.
@@ -109,8 +116,10 @@ class CurvatureProbe:
         density_probes: int = 2,
         density_iter: int = 20,
         noise_scale_parts: int = 4,
+        module_sharpness: int = 0,
     ) -> None:
         check_noise_scale_parts(noise_scale_parts)
+        self.module_sharpness = check_module_sharpness(module_sharpness)
         self.model = model
         self.loss_fn = step_loss(loss_fn)
         self.k, self.tol, self.max_iter = k, tol, max_iter
@@ -167,12 +176,15 @@ class CurvatureProbe:
             )
             stability, sharpness, scale = self._stability(operator, result, optimizer, cold, seed)
             escape = escape_probe(operator, result)
+            top_shares, bottom_shares = module_shares(result, skipped)
+            blocks = top_module_sharpness(
+                operator, result, top_shares, self.module_sharpness, self.tol, self.max_iter, seed
+            )  # fmt: skip
             gradient_curvature, lr_headroom = along_gradient(operator, stability, scale)
             update = self._update_prediction(operator, update_start, step, skipped)
             density = self._density(operator, seed)
             condition = conditioning(result.lambda_max, operator, density, seed)
             num_hvps = operator.num_hvps
-        top_shares, bottom_shares = module_shares(result, skipped)
         noise = self._noise_scale_estimate(batch, seed, skipped, noise)
         self.warm_vectors = result.warm_start()
         self.num_checks += 1
@@ -204,6 +216,7 @@ class CurvatureProbe:
             density=density,
             top_shares=top_shares,
             bottom_shares=bottom_shares,
+            module_sharpness=blocks,
             gradient_curvature=gradient_curvature,
             lr_headroom=lr_headroom,
             noise=noise,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hessdiag.check_quantities import Shares
+from hessdiag.module_sharpness import ModuleSharpness
 from hessdiag.noise_scale import NoiseScaleEstimate
 from hessdiag.spectrum import SpectralDensity
 from hessdiag.stability import StabilityThreshold
@@ -47,6 +48,9 @@ class CurvatureCheck:
         top_shares, bottom_shares: where the top and bottom Ritz vectors live: the
             :data:`~hessdiag.check_quantities.SHARES_KEPT` modules holding most of each vector's squared norm, with their shares
             (see :func:`hessdiag.layer_shares`); empty without Ritz vectors (recurrence basis).
+        module_sharpness: with ``module_sharpness`` n > 0, lambda_max of the own diagonal Hessian
+            blocks of the first n modules of `top_shares`, in that order, with their bounds (see
+            :mod:`hessdiag.module_sharpness`); empty otherwise.
         gradient_curvature: g'Hg / ||g||^2 on the check batch, or along Adam's preconditioned
             gradient in the units of `sharpness` (see :mod:`hessdiag.gradient_curvature`); None for
             a zero gradient.
@@ -96,6 +100,7 @@ class CurvatureCheck:
     density: SpectralDensity | None = None
     top_shares: Shares = ()
     bottom_shares: Shares = ()
+    module_sharpness: tuple[ModuleSharpness, ...] = ()
     gradient_curvature: float | None = None
     lr_headroom: float | None = None
     noise: NoiseScaleEstimate | None = None

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from hessdiag.flags import FLAG_NAMES
 from hessdiag.layer_shares import module_label
+from hessdiag.module_sharpness import ModuleSharpness
 from hessdiag.tags import (
     ACTIVE_FLAGS,
     CERTIFIED_LAMBDA_MIN,
@@ -57,6 +58,7 @@ from hessdiag.tags import (
     flag_tag,
     layer_summary_tag,
     layer_tag,
+    module_sharpness_tag,
 )
 
 #: Per-layer values as the Monitor hands them to its writers: ``{quantity: {module name: value}}``,
@@ -133,6 +135,19 @@ def layer_shares_text(top: Sequence[tuple[str, float]], bottom: Sequence[tuple[s
     return f"{sentence}\n\n| eigenvector | modules holding most of its squared norm |\n|---|---|\n" + "\n".join(rows)
 
 
+def module_sharpness_text(blocks: Sequence[ModuleSharpness], lambda_max: float) -> str:
+    """Markdown: "`layer4.1.conv2` alone has lambda_max 380 of the whole 412", then every measured
+    module's block lambda_max with its bound (the modules holding most of the top direction)."""
+    first = blocks[0]
+    head = f"`{module_label(first.module)}` alone has lambda_max {first.lambda_max:.4g} of the whole {lambda_max:.4g}."
+    rows = "\n".join(
+        f"| `{module_label(b.module)}` | {b.lambda_max:.4g} +- {b.error_bound:.2g} | {b.num_hvps}"
+        f"{'' if b.converged else ' (not converged)'} |"
+        for b in blocks
+    )
+    return f"{head}\n\n| module | lambda_max of its own block | products |\n|---|---|---|\n{rows}"
+
+
 def samples(value: float) -> str:
     """A sample count to two significant figures, with thousands separators: ``~2,100``."""
     rounded = float(f"{value:.2g}")
@@ -197,6 +212,11 @@ def _charts() -> dict[str, list[_Chart]]:
                 f"learning-rate headroom ({LR_HEADROOM}: the largest stable lr along the gradient / the lr in use); "
                 f"below the line at 1 the step overshoots; {onsets}",
                 [LR_HEADROOM, HEADROOM_LIMIT, FLAG_ONSETS],
+            ),
+            (
+                f"lambda_max of the top modules' own Hessian blocks ({module_sharpness_tag('<module>')}, with "
+                f"module_sharpness) vs. the whole {LAMBDA_MAX}",
+                [module_sharpness_tag(".*"), LAMBDA_MAX],
             ),
             (f"alignment of the gradient with the sharpest direction ({GRADIENT_ALIGNMENT})", [GRADIENT_ALIGNMENT]),
             (

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from hessdiag._isolation import MODEL_MODES, ModelMode
-from hessdiag.check_quantities import check_noise_scale_parts
+from hessdiag.check_quantities import check_module_sharpness, check_noise_scale_parts
 from hessdiag.curvature import RankWeighting
 from hessdiag.detectors import (
     EdgeOfStabilityDetector,
@@ -61,6 +61,7 @@ class DiagnosticsSettings:
     cold_every: int = 5
     density_every: int = 10
     noise_scale_parts: int = 4
+    module_sharpness: int = 0
     mode: ModelMode = "as_is"
     hvp_method: HVPMethod = "auto"
     rank_weighting: RankWeighting = "equal"
@@ -86,6 +87,7 @@ class DiagnosticsSettings:
             if not _is_int(value) or value < 0:
                 raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
         check_noise_scale_parts(self.noise_scale_parts)
+        check_module_sharpness(self.module_sharpness)
         if self.mode not in MODEL_MODES:
             raise ValueError(f"`mode` must be one of {MODEL_MODES}, got {self.mode!r}.")
         if self.hvp_method not in HVP_METHODS:

@@ -79,6 +79,13 @@ LAYER_SHARES = tag("layer_shares")
 NOISE_SCALE_VERDICT = tag("noise_scale_verdict")
 
 
+def module_sharpness_tag(module: str) -> str:
+    """lambda_max of one module's own diagonal Hessian block, ``hessdiag/module_sharpness/<module>``
+    (the module's label, :func:`~hessdiag.layer_shares.module_label`). Opt-in (``module_sharpness``
+    n > 0) and at most n <= 5 per check: the modules holding most of the top eigenvector."""
+    return f"{PREFIX}/module_sharpness/{module}"
+
+
 def flag_tag(name: str) -> str:
     """0/1 series of a flag: ``hessdiag/flags/<name>``."""
     return f"{PREFIX}/flags/{name}"

@@ -8,11 +8,17 @@ the cross terms adding). Bounds hold; products counted; the model left as found.
 import pytest
 import torch
 import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
-from hessdiag import HessianOperator, hessian_eigenvalues, module_sharpness
+import hessdiag.check_quantities
+from hessdiag import HessianOperator, Monitor, hessian_eigenvalues, module_sharpness
+from hessdiag.dashboard import layout
+from hessdiag.detectors import EdgeOfStabilityDetector
 from hessdiag.module_sharpness import ModuleSharpness, module_block, module_sharpness_of
 from hessdiag.operator import HessianBlock
+from hessdiag.settings import CallbackSettings, DiagnosticsSettings
 from oracles import dense_hessian, flat_parameters
 
 
@@ -175,3 +181,116 @@ def test_bad_modules_name_the_argument():
     for bad in ("0", [], ["0", "0"], [0]):
         with pytest.raises(ValueError, match="`modules`"):
             module_sharpness(model, cross_entropy, batch, bad)
+
+
+# -- in the checks: off by default, the Monitor's record, tags, text and evidence ---------------------
+
+
+def one_step(model, optimizer, loss_fn, batch, monitor=None):
+    optimizer.zero_grad()
+    loss = loss_fn(model, batch)
+    loss.backward()
+    if monitor is not None:
+        monitor.after_backward()
+    optimizer.step()
+    if monitor is not None:
+        monitor.after_step(batch, loss)
+
+
+def checked_mlp(module_sharpness, **options):
+    model, batch = mlp_problem()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = Monitor(
+        model, cross_entropy, optimizer=optimizer, check_every=1, log_every=1, density_every=0, noise_scale_parts=0,
+        hvp_method="double_backward", module_sharpness=module_sharpness, **options,
+    )  # fmt: skip
+    one_step(model, optimizer, cross_entropy, batch, monitor)
+    return model, batch, monitor
+
+
+def test_off_by_default_it_costs_no_product(monkeypatch):
+    assert DiagnosticsSettings().module_sharpness == 0 and CallbackSettings().module_sharpness == 0
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("module sharpness measured while off")
+
+    _, _, on = checked_mlp(2)
+    monkeypatch.setattr(hessdiag.check_quantities, "module_sharpness_of", refuse)
+    _, _, off = checked_mlp(0)
+    assert off.last_check.module_sharpness == () and len(on.last_check.module_sharpness) == 2
+    # The same check, the same products, but for each module's own Lanczos run.
+    extra = sum(block.num_hvps for block in on.last_check.module_sharpness)
+    assert off.last_check.num_hvps == on.last_check.num_hvps - extra
+    assert not any(tag.startswith("hessdiag/module_sharpness/") for tag in off.latest)
+
+
+def test_a_check_measures_the_top_modules_blocks_against_dense_ones(tmp_path):
+    writer = SummaryWriter(tmp_path)
+    model, batch, monitor = checked_mlp(2, writer=writer)
+    writer.close()
+    check = monitor.last_check
+    _, blocks = dense_blocks(model, cross_entropy, batch)  # the parameters the check saw (after the step)
+    assert [b.module for b in check.module_sharpness] == [module for module, _ in check.top_shares[:2]]
+    for block in check.module_sharpness:
+        expected = top(blocks[block.module])
+        assert block.converged and abs(block.lambda_max - expected) <= block.error_bound + 1e-9 * expected
+        assert block.lambda_max <= check.lambda_max + check.error_bound_max  # interlacing
+        assert monitor.latest[f"hessdiag/module_sharpness/{block.module}"] == block.lambda_max
+    assert len([tag for tag in monitor.latest if tag.startswith("hessdiag/module_sharpness/")]) == 2
+    accumulator = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    card = accumulator.Tensors("hessdiag/layer_shares/text_summary")[-1].tensor_proto.string_val[0].decode()
+    first = check.module_sharpness[0]
+    assert f"`{first.module}` alone has lambda_max {first.lambda_max:.4g} of the whole {check.lambda_max:.4g}." in card
+    charts = layout(accumulator.Tags()["scalars"])
+    assert any("module_sharpness" in title for category in charts.values() for title in category)
+
+
+def test_the_edge_of_stability_evidence_names_the_modules_own_lambda_max():
+    model, batch = mlp_problem()
+    # lr so high that the sharpness is beyond 2/lr: the flag rises on the second check.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    lambda_max = hessian_eigenvalues(model, cross_entropy, batch).lambda_max
+    optimizer.param_groups[0]["lr"] = 2.5 / lambda_max
+    monitor = Monitor(
+        model, cross_entropy, optimizer=optimizer, check_every=1, log_every=1, density_every=0, noise_scale_parts=0,
+        module_sharpness=1, detectors=[EdgeOfStabilityDetector(onset=1)],
+    )  # fmt: skip
+    one_step(model, optimizer, cross_entropy, batch, monitor)
+    check = monitor.last_check
+    event = next(e for e in monitor.events if e.name == "edge_of_stability")
+    block = check.module_sharpness[0]
+    assert event.evidence["top_module_lambda_max"] == block.lambda_max
+    assert f"`{block.module}` alone has lambda_max {block.lambda_max:.4g} of the whole {check.lambda_max:.4g}." in event.summary
+
+
+def test_the_setting_is_validated_and_reaches_the_probe():
+    for bad in (-1, 6, True, 1.5, "2"):
+        with pytest.raises(ValueError, match="`module_sharpness` must be an int in \\[0, 5\\]"):
+            DiagnosticsSettings(module_sharpness=bad)
+    assert CallbackSettings(module_sharpness=3).diagnostics(10).module_sharpness == 3
+    model, _ = mlp_problem()
+    assert Monitor(model, cross_entropy, module_sharpness=4).probe.module_sharpness == 4
+
+
+def test_a_run_with_module_sharpness_is_bit_for_bit_unchanged():
+    def run(count):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Dropout(0.3), nn.Linear(5, 3)).double()
+        _, batch = mlp_problem()
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        monitor = None if count is None else Monitor(model, cross_entropy, optimizer=optimizer, check_every=2, log_every=1, module_sharpness=count)
+        for _ in range(4):
+            one_step(model, optimizer, cross_entropy, batch, monitor)
+        if monitor is not None:
+            assert len(monitor.checks) == 2 and all(len(c.module_sharpness) == count for c in monitor.checks)
+        return model.state_dict(), optimizer.state_dict()["state"], torch.get_rng_state(), [p.grad for p in model.parameters()]
+
+    plain, watched = run(None), run(2)
+    assert torch.equal(plain[2], watched[2])
+    for name, value in plain[0].items():
+        assert torch.equal(watched[0][name], value), name
+    for index, state in plain[1].items():
+        assert all(torch.equal(watched[1][index][k], v) for k, v in state.items())
+    for a, b in zip(plain[3], watched[3]):
+        assert torch.equal(a, b)

@@ -34,7 +34,8 @@ class EdgeOfStabilityDetector(Detector):
     Evidence: ``sharpness`` (lambda_max, or lambda_max(P^-1 H) for Adam), ``threshold`` (same units,
     1/lr), ``ratio`` (sharpness / threshold), and when the check knows where the top eigenvector lives,
     ``top_module_share`` (the share of it in the module named in the summary and the remedy, which
-    then says what to do with that module). Severity ``warning`` at ratio >= 1 (beyond the edge),
+    then says what to do with that module), and with ``module_sharpness`` ``top_module_lambda_max``
+    (lambda_max of that module's own Hessian block, in the summary beside the whole lambda_max). Severity ``warning`` at ratio >= 1 (beyond the edge),
     else ``info``.
     """
 
@@ -59,6 +60,7 @@ class EdgeOfStabilityDetector(Detector):
         return self.update(
             record.step, record.sharpness, record.stability_threshold,
             top_module=record.top_module, top_module_share=record.top_module_share,
+            top_module_lambda_max=record.top_module_lambda_max, lambda_max=record.lambda_max,
         )  # fmt: skip
 
     def update(
@@ -69,11 +71,15 @@ class EdgeOfStabilityDetector(Detector):
         *,
         top_module: str | None = None,
         top_module_share: float | None = None,
+        top_module_lambda_max: float | None = None,
+        lambda_max: float | None = None,
     ) -> list[FlagEvent]:
         """Judge one curvature check: `sharpness` against the optimizer's stability `threshold`.
 
         `top_module`, `top_module_share`: the module holding the largest share of the top
-        eigenvector, and that share, named in the summary and the remedy. A non-finite value or a
+        eigenvector, and that share, named in the summary and the remedy. `top_module_lambda_max`:
+        lambda_max of that module's own diagonal block, set beside the whole `lambda_max` in the
+        summary ("`layer4.1.conv2` alone has lambda_max 380 of the whole 412"). A non-finite value or a
         threshold <= 0 says nothing and is skipped.
         """
         if not (math.isfinite(sharpness) and math.isfinite(threshold)) or threshold <= 0:
@@ -86,6 +92,9 @@ class EdgeOfStabilityDetector(Detector):
             self.evidence["top_module_share"] = top_module_share
             where = module_label(top_module)
             self.summary += f" The sharpest direction lies {top_module_share:.0%} in `{where}`."
+            if top_module_lambda_max is not None and lambda_max is not None:
+                self.evidence["top_module_lambda_max"] = top_module_lambda_max
+                self.summary += f" `{where}` alone has lambda_max {top_module_lambda_max:.4g} of the whole {lambda_max:.4g}."
             remedy = (
                 f"The steepest direction oscillates, {top_module_share:.0%} of it in `{where}`: give `{where}` a lower "
                 "learning rate (a parameter group of its own), normalise around it (a norm layer after it, a "

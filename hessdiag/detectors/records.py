@@ -67,6 +67,9 @@ class CheckRecord:
         top_module: the qualified name of the module holding the largest share of the top Ritz
             vector (``""`` for the root's own parameters); None when the check kept no vectors.
         top_module_share: that share of the vector's squared norm, in [0, 1]; None with `top_module`.
+        top_module_lambda_max: lambda_max of `top_module`'s own diagonal Hessian block (the
+            Hessian of the loss in that module's parameters alone), when the check measured it
+            (``module_sharpness`` > 0); else None. At most `lambda_max` (Cauchy interlacing).
     """
 
     step: int
@@ -80,6 +83,7 @@ class CheckRecord:
     stability_threshold: float | None
     top_module: str | None = None
     top_module_share: float | None = None
+    top_module_lambda_max: float | None = None
 
 
 Record = StepRecord | CheckRecord

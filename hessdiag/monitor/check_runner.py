@@ -18,9 +18,10 @@ from hessdiag._isolation import unwrap_model
 from hessdiag.batches import sub_batch_base
 from hessdiag.curvature import CurvatureProbe
 from hessdiag.curvature_check import CurvatureCheck
-from hessdiag.dashboard import layer_shares_text, noise_scale_verdict
+from hessdiag.dashboard import layer_shares_text, module_sharpness_text, noise_scale_verdict
 from hessdiag.detectors import CheckRecord
 from hessdiag.errors import HessdiagError
+from hessdiag.layer_shares import module_label
 from hessdiag.noise_scale import NoiseScaleEstimate
 from hessdiag.operator import PRECISION_FLOOR
 from hessdiag.monitor.faults import FaultPolicy
@@ -52,6 +53,7 @@ from hessdiag.tags import (
     UPDATE_LOSS_OBSERVED,
     UPDATE_LOSS_PREDICTED,
     UPDATE_LOSS_RATIO,
+    module_sharpness_tag,
 )
 
 #: Tries of one check: the first, then two on half the samples each.
@@ -184,6 +186,7 @@ def check_record(check: CurvatureCheck) -> CheckRecord:
         stability_threshold=check.stability.threshold if check.stability is not None else None,
         top_module=check.top_shares[0][0] if check.top_shares else None,
         top_module_share=check.top_shares[0][1] if check.top_shares else None,
+        top_module_lambda_max=check.module_sharpness[0].lambda_max if check.module_sharpness else None,
     )
 
 
@@ -220,6 +223,7 @@ def check_scalars(check: CurvatureCheck) -> dict[str, float]:
     if update is not None:
         optional |= {UPDATE_LOSS_PREDICTED: update.predicted, UPDATE_LOSS_OBSERVED: update.observed, UPDATE_LOSS_RATIO: update.ratio}
     scalars |= {tag: value for tag, value in optional.items() if value is not None and math.isfinite(value)}
+    scalars |= {module_sharpness_tag(module_label(block.module)): block.lambda_max for block in check.module_sharpness}
     return scalars
 
 
@@ -228,6 +232,8 @@ def check_texts(check: CurvatureCheck) -> dict[str, str]:
     texts = {}
     if check.top_shares or check.bottom_shares:
         texts[LAYER_SHARES] = layer_shares_text(check.top_shares, check.bottom_shares)
+        if check.module_sharpness:
+            texts[LAYER_SHARES] += "\n\n" + module_sharpness_text(check.module_sharpness, check.lambda_max)
     if check.noise_scale is not None:
         texts[NOISE_SCALE_VERDICT] = noise_scale_verdict(check.noise_scale, check.noise_scale_se, check.step_batch_size)
     elif check.noise is not None:  # measured, but the mean ||G||^2 estimate is still <= 0

@@ -84,6 +84,10 @@ class Monitor:
         noise_scale_parts: each check also estimates the gradient noise scale from its batch cut in
             this many parts (0: no noise scale; default 4; see :class:`CurvatureProbe` for the cost);
             under DDP from every step's local and all-reduced gradients instead (:meth:`watch_ranks`).
+        module_sharpness: each check also measures lambda_max of the own diagonal Hessian block of
+            this many modules, those holding most of the top eigenvector (0, the default: none; at most
+            5), logged as ``hessdiag/module_sharpness/<module>``. Cost: each module's Lanczos products,
+            about as many as a warm check's (see :mod:`hessdiag.module_sharpness`).
         detectors: the detectors to run: flag names (defaults) or detector instances (default: one of
             each, with default thresholds).
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 mixed-precision loop (call
@@ -122,6 +126,7 @@ class Monitor:
         cold_every: int = 5,
         density_every: int = 10,
         noise_scale_parts: int = 4,
+        module_sharpness: int = 0,
         mode: ModelMode = "as_is",
         hvp_method: HVPMethod = "auto",
         params: Iterable[torch.Tensor] | None = None,
@@ -136,8 +141,8 @@ class Monitor:
             DiagnosticsSettings(
                 check_every=check_every, overhead_budget=overhead_budget, log_every=log_every, sub_batch=sub_batch,
                 k=k, tol=tol, max_iter=max_iter, cold_every=cold_every, density_every=density_every,
-                noise_scale_parts=noise_scale_parts, mode=mode, hvp_method=hvp_method, rank_weighting=rank_weighting,
-                update_ratios=update_ratios, strict=strict,
+                noise_scale_parts=noise_scale_parts, module_sharpness=module_sharpness, mode=mode, hvp_method=hvp_method,
+                rank_weighting=rank_weighting, update_ratios=update_ratios, strict=strict,
             ),
             optimizer=optimizer, writer=writer, params=params, detectors=detectors, grad_scaler=grad_scaler,
         )  # fmt: skip
