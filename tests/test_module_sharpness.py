@@ -294,3 +294,70 @@ def test_a_run_with_module_sharpness_is_bit_for_bit_unchanged():
         assert all(torch.equal(watched[1][index][k], v) for k, v in state.items())
     for a, b in zip(plain[3], watched[3]):
         assert torch.equal(a, b)
+
+
+# -- FSDP2 shards and DDP ranks: the global block, not a rank's ------------------------------------
+
+RANK_SPLIT = (5, 11)  # unequal local batches
+
+
+def ranked_model():
+    torch.manual_seed(0)
+    # 5 output rows shard unevenly over two ranks (3 + 2); GELU and tanh keep the loss smooth.
+    return nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def ranked_batches():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(sum(RANK_SPLIT), 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (sum(RANK_SPLIT),), generator=generator)
+    return [(x[:5], y[:5]), (x[5:], y[5:])]
+
+
+def _ranks_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        batch, found = ranked_batches()[rank], {}
+        model = ranked_model()  # replicated: data parallel, the loss over both ranks' samples
+        found["ddp"] = module_sharpness(model, cross_entropy, batch, ["0", "4"], hvp_method="double_backward", tol=1e-6)
+        sharded = ranked_model()
+        for layer in sharded:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(sharded)  # FSDP2: the mean of the ranks' losses, finite differences
+        found["fsdp"] = module_sharpness(sharded, cross_entropy, batch, ["0", "4"], tol=1e-6)
+        with HessianOperator(sharded, cross_entropy, batch) as operator:
+            block = module_block(operator, "0")
+            found["sizes"] = (block.size, block.dim)
+        summary = {
+            kind: {m: (r.lambda_max, float(r.error_bounds["top"][0]), r.converged, r.num_hvps) for m, r in results.items()}
+            for kind, results in found.items() if kind != "sizes"
+        }  # fmt: skip
+        torch.save(summary | {"sizes": found["sizes"]}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_fsdp2_and_ddp_each_rank_gets_the_global_block(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed")
+    mp.spawn(_ranks_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    model, shards = ranked_model(), ranked_batches()
+    x, y = torch.cat([s[0] for s in shards]), torch.cat([s[1] for s in shards])
+    _, union = dense_blocks(model, cross_entropy, (x, y))  # DDP weighs ranks by samples by default
+    _, mean = dense_blocks(model, lambda m, b: sum(cross_entropy(m, s) for s in b) / 2, shards)  # FSDP: mean of ranks
+    for kind, blocks in (("ddp", union), ("fsdp", mean)):
+        assert ranks[0][kind] == ranks[1][kind]  # every rank decides alike
+        for module, (value, bound, converged, _) in ranks[0][kind].items():
+            expected = top(blocks[module])
+            assert converged and abs(value - expected) <= bound + 1e-9 * expected, (kind, module)
+            assert value == pytest.approx(expected, rel=1e-4), (kind, module)
+    (first, dim), (second, _) = ranks[0]["sizes"], ranks[1]["sizes"]
+    assert dim == 25 and first + second == dim and first != dim  # the block's vectors are local pieces
