@@ -177,9 +177,7 @@ class CurvatureProbe:
             stability, sharpness, scale = self._stability(operator, result, optimizer, cold, seed)
             escape = escape_probe(operator, result)
             top_shares, bottom_shares = module_shares(result, skipped)
-            blocks = top_module_sharpness(
-                operator, result, top_shares, self.module_sharpness, self.tol, self.max_iter, seed
-            )  # fmt: skip
+            blocks = top_module_sharpness(operator, result, top_shares, self.module_sharpness, self.tol, self.max_iter, seed)
             gradient_curvature, lr_headroom = along_gradient(operator, stability, scale)
             update = self._update_prediction(operator, update_start, step, skipped)
             density = self._density(operator, seed)
