@@ -102,6 +102,25 @@ def test_reached_in_any_micro_batch_of_the_step_counts():
     assert all("aux" in layers for layers in monitor.detectors["vanishing"].layers)
 
 
+def test_under_a_loss_scaler_an_auxiliary_head_switched_off_is_not_a_dead_layer():
+    torch.manual_seed(0)
+    model = WithAuxHead()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    monitor = Monitor(model, optimizer=optimizer, check_every=0, log_every=1, grad_scaler=scaler, detectors=[SeenLayers()])
+    x, y = data()
+    for step in range(8):
+        optimizer.zero_grad(set_to_none=False)
+        scaler.scale(model(x, y, step == 0)).backward()
+        scaler.unscale_(optimizer)
+        monitor.after_backward()
+        scaler.step(optimizer)
+        scaler.update()
+        monitor.after_step(None, model(x, y, False).detach())
+    seen = monitor.detectors["vanishing"].layers
+    assert not monitor.events and "aux" in seen[0] and all("aux" not in layers for layers in seen[1:])
+
+
 def test_the_backward_passes_of_a_check_do_not_count_as_training_s():
     # Finite-difference checks run plain backward passes that reach the auxiliary head's loss too
     # when the check's loss uses it; the training steps never do.
