@@ -84,10 +84,10 @@ class GradientStats:
     norms. Reach is marked by hooks on the parameters (:class:`~hessdiag.backward_reach.BackwardReach`;
     host-side, the gradients untouched), removed by :meth:`close`. Under data parallelism a parameter
     reached on any rank counts on every rank (DDP fills in the gradient of one unused on this rank):
-    one small all-reduce per :meth:`read`. Every parameter of the model is watched, so a layer unfrozen mid-run enters the statistics
-    at its first gradient. Several observes of one step (an LBFGS closure evaluated several times,
-    manual optimisation stepping several optimizers) make one record: per tensor, the last gradient
-    seen in that step.
+    one small all-reduce per :meth:`read`. Every parameter of the model is watched, so a layer unfrozen
+    mid-run enters the statistics at its first gradient. Several observes of one step (an LBFGS closure
+    evaluated several times, manual optimisation stepping several optimizers) make one record: per
+    tensor, the last gradient seen in that step.
 
     Args:
         named_parameters: ``model.named_parameters()``. Their order is the depth order of the readout.

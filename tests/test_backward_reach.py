@@ -107,7 +107,9 @@ def test_under_a_loss_scaler_an_auxiliary_head_switched_off_is_not_a_dead_layer(
     model = WithAuxHead()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    monitor = Monitor(model, optimizer=optimizer, check_every=0, log_every=1, grad_scaler=scaler, detectors=[SeenLayers()])
+    monitor = Monitor(
+        model, optimizer=optimizer, check_every=0, log_every=1, grad_scaler=scaler, detectors=[SeenLayers()]
+    )
     x, y = data()
     for step in range(8):
         optimizer.zero_grad(set_to_none=False)
