@@ -48,6 +48,12 @@ fi
 step engine "$PYTHON" benchmarks/engine.py --size gpu --out benchmarks/results/engine-gpu.json
 step products "$PYTHON" benchmarks/products.py --size gpu --out benchmarks/results/products-gpu.json
 step overhead "$PYTHON" benchmarks/overhead.py --size gpu --out benchmarks/results/overhead-gpu.json
+step cost "$PYTHON" benchmarks/cost.py --quick --out benchmarks/results/cost-gpu.json
+if "$PYTHON" -c "import pyhessian" 2>/dev/null; then
+    step bookkeeping "$PYTHON" benchmarks/bookkeeping.py --out benchmarks/results/bookkeeping-gpu.json
+else
+    echo "== bookkeeping: skipped (pyhessian is not importable by $PYTHON)"
+fi
 if "$PYTHON" -c "import pyhessian, hessian_eigenthings, curvlinops" 2>/dev/null; then
     step peers "$PYTHON" benchmarks/peers.py --out benchmarks/results/peers-gpu.json
 else

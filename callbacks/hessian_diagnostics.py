@@ -312,6 +312,11 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
             self.monitor.flush()
 
     @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.monitor is not None:
+            self.monitor.close()  # the hooks on the parameters go; the monitor's state stays readable
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return self.monitor.state_dict() if self.monitor is not None else dict(self._restored or {})
 

@@ -23,6 +23,16 @@ from hessdiag.errors import LossClosureError
 ModelMode = Literal["train", "eval", "as_is"]
 MODEL_MODES: tuple[str, ...] = ("train", "eval", "as_is")
 
+# Estimates under way in this process. A process-wide count, not a thread-local: autograd runs a
+# device's backward, and the hooks that ask, on its own worker thread.
+_estimates = 0
+
+
+def estimating() -> bool:
+    """Whether an estimate of hessdiag (inside :func:`isolation`) is running: its backward passes
+    are not training's, and hooks that watch training's gradients ignore them."""
+    return _estimates > 0
+
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel / DataParallel / ``torch.compile`` wrappers.
@@ -66,6 +76,8 @@ def isolation(model: nn.Module, mode: ModelMode, device: torch.device) -> Iterat
     slots = [(module, dict(module._buffers)) for module in model.modules()]
     buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     cuda_devices = [device] if device.type == "cuda" else []
+    global _estimates
+    _estimates += 1
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
@@ -81,6 +93,7 @@ def isolation(model: nn.Module, mode: ModelMode, device: torch.device) -> Iterat
                 model.eval()
             yield
     finally:
+        _estimates -= 1
         for module, training in modes:
             module.training = training
         for module, saved_slots in slots:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hessdiag import _sharded
+from hessdiag import _distributed, _sharded
+from hessdiag.backward_reach import BackwardReach
 
 
 def module_name(parameter_name: str) -> str:
@@ -76,13 +77,17 @@ class GradientStats:
     tensor per observed step until the next read (three with `track_updates`). Neither the parameters
     nor their ``.grad`` are ever modified.
 
-    A parameter whose ``.grad`` is None at an observe (frozen, or unused in this step's loss: an
-    auxiliary head) has *no* gradient, which is not a zero gradient: it is left out of that step's
+    A parameter that the backward did not reach since the previous observe (frozen, or unused in this
+    step's loss: an auxiliary head) has *no* gradient, which is not a zero gradient, also where
+    ``zero_grad(set_to_none=False)`` left a zero-filled ``.grad`` on it: it is left out of that step's
     norms, and a module none of whose parameters has a gradient is left out of the step's per-module
-    norms. Every parameter of the model is watched, so a layer unfrozen mid-run enters the statistics
-    at its first gradient. Several observes of one step (an LBFGS closure evaluated several times,
-    manual optimisation stepping several optimizers) make one record: per tensor, the last gradient
-    seen in that step.
+    norms. Reach is marked by hooks on the parameters (:class:`~hessdiag.backward_reach.BackwardReach`;
+    host-side, the gradients untouched), removed by :meth:`close`. Under data parallelism a parameter
+    reached on any rank counts on every rank (DDP fills in the gradient of one unused on this rank):
+    one small all-reduce per :meth:`read`. Every parameter of the model is watched, so a layer unfrozen
+    mid-run enters the statistics at its first gradient. Several observes of one step (an LBFGS closure
+    evaluated several times, manual optimisation stepping several optimizers) make one record: per
+    tensor, the last gradient seen in that step.
 
     Args:
         named_parameters: ``model.named_parameters()``. Their order is the depth order of the readout.
@@ -123,6 +128,7 @@ class GradientStats:
         self._device = self.params[0].device
         # Which norms are of local shards, per column in group order (summed over ranks on read).
         self._sharded_columns = torch.tensor([_sharded.is_sharded([self.params[i]]) for i in self._order.tolist()])
+        self._reach = BackwardReach(self.params)
         self.track_updates = track_updates
         self._previous: list[list[torch.Tensor]] | None = None  # parameters at the previous observe, per group
         # (step, which tensors had a gradient, the row of norms on the device)
@@ -130,8 +136,9 @@ class GradientStats:
 
     @torch.no_grad()
     def observe(self, step: int) -> None:
-        """Record the norms of the current ``.grad`` (None: no gradient, left out). No host sync."""
-        present = tuple(p.grad is not None for p in self.params)
+        """Record the norms of the gradients the backward reached since the previous observe (the
+        others are left out). No host sync."""
+        present = self._reach.take()
         if not any(present):
             return  # nothing to measure: no placeholder row
         repeat = bool(self._history) and self._history[-1][0] == step
@@ -144,6 +151,11 @@ class GradientStats:
             # A repeated observe of one step: the update was measured at its first observe.
             row += [torch.full((2 * len(self.params),), math.nan, device=self._device)] if repeat else self._update_norms()
         self._history.append((step, present, torch.cat(row)))
+
+    def close(self) -> None:
+        """Remove the hooks that mark which parameters the backward reached (idempotent). Observes
+        after it count every ``.grad`` that is not None."""
+        self._reach.close()
 
     def _stacked(self, norms: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(norms).to(device=self._device, dtype=torch.float32)
@@ -179,6 +191,8 @@ class GradientStats:
         size, count = per_row.numel(), len(self.params)
         per_row = self._original_order(host[:size].view(len(history), -1))
         steps, grads, present, updates = self._merge_steps(history, per_row)
+        if _distributed.is_data_parallel():  # reached on any rank: every rank judges the same layers
+            present = _distributed.all_reduce_max_(present.to(self._device, torch.int32)).cpu() > 0
         update_ratios = None
         if self.track_updates:
             previous, change = updates[:, :count], updates[:, count:]

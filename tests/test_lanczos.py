@@ -201,3 +201,30 @@ def test_host_draws_in_chunks_give_the_numbers_of_one_draw(monkeypatch):
     torch.testing.assert_close(whole[0], (expected / expected.norm()).float())
     bits = torch.randint(0, 2, (1000,), generator=torch.Generator().manual_seed(4), dtype=torch.int8)
     assert torch.equal(whole[1], bits.double() * 2 - 1)
+
+
+def test_steps_that_cannot_stop_skip_the_tridiagonal_eigendecomposition_and_decide_alike(monkeypatch):
+    """A warm start may not stop during its first min_iter + warm_steps products: those steps need no
+    eigenpairs of T (Gershgorin's bound settles the breakdown test), and the run takes the same steps
+    and returns the same values as one that decomposes T at every step."""
+    recurrence = importlib.import_module("hessdiag.lanczos.recurrence")
+    a = torch.diag(torch.linspace(-1.0, 2.0, 300, dtype=torch.float64))
+    v0 = torch.randn(300, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    calls = []
+    decompose = recurrence._tridiagonal_eigh
+
+    def counted(alphas, betas):
+        calls.append(len(alphas))
+        return decompose(alphas, betas)
+
+    monkeypatch.setattr(recurrence, "_tridiagonal_eigh", counted)
+    warm = lanczos(lambda v: a @ v, 300, which="top", v0=v0, dtype=torch.float64)
+    assert min(calls) == 3 + 8  # min_iter + warm_steps: the first step that may stop
+    assert calls == list(range(11, warm.num_iterations + 1))
+    # Every step decomposed (an infinite bound: the breakdown test always asks for the eigenpairs).
+    monkeypatch.setattr(recurrence, "_gershgorin", lambda alphas, betas: float("inf"))
+    calls.clear()
+    every = lanczos(lambda v: a @ v, 300, which="top", v0=v0, dtype=torch.float64)
+    assert calls == list(range(1, every.num_iterations + 1))
+    assert every.num_iterations == warm.num_iterations
+    assert torch.equal(every.ritz_values, warm.ritz_values) and torch.equal(every.top_error_bounds, warm.top_error_bounds)

@@ -9,12 +9,13 @@ optimistic, and so are the probable limits, which assume the exact Lanczos polyn
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Literal
 
 import torch
 
-from hessdiag.vectors import VectorShard, dot, partial_sums, vector_norm
+from hessdiag.vectors import VectorShard, dot, partial_sums
 
 BasisStorage = Literal["auto", "device", "host", "recurrence"]
 BASIS_STORAGES: tuple[str, ...] = ("auto", "device", "host", "recurrence")
@@ -50,28 +51,38 @@ class Basis:
             self.vectors[self.size].copy_(vector, non_blocking=False)
         self.size += 1
 
-    def orthogonalise_(self, w: torch.Tensor) -> torch.Tensor:
-        """Remove from `w` its components along the basis.
+    def orthogonalise_(self, w: torch.Tensor, read_with: torch.Tensor | None = None) -> tuple[float, list[float]]:
+        """Remove from `w` its components along the basis, in place; returns the norm of what is left
+        and the values of `read_with` (a 1-dim tensor the caller needs on the host), read back together.
 
         Classical Gram-Schmidt, repeated only when a pass cancelled more than 1 - 1/sqrt(2) of the
         norm (Kahan-Parlett: "twice is enough", and once is enough when little cancels). Each pass
-        reads the whole basis, so skipping the second halves the cost outside the HVPs.
+        reads the whole basis, so skipping the second halves the cost outside the HVPs. A pass is two
+        matrix-vector products with the preallocated basis matrix; the squared norm before it is
+        summed over processes with its coefficients, so that when one pass suffices the call reads
+        back to the host once (a synchronisation on a GPU).
         """
+        values = self._pass(w) if read_with is None else torch.cat([read_with.to(w.device, w.dtype), self._pass(w)])
+        *read, before, after = values.tolist()
+        if self.vectors is not None and after <= 0.5 * before:  # ||after|| <= ||before|| / sqrt(2)
+            after = float(self._pass(w)[1])
+        return math.sqrt(after), read
+
+    def _pass(self, w: torch.Tensor) -> torch.Tensor:
+        """One Gram-Schmidt pass on `w`, in place; returns its squared norms before and after, shape (2,),
+        on w's device (whole vectors: summed over processes)."""
+        sums = partial_sums(self.shard)
         if self.vectors is None:
+            before = sums(torch.dot(w, w).reshape(1))
             for q in self.recent:
-                w -= dot(q, w, self.shard) * q
-            return w
+                w.sub_(q, alpha=dot(q, w, self.shard))
+            return torch.cat([before, sums(torch.dot(w, w).reshape(1))])
         basis = self.vectors[: self.size]
-        coefficients_of = partial_sums(self.shard)
-        for _ in range(2):
-            before = vector_norm(w, self.shard)
-            if self.storage == "host":
-                w -= (basis.T @ coefficients_of(basis @ w.cpu())).to(w.device)
-            else:
-                w -= basis.T @ coefficients_of(basis @ w)
-            if vector_norm(w, self.shard) > _KAHAN_PARLETT * before:
-                break
-        return w
+        host = self.storage == "host"
+        coefficients = (basis @ (w.cpu() if host else w)).to(w.device)
+        reduced = sums(torch.cat([coefficients, torch.dot(w, w).reshape(1)]))
+        w.sub_((basis.T @ reduced[:-1].to(basis.device)).to(w.device))
+        return torch.cat([reduced[-1:], sums(torch.dot(w, w).reshape(1))])
 
     def combine(self, coefficients: torch.Tensor) -> torch.Tensor | None:
         """Rows of ``coefficients.T @ basis``: Ritz vectors from columns of eigenvectors of T."""

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from hessdiag.lanczos.basis import Basis
@@ -70,19 +71,21 @@ class Convergence:
         self.converged = False
         self.top_converged = self.bottom_converged = False
         self.interlacing_slack = 0.0
-        empty = torch.zeros(0, dtype=torch.float64)
+        empty = np.zeros(0)
         self.top_residuals = self.bottom_residuals = self.top_error_bounds = self.bottom_error_bounds = empty
 
-    def update(self, theta: torch.Tensor, s: torch.Tensor, beta: float, product_error: float, may_stop: bool) -> None:
-        m = theta.numel()
+    def update(self, theta: np.ndarray, s: np.ndarray, beta: float, product_error: float, may_stop: bool) -> None:
+        """The bounds of the Ritz pairs (theta, s) of the current T (float64 arrays: a few microseconds
+        per step where torch's small-tensor calls cost tens) and whether they stop the run."""
+        m = theta.size
         kk = min(self.k, m)
-        spectral_norm = float(theta.abs().max())
+        spectral_norm = float(np.abs(theta).max())
         rounding = self.rounding_per_step * m * spectral_norm
-        residuals = beta * s[-1].abs()
+        residuals = beta * np.abs(s[-1])
         # ||F s|| <= e sum_j |s_j| + rounding, column by column of s (one column per Ritz vector).
-        bounds = residuals + product_error * s.abs().sum(dim=0) + rounding
+        bounds = residuals + product_error * np.abs(s).sum(axis=0) + rounding
         self.interlacing_slack = math.sqrt(m) * product_error + rounding
-        top, bottom = torch.arange(m - 1, m - 1 - kk, -1), torch.arange(kk)
+        top, bottom = slice(m - 1, m - 1 - kk if m > kk else None, -1), slice(0, kk)
         self.top_residuals, self.bottom_residuals = residuals[top], residuals[bottom]
         self.top_error_bounds, self.bottom_error_bounds = bounds[top], bounds[bottom]
         self.top_converged = may_stop and kk == self.k and bool(
@@ -96,14 +99,15 @@ class Convergence:
 
     def result(
         self,
-        theta: torch.Tensor,
-        s: torch.Tensor,
+        theta: np.ndarray,
+        s: np.ndarray,
         vectors: Basis,
         alphas: list[float],
         betas: list[float],
         storage: str,
         random_weight: float,
     ) -> LanczosResult:
+        theta, s = torch.from_numpy(theta), torch.from_numpy(s)
         m = theta.numel()
         kk = min(self.k, m)
         bottom_limit, top_limit = probable_limits(alphas, betas[: m - 1], theta, self.dim, random_weight)
@@ -113,10 +117,10 @@ class Convergence:
         return LanczosResult(
             top=theta[top],
             bottom=theta[bottom],
-            top_residuals=self.top_residuals,
-            bottom_residuals=self.bottom_residuals,
-            top_error_bounds=self.top_error_bounds,
-            bottom_error_bounds=self.bottom_error_bounds,
+            top_residuals=torch.from_numpy(self.top_residuals.copy()),
+            bottom_residuals=torch.from_numpy(self.bottom_residuals.copy()),
+            top_error_bounds=torch.from_numpy(self.top_error_bounds.copy()),
+            bottom_error_bounds=torch.from_numpy(self.bottom_error_bounds.copy()),
             top_vectors=vectors.combine(s[:, top]),
             bottom_vectors=vectors.combine(s[:, bottom]),
             num_iterations=m,

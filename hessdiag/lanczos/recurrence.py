@@ -23,13 +23,14 @@ import math
 from collections.abc import Callable
 from typing import Literal
 
+import numpy as np
 import torch
 
 from hessdiag.lanczos.basis import BASIS_STORAGES, Basis, BasisStorage, choose_basis_storage
 from hessdiag.lanczos.certificates import Convergence
 from hessdiag.lanczos.result import LanczosResult
 from hessdiag.lanczos.start import start_vector
-from hessdiag.vectors import VectorShard, dot, gaussian, random_generator, vector_norm
+from hessdiag.vectors import VectorShard, gaussian, partial_sums, random_generator
 
 Which = Literal["top", "bottom", "both"]
 WHICH: tuple[str, ...] = ("top", "bottom", "both")
@@ -141,43 +142,60 @@ class _Recurrence:
 
     def run(
         self, q: torch.Tensor, state: Convergence, product_error: Callable[[], float], may_stop_from: int, max_iter: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Steps from the start `q` until `state` converges (from step `may_stop_from` on), `max_iter`
-        steps, or the whole dimension; returns the eigenpairs (theta, s) of the last T."""
+        steps, or the whole dimension; returns the eigenpairs (theta, s) of the last T.
+
+        T's eigenpairs are computed only where a step needs them: to test the stop, at the last step,
+        and for the breakdown test when the residual is small against Gershgorin's bound on the Ritz
+        values (beta above the threshold for that bound is above it for the largest |Ritz value|,
+        which the bound exceeds). Before `may_stop_from` (a warm start's first eleven steps) a step
+        then costs no eigendecomposition, and decides exactly as if it had one.
+        """
         while True:
             beta = self.extend(q)
-            theta, s = _tridiagonal_eigh(self.alphas, self.betas)
-            state.update(theta, s, beta, product_error(), len(self.alphas) >= may_stop_from)
             m = len(self.alphas)
-            if m >= max_iter or (state.tol > 0 and state.converged) or m >= state.dim:
-                return theta, s
-            next_q = self.next_vector(float(theta.abs().max()))
+            may_stop, last = m >= may_stop_from, m >= max_iter or m >= state.dim
+            scale = _gershgorin(self.alphas, self.betas)
+            if may_stop or last or self.broke_down(scale):
+                theta, s = _tridiagonal_eigh(self.alphas, self.betas)
+                state.update(theta, s, beta, product_error(), may_stop)
+                if last or (state.tol > 0 and state.converged):
+                    return theta, s
+                scale = float(np.abs(theta).max())
+            next_q = self.next_vector(scale)
             if next_q is None:
                 return theta, s  # invariant subspace; without a basis there is nothing to restart against
             q = next_q
+
+    def broke_down(self, scale: float) -> bool:
+        """The last residual vanished against `scale` (the largest |Ritz value|, or a bound above it):
+        the Krylov space is invariant to rounding."""
+        eps, tiny = torch.finfo(self.current.dtype).eps, torch.finfo(self.current.dtype).tiny
+        return self.beta <= 100 * eps * max(scale, tiny)
 
     def extend(self, q: torch.Tensor) -> float:
         """One step from the unit vector `q`: its product, the next diagonal entry, and the residual
         orthogonalised against the basis; returns the residual's norm (the next off-diagonal)."""
         self.basis.append(q)
         w = _product(self.matvec, q, q.dtype)
-        alpha = dot(q, w, self.shard)
+        alpha = partial_sums(self.shard)(torch.dot(q, w).reshape(1))
+        # The three-term recurrence first (in place, alpha kept on the device): what is left is
+        # nearly orthogonal to the basis, so one reorthogonalisation pass usually suffices.
+        w.addcmul_(q, alpha, value=-1)
+        if self.previous is not None:
+            w.sub_(self.previous, alpha=self.betas[-1])
+        # alpha comes back with the pass's norms: one host read per step.
+        self.beta, (alpha_value,) = self.basis.orthogonalise_(w, read_with=alpha)
         # Any NaN or infinity in w makes alpha NaN or infinite (0 * inf is NaN): one test on a number
         # every process already holds, so that with sharded vectors they all raise together.
-        if not math.isfinite(alpha):
+        if not math.isfinite(alpha_value):
             raise FloatingPointError(
                 f"`matvec` returned NaN or infinity at Lanczos step {len(self.alphas) + 1} (for a unit vector), or "
                 "values whose inner product overflows: the operator is not finite there (for a Hessian: a loss that "
                 "overflows or a non-smooth point); no eigenvalue reported."
             )
-        # The three-term recurrence first: what is left is nearly orthogonal to the basis, so one
-        # reorthogonalisation pass usually suffices.
-        w -= alpha * q
-        if self.previous is not None:
-            w -= self.betas[-1] * self.previous
-        self.basis.orthogonalise_(w)
-        self.beta = float(vector_norm(w, self.shard))
-        self.alphas.append(alpha)
+        self.alphas.append(alpha_value)
         self.current, self.residual = q, w
         return self.beta
 
@@ -186,14 +204,14 @@ class _Recurrence:
         None when the residual vanished (an invariant subspace) and there is no basis to restart
         against."""
         w, beta, dtype = self.residual, self.beta, self.current.dtype
-        if beta <= 100 * torch.finfo(dtype).eps * max(scale, torch.finfo(dtype).tiny):
+        if self.broke_down(scale):
             if self.basis.storage == "recurrence":
                 return None
             # Invariant subspace found: continue from a fresh direction orthogonal to it.
             w = gaussian(w.numel(), self.generator, w.device, dtype, self.shard)
-            self.basis.orthogonalise_(w)
+            norm, _ = self.basis.orthogonalise_(w)
             beta_next = 0.0
-            w /= vector_norm(w, self.shard)
+            w /= norm
         else:
             beta_next = beta
             w /= beta
@@ -252,13 +270,22 @@ def _validate(
     return dim, k, max_iter, min(min_iter, max_iter)
 
 
-def _tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def _tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs (ascending) of the m x m tridiagonal T in float64, in numpy: at the tens of rows of a
+    run its calls cost a few microseconds where torch's small-tensor calls cost tens, once per step."""
     m = len(alphas)
-    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    t = np.zeros((m, m))
+    t.flat[:: m + 1] = alphas
     if m > 1:
-        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
-        t += torch.diag(off, 1) + torch.diag(off, -1)
-    return torch.linalg.eigh(t)
+        t.flat[1 :: m + 1] = betas[: m - 1]
+        t.flat[m :: m + 1] = betas[: m - 1]
+    return np.linalg.eigh(t)
+
+
+def _gershgorin(alphas: list[float], betas: list[float]) -> float:
+    """A bound on every |eigenvalue| of the tridiagonal T (its largest absolute row sum), in O(m)."""
+    off = [0.0, *betas[: len(alphas) - 1], 0.0]
+    return max(abs(alpha) + off[i] + off[i + 1] for i, alpha in enumerate(alphas))
 
 
 def _product(matvec: Callable[[torch.Tensor], torch.Tensor], q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -405,6 +405,12 @@ class Monitor:
             self.faults.warn_once("no check", message)
         self.writers.flush()
 
+    def close(self) -> None:
+        """Remove the hooks the Monitor put on the model's parameters (they mark which parameters
+        each backward reaches; they never change a gradient). Call when the Monitor is done with the
+        model; dropping the Monitor removes them too. Idempotent."""
+        self.statistics.close()
+
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Step, warm-start vectors, detector windows and the flag history (primitives and tensors)."""

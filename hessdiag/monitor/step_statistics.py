@@ -165,8 +165,13 @@ class StepStatistics:
             "hessdiag: the model's parameters changed since the Monitor was built (a layer replaced or added?); "
             "the gradient statistics now follow the new parameters, from the next step on.",
         )
+        self.gradients.close()
         self.gradients = GradientStats(current, track_updates=self._track_updates)
         return True
+
+    def close(self) -> None:
+        """Remove the hooks the gradient statistics put on the parameters (idempotent)."""
+        self.gradients.close()
 
     def _losses_only(self, losses: Mapping[int, float], warn: bool = True) -> StepReadout | None:
         """Steps with a loss but no gradient statistics: records of the loss alone."""

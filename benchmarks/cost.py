@@ -1,0 +1,244 @@
+"""What a curvature check costs a training run, in that run's own training steps.
+
+For torchvision's ResNet-18 (no weights, small images) and a small GPT, in one process, side by side:
+the median time of a training step (forward, backward, AdamW), then one cold check (lambda_max and
+lambda_min, ``tol=1e-3``, random start) and one warm check (three steps later, from the cold check's
+Ritz vectors), each in units of a step, with exact (double backward) and finite-difference products;
+the peak memory of a check against a step's; and the largest ``sub_batch`` at which a warm check costs
+at most three steps, with the relative difference of its lambda_max from the full batch's. With
+``--fsdp2`` the same model is also sharded by FSDP2 over two gloo processes (blocks, then the root),
+where the products are finite differences.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before; on a CPU
+the process's resident-set high-water mark (``getrusage``) above the resident set before the first
+step. The high-water mark never goes down, so a CPU check's figure is max(step, check): a ratio of
+1.0 there means "at most a step's". Times are single medians beside each other in one process; on a
+CPU torch runs on `--threads` threads (default 1, and 1 per FSDP2 process).
+
+    python benchmarks/cost.py                 # CPU sizes (GPU sizes on CUDA)
+    python benchmarks/cost.py --fsdp2         # and two gloo processes (CPU)
+    python benchmarks/cost.py --quick         # fewer sizes: a few minutes on one GPU
+
+Writes benchmarks/results/cost-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from _report import save_report  # noqa: E402
+from models import GPT, classification_loss, image_batch, next_token_loss, token_batch  # noqa: E402
+
+import hessdiag  # noqa: E402
+from hessdiag.errors import HessdiagError, NonSmoothLossError  # noqa: E402
+
+SIZES = {
+    "cpu": {"resnet18": {"image": 32, "batch": 16}, "gpt": {"d": 128, "layers": 2, "heads": 4, "context": 64, "batch": 16}},
+    "gpu": {"resnet18": {"image": 64, "batch": 128}, "gpt": {"d": 768, "layers": 12, "heads": 12, "context": 256, "batch": 32}},
+    "quick": {"resnet18": {"image": 32, "batch": 128}, "gpt": {"d": 384, "layers": 6, "heads": 6, "context": 256, "batch": 32}},
+}
+STEPS_PER_CHECK = 3
+
+
+def problem(name: str, config: dict, device: torch.device):
+    """(model, loss_fn, batch) for `name` at `config`, seeded."""
+    torch.manual_seed(0)
+    if name == "resnet18":
+        model = torchvision.models.resnet18(weights=None, num_classes=10).to(device)
+        images, labels = image_batch(config["batch"], device)
+        size = config["image"]
+        images = torch.nn.functional.interpolate(images, size=(size, size)) if images.shape[-1] != size else images
+        return model, classification_loss, (images, labels)
+    model = GPT(d=config["d"], layers=config["layers"], heads=config["heads"], context=config["context"]).to(device)
+    return model, next_token_loss, token_batch(config["batch"], config["context"], 512, device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Memory:
+    """Peak memory above a baseline: CUDA allocator statistics, or the CPU process's RSS high-water."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cuda":
+            self.base = torch.cuda.memory_allocated(device)
+        else:
+            self.base = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
+
+
+class Run:
+    """A model in training: its steps (timed) and checks on its batch (timed, in steps)."""
+
+    def __init__(self, model, loss_fn, batch, device: torch.device) -> None:
+        self.model, self.loss_fn, self.batch, self.device = model, loss_fn, batch, device
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        self.memory = Memory(device)
+        self.step_times: list[float] = []
+        self.memory.start()
+        for _ in range(2):  # the first step allocates AdamW's state
+            self.step()
+        self.step_peak = self.memory.peak()
+
+    def step(self) -> None:
+        synchronize(self.device)
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_fn(self.model, self.batch).backward()
+        self.optimizer.step()
+        synchronize(self.device)
+        self.step_times.append(time.perf_counter() - start)
+
+    def check(self, method: str, v0=None, sub_batch: int | None = None) -> tuple[dict, object]:
+        batch = self.batch if sub_batch is None else tuple(t[:sub_batch] for t in self.batch)
+        self.memory.start()
+        synchronize(self.device)
+        start = time.perf_counter()
+        result = hessdiag.hessian_eigenvalues(self.model, self.loss_fn, batch, which="both", v0=v0, hvp_method=method)
+        synchronize(self.device)
+        seconds = time.perf_counter() - start
+        self.step()  # a step beside each check: the step time is a median over the same period
+        step = statistics.median(self.step_times[1:])
+        entry = {"seconds": seconds, "in_steps": seconds / step, "hvps": result.num_hvps, "converged": result.converged,
+                 "lambda_max": result.lambda_max, "lambda_min": result.lambda_min,
+                 "peak_over_step_peak": self.memory.peak() / self.step_peak}  # fmt: skip
+        return entry, result
+
+
+def measure(run: Run, methods: tuple[str, ...], sub_batches: bool) -> dict:
+    row: dict = {}
+    for method in methods:
+        try:
+            cold, previous = run.check(method)
+        except NonSmoothLossError as error:  # finite differences on ReLU networks: refused, with the reason
+            row[method] = {"refused": str(error).split(":")[0]}
+            continue
+        for _ in range(STEPS_PER_CHECK):
+            run.step()
+        warm, current = run.check(method, v0=previous)
+        row[method] = {"cold": cold, "warm": warm}
+    if sub_batches:
+        full = current.lambda_max
+        size, row["sub_batch"] = run.batch[0].shape[0], []
+        while size > 1:
+            size //= 2
+            try:
+                entry, _ = run.check(methods[-1], v0=current, sub_batch=size)
+            except HessdiagError as error:  # e.g. BatchNorm on one sample: no training-mode loss there
+                row["sub_batch"].append({"sub_batch": size, "refused": str(error).split(". ")[0]})
+                break
+            entry["sub_batch"] = size
+            entry["lambda_max_relative_difference"] = abs(entry["lambda_max"] - full) / abs(full)
+            row["sub_batch"].append(entry)
+            if entry["in_steps"] <= STEPS_PER_CHECK:
+                break
+    row["step_seconds"] = statistics.median(run.step_times[1:])
+    row["step_peak_bytes"] = run.step_peak
+    return row
+
+
+def fsdp2_worker(rank: int, name: str, config: dict, init: str, out: str) -> None:
+    """One of two gloo processes: the model sharded by FSDP2 (blocks, then the root), half the batch each."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        model, loss_fn, batch = problem(name, config, torch.device("cpu"))
+        blocks = model.blocks if name == "gpt" else [model.layer1, model.layer2, model.layer3, model.layer4]
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(model)
+        half = batch[0].shape[0] // 2
+        local = tuple(t[rank * half : (rank + 1) * half] for t in batch)
+        row = measure(Run(model, loss_fn, local, torch.device("cpu")), ("finite_difference",), sub_batches=False)
+        if rank == 0:
+            Path(out).write_text(json.dumps(row))
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp2_row(name: str, config: dict) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "row.json")
+        mp.spawn(fsdp2_worker, args=(name, config, os.path.join(folder, "init"), out), nprocs=2, join=True)
+        return json.loads(Path(out).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "gpt"])
+    parser.add_argument("--quick", action="store_true", help="GPU: smaller models (a few minutes on one GPU)")
+    parser.add_argument("--fsdp2", action="store_true", help="also FSDP2 on two gloo processes (CPU)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (1: steadier on a shared machine)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    size = "quick" if args.quick else ("gpu" if device.type == "cuda" else "cpu")
+    rows = []
+    for name in args.models:
+        config = SIZES[size][name]
+        run = Run(*problem(name, config, device), device)
+        row = {"model": name, "config": config, "params": sum(p.numel() for p in run.model.parameters())}
+        row["dense"] = measure(run, ("finite_difference", "double_backward"), sub_batches=True)
+        if args.fsdp2:
+            row["fsdp2_two_gloo_processes"] = fsdp2_row(name, SIZES["cpu"][name])
+        print_row(row)
+        rows.append(row)
+    save_report(args.out or f"benchmarks/results/cost-{device.type}.json", device, size, rows, steps_per_check=STEPS_PER_CHECK)
+
+
+def print_row(row: dict) -> None:
+    print(f"\n== {row['model']} ({row['params']:,} parameters, {row['config']})")
+    for setting in ("dense", "fsdp2_two_gloo_processes"):
+        if setting not in row:
+            continue
+        measured = row[setting]
+        print(f"  {setting}: step {measured['step_seconds'] * 1e3:.1f} ms")
+        for method in ("double_backward", "finite_difference"):
+            for phase in ("cold", "warm"):
+                entry = measured.get(method, {}).get(phase)
+                if "refused" in measured.get(method, {}) and phase == "cold":
+                    print(f"    {method:17s} refused: {measured[method]['refused']}")
+                if entry:
+                    print(f"    {method:17s} {phase}: {entry['in_steps']:6.1f} steps, {entry['hvps']:3d} HVPs, "
+                          f"converged {entry['converged']}, peak memory {entry['peak_over_step_peak']:.2f}x a step's")  # fmt: skip
+        for entry in measured.get("sub_batch", []):
+            if "refused" in entry:
+                print(f"    sub_batch {entry['sub_batch']:4d}: {entry['refused']}")
+                continue
+            print(f"    sub_batch {entry['sub_batch']:4d} (warm, exact): {entry['in_steps']:6.1f} steps, "
+                  f"lambda_max {entry['lambda_max_relative_difference']:.1%} from the full batch's")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
