@@ -73,6 +73,11 @@ def layer_shares(
             1-D of this rank's number of coordinates; `vector` is zero or not finite.
     """
     model = unwrap_model(model)
+    params = None if params is None else list(params)
+    if params is not None and _sharded.is_sharded(params):
+        # After a forward, an FSDP2 group that keeps its gathered parameters (the root's) has them
+        # registered in place of the sharded ones the vector is over: free them, as a backward does.
+        _sharded.reshard(model)
     chosen = trainable_parameters(model, params)
     pieces = [_sharded.local(p) for p in chosen]
     size = sum(p.numel() for p in pieces)
