@@ -41,6 +41,7 @@ from hessdiag.curvature import RankWeighting
 from hessdiag.flags import FlagEvent
 from hessdiag.operator import HVPMethod, LossFn
 from hessdiag.monitor.assembly import build_parts, check_arguments
+from hessdiag.monitor.checkpoint import monitor_state, restore_monitor_state
 from hessdiag.monitor.view import MonitorView
 from hessdiag.schedule import CheckEvery
 from hessdiag.settings import DiagnosticsSettings
@@ -310,23 +311,9 @@ class Monitor(MonitorView):
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Step, warm-start vectors, detector windows and the flag history (primitives and tensors)."""
-        return {
-            "step": self._step,
-            "schedule": self.schedule.state_dict(),
-            "probe": self.probe.state_dict() if self.probe is not None else {},
-            **self.detection.state_dict(),  # "detectors" and "events"
-            "overflow_skips": self.statistics.overflow_skips,
-            "rank_noise_scale": self.noise.ranks.state_dict(),
-        }
+        return monitor_state(self._step, self.schedule, self.probe, self.detection, self.statistics, self.noise)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; keys missing in older checkpoints keep their defaults."""
-        self._step = int(state.get("step", 0))
-        self.schedule.load_state_dict(state.get("schedule", {}))
-        self.statistics.load_state_dict({"overflow_skips": state.get("overflow_skips", 0)})
-        if self.probe is not None:
-            self.probe.load_state_dict(state.get("probe", {}))
-        self.noise.ranks.load_state_dict(state.get("rank_noise_scale", {}))
-        self.detection.load_state_dict(state)
+        self._step = restore_monitor_state(state, self.schedule, self.probe, self.detection, self.statistics, self.noise)
         self.writers.remember(self.detection.flag_scalars())
-
