@@ -1,13 +1,16 @@
 """The values the callback hands the trainer: ``trainer.callback_metrics`` (for EarlyStopping and
-ModelCheckpoint) and the progress bar."""
+ModelCheckpoint, with the out-of-cadence first values they need) and the progress bar."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
+from hessdiag.flags import FlagEvent
+from hessdiag.monitor import Monitor
 from hessdiag.tensorboard import PREFIX
 
 #: The values put in ``trainer.callback_metrics`` (with ``hessdiag/flags/<name>`` for every detector).
@@ -36,6 +39,18 @@ def watched_by_another_callback(trainer: pl.Trainer) -> bool:
     watched = {getattr(callback, "monitor", None) for callback in trainer.callbacks}
     watched |= {getattr(config, "monitor", None) for config in getattr(trainer, "lr_scheduler_configs", [])}
     return bool(watched & set(CALLBACK_METRICS))
+
+
+def first_values(monitor: Monitor, batch: Any, read_back: bool, num_checks: int) -> list[FlagEvent]:
+    """A read-back and a check on `batch` now, out of cadence, unless they just happened (`read_back`:
+    this step read back; `num_checks`: the checks before it). For the first optimizer step of a fit
+    in which another callback watches one of our values: without them, a watcher that reads the key
+    before the first check (an epoch shorter than `check_every`) stops the run: Lightning's
+    ModelCheckpoint and EarlyStopping raise on a missing key. Returns the new flag events."""
+    events = [] if read_back else monitor.read_back()
+    if len(monitor.checks) == num_checks and monitor.schedule.enabled:  # not with check_every=0
+        events += monitor.check_curvature(batch)
+    return events
 
 
 def show_in_progress_bar(trainer: pl.Trainer, lambda_max: float, active_flags: int) -> None:

@@ -14,9 +14,10 @@ spectral density.
 The hooks only route: the settings are checked by :class:`hessdiag.settings.CallbackSettings`; the
 loss of a check is chosen in :mod:`~hessdiag.callbacks.loss_closure`, the step's micro-batches are
 gathered in :mod:`~hessdiag.callbacks.micro_batches`, `stop_on` and `on_flag` act in
-:mod:`~hessdiag.callbacks.flag_stopping`, and scalars reach the loggers through
+:mod:`~hessdiag.callbacks.flag_stopping`, scalars reach the loggers through
 :mod:`~hessdiag.callbacks.logger_writer` and ``trainer.callback_metrics`` through
-:mod:`~hessdiag.callbacks.callback_metrics`.
+:mod:`~hessdiag.callbacks.callback_metrics`, and :mod:`~hessdiag.callbacks.strategies` refuses the
+strategies that hide the Hessian.
 """
 
 from __future__ import annotations
@@ -26,35 +27,29 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from hessdiag._isolation import ModelMode
 from hessdiag.batches import MAX_MICRO_BATCHES, batch_size
-from hessdiag.callbacks.callback_metrics import publish, show_in_progress_bar, watched_by_another_callback
+from hessdiag.callbacks.callback_metrics import first_values, publish, show_in_progress_bar, watched_by_another_callback
 from hessdiag.callbacks.flag_stopping import FlagHook, FlagStopping
-from hessdiag.callbacks.logger_writer import LoggerWriter
+from hessdiag.callbacks.logger_writer import trainer_writers
 from hessdiag.callbacks.loss_closure import LossHook, loss_closure
 from hessdiag.callbacks.micro_batches import StepMicroBatches
+from hessdiag.callbacks.strategies import refuse_unsupported_strategy
 from hessdiag.curvature import RankWeighting
-from hessdiag.flags import FlagEvent
 from hessdiag.operator import HVPMethod
 from hessdiag.monitor import Monitor
 from hessdiag.schedule import CheckEvery
 from hessdiag.settings import CallbackSettings
-from hessdiag.tensorboard import TensorBoardWriter
 
 _CALLBACK_BASES: tuple[type, ...] = (pl.Callback,)
-_TENSORBOARD_LOGGERS: tuple[type, ...] = (TensorBoardLogger,)
 try:  # one class that both Trainers accept, when the unified `lightning` package is installed too
     import lightning.pytorch as _lightning
-    from lightning.pytorch.loggers import TensorBoardLogger as _UnifiedTensorBoardLogger
 
     if _lightning.Callback is not pl.Callback:
         _CALLBACK_BASES += (_lightning.Callback,)
-        _TENSORBOARD_LOGGERS += (_UnifiedTensorBoardLogger,)
 except ImportError:
     pass
 
@@ -124,7 +119,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
 
     Raises:
         ValueError: a bad argument, named in the message (checked by :class:`hessdiag.settings.CallbackSettings`).
-        MisconfigurationException: in ``setup``, manual optimisation without a loss closure.
+        MisconfigurationException: in ``setup``, manual optimisation without a loss closure, or an FSDP1 or
+            DeepSpeed strategy (see :mod:`~hessdiag.callbacks.strategies`).
 
     Example::
 
@@ -188,21 +184,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = type(trainer.strategy).__name__
-        # FSDP2 (`fully_shard`, e.g. in ModelParallelStrategy's `configure_model`) is supported: its parameters
-        # are DTensors. FSDPStrategy wraps in FSDP1 (flat parameters) and DeepSpeed partitions them its own way.
-        if "FSDP" in strategy or "DeepSpeed" in strategy:
-            raise MisconfigurationException(
-                f"HessianDiagnostics does not support {strategy}: its flat, partitioned parameters hide the model's "
-                "Hessian. Shard with FSDP2 instead: ModelParallelStrategy with `fully_shard` in `configure_model`, or "
-                "DDP; or remove the callback."
-            )
-        writers: list[Any] = []
-        if trainer.is_global_zero:
-            writers.append(LoggerWriter(trainer))
-            for logger in trainer.loggers:
-                if isinstance(logger, _TENSORBOARD_LOGGERS):
-                    writers.append(TensorBoardWriter(logger.experiment, write_scalars=False))
+        refuse_unsupported_strategy(trainer)
+        writers = trainer_writers(trainer)
         # A fresh fit starts fresh: a checkpoint's state arrives after setup, through load_state_dict.
         self._restored = None
         self._step, self._stepped = StepMicroBatches(), False
@@ -281,7 +264,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         events = self.monitor.after_step(check_batch, step_loss, step=step, samples=samples)
         read_back = self.monitor.read_back_due(step)
         if self._first_values_due:
-            events += self._first_values(check_batch, read_back, num_checks)
+            self._first_values_due = False
+            events += first_values(self.monitor, check_batch, read_back, num_checks)
             read_back = True
         checked = len(self.monitor.checks) > num_checks
         if read_back or checked or check_due:
@@ -293,18 +277,6 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
                 self.monitor.note("stop_on", reason)
         if self.settings.progress_bar and (read_back or checked) and self.monitor.last_check is not None:
             show_in_progress_bar(trainer, self.monitor.last_check.lambda_max, len(self.monitor.active_flags))
-
-    def _first_values(self, batch: Any, read_back: bool, num_checks: int) -> list[FlagEvent]:
-        """Once per fit, when another callback watches one of our values: a read-back and a check at
-        the first optimizer step, out of cadence, unless they just happened. Without it, a watcher
-        that reads the key before the first check (an epoch shorter than `check_every`) stops
-        the run: Lightning's ModelCheckpoint and EarlyStopping raise on a missing key."""
-        assert self.monitor is not None
-        self._first_values_due = False
-        events = [] if read_back else self.monitor.read_back()
-        if len(self.monitor.checks) == num_checks and self.monitor.schedule.enabled:  # not with check_every=0
-            events += self.monitor.check_curvature(batch)
-        return events
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,15 +1,41 @@
-"""`LoggerWriter`: the diagnostics' scalars to every logger of a Lightning trainer (TensorBoard, CSV, ...)."""
+"""`LoggerWriter`: the diagnostics' scalars to every logger of a Lightning trainer (TensorBoard, CSV, ...);
+:func:`trainer_writers`: the writers of a trainer (with the dashboard's own TensorBoard writer)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from hessdiag.dashboard import LayerValues, shown_scalars
 from hessdiag.flags import FlagEvent
 from hessdiag.spectrum import SpectralDensity
+from hessdiag.tensorboard import TensorBoardWriter
+
+_TENSORBOARD_LOGGERS: tuple[type, ...] = (TensorBoardLogger,)
+try:  # the unified `lightning` package's logger too, when it is installed beside pytorch_lightning
+    from lightning.pytorch.loggers import TensorBoardLogger as _UnifiedTensorBoardLogger
+
+    if _UnifiedTensorBoardLogger is not TensorBoardLogger:
+        _TENSORBOARD_LOGGERS += (_UnifiedTensorBoardLogger,)
+except ImportError:
+    pass
+
+
+def trainer_writers(trainer: pl.Trainer) -> list[Any]:
+    """The writers of `trainer` (on rank 0; none elsewhere): a :class:`LoggerWriter` for the scalars,
+    and for each TensorBoard logger a TensorBoard writer for what loggers cannot show (the layout,
+    histograms, flag events, the density, text)."""
+    writers: list[Any] = []
+    if trainer.is_global_zero:
+        writers.append(LoggerWriter(trainer))
+        for logger in trainer.loggers:
+            if isinstance(logger, _TENSORBOARD_LOGGERS):
+                writers.append(TensorBoardWriter(logger.experiment, write_scalars=False))
+    return writers
 
 
 class LoggerWriter:

@@ -9,7 +9,11 @@
 * the conditioning lambda_max / (trace / n) at a density check, the trace by Hutch++
   (:data:`CONDITIONING_TRACE_MATVECS` products);
 * with ``module_sharpness`` > 0, lambda_max of the top modules' own diagonal blocks
-  (:func:`top_module_sharpness`: a Lanczos run per module on the check's operator).
+  (:func:`top_module_sharpness`: a Lanczos run per module on the check's operator);
+* the sharpness the optimizer's stability threshold refers to (:func:`stability_of`: for Adam a
+  Lanczos run on the preconditioned D^1/2 H D^1/2);
+* the quadratic model's loss change of the step's update against the observed one
+  (:func:`update_prediction_at`: one product and one forward).
 
 :class:`~hessdiag.curvature.CurvatureProbe` calls them; each returns None (or says why) where its
 quantity is undefined or cannot be measured, never a placeholder.
@@ -28,13 +32,15 @@ from hessdiag import _distributed, _sharded
 from hessdiag._isolation import ModelMode, unwrap_model
 from hessdiag.batches import MicroBatches, batch_size, take_sub_batch
 from hessdiag.eigen import HessianEigenvalues
+from hessdiag.lanczos import LanczosResult, lanczos
 from hessdiag.errors import HessdiagError
 from hessdiag.gradient_curvature import gradient_curvature_of
 from hessdiag.module_sharpness import ModuleSharpness, module_sharpness_of
 from hessdiag.noise_scale import NoiseScaleEstimate, gradient_noise_scale
 from hessdiag.operator import HessianOperator, LossFn
 from hessdiag.spectrum import SpectralDensity, hutchpp_trace
-from hessdiag.stability import StabilityThreshold
+from hessdiag.stability import StabilityThreshold, preconditioner_sqrt, stability_threshold
+from hessdiag.update_prediction import UpdatePrediction, UpdateStart, predict_update
 
 #: Modules kept per end of the spectrum in a check's layer shares (the dashboard's budget).
 SHARES_KEPT = 5
@@ -190,3 +196,58 @@ def escape_probe(operator: HessianOperator, result: HessianEigenvalues) -> float
     alpha = math.sqrt(2 * ESCAPE_PROBE_FRACTION * max(abs(result.loss), 1e-12) / abs(result.lambda_min))
     direction = result.bottom_vectors[0]
     return min(operator.loss_along(direction, alpha), operator.loss_along(direction, -alpha)) - result.loss
+
+
+def stability_of(
+    operator: HessianOperator,
+    result: HessianEigenvalues,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    tol: float,
+    max_iter: int | None,
+    v0: torch.Tensor | None,
+    seed: int,
+) -> tuple[StabilityThreshold | None, float, torch.Tensor | None, LanczosResult | None]:
+    """The optimizer's stability threshold, the sharpness compared with it, the preconditioner's square
+    root d (None unless the threshold is preconditioned) under which that sharpness is lambda_max(dHd),
+    and that Lanczos run (None when none ran; `v0`: its warm start). No threshold (None, the raw
+    lambda_max) without an optimizer, for one without a known stability rule, and for Adam before its
+    first step (no second-moment estimate yet)."""
+    if optimizer is None:
+        return None, result.lambda_max, None, None
+    try:
+        threshold = stability_threshold(optimizer)
+    except ValueError:  # an optimizer without a known stability rule: report the raw sharpness
+        return None, result.lambda_max, None, None
+    if not threshold.preconditioned:
+        return threshold, result.lambda_max, None, None
+    scale = preconditioner_sqrt(optimizer, operator.params)
+    if scale is None:  # Adam before its first step: no second-moment estimate yet
+        return None, result.lambda_max, None, None
+    scale = scale.to(device=operator.device, dtype=operator.dtype)
+    preconditioned = lanczos(
+        lambda v: scale * operator.matvec(scale * v),
+        operator.dim,
+        which="top",
+        tol=tol,
+        max_iter=max_iter,
+        v0=v0,
+        seed=seed,
+        device=operator.device,
+        dtype=operator.dtype,
+        shard=operator.shard,
+    )
+    return threshold, float(preconditioned.top[0]), scale, preconditioned
+
+
+def update_prediction_at(
+    operator: HessianOperator, start: UpdateStart | None, step: int, skipped: dict[str, str]
+) -> UpdatePrediction | None:
+    """The prediction of the update of optimizer step `step` from its parameter copy `start`; None
+    without a copy of that step (and why, in `skipped`, when the prediction itself is impossible)."""
+    if start is None or start.step != step:  # no copy, or one of a step without its check
+        return None
+    prediction, why = predict_update(operator, start)
+    if prediction is None:
+        skipped["update_prediction"] = f"No prediction of the update's loss change: {why}."
+    return prediction

@@ -45,18 +45,19 @@ from hessdiag.check_quantities import (
     check_module_sharpness,
     module_shares,
     noise_scale_of,
+    stability_of,
     step_batch_size,
     top_module_sharpness,
+    update_prediction_at,
 )
 from hessdiag.curvature_check import CurvatureCheck
 from hessdiag.eigen import HessianEigenvalues, eigenvalues_of
 from hessdiag.noise_scale import NoiseScaleEstimate
 from hessdiag.running_noise_scale import RunningNoiseScale
 from hessdiag.operator import HessianOperator, HVPMethod, LossFn, trainable_parameters
-from hessdiag.lanczos import lanczos
 from hessdiag.spectrum import SpectralDensity, slq_density
-from hessdiag.stability import StabilityThreshold, preconditioner_sqrt, stability_threshold
-from hessdiag.update_prediction import UpdatePrediction, UpdateStart, predict_update
+from hessdiag.stability import StabilityThreshold
+from hessdiag.update_prediction import UpdateStart
 
 RankWeighting = Literal["equal", "samples"]
 
@@ -160,16 +161,7 @@ class CurvatureProbe:
         step_samples = batch_size(batch)
         batch = take_sub_batch(batch, sub_batch or self.sub_batch)
         seed = self.num_checks  # a fresh dropout draw per check, the same for all products of one check
-        cold = self.warm_vectors is None or (self.cold_every > 0 and self.num_checks % self.cold_every == 0)
-        # "auto"'s cross-check (about four gradients and two products) runs on cold checks; a warm one
-        # reuses the last verdict for exact products: the same model and loss run the same ops.
-        reuse = self.hvp_method == "auto" and self.verified_step is not None and not cold
-        operator = self._operator(batch, seed, "double_backward" if reuse else self.hvp_method)
-        if self.warm_vectors is not None and self.warm_vectors.shape[-1] != operator.size:
-            self.warm_vectors = self.warm_preconditioned = None  # the trainable parameters changed
-            cold = True
-            if reuse:  # parameters that were not cross-checked: check them
-                reuse, operator = False, self._operator(batch, seed, self.hvp_method)
+        operator, cold, reuse = self._open(batch, seed)
         with preserved_state(unwrap_model(self.model), operator.params), operator:
             result = eigenvalues_of(
                 operator, k=self.k, tol=self.tol, max_iter=self.max_iter, v0=None if cold else self.warm_vectors, seed=seed
@@ -179,7 +171,7 @@ class CurvatureProbe:
             top_shares, bottom_shares = module_shares(result, skipped)
             blocks = top_module_sharpness(operator, result, top_shares, self.module_sharpness, self.tol, self.max_iter, seed)
             gradient_curvature, lr_headroom = along_gradient(operator, stability, scale)
-            update = self._update_prediction(operator, update_start, step, skipped)
+            update = update_prediction_at(operator, update_start, step, skipped)
             density = self._density(operator, seed)
             condition = conditioning(result.lambda_max, operator, density, seed)
             num_hvps = operator.num_hvps
@@ -188,20 +180,9 @@ class CurvatureProbe:
         self.num_checks += 1
         return CurvatureCheck(
             step=step,
-            lambda_max=result.lambda_max,
-            lambda_min=result.lambda_min,
-            negative_curvature_certified=result.negative_curvature_certified,
-            residual_max=float(result.residuals["top"][0]),
-            residual_min=float(result.residuals["bottom"][0]),
-            error_bound_max=float(result.error_bounds["top"][0]),
-            error_bound_min=float(result.error_bounds["bottom"][0]),
-            lambda_max_limit=result.probable_limits["top"],
-            lambda_min_limit=result.probable_limits["bottom"],
-            converged=result.converged,
+            **spectrum_fields(result),
             num_hvps=num_hvps,
             seconds=time.perf_counter() - start,
-            loss=result.loss,
-            grad_norm=result.grad_norm,
             sharpness=sharpness,
             stability=stability,
             loss_change_along_bottom=escape,
@@ -210,7 +191,6 @@ class CurvatureProbe:
             hvp_method=operator.method,
             hvp_method_reason=self._method_reason(step, operator, reuse),
             product_error=operator.product_error,
-            tol=result.tol,
             density=density,
             top_shares=top_shares,
             bottom_shares=bottom_shares,
@@ -225,6 +205,21 @@ class CurvatureProbe:
             update_prediction=update,
             skipped=skipped,
         )
+
+    def _open(self, batch: Any, seed: int) -> tuple[HessianOperator, bool, bool]:
+        """The check's operator (not entered yet), whether the check starts cold, and whether it reuses
+        the last cross-check's approval of double backward."""
+        cold = self.warm_vectors is None or (self.cold_every > 0 and self.num_checks % self.cold_every == 0)
+        # "auto"'s cross-check (about four gradients and two products) runs on cold checks; a warm one
+        # reuses the last verdict for exact products: the same model and loss run the same ops.
+        reuse = self.hvp_method == "auto" and self.verified_step is not None and not cold
+        operator = self._operator(batch, seed, "double_backward" if reuse else self.hvp_method)
+        if self.warm_vectors is not None and self.warm_vectors.shape[-1] != operator.size:
+            self.warm_vectors = self.warm_preconditioned = None  # the trainable parameters changed
+            cold = True
+            if reuse:  # parameters that were not cross-checked: check them
+                reuse, operator = False, self._operator(batch, seed, self.hvp_method)
+        return operator, cold, reuse
 
     def _method_reason(self, step: int, operator: HessianOperator, reuse: bool) -> str:
         """Why the check's product method; with "auto", remember a cold check's approval."""
@@ -270,16 +265,6 @@ class CurvatureProbe:
         if self._update_start is None or self._update_start.step != step:
             self._update_start = UpdateStart(step, trainable_parameters(unwrap_model(self.model), self.params))
 
-    def _update_prediction(
-        self, operator: HessianOperator, start: UpdateStart | None, step: int, skipped: dict[str, str]
-    ) -> UpdatePrediction | None:
-        if start is None or start.step != step:  # no copy, or one of a step without its check
-            return None
-        prediction, why = predict_update(operator, start)
-        if prediction is None:
-            skipped["update_prediction"] = f"No prediction of the update's loss change: {why}."
-        return prediction
-
     def skip_noise_scale_parts(self) -> None:
         """Cut no batch for the noise scale from now on: it is measured elsewhere (under DDP from the
         ranks' local gradients, see :meth:`hessdiag.Monitor.watch_ranks`)."""
@@ -308,34 +293,15 @@ class CurvatureProbe:
         cold: bool,
         seed: int,
     ) -> tuple[StabilityThreshold | None, float, torch.Tensor | None]:
-        """The threshold, the sharpness compared with it, and the preconditioner's square root d
-        (None unless the threshold is preconditioned) under which that sharpness is lambda_max(dHd)."""
-        if optimizer is None:
-            return None, result.lambda_max, None
-        try:
-            threshold = stability_threshold(optimizer)
-        except ValueError:  # an optimizer without a known stability rule: report the raw sharpness
-            return None, result.lambda_max, None
-        if not threshold.preconditioned:
-            return threshold, result.lambda_max, None
-        scale = preconditioner_sqrt(optimizer, operator.params)
-        if scale is None:  # Adam before its first step: no second-moment estimate yet
-            return None, result.lambda_max, None
-        scale = scale.to(device=operator.device, dtype=operator.dtype)
-        preconditioned = lanczos(
-            lambda v: scale * operator.matvec(scale * v),
-            operator.dim,
-            which="top",
-            tol=self.tol,
-            max_iter=self.max_iter,
-            v0=None if cold else self.warm_preconditioned,
-            seed=seed,
-            device=operator.device,
-            dtype=operator.dtype,
-            shard=operator.shard,
-        )
-        self.warm_preconditioned = preconditioned.top_vectors
-        return threshold, float(preconditioned.top[0]), scale
+        """:func:`~hessdiag.check_quantities.stability_of`, warm-started from the last check's
+        preconditioned vectors, which its run replaces."""
+        threshold, sharpness, scale, preconditioned = stability_of(
+            operator, result, optimizer, tol=self.tol, max_iter=self.max_iter,
+            v0=None if cold else self.warm_preconditioned, seed=seed,
+        )  # fmt: skip
+        if preconditioned is not None:
+            self.warm_preconditioned = preconditioned.top_vectors
+        return threshold, sharpness, scale
 
     def state_dict(self) -> dict[str, Any]:
         """Warm-start vectors, the check count and the running noise scale (tensors and primitives)."""
@@ -354,3 +320,23 @@ class CurvatureProbe:
         self.warm_preconditioned = state.get("warm_preconditioned")
         self.noise_scale.load_state_dict(state.get("noise_scale", {}))
 
+
+
+def spectrum_fields(result: HessianEigenvalues) -> dict[str, Any]:
+    """A check's fields read from its Lanczos result: both ends, their residuals, proven bounds and
+    probable limits, the loss and gradient norm at the check's point, the tolerance used."""
+    return dict(
+        lambda_max=result.lambda_max,
+        lambda_min=result.lambda_min,
+        negative_curvature_certified=result.negative_curvature_certified,
+        residual_max=float(result.residuals["top"][0]),
+        residual_min=float(result.residuals["bottom"][0]),
+        error_bound_max=float(result.error_bounds["top"][0]),
+        error_bound_min=float(result.error_bounds["bottom"][0]),
+        lambda_max_limit=result.probable_limits["top"],
+        lambda_min_limit=result.probable_limits["bottom"],
+        converged=result.converged,
+        loss=result.loss,
+        grad_norm=result.grad_norm,
+        tol=result.tol,
+    )

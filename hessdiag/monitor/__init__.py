@@ -2,8 +2,10 @@
 
 :class:`Monitor` conducts parts with one job each: :mod:`.step_statistics` (per-step gradient
 statistics and losses, read back together), :mod:`.check_runner` (curvature checks and their
-out-of-memory retry), :mod:`.faults` (never crash training; say it once) and :mod:`.writers`
-(fan-out to every :class:`~hessdiag.tensorboard.DiagnosticsWriter`). Detectors live in
+out-of-memory retry), :mod:`.reporting` (a check's verdict and texts, notes said once),
+:mod:`.faults` (never crash training; say it once) and :mod:`.writers` (fan-out to every
+:class:`~hessdiag.tensorboard.DiagnosticsWriter`); :mod:`.assembly` builds them, :mod:`.view` is
+what adapters read, :mod:`.checkpoint` what a checkpoint holds. Detectors live in
 :mod:`hessdiag.detectors`, tag names in :mod:`hessdiag.tags`.
 """
 

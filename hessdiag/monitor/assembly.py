@@ -1,16 +1,28 @@
-"""What the Monitor is built from: its arguments checked, and its curvature probe from the settings."""
+"""What the Monitor is built from: its arguments checked, its curvature probe from the settings, and its
+parts wired together (each part gets the fault policy; the writers learn the flags before the first
+read-back)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from hessdiag._isolation import unwrap_model
 from hessdiag.curvature import CurvatureProbe
+from hessdiag.monitor.check_runner import CheckRunner
+from hessdiag.monitor.detection import Detection
+from hessdiag.monitor.faults import FaultPolicy
+from hessdiag.monitor.noise_sources import NoiseSources
+from hessdiag.monitor.reporting import CheckReporting
+from hessdiag.monitor.step_statistics import StepStatistics
+from hessdiag.monitor.writers import WriterFanOut, resolve_writers
 from hessdiag.operator import LossFn
-from hessdiag.settings import DiagnosticsSettings
+from hessdiag.schedule import CheckSchedule
+from hessdiag.settings import DiagnosticsSettings, resolve_detectors
 
 
 def check_arguments(
@@ -39,3 +51,49 @@ def probe_from_settings(
         rank_weighting=settings.rank_weighting, density_every=settings.density_every,
         noise_scale_parts=settings.noise_scale_parts, module_sharpness=settings.module_sharpness,
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MonitorParts:
+    """The parts a Monitor conducts (`probe` and `runner` None without a `loss_fn`)."""
+
+    schedule: CheckSchedule
+    faults: FaultPolicy
+    writers: WriterFanOut
+    statistics: StepStatistics
+    probe: CurvatureProbe | None
+    runner: CheckRunner | None
+    noise: NoiseSources
+    detection: Detection
+    reporting: CheckReporting
+
+
+def build_parts(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    settings: DiagnosticsSettings,
+    *,
+    optimizer: torch.optim.Optimizer | None,
+    writer: Any,
+    params: Iterable[torch.Tensor] | None,
+    detectors: Sequence[Any] | None,
+    grad_scaler: torch.amp.GradScaler | None,
+    current_step: Callable[[], int],
+) -> MonitorParts:
+    """The Monitor's parts for these arguments, checked first (ValueError naming a bad one);
+    `current_step`: the Monitor's optimizer step, for the messages."""
+    schedule = CheckSchedule(settings.check_every, settings.overhead_budget)
+    check_arguments(model, loss_fn, optimizer, grad_scaler, checks=schedule.enabled)
+    faults = FaultPolicy(strict=settings.strict, current_step=current_step)
+    writers = WriterFanOut(resolve_writers(writer), faults)
+    statistics = StepStatistics(model, track_updates=settings.update_ratios, grad_scaler=grad_scaler, faults=faults)
+    probe = probe_from_settings(model, loss_fn, settings, params) if loss_fn is not None else None
+    runner = CheckRunner(model, probe, schedule, faults) if probe is not None else None
+    chosen = probe.params if probe is not None else None  # the checks' parameters
+    noise = NoiseSources(lambda: chosen or list(unwrap_model(model).parameters()))
+    detection = Detection(resolve_detectors(detectors), faults)
+    writers.remember(detection.flag_scalars())  # the flags exist from the start
+    reporting = CheckReporting(writers, detection, noise, faults, current_step)
+    if runner is not None and schedule.enabled:
+        runner.warn_low_precision(settings.tol)
+    return MonitorParts(schedule, faults, writers, statistics, probe, runner, noise, detection, reporting)

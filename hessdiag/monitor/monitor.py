@@ -35,26 +35,19 @@ import torch
 from torch import nn
 
 from hessdiag._distributed import is_data_parallel
-from hessdiag._isolation import ModelMode, unwrap_model
+from hessdiag._isolation import ModelMode
 from hessdiag.batches import batch_size
 from hessdiag.curvature import RankWeighting
-from hessdiag.curvature_check import CurvatureCheck
-from hessdiag.detectors import FlagDetector
 from hessdiag.flags import FlagEvent
 from hessdiag.operator import HVPMethod, LossFn
-from hessdiag.monitor.assembly import check_arguments, probe_from_settings
-from hessdiag.monitor.check_runner import CheckRunner, check_record, check_scalars, check_texts
-from hessdiag.monitor.detection import Detection
-from hessdiag.monitor.faults import FaultPolicy
-from hessdiag.monitor.noise_sources import NoiseSources
-from hessdiag.monitor.step_statistics import StepStatistics
-from hessdiag.monitor.writers import WriterFanOut, resolve_writers
-from hessdiag.schedule import CheckEvery, CheckSchedule
-from hessdiag.settings import DiagnosticsSettings, resolve_detectors
-from hessdiag.tags import CHECK_FAILED, HVP_METHOD, NOISE_SCALE_VERDICT, event_tag, note_tag
+from hessdiag.monitor.assembly import build_parts, check_arguments
+from hessdiag.monitor.checkpoint import monitor_state, restore_monitor_state
+from hessdiag.monitor.view import MonitorView
+from hessdiag.schedule import CheckEvery
+from hessdiag.settings import DiagnosticsSettings
 
 
-class Monitor:
+class Monitor(MonitorView):
     """Gradient statistics every step, curvature every `check_every` steps, flags, TensorBoard.
 
     Args:
@@ -69,37 +62,33 @@ class Monitor:
             (see :mod:`hessdiag.schedule`).
         overhead_budget: share of the wall time the checks may take with ``check_every="auto"``.
         log_every: steps between read-backs of the gradient statistics (detection and logging).
-        sub_batch: samples of the batch used by a curvature check (default: the whole batch; of each
-            micro-batch for :class:`~hessdiag.MicroBatches`). Every tensor of the batch is cut along
-            its first dimension; a batch whose tensors differ there is refused (the check fails
-            with a warning naming `sub_batch`).
+        sub_batch: samples of the batch used by a curvature check (default: all; of each micro-batch for
+            :class:`~hessdiag.MicroBatches`). Every tensor is cut along its first dimension; a batch whose
+            tensors differ there is refused (the check fails with a warning naming `sub_batch`).
         k, tol, max_iter, cold_every, hvp_method, params: see :class:`CurvatureProbe`.
-        mode: the module modes of a check: ``"as_is"`` (default): each module keeps the mode it had
-            in the training step (a frozen backbone held in eval stays in eval); ``"train"`` or
-            ``"eval"``: the whole model in that mode.
-        rank_weighting: under data parallelism, ``"equal"`` (default): the check's loss is the mean
-            of the ranks' mean losses, which is what DDP's gradient averaging descends;
-            ``"samples"``: the mean over all the ranks' samples.
+        mode: the module modes of a check: ``"as_is"`` (default): each keeps its mode of the training
+            step (a frozen backbone in eval stays in eval); ``"train"`` / ``"eval"``: the whole model.
+        rank_weighting: under data parallelism, ``"equal"`` (default): the check's loss is the mean of
+            the ranks' mean losses, what DDP's gradient averaging descends; ``"samples"``: the mean
+            over all the ranks' samples.
         density_every: every n-th check also logs the spectral density (0: never).
         noise_scale_parts: each check also estimates the gradient noise scale from its batch cut in
-            this many parts (0: no noise scale; default 4; see :class:`CurvatureProbe` for the cost);
-            under DDP from every step's local and all-reduced gradients instead (:meth:`watch_ranks`).
-        module_sharpness: each check also measures lambda_max of the own diagonal Hessian block of
-            this many modules, those holding most of the top eigenvector (0, the default: none; at most
-            5), logged as ``hessdiag/module_sharpness/<module>``. Cost: each module's Lanczos products,
-            about as many as a warm check's (see :mod:`hessdiag.module_sharpness`).
-        detectors: the detectors to run: flag names (defaults) or detector instances (default: one of
-            each, with default thresholds).
-        grad_scaler: the ``torch.amp.GradScaler`` of an fp16 mixed-precision loop (call
-            :meth:`after_backward` after ``scaler.unscale_(optimizer)``). Steps whose gradients
-            overflow are then skipped steps of the scaler, not explosions: they are counted
-            (``overflow_skips``) and not judged, unless many come in a row (see
-            :class:`ExplodingGradientDetector`).
-        update_ratios: also log each layer's update-to-weight ratio ||delta theta|| / ||theta|| per
-            read-back (the step the optimizer really took; for Adam it is not lr ||g|| / ||theta||),
-            and at each check the loss change of the step's update that the quadratic model predicts
-            against the observed one (:mod:`hessdiag.update_prediction`: one more product and forward).
-            Keeps a copy of the parameters on their device.
+            this many parts (0: none; default 4; cost: see :class:`CurvatureProbe`); under DDP from every
+            step's local and all-reduced gradients instead (:meth:`watch_ranks`).
+        module_sharpness: each check also measures lambda_max of the own diagonal Hessian block of this
+            many modules, those holding most of the top eigenvector (0, the default: none; at most 5),
+            as ``hessdiag/module_sharpness/<module>``; each costs about a warm check's products
+            (:mod:`hessdiag.module_sharpness`).
+        detectors: the detectors to run: flag names or detector instances (default: one of each, with
+            default thresholds).
+        grad_scaler: the ``torch.amp.GradScaler`` of an fp16 loop (call :meth:`after_backward` after
+            ``scaler.unscale_(optimizer)``): steps whose gradients overflow are the scaler's skipped
+            steps, counted (``overflow_skips``), not judged as explosions unless many come in a row
+            (:class:`ExplodingGradientDetector`).
+        update_ratios: also log each layer's update-to-weight ratio ||delta theta|| / ||theta|| (the
+            step the optimizer took; for Adam not lr ||g|| / ||theta||) per read-back, and at each
+            check the quadratic model's predicted loss change of the step's update against the
+            observed one (:mod:`hessdiag.update_prediction`: one product, one forward, a parameter copy).
         strict: re-raise errors of the diagnostics instead of warning and backing off.
 
     :meth:`from_settings` builds one from a :class:`~hessdiag.settings.DiagnosticsSettings` already
@@ -180,83 +169,18 @@ class Monitor:
         detectors: Sequence[Any] | None,
         grad_scaler: torch.amp.GradScaler | None,
     ) -> None:
-        schedule = CheckSchedule(settings.check_every, settings.overhead_budget)
-        check_arguments(model, loss_fn, optimizer, grad_scaler, checks=schedule.enabled)
-        self.settings = settings
-        self.model = model
-        self.schedule = schedule
-        self._optimizer = optimizer
-        self._step = 0
-        self.faults = FaultPolicy(strict=settings.strict, current_step=lambda: self._step)
-        self.writers = WriterFanOut(resolve_writers(writer), self.faults)
-        self.statistics = StepStatistics(
-            model, track_updates=settings.update_ratios, grad_scaler=grad_scaler, faults=self.faults
-        )
-        self.probe = probe_from_settings(model, loss_fn, settings, params) if loss_fn is not None else None
-        self._runner = CheckRunner(model, self.probe, schedule, self.faults) if self.probe is not None else None
-        chosen = self.probe.params if self.probe is not None else None  # the checks' parameters
-        self.noise = NoiseSources(lambda: chosen or list(unwrap_model(model).parameters()))
-        self.detection = Detection(resolve_detectors(detectors), self.faults)
-        self.writers.remember(self.detection.flag_scalars())  # the flags exist from the start
-        if self._runner is not None and self.schedule.enabled:
-            self._runner.warn_low_precision(settings.tol)
+        self.settings, self.model, self._optimizer, self._step = settings, model, optimizer, 0
+        parts = build_parts(
+            model, loss_fn, settings, optimizer=optimizer, writer=writer, params=params, detectors=detectors,
+            grad_scaler=grad_scaler, current_step=lambda: self._step,
+        )  # fmt: skip
+        self.schedule, self.faults, self.writers = parts.schedule, parts.faults, parts.writers
+        self.statistics, self.probe, self.noise, self.detection = parts.statistics, parts.probe, parts.noise, parts.detection
+        self._runner, self._reporting = parts.runner, parts.reporting
         if isinstance(model, nn.parallel.DistributedDataParallel):
             self.watch_ranks(model)
 
-    # -- what the loop and the adapters read ---------------------------------------------------
-    @property
-    def step(self) -> int:
-        """Optimizer steps taken (counted by :meth:`after_step`, or adopted from its `step`)."""
-        return self._step
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        """The optimizer the stability threshold reads (see :meth:`use_optimizer`)."""
-        return self._optimizer
-
-    @property
-    def latest(self) -> dict[str, float]:
-        """The last value of every scalar tag, as written at the last read-back or check (host floats)."""
-        return self.writers.latest
-
-    @property
-    def grad_scaler(self) -> torch.amp.GradScaler | None:
-        return self.statistics.grad_scaler
-
-    @property
-    def overflow_skips(self) -> int:
-        """Steps the fp16 loss scaler skipped for overflow, so far."""
-        return self.statistics.overflow_skips
-
-    @property
-    def detectors(self) -> dict[str, FlagDetector]:
-        """The detectors by flag name."""
-        return self.detection.detectors
-
-    @property
-    def events(self) -> list[FlagEvent]:
-        """Every flag event so far, in order."""
-        return self.detection.events
-
-    @property
-    def active_flags(self) -> list[str]:
-        """Names of the flags raised now."""
-        return self.detection.active_flags
-
-    @property
-    def checks(self) -> list[CurvatureCheck]:
-        """The curvature checks that succeeded, in order."""
-        return self._runner.checks if self._runner is not None else []
-
-    @property
-    def failed_checks(self) -> list[tuple[int, str]]:
-        """``(step, reason)`` of each check that failed."""
-        return self._runner.failed_checks if self._runner is not None else []
-
-    @property
-    def last_check(self) -> CurvatureCheck | None:
-        return self.checks[-1] if self.checks else None
-
+    # -- what the adapters tell it ------------------------------------------------------------
     def use_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Read `optimizer` for the stability threshold from now on (never modified)."""
         check_arguments(self.model, None, optimizer, None, checks=False)
@@ -285,14 +209,6 @@ class Monitor:
         if self.settings.noise_scale_parts and not is_data_parallel() and not scaled and self.check_due(self._step + 1):
             with self.guard("the noise scale from the micro-batches"):
                 self.noise.begin_micro_batch(samples, loss_scale)
-
-    def read_back_due(self, step: int) -> bool:
-        """Whether :meth:`after_step` reads back (detects, logs) at optimizer step `step`."""
-        return step % self.settings.log_every == 0
-
-    def check_due(self, step: int) -> bool:
-        """Whether a curvature check is due at optimizer step `step` (the same on every rank)."""
-        return self.probe is not None and self.schedule.due(step)
 
     # -- the loop's two calls ----------------------------------------------------------------
     def after_backward(self) -> None:
@@ -365,24 +281,9 @@ class Monitor:
         except Exception as error:  # diagnostics must never crash training
             if self.faults.strict:
                 raise
-            message = self._runner.failed(self._step, error)
-            self.writers.scalars(self._step, {CHECK_FAILED: 1.0} | self.detection.flag_scalars(), {})
-            self.writers.text(self._step, event_tag("check_failed"), message)
+            self._reporting.check_failed(self._step, self._runner.failed(self._step, error))
             return []
-        events = self.detection.observe([check_record(check)])
-        self.writers.emit(check.step, check_scalars(check) | self.detection.flag_scalars(), {}, events, check.density)
-        for tag, message in check_texts(check).items():
-            self.writers.text(check.step, tag, message)
-        verdict = self.noise.verdict()
-        if verdict is not None:
-            self.writers.text(check.step, NOISE_SCALE_VERDICT, verdict)
-        for key, why in check.skipped.items():  # a quantity the check could not measure: said once
-            self.note(key, why)
-        previous = self.checks[-2] if len(self.checks) > 1 else None
-        if previous is None or previous.hvp_method != check.hvp_method:  # the text when the choice changes
-            method = f"{check.hvp_method} ({check.hvp_method_reason}); product error {check.product_error:.3g}"
-            self.writers.text(check.step, HVP_METHOD, method)
-        return events
+        return self._reporting.check(check, self.checks[-2] if len(self.checks) > 1 else None)
 
     # -- faults and writers --------------------------------------------------------------------
     def guard(self, what: str) -> contextlib.AbstractContextManager[None]:
@@ -392,17 +293,13 @@ class Monitor:
 
     def note(self, key: str, message: str) -> None:
         """Report a fallback once: a warning, and a text entry on the dashboard."""
-        if self.faults.warn_once(key, message):
-            self.writers.text(self._step, note_tag(key), message)
+        self._reporting.note(key, message)
 
     def flush(self) -> None:
         """Read back pending statistics and flush the writers (call at the end of training)."""
         self.read_back()
         if self._runner is not None and self.schedule.enabled and self._step and not self.checks:
-            message = self._runner.no_check_message(self._step)
-            if not self.faults.warned("no check"):
-                self.writers.text(self._step, event_tag("no_check"), message)
-            self.faults.warn_once("no check", message)
+            self._reporting.no_check(self._step, self._runner.no_check_message(self._step))
         self.writers.flush()
 
     def close(self) -> None:
@@ -414,23 +311,9 @@ class Monitor:
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Step, warm-start vectors, detector windows and the flag history (primitives and tensors)."""
-        return {
-            "step": self._step,
-            "schedule": self.schedule.state_dict(),
-            "probe": self.probe.state_dict() if self.probe is not None else {},
-            **self.detection.state_dict(),  # "detectors" and "events"
-            "overflow_skips": self.statistics.overflow_skips,
-            "rank_noise_scale": self.noise.ranks.state_dict(),
-        }
+        return monitor_state(self._step, self.schedule, self.probe, self.detection, self.statistics, self.noise)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; keys missing in older checkpoints keep their defaults."""
-        self._step = int(state.get("step", 0))
-        self.schedule.load_state_dict(state.get("schedule", {}))
-        self.statistics.load_state_dict({"overflow_skips": state.get("overflow_skips", 0)})
-        if self.probe is not None:
-            self.probe.load_state_dict(state.get("probe", {}))
-        self.noise.ranks.load_state_dict(state.get("rank_noise_scale", {}))
-        self.detection.load_state_dict(state)
+        self._step = restore_monitor_state(state, self.schedule, self.probe, self.detection, self.statistics, self.noise)
         self.writers.remember(self.detection.flag_scalars())
-

@@ -1,0 +1,97 @@
+"""What the loop and the adapters read of a :class:`~hessdiag.Monitor`: its counters, the checks and
+flags so far, the latest values, and when the next read-back or check comes.
+
+Read only: every property and query here reads the Monitor's parts and changes nothing, so an
+adapter (the Lightning callback, a user's loop) may ask at any time, as often as it likes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hessdiag.curvature import CurvatureProbe
+from hessdiag.curvature_check import CurvatureCheck
+from hessdiag.detectors import FlagDetector
+from hessdiag.flags import FlagEvent
+from hessdiag.monitor.check_runner import CheckRunner
+from hessdiag.monitor.detection import Detection
+from hessdiag.monitor.step_statistics import StepStatistics
+from hessdiag.monitor.writers import WriterFanOut
+from hessdiag.schedule import CheckSchedule
+from hessdiag.settings import DiagnosticsSettings
+
+
+class MonitorView:
+    """The read-only side of the Monitor (a base class of :class:`~hessdiag.Monitor`, which sets
+    the parts below)."""
+
+    settings: DiagnosticsSettings
+    schedule: CheckSchedule
+    statistics: StepStatistics
+    detection: Detection
+    writers: WriterFanOut
+    probe: CurvatureProbe | None
+    _runner: CheckRunner | None
+    _optimizer: torch.optim.Optimizer | None
+    _step: int
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (counted by :meth:`after_step`, or adopted from its `step`)."""
+        return self._step
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer the stability threshold reads (see :meth:`use_optimizer`)."""
+        return self._optimizer
+
+    @property
+    def latest(self) -> dict[str, float]:
+        """The last value of every scalar tag, as written at the last read-back or check (host floats)."""
+        return self.writers.latest
+
+    @property
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        return self.statistics.grad_scaler
+
+    @property
+    def overflow_skips(self) -> int:
+        """Steps the fp16 loss scaler skipped for overflow, so far."""
+        return self.statistics.overflow_skips
+
+    @property
+    def detectors(self) -> dict[str, FlagDetector]:
+        """The detectors by flag name."""
+        return self.detection.detectors
+
+    @property
+    def events(self) -> list[FlagEvent]:
+        """Every flag event so far, in order."""
+        return self.detection.events
+
+    @property
+    def active_flags(self) -> list[str]:
+        """Names of the flags raised now."""
+        return self.detection.active_flags
+
+    @property
+    def checks(self) -> list[CurvatureCheck]:
+        """The curvature checks that succeeded, in order."""
+        return self._runner.checks if self._runner is not None else []
+
+    @property
+    def failed_checks(self) -> list[tuple[int, str]]:
+        """``(step, reason)`` of each check that failed."""
+        return self._runner.failed_checks if self._runner is not None else []
+
+    @property
+    def last_check(self) -> CurvatureCheck | None:
+        return self.checks[-1] if self.checks else None
+
+    def read_back_due(self, step: int) -> bool:
+        """Whether :meth:`after_step` reads back (detects, logs) at optimizer step `step`."""
+        return step % self.settings.log_every == 0
+
+    def check_due(self, step: int) -> bool:
+        """Whether a curvature check is due at optimizer step `step` (the same on every rank)."""
+        return self.probe is not None and self.schedule.due(step)
