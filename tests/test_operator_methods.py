@@ -42,8 +42,39 @@ def test_double_backward_matches_the_dense_hessian(problem):
     model, batch, hessian, vector = problem
     loss = batch_loss(model, batch)
     loss.build_graph(loss.checked(), "double_backward")
-    product = DoubleBackward(loss.grads, loss.space).product(loss.space.split(vector))
+    product = DoubleBackward(loss.grads, loss.space).product(vector)
     torch.testing.assert_close(product, hessian @ vector, rtol=1e-10, atol=1e-12)
+
+
+class _PartlyLinear(nn.Module):
+    """A loss with a used parameter, an unused one (gradient None) and one it is linear in (a
+    gradient that does not require grad): the flat double backward must handle all three."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 2)
+        self.unused = nn.Parameter(torch.randn(4))
+        self.shift = nn.Parameter(torch.randn(2))
+
+    def forward(self, x):
+        return torch.tanh(self.inner(x)).pow(2).sum() + (self.shift * x[:, :2].sum(0)).sum()
+
+
+def test_double_backward_gives_bit_for_bit_the_per_parameter_products():
+    """One flat gradient output gives the same numbers as one output per parameter, with an unused
+    parameter and a constant gradient among them, and zero rows for both."""
+    torch.manual_seed(0)
+    model = _PartlyLinear().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    space = ParameterSpace(model, None, distributed=False)
+    loss = BatchLoss(model, lambda m, b: m(b), x, space, seed=0, attention=enabled_attention_backends())
+    loss.build_graph(loss.checked(), "double_backward")
+    vector = torch.randn(space.dim, dtype=torch.float64)
+    live = [(g, v) for g, v in zip(loss.grads, space.split(vector)) if g is not None and g.requires_grad]
+    per_parameter = torch.autograd.grad([g for g, _ in live], space.params, [v for _, v in live], retain_graph=True, allow_unused=True)
+    assert torch.equal(DoubleBackward(loss.grads, space).product(vector), space.flatten(per_parameter))
+    hessian = dense_hessian(model, lambda m, b: m(b), x)
+    torch.testing.assert_close(DoubleBackward(loss.grads, space).product(vector), hessian @ vector, rtol=1e-10, atol=1e-12)
 
 
 def test_forward_over_reverse_matches_the_dense_hessian(problem):

@@ -53,7 +53,8 @@ class Basis:
 
     def orthogonalise_(self, w: torch.Tensor, read_with: torch.Tensor | None = None) -> tuple[float, list[float]]:
         """Remove from `w` its components along the basis, in place; returns the norm of what is left
-        and the values of `read_with` (a 1-dim tensor the caller needs on the host), read back together.
+        and the values of `read_with` (a 1-dim tensor on w's device the caller needs on the host),
+        read back together.
 
         Classical Gram-Schmidt, repeated only when a pass cancelled more than 1 - 1/sqrt(2) of the
         norm (Kahan-Parlett: "twice is enough", and once is enough when little cancels). Each pass
@@ -62,27 +63,38 @@ class Basis:
         summed over processes with its coefficients, so that when one pass suffices the call reads
         back to the host once (a synchronisation on a GPU).
         """
-        values = self._pass(w) if read_with is None else torch.cat([read_with.to(w.device, w.dtype), self._pass(w)])
-        *read, before, after = values.tolist()
-        if self.vectors is not None and after <= 0.5 * before:  # ||after|| <= ||before|| / sqrt(2)
-            after = float(self._pass(w)[1])
-        return math.sqrt(after), read
+        before, after = self._pass(w)
+        values = torch.cat([before, after] if read_with is None else [read_with, before, after])
+        *read, before_value, after_value = values.tolist()
+        if self.vectors is not None and after_value <= 0.5 * before_value:  # ||after|| <= ||before|| / sqrt(2)
+            after_value = float(self._pass(w)[1])
+        return math.sqrt(after_value), read
 
-    def _pass(self, w: torch.Tensor) -> torch.Tensor:
-        """One Gram-Schmidt pass on `w`, in place; returns its squared norms before and after, shape (2,),
-        on w's device (whole vectors: summed over processes)."""
+    def _pass(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Gram-Schmidt pass on `w`, in place; returns its squared norms before and after, shape (1,)
+        each, on w's device (whole vectors: summed over processes). A handful of tensor calls: on a
+        small model each costs a noticeable share of a product."""
         sums = partial_sums(self.shard)
         if self.vectors is None:
             before = sums(torch.dot(w, w).reshape(1))
             for q in self.recent:
                 w.sub_(q, alpha=dot(q, w, self.shard))
-            return torch.cat([before, sums(torch.dot(w, w).reshape(1))])
+            return before, sums(torch.dot(w, w).reshape(1))
         basis = self.vectors[: self.size]
-        host = self.storage == "host"
-        coefficients = (basis @ (w.cpu() if host else w)).to(w.device)
-        reduced = sums(torch.cat([coefficients, torch.dot(w, w).reshape(1)]))
-        w.sub_((basis.T @ reduced[:-1].to(basis.device)).to(w.device))
-        return torch.cat([reduced[-1:], sums(torch.dot(w, w).reshape(1))])
+        if self.storage == "host":
+            coefficients = torch.mv(basis, w.cpu()).to(w.device)
+        else:
+            coefficients = torch.mv(basis, w)
+        if self.shard is None:
+            before = torch.dot(w, w).reshape(1)
+        else:
+            reduced = self.shard.sum_(torch.cat([coefficients, torch.dot(w, w).reshape(1)]))
+            coefficients, before = reduced[:-1], reduced[-1:]
+        if self.storage == "host":
+            w.sub_(torch.mv(basis.T, coefficients.to(basis.device)).to(w.device))
+        else:
+            w.sub_(torch.mv(basis.T, coefficients))
+        return before, sums(torch.dot(w, w).reshape(1))
 
     def combine(self, coefficients: torch.Tensor) -> torch.Tensor | None:
         """Rows of ``coefficients.T @ basis``: Ritz vectors from columns of eigenvectors of T."""

@@ -58,7 +58,7 @@ from hessdiag.lanczos.result import LanczosResult
 MISS_PROBABILITY = 0.01
 # Distances from the extreme Ritz value at which the limits are tried, in units of the spectral norm:
 # 10 per decade from 1e-12 to 1e6; the first distance that passes is reported (rounded outwards).
-_LIMIT_DISTANCES = torch.logspace(-12, 6, 181, dtype=torch.float64)
+_LIMIT_DISTANCES = torch.logspace(-12, 6, 181, dtype=torch.float64).numpy()
 
 
 class Convergence:
@@ -155,11 +155,11 @@ def probable_limits(
     eta = math.pi * MISS_PROBABILITY**2 * random_weight**2 / (2.0 * dim * kappa**2)
     scale = max(float(theta.abs().max()), torch.finfo(torch.float64).tiny)
     distances = scale * _LIMIT_DISTANCES
-    passes = christoffel_sums(alphas, betas, torch.cat([high + distances, low - distances])) >= 1.0 / eta
+    passes = _christoffel_sums(alphas, betas, np.concatenate([high + distances, low - distances])) >= 1.0 / eta
     above, below = passes[: len(distances)], passes[len(distances) :]
     # K decreases monotonically beyond the extreme Ritz values: the first distance that passes is the limit.
-    top = high + float(distances[above.nonzero()[0]]) if bool(above.any()) else math.inf
-    bottom = low - float(distances[below.nonzero()[0]]) if bool(below.any()) else -math.inf
+    top = high + float(distances[above.argmax()]) if above.any() else math.inf
+    bottom = low - float(distances[below.argmax()]) if below.any() else -math.inf
     return bottom, top
 
 
@@ -168,10 +168,17 @@ def christoffel_sums(alphas: list[float], betas: list[float], x: torch.Tensor) -
     measure: beta_j p_{j+1} = (x - alpha_j) p_j - beta_{j-1} p_{j-1}, p_0 = 1. Outside the Ritz
     values this forward recurrence follows its growing solution, so it is stable; an overflow is a
     sum beyond any threshold (infinity)."""
-    previous, current = torch.zeros_like(x), torch.ones_like(x)
-    total = torch.ones_like(x)
-    for j, beta in enumerate(betas):
-        below = betas[j - 1] if j > 0 else 0.0
-        previous, current = current, ((x - alphas[j]) * current - below * previous) / beta
-        total += current * current
-    return torch.nan_to_num(total, nan=math.inf)
+    return torch.from_numpy(_christoffel_sums(alphas, betas, x.detach().to("cpu", torch.float64).numpy()))
+
+
+def _christoffel_sums(alphas: list[float], betas: list[float], x: np.ndarray) -> np.ndarray:
+    """:func:`christoffel_sums` in numpy: a few hundred points over the tens of steps of a run, where
+    each of torch's small-tensor calls costs several times numpy's (the same IEEE operations)."""
+    previous, current = np.zeros_like(x), np.ones_like(x)
+    total = np.ones_like(x)
+    with np.errstate(all="ignore"):  # overflow to infinity (and inf - inf) is the answer here
+        for j, beta in enumerate(betas):
+            below = betas[j - 1] if j > 0 else 0.0
+            previous, current = current, ((x - alphas[j]) * current - below * previous) / beta
+            total += current * current
+    return np.nan_to_num(total, nan=math.inf)

@@ -43,12 +43,12 @@ def start_vector(
         return noise
     block = v0.detach().reshape(-1, dim).to(device=device, dtype=dtype)
     norms = partial_sums(shard)(block.pow(2).sum(dim=1, keepdim=True)).sqrt()
-    block = block[norms.squeeze(1) > 0] / norms[norms.squeeze(1) > 0]
-    if block.numel() == 0:
-        return noise
-    warm = block.sum(dim=0)
+    # Rows of norm zero or NaN count as zero rows (adding an exact zero changes no sum); no indexing,
+    # which would read back to the host.
+    warm = torch.where(norms > 0, block / norms, 0.0).sum(dim=0)
     warm_norm = vector_norm(warm, shard)
-    if not torch.isfinite(warm_norm) or warm_norm == 0:
+    size = float(warm_norm)  # one read back: no direction (no row left, or not finite) means a cold start
+    if not math.isfinite(size) or size == 0:
         return noise
     mixed = math.sqrt(1.0 - warm_random**2) * (warm / warm_norm) + warm_random * noise
     return mixed / vector_norm(mixed, shard)

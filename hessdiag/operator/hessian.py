@@ -257,7 +257,7 @@ class HessianOperator:
         else:
             exact = DoubleBackward(self._loss.grads, self.space)
             choice = choose_method(
-                measured, probe, extrapolate(fine, coarse), lambda v: self.space.finish(exact.product(self.space.split(v))),
+                measured, probe, extrapolate(fine, coarse), lambda v: self.space.finish(exact.product(v)),
                 lambda: self.space.random_unit_vector(self.seed + 1), build_failure=failure,
             )  # fmt: skip
         self.method, self.method_reason, self.product_error = choice.method, choice.reason, choice.error  # type: ignore[assignment]
@@ -292,9 +292,11 @@ class HessianOperator:
         if vector.shape != (self.size,):
             raise ValueError(f"Expected a vector of shape ({self.size},), got {tuple(vector.shape)}.")
         assert self._products is not None
-        pieces = self.space.split(vector.to(device=self.device, dtype=self.dtype))
+        flat = vector.to(device=self.device, dtype=self.dtype)
+        # Double backward takes the flat vector whole (one flat gradient output); the others, pieces.
+        operand = flat if isinstance(self._products, DoubleBackward) else self.space.split(flat)
         try:
-            product = self._products.product(pieces)
+            product = self._products.product(operand)
         except RuntimeError as error:
             if is_missing_second_derivative(error):
                 raise SecondDerivativeError(error, self.method) from error

@@ -119,6 +119,9 @@ class ParameterSpace:
         self.size: int = self.dim if self.shard is None else self.shard.size
         #: This rank's pieces of the parameters (the parameters themselves unless sharded).
         self.local_params: list[torch.Tensor] = [_sharded.local(p) for p in self.params]
+        # Fixed for the space's lifetime; read at every product (split and flatten).
+        self._sizes = [p.numel() for p in self.local_params]
+        self._shapes = [p.shape for p in self.local_params]
         self.distributed: bool = distributed and self.shard is None and _distributed.is_data_parallel()
         self.share = 1.0
 
@@ -138,18 +141,18 @@ class ParameterSpace:
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of a flat vector (this rank's coordinates), one per parameter, shaped like it."""
-        pieces = flat.split([p.numel() for p in self.local_params])
-        return [piece.view_as(p) for piece, p in zip(pieces, self.local_params)]
+        return [piece.view(shape) for piece, shape in zip(flat.split_with_sizes(self._sizes), self._shapes)]
 
     def flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
         """One tensor per parameter (None for zero, DTensors as their local shards, sparse as dense)
         as a new flat vector."""
+        sharded = self.shard is not None  # plain tensors otherwise: no DTensor test per piece
         return torch.cat(
             [
-                torch.zeros(p.numel(), device=self.device, dtype=self.dtype)
+                torch.zeros(size, device=self.device, dtype=self.dtype)
                 if t is None
-                else _dense(_sharded.local(t)).reshape(-1)
-                for t, p in zip(tensors, self.local_params)
+                else dense(_sharded.local(t) if sharded else t).reshape(-1)
+                for t, size in zip(tensors, self._sizes)
             ]
         )
 
@@ -181,6 +184,6 @@ class ParameterSpace:
         return random_unit_vector(self.size, generator, self.device, self.dtype, self.shard)
 
 
-def _dense(tensor: torch.Tensor) -> torch.Tensor:
+def dense(tensor: torch.Tensor) -> torch.Tensor:
     """Sparse gradients (``nn.Embedding(sparse=True)``) as dense tensors, for the flat vectors."""
     return tensor.to_dense() if tensor.is_sparse else tensor
