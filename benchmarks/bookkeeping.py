@@ -29,7 +29,7 @@ import time
 
 import torch
 from _report import save_report
-from peers import TARGET, errors, make_problem, reference, run_pyhessian, timed
+from peers import TARGET, errors, make_problem, reference, run_pyhessian, timed, train_steps
 
 import hessdiag
 from hessdiag.lanczos import lanczos
@@ -113,12 +113,7 @@ def main() -> None:
     row: dict = {"model": "mlp", "params": sum(p.numel() for p in problem.model.parameters()), "repeats": args.repeats}
     row["cold"], previous = side_by_side(problem, ref, args.repeats)
     row["bookkeeping_cold"] = bookkeeping(problem, args.repeats)
-    optimizer = torch.optim.SGD(problem.model.parameters(), lr=args.lr, momentum=0.9)
-    for _ in range(10):
-        optimizer.zero_grad()
-        problem.loss_fn(problem.model, problem.batch).backward()
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    train_steps(problem, args.lr)
     ref = reference(problem, 120)
     row["warm"], _ = side_by_side(problem, ref, args.repeats, v0=previous)
     row["bookkeeping_warm"] = bookkeeping(problem, args.repeats, v0=previous.warm_start())

@@ -21,6 +21,7 @@ from hessdiag.app.cli import format_summary, summarize
 from hessdiag.detectors import CheckRecord, EdgeOfStabilityDetector, ExplodingGradientDetector
 from hessdiag.settings import DiagnosticsSettings
 from hessdiag.stability import adam_preconditioner_sqrt, stability_threshold
+from loops import one_step
 from oracles import dense_hessian
 
 
@@ -75,17 +76,6 @@ def shares_by_hand(model, vector):
         offset += p.numel()
     total = sum(shares.values())
     return {name: value / total for name, value in shares.items()}
-
-
-def one_step(model, optimizer, loss_fn, batch, monitor=None):
-    optimizer.zero_grad()
-    loss = loss_fn(model, batch)
-    loss.backward()
-    if monitor is not None:
-        monitor.after_backward()
-    optimizer.step()
-    if monitor is not None:
-        monitor.after_step(batch, loss)
 
 
 # -- where the curvature lives -------------------------------------------------------------------

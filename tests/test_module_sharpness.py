@@ -19,6 +19,7 @@ from hessdiag.detectors import EdgeOfStabilityDetector
 from hessdiag.module_sharpness import ModuleSharpness, module_block, module_sharpness_of
 from hessdiag.operator import HessianBlock
 from hessdiag.settings import CallbackSettings, DiagnosticsSettings
+from loops import one_step
 from oracles import dense_hessian, flat_parameters
 
 
@@ -184,17 +185,6 @@ def test_bad_modules_name_the_argument():
 
 
 # -- in the checks: off by default, the Monitor's record, tags, text and evidence ---------------------
-
-
-def one_step(model, optimizer, loss_fn, batch, monitor=None):
-    optimizer.zero_grad()
-    loss = loss_fn(model, batch)
-    loss.backward()
-    if monitor is not None:
-        monitor.after_backward()
-    optimizer.step()
-    if monitor is not None:
-        monitor.after_step(batch, loss)
 
 
 def checked_mlp(module_sharpness, **options):
