@@ -206,3 +206,16 @@ def test_verdicts_do_not_depend_on_the_loss_units(case, scale, shift):
     assert_verdicts_do_not_depend_on_the_loss_units(
         SaddleDetector, UNIT_CASES[case], scale, shift, floored=True, healthy="healthy" in case
     )
+
+
+def test_a_loss_too_noisy_to_measure_is_not_called_stalled_nor_progressing():
+    """Mini-batch noise around a flat loss: no flag, and the summary says the pace could not be
+    measured rather than that the run progresses (its loss may well have risen over the window)."""
+    generator = torch.Generator().manual_seed(3)
+    noisy_flat = (4.6 * (1 + 0.05 * torch.randn(100, generator=generator, dtype=torch.float64))).tolist()
+    detector = SaddleDetector()
+    assert run_stream(detector, noisy_flat, 25) == []
+    assert detector.summary.startswith("Not called stalled: the loss is too noisy") and "window" in detector.summary
+    steady = [2.0 - 0.002 * step for step in range(1, 101)]
+    run_stream(detector := SaddleDetector(), steady, 25)
+    assert detector.summary.startswith("The run is making progress: the loss fell")

@@ -114,6 +114,18 @@ def test_every_record_reaches_every_detector():
     assert by_check[8].stability_threshold == monitor.checks[1].stability.threshold
 
 
+def test_a_check_is_judged_with_every_loss_before_it():
+    """A check reads back first: its record reaches the detectors after every step's loss up to it,
+    however rarely the Monitor reads back otherwise (the saddle rule needs the loss history)."""
+    watching = Watching()
+    options = OPTIONS | {"log_every": 50}
+    train(lambda model, optimizer: Monitor(model, mse, optimizer=optimizer, detectors=[watching, "saddle"], **options))
+    order = [(type(r).__name__, r.step) for r in watching.records]
+    for check in (4, 8, 12):
+        before = order[: order.index(("CheckRecord", check))]
+        assert [step for kind, step in before if kind == "StepRecord"] == list(range(1, check + 1))
+
+
 # -- tags ---------------------------------------------------------------------------------------
 def test_tags_are_named_under_the_prefix():
     assert tags.flag_tag("saddle") == "hessdiag/flags/saddle" and tags.event_tag("saddle") == "hessdiag/events/saddle"

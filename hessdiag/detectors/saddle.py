@@ -115,6 +115,7 @@ class SaddleDetector(Detector):
         self.flat_tol = check_positive("flat_tol", flat_tol)
         self.trend = LossTrend(self.window)
         self.classification: Classification = "unknown"
+        self._too_noisy = False  # the last check's loss pace was too noisy to be measured
 
     def observe(self, record: Record) -> list[FlagEvent]:
         """Keep each step's loss; judge a curvature check."""
@@ -183,6 +184,7 @@ class SaddleDetector(Detector):
     def _stalled(self, grad_norm: float, gradient_gain: float, loss: float) -> bool:
         """Whether the run is not making progress (see the class docstring); writes the pace evidence."""
         recent = self.trend.recent()
+        self._too_noisy = False
         if recent is None:  # no loss history: the quadratic model along the gradient
             small_gradient = self.grad_tol is not None and grad_norm <= self.grad_tol
             return gradient_gain <= self.critical_fraction * (loss - self.loss_floor) or small_gradient
@@ -195,7 +197,8 @@ class SaddleDetector(Detector):
         # to within `progress_fraction` of the loss left over the window is never called stalled.
         threshold = self.progress_fraction * loss_left
         span = max(recent.span, 1)
-        slow = recent.upper * span <= threshold and 2 * recent.stderr * span <= threshold
+        self._too_noisy = 2 * recent.stderr * span > threshold
+        slow = recent.upper * span <= threshold and not self._too_noisy
         earlier = self.trend.earlier()
         if earlier is None or earlier.lower <= 0:  # no earlier fall to compare with
             return slow
@@ -235,6 +238,11 @@ class SaddleDetector(Detector):
             return (
                 f"Slowed near a point with {curvature}, but a step along the bottom eigenvector raises the loss by "
                 f"{loss_change_along_bottom:.3g}: no escape direction at that scale, not a saddle flag ({progress}; {numbers})."
+            )
+        if self.classification == "progressing" and self._too_noisy:
+            return (
+                f"Not called stalled: the loss is too noisy to measure its pace to {self.progress_fraction:.2g} of "
+                f"the loss left ({progress}; {numbers}); a longer `window` can judge it."
             )
         if self.classification == "progressing":
             return f"The run is making progress: {progress} ({numbers})."

@@ -229,8 +229,9 @@ class Monitor(MonitorView):
         step: int | None = None,
         samples: int | None = None,
     ) -> list[FlagEvent]:
-        """Count an optimizer step and its `loss`; read back, detect and log every `log_every` steps;
-        run a curvature check on `batch` every `check_every` steps. Returns the new flag events.
+        """Count an optimizer step and its `loss`; read back, detect and log every `log_every` steps
+        and before each curvature check, which runs on `batch` when one is due. Returns the new flag
+        events.
 
         `step`: the optimizer steps taken including this one (Lightning's ``trainer.global_step``
         at ``on_train_batch_end``), adopted instead of counting. `loss` is copied (one kernel, no
@@ -245,10 +246,13 @@ class Monitor(MonitorView):
         if loss is not None:
             with self.guard("the per-step statistics"):
                 self.statistics.add_loss(self._step, loss)
-        if self.read_back_due(self._step):
+        check_now = batch is not None and self.check_due(self._step)
+        # A check reads back first (it waits for the device anyway), so that its detectors judge it
+        # with every step's loss up to it, not only those of the last `log_every` read-back.
+        if check_now or self.read_back_due(self._step):
             events += self.read_back()
         self.schedule.step_finished()
-        if batch is not None and self.check_due(self._step):
+        if check_now:
             events += self.check_curvature(batch)
         return events
 
