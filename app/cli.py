@@ -16,10 +16,11 @@ from pathlib import Path
 
 from hessdiag.app.demo import SCENARIO_NAMES, run_demo
 from hessdiag.flags import FLAG_NAMES
-from hessdiag.tags import LAYER_SHARES, LR_HEADROOM, NOISE_SCALE_VERDICT
+from hessdiag.tags import LAYER_SHARES, LR_HEADROOM, NOISE_SCALE_VERDICT, module_sharpness_tag
 from hessdiag.tensorboard import PREFIX
 
 _EVENT_FILE = "events.out.tfevents."
+_MODULE_SHARPNESS = module_sharpness_tag("")
 
 
 class SummaryError(Exception):
@@ -70,6 +71,7 @@ class RunSummary:
     top_direction: list[tuple[int, str, float]] = field(default_factory=list)  # (step, module, share) per check
     lr_headroom: Trajectory | None = None
     noise_scale: str = ""  # the last check's noise scale against the batch, in a sentence
+    sharpest_module: str = ""  # the last check's sharpest module (its own Hessian block), in a sentence
 
 
 def event_directories(logdir: Path) -> list[Path]:
@@ -152,6 +154,17 @@ def direction_spans(points: list[tuple[int, str, float]]) -> str:
     return ", then ".join(parts)
 
 
+def sharpest_module(modules: dict[str, list[tuple[int, float]]], lambda_max: dict[int, float]) -> str:
+    """The sharpest own block measured at the last check that measured any (`modules`: each
+    module's ``hessdiag/module_sharpness/<module>`` series), against the whole lambda_max there."""
+    last = max((step for points in modules.values() for step, _ in points), default=None)
+    if last is None:
+        return ""
+    value, module = max((value, module) for module, points in modules.items() for step, value in points if step == last)
+    whole = f" of the whole {lambda_max[last]:.4g}" if last in lambda_max else ""
+    return f"sharpest module alone (its own Hessian block): `{module}`, lambda_max {value:.4g}{whole} (step {last})"
+
+
 def summarize(logdir: str | Path) -> list[RunSummary]:
     """One summary per directory of event files under `logdir` (or for the one file `logdir`)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -186,6 +199,8 @@ def summarize(logdir: str | Path) -> list[RunSummary]:
         summary.lr_headroom = Trajectory.of(headroom) if headroom else None
         verdicts = texts(accumulator, NOISE_SCALE_VERDICT)
         summary.noise_scale = f"{verdicts[-1][1]} (step {verdicts[-1][0]})" if verdicts else ""
+        modules = {tag[len(_MODULE_SHARPNESS) :]: series(tag) for tag in tags if tag.startswith(_MODULE_SHARPNESS)}
+        summary.sharpest_module = sharpest_module(modules, dict(lambda_max))
         summaries.append(summary)
     return summaries
 
@@ -211,6 +226,8 @@ def format_summary(summary: RunSummary) -> str:
         )
     if summary.top_direction:
         lines.append(f"  top direction lies mostly in: {direction_spans(summary.top_direction)}")
+    if summary.sharpest_module:
+        lines.append(f"  {summary.sharpest_module}")
     if summary.lr_headroom is not None:
         t = summary.lr_headroom
         overshoot = " (below 1: the step along the gradient overshoots)" if t.low[1] < 1 else ""

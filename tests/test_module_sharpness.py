@@ -14,6 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import hessdiag.check_quantities
 from hessdiag import HessianOperator, Monitor, hessian_eigenvalues, module_sharpness
+from hessdiag.app.cli import format_summary, summarize
 from hessdiag.dashboard import layout
 from hessdiag.detectors import EdgeOfStabilityDetector
 from hessdiag.module_sharpness import ModuleSharpness, module_block, module_sharpness_of
@@ -234,6 +235,13 @@ def test_a_check_measures_the_top_modules_blocks_against_dense_ones(tmp_path):
     assert f"`{first.module}` alone has lambda_max {first.lambda_max:.4g} of the whole {check.lambda_max:.4g}." in card
     charts = layout(accumulator.Tags()["scalars"])
     assert any("module_sharpness" in title for category in charts.values() for title in category)
+    sharpest = max(check.module_sharpness, key=lambda block: block.lambda_max)
+    (summary,) = summarize(tmp_path)
+    assert format_summary(summary).count("sharpest module alone") == 1
+    assert summary.sharpest_module == (
+        f"sharpest module alone (its own Hessian block): `{sharpest.module}`, lambda_max {sharpest.lambda_max:.4g} "
+        f"of the whole {check.lambda_max:.4g} (step {check.step})"
+    )
 
 
 def test_the_edge_of_stability_evidence_names_the_modules_own_lambda_max():
