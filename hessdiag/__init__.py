@@ -7,6 +7,7 @@ The engine (this package) depends on torch only; the Lightning adapters live in
 from hessdiag.batches import MicroBatches
 from hessdiag.eigen import HessianEigenvalues, hessian_eigenvalues
 from hessdiag.errors import (
+    CoarseFiniteDifferenceError,
     HessdiagError,
     HessdiagWarning,
     LossClosureError,
@@ -71,6 +72,7 @@ __all__ = [
     "HessdiagWarning",
     "LossClosureError",
     "NonFiniteLossError",
+    "CoarseFiniteDifferenceError",
     "NonSmoothLossError",
     "SecondDerivativeError",
     "UnrecordedGradientError",

@@ -224,7 +224,7 @@ def hessian_eigenvalues(
         )
     if result.tol > tol:
         warnings.warn(
-            f"`tol`={tol:g} is below what the bounds of this {operator.dtype} model can prove (its products carry "
+            f"`tol`={tol:g} is below what the bounds of this {operator.parameter_dtype} model can prove (its products carry "
             f"the dtype's rounding): raised to {result.tol:.3g}. Keep float32 parameters (e.g. under autocast) "
             "for a tighter tolerance.",
             HessdiagWarning,

@@ -95,6 +95,30 @@ class NonSmoothLossError(HessdiagError):
         )
 
 
+class CoarseFiniteDifferenceError(HessdiagError):
+    """Finite differences were needed on parameters coarser than float32 (bfloat16, float16).
+
+    A finite-difference product shifts the parameters by eps v; stored in bfloat16 (8 bits of
+    mantissa) the shifted parameters are rounded to a spacing of 0.4% of their size, so differences
+    of gradients measure that rounding, not curvature (measured: the two step sizes disagree, or the
+    values miss the float64 Hessian's by more than their estimated error).
+    """
+
+    def __init__(self, dtype: object, reason: str, sharded: bool) -> None:
+        remedy = (
+            "shard the monitored run with float32 parameters (MixedPrecisionPolicy(param_dtype=None))"
+            if sharded
+            else "keep float32 parameters and compute under autocast (Lightning: precision='bf16-mixed'), or let "
+            "double backward run (for reentrant checkpointing: use_reentrant=False, e.g. "
+            "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))"
+        )
+        super().__init__(
+            f"Finite-difference Hessian-vector products were needed because {reason}, but on {dtype} parameters "
+            f"they measure the parameters' rounding, not curvature (a shifted parameter is rounded to {dtype}). "
+            f"To check curvature, {remedy}."
+        )
+
+
 #: checkpoint(use_reentrant=True) refuses torch.autograd.grad (wording of torch 2.x releases).
 _REENTRANT_CHECKPOINT = re.compile(r"(?:not compatible|incompatible) with \.grad\(\)")
 

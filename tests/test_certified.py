@@ -367,3 +367,23 @@ def test_low_precision_models_cost_what_float32_costs_with_bounds_that_include_t
         warnings.simplefilter("error", HessdiagWarning)
         Monitor(model, loss_fn, tol=0.1)  # a tolerance above the floor: no warning
         hessian_eigenvalues(model, loss_fn, batch, tol=0.1)
+
+
+def test_a_float16_model_with_curvature_past_its_range_squared_is_solved_in_float32():
+    """||H v|| of 400 squares to 1.6e5, past float16's largest number (65504): the solver's vectors
+    and inner products are float32 (the products alone run in float16), so the check neither
+    overflows nor loses its bounds."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    x, y = 40 * torch.randn(64, 8), torch.randint(0, 4, (64,))
+
+    def loss_fn(m, batch):
+        return 30 * F.cross_entropy(m(batch[0]), batch[1])
+
+    model, batch = copy.deepcopy(base).half(), (x.half(), y)
+    truth = torch.linalg.eigvalsh(dense_hessian(copy.deepcopy(model).double(), loss_fn, (batch[0].double(), y)))
+    assert float(truth.abs().max()) > 400
+    result = hessian_eigenvalues(model, loss_fn, batch, tol=0.1)
+    assert result.converged and result.lanczos.top_vectors.dtype == torch.float32
+    assert abs(result.lambda_max - float(truth[-1])) <= float(result.error_bounds["top"][0])
+    assert abs(result.lambda_min - float(truth[0])) <= float(result.error_bounds["bottom"][0])

@@ -5,7 +5,10 @@ Double backward is exact where every op's backward is differentiable; where one 
 without a word. So ``"auto"`` cross-checks double backward once per operator against central
 differences on a random unit vector, and takes finite differences where double backward fails or
 disagrees beyond their own (measured) error. On a loss that is not smooth, finite differences cannot
-check anything: double backward is kept if it is at least symmetric on two random vectors.
+check anything: double backward is kept if it is at least symmetric on two random vectors. Nor can
+they on parameters coarser than float32 (bfloat16, float16), where they measure the parameters'
+rounding: there double backward is checked for symmetry alone, and a method failure that leaves only
+finite differences is refused (:class:`~hessdiag.errors.CoarseFiniteDifferenceError`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from hessdiag.errors import HessdiagError, NonSmoothLossError, SecondDerivativeError, UnrecordedGradientError, is_missing_second_derivative
+from hessdiag.errors import (
+    CoarseFiniteDifferenceError,
+    HessdiagError,
+    NonSmoothLossError,
+    SecondDerivativeError,
+    UnrecordedGradientError,
+    is_missing_second_derivative,
+)
 from hessdiag.operator.finite_difference import NON_SMOOTH_DISAGREEMENT, Measurement
 
 
@@ -36,12 +46,15 @@ class MethodChoice:
     error: float
 
 
-def finite_differences(measured: Measurement, reason: str, *, sharded: bool) -> MethodChoice:
-    """Finite differences, for `reason`, if the loss is smooth enough for them.
+def finite_differences(measured: Measurement, reason: str, *, sharded: bool, dtype: torch.dtype) -> MethodChoice:
+    """Finite differences, for `reason`, on parameters of `dtype`, if the loss is smooth enough for them.
 
     Raises:
+        CoarseFiniteDifferenceError: `dtype` is coarser than float32.
         NonSmoothLossError: the two step sizes disagree (the gradient jumps along the probe).
     """
+    if is_coarse(dtype):
+        raise CoarseFiniteDifferenceError(dtype, reason, sharded)
     if not measured.smooth:
         why = "" if reason == "asked for" else f" Finite differences were needed because {reason}, so no method works here."
         raise NonSmoothLossError(measured.relative, NON_SMOOTH_DISAGREEMENT, why, exact_possible=not sharded)
@@ -55,6 +68,7 @@ def choose_method(
     exact_product: Callable[[torch.Tensor], torch.Tensor],
     second_probe: Callable[[], torch.Tensor],
     *,
+    dtype: torch.dtype,
     build_failure: HessdiagError | None = None,
 ) -> MethodChoice:
     """What ``"auto"`` takes on an unsharded model.
@@ -65,6 +79,7 @@ def choose_method(
         exact_product: the double-backward product of a flat vector (global); not called when
             `build_failure` says the gradient graph could not be built.
         second_probe: a second random unit vector, for the symmetry check on a non-smooth loss.
+        dtype: the parameters' dtype.
         build_failure: why building the gradient graph failed, if it did (a
             :class:`~hessdiag.errors.SecondDerivativeError` or an
             :class:`~hessdiag.errors.UnrecordedGradientError`).
@@ -72,6 +87,7 @@ def choose_method(
     Raises:
         NonSmoothLossError: no method works (finite differences needed on a loss that is not smooth,
             or double backward asymmetric there).
+        CoarseFiniteDifferenceError: only finite differences could work, on bfloat16/float16 parameters.
     """
     exact = None
     failure = build_failure
@@ -87,16 +103,18 @@ def choose_method(
             f"torch.autograd.grad returns no gradient for {failure.count} parameter tensor(s) that backward() reaches "
             "(reentrant checkpointing)"
         )
-        return finite_differences(measured, reason, sharded=False)
+        return finite_differences(measured, reason, sharded=False, dtype=dtype)
     if isinstance(failure, SecondDerivativeError):
         reason = f"double backward failed: {failure.op or 'an op of the loss'} cannot be differentiated twice"
-        return finite_differences(measured, reason, sharded=False)
+        return finite_differences(measured, reason, sharded=False, dtype=dtype)
     assert exact is not None
-    if not measured.smooth:
+    if not bool(torch.isfinite(exact).all()):
+        reason = f"double backward's product is not finite (in {dtype}: an overflow in its second-order terms)"
+        return finite_differences(measured, reason, sharded=False, dtype=dtype)
+    if not measured.smooth or is_coarse(dtype):
         _check_symmetry(probe, exact, second_probe(), exact_product, measured)
-        return MethodChoice(
-            "double_backward", "the loss is not smooth, finite differences cannot check double backward; it is symmetric", 0.0
-        )
+        why = f"on {dtype} parameters they measure rounding" if is_coarse(dtype) else "the loss is not smooth"
+        return MethodChoice("double_backward", f"{why}, finite differences cannot check double backward; it is symmetric", 0.0)
     disagreement = float(torch.linalg.vector_norm(exact - fine))
     size = float(torch.linalg.vector_norm(fine))
     # Within the finite differences' own error (x4: it is an estimate) or their rounding floor.
@@ -110,7 +128,14 @@ def choose_method(
         f"double backward is incomplete: it differs from finite differences by {relative:.2g} of a "
         "product (a backward that is not differentiable, e.g. @once_differentiable or .detach() inside it)",
         sharded=False,
+        dtype=dtype,
     )
+
+
+def is_coarse(dtype: torch.dtype) -> bool:
+    """Whether `dtype` is coarser than float32 (bfloat16, float16): finite differences of its
+    parameters measure their rounding."""
+    return torch.finfo(dtype).eps > torch.finfo(torch.float32).eps
 
 
 def _check_symmetry(
@@ -125,7 +150,7 @@ def _check_symmetry(
     other_product = exact_product(other)
     defect = abs(float(probe @ other_product - other @ product))
     scale = float(torch.linalg.vector_norm(product) + torch.linalg.vector_norm(other_product))
-    if defect > torch.finfo(product.dtype).eps ** 0.5 * scale:
+    if not defect <= torch.finfo(product.dtype).eps ** 0.5 * scale:  # a NaN defect fails too
         raise NonSmoothLossError(
             measured.relative,
             NON_SMOOTH_DISAGREEMENT,

@@ -42,7 +42,7 @@ class HessianBlock:
         params: the block's parameters, in the operator's order.
         dim, size: the block's number of coordinates, whole and on this rank.
         shard: how the block's vectors are split across processes (FSDP2), or None.
-        device, dtype, method, model, precision_floor: the operator's.
+        device, dtype, parameter_dtype, method, model, precision_floor: the operator's.
 
     Raises:
         ValueError: `params` is empty, repeats a parameter or holds one the operator is not over.
@@ -69,6 +69,7 @@ class HessianBlock:
         shard = operator.shard
         self.shard: VectorShard | None = None if shard is None else VectorShard(self.size, shard.sum_, shard.index)
         self.device, self.dtype, self.model = operator.device, operator.dtype, operator.model
+        self.parameter_dtype = operator.parameter_dtype
         self.method = operator.method
         self.precision_floor: float = operator.precision_floor
 

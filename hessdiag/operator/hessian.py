@@ -37,7 +37,7 @@ from torch import nn
 from hessdiag import _distributed, _sharded
 from hessdiag._isolation import MODEL_MODES, ModelMode, isolation, unwrap_model
 from hessdiag.errors import HessdiagError, SecondDerivativeError, UnrecordedGradientError, is_missing_second_derivative
-from hessdiag.operator.auto import choose_method, finite_differences
+from hessdiag.operator.auto import choose_method, finite_differences, is_coarse
 from hessdiag.operator.double_backward import DoubleBackward
 from hessdiag.operator.finite_difference import AlongVector, CentralDifference, Measurement, Richardson, extrapolate
 from hessdiag.operator.forward_over_reverse import ForwardOverReverse
@@ -66,6 +66,9 @@ class HessianOperator:
 
         with HessianOperator(model, loss_fn, batch) as H:
             hv = H.matvec(v)        # v, hv: shape (H.dim,), H.dtype, on H.device
+
+    `H.dtype` is the parameters' dtype (`H.parameter_dtype`), widened to float32 for a bfloat16 or
+    float16 model (whose products are taken in its own dtype).
 
     Args:
         model: the network (a DDP wrapper is unwrapped).
@@ -140,7 +143,12 @@ class HessianOperator:
         self.space = ParameterSpace(self.model, params, distributed=distributed)
         if self.space.shard is not None:
             _refuse_on_shards(self.model, method, self.space.dtype)
-        self.params, self.device, self.dtype = self.space.params, self.space.device, self.space.dtype
+        self.params, self.device = self.space.params, self.space.device
+        # Flat vectors in at least float32: a bfloat16 or float16 model's products are taken in its
+        # dtype and handed back widened, so that the solvers' inner products neither overflow
+        # (float16 squares past 65504) nor add bfloat16's rounding to the products' own.
+        self.dtype: torch.dtype = torch.promote_types(self.space.dtype, torch.float32)
+        self.parameter_dtype: torch.dtype = self.space.dtype
         self.dim, self.size, self.shard = self.space.dim, self.space.size, self.space.shard
         self.loss_fn, self.batch, self.mode, self.seed = loss_fn, batch, mode, int(seed)
         self.requested_method: HVPMethod = method
@@ -149,8 +157,7 @@ class HessianOperator:
         self.product_error: float = 0.0
         self.num_hvps: int = 0
         # Products in a dtype coarser than float32 carry its rounding (see `product_error`).
-        coarse = torch.finfo(self.dtype).eps > torch.finfo(torch.float32).eps
-        self._rounding_eps = torch.finfo(self.dtype).eps if coarse else 0.0
+        self._rounding_eps = torch.finfo(self.space.dtype).eps if is_coarse(self.space.dtype) else 0.0
         self.precision_floor: float = PRECISION_FLOOR * self._rounding_eps
         self._largest_product = 0.0
         self._batch_size = batch_size
@@ -250,15 +257,15 @@ class HessianOperator:
         fine, coarse, coarsest = (self.space.finish(product) for product in steps)
         measured = Measurement.of(fine, coarse, coarsest, self._central.eps, self.shard)
         if self.requested_method == "finite_difference":
-            choice = finite_differences(measured, "asked for", sharded=self.shard is not None)
+            choice = finite_differences(measured, "asked for", sharded=self.shard is not None, dtype=self.space.dtype)
         elif self.shard is not None:
             reason = "the model is FSDP2-sharded: double backward cannot run through it"
-            choice = finite_differences(measured, reason, sharded=True)
+            choice = finite_differences(measured, reason, sharded=True, dtype=self.space.dtype)
         else:
             exact = DoubleBackward(self._loss.grads, self.space)
             choice = choose_method(
                 measured, probe, extrapolate(fine, coarse), lambda v: self.space.finish(exact.product(v)),
-                lambda: self.space.random_unit_vector(self.seed + 1), build_failure=failure,
+                lambda: self.space.random_unit_vector(self.seed + 1), dtype=self.space.dtype, build_failure=failure,
             )  # fmt: skip
         self.method, self.method_reason, self.product_error = choice.method, choice.reason, choice.error  # type: ignore[assignment]
         if choice.method == "finite_difference":
@@ -277,8 +284,8 @@ class HessianOperator:
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient on this batch (global batch under data parallelism; this rank's
-        piece on a sharded model)."""
-        return self._open().gradient()
+        piece on a sharded model), in the operator's `dtype`."""
+        return self._open().gradient().to(self.dtype)
 
     def loss_along(self, direction: torch.Tensor, step: float) -> float:
         """The loss at theta + step * direction (flat `direction`), same batch and dropout masks;
@@ -292,7 +299,7 @@ class HessianOperator:
         if vector.shape != (self.size,):
             raise ValueError(f"Expected a vector of shape ({self.size},), got {tuple(vector.shape)}.")
         assert self._products is not None
-        flat = vector.to(device=self.device, dtype=self.dtype)
+        flat = vector.to(device=self.device, dtype=self.space.dtype)
         # Double backward takes the flat vector whole (one flat gradient output); the others, pieces.
         operand = flat if isinstance(self._products, DoubleBackward) else self.space.split(flat)
         try:
@@ -318,10 +325,10 @@ class HessianOperator:
         self._open()
         if not isinstance(self._products, Richardson):
             raise RuntimeError(f"`along` measures finite-difference products; this operator uses {self.method}.")
-        pieces = self.space.split(vector.to(device=self.device, dtype=self.dtype))
+        pieces = self.space.split(vector.to(device=self.device, dtype=self.space.dtype))
         measured = self._products.along(pieces, self.space.finish)
         self.num_hvps += 2  # six gradients: one and a half extrapolated products, counted as two
-        return measured
+        return AlongVector(measured.product.to(vector.dtype), measured.error)
 
     def _add_rounding(self, vector: torch.Tensor, product: torch.Tensor) -> None:
         """Raise `product_error` by the growth of the products' modelled rounding (class docstring)."""
