@@ -16,7 +16,13 @@ from detector_streams import (
     vanishing_stream,
 )
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hessdiag import Monitor
 from hessdiag.detectors import CheckRecord, VanishingGradientDetector, StepRecord
+from loops import one_step
 
 #: A curvature check: every detector of per-step statistics ignores it.
 CHECK = CheckRecord(
@@ -141,3 +147,36 @@ def test_verdicts_do_not_depend_on_the_loss_units(case, scale, shift):
     assert_verdicts_do_not_depend_on_the_loss_units(
         VanishingGradientDetector, UNIT_CASES[case], scale, shift, floored=False, healthy="healthy" in case
     )
+
+
+class PeftStyleLoRA(nn.Module):
+    """A frozen Linear adapted as peft names it: ``lora_A.default`` (random) and ``lora_B.default``
+    (zero at the start), each a module of its own."""
+
+    def __init__(self, width: int, rank: int = 2) -> None:
+        super().__init__()
+        self.base_layer = nn.Linear(width, width).requires_grad_(False)
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(width, rank, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(rank, width, bias=False)})
+        nn.init.zeros_(self.lora_B["default"].weight)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x))
+
+
+def test_an_adapter_s_two_factors_are_judged_as_one_layer():
+    """With B = 0 at the start, A's gradient is zero and B's weight tiny: judged apart, shallow A's
+    starve while deep B's race (under warm-up the depth rule fired within 5 steps of a healthy LoRA run). Together
+    they are the adapted layer, and the same run raises nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Sequential(PeftStyleLoRA(64, 4), nn.Tanh()) for _ in range(6)), nn.Linear(64, 4))
+    model[-1].requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    monitor = Monitor(model, optimizer=optimizer, detectors=["vanishing"], log_every=1, check_every=0)
+    x, y = torch.randn(64, 64), torch.randint(0, 4, (64,))
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 60))  # B grows slowly
+    for _ in range(30):
+        one_step(model, optimizer, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y), monitor)
+        warmup.step()
+    assert monitor.events == [] and monitor.detectors["vanishing"].evidence["dead_layers"] == 0
+    assert monitor.detectors["vanishing"].evidence["depth_ratio"] > 1e-3

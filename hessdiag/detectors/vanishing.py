@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -10,6 +11,25 @@ from typing import Any
 from hessdiag.detectors._common import Detector, check_positive
 from hessdiag.detectors.records import Record, StepRecord
 from hessdiag.flags import FlagEvent
+
+#: The factors of an adapter, as peft names them (``q_proj.lora_A.default``, ``q_proj.lora_B.default``,
+#: DoRA's ``q_proj.lora_magnitude_vector.default``): together they are the adapted layer ``q_proj``.
+_ADAPTER_FACTOR = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)(?:\.[^.]+)?$")
+
+
+def depth_units(norms: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    """``[(layer, norm), ...]`` with an adapter's factors merged into the layer they adapt (the root
+    of their squared norms), in order of first appearance.
+
+    LoRA starts with B = 0: A's gradient is then zero and B's weight tiny, so judged apart the factors
+    look starving and racing by turns (under warm-up the depth rule fired within 5 steps of a healthy
+    run); what trains is their product, one layer at one depth.
+    """
+    merged: dict[str, float] = {}
+    for name, norm in norms:
+        unit = _ADAPTER_FACTOR.sub("", name)
+        merged[unit] = math.hypot(merged.get(unit, 0.0), norm)
+    return list(merged.items())
 
 
 class VanishingGradientDetector(Detector):
@@ -34,6 +54,7 @@ class VanishingGradientDetector(Detector):
     other (shallow with deep, now with the peak, zero with non-zero), so multiplying the loss by a
     constant changes no verdict, and adding one changes no gradient.
 
+    An adapter's factors (LoRA's A and B) count as the one layer they adapt (:func:`depth_units`).
     Layers whose weights are all zero (a zero-initialised output layer, say) have no ratio and are left
     out rather than divided by an epsilon, which would make them look infinitely fast and every other
     layer vanishing by comparison. Non-finite gradients are the exploding detector's business.
@@ -92,8 +113,8 @@ class VanishingGradientDetector(Detector):
             layer_grad_norms: ``[(layer, gradient L2 norm), ...]``.
             layer_weight_norms: ``[(layer, parameter L2 norm), ...]``.
         """
-        weights = dict(layer_weight_norms)
-        grads = [(name, g) for name, g in layer_grad_norms if math.isfinite(g)]
+        weights = dict(depth_units(layer_weight_norms))
+        grads = [(name, g) for name, g in depth_units(layer_grad_norms) if math.isfinite(g)]
         ratios = [g / weights[name] for name, g in grads if weights.get(name, 0.0) > 0]
         if not ratios:
             return []
