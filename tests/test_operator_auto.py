@@ -113,7 +113,8 @@ def test_on_coarse_parameters_finite_differences_neither_check_nor_replace_doubl
     for failing in (lambda v: a @ v * float("nan"), None):
         failure = None if failing else SecondDerivativeError(RuntimeError("derivative for aten::foo is not implemented"), "x")
         with pytest.raises(CoarseFiniteDifferenceError, match=f"on {dtype} parameters.*use_reentrant=False"):
-            choose_method(disagreeing, probe, fine, failing or (lambda v: a @ v), lambda: unit(4), dtype=dtype, build_failure=failure)
+            exact = failing or (lambda v: a @ v)
+            choose_method(disagreeing, probe, fine, exact, lambda: unit(4), dtype=dtype, build_failure=failure)
     with pytest.raises(CoarseFiniteDifferenceError, match=r"param_dtype=None"):
         finite_differences(measured_on(fine, fine), "the model is FSDP2-sharded", sharded=True, dtype=dtype)
 

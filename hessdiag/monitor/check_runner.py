@@ -23,7 +23,7 @@ from hessdiag.detectors import CheckRecord
 from hessdiag.errors import HessdiagError
 from hessdiag.layer_shares import module_label
 from hessdiag.noise_scale import NoiseScaleEstimate
-from hessdiag.operator import PRECISION_FLOOR
+from hessdiag.operator import PRECISION_FLOOR, is_coarse
 from hessdiag.monitor.faults import FaultPolicy
 from hessdiag.schedule import CheckSchedule
 from hessdiag.tags import (
@@ -155,10 +155,7 @@ class CheckRunner:
         bounds include, so a `tol` below its floor cannot be proven; the checks raise it to the floor
         (each check's `tol` says so). Looked at on construction and at each check (Lightning's
         "bf16-true" converts the model after setup)."""
-        coarse = {
-            p.dtype for p in unwrap_model(self.model).parameters()
-            if p.requires_grad and torch.finfo(p.dtype).eps > torch.finfo(torch.float32).eps
-        }  # fmt: skip
+        coarse = {p.dtype for p in unwrap_model(self.model).parameters() if p.requires_grad and is_coarse(p.dtype)}
         if not coarse:
             return
         eps = max(torch.finfo(dtype).eps for dtype in coarse)

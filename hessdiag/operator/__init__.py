@@ -18,15 +18,8 @@ from hessdiag.operator.auto import MethodChoice, choose_method, finite_differenc
 from hessdiag.operator.double_backward import DoubleBackward
 from hessdiag.operator.finite_difference import NON_SMOOTH_DISAGREEMENT, CentralDifference, Measurement, step_size
 from hessdiag.operator.forward_over_reverse import ForwardOverReverse
-from hessdiag.operator.hessian import (
-    EXACT_METHODS,
-    HVP_METHODS,
-    LOW_PRECISION_ROUNDING,
-    PRECISION_FLOOR,
-    HessianOperator,
-    HVPMethod,
-    hessian_vector_product,
-)
+from hessdiag.operator.hessian import EXACT_METHODS, HVP_METHODS, HessianOperator, HVPMethod, hessian_vector_product
+from hessdiag.operator.rounding import LOW_PRECISION_ROUNDING, PRECISION_FLOOR, ProductRounding, is_coarse
 from hessdiag.operator.loss import BatchLoss, LossFn, LossModule, enabled_attention_backends, gradient_by_backward
 from hessdiag.operator.space import ParameterSpace, refuse_coarse_compute, trainable_parameters
 
@@ -40,6 +33,8 @@ __all__ = [
     "EXACT_METHODS",
     "LOW_PRECISION_ROUNDING",
     "PRECISION_FLOOR",
+    "ProductRounding",
+    "is_coarse",
     # the parameter space
     "ParameterSpace",
     "trainable_parameters",

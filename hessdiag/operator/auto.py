@@ -28,6 +28,7 @@ from hessdiag.errors import (
     is_missing_second_derivative,
 )
 from hessdiag.operator.finite_difference import NON_SMOOTH_DISAGREEMENT, Measurement
+from hessdiag.operator.rounding import is_coarse
 
 
 @dataclass(frozen=True)
@@ -131,11 +132,6 @@ def choose_method(
         dtype=dtype,
     )
 
-
-def is_coarse(dtype: torch.dtype) -> bool:
-    """Whether `dtype` is coarser than float32 (bfloat16, float16): finite differences of its
-    parameters measure their rounding."""
-    return torch.finfo(dtype).eps > torch.finfo(torch.float32).eps
 
 
 def _check_symmetry(

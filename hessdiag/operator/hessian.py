@@ -37,26 +37,17 @@ from torch import nn
 from hessdiag import _distributed, _sharded
 from hessdiag._isolation import MODEL_MODES, ModelMode, isolation, unwrap_model
 from hessdiag.errors import HessdiagError, SecondDerivativeError, UnrecordedGradientError, is_missing_second_derivative
-from hessdiag.operator.auto import choose_method, finite_differences, is_coarse
+from hessdiag.operator.auto import choose_method, finite_differences
 from hessdiag.operator.double_backward import DoubleBackward
 from hessdiag.operator.finite_difference import AlongVector, CentralDifference, Measurement, Richardson, extrapolate
 from hessdiag.operator.forward_over_reverse import ForwardOverReverse
 from hessdiag.operator.loss import BatchLoss, LossFn, enabled_attention_backends
+from hessdiag.operator.rounding import ProductRounding
 from hessdiag.operator.space import ParameterSpace, refuse_coarse_compute
 
 HVPMethod = Literal["auto", "double_backward", "forward_over_reverse", "finite_difference"]
 HVP_METHODS: tuple[str, ...] = ("auto", "double_backward", "forward_over_reverse", "finite_difference")
 EXACT_METHODS: tuple[str, ...] = ("double_backward", "forward_over_reverse")
-#: Rounding of one product of a bfloat16/float16 model, in units of its dtype's eps times ||H||:
-#: measured up to 0.34 (double backward, small MLP, GELU/LayerNorm MLP and CNN, both dtypes, against
-#: float64 Hessians at the same parameters) plus up to 0.5 from rounding the input vector to the dtype.
-LOW_PRECISION_ROUNDING = 2.0
-#: The relative tolerance a low-precision model's bounds can reach, in units of its dtype's eps: the
-#: bound of a Ritz value includes the products' rounding times ||s||_1 of its Ritz vector in the
-#: Lanczos basis (see :mod:`hessdiag.lanczos.certificates`), measured 1.3-1.8 at the top on MLPs and
-#: up to 3.6 at the bottom after 64 steps, so 4 x LOW_PRECISION_ROUNDING eps is reached where the
-#: Krylov part converged.
-PRECISION_FLOOR = 4 * LOW_PRECISION_ROUNDING
 
 
 class HessianOperator:
@@ -108,11 +99,9 @@ class HessianOperator:
             vector (see :class:`~hessdiag.operator.finite_difference.Measurement`) of the
             extrapolated products R(eps) the solver uses; products along directions of larger third
             derivative can be worse, so the values reported are re-measured along their own vectors
-            (:meth:`along`). For parameters in a dtype coarser than
-            float32 (a bfloat16 or float16 model) each product adds to it the growth of its own
-            rounding: ``LOW_PRECISION_ROUNDING`` eps of that dtype times the largest ||H v|| seen (a
-            lower bound of ||H||, as Lanczos' own rounding model uses max |theta|), so the bounds stay
-            true there and a `tol` below about eps is not reached.
+            (:meth:`along`). For a bfloat16 or float16 model each product adds to it the growth of
+            its own rounding (:class:`~hessdiag.operator.rounding.ProductRounding`), so the bounds
+            stay true there and a `tol` below about eps is not reached.
         precision_floor: the smallest relative tolerance the bounds can prove: ``PRECISION_FLOOR``
             eps of a dtype coarser than float32, 0 otherwise. Estimates raise `tol` to it
             (:func:`~hessdiag.eigen.eigenvalues_of`) rather than run to `max_iter` for a tolerance
@@ -157,9 +146,8 @@ class HessianOperator:
         self.product_error: float = 0.0
         self.num_hvps: int = 0
         # Products in a dtype coarser than float32 carry its rounding (see `product_error`).
-        self._rounding_eps = torch.finfo(self.space.dtype).eps if is_coarse(self.space.dtype) else 0.0
-        self.precision_floor: float = PRECISION_FLOOR * self._rounding_eps
-        self._largest_product = 0.0
+        self._rounding = ProductRounding(self.space.dtype)
+        self.precision_floor: float = self._rounding.floor
         self._batch_size = batch_size
         self._stack: contextlib.ExitStack | None = None
         self._loss: BatchLoss | None = None
@@ -310,8 +298,8 @@ class HessianOperator:
             raise
         self.num_hvps += 1
         product = self.space.finish(product.to(vector.dtype))
-        if self._rounding_eps:  # one norm per product, for low-precision models only
-            self._add_rounding(vector, product)
+        if self._rounding.eps:  # one norm per product, for low-precision models only
+            self.product_error = self._rounding.raised(self.product_error, self.norm(vector), self.norm(product))
         return product
 
     def along(self, vector: torch.Tensor) -> AlongVector:
@@ -329,16 +317,6 @@ class HessianOperator:
         measured = self._products.along(pieces, self.space.finish)
         self.num_hvps += 2  # six gradients: one and a half extrapolated products, counted as two
         return AlongVector(measured.product.to(vector.dtype), measured.error)
-
-    def _add_rounding(self, vector: torch.Tensor, product: torch.Tensor) -> None:
-        """Raise `product_error` by the growth of the products' modelled rounding (class docstring)."""
-        size = self.norm(vector)
-        if size > 0:
-            largest = max(self._largest_product, self.norm(product) / size)
-            before = LOW_PRECISION_ROUNDING * self._rounding_eps * self._largest_product
-            after = LOW_PRECISION_ROUNDING * self._rounding_eps * largest
-            self.product_error = self.product_error - before + after
-            self._largest_product = largest
 
     def norm(self, flat: torch.Tensor) -> float:
         """The norm of a flat vector (of the whole vector, when `flat` is this rank's piece)."""
