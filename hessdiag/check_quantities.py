@@ -198,6 +198,14 @@ def escape_probe(operator: HessianOperator, result: HessianEigenvalues) -> float
     return min(operator.loss_along(direction, alpha), operator.loss_along(direction, -alpha)) - result.loss
 
 
+def _first_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The first parameter group's learning rate (0 where it has none that reads as a number)."""
+    try:
+        return float(optimizer.param_groups[0]["lr"])
+    except (IndexError, KeyError, TypeError, ValueError):
+        return 0.0
+
+
 def stability_of(
     operator: HessianOperator,
     result: HessianEigenvalues,
@@ -207,17 +215,21 @@ def stability_of(
     max_iter: int | None,
     v0: torch.Tensor | None,
     seed: int,
+    skipped: dict[str, str],
 ) -> tuple[StabilityThreshold | None, float, torch.Tensor | None, LanczosResult | None]:
     """The optimizer's stability threshold, the sharpness compared with it, the preconditioner's square
     root d (None unless the threshold is preconditioned) under which that sharpness is lambda_max(dHd),
     and that Lanczos run (None when none ran; `v0`: its warm start). No threshold (None, the raw
-    lambda_max) without an optimizer, for one without a known stability rule, and for Adam before its
+    lambda_max) without an optimizer, for one without a known stability rule (why, in `skipped`; a
+    learning rate of 0, as at the first step of a warm-up, passes in silence), and for Adam before its
     first step (no second-moment estimate yet)."""
     if optimizer is None:
         return None, result.lambda_max, None, None
     try:
         threshold = stability_threshold(optimizer)
-    except ValueError:  # an optimizer without a known stability rule: report the raw sharpness
+    except ValueError as error:  # no known stability rule: report the raw sharpness
+        if _first_lr(optimizer) > 0:
+            skipped["stability"] = f"No edge-of-stability judgement (the flag stays off; sharpness is lambda_max): {error}"
         return None, result.lambda_max, None, None
     if not threshold.preconditioned:
         return threshold, result.lambda_max, None, None

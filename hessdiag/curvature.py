@@ -166,7 +166,7 @@ class CurvatureProbe:
             result = eigenvalues_of(
                 operator, k=self.k, tol=self.tol, max_iter=self.max_iter, v0=None if cold else self.warm_vectors, seed=seed
             )
-            stability, sharpness, scale = self._stability(operator, result, optimizer, cold, seed)
+            stability, sharpness, scale = self._stability(operator, result, optimizer, cold, seed, skipped)
             escape = escape_probe(operator, result)
             top_shares, bottom_shares = module_shares(result, skipped)
             blocks = top_module_sharpness(operator, result, top_shares, self.module_sharpness, self.tol, self.max_iter, seed)
@@ -292,12 +292,13 @@ class CurvatureProbe:
         optimizer: torch.optim.Optimizer | None,
         cold: bool,
         seed: int,
+        skipped: dict[str, str],
     ) -> tuple[StabilityThreshold | None, float, torch.Tensor | None]:
         """:func:`~hessdiag.check_quantities.stability_of`, warm-started from the last check's
         preconditioned vectors, which its run replaces."""
         threshold, sharpness, scale, preconditioned = stability_of(
             operator, result, optimizer, tol=self.tol, max_iter=self.max_iter,
-            v0=None if cold else self.warm_preconditioned, seed=seed,
+            v0=None if cold else self.warm_preconditioned, seed=seed, skipped=skipped,
         )  # fmt: skip
         if preconditioned is not None:
             self.warm_preconditioned = preconditioned.top_vectors

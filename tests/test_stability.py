@@ -332,3 +332,34 @@ def test_a_check_with_dampening_one_reports_the_raw_sharpness():
     monitor.after_step(0, None)
     (check,) = monitor.checks
     assert check.stability is None and check.sharpness == pytest.approx(LAMBDA_MAX)
+
+
+def test_an_optimizer_without_a_known_rule_is_said_once_and_a_zero_lr_passes_in_silence():
+    """RMSprop has no stability threshold here: the checks report the raw sharpness and say why once
+    (warning and dashboard note); a warm-up's first step at lr 0 is no reason to say anything."""
+    import warnings
+
+    from hessdiag import HessdiagWarning
+    from loops import one_step
+
+    def mse(model, batch):
+        return (model(batch[0]) - batch[1]).pow(2).mean()
+
+    def run(make_optimizer):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+        optimizer = make_optimizer(model.parameters())
+        monitor = Monitor(model, mse, optimizer=optimizer, check_every=2, log_every=1)
+        batch = (torch.randn(16, 3), torch.randn(16, 1))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(4):
+                one_step(model, optimizer, mse, batch, monitor)
+        return monitor, [str(w.message) for w in caught if issubclass(w.category, HessdiagWarning)]
+
+    monitor, said = run(lambda p: torch.optim.RMSprop(p, lr=1e-3))
+    assert len(monitor.checks) == 2 and all(c.stability is None and c.sharpness == c.lambda_max for c in monitor.checks)
+    assert len([m for m in said if "No edge-of-stability judgement" in m]) == 1
+    assert "No stability threshold is known for RMSprop" in next(m for m in said if "edge-of-stability" in m)
+    frozen, said = run(lambda p: torch.optim.SGD(p, lr=0.0))
+    assert all(c.stability is None for c in frozen.checks) and not [m for m in said if "edge-of-stability" in m]
