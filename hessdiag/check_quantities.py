@@ -39,7 +39,7 @@ from hessdiag.module_sharpness import ModuleSharpness, module_sharpness_of
 from hessdiag.noise_scale import NoiseScaleEstimate, gradient_noise_scale
 from hessdiag.operator import HessianOperator, LossFn
 from hessdiag.spectrum import SpectralDensity, hutchpp_trace
-from hessdiag.stability import StabilityThreshold, preconditioner_sqrt, stability_threshold
+from hessdiag.stability import NoLearningRate, StabilityThreshold, preconditioner_sqrt, stability_threshold
 from hessdiag.update_prediction import UpdatePrediction, UpdateStart, predict_update
 
 #: Modules kept per end of the spectrum in a check's layer shares (the dashboard's budget).
@@ -198,14 +198,6 @@ def escape_probe(operator: HessianOperator, result: HessianEigenvalues) -> float
     return min(operator.loss_along(direction, alpha), operator.loss_along(direction, -alpha)) - result.loss
 
 
-def _first_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The first parameter group's learning rate (0 where it has none that reads as a number)."""
-    try:
-        return float(optimizer.param_groups[0]["lr"])
-    except (IndexError, KeyError, TypeError, ValueError):
-        return 0.0
-
-
 def stability_of(
     operator: HessianOperator,
     result: HessianEigenvalues,
@@ -227,9 +219,10 @@ def stability_of(
         return None, result.lambda_max, None, None
     try:
         threshold = stability_threshold(optimizer)
-    except ValueError as error:  # no known stability rule: report the raw sharpness
-        if _first_lr(optimizer) > 0:
-            skipped["stability"] = f"No edge-of-stability judgement (the flag stays off; sharpness is lambda_max): {error}"
+    except NoLearningRate:  # a warm-up's first step: nothing to say
+        return None, result.lambda_max, None, None
+    except ValueError as error:  # no known stability rule: report the raw sharpness, and why
+        skipped["stability"] = f"No edge-of-stability judgement (the flag stays off; sharpness is lambda_max): {error}"
         return None, result.lambda_max, None, None
     if not threshold.preconditioned:
         return threshold, result.lambda_max, None, None

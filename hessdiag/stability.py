@@ -62,6 +62,10 @@ import torch
 from hessdiag._sharded import local
 
 
+class NoLearningRate(ValueError):
+    """The learning rate is 0 (as at the first step of a warm-up): no step, so no threshold now."""
+
+
 @dataclass(frozen=True)
 class StabilityThreshold:
     """The largest stable sharpness for an optimizer's current hyper-parameters.
@@ -88,8 +92,9 @@ def stability_threshold(optimizer: torch.optim.Optimizer, param_group: int = 0) 
     ValueError and report the raw sharpness instead.
 
     Raises:
-        ValueError: no threshold exists or none is known (the message says why), a learning rate
-            <= 0, or `param_group` not an index of ``optimizer.param_groups``.
+        NoLearningRate: a learning rate <= 0.
+        ValueError: no threshold exists or none is known (the message says why), or `param_group`
+            not an index of ``optimizer.param_groups``.
 
     Example::
 
@@ -103,7 +108,7 @@ def stability_threshold(optimizer: torch.optim.Optimizer, param_group: int = 0) 
     group = groups[param_group]
     lr = _hyper(group, "lr")
     if lr <= 0:
-        raise ValueError(f"The learning rate must be positive for a stability threshold, got {lr}.")
+        raise NoLearningRate(f"The learning rate must be positive for a stability threshold, got {lr}.")
     if group.get("maximize", False):
         raise ValueError("`maximize=True`: the optimizer ascends the loss; no stability threshold applies to lambda_max.")
     lrs = [_hyper(other, "lr") for other in groups]

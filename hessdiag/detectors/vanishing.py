@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import statistics
@@ -27,9 +28,15 @@ def depth_units(norms: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
     """
     merged: dict[str, float] = {}
     for name, norm in norms:
-        unit = _ADAPTER_FACTOR.sub("", name)
+        unit = _adapted_layer(name)
         merged[unit] = math.hypot(merged.get(unit, 0.0), norm)
     return list(merged.items())
+
+
+@functools.lru_cache(maxsize=65536)
+def _adapted_layer(name: str) -> str:
+    """`name` without an adapter factor's suffix; cached: every step record names the same layers."""
+    return _ADAPTER_FACTOR.sub("", name)
 
 
 class VanishingGradientDetector(Detector):

@@ -133,7 +133,6 @@ def choose_method(
     )
 
 
-
 def _check_symmetry(
     probe: torch.Tensor,
     product: torch.Tensor,
