@@ -36,6 +36,7 @@ from torch import nn
 
 from hessdiag._isolation import ModelMode, preserved_state, unwrap_model
 from hessdiag.batches import batch_size, step_loss, take_sub_batch
+from hessdiag.check_starts import CheckStarts
 from hessdiag.check_quantities import (
     along_gradient,
     check_noise_scale_parts,
@@ -97,6 +98,7 @@ class CurvatureProbe:
 
     Attributes:
         noise_scale: the :class:`~hessdiag.RunningNoiseScale` over this probe's checks.
+        starts: what each check starts from (:class:`~hessdiag.check_starts.CheckStarts`).
     """
 
     def __init__(
@@ -124,20 +126,15 @@ class CurvatureProbe:
         self.model = model
         self.loss_fn = step_loss(loss_fn)
         self.k, self.tol, self.max_iter = k, tol, max_iter
-        self.cold_every = cold_every
         self.sub_batch = sub_batch
         self.mode: ModelMode = mode
-        self.hvp_method: HVPMethod = hvp_method
         self.params = None if params is None else list(params)
         self.rank_weighting: RankWeighting = rank_weighting
         self.density_every, self.density_probes, self.density_iter = density_every, density_probes, density_iter
         self.noise_scale_parts = noise_scale_parts
         self.noise_scale = RunningNoiseScale()
         self.num_checks = 0
-        self.warm_vectors: torch.Tensor | None = None
-        self.warm_preconditioned: torch.Tensor | None = None
-        #: The step of the last cold check whose cross-check ("auto") chose double backward, else None.
-        self.verified_step: int | None = None
+        self.starts = CheckStarts(hvp_method, cold_every)
         self._update_start: UpdateStart | None = None
 
     def run(
@@ -161,11 +158,10 @@ class CurvatureProbe:
         step_samples = batch_size(batch)
         batch = take_sub_batch(batch, sub_batch or self.sub_batch)
         seed = self.num_checks  # a fresh dropout draw per check, the same for all products of one check
-        operator, cold, reuse = self._open(batch, seed)
+        operator, cold, reuse = self.starts.open(self.num_checks, lambda method: self._operator(batch, seed, method))
         with preserved_state(unwrap_model(self.model), operator.params), operator:
-            result = eigenvalues_of(
-                operator, k=self.k, tol=self.tol, max_iter=self.max_iter, v0=None if cold else self.warm_vectors, seed=seed
-            )
+            warm = None if cold else self.starts.warm_vectors
+            result = eigenvalues_of(operator, k=self.k, tol=self.tol, max_iter=self.max_iter, v0=warm, seed=seed)
             stability, sharpness, scale = self._stability(operator, result, optimizer, cold, seed, skipped)
             escape = escape_probe(operator, result)
             top_shares, bottom_shares = module_shares(result, skipped)
@@ -176,7 +172,7 @@ class CurvatureProbe:
             condition = conditioning(result.lambda_max, operator, density, seed)
             num_hvps = operator.num_hvps
         noise = self._noise_scale_estimate(batch, seed, skipped, noise)
-        self.warm_vectors = result.warm_start()
+        self.starts.warm_vectors = result.warm_start()
         self.num_checks += 1
         return CurvatureCheck(
             step=step,
@@ -189,7 +185,7 @@ class CurvatureProbe:
             cold=cold,
             batch_size=batch_size(batch),
             hvp_method=operator.method,
-            hvp_method_reason=self._method_reason(step, operator, reuse),
+            hvp_method_reason=self.starts.method_reason(step, operator, reuse),
             product_error=operator.product_error,
             density=density,
             top_shares=top_shares,
@@ -205,29 +201,6 @@ class CurvatureProbe:
             update_prediction=update,
             skipped=skipped,
         )
-
-    def _open(self, batch: Any, seed: int) -> tuple[HessianOperator, bool, bool]:
-        """The check's operator (not entered yet), whether the check starts cold, and whether it reuses
-        the last cross-check's approval of double backward."""
-        cold = self.warm_vectors is None or (self.cold_every > 0 and self.num_checks % self.cold_every == 0)
-        # "auto"'s cross-check (about four gradients and two products) runs on cold checks; a warm one
-        # reuses the last verdict for exact products: the same model and loss run the same ops.
-        reuse = self.hvp_method == "auto" and self.verified_step is not None and not cold
-        operator = self._operator(batch, seed, "double_backward" if reuse else self.hvp_method)
-        if self.warm_vectors is not None and self.warm_vectors.shape[-1] != operator.size:
-            self.warm_vectors = self.warm_preconditioned = None  # the trainable parameters changed
-            cold = True
-            if reuse:  # parameters that were not cross-checked: check them
-                reuse, operator = False, self._operator(batch, seed, self.hvp_method)
-        return operator, cold, reuse
-
-    def _method_reason(self, step: int, operator: HessianOperator, reuse: bool) -> str:
-        """Why the check's product method; with "auto", remember a cold check's approval."""
-        if reuse:
-            return f"cross-checked against finite differences at step {self.verified_step} (again at every cold check)"
-        if self.hvp_method == "auto":
-            self.verified_step = step if operator.method == "double_backward" else None
-        return operator.method_reason
 
     def _density(self, operator: HessianOperator, seed: int) -> SpectralDensity | None:
         # The n-th, 2n-th, ... check: not the first, which is cold and already the dearest
@@ -276,7 +249,7 @@ class CurvatureProbe:
 
     def forget_warm_start(self) -> None:
         """Start the next check cold (its warm-start vectors belong to a check that did not finish)."""
-        self.warm_vectors = self.warm_preconditioned = None
+        self.starts.forget()
 
     def _operator(self, batch: Any, seed: int, method: HVPMethod) -> HessianOperator:
         return HessianOperator(
@@ -298,27 +271,21 @@ class CurvatureProbe:
         preconditioned vectors, which its run replaces."""
         threshold, sharpness, scale, preconditioned = stability_of(
             operator, result, optimizer, tol=self.tol, max_iter=self.max_iter,
-            v0=None if cold else self.warm_preconditioned, seed=seed, skipped=skipped,
+            v0=None if cold else self.starts.warm_preconditioned, seed=seed, skipped=skipped,
         )  # fmt: skip
         if preconditioned is not None:
-            self.warm_preconditioned = preconditioned.top_vectors
+            self.starts.warm_preconditioned = preconditioned.top_vectors
         return threshold, sharpness, scale
 
     def state_dict(self) -> dict[str, Any]:
         """Warm-start vectors, the check count and the running noise scale (tensors and primitives)."""
-        return {
-            "num_checks": self.num_checks,
-            "warm_vectors": None if self.warm_vectors is None else self.warm_vectors.detach().cpu(),
-            "warm_preconditioned": None if self.warm_preconditioned is None else self.warm_preconditioned.detach().cpu(),
-            "noise_scale": self.noise_scale.state_dict(),
-        }
+        return {"num_checks": self.num_checks, **self.starts.state_dict(), "noise_scale": self.noise_scale.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; keys missing in older checkpoints keep their defaults (no
         noise-scale checks yet)."""
         self.num_checks = int(state.get("num_checks", 0))
-        self.warm_vectors = state.get("warm_vectors")
-        self.warm_preconditioned = state.get("warm_preconditioned")
+        self.starts.load_state_dict(state)
         self.noise_scale.load_state_dict(state.get("noise_scale", {}))
 
 

@@ -199,8 +199,8 @@ def hessian_eigenvalues(
 
     Raises:
         ValueError: bad arguments (no trainable parameters, k larger than the dimension, ...).
-        LossClosureError, NonFiniteLossError, SecondDerivativeError, NonSmoothLossError: see
-            :mod:`hessdiag.errors`.
+        LossClosureError, NonFiniteLossError, SecondDerivativeError, NonSmoothLossError,
+            CoarseFiniteDifferenceError: see :mod:`hessdiag.errors`.
     """
     if hvp_method not in HVP_METHODS:
         raise ValueError(f"`hvp_method` must be one of {HVP_METHODS}, got {hvp_method!r}.")
@@ -210,27 +210,24 @@ def hessian_eigenvalues(
     )
     with operator:
         result = eigenvalues_of(
-            operator,
-            k=k,
-            which=which,
-            tol=tol,
-            max_iter=max_iter,
-            min_iter=min_iter,
-            v0=v0,
-            warm_random=warm_random,
-            seed=seed,
-            basis=basis,
-            memory_budget=memory_budget,
-        )
-    if result.tol > tol:
+            operator, k=k, which=which, tol=tol, max_iter=max_iter, min_iter=min_iter, v0=v0,
+            warm_random=warm_random, seed=seed, basis=basis, memory_budget=memory_budget,
+        )  # fmt: skip
+    _warn_if_raised(tol, result.tol, operator.parameter_dtype)
+    return result
+
+
+def _warn_if_raised(asked: float, used: float, dtype: torch.dtype) -> None:
+    """Warn the caller of :func:`hessian_eigenvalues` when `tol` was raised to the precision floor
+    of a bfloat16/float16 model (the Monitor warns once, in its own words)."""
+    if used > asked:
         warnings.warn(
-            f"`tol`={tol:g} is below what the bounds of this {operator.parameter_dtype} model can prove (its products carry "
-            f"the dtype's rounding): raised to {result.tol:.3g}. Keep float32 parameters (e.g. under autocast) "
+            f"`tol`={asked:g} is below what the bounds of this {dtype} model can prove (its products carry "
+            f"the dtype's rounding): raised to {used:.3g}. Keep float32 parameters (e.g. under autocast) "
             "for a tighter tolerance.",
             HessdiagWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return result
 
 
 def _check_tol(tol: object) -> None:

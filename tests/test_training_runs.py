@@ -319,7 +319,7 @@ def test_monitor_state_round_trip_continues_identically(digits):
     second = Monitor(copy.deepcopy(model), cross_entropy, check_every=10, log_every=5)
     second.load_state_dict(first.state_dict())
     assert second.step == 40 and second.events == first.events
-    assert torch.equal(second.probe.warm_vectors, first.probe.warm_vectors.cpu())
+    assert torch.equal(second.probe.starts.warm_vectors, first.probe.starts.warm_vectors.cpu())
     assert second.detectors["plateau"].state_dict() == first.detectors["plateau"].state_dict()
 
 

@@ -1,0 +1,77 @@
+"""What each curvature check of a run starts from.
+
+A check starts warm, from the previous check's Ritz vectors (and the preconditioned run's), or
+cold: the first, every `cold_every`-th, after a failed check, and whenever the trainable parameters
+changed. With ``hvp_method="auto"`` only cold checks cross-check double backward against finite
+differences; a warm one reuses the last approval (the same model and loss run the same ops).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from hessdiag.operator import HessianOperator, HVPMethod
+
+
+class CheckStarts:
+    """The warm-start vectors of a run's checks, the cold cadence and the cross-check's verdict.
+
+    Args:
+        hvp_method: the product method the checks ask for.
+        cold_every: every n-th check starts from a random vector (0: never after the first).
+
+    Attributes:
+        warm_vectors: the last check's Ritz vectors (its warm start), or None.
+        warm_preconditioned: the last preconditioned (Adam) run's top vectors, or None.
+        verified_step: the step of the last cold check whose cross-check ("auto") chose double
+            backward, else None.
+    """
+
+    def __init__(self, hvp_method: HVPMethod, cold_every: int) -> None:
+        self.hvp_method: HVPMethod = hvp_method
+        self.cold_every = cold_every
+        self.warm_vectors: torch.Tensor | None = None
+        self.warm_preconditioned: torch.Tensor | None = None
+        self.verified_step: int | None = None
+
+    def open(self, num_checks: int, operator_for: Callable[[HVPMethod], HessianOperator]) -> tuple[HessianOperator, bool, bool]:
+        """The next check's operator (built by `operator_for(method)`, not entered yet), whether the
+        check starts cold, and whether it reuses the last cross-check's approval of double backward."""
+        cold = self.warm_vectors is None or (self.cold_every > 0 and num_checks % self.cold_every == 0)
+        # "auto"'s cross-check (about four gradients and two products) runs on cold checks only.
+        reuse = self.hvp_method == "auto" and self.verified_step is not None and not cold
+        operator = operator_for("double_backward" if reuse else self.hvp_method)
+        if self.warm_vectors is not None and self.warm_vectors.shape[-1] != operator.size:
+            self.forget()  # the trainable parameters changed
+            cold = True
+            if reuse:  # parameters that were not cross-checked: check them
+                reuse, operator = False, operator_for(self.hvp_method)
+        return operator, cold, reuse
+
+    def method_reason(self, step: int, operator: HessianOperator, reuse: bool) -> str:
+        """Why the check's product method; with "auto", remember a cold check's approval."""
+        if reuse:
+            return f"cross-checked against finite differences at step {self.verified_step} (again at every cold check)"
+        if self.hvp_method == "auto":
+            self.verified_step = step if operator.method == "double_backward" else None
+        return operator.method_reason
+
+    def forget(self) -> None:
+        """Start the next check cold (the vectors belong to a check that did not finish, or to other
+        parameters)."""
+        self.warm_vectors = self.warm_preconditioned = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The warm-start vectors, on the host."""
+        return {
+            "warm_vectors": None if self.warm_vectors is None else self.warm_vectors.detach().cpu(),
+            "warm_preconditioned": None if self.warm_preconditioned is None else self.warm_preconditioned.detach().cpu(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (missing keys: a cold start)."""
+        self.warm_vectors = state.get("warm_vectors")
+        self.warm_preconditioned = state.get("warm_preconditioned")
