@@ -34,20 +34,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from hessdiag import _distributed, _sharded
+from hessdiag import _sharded
 from hessdiag._isolation import MODEL_MODES, ModelMode, isolation, unwrap_model
-from hessdiag.errors import HessdiagError, SecondDerivativeError, UnrecordedGradientError, is_missing_second_derivative
-from hessdiag.operator.auto import choose_method, finite_differences
+from hessdiag.errors import SecondDerivativeError, is_missing_second_derivative
+from hessdiag.operator.building import EXACT_METHODS, Products, ProductsBuilder
 from hessdiag.operator.double_backward import DoubleBackward
-from hessdiag.operator.finite_difference import AlongVector, CentralDifference, Measurement, Richardson, extrapolate
-from hessdiag.operator.forward_over_reverse import ForwardOverReverse
+from hessdiag.operator.finite_difference import AlongVector, CentralDifference, Richardson
 from hessdiag.operator.loss import BatchLoss, LossFn, enabled_attention_backends
 from hessdiag.operator.rounding import ProductRounding
 from hessdiag.operator.space import ParameterSpace, refuse_coarse_compute
 
 HVPMethod = Literal["auto", "double_backward", "forward_over_reverse", "finite_difference"]
 HVP_METHODS: tuple[str, ...] = ("auto", "double_backward", "forward_over_reverse", "finite_difference")
-EXACT_METHODS: tuple[str, ...] = ("double_backward", "forward_over_reverse")
 
 
 class HessianOperator:
@@ -151,7 +149,7 @@ class HessianOperator:
         self._batch_size = batch_size
         self._stack: contextlib.ExitStack | None = None
         self._loss: BatchLoss | None = None
-        self._products: DoubleBackward | ForwardOverReverse | Richardson | None = None
+        self._products: Products | None = None
         self._central: CentralDifference | None = None
 
     # -- lifetime -------------------------------------------------------------------------
@@ -163,7 +161,10 @@ class HessianOperator:
         try:
             self.space.weigh_batch(self.batch, self._batch_size)
             self._loss = BatchLoss(self.model, self.loss_fn, self.batch, self.space, self.seed, attention)
-            self._build_on_every_rank()
+            built = ProductsBuilder(self._loss, self.space, self.requested_method, self.seed).build()
+            assert built.choice is not None
+            self._products, self._central, choice = built.products, built.central, built.choice
+            self.method, self.method_reason, self.product_error = choice.method, choice.reason, choice.error  # type: ignore[assignment]
         except BaseException:
             self._release()
             stack.close()
@@ -188,80 +189,6 @@ class HessianOperator:
             # FSDP2's own state agree; else the next training forward finds the root "already gathered"
             # with its sharded parameters registered (measured: Lightning's next step failed).
             _sharded.reshard(self.model)
-
-    def _build_on_every_rank(self) -> None:
-        """Build the gradient, then choose the method; under data parallelism or sharding, all ranks
-        agree that the build worked before any product's all-reduce (:func:`~hessdiag._distributed.agreed`)."""
-        if not self.space.distributed and self.shard is None:
-            probe = self._build()
-        else:
-            probe = _distributed.agreed(self._build, self.device)
-        if probe is not None:
-            self._settle_method(*probe)
-
-    def _build(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], HessdiagError | None] | None:
-        """This rank's part of entering: everything that needs no collective.
-
-        Exact methods: forward once and keep the gradient graph for all products. Finite
-        differences and "auto": the three central differences on the probe vector (they move the
-        parameters in place, so they come before any graph that saved them), then the gradient:
-        with its graph for "auto", which tries double backward first. Returns, for those, the probe
-        vector, its local D(eps), D(2 eps), D(4 eps), and why the graph could not be built (if so).
-        """
-        loss = self._loss
-        assert loss is not None
-        if self.requested_method in EXACT_METHODS:
-            loss.build_graph(loss.checked(), self.method)
-            if self.method == "double_backward":
-                self._products = DoubleBackward(loss.grads, self.space)
-                loss.warn_constant_gradients()
-            else:
-                self._products = ForwardOverReverse(loss)
-            return None
-        graph_free = self.requested_method == "finite_difference" or self.shard is not None
-        if graph_free:
-            loss.build_without_graph(loss.checked())
-        else:
-            loss.checked()  # refuse a bad loss before the finite differences move the parameters
-        self._central = CentralDifference(self.space.local_params, loss.gradient_without_graph, shard=self.shard)
-        probe = self.space.random_unit_vector(self.seed)
-        pieces = self.space.split(probe)
-        steps = tuple(self._central.product(pieces, scale * self._central.eps) for scale in (1, 2, 4))
-        if graph_free:
-            return probe, steps, None
-        # "auto": the finite differences moved the parameters in place, so the graph comes after them.
-        try:
-            loss.build_graph(loss.checked(), "double_backward")
-        except (SecondDerivativeError, UnrecordedGradientError) as error:
-            loss.build_without_graph(loss.checked())  # the failed double backward may have freed part of the graph
-            return probe, steps, error
-        return probe, steps, None
-
-    def _settle_method(self, probe: torch.Tensor, steps: tuple[torch.Tensor, ...], failure: HessdiagError | None) -> None:
-        """Measure finite differences on the probe vector and, for "auto", choose the method; set
-        `method`, `method_reason` and `product_error`. Runs on every rank on global (all-reduced)
-        products, so all ranks decide alike."""
-        assert self._loss is not None and self._central is not None
-        fine, coarse, coarsest = (self.space.finish(product) for product in steps)
-        measured = Measurement.of(fine, coarse, coarsest, self._central.eps, self.shard)
-        if self.requested_method == "finite_difference":
-            choice = finite_differences(measured, "asked for", sharded=self.shard is not None, dtype=self.space.dtype)
-        elif self.shard is not None:
-            reason = "the model is FSDP2-sharded: double backward cannot run through it"
-            choice = finite_differences(measured, reason, sharded=True, dtype=self.space.dtype)
-        else:
-            exact = DoubleBackward(self._loss.grads, self.space)
-            choice = choose_method(
-                measured, probe, extrapolate(fine, coarse), lambda v: self.space.finish(exact.product(v)),
-                lambda: self.space.random_unit_vector(self.seed + 1), dtype=self.space.dtype, build_failure=failure,
-            )  # fmt: skip
-        self.method, self.method_reason, self.product_error = choice.method, choice.reason, choice.error  # type: ignore[assignment]
-        if choice.method == "finite_difference":
-            self._loss.drop_graph()
-            self._products = Richardson(self._central)
-        else:
-            self._products, self._central = DoubleBackward(self._loss.grads, self.space), None
-            self._loss.warn_constant_gradients()
 
     # -- the loss and its gradient ---------------------------------------------------------
     @property
