@@ -16,8 +16,8 @@ from pathlib import Path
 
 from hessdiag.app.demo import SCENARIO_NAMES, run_demo
 from hessdiag.flags import FLAG_NAMES
-from hessdiag.tags import LAYER_SHARES, LR_HEADROOM, NOISE_SCALE_VERDICT, module_sharpness_tag
-from hessdiag.tensorboard import PREFIX
+from hessdiag.reporting.tags import LAYER_SHARES, LR_HEADROOM, NOISE_SCALE_VERDICT, module_sharpness_tag
+from hessdiag.reporting.tensorboard import PREFIX
 
 _EVENT_FILE = "events.out.tfevents."
 _MODULE_SHARPNESS = module_sharpness_tag("")

@@ -11,7 +11,7 @@ import torch
 
 from hessdiag.flags import FlagEvent
 from hessdiag.monitor import Monitor
-from hessdiag.tensorboard import PREFIX
+from hessdiag.reporting.tensorboard import PREFIX
 
 #: The values put in ``trainer.callback_metrics`` (with ``hessdiag/flags/<name>`` for every detector).
 CALLBACK_METRICS: tuple[str, ...] = tuple(

@@ -30,7 +30,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
-from hessdiag._isolation import ModelMode
+from hessdiag.isolation import ModelMode
 from hessdiag.batches import MAX_MICRO_BATCHES, batch_size
 from hessdiag.callbacks.callback_metrics import first_values, publish, show_in_progress_bar, watched_by_another_callback
 from hessdiag.callbacks.flag_stopping import FlagHook, FlagStopping
@@ -38,10 +38,10 @@ from hessdiag.callbacks.logger_writer import trainer_writers
 from hessdiag.callbacks.loss_closure import LossHook, loss_closure
 from hessdiag.callbacks.micro_batches import StepMicroBatches
 from hessdiag.callbacks.strategies import refuse_unsupported_strategy
-from hessdiag.curvature import RankWeighting
+from hessdiag.check.probe import RankWeighting
 from hessdiag.operator import HVPMethod
 from hessdiag.monitor import Monitor
-from hessdiag.schedule import CheckEvery
+from hessdiag.check.schedule import CheckEvery
 from hessdiag.settings import CallbackSettings
 
 _CALLBACK_BASES: tuple[type, ...] = (pl.Callback,)

@@ -10,10 +10,10 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
-from hessdiag.dashboard import LayerValues, shown_scalars
+from hessdiag.reporting.dashboard import LayerValues, shown_scalars
 from hessdiag.flags import FlagEvent
-from hessdiag.spectrum import SpectralDensity
-from hessdiag.tensorboard import TensorBoardWriter
+from hessdiag.estimators.spectrum import SpectralDensity
+from hessdiag.reporting.tensorboard import TensorBoardWriter
 
 _TENSORBOARD_LOGGERS: tuple[type, ...] = (TensorBoardLogger,)
 try:  # the unified `lightning` package's logger too, when it is installed beside pytorch_lightning
@@ -39,7 +39,7 @@ def trainer_writers(trainer: pl.Trainer) -> list[Any]:
 
 
 class LoggerWriter:
-    """A :class:`hessdiag.tensorboard.DiagnosticsWriter` over ``trainer.loggers`` (made on rank 0
+    """A :class:`hessdiag.reporting.tensorboard.DiagnosticsWriter` over ``trainer.loggers`` (made on rank 0
     only): scalars to every logger, each flag onset as an info line; densities and text
     are left to the TensorBoard writer, which loggers cannot show."""
 

@@ -5,7 +5,7 @@ The engine (this package) depends on torch only; the Lightning adapters live in
 """
 
 from hessdiag.batches import MicroBatches
-from hessdiag.eigen import HessianEigenvalues, hessian_eigenvalues
+from hessdiag.estimators.eigen import HessianEigenvalues, hessian_eigenvalues
 from hessdiag.errors import (
     CoarseFiniteDifferenceError,
     HessdiagError,
@@ -16,15 +16,15 @@ from hessdiag.errors import (
     SecondDerivativeError,
     UnrecordedGradientError,
 )
-from hessdiag.gradient_curvature import GradientCurvature, gradient_curvature, gradient_curvature_of
+from hessdiag.estimators.gradient_curvature import GradientCurvature, gradient_curvature, gradient_curvature_of
 from hessdiag.lanczos import LanczosResult, lanczos
-from hessdiag.layer_shares import layer_shares, module_label
-from hessdiag.module_sharpness import ModuleSharpness, module_sharpness
+from hessdiag.estimators.layer_shares import layer_shares, module_label
+from hessdiag.estimators.module_sharpness import ModuleSharpness, module_sharpness
 from hessdiag.monitor import Monitor
-from hessdiag.noise_scale import NoiseScaleEstimate, gradient_noise_scale, noise_scale_from_norms
-from hessdiag.running_noise_scale import RunningNoiseScale
+from hessdiag.noise.noise_scale import NoiseScaleEstimate, gradient_noise_scale, noise_scale_from_norms
+from hessdiag.noise.running import RunningNoiseScale
 from hessdiag.operator import HessianOperator, hessian_vector_product
-from hessdiag.spectrum import (
+from hessdiag.estimators.spectrum import (
     SpectralDensity,
     TraceEstimate,
     hessian_spectral_density,

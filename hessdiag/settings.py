@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from hessdiag._isolation import MODEL_MODES, ModelMode
-from hessdiag.check_quantities import check_module_sharpness, check_noise_scale_parts
-from hessdiag.curvature import RankWeighting
+from hessdiag.isolation import MODEL_MODES, ModelMode
+from hessdiag.check.quantities import check_module_sharpness, check_noise_scale_parts
+from hessdiag.check.probe import RankWeighting
 from hessdiag.detectors import (
     EdgeOfStabilityDetector,
     ExplodingGradientDetector,
@@ -27,7 +27,7 @@ from hessdiag.detectors import (
 )
 from hessdiag.flags import FLAG_NAMES
 from hessdiag.operator import HVP_METHODS, HVPMethod
-from hessdiag.schedule import CheckEvery
+from hessdiag.check.schedule import CheckEvery
 
 #: The detector class behind each flag name (``detectors=["plateau", ...]`` builds these with defaults).
 DETECTOR_CLASSES: dict[str, type] = {

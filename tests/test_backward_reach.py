@@ -13,10 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hessdiag import Monitor
-from hessdiag.backward_reach import BackwardReach
+from hessdiag.steps.backward_reach import BackwardReach
 from hessdiag.detectors import StepRecord, VanishingGradientDetector
 from hessdiag.callbacks import HessianDiagnostics
-from hessdiag.gradients import GradientStats
+from hessdiag.steps.gradients import GradientStats
 
 
 class WithAuxHead(nn.Module):

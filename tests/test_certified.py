@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hessdiag import HessianOperator, hessian_eigenvalues
-from hessdiag.eigen import eigenvalues_of
+from hessdiag.estimators.eigen import eigenvalues_of
 from hessdiag.lanczos import christoffel_sums, lanczos
 from oracles import dense_hessian
 

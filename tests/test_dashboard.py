@@ -13,11 +13,11 @@ from torch.utils.tensorboard import SummaryWriter
 
 import hessdiag
 from hessdiag.app.cli import summarize
-from hessdiag.dashboard import shown_scalars
+from hessdiag.reporting.dashboard import shown_scalars
 from hessdiag.errors import HessdiagWarning
 from hessdiag.flags import FLAG_NAMES, FlagEvent
-from hessdiag.tags import CHECK_QUANTITY_TAGS
-from hessdiag.tensorboard import TensorBoardWriter
+from hessdiag.reporting.tags import CHECK_QUANTITY_TAGS
+from hessdiag.reporting.tensorboard import TensorBoardWriter
 
 
 def read(logdir):
@@ -261,8 +261,8 @@ def test_the_first_auto_check_comes_early_and_a_run_without_checks_says_so_once(
 
 
 def test_runs_sharing_a_directory_register_one_layout_and_patterns_draw_exactly_their_series():
-    from hessdiag.dashboard import layout
-    from hessdiag.tags import LOSS, LOSS_CHANGE_ALONG_BOTTOM, STABILITY_RATIO, FLAG_ONSETS
+    from hessdiag.reporting.dashboard import layout
+    from hessdiag.reporting.tags import LOSS, LOSS_CHANGE_ALONG_BOTTOM, STABILITY_RATIO, FLAG_ONSETS
 
     with_checks = layout([LOSS, LOSS_CHANGE_ALONG_BOTTOM, STABILITY_RATIO, FLAG_ONSETS])
     without_checks = layout([LOSS, FLAG_ONSETS])  # a run whose every check failed

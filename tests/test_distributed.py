@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessdiag import HessianOperator, _distributed, hessian_eigenvalues
-from hessdiag.curvature import CurvatureProbe
+from hessdiag.check.probe import CurvatureProbe
 from hessdiag.lanczos import lanczos
 from hessdiag.vectors import VectorShard, gaussian, random_signs
 from oracles import dense_hessian

@@ -256,7 +256,7 @@ def test_monitor_cross_checks_on_cold_checks_and_reuses_the_verdict_on_warm_ones
     """Checks 1 and 6 are cold (cold_every=5): "auto" cross-checks there (six gradients for the finite
     differences and another forward for the graph); warm checks reuse an approval of double backward.
     A model whose double backward is incomplete is never approved: every check measures."""
-    from hessdiag.curvature import CurvatureProbe
+    from hessdiag.check.probe import CurvatureProbe
 
     torch.manual_seed(0)
     model = ResidualNet(branch)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessdiag import HessianOperator, HessdiagError, Monitor, hessian_eigenvalues
-from hessdiag.gradients import GradientStats
-from hessdiag.spectrum import slq_density
+from hessdiag.steps.gradients import GradientStats
+from hessdiag.estimators.spectrum import slq_density
 from oracles import dense_hessian
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hessdiag.gradients import GradientStats, module_name
+from hessdiag.steps.gradients import GradientStats, module_name
 
 
 def model_with_grads(seed=0):

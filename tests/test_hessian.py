@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessdiag import HessianOperator, hessian_eigenvalues, hessian_vector_product
-from hessdiag._isolation import unwrap_model
+from hessdiag.isolation import unwrap_model
 from oracles import dense_hessian, finite_difference_hvp
 
 
@@ -334,7 +334,7 @@ def test_the_error_bounds_include_product_error_and_rounding():
 
 
 def test_a_curvature_check_carries_the_full_error_bounds():
-    from hessdiag.curvature import CurvatureProbe
+    from hessdiag.check.probe import CurvatureProbe
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))

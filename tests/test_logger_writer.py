@@ -12,7 +12,7 @@ from hessdiag.callbacks.callback_metrics import (
     watched_by_another_callback,
 )
 from hessdiag.callbacks.logger_writer import LoggerWriter
-from hessdiag.dashboard import shown_scalars
+from hessdiag.reporting.dashboard import shown_scalars
 
 VALUES = {
     "hessdiag/lambda_max": 2.5,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessdiag import Monitor, gradient_noise_scale
-from hessdiag.micro_batch_noise import MicroBatchNoise
+from hessdiag.noise.micro_batches import MicroBatchNoise
 
 MICRO, COUNT = 6, 4
 

@@ -12,12 +12,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-import hessdiag.check_quantities
+import hessdiag.check.quantities
 from hessdiag import HessianOperator, Monitor, hessian_eigenvalues, module_sharpness
 from hessdiag.app.cli import format_summary, summarize
-from hessdiag.dashboard import layout
+from hessdiag.reporting.dashboard import layout
 from hessdiag.detectors import EdgeOfStabilityDetector
-from hessdiag.module_sharpness import ModuleSharpness, module_block, module_sharpness_of
+from hessdiag.estimators.module_sharpness import ModuleSharpness, module_block, module_sharpness_of
 from hessdiag.operator import HessianBlock
 from hessdiag.settings import CallbackSettings, DiagnosticsSettings
 from loops import one_step
@@ -206,7 +206,7 @@ def test_off_by_default_it_costs_no_product(monkeypatch):
         raise AssertionError("module sharpness measured while off")
 
     _, _, on = checked_mlp(2)
-    monkeypatch.setattr(hessdiag.check_quantities, "module_sharpness_of", refuse)
+    monkeypatch.setattr(hessdiag.check.quantities, "module_sharpness_of", refuse)
     _, _, off = checked_mlp(0)
     assert off.last_check.module_sharpness == () and len(on.last_check.module_sharpness) == 2
     # The same check, the same products, but for each module's own Lanczos run.

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from hessdiag import Monitor, tags
-from hessdiag.dashboard import layout
+from hessdiag import Monitor
+from hessdiag.reporting import tags
+from hessdiag.reporting.dashboard import layout
 from hessdiag.detectors import CheckRecord, PlateauDetector, StepRecord
 from hessdiag.flags import FLAG_NAMES
 from hessdiag.settings import DiagnosticsSettings

@@ -9,16 +9,16 @@ import torch
 from torch import nn
 
 from hessdiag.batches import MicroBatches
-from hessdiag.curvature import CurvatureProbe
+from hessdiag.check.probe import CurvatureProbe
 from hessdiag.detectors import StepRecord
 from hessdiag.errors import HessdiagWarning
 from hessdiag.flags import FlagEvent
 from hessdiag.monitor.check_runner import CheckRunner
 from hessdiag.monitor.faults import FaultPolicy
-from hessdiag.monitor.step_statistics import StepStatistics
-from hessdiag.monitor.writers import WriterFanOut, resolve_writers
-from hessdiag.schedule import CheckSchedule
-from hessdiag.tensorboard import TensorBoardWriter
+from hessdiag.steps.statistics import StepStatistics
+from hessdiag.reporting.writers import WriterFanOut, resolve_writers
+from hessdiag.check.schedule import CheckSchedule
+from hessdiag.reporting.tensorboard import TensorBoardWriter
 
 
 def faults(strict=False, step=7):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessdiag import MicroBatches, NoiseScaleEstimate, RunningNoiseScale, gradient_noise_scale, noise_scale_from_norms
-from hessdiag.noise_scale import split_batch
+from hessdiag.noise.noise_scale import split_batch
 
 
 def regression_loss(m, batch):
@@ -284,7 +284,7 @@ def test_ddp_estimate_from_ranks_local_norms_equals_the_parts_estimate(tmp_path)
 def test_docstring_example_holds():
     import doctest
 
-    import hessdiag.noise_scale
+    import hessdiag.noise.noise_scale
 
-    result = doctest.testmod(hessdiag.noise_scale)
+    result = doctest.testmod(hessdiag.noise.noise_scale)
     assert result.attempted >= 2 and result.failed == 0

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessdiag import Monitor, tags
-from hessdiag.noise_scale import noise_scale_from_norms
-from hessdiag.rank_noise_scale import RankNoiseScale
-from hessdiag.running_noise_scale import RunningNoiseScale
+from hessdiag import Monitor
+from hessdiag.reporting import tags
+from hessdiag.noise.noise_scale import noise_scale_from_norms
+from hessdiag.noise.ranks import RankNoiseScale
+from hessdiag.noise.running import RunningNoiseScale
 
 STEPS, LOCAL = 6, 5
 

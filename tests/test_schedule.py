@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from hessdiag import schedule as schedule_module
-from hessdiag.schedule import CheckSchedule
+from hessdiag.check import schedule as schedule_module
+from hessdiag.check.schedule import CheckSchedule
 
 
 class FakeClock:

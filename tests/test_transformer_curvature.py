@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformer_models import LoRANet, TinyGPT, next_token_loss, token_batch
 
 from hessdiag import UnrecordedGradientError, hessian_eigenvalues
-from hessdiag.eigen import eigenvalues_of
+from hessdiag.estimators.eigen import eigenvalues_of
 from hessdiag.operator import HessianOperator
 from oracles import dense_hessian
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessdiag import Monitor, tags
+from hessdiag import Monitor
+from hessdiag.reporting import tags
 
 STEPS = 4
 

@@ -7,7 +7,7 @@ import math
 from hessdiag.detectors._common import Detector, check_positive
 from hessdiag.detectors.records import CheckRecord, Record
 from hessdiag.flags import FlagEvent
-from hessdiag.layer_shares import module_label
+from hessdiag.estimators.layer_shares import module_label
 
 
 class EdgeOfStabilityDetector(Detector):

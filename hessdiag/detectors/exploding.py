@@ -11,7 +11,7 @@ from typing import Any
 from hessdiag.detectors._common import Detector, check_count, check_positive
 from hessdiag.detectors.records import CheckRecord, Record, StepRecord
 from hessdiag.flags import FlagEvent
-from hessdiag.layer_shares import module_label
+from hessdiag.estimators.layer_shares import module_label
 
 
 class ExplodingGradientDetector(Detector):

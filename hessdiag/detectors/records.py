@@ -35,7 +35,7 @@ class StepRecord:
         layer_grad_norms: per module, its gradient norm.
         layer_weight_norms: per module, its parameter norm (read once per read-back).
         layer_ratios: per module, gradient- and update-to-weight ratios (see
-            :meth:`hessdiag.gradients.GradientReadout.layer_ratios`).
+            :meth:`hessdiag.steps.gradients.GradientReadout.layer_ratios`).
         lambda_max: the largest Hessian eigenvalue of the latest curvature check, if any.
     """
 
@@ -52,7 +52,7 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class CheckRecord:
-    """What one curvature check found (see :class:`hessdiag.curvature_check.CurvatureCheck`).
+    """What one curvature check found (see :class:`hessdiag.check.record.CurvatureCheck`).
 
     Attributes:
         step: the optimizer step of the check.

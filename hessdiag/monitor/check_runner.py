@@ -14,19 +14,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessdiag._isolation import unwrap_model
+from hessdiag.isolation import unwrap_model
 from hessdiag.batches import sub_batch_base
-from hessdiag.curvature import CurvatureProbe
-from hessdiag.curvature_check import CurvatureCheck
-from hessdiag.dashboard import layer_shares_text, module_sharpness_text, noise_scale_verdict
+from hessdiag.check.probe import CurvatureProbe
+from hessdiag.check.record import CurvatureCheck
+from hessdiag.reporting.dashboard import layer_shares_text, module_sharpness_text, noise_scale_verdict
 from hessdiag.detectors import CheckRecord
 from hessdiag.errors import HessdiagError
-from hessdiag.layer_shares import module_label
-from hessdiag.noise_scale import NoiseScaleEstimate
+from hessdiag.estimators.layer_shares import module_label
+from hessdiag.noise.noise_scale import NoiseScaleEstimate
 from hessdiag.operator import PRECISION_FLOOR, is_coarse
 from hessdiag.monitor.faults import FaultPolicy
-from hessdiag.schedule import CheckSchedule
-from hessdiag.tags import (
+from hessdiag.check.schedule import CheckSchedule
+from hessdiag.reporting.tags import (
     CHECK_FAILED,
     CHECK_GRAD_NORM,
     CHECK_LOSS,

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from hessdiag.curvature import CurvatureProbe
+from hessdiag.check.probe import CurvatureProbe
 from hessdiag.monitor.detection import Detection
-from hessdiag.monitor.noise_sources import NoiseSources
-from hessdiag.monitor.step_statistics import StepStatistics
-from hessdiag.schedule import CheckSchedule
+from hessdiag.noise.sources import NoiseSources
+from hessdiag.steps.statistics import StepStatistics
+from hessdiag.check.schedule import CheckSchedule
 
 
 def monitor_state(

@@ -13,7 +13,7 @@ from typing import Any
 from hessdiag.detectors import FlagDetector, Record
 from hessdiag.flags import FlagEvent
 from hessdiag.monitor.faults import FaultPolicy
-from hessdiag.tags import flag_tag
+from hessdiag.reporting.tags import flag_tag
 
 
 class Detection:

@@ -35,15 +35,15 @@ import torch
 from torch import nn
 
 from hessdiag._distributed import is_data_parallel
-from hessdiag._isolation import ModelMode
+from hessdiag.isolation import ModelMode
 from hessdiag.batches import batch_size
-from hessdiag.curvature import RankWeighting
+from hessdiag.check.probe import RankWeighting
 from hessdiag.flags import FlagEvent
 from hessdiag.operator import HVPMethod, LossFn
-from hessdiag.monitor.assembly import build_parts, check_arguments
+from hessdiag.monitor.parts import build_parts, check_arguments
 from hessdiag.monitor.checkpoint import monitor_state, restore_monitor_state
-from hessdiag.monitor.view import MonitorView
-from hessdiag.schedule import CheckEvery
+from hessdiag.monitor.readout import MonitorView
+from hessdiag.check.schedule import CheckEvery
 from hessdiag.settings import DiagnosticsSettings
 
 
@@ -59,7 +59,7 @@ class Monitor(MonitorView):
             either, or None.
         check_every: optimizer steps between curvature checks (0: never), or ``"auto"`` (default):
             checks take at most `overhead_budget` of the wall time, at most one per 100 steps
-            (see :mod:`hessdiag.schedule`).
+            (see :mod:`hessdiag.check.schedule`).
         overhead_budget: share of the wall time the checks may take with ``check_every="auto"``.
         log_every: steps between read-backs of the gradient statistics (detection and logging).
         sub_batch: samples of the batch used by a curvature check (default: all; of each micro-batch for
@@ -78,7 +78,7 @@ class Monitor(MonitorView):
         module_sharpness: each check also measures lambda_max of the own diagonal Hessian block of this
             many modules, those holding most of the top eigenvector (0, the default: none; at most 5),
             as ``hessdiag/module_sharpness/<module>``; each costs about a warm check's products
-            (:mod:`hessdiag.module_sharpness`).
+            (:mod:`hessdiag.estimators.module_sharpness`).
         detectors: the detectors to run: flag names or detector instances (default: one of each, with
             default thresholds).
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 loop (call :meth:`after_backward` after
@@ -88,7 +88,7 @@ class Monitor(MonitorView):
         update_ratios: also log each layer's update-to-weight ratio ||delta theta|| / ||theta|| (the
             step the optimizer took; for Adam not lr ||g|| / ||theta||) per read-back, and at each
             check the quadratic model's predicted loss change of the step's update against the
-            observed one (:mod:`hessdiag.update_prediction`: one product, one forward, a parameter copy).
+            observed one (:mod:`hessdiag.estimators.update_prediction`: one product, one forward, a parameter copy).
         strict: re-raise errors of the diagnostics instead of warning and backing off.
 
     :meth:`from_settings` builds one from a :class:`~hessdiag.settings.DiagnosticsSettings` already
@@ -189,7 +189,7 @@ class Monitor(MonitorView):
     def watch_ranks(self, ddp: nn.Module) -> None:
         """The noise scale from every step's local gradients against DDP's all-reduced one (a
         communication hook reducing as DDP does; no extra backward), not the checks' split; see
-        :mod:`hessdiag.rank_noise_scale`. Called for a DDP `model`, and by the callback. A DDP that
+        :mod:`hessdiag.noise.ranks`. Called for a DDP `model`, and by the callback. A DDP that
         has its own hook keeps it, and the split stays (said once)."""
         if not self.settings.noise_scale_parts:
             return
@@ -202,7 +202,7 @@ class Monitor(MonitorView):
     def begin_micro_batch(self, samples: int | None = None, loss_scale: float = 1.0) -> None:
         """Under gradient accumulation, call before each micro-batch's backward (`samples`: its
         samples; `loss_scale`: its loss's factor, 1 / micro-batches): a check after this step takes
-        the noise scale from the micro-batches' gradients (:mod:`hessdiag.micro_batch_noise`, no
+        the noise scale from the micro-batches' gradients (:mod:`hessdiag.noise.micro_batches`, no
         extra backward), not its split. Not under data parallelism (DDP's ranks give the noise scale
         there, and `.grad` holds more samples than the micro-batches) nor an fp16 loss scaler."""
         scaled = self.grad_scaler is not None and self.grad_scaler.is_enabled()

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hessdiag.curvature_check import CurvatureCheck
+from hessdiag.check.record import CurvatureCheck
 from hessdiag.flags import FlagEvent
 from hessdiag.monitor.check_runner import check_record, check_scalars, check_texts
 from hessdiag.monitor.detection import Detection
 from hessdiag.monitor.faults import FaultPolicy
-from hessdiag.monitor.noise_sources import NoiseSources
-from hessdiag.monitor.writers import WriterFanOut
-from hessdiag.tags import CHECK_FAILED, HVP_METHOD, NOISE_SCALE_VERDICT, event_tag, note_tag
+from hessdiag.noise.sources import NoiseSources
+from hessdiag.reporting.writers import WriterFanOut
+from hessdiag.reporting.tags import CHECK_FAILED, HVP_METHOD, NOISE_SCALE_VERDICT, event_tag, note_tag
 
 
 class CheckReporting:

@@ -1,6 +1,6 @@
 """The Hessian of a loss closure as a linear operator (curvlinops' shape: one module per job).
 
-* :mod:`~hessdiag.operator.space`: the chosen parameters and their flat vectors (split, flatten,
+* :mod:`~hessdiag.operator.parameter_space`: the chosen parameters and their flat vectors (split, flatten,
   norms, shards, the data-parallel batch share).
 * :mod:`~hessdiag.operator.loss`: the loss on one batch and its gradient, evaluated alike every time.
 * One module per product method: :mod:`~hessdiag.operator.double_backward`,
@@ -21,7 +21,7 @@ from hessdiag.operator.forward_over_reverse import ForwardOverReverse
 from hessdiag.operator.hessian import EXACT_METHODS, HVP_METHODS, HessianOperator, HVPMethod, hessian_vector_product
 from hessdiag.operator.rounding import LOW_PRECISION_ROUNDING, PRECISION_FLOOR, ProductRounding, is_coarse
 from hessdiag.operator.loss import BatchLoss, LossFn, LossModule, enabled_attention_backends, gradient_by_backward
-from hessdiag.operator.space import ParameterSpace, refuse_coarse_compute, trainable_parameters
+from hessdiag.operator.parameter_space import ParameterSpace, refuse_coarse_compute, trainable_parameters
 
 __all__ = [
     # the operator

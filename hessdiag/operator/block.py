@@ -29,7 +29,7 @@ from hessdiag.vectors import VectorShard, vector_norm
 class HessianBlock:
     """The diagonal block H_SS of an open `operator` over the parameters `params` (a subset of its own).
 
-    It offers what :func:`~hessdiag.eigen.eigenvalues_of` uses of an operator (`matvec`, `along`,
+    It offers what :func:`~hessdiag.estimators.eigen.eigenvalues_of` uses of an operator (`matvec`, `along`,
     `gradient`, `norm`, `loss`, `num_hvps`, `product_error`, ...), so the certified Lanczos of the whole
     operator runs on it unchanged. Valid while `operator` is open.
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hessdiag.operator.space import ParameterSpace, dense
+from hessdiag.operator.parameter_space import ParameterSpace, dense
 
 
 class DoubleBackward:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hessdiag._isolation import seed_rng
+from hessdiag.isolation import seed_rng
 from hessdiag.operator.loss import BatchLoss, LossModule, functional_names
 
 

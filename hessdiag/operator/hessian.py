@@ -1,7 +1,7 @@
 """The Hessian of a user loss closure as a linear operator on flat vectors.
 
 `HessianOperator` turns ``loss_fn(model, batch) -> scalar`` into the symmetric linear operator
-v -> H v on flat vectors over the chosen parameters (:class:`~hessdiag.operator.space.ParameterSpace`).
+v -> H v on flat vectors over the chosen parameters (:class:`~hessdiag.operator.parameter_space.ParameterSpace`).
 It only dispatches products to the method in use:
 
 * ``"double_backward"`` (:mod:`~hessdiag.operator.double_backward`): one backward-of-backward
@@ -21,7 +21,7 @@ pieces (``size`` coordinates of ``dim``), products are finite differences of the
 computes ("auto" picks them; the exact methods are refused), and `shard` carries the all-reduced
 inner products that :func:`~hessdiag.lanczos.lanczos` needs.
 
-The operator is the loss the optimizer sees and leaves no trace (see :mod:`hessdiag._isolation`):
+The operator is the loss the optimizer sees and leaves no trace (see :mod:`hessdiag.isolation`):
 open it with ``with``; on exit the graph is freed and modes, buffers and RNG are put back.
 """
 
@@ -35,14 +35,14 @@ import torch
 from torch import nn
 
 from hessdiag import _sharded
-from hessdiag._isolation import MODEL_MODES, ModelMode, isolation, unwrap_model
+from hessdiag.isolation import MODEL_MODES, ModelMode, isolation, unwrap_model
 from hessdiag.errors import SecondDerivativeError, is_missing_second_derivative
-from hessdiag.operator.building import EXACT_METHODS, Products, ProductsBuilder
+from hessdiag.operator.entering import EXACT_METHODS, Products, ProductsBuilder
 from hessdiag.operator.double_backward import DoubleBackward
 from hessdiag.operator.finite_difference import AlongVector, CentralDifference, Richardson
 from hessdiag.operator.loss import BatchLoss, LossFn, enabled_attention_backends
 from hessdiag.operator.rounding import ProductRounding
-from hessdiag.operator.space import ParameterSpace, refuse_coarse_compute
+from hessdiag.operator.parameter_space import ParameterSpace, refuse_coarse_compute
 
 HVPMethod = Literal["auto", "double_backward", "forward_over_reverse", "finite_difference"]
 HVP_METHODS: tuple[str, ...] = ("auto", "double_backward", "forward_over_reverse", "finite_difference")
@@ -78,7 +78,7 @@ class HessianOperator:
             per-rank losses (`batch_size` is ignored there).
 
     Raises:
-        ValueError: bad arguments (see :func:`~hessdiag.operator.space.trainable_parameters`), or an
+        ValueError: bad arguments (see :func:`~hessdiag.operator.parameter_space.trainable_parameters`), or an
             exact `method` on an FSDP2-sharded model.
         LossClosureError: `loss_fn` raised on `batch` or did not return a scalar tensor that
             depends on the parameters.
@@ -102,7 +102,7 @@ class HessianOperator:
             stay true there and a `tol` below about eps is not reached.
         precision_floor: the smallest relative tolerance the bounds can prove: ``PRECISION_FLOOR``
             eps of a dtype coarser than float32, 0 otherwise. Estimates raise `tol` to it
-            (:func:`~hessdiag.eigen.eigenvalues_of`) rather than run to `max_iter` for a tolerance
+            (:func:`~hessdiag.estimators.eigen.eigenvalues_of`) rather than run to `max_iter` for a tolerance
             they cannot reach.
     """
 
@@ -261,7 +261,7 @@ def _refuse_on_shards(model: nn.Module, method: str, dtype: torch.dtype) -> None
 
     Raises:
         ValueError: an exact `method`.
-        HessdiagError: see :func:`~hessdiag.operator.space.refuse_coarse_compute`.
+        HessdiagError: see :func:`~hessdiag.operator.parameter_space.refuse_coarse_compute`.
     """
     if method in EXACT_METHODS:
         raise ValueError(

@@ -1,6 +1,6 @@
 """The loss the optimizer sees, on one batch, and its gradient: evaluated alike every time.
 
-Every evaluation seeds the RNG (:func:`~hessdiag._isolation.seed_rng`), so dropout draws the same
+Every evaluation seeds the RNG (:func:`~hessdiag.isolation.seed_rng`), so dropout draws the same
 masks in every product of one estimate. A failure inside the user's closure is a
 :class:`~hessdiag.errors.LossClosureError`; a NaN or infinite loss a
 :class:`~hessdiag.errors.NonFiniteLossError`. The gradient is built once per estimate: with its graph
@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hessdiag import _sharded
-from hessdiag._isolation import seed_rng
+from hessdiag.isolation import seed_rng
 from hessdiag.errors import (
     HessdiagWarning,
     LossClosureError,
@@ -32,7 +32,7 @@ from hessdiag.errors import (
     refuses_autograd_grad,
 )
 from hessdiag.operator.finite_difference import CentralDifference
-from hessdiag.operator.space import ParameterSpace
+from hessdiag.operator.parameter_space import ParameterSpace
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -102,7 +102,7 @@ class BatchLoss:
         space: the chosen parameters and their flat vectors.
         seed: seeds the RNG before every evaluation (the same dropout masks each time).
         attention: the attention backends gradients without graph run under (the user's, read
-            before :func:`~hessdiag._isolation.isolation` forces the math one).
+            before :func:`~hessdiag.isolation.isolation` forces the math one).
 
     Attributes:
         value: the loss on this rank (detached), once a gradient is built; None before.

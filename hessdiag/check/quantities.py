@@ -15,7 +15,7 @@
 * the quadratic model's loss change of the step's update against the observed one
   (:func:`update_prediction_at`: one product and one forward).
 
-:class:`~hessdiag.curvature.CurvatureProbe` calls them; each returns None (or says why) where its
+:class:`~hessdiag.check.probe.CurvatureProbe` calls them; each returns None (or says why) where its
 quantity is undefined or cannot be measured, never a placeholder.
 """
 
@@ -29,18 +29,18 @@ import torch
 from torch import nn
 
 from hessdiag import _distributed, _sharded
-from hessdiag._isolation import ModelMode, unwrap_model
+from hessdiag.isolation import ModelMode, unwrap_model
 from hessdiag.batches import MicroBatches, batch_size, take_sub_batch
-from hessdiag.eigen import HessianEigenvalues
+from hessdiag.estimators.eigen import HessianEigenvalues
 from hessdiag.lanczos import LanczosResult, lanczos
 from hessdiag.errors import HessdiagError
-from hessdiag.gradient_curvature import gradient_curvature_of
-from hessdiag.module_sharpness import ModuleSharpness, module_sharpness_of
-from hessdiag.noise_scale import NoiseScaleEstimate, gradient_noise_scale
+from hessdiag.estimators.gradient_curvature import gradient_curvature_of
+from hessdiag.estimators.module_sharpness import ModuleSharpness, module_sharpness_of
+from hessdiag.noise.noise_scale import NoiseScaleEstimate, gradient_noise_scale
 from hessdiag.operator import HessianOperator, LossFn
-from hessdiag.spectrum import SpectralDensity, hutchpp_trace
+from hessdiag.estimators.spectrum import SpectralDensity, hutchpp_trace
 from hessdiag.stability import NoLearningRate, StabilityThreshold, preconditioner_sqrt, stability_threshold
-from hessdiag.update_prediction import UpdatePrediction, UpdateStart, predict_update
+from hessdiag.estimators.update_prediction import UpdatePrediction, UpdateStart, predict_update
 
 #: Modules kept per end of the spectrum in a check's layer shares (the dashboard's budget).
 SHARES_KEPT = 5
@@ -99,7 +99,7 @@ def top_module_sharpness(
 ) -> tuple[ModuleSharpness, ...]:  # fmt: skip
     """lambda_max of the own diagonal blocks of the first `count` modules of `shares` (the top
     eigenvector's), each warm-started from the top Ritz vector's restriction to it; () for `count` 0
-    or without shares. Each module costs its Lanczos products (:mod:`hessdiag.module_sharpness`)."""
+    or without shares. Each module costs its Lanczos products (:mod:`hessdiag.estimators.module_sharpness`)."""
     modules = [module for module, _ in shares[:count]]
     if not modules or result.top_vectors is None:
         return ()

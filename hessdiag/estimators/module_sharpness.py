@@ -1,6 +1,6 @@
 """Per-module sharpness: lambda_max of a module's own diagonal block of the Hessian.
 
-For a module m (its own parameters, as :func:`~hessdiag.layer_shares` groups them), H_mm is the
+For a module m (its own parameters, as :func:`~hessdiag.estimators.layer_shares` groups them), H_mm is the
 Hessian of the loss as a function of m's parameters alone, the rest of the network held fixed. Its
 top eigenvalue says how sharp the loss is along m by itself: "`layer4.1.conv2` alone has lambda_max
 380 of the whole 412". By Cauchy interlacing it never exceeds the whole lambda_max, and it equals it
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessdiag._isolation import ModelMode
-from hessdiag.eigen import HessianEigenvalues, eigenvalues_of
-from hessdiag.layer_shares import ROOT_LABEL, module_label, parameter_owners
+from hessdiag.isolation import ModelMode
+from hessdiag.estimators.eigen import HessianEigenvalues, eigenvalues_of
+from hessdiag.estimators.layer_shares import ROOT_LABEL, module_label, parameter_owners
 from hessdiag.operator import HVP_METHODS, HessianBlock, HessianOperator, HVPMethod, LossFn
 
 
@@ -121,7 +121,7 @@ def module_sharpness(
         model, loss_fn, batch, params, mode, hvp_method, seed, batch_size: as for
             :func:`~hessdiag.hessian_eigenvalues`; the block of a module is over its own parameters
             among `params`.
-        modules: qualified module names (the keys of :func:`~hessdiag.layer_shares`; ``""`` or
+        modules: qualified module names (the keys of :func:`~hessdiag.estimators.layer_shares`; ``""`` or
             ``"(root)"`` for the root's own parameters).
         tol, max_iter: for each module's Lanczos, as for :func:`~hessdiag.hessian_eigenvalues`
             (only the top end must converge).

@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from hessdiag.noise_scale import NoiseScaleEstimate
+from hessdiag.noise.noise_scale import NoiseScaleEstimate
 
 _STATE_KEYS = ("weight", "weight_sq", "trace", "grad_sq", "trace_sq", "grad_sq_sq", "cross")
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from hessdiag import _distributed, _sharded
-from hessdiag._isolation import unwrap_model
+from hessdiag.isolation import unwrap_model
 from hessdiag.errors import HessdiagError
 from hessdiag.vectors import VectorShard, random_generator, random_unit_vector, vector_norm
 

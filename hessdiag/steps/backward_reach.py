@@ -8,7 +8,7 @@ a ``register_post_accumulate_grad_hook`` runs after a gradient was accumulated i
 runs these hooks on its sharded parameters after the reduce-scatter too). The hooks only add an
 index to a host-side set: no device work, no synchronisation, the gradient untouched.
 
-Backward passes of hessdiag's own estimates (inside :func:`hessdiag._isolation.isolation`) are not
+Backward passes of hessdiag's own estimates (inside :func:`hessdiag.isolation.isolation`) are not
 training's and are not counted.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from hessdiag._isolation import estimating
+from hessdiag.isolation import estimating
 
 
 class BackwardReach:

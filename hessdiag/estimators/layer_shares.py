@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from hessdiag import _sharded
-from hessdiag._isolation import unwrap_model
+from hessdiag.isolation import unwrap_model
 from hessdiag.operator import trainable_parameters
 
 #: How the root module's own parameters (those registered on the model itself) are shown; their key

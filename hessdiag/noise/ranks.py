@@ -8,7 +8,7 @@ E||g_local||^2 = ||G||^2 + tr(Sigma) / b and E||g_global||^2 = ||G||^2 + tr(Sigm
     ||G||^2   ~ (R ||g_global||^2 - m) / (R - 1)
     tr(Sigma) ~ b R (m - ||g_global||^2) / (R - 1)
 
-both unbiased (:func:`~hessdiag.noise_scale.noise_scale_from_norms` with one small-batch norm, m).
+both unbiased (:func:`~hessdiag.noise.noise_scale.noise_scale_from_norms` with one small-batch norm, m).
 
 How: :class:`RankNoiseScale` registers a DDP communication hook that does DDP's own reduction (the
 bucket multiplied by 1 / R, as DDP's reducer does without a hook, then a SUM all-reduce): on entry it
@@ -17,7 +17,7 @@ takes the bucket's squared norm (this rank's gradient, undivided), and on the re
 the same gradient as without the hook. :meth:`RankNoiseScale.close_step` files the step's pair;
 :meth:`RankNoiseScale.read`, at a read-back, sums the ranks' local squares in one all-reduce, brings
 every step's pair back in one transfer and adds one estimate per step to a
-:class:`~hessdiag.running_noise_scale.RunningNoiseScale` (the ratio of running means).
+:class:`~hessdiag.noise.running.RunningNoiseScale` (the ratio of running means).
 
 Cost per optimizer step: two squared-norm reductions over the gradient buckets on the device (one
 before, one after the all-reduce), no host read; per read-back one all-reduce of one float per step
@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hessdiag.noise_scale import NoiseScaleEstimate, noise_scale_from_norms
-from hessdiag.running_noise_scale import RunningNoiseScale
+from hessdiag.noise.noise_scale import NoiseScaleEstimate, noise_scale_from_norms
+from hessdiag.noise.running import RunningNoiseScale
 
 
 def _squared_norm(tensor: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ An optimizer step that accumulates m micro-batches of b samples holds gradients 
 for free: each micro-batch's (b samples) and their sum (m b). A micro-batch's gradient reaches each
 parameter as the incoming gradient of its backward, before autograd adds it to ``.grad``: a tensor
 hook (``Tensor.register_hook``) takes its squared norm there, on the device, without copying it.
-Against the accumulated gradient's squared norm, :func:`~hessdiag.noise_scale.noise_scale_from_norms`
+Against the accumulated gradient's squared norm, :func:`~hessdiag.noise.noise_scale.noise_scale_from_norms`
 gives the unbiased two-size estimates.
 
 Why hooks and not differences of ``.grad`` after each micro-batch: a difference needs a copy of the
@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 import torch
 
-from hessdiag.noise_scale import NoiseScaleEstimate, noise_scale_from_norms
+from hessdiag.noise.noise_scale import NoiseScaleEstimate, noise_scale_from_norms
 
 
 def _squared_norm(tensor: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ mean the big one. With the Gram matrix M_ij = g_i . g_j the estimates are the U-
 coordinates); both are exactly unbiased for i.i.d. samples and a loss that is the mean over them.
 Their standard errors are the jackknife's over the parts (leave one part out; n >= 3, NaN for n = 2):
 estimates, and conservative ones. The ratio B_simple of one check is biased (a ratio of noisy
-estimates): :class:`~hessdiag.running_noise_scale.RunningNoiseScale` takes the ratio of the running means over checks instead.
+estimates): :class:`~hessdiag.noise.running.RunningNoiseScale` takes the ratio of the running means over checks instead.
 
 :func:`noise_scale_from_norms` applies the same formulas to squared norms measured elsewhere: the
 micro-batches' gradients under accumulation against the accumulated one, or each rank's local gradient
@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from hessdiag import _sharded
-from hessdiag._isolation import ModelMode, MODEL_MODES, isolation, preserved_state, seed_rng, unwrap_model
+from hessdiag.isolation import ModelMode, MODEL_MODES, isolation, preserved_state, seed_rng, unwrap_model
 from hessdiag.batches import MicroBatches, cut_samples, leading_sizes
 from hessdiag.errors import LossClosureError, NonFiniteLossError
 from hessdiag.operator import LossFn, gradient_by_backward, trainable_parameters
@@ -56,7 +56,7 @@ class NoiseScaleEstimate:
     Attributes:
         noise_scale: B_simple = trace_covariance / grad_sq_norm, in samples; NaN when the
             ||G||^2 estimate is <= 0 (see `note`). Biased as a ratio: average the ingredients over
-            checks (:class:`~hessdiag.running_noise_scale.RunningNoiseScale`) for a reported value.
+            checks (:class:`~hessdiag.noise.running.RunningNoiseScale`) for a reported value.
         trace_covariance: unbiased estimate of tr(Sigma), the per-sample gradient covariance's trace.
         trace_covariance_se: its standard error (NaN where it cannot be estimated).
         grad_sq_norm: unbiased estimate of ||G||^2, the true gradient's squared norm.

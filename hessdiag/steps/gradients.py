@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from hessdiag import _distributed, _sharded
-from hessdiag.backward_reach import BackwardReach
+from hessdiag.steps.backward_reach import BackwardReach
 
 
 def module_name(parameter_name: str) -> str:
@@ -81,7 +81,7 @@ class GradientStats:
     step's loss: an auxiliary head) has *no* gradient, which is not a zero gradient, also where
     ``zero_grad(set_to_none=False)`` left a zero-filled ``.grad`` on it: it is left out of that step's
     norms, and a module none of whose parameters has a gradient is left out of the step's per-module
-    norms. Reach is marked by hooks on the parameters (:class:`~hessdiag.backward_reach.BackwardReach`;
+    norms. Reach is marked by hooks on the parameters (:class:`~hessdiag.steps.backward_reach.BackwardReach`;
     host-side, the gradients untouched), removed by :meth:`close`. Under data parallelism a parameter
     reached on any rank counts on every rank (DDP fills in the gradient of one unused on this rank):
     one small all-reduce per :meth:`read`. Every parameter of the model is watched, so a layer unfrozen

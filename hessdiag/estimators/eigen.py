@@ -24,9 +24,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from hessdiag._isolation import ModelMode
+from hessdiag.isolation import ModelMode
 from hessdiag.errors import HessdiagWarning
-from hessdiag.layer_shares import layer_shares
+from hessdiag.estimators.layer_shares import layer_shares
 from hessdiag.lanczos import BasisStorage, LanczosResult, Which, lanczos
 from hessdiag.operator import HVP_METHODS, HessianBlock, HessianOperator, HVPMethod, LossFn
 from hessdiag.vectors import dot
@@ -110,7 +110,7 @@ class HessianEigenvalues:
 
     def layer_shares(self, which: Literal["top", "bottom"] = "top") -> dict[str, float]:
         """Where the extreme eigenvector of `which` end lives: per module, the share of its squared
-        norm (see :func:`hessdiag.layer_shares`), ``{module_name: share}`` summing to 1, most first.
+        norm (see :func:`hessdiag.estimators.layer_shares`), ``{module_name: share}`` summing to 1, most first.
 
         ``result.layer_shares("top")`` of a check whose top vector lies 71% in ``layer4.1.conv2``
         starts with ``{"layer4.1.conv2": 0.71, ...}``. Free: no product, one host read (an
@@ -130,7 +130,7 @@ class HessianEigenvalues:
                 "not fit in `memory_budget`, or basis='recurrence'), which keeps no eigenvectors; no layer shares."
             )
         if self.model is None:
-            raise ValueError("This result does not know its model (built by hand): call hessdiag.layer_shares(model, vector).")
+            raise ValueError("This result does not know its model (built by hand): call hessdiag.estimators.layer_shares(model, vector).")
         return layer_shares(self.model, vectors[0], self.params)
 
     def warm_start(self) -> torch.Tensor | None:

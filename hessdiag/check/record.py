@@ -1,16 +1,16 @@
-"""What one curvature check found: the record a :class:`~hessdiag.curvature.CurvatureProbe` returns
+"""What one curvature check found: the record a :class:`~hessdiag.check.probe.CurvatureProbe` returns
 and the Monitor turns into scalars, texts and a detector record."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hessdiag.check_quantities import Shares
-from hessdiag.module_sharpness import ModuleSharpness
-from hessdiag.noise_scale import NoiseScaleEstimate
-from hessdiag.spectrum import SpectralDensity
+from hessdiag.check.quantities import Shares
+from hessdiag.estimators.module_sharpness import ModuleSharpness
+from hessdiag.noise.noise_scale import NoiseScaleEstimate
+from hessdiag.estimators.spectrum import SpectralDensity
 from hessdiag.stability import StabilityThreshold
-from hessdiag.update_prediction import UpdatePrediction
+from hessdiag.estimators.update_prediction import UpdatePrediction
 
 
 @dataclass
@@ -46,13 +46,13 @@ class CurvatureCheck:
             :class:`~hessdiag.HessianOperator`).
         batch_size: samples in the check batch.
         top_shares, bottom_shares: where the top and bottom Ritz vectors live: the
-            :data:`~hessdiag.check_quantities.SHARES_KEPT` modules holding most of each vector's squared norm, with their shares
-            (see :func:`hessdiag.layer_shares`); empty without Ritz vectors (recurrence basis).
+            :data:`~hessdiag.check.quantities.SHARES_KEPT` modules holding most of each vector's squared norm, with their shares
+            (see :func:`hessdiag.estimators.layer_shares`); empty without Ritz vectors (recurrence basis).
         module_sharpness: with ``module_sharpness`` n > 0, lambda_max of the own diagonal Hessian
             blocks of the first n modules of `top_shares`, in that order, with their bounds (see
-            :mod:`hessdiag.module_sharpness`); empty otherwise.
+            :mod:`hessdiag.estimators.module_sharpness`); empty otherwise.
         gradient_curvature: g'Hg / ||g||^2 on the check batch, or along Adam's preconditioned
-            gradient in the units of `sharpness` (see :mod:`hessdiag.gradient_curvature`); None for
+            gradient in the units of `sharpness` (see :mod:`hessdiag.estimators.gradient_curvature`); None for
             a zero gradient.
         lr_headroom: the stability threshold over `gradient_curvature`: the largest stable learning
             rate along the gradient over the one in use (< 1: the step along it overshoots; inf for
@@ -63,10 +63,10 @@ class CurvatureCheck:
         step_batch_size: samples of the optimizer step's batch (all micro-batches; times the number
             of ranks under data parallelism), the batch the noise scale compares with.
         conditioning: lambda_max / (trace / n) at a density check, the trace by Hutch++ (see
-            :func:`~hessdiag.check_quantities.conditioning`); None elsewhere or when it is <= 0.
+            :func:`~hessdiag.check.quantities.conditioning`); None elsewhere or when it is <= 0.
         update_prediction: with ``update_ratios=True``, the loss change of the optimizer's update
             that led to this check as the quadratic model predicts it, against the observed one
-            (see :mod:`hessdiag.update_prediction`); None otherwise.
+            (see :mod:`hessdiag.estimators.update_prediction`); None otherwise.
         skipped: ``{quantity: why}`` for each of the above that was not measured for a reason a user
             should hear (a batch too small for the noise scale's parts, a sharded model, ...).
         tol: the tolerance `converged` was tested against: the one asked for, or the precision floor

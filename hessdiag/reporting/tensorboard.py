@@ -3,7 +3,7 @@ layers, flag events, the density.
 
 The `Monitor` decides; writers show. A writer receives plain data (floats, tensors, `FlagEvent`s,
 `SpectralDensity`) and renders it; nothing here computes a diagnostic. What of it becomes a tag
-is decided in :mod:`hessdiag.dashboard`.
+is decided in :mod:`hessdiag.reporting.dashboard`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from hessdiag.dashboard import LayerValues, layout, shown_scalars, worst_layers
+from hessdiag.reporting.dashboard import LayerValues, layout, shown_scalars, worst_layers
 from hessdiag.flags import FlagEvent
-from hessdiag.spectrum import SpectralDensity
-from hessdiag.tags import EVENT_LOG, FLAG_ONSETS, FLAGS_PREFIX, PREFIX, SPECTRAL_DENSITY, WORST_LAYERS, event_tag, layer_histogram_tag
+from hessdiag.estimators.spectrum import SpectralDensity
+from hessdiag.reporting.tags import EVENT_LOG, FLAG_ONSETS, FLAGS_PREFIX, PREFIX, SPECTRAL_DENSITY, WORST_LAYERS, event_tag, layer_histogram_tag
 
 __all__ = ["PREFIX", "DiagnosticsWriter", "SummaryWriterLike", "TensorBoardWriter", "render_event"]
 
@@ -26,8 +26,8 @@ class DiagnosticsWriter(Protocol):
     """Where a `Monitor` sends what it found. Every method may be a no-op.
 
     `scalars` gets the values by tag and the per-layer values as ``{quantity: {module: value}}``
-    (see :data:`hessdiag.dashboard.LayerValues`; empty at a curvature check);
-    :func:`hessdiag.dashboard.shown_scalars` turns both into the tags worth logging.
+    (see :data:`hessdiag.reporting.dashboard.LayerValues`; empty at a curvature check);
+    :func:`hessdiag.reporting.dashboard.shown_scalars` turns both into the tags worth logging.
     """
 
     def scalars(self, step: int, values: Mapping[str, float], layers: LayerValues) -> None: ...
@@ -75,7 +75,7 @@ class TensorBoardWriter:
     """Writes diagnostics to a `torch.utils.tensorboard.SummaryWriter` (or a compatible one, such as
     Lightning's ``TensorBoardLogger.experiment``).
 
-    Scalars are those of :func:`hessdiag.dashboard.shown_scalars` (a bounded number of tags, whatever
+    Scalars are those of :func:`hessdiag.reporting.dashboard.shown_scalars` (a bounded number of tags, whatever
     the depth). The custom-scalars layout lists only the charts whose tags have been logged, and is
     rewritten when a chart gains data (TensorBoard reads the latest). The Text tab gets a card per
     flag event (``hessdiag/events/<flag>``), the whole story in order (``hessdiag/event_log``) and
@@ -84,7 +84,7 @@ class TensorBoardWriter:
     Args:
         summary_writer: the writer.
         write_scalars: also write scalars (off when another route, e.g. Lightning's loggers, does;
-            that route should log :func:`~hessdiag.dashboard.shown_scalars` too). The flag-onset
+            that route should log :func:`~hessdiag.reporting.dashboard.shown_scalars` too). The flag-onset
             series is TensorBoard's own and is written either way.
         per_layer_scalars: also one scalar per layer and quantity (tags grow with depth).
         worst_k: layers named per quantity in ``hessdiag/worst_layers`` (0: none).

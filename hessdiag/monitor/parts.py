@@ -11,17 +11,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessdiag._isolation import unwrap_model
-from hessdiag.curvature import CurvatureProbe
+from hessdiag.isolation import unwrap_model
+from hessdiag.check.probe import CurvatureProbe
 from hessdiag.monitor.check_runner import CheckRunner
 from hessdiag.monitor.detection import Detection
 from hessdiag.monitor.faults import FaultPolicy
-from hessdiag.monitor.noise_sources import NoiseSources
+from hessdiag.noise.sources import NoiseSources
 from hessdiag.monitor.reporting import CheckReporting
-from hessdiag.monitor.step_statistics import StepStatistics
-from hessdiag.monitor.writers import WriterFanOut, resolve_writers
+from hessdiag.steps.statistics import StepStatistics
+from hessdiag.reporting.writers import WriterFanOut, resolve_writers
 from hessdiag.operator import LossFn
-from hessdiag.schedule import CheckSchedule
+from hessdiag.check.schedule import CheckSchedule
 from hessdiag.settings import DiagnosticsSettings, resolve_detectors
 
 

@@ -54,7 +54,7 @@ UPDATE_LOSS_PREDICTED = tag("update_loss_predicted")
 UPDATE_LOSS_OBSERVED = tag("update_loss_observed")
 UPDATE_LOSS_RATIO = tag("update_loss_ratio")
 
-# -- derived series the dashboard adds (see hessdiag.dashboard.shown_scalars) -------------------
+# -- derived series the dashboard adds (see hessdiag.reporting.dashboard.shown_scalars) -------------------
 RATIO_LIMIT = tag("stability_ratio_limit")
 HEADROOM_LIMIT = tag("lr_headroom_limit")
 
@@ -81,7 +81,7 @@ NOISE_SCALE_VERDICT = tag("noise_scale_verdict")
 
 def module_sharpness_tag(module: str) -> str:
     """lambda_max of one module's own diagonal Hessian block, ``hessdiag/module_sharpness/<module>``
-    (the module's label, :func:`~hessdiag.layer_shares.module_label`). Opt-in (``module_sharpness``
+    (the module's label, :func:`~hessdiag.estimators.layer_shares.module_label`). Opt-in (``module_sharpness``
     n > 0) and at most n <= 5 per check: the modules holding most of the top eigenvector."""
     return f"{PREFIX}/module_sharpness/{module}"
 

@@ -1,7 +1,7 @@
 """Fan-out of what the Monitor found to every writer, over the :class:`DiagnosticsWriter` protocol.
 
 Writers are resolved once, at construction: a SummaryWriter is wrapped into a
-:class:`~hessdiag.tensorboard.TensorBoardWriter`, a :class:`DiagnosticsWriter` is used as it is.
+:class:`~hessdiag.reporting.tensorboard.TensorBoardWriter`, a :class:`DiagnosticsWriter` is used as it is.
 A failing writer (a full disk, say) is reported once and does not stop the others.
 """
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hessdiag.dashboard import LayerValues
+from hessdiag.reporting.dashboard import LayerValues
 from hessdiag.flags import FlagEvent
 from hessdiag.monitor.faults import FaultPolicy
-from hessdiag.spectrum import SpectralDensity
-from hessdiag.tensorboard import DiagnosticsWriter, SummaryWriterLike, TensorBoardWriter
+from hessdiag.estimators.spectrum import SpectralDensity
+from hessdiag.reporting.tensorboard import DiagnosticsWriter, SummaryWriterLike, TensorBoardWriter
 
 
 def resolve_writers(writer: Any) -> list[DiagnosticsWriter]:

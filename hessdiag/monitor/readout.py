@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from hessdiag.curvature import CurvatureProbe
-from hessdiag.curvature_check import CurvatureCheck
+from hessdiag.check.probe import CurvatureProbe
+from hessdiag.check.record import CurvatureCheck
 from hessdiag.detectors import FlagDetector
 from hessdiag.flags import FlagEvent
 from hessdiag.monitor.check_runner import CheckRunner
 from hessdiag.monitor.detection import Detection
-from hessdiag.monitor.step_statistics import StepStatistics
-from hessdiag.monitor.writers import WriterFanOut
-from hessdiag.schedule import CheckSchedule
+from hessdiag.steps.statistics import StepStatistics
+from hessdiag.reporting.writers import WriterFanOut
+from hessdiag.check.schedule import CheckSchedule
 from hessdiag.settings import DiagnosticsSettings
 
 

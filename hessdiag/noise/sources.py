@@ -1,11 +1,11 @@
 """Where the Monitor's noise scale comes from when a cheaper source than the check's split exists.
 
-* Under DDP, every step's local gradients against the all-reduced one (:mod:`hessdiag.rank_noise_scale`,
+* Under DDP, every step's local gradients against the all-reduced one (:mod:`hessdiag.noise.ranks`,
   a communication hook; no extra backward), read back with the step statistics. It replaces the
   checks' split: every step counted instead of one batch per check, and the global batch (the
   split sees this rank's batch only).
 * Under gradient accumulation, the micro-batches' gradients against the accumulated one, on the
-  steps a check follows (:mod:`hessdiag.micro_batch_noise`, tensor hooks; no extra backward). The
+  steps a check follows (:mod:`hessdiag.noise.micro_batches`, tensor hooks; no extra backward). The
   check then adds that estimate instead of cutting its batch.
 
 Elsewhere, and where neither can be measured, the check cuts its batch in parts as before.
@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from hessdiag import _distributed
-from hessdiag.dashboard import noise_scale_verdict
-from hessdiag.micro_batch_noise import MicroBatchNoise
-from hessdiag.noise_scale import NoiseScaleEstimate
-from hessdiag.rank_noise_scale import RankNoiseScale
-from hessdiag.tags import NOISE_SCALE, NOISE_SCALE_SE
+from hessdiag.reporting.dashboard import noise_scale_verdict
+from hessdiag.noise.micro_batches import MicroBatchNoise
+from hessdiag.noise.noise_scale import NoiseScaleEstimate
+from hessdiag.noise.ranks import RankNoiseScale
+from hessdiag.reporting.tags import NOISE_SCALE, NOISE_SCALE_SE
 
 
 class NoiseSources:
@@ -34,8 +34,8 @@ class NoiseSources:
         params: the parameters whose gradient counts (called when needed: they may change).
 
     Attributes:
-        ranks: the :class:`~hessdiag.rank_noise_scale.RankNoiseScale` (its ``running`` mean).
-        micro_batches: the :class:`~hessdiag.micro_batch_noise.MicroBatchNoise`.
+        ranks: the :class:`~hessdiag.noise.ranks.RankNoiseScale` (its ``running`` mean).
+        micro_batches: the :class:`~hessdiag.noise.micro_batches.MicroBatchNoise`.
     """
 
     def __init__(self, params: Callable[[], list[torch.Tensor]]) -> None:

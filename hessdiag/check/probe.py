@@ -34,10 +34,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from hessdiag._isolation import ModelMode, preserved_state, unwrap_model
+from hessdiag.isolation import ModelMode, preserved_state, unwrap_model
 from hessdiag.batches import batch_size, step_loss, take_sub_batch
-from hessdiag.check_starts import CheckStarts
-from hessdiag.check_quantities import (
+from hessdiag.check.starts import CheckStarts
+from hessdiag.check.quantities import (
     along_gradient,
     check_noise_scale_parts,
     conditioning,
@@ -51,14 +51,14 @@ from hessdiag.check_quantities import (
     top_module_sharpness,
     update_prediction_at,
 )
-from hessdiag.curvature_check import CurvatureCheck
-from hessdiag.eigen import HessianEigenvalues, eigenvalues_of
-from hessdiag.noise_scale import NoiseScaleEstimate
-from hessdiag.running_noise_scale import RunningNoiseScale
+from hessdiag.check.record import CurvatureCheck
+from hessdiag.estimators.eigen import HessianEigenvalues, eigenvalues_of
+from hessdiag.noise.noise_scale import NoiseScaleEstimate
+from hessdiag.noise.running import RunningNoiseScale
 from hessdiag.operator import HessianOperator, HVPMethod, LossFn, trainable_parameters
-from hessdiag.spectrum import SpectralDensity, slq_density
+from hessdiag.estimators.spectrum import SpectralDensity, slq_density
 from hessdiag.stability import StabilityThreshold
-from hessdiag.update_prediction import UpdateStart
+from hessdiag.estimators.update_prediction import UpdateStart
 
 RankWeighting = Literal["equal", "samples"]
 
@@ -69,7 +69,7 @@ class CurvatureProbe:
     The batch may be :class:`~hessdiag.batches.MicroBatches` (gradient accumulation): the check's loss
     is then the mean of the micro-batches' losses. A closure that changes the model's state (an EMA
     teacher, a counter, a reassigned buffer) is undone after the check (see
-    :func:`~hessdiag._isolation.preserved_state`). When the trainable parameters change (unfreezing),
+    :func:`~hessdiag.isolation.preserved_state`). When the trainable parameters change (unfreezing),
     the next check starts cold.
 
     Args:
@@ -94,11 +94,11 @@ class CurvatureProbe:
             of fewer samples than parts.
         module_sharpness: how many of the modules holding most of the top eigenvector get the
             lambda_max of their own diagonal Hessian block (0, the default: none; at most 5). Cost per
-            module: its Lanczos products (see :mod:`hessdiag.module_sharpness`).
+            module: its Lanczos products (see :mod:`hessdiag.estimators.module_sharpness`).
 
     Attributes:
         noise_scale: the :class:`~hessdiag.RunningNoiseScale` over this probe's checks.
-        starts: what each check starts from (:class:`~hessdiag.check_starts.CheckStarts`).
+        starts: what each check starts from (:class:`~hessdiag.check.starts.CheckStarts`).
     """
 
     def __init__(
@@ -233,7 +233,7 @@ class CurvatureProbe:
 
     def remember_update_start(self, step: int) -> None:
         """Copy the parameters before optimizer step `step` (its gradients final, the step not yet
-        taken), for the check after it to measure the update (:mod:`hessdiag.update_prediction`).
+        taken), for the check after it to measure the update (:mod:`hessdiag.estimators.update_prediction`).
         Once per step: a second call for the same step (an LBFGS closure) keeps the first copy."""
         if self._update_start is None or self._update_start.step != step:
             self._update_start = UpdateStart(step, trainable_parameters(unwrap_model(self.model), self.params))
@@ -267,7 +267,7 @@ class CurvatureProbe:
         seed: int,
         skipped: dict[str, str],
     ) -> tuple[StabilityThreshold | None, float, torch.Tensor | None]:
-        """:func:`~hessdiag.check_quantities.stability_of`, warm-started from the last check's
+        """:func:`~hessdiag.check.quantities.stability_of`, warm-started from the last check's
         preconditioned vectors, which its run replaces."""
         threshold, sharpness, scale, preconditioned = stability_of(
             operator, result, optimizer, tol=self.tol, max_iter=self.max_iter,

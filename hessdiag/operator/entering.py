@@ -19,7 +19,7 @@ from hessdiag.operator.double_backward import DoubleBackward
 from hessdiag.operator.finite_difference import CentralDifference, Measurement, Richardson, extrapolate
 from hessdiag.operator.forward_over_reverse import ForwardOverReverse
 from hessdiag.operator.loss import BatchLoss
-from hessdiag.operator.space import ParameterSpace
+from hessdiag.operator.parameter_space import ParameterSpace
 
 EXACT_METHODS: tuple[str, ...] = ("double_backward", "forward_over_reverse")
 Products = DoubleBackward | ForwardOverReverse | Richardson

@@ -2,7 +2,7 @@
 
 The per-step path (:meth:`StepStatistics.observe_gradients`, :meth:`StepStatistics.add_loss`) never
 synchronises host and device: the gradient norms stay on the device (see
-:class:`~hessdiag.gradients.GradientStats`) and the loss is copied there (one kernel). A read-back
+:class:`~hessdiag.steps.gradients.GradientStats`) and the loss is copied there (one kernel). A read-back
 transfers everything since the last one at once, takes the rank mean of the losses under data
 parallelism (every rank must judge the same numbers), and turns each step into a
 :class:`~hessdiag.detectors.StepRecord`.
@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from hessdiag import _distributed
-from hessdiag._isolation import unwrap_model
-from hessdiag.dashboard import LayerValues
+from hessdiag.isolation import unwrap_model
+from hessdiag.reporting.dashboard import LayerValues
 from hessdiag.detectors import StepRecord
-from hessdiag.gradients import GradientReadout, GradientStats
+from hessdiag.steps.gradients import GradientReadout, GradientStats
 from hessdiag.monitor.faults import FaultPolicy
-from hessdiag.tags import GRAD_NORM, LOSS, OVERFLOW_SKIPS
+from hessdiag.reporting.tags import GRAD_NORM, LOSS, OVERFLOW_SKIPS
 
 
 @dataclass

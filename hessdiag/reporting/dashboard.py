@@ -7,7 +7,7 @@ table of the worst layers by name, so the number of scalar tags does not grow wi
 per-layer scalars are an opt-in). A few derived series make the charts readable: the lines at 1 of the
 stability ratio and of the learning-rate headroom, the certified part of lambda_min, the count of
 active flags and the flag onsets. Where a check's directions live is a text card naming at most
-:data:`~hessdiag.check_quantities.SHARES_KEPT` modules per end (:func:`layer_shares_text`), and the
+:data:`~hessdiag.check.quantities.SHARES_KEPT` modules per end (:func:`layer_shares_text`), and the
 noise scale's comparison with the batch a sentence (:func:`noise_scale_verdict`): module names and
 batch sizes never become scalar tags.
 """
@@ -20,9 +20,9 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 
 from hessdiag.flags import FLAG_NAMES
-from hessdiag.layer_shares import module_label
-from hessdiag.module_sharpness import ModuleSharpness
-from hessdiag.tags import (
+from hessdiag.estimators.layer_shares import module_label
+from hessdiag.estimators.module_sharpness import ModuleSharpness
+from hessdiag.reporting.tags import (
     ACTIVE_FLAGS,
     CERTIFIED_LAMBDA_MIN,
     CHECK_FAILED,
@@ -62,7 +62,7 @@ from hessdiag.tags import (
 )
 
 #: Per-layer values as the Monitor hands them to its writers: ``{quantity: {module name: value}}``,
-#: the quantities those of :data:`hessdiag.tags.LAYER_FAMILIES`, modules from the input to the output.
+#: the quantities those of :data:`hessdiag.reporting.tags.LAYER_FAMILIES`, modules from the input to the output.
 LayerValues = Mapping[str, Mapping[str, float]]
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessdiag._isolation import ModelMode
+from hessdiag.isolation import ModelMode
 from hessdiag.operator import HessianOperator, HVPMethod, LossFn
 
 
