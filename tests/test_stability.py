@@ -95,15 +95,6 @@ def test_per_group_threshold_is_the_real_edge_of_sgd():
         assert converged == (ratio < 1)
 
 
-@pytest.mark.parametrize(
-    ("optimizer", "name"),
-    [(lambda p: torch.optim.Adagrad(p, lr=0.1), "Adagrad"), (lambda p: torch.optim.LBFGS(p), "LBFGS")],
-)
-def test_unsupported_optimizer_is_named(optimizer, name):
-    with pytest.raises(ValueError, match=f"No stability threshold is known for {name}"):
-        stability_threshold(optimizer(one_param()))
-
-
 def test_zero_learning_rate_is_rejected():
     with pytest.raises(ValueError, match="learning rate must be positive"):
         stability_threshold(torch.optim.SGD(one_param(), lr=0.0))
@@ -335,8 +326,9 @@ def test_a_check_with_dampening_one_reports_the_raw_sharpness():
 
 
 def test_an_optimizer_without_a_known_rule_is_said_once_and_a_zero_lr_passes_in_silence():
-    """RMSprop has no stability threshold here: the checks report the raw sharpness and say why once
-    (warning and dashboard note); a warm-up's first step at lr 0 is no reason to say anything."""
+    """Rprop has no stability threshold (its step is the sign of the gradient): the checks report the
+    raw sharpness and say why once (warning and dashboard note); a warm-up's first step at lr 0 is no
+    reason to say anything."""
     import warnings
 
     from hessdiag import HessdiagWarning
@@ -357,9 +349,9 @@ def test_an_optimizer_without_a_known_rule_is_said_once_and_a_zero_lr_passes_in_
                 one_step(model, optimizer, mse, batch, monitor)
         return monitor, [str(w.message) for w in caught if issubclass(w.category, HessdiagWarning)]
 
-    monitor, said = run(lambda p: torch.optim.RMSprop(p, lr=1e-3))
+    monitor, said = run(lambda p: torch.optim.Rprop(p, lr=1e-3))
     assert len(monitor.checks) == 2 and all(c.stability is None and c.sharpness == c.lambda_max for c in monitor.checks)
     assert len([m for m in said if "No edge-of-stability judgement" in m]) == 1
-    assert "No stability threshold is known for RMSprop" in next(m for m in said if "edge-of-stability" in m)
+    assert "No stability threshold is known for Rprop" in next(m for m in said if "edge-of-stability" in m)
     frozen, said = run(lambda p: torch.optim.SGD(p, lr=0.0))
     assert all(c.stability is None for c in frozen.checks) and not [m for m in said if "edge-of-stability" in m]

@@ -1,0 +1,172 @@
+"""The diagonal preconditioners of the adaptive optimizers, read from their state.
+
+An adaptive optimizer divides each coordinate's step by P_i, a function of that coordinate's gradient
+history. With P frozen (it moves slowly next to the steep direction's oscillation) the optimizer is a
+fixed-step method on P^-1 H, so its edge of stability is a threshold on lambda_max(P^-1 H) (the
+thresholds are in :mod:`hessdiag.stability`). This module reads P from the optimizer's state, as the
+optimizer's own next step would use it:
+
+==============================  ==========================================================
+Adam, AdamW, NAdam              sqrt(v / (1 - beta2^t)) + eps (``max_exp_avg_sq`` with amsgrad)
+RAdam (rectified phase)         (sqrt(v) + eps) / sqrt(1 - beta2^t)
+Adamax                          u, the decayed infinity norm ``exp_inf`` (eps is inside it)
+RMSprop                         sqrt(square_avg) + eps; centered: sqrt(square_avg - grad_avg^2) + eps
+Adagrad                         sqrt(sum) + eps, the accumulated sum of squared gradients
+==============================  ==========================================================
+
+(t: the parameter's own step count.) RAdam has no preconditioner while its variance estimate is not
+tractable (rho_t <= 5, its first few steps): it then steps like SGD with momentum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from hessdiag._sharded import local
+
+#: The optimizers whose steps are divided by a diagonal preconditioner (and their subclasses).
+ADAPTIVE = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adamax,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+)
+
+
+def next_steps(optimizer: torch.optim.Optimizer) -> list[float]:
+    """The distinct step counts of the parameters' next steps (one more than their ``step`` state),
+    ascending; ``[1.0]`` before the first step."""
+    taken = {float(state["step"]) for state in optimizer.state.values() if "step" in state}
+    return sorted(step + 1 for step in taken) or [1.0]
+
+
+def radam_rectification(beta2: float, step: float) -> float | None:
+    """RAdam's variance rectification r_t at step `step`; None in its SGD-like phase.
+
+    rho_inf = 2 / (1 - beta2) - 1 and rho_t = rho_inf - 2 t beta2^t / (1 - beta2^t) are the lengths of
+    the exact and the approximated simple moving average of the squared gradients; while rho_t <= 5 the
+    variance of the adaptive step is not tractable and RAdam steps with the momentum alone (Liu et
+    al., 2020, "On the variance of the adaptive learning rate and beyond").
+    """
+    rho_inf = 2 / (1 - beta2) - 1
+    rho = rho_inf - 2 * step * beta2**step / (1 - beta2**step)
+    if rho <= 5:
+        return None
+    return math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+
+
+def preconditions(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's next step divides by a diagonal preconditioner (RAdam: once its
+    variance is tractable at the parameters' smallest next step)."""
+    if isinstance(optimizer, torch.optim.RAdam):
+        beta2 = float(optimizer.param_groups[0]["betas"][1])
+        return radam_rectification(beta2, next_steps(optimizer)[0]) is not None
+    return isinstance(optimizer, ADAPTIVE)
+
+
+def _bias2(group: Mapping[str, Any], state: Mapping[str, Any]) -> float:
+    return 1 - float(group["betas"][1]) ** float(state["step"])
+
+
+def _adam(state: Mapping[str, Any], group: Mapping[str, Any]) -> torch.Tensor | None:
+    if "exp_avg_sq" not in state:
+        return None
+    second = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+    return (local(second).float() / _bias2(group, state)).sqrt() + float(group["eps"])
+
+
+def _radam(state: Mapping[str, Any], group: Mapping[str, Any]) -> torch.Tensor | None:
+    if "exp_avg_sq" not in state:
+        return None
+    return (local(state["exp_avg_sq"]).float().sqrt() + float(group["eps"])) / math.sqrt(_bias2(group, state))
+
+
+def _adamax(state: Mapping[str, Any], group: Mapping[str, Any]) -> torch.Tensor | None:
+    return local(state["exp_inf"]).float() if "exp_inf" in state else None
+
+
+def _rmsprop(state: Mapping[str, Any], group: Mapping[str, Any]) -> torch.Tensor | None:
+    if "square_avg" not in state:
+        return None
+    variance = local(state["square_avg"]).float()
+    if group.get("centered", False):  # rounding may take the difference a hair below 0
+        variance = (variance - local(state["grad_avg"]).float() ** 2).clamp_min(0)
+    return variance.sqrt() + float(group["eps"])
+
+
+def _adagrad(state: Mapping[str, Any], group: Mapping[str, Any]) -> torch.Tensor | None:
+    # Adagrad creates its state at construction: before the first step the sum is no estimate.
+    if "sum" not in state or float(state["step"]) == 0:
+        return None
+    return local(state["sum"]).float().sqrt() + float(group["eps"])
+
+
+Diagonal = Callable[[Mapping[str, Any], Mapping[str, Any]], "torch.Tensor | None"]
+_DIAGONALS: tuple[tuple[tuple[type, ...], Diagonal], ...] = (
+    ((torch.optim.RAdam,), _radam),
+    ((torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam), _adam),
+    ((torch.optim.Adamax,), _adamax),
+    ((torch.optim.RMSprop,), _rmsprop),
+    ((torch.optim.Adagrad,), _adagrad),
+)
+
+
+@torch.no_grad()
+def adaptive_preconditioner_sqrt(
+    optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]
+) -> torch.Tensor | None:
+    """The flat vector d = P^(-1/2) over `params`, flattened and concatenated in order, for the
+    optimizers of :data:`ADAPTIVE` (P per optimizer: the module docstring).
+
+    With D = diag(d^2) = P^-1, the matrix D^1/2 H D^1/2 is symmetric and similar to P^-1 H (same
+    eigenvalues), so Lanczos can compute the preconditioned sharpness. P is read with the group's eps
+    and the parameter's own step count.
+
+    Returns:
+        A float32 vector of ``sum(p.numel())`` entries (this rank's shards' on FSDP2) on the
+        parameters' device; entries of parameters without optimizer state (never stepped, or not in
+        the optimizer) are 0, which leaves them out of the preconditioned operator, as the optimizer
+        has never moved them. ``None`` when no parameter has state yet (before the first step), or
+        for an optimizer without a diagonal preconditioner. The optimizer state is only read.
+    """
+    diagonal = next((rule for kinds, rule in _DIAGONALS if isinstance(optimizer, kinds)), None)
+    if diagonal is None:
+        return None
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    pieces, found = [], False
+    for p in params:
+        group = group_of.get(id(p))
+        value = None if group is None else diagonal(optimizer.state.get(p, {}), group)
+        if value is None:
+            pieces.append(torch.zeros(local(p).numel(), device=p.device, dtype=torch.float32))
+            continue
+        found = True
+        pieces.append(value.detach().reshape(-1).rsqrt())
+    return torch.cat(pieces) if found else None
+
+
+#: Adam's case of :func:`adaptive_preconditioner_sqrt`, under the name it had when Adam was the only one.
+adam_preconditioner_sqrt = adaptive_preconditioner_sqrt
+
+
+@torch.no_grad()
+def relative_step_sizes(
+    optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], param_group: int = 0
+) -> torch.Tensor | None:
+    """Each parameter's learning rate over that of `param_group`: the flat diagonal S of
+    :mod:`hessdiag.stability`, over `params` in order (float32, on their devices). ``None`` when every
+    parameter has the reference learning rate. Parameters the optimizer does not hold get 0: it never
+    moves them."""
+    reference = float(optimizer.param_groups[param_group]["lr"])
+    lr_of = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
+    ratios = [lr_of.get(id(p), 0.0) / reference for p in params]
+    if all(ratio == 1.0 for ratio in ratios):
+        return None
+    return torch.cat([torch.full((local(p).numel(),), ratio, device=p.device) for p, ratio in zip(params, ratios)])
