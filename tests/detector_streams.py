@@ -62,6 +62,20 @@ def saddle_stream():
     return [dict(zip(keys, check)) for check in checks]
 
 
+def saturated_stream():
+    """Checks on a saturated network: loss, gradient and curvature all small, flat points between saddle
+    points whose curvature is small only in absolute terms (a spectral norm of 2e-5 against a loss of
+    0.69; 1e-8 against 2.3 is flat)."""
+    flat = (1e-9, 1e-8, -5e-9, True, 2.3, None)
+    saddle = (1e-7, 2e-5, -1e-5, True, 0.69, -1e-4)
+    keys = ("grad_norm", "lambda_max", "lambda_min", "negative_certified", "loss", "loss_change_along_bottom")
+    return [dict(zip(keys, check)) for check in [flat, flat, saddle, saddle, flat, flat, flat]]
+
+
+#: The loss scales every detector is swept over (with and without a shift of the loss).
+SCALES = [(1e-6, 0.0), (1e-3, 0.0), (1e3, 0.0), (1e6, 0.0), (1.0, 20.0), (1e-3, 20.0)]
+
+
 def edge_stream():
     return [{"sharpness": s, "threshold": 2.0} for s in (1.0, 1.9, 1.95, 2.1, 1.7, 1.5, 1.5, 1.9, 1.9, 1.0)]
 

@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 from detector_streams import (
+    SCALES,
     assert_named_after_its_flag_and_quiet,
     assert_state_round_trip_continues_identically,
     assert_verdicts_do_not_depend_on_the_loss_units,
@@ -82,10 +83,10 @@ def test_named_after_its_flag_and_quiet_at_first():
     assert_named_after_its_flag_and_quiet(EdgeOfStabilityDetector(), "edge_of_stability")
 
 
-@pytest.mark.parametrize(("scale", "shift"), [(1e-3, 0.0), (1e3, 0.0), (1.0, 20.0), (1e-3, 20.0)])
+@pytest.mark.parametrize(("scale", "shift"), SCALES)
 @pytest.mark.parametrize("case", list(UNIT_CASES))
 def test_verdicts_do_not_depend_on_the_loss_units(case, scale, shift):
-    """The same stream with the loss x 1e-3, x 1e3, + 20: the same events at the same steps."""
+    """The same stream with the loss x 1e-6 .. x 1e6, + 20: the same events at the same steps."""
     assert_verdicts_do_not_depend_on_the_loss_units(
         EdgeOfStabilityDetector, UNIT_CASES[case], scale, shift, floored=False, healthy="healthy" in case
     )

@@ -4,12 +4,15 @@ at a near-critical point, keeps its summaries in line with its numbers, and feed
 import pytest
 import torch
 from detector_streams import (
+    SCALES,
     assert_named_after_its_flag_and_quiet,
     assert_state_round_trip_continues_identically,
     assert_verdicts_do_not_depend_on_the_loss_units,
     kinds,
     near_critical_stream,
     saddle_stream,
+    saturated_stream,
+    scaled,
 )
 
 from hessdiag.detectors import CheckRecord, SaddleDetector, StepRecord
@@ -188,6 +191,7 @@ def test_no_escape_no_saddle_and_words_that_match_the_evidence():
 UNIT_CASES = {
     "saddle": saddle_stream,
     "saddle-near-critical": near_critical_stream,
+    "saddle-saturated": saturated_stream,
 }
 
 
@@ -199,13 +203,27 @@ def test_named_after_its_flag_and_quiet_at_first():
     assert_named_after_its_flag_and_quiet(SaddleDetector(), "saddle")
 
 
-@pytest.mark.parametrize(("scale", "shift"), [(1e-3, 0.0), (1e3, 0.0), (1.0, 20.0), (1e-3, 20.0)])
+@pytest.mark.parametrize(("scale", "shift"), SCALES)
 @pytest.mark.parametrize("case", list(UNIT_CASES))
 def test_verdicts_do_not_depend_on_the_loss_units(case, scale, shift):
-    """The same stream with the loss x 1e-3, x 1e3, + 20: the same events at the same steps."""
+    """The same stream with the loss x 1e-6 .. x 1e6, + 20: the same events at the same steps."""
     assert_verdicts_do_not_depend_on_the_loss_units(
         SaddleDetector, UNIT_CASES[case], scale, shift, floored=True, healthy="healthy" in case
     )
+
+
+@pytest.mark.parametrize(("scale", "shift"), SCALES)
+def test_flatness_is_judged_against_the_loss_left(scale, shift):
+    """A saturated network's checks get the same classification whatever the loss's units: flat
+    points stay "degenerate" at x 1e6, tiny-but-real saddles stay "saddle" at x 1e-6."""
+
+    def classify(detector, stream):
+        return [(detector.update(t, **inputs), detector.classification)[1] for t, inputs in enumerate(stream)]
+
+    expected = classify(SaddleDetector(), saturated_stream())
+    assert expected == ["degenerate"] * 2 + ["saddle"] * 2 + ["degenerate"] * 3
+    got = classify(SaddleDetector(loss_floor=shift), [scaled(x, scale, shift) for x in saturated_stream()])
+    assert got == expected
 
 
 def test_a_loss_too_noisy_to_measure_is_not_called_stalled_nor_progressing():

@@ -43,8 +43,10 @@ class SaddleDetector(Detector):
        under Adam the preconditioned operator P^-1/2 H P^-1/2 has the same number of negative
        eigenvalues (Sylvester's law of inertia), so negative curvature exists in the optimizer's
        geometry exactly when it does in H; its share of the spectral norm is H's. All curvature ~0
-       (spectral norm < `flat_tol`) is ``"degenerate"``; no certified or no significant negative
-       curvature is ``"minimum-like"``.
+       is ``"degenerate"``: a spectral norm below `flat_tol` x (loss - `loss_floor`), so that a step
+       of unit length in parameter space, in any direction, changes the loss through curvature by
+       less than `flat_tol` / 2 of the loss left. No certified or no significant negative curvature
+       is ``"minimum-like"``.
     3. **An escape it can take**: when the check measured the loss change of a step along the
        bottom eigenvector (``loss_change_along_bottom``), it must be negative; a step that raises
        the loss (the quadratic model does not hold at that scale) is ``"no escape"``, not flagged.
@@ -53,9 +55,9 @@ class SaddleDetector(Detector):
     Only ``"saddle"`` triggers.
 
     Units: every test compares like with like (paces with paces and with the loss left, eigenvalues
-    with each other), so multiplying the loss by a constant changes no verdict, and adding one
-    changes none once `loss_floor` moves with it. `grad_tol` (gradient units) and `flat_tol`
-    (curvature units) are absolute: `grad_tol` is off by default.
+    with each other and, for flatness, with the loss left), so multiplying the loss by a constant
+    changes no verdict, and adding one changes none once `loss_floor` moves with it. Only
+    `grad_tol`, in the gradient's units, is absolute: it is off by default.
 
     Args:
         tau: significance of negative curvature relative to the spectral norm (default 0.05: 50x the
@@ -73,7 +75,8 @@ class SaddleDetector(Detector):
         grad_tol: gradient norm that counts as small whatever the loss, in the quadratic model's
             test only (default None: off).
         loss_floor: the lowest attainable loss (default 0).
-        flat_tol: spectral norm below which the point is degenerate (default 1e-6).
+        flat_tol: spectral norm, per unit of loss left above `loss_floor` (curvature per loss: 1 /
+            parameter units squared), below which the point is degenerate (default 1e-6).
         onset: consecutive saddle checks that raise the flag (default 1: checks are sparse and the
             negative curvature is certified, not estimated).
         clear: consecutive other checks that clear it (default 2).
@@ -170,7 +173,7 @@ class SaddleDetector(Detector):
             self.evidence["loss_change_along_bottom"] = loss_change_along_bottom
         if not stalled:
             self.classification = "progressing" if "loss_drop_over_window" in self.evidence else "not critical"
-        elif spectral_norm < self.flat_tol:
+        elif spectral_norm < self.flat_tol * (loss - self.loss_floor):
             self.classification = "degenerate"
         elif not (negative_certified and lambda_min < -self.tau * spectral_norm):
             self.classification = "minimum-like"
@@ -249,7 +252,10 @@ class SaddleDetector(Detector):
         if self.classification == "not critical":
             return f"Not near a critical point: a gradient step would still remove a real share of the loss ({numbers})."
         if self.classification == "degenerate":
-            return f"Slowed near a point with no curvature to speak of in any direction ({numbers})."
+            return (
+                f"Slowed near a point with no curvature to speak of in any direction: the spectral norm is below "
+                f"{self.flat_tol:g} x the loss left ({numbers})."
+            )
         if lambda_min < 0 and not negative_certified:
             reason = "negative curvature is not certified beyond rounding"
         elif lambda_min < 0:
