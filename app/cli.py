@@ -1,14 +1,16 @@
 """The ``hessdiag`` command: ``hessdiag demo`` and ``hessdiag summary LOGDIR``.
 
-``summary`` reads TensorBoard event files with tensorboard's own reader; ``demo`` runs one of the
-scenarios of :mod:`hessdiag.app.demo` (whose names it offers).
+``summary`` reads TensorBoard event files with tensorboard's own reader, and only structured values:
+scalars, the steps of entries, the JSON records of :data:`~hessdiag.reporting.tags.EVENT_RECORDS` and
+:data:`~hessdiag.reporting.tags.LAYER_SHARES_RECORD`, and sentences it prints as they are; never the
+dashboard's Markdown. ``demo`` runs one of the scenarios of :mod:`hessdiag.app.demo` (whose names it offers).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,11 +18,22 @@ from pathlib import Path
 
 from hessdiag.app.demo import SCENARIO_NAMES, run_demo
 from hessdiag.flags import FLAG_NAMES
-from hessdiag.reporting.tags import LAYER_SHARES, LR_HEADROOM, NOISE_SCALE_VERDICT, module_sharpness_tag
-from hessdiag.reporting.tensorboard import PREFIX
+from hessdiag.reporting.tags import (
+    CHECK_FAILED,
+    CHECK_SECONDS,
+    EVENT_RECORDS,
+    LAMBDA_MAX,
+    LAMBDA_MIN,
+    LAYER_SHARES_RECORD,
+    LR_HEADROOM,
+    MODULE_SHARPNESS_PREFIX,
+    NOISE_SCALE_VERDICT,
+    NUM_HVPS,
+    is_hessdiag_tag,
+    text_summary_tag,
+)
 
 _EVENT_FILE = "events.out.tfevents."
-_MODULE_SHARPNESS = module_sharpness_tag("")
 
 
 class SummaryError(Exception):
@@ -72,70 +85,69 @@ class RunSummary:
     lr_headroom: Trajectory | None = None
     noise_scale: str = ""  # the last check's noise scale against the batch, in a sentence
     sharpest_module: str = ""  # the last check's sharpest module (its own Hessian block), in a sentence
+    session: str = ""  # with several event files in one directory: which one this is, in words
 
 
-def event_directories(logdir: Path) -> list[Path]:
-    """The directories holding event files under `logdir` (one per run), or that of the file `logdir`."""
+def event_files(logdir: Path) -> dict[Path, list[Path]]:
+    """The event files under `logdir` by directory, in the order they were opened (their names
+    start with the time), or the one file `logdir`."""
     if not logdir.exists():
         raise SummaryError(f"'{logdir}' does not exist.")
     if logdir.is_file():
         if _EVENT_FILE not in logdir.name:
             raise SummaryError(f"'{logdir}' is not a TensorBoard event file (expected a name with '{_EVENT_FILE}').")
-        return [logdir.parent]
-    directories = sorted({path.parent for path in logdir.rglob(f"{_EVENT_FILE}*") if path.is_file()})
-    if not directories:
+        return {logdir.parent: [logdir]}
+    files: dict[Path, list[Path]] = {}
+    for path in sorted(logdir.rglob(f"{_EVENT_FILE}*")):
+        if path.is_file():
+            files.setdefault(path.parent, []).append(path)
+    if not files:
         raise SummaryError(f"No TensorBoard event files under '{logdir}' (looked for '{_EVENT_FILE}*').")
-    return directories
+    return dict(sorted(files.items()))
 
 
-_EVENT_HEADING = re.compile(r"\*\*(\w+)\*\* (raised|cleared) at step (\d+)")
-
-
-def flag_history(accumulator, name: str) -> FlagHistory | None:
-    """The episodes of flag `name` from its event cards (``hessdiag/events/<name>``), which carry the
-    exact step of each onset and clearance (the flag scalars are only sampled at read-backs)."""
-    tag = f"{PREFIX}/events/{name}/text_summary"
+def _strings(accumulator, tag: str) -> list[tuple[int, str]]:
+    """(step, string) of each entry of the string tensor `tag`, in step order."""
     if tag not in accumulator.Tags().get("tensors", []):
-        return None
-    episodes: list[tuple[int, int | None]] = []
-    evidence = ""
-    for event in sorted(accumulator.Tensors(tag), key=lambda e: e.step):
-        markdown = event.tensor_proto.string_val[0].decode("utf-8", "replace")
-        heading = _EVENT_HEADING.match(markdown)
-        if heading is None:
-            continue
-        step = int(heading[3])
-        if heading[2] == "raised":
-            if not episodes:
-                paragraphs = [p for p in markdown.split("\n\n") if p.strip()]
-                evidence = paragraphs[1] if len(paragraphs) > 1 else ""
-            episodes.append((step, None))
-        elif episodes and episodes[-1][1] is None:
-            episodes[-1] = (episodes[-1][0], step)
-    return FlagHistory(name, episodes, evidence) if episodes else None
-
-
-_DIRECTION = re.compile(r"lies (\d+)% in `([^`]*)`")
-
-
-def texts(accumulator, tag: str) -> list[tuple[int, str]]:
-    """(step, markdown) of each text entry of `tag`, in step order."""
-    name = f"{tag}/text_summary"
-    if name not in accumulator.Tags().get("tensors", []):
         return []
-    entries = sorted(accumulator.Tensors(name), key=lambda e: e.step)
+    entries = sorted(accumulator.Tensors(tag), key=lambda e: e.step)
     return [(e.step, e.tensor_proto.string_val[0].decode("utf-8", "replace")) for e in entries]
 
 
+def texts(accumulator, tag: str) -> list[tuple[int, str]]:
+    """(step, text) of each text entry of `tag`, in step order."""
+    return _strings(accumulator, text_summary_tag(tag))
+
+
+def records(accumulator, tag: str) -> list[tuple[int, object]]:
+    """(step, value) of each JSON record of `tag` (a records-plugin tensor, or a text where the
+    writer could not write one), in step order."""
+    found = _strings(accumulator, tag) or texts(accumulator, tag)
+    return [(step, json.loads(payload)) for step, payload in found]
+
+
+def flag_histories(accumulator) -> list[FlagHistory]:
+    """Each flag's episodes, from the event records (exact steps of each onset and clearance; the flag
+    scalars are only sampled at read-backs), in the order of the flags' first onsets."""
+    histories: dict[str, FlagHistory] = {}
+    events = sorted((event for _, batch in records(accumulator, EVENT_RECORDS) for event in batch), key=lambda e: e["step"])
+    for event in events:
+        history = histories.get(event["name"])
+        if event["kind"] == "onset":
+            if history is None:
+                histories[event["name"]] = FlagHistory(event["name"], [(event["step"], None)], event["summary"])
+            elif history.episodes[-1][1] is not None:
+                history.episodes.append((event["step"], None))
+        elif history is not None and history.episodes[-1][1] is None:
+            history.episodes[-1] = (history.episodes[-1][0], event["step"])
+    order = {name: i for i, name in enumerate(FLAG_NAMES)}
+    return sorted(histories.values(), key=lambda h: order.get(h.name, len(order)))
+
+
 def top_directions(accumulator) -> list[tuple[int, str, float]]:
-    """(step, module, share) of the top eigenvector's largest module at each check, from the
-    ``hessdiag/layer_shares`` cards (whose first sentence names it)."""
-    found = []
-    for step, markdown in texts(accumulator, LAYER_SHARES):
-        match = _DIRECTION.search(markdown)
-        if match is not None:
-            found.append((step, match[2], int(match[1]) / 100))
-    return found
+    """(step, module, share) of the top eigenvector's largest module at each check, from the layer
+    shares records."""
+    return [(step, *shares["top"][0]) for step, shares in records(accumulator, LAYER_SHARES_RECORD) if shares["top"]]
 
 
 def direction_spans(points: list[tuple[int, str, float]]) -> str:
@@ -166,49 +178,64 @@ def sharpest_module(modules: dict[str, list[tuple[int, float]]], lambda_max: dic
 
 
 def summarize(logdir: str | Path) -> list[RunSummary]:
-    """One summary per directory of event files under `logdir` (or for the one file `logdir`)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+    """One summary per run under `logdir` (or for the one file `logdir`): per directory of event
+    files, and per event file where a directory holds several (runs written into the same directory,
+    whose steps start again: read together, their curves and counts would mix)."""
     logdir = Path(logdir)
     summaries = []
-    for directory in event_directories(logdir):
-        accumulator = EventAccumulator(str(directory), size_guidance={"scalars": 0, "tensors": 0})
-        try:
-            accumulator.Reload()
-        except Exception as error:  # tensorboard raises several kinds on a damaged file
-            raise SummaryError(f"Could not read the event files in '{directory}': {error}") from error
-        tags = set(accumulator.Tags().get("scalars", []))
-
-        def series(tag: str) -> list[tuple[int, float]]:
-            return [(e.step, e.value) for e in accumulator.Scalars(tag)] if tag in tags else []
-
-        lambda_max, lambda_min = series(f"{PREFIX}/lambda_max"), series(f"{PREFIX}/lambda_min")
-        summary = RunSummary(
-            run=str(directory.relative_to(logdir)) if directory != logdir and logdir.is_dir() else str(directory),
-            has_data=any(tag.startswith(f"{PREFIX}/") for tag in tags),
-            lambda_max=Trajectory.of(lambda_max) if lambda_max else None,
-            lambda_min=Trajectory.of(lambda_min) if lambda_min else None,
-            checks=len(lambda_max),
-            hvps=sum(v for _, v in series(f"{PREFIX}/num_hvps")),
-            check_seconds=sum(v for _, v in series(f"{PREFIX}/check_seconds")),
-            failed_checks=sum(1 for _, v in series(f"{PREFIX}/check_failed") if v > 0),
-        )
-        summary.flags = [history for name in FLAG_NAMES if (history := flag_history(accumulator, name))]
-        summary.top_direction = top_directions(accumulator)
-        headroom = series(LR_HEADROOM)
-        summary.lr_headroom = Trajectory.of(headroom) if headroom else None
-        verdicts = texts(accumulator, NOISE_SCALE_VERDICT)
-        summary.noise_scale = f"{verdicts[-1][1]} (step {verdicts[-1][0]})" if verdicts else ""
-        modules = {tag[len(_MODULE_SHARPNESS) :]: series(tag) for tag in tags if tag.startswith(_MODULE_SHARPNESS)}
-        summary.sharpest_module = sharpest_module(modules, dict(lambda_max))
-        summaries.append(summary)
+    for directory, files in event_files(logdir).items():
+        run = str(directory.relative_to(logdir)) if directory != logdir and logdir.is_dir() else str(directory)
+        if len(files) == 1:
+            summaries.append(summarize_run(files[0], run))
+            continue
+        for number, path in enumerate(files, 1):
+            summary = summarize_run(path, run)
+            summary.session = (
+                f"event file {number} of {len(files)} in this directory ({path.name}), summarised on its own: "
+                "each is one writer's session, e.g. a rerun into the same log directory"
+            )
+            summaries.append(summary)
     return summaries
 
 
+def summarize_run(path: Path, run: str) -> RunSummary:
+    """What the event file `path` says."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
+    try:
+        accumulator.Reload()
+    except Exception as error:  # tensorboard raises several kinds on a damaged file
+        raise SummaryError(f"Could not read the event file '{path}': {error}") from error
+    tags = set(accumulator.Tags().get("scalars", []))
+
+    def series(tag: str) -> list[tuple[int, float]]:
+        return [(e.step, e.value) for e in accumulator.Scalars(tag)] if tag in tags else []
+
+    lambda_max, lambda_min, headroom = series(LAMBDA_MAX), series(LAMBDA_MIN), series(LR_HEADROOM)
+    verdicts = texts(accumulator, NOISE_SCALE_VERDICT)
+    modules = {tag.removeprefix(MODULE_SHARPNESS_PREFIX): series(tag) for tag in tags if tag.startswith(MODULE_SHARPNESS_PREFIX)}
+    return RunSummary(
+        run=run,
+        has_data=any(is_hessdiag_tag(tag) for tag in tags),
+        lambda_max=Trajectory.of(lambda_max) if lambda_max else None,
+        lambda_min=Trajectory.of(lambda_min) if lambda_min else None,
+        flags=flag_histories(accumulator),
+        checks=len(lambda_max),
+        hvps=sum(v for _, v in series(NUM_HVPS)),
+        check_seconds=sum(v for _, v in series(CHECK_SECONDS)),
+        failed_checks=sum(1 for _, v in series(CHECK_FAILED) if v > 0),
+        top_direction=top_directions(accumulator),
+        lr_headroom=Trajectory.of(headroom) if headroom else None,
+        noise_scale=f"{verdicts[-1][1]} (step {verdicts[-1][0]})" if verdicts else "",
+        sharpest_module=sharpest_module(modules, dict(lambda_max)),
+    )
+
+
 def format_summary(summary: RunSummary) -> str:
-    lines = [f"run: {summary.run}"]
+    lines = [f"run: {summary.run}"] + ([f"  {summary.session}"] if summary.session else [])
     if not summary.has_data:
-        return lines[0] + "\n  no hessdiag data (not a hessdiag run, or its event files are damaged)"
+        return "\n".join(lines) + "\n  no hessdiag data (not a hessdiag run, or its event files are damaged)"
     if summary.lambda_max is None:
         lines.append("  no curvature checks logged")
     for label, trajectory in (("lambda_max", summary.lambda_max), ("lambda_min", summary.lambda_min)):

@@ -1,5 +1,10 @@
 """The values the callback hands the trainer: ``trainer.callback_metrics`` (for EarlyStopping and
-ModelCheckpoint, with the out-of-cadence first values they need) and the progress bar."""
+ModelCheckpoint, with the out-of-cadence first values they need) and the progress bar.
+
+A value measured only at curvature checks (lambda_max, the sharpness, the headroom, ...) stays in
+``trainer.callback_metrics`` with the value of the last check until the next one: a
+``ModelCheckpoint(monitor="hessdiag/lambda_max", every_n_train_steps=5)`` saves at its own cadence on
+that value, whatever the checks' cadence."""
 
 from __future__ import annotations
 
@@ -11,34 +16,40 @@ import torch
 
 from hessdiag.flags import FlagEvent
 from hessdiag.monitor import Monitor
-from hessdiag.reporting.tensorboard import PREFIX
+from hessdiag.reporting.tags import CALLBACK_METRICS, FLAGS_PREFIX, is_hessdiag_tag
 
-#: The values put in ``trainer.callback_metrics`` (with ``hessdiag/flags/<name>`` for every detector).
-CALLBACK_METRICS: tuple[str, ...] = tuple(
-    f"{PREFIX}/{name}" for name in ("lambda_max", "lambda_min", "stability_ratio", "grad_norm", "loss")
-)
+__all__ = ["CALLBACK_METRICS", "first_values", "is_callback_metric", "publish", "show_in_progress_bar", "watched_by_another_callback"]
 
 
 def is_callback_metric(tag: str) -> bool:
-    """Whether `tag` goes to ``trainer.callback_metrics``."""
-    return tag in CALLBACK_METRICS or tag.startswith(f"{PREFIX}/flags/")
+    """Whether `tag` always goes to ``trainer.callback_metrics``."""
+    return tag in CALLBACK_METRICS or tag.startswith(FLAGS_PREFIX)
+
+
+def watched_keys(trainer: pl.Trainer) -> set[str]:
+    """Our keys watched (``monitor=``) by a callback of the trainer, as EarlyStopping and
+    ModelCheckpoint do, or by a learning-rate scheduler (ReduceLROnPlateau's ``"monitor"`` in
+    ``configure_optimizers``)."""
+    watched = {getattr(callback, "monitor", None) for callback in trainer.callbacks}
+    watched |= {getattr(config, "monitor", None) for config in getattr(trainer, "lr_scheduler_configs", [])}
+    return {key for key in watched if isinstance(key, str) and is_hessdiag_tag(key)}
 
 
 def publish(trainer: pl.Trainer, latest: Mapping[str, float]) -> None:
     """Put the latest values (host floats already read back, so no host sync) in
-    ``trainer.callback_metrics`` as 0-d float32 CPU tensors."""
+    ``trainer.callback_metrics`` as 0-d float32 CPU tensors: those of :func:`is_callback_metric`,
+    and any other of our values a callback watches (``hessdiag/sharpness``, say). A value of the
+    checks keeps its last check's value there until the next check."""
+    watched = watched_keys(trainer)
     for tag, value in latest.items():
-        if is_callback_metric(tag):
+        if is_callback_metric(tag) or tag in watched:
             trainer.callback_metrics[tag] = torch.tensor(value, dtype=torch.float32)
 
 
 def watched_by_another_callback(trainer: pl.Trainer) -> bool:
-    """Whether one of our values is watched (``monitor=``) by a callback of the trainer, as
-    EarlyStopping and ModelCheckpoint do, or by a learning-rate scheduler (ReduceLROnPlateau's
-    ``"monitor"`` in ``configure_optimizers``): each reads the key at its first epoch end."""
-    watched = {getattr(callback, "monitor", None) for callback in trainer.callbacks}
-    watched |= {getattr(config, "monitor", None) for config in getattr(trainer, "lr_scheduler_configs", [])}
-    return bool(watched & set(CALLBACK_METRICS))
+    """Whether one of our values is watched by a callback of the trainer (see :func:`watched_keys`):
+    each reads the key at its first epoch end."""
+    return bool(watched_keys(trainer))
 
 
 def first_values(monitor: Monitor, batch: Any, read_back: bool, num_checks: int) -> list[FlagEvent]:

@@ -51,6 +51,7 @@ def test_summary_prints_trajectories_and_flags(tmp_path, capsys):
     assert re.search(r"lambda_min: start -\d", out)
     assert "flag saddle: raised at step 20, still raised at the end" in out and "certified negative curvature" in out
     assert re.search(r"checks: 3, \d+ HVPs", out)
+    assert re.search(r"top direction lies mostly in: `net\.\d+` \d+%", out)  # from the layer-shares records
 
 
 @pytest.mark.parametrize(
@@ -98,3 +99,29 @@ def test_demo_path_errors_are_one_line_with_a_non_zero_exit(tmp_path, capsys):
         assert main(["demo", "--logdir", str(logdir), "--steps", "1"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("hessdiag demo: error:") and "\n" not in err and str(a_file) in err
+
+
+def test_summary_tells_apart_runs_written_into_one_directory(tmp_path, capsys):
+    """Reruns into one log directory: each writer's event file is a run of its own, said so, instead
+    of one run's curve beside the checks and products of all of them."""
+    import time
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from hessdiag.flags import FlagEvent
+    from hessdiag.reporting.tensorboard import TensorBoardWriter
+
+    for run, checks in enumerate((2, 3)):
+        summary_writer = SummaryWriter(tmp_path)
+        writer = TensorBoardWriter(summary_writer)
+        for check in range(1, checks + 1):
+            writer.scalars(10 * check, {"hessdiag/lambda_max": float(run + check), "hessdiag/num_hvps": 10.0}, {})
+        writer.events(10, [FlagEvent("saddle", 10, "onset", "warning", {"x": 1.0}, "act", f"seen in run {run}")])
+        summary_writer.close()
+        time.sleep(1.1)  # event file names carry the second they were opened
+    summaries = summarize(tmp_path)
+    assert [(s.checks, s.hvps, s.lambda_max.end[1]) for s in summaries] == [(2, 20.0, 2.0), (3, 30.0, 4.0)]
+    assert [s.flags[0].evidence for s in summaries] == ["seen in run 0", "seen in run 1"]
+    assert main(["summary", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("event file 1 of 2 in this directory") == 1 and "event file 2 of 2" in out

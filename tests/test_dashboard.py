@@ -69,9 +69,10 @@ def regression(seed=0, n=32):
 
 @pytest.mark.parametrize("update_ratios", [False, True])
 def test_adam_headline_chart_and_no_empty_chart(tmp_path, update_ratios):
-    """Adam's stability threshold is for the preconditioned sharpness: the headline chart must pair
-    them (raw lambda_max is orders of magnitude below Adam's threshold), and every chart of the
-    layout must have every series it names."""
+    """Adam's stability threshold is for the preconditioned sharpness: the headline ratio is theirs
+    (raw lambda_max is orders of magnitude below Adam's threshold); each chart holds series of one
+    scale and one sampling, so that none is flattened or crossed by another's joined points; every
+    chart of the layout has every series it names."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -83,8 +84,15 @@ def test_adam_headline_chart_and_no_empty_chart(tmp_path, update_ratios):
     writer.close()
     accumulator = read(tmp_path)
     logged, layout = scalars(accumulator), charts(accumulator)
-    headline = next(tags for title, tags in layout.items() if "hessdiag/stability_threshold" in tags)
-    assert headline == ["hessdiag/sharpness", "hessdiag/stability_threshold"]
+    assert ["hessdiag/sharpness"] in layout.values() and ["hessdiag/stability_threshold"] in layout.values()
+    threshold = max(v for _, v in logged["hessdiag/stability_threshold"])
+    assert threshold > 100 * max(v for _, v in logged["hessdiag/sharpness"])  # one chart would flatten the sharpness
+    flags_chart = next(tags for title, tags in layout.items() if title.startswith("active flags"))
+    for title, tags in layout.items():
+        steps = [{step for step, _ in logged[tag]} for tag in tags if tag in logged]
+        assert tags == flags_chart or all(s <= steps[0] for s in steps[1:]), title  # sampled at the headline's steps
+        if "hessdiag/sharpness" in tags:
+            assert "hessdiag/stability_threshold" not in tags, title
     checks = monitor.checks
     assert [v for _, v in logged["hessdiag/sharpness"]] == pytest.approx([c.sharpness for c in checks])
     for (_, sharpness), (_, threshold), (_, ratio) in zip(
@@ -201,7 +209,7 @@ def test_onsets_are_spikes_at_their_steps_and_the_event_log_reads_in_order(tmp_p
         (10, 0.0), (11, 0.0), (12, 1.0), (13, 0.0), (19, 0.0), (20, 1.0), (21, 0.0), (30, 0.0)]  # fmt: skip
     assert scalars(accumulator)["hessdiag/active_flags"] == [(10, 0.0), (20, 1.0), (20, 2.0), (30, 1.0)]
     log = texts(accumulator, "hessdiag/event_log")[-1][1]
-    assert re.findall(r"\| (\d+) \| (\w+) \| (\w+) \|", log) == [
+    assert re.findall(r"^- step (\d+): `(\w+)` (\w+):", log, flags=re.MULTILINE) == [
         ("12", "exploding", "raised"), ("20", "saddle", "raised"), ("27", "exploding", "cleared")]  # fmt: skip
     cards = texts(accumulator, "hessdiag/events/exploding")
     assert [step for step, _ in cards] == [12, 27]
@@ -274,3 +282,54 @@ def test_runs_sharing_a_directory_register_one_layout_and_patterns_draw_exactly_
     loss_chart = next(chart for title, chart in shared.items() if title.startswith("training loss"))
     patterns = loss_chart[1]
     assert any(re.search(p, LOSS) for p in patterns) and not any(re.search(p, LOSS_CHANGE_ALONG_BOTTOM) for p in patterns)
+
+
+def test_the_headroom_chart_shows_the_line_at_1_on_a_bounded_scale():
+    """A headroom of 300 beside its line at 1 puts the line on the axis: the chart shows lr / the
+    largest stable lr (1 / headroom) with the line, and the headroom alone."""
+    shown = shown_scalars({"hessdiag/lr_headroom": 300.0})
+    assert shown["hessdiag/lr_fraction_of_stable"] == pytest.approx(1 / 300) and shown["hessdiag/lr_headroom_limit"] == 1.0
+    assert shown_scalars({"hessdiag/lr_headroom": 0.5})["hessdiag/lr_fraction_of_stable"] == 2.0  # overshoots
+    assert "hessdiag/lr_fraction_of_stable" not in shown_scalars({"hessdiag/lr_headroom": float("nan")})
+    from hessdiag.reporting.dashboard import layout
+
+    charts = {title: [series(p) for p in chart[1]] for c in layout(shown).values() for title, chart in c.items()}
+    assert ["hessdiag/lr_fraction_of_stable", "hessdiag/lr_headroom_limit"] in charts.values()
+    assert ["hessdiag/lr_headroom"] in charts.values()
+
+
+def test_a_pipe_in_a_summary_keeps_the_event_log_and_the_card_whole(tmp_path):
+    from tensorboard.plugin_util import markdown_to_safe_html
+
+    summary = "Slowed near a point with certified negative curvature: |lambda_min| = 0.3 | lambda_max = 2."
+    summary_writer = SummaryWriter(tmp_path)
+    writer = TensorBoardWriter(summary_writer)
+    saddle = FlagEvent("saddle", 20, "onset", "warning", {"lambda|min": -0.3}, "act", summary)
+    writer.events(20, [saddle])
+    summary_writer.close()
+    accumulator = read(tmp_path)
+    for tag in ("hessdiag/event_log", "hessdiag/events/saddle"):
+        html = markdown_to_safe_html(texts(accumulator, tag)[-1][1])
+        assert "|lambda_min| = 0.3 | lambda_max = 2." in html, html
+    card = markdown_to_safe_html(texts(accumulator, "hessdiag/events/saddle")[-1][1])
+    assert "<td>lambda|min</td>" in card  # an evidence name with a pipe stays one cell
+
+
+def test_the_event_log_grows_linearly_with_the_events(tmp_path):
+    """Every read-back with events writes one entry of the log: the bytes written per event must not
+    grow as events accumulate (a whole-log rewrite grew them with the square of the run)."""
+    summary_writer = SummaryWriter(tmp_path)
+    writer = TensorBoardWriter(summary_writer)
+    (path,) = tmp_path.glob("events.out.tfevents.*")
+    per_block = []
+    for block in range(6):
+        before = path.stat().st_size
+        for step in range(block * 400, (block + 1) * 400, 2):
+            kind = "onset" if step % 4 == 0 else "cleared"
+            writer.events(step, [event("plateau", step, kind, "the loss stopped moving well above its floor")])
+        summary_writer.flush()
+        per_block.append(path.stat().st_size - before)
+    summary_writer.close()
+    assert max(per_block) <= 1.05 * per_block[1], per_block  # the same bytes per event, early and late
+    latest = texts(read(tmp_path), "hessdiag/event_log")[-1][1]
+    assert "Flag events 1190-1200 of 1200" in latest and len(re.findall(r"^- step", latest, flags=re.MULTILINE)) == 11

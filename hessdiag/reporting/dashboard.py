@@ -7,13 +7,14 @@ table of the worst layers by name, so the number of scalar tags does not grow wi
 per-layer scalars are an opt-in). A few derived series make the charts readable: the lines at 1 of the
 stability ratio and of the learning-rate headroom, the certified part of lambda_min, the count of
 active flags and the flag onsets. Where a check's directions live is a text card naming at most
-:data:`~hessdiag.check.quantities.SHARES_KEPT` modules per end (:func:`layer_shares_text`), and the
+:data:`~hessdiag.estimators.layer_shares.SHARES_KEPT` modules per end (:func:`layer_shares_text`), and the
 noise scale's comparison with the batch a sentence (:func:`noise_scale_verdict`): module names and
 batch sizes never become scalar tags.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
@@ -22,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from hessdiag.flags import FLAG_NAMES
 from hessdiag.estimators.layer_shares import module_label
 from hessdiag.estimators.module_sharpness import ModuleSharpness
+from hessdiag.noise.noise_scale import NoiseScaleEstimate
 from hessdiag.reporting.tags import (
     ACTIVE_FLAGS,
     CERTIFIED_LAMBDA_MIN,
@@ -39,6 +41,7 @@ from hessdiag.reporting.tags import (
     LAYER_STATISTICS,
     LOSS,
     LOSS_CHANGE_ALONG_BOTTOM,
+    LR_FRACTION,
     LR_HEADROOM,
     NEGATIVE_CURVATURE_CERTIFIED,
     NOISE_SCALE,
@@ -88,6 +91,8 @@ def shown_scalars(
         shown[RATIO_LIMIT] = 1.0
     if LR_HEADROOM in values:
         shown[HEADROOM_LIMIT] = 1.0
+        if 0 < values[LR_HEADROOM] < math.inf:
+            shown[LR_FRACTION] = 1.0 / values[LR_HEADROOM]
     lambda_min, certified = values.get(LAMBDA_MIN), values.get(NEGATIVE_CURVATURE_CERTIFIED)
     if lambda_min is not None and certified is not None:
         shown[CERTIFIED_LAMBDA_MIN] = min(lambda_min, 0.0) if certified else 0.0
@@ -97,6 +102,11 @@ def shown_scalars(
     return shown
 
 
+def markdown_cell(text: str) -> str:
+    """`text` safe inside a Markdown table cell: a ``|`` would end the cell (and cut the row) there."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def worst_layers(layers: Mapping[str, Mapping[str, float]], k: int) -> str:
     """Markdown: per quantity, the `k` layers with the largest and the smallest values, by name."""
     rows = []
@@ -104,8 +114,8 @@ def worst_layers(layers: Mapping[str, Mapping[str, float]], k: int) -> str:
         ranked = sorted(((v, name) for name, v in by_layer.items() if math.isfinite(v)), reverse=True)
         if not ranked:
             continue
-        largest = ", ".join(f"{name} {v:.3g}" for v, name in ranked[:k])
-        smallest = ", ".join(f"{name} {v:.3g}" for v, name in reversed(ranked[-k:]))
+        largest = markdown_cell(", ".join(f"{name} {v:.3g}" for v, name in ranked[:k]))
+        smallest = markdown_cell(", ".join(f"{name} {v:.3g}" for v, name in reversed(ranked[-k:])))
         rows.append(f"| {LAYER_FAMILIES[family]} | {largest} | {smallest} |")
     if not rows:
         return ""
@@ -135,6 +145,12 @@ def layer_shares_text(top: Sequence[tuple[str, float]], bottom: Sequence[tuple[s
     return f"{sentence}\n\n| eigenvector | modules holding most of its squared norm |\n|---|---|\n" + "\n".join(rows)
 
 
+def layer_shares_record(top: Sequence[tuple[str, float]], bottom: Sequence[tuple[str, float]]) -> str:
+    """The layer shares for programs (:data:`~hessdiag.reporting.tags.LAYER_SHARES_RECORD`): JSON
+    ``{"top": [[module, share], ...], "bottom": [...]}``, modules by their label, largest share first."""
+    return json.dumps({end: [[module_label(name), float(share)] for name, share in shares] for end, shares in (("top", top), ("bottom", bottom))})
+
+
 def module_sharpness_text(blocks: Sequence[ModuleSharpness], lambda_max: float) -> str:
     """Markdown: "`layer4.1.conv2` alone has lambda_max 380 of the whole 412", then every measured
     module's block lambda_max with its bound (the modules holding most of the top direction)."""
@@ -154,14 +170,27 @@ def samples(value: float) -> str:
     return f"~{rounded:,.0f}" if abs(rounded) >= 10 else f"~{rounded:.2g}"
 
 
+#: A noise scale is resolved once its standard error is at most this share of it (the value then lies
+#: at least two standard errors from 0, and the factor-of-2 bands of the verdict mean something).
+NOISE_SCALE_RESOLVED = 0.5
+
+
 def noise_scale_verdict(noise_scale: float, noise_scale_se: float | None, batch: int | None) -> str:
     """One sentence: the noise scale (samples) against the step's `batch`, and what it means
     (McCandlish et al., 2018): well below the noise scale, steps fall nearly in proportion to the
-    batch (a larger batch costs few extra samples); well above it, a larger batch buys few steps."""
-    error = f" (+- {samples(noise_scale_se)[1:]})" if noise_scale_se is not None and math.isfinite(noise_scale_se) else ""
+    batch (a larger batch costs few extra samples); well above it, a larger batch buys few steps.
+
+    A verdict needs a resolved estimate: a standard error at most :data:`NOISE_SCALE_RESOLVED` of
+    the value. Before that (or without a standard error, after a single estimate) the sentence says
+    the estimate is not resolved yet instead of advising on the batch."""
+    known_error = noise_scale_se is not None and math.isfinite(noise_scale_se)
+    error = f" (+- {samples(noise_scale_se)[1:]})" if known_error else ""
     head = f"noise scale {samples(noise_scale)} samples{error}"
     if batch is None:
         return head
+    if not known_error or not noise_scale_se <= NOISE_SCALE_RESOLVED * noise_scale:
+        why = f"a standard error above {NOISE_SCALE_RESOLVED:.0%} of the value" if known_error else "no standard error yet"
+        return f"{head} vs batch {batch:,}: not resolved yet ({why}; more checks narrow it), no verdict on the batch"
     ratio = noise_scale / batch
     if ratio >= 2:
         meaning = "a larger batch would cost little sample efficiency (fewer steps for nearly the same samples)"
@@ -184,20 +213,20 @@ def _charts() -> dict[str, list[_Chart]]:
         )
         layer_charts.append((f"{meaning}, every layer ({layer_tag(family, '<module>')})", [layer_tag(family, ".*")]))
     onsets = f"spikes of {FLAG_ONSETS}: flag onsets"
+    # Each chart holds series of one scale, sampled alike: TensorBoard joins a sparse series' points
+    # across a denser one's (the per-step onset spikes drew diagonals over the per-check curves), and
+    # a threshold of 4e4 beside a sharpness of 100 (Adam) flattens the sharpness onto 0.
     return {
         f"{p}: curvature": [
             (
-                f"sharpness / threshold ({STABILITY_RATIO}); >= the line at 1: edge of stability; {onsets}",
-                [STABILITY_RATIO, RATIO_LIMIT, FLAG_ONSETS],
+                f"sharpness / threshold ({STABILITY_RATIO}); >= the line at 1: edge of stability",
+                [STABILITY_RATIO, RATIO_LIMIT],
             ),
+            (f"sharpness ({SHARPNESS}: lambda_max, preconditioned for Adam)", [SHARPNESS]),
+            (f"stability threshold of the sharpness ({STABILITY_THRESHOLD}; from the optimizer)", [STABILITY_THRESHOLD]),
             (
-                f"sharpness ({SHARPNESS}: lambda_max, preconditioned for Adam) vs. its stability threshold "
-                f"({STABILITY_THRESHOLD})",
-                [SHARPNESS, STABILITY_THRESHOLD],
-            ),
-            (
-                f"lambda_min; {CERTIFIED_LAMBDA_MIN} below 0: negative curvature certified; {onsets}",
-                [LAMBDA_MIN, CERTIFIED_LAMBDA_MIN, FLAG_ONSETS],
+                f"lambda_min; {CERTIFIED_LAMBDA_MIN} below 0: negative curvature certified",
+                [LAMBDA_MIN, CERTIFIED_LAMBDA_MIN],
             ),
             (f"Hessian extremes of the loss: {LAMBDA_MAX}, {LAMBDA_MIN}", [LAMBDA_MAX, LAMBDA_MIN]),
             (f"loss change along the bottom eigenvector ({LOSS_CHANGE_ALONG_BOTTOM})", [LOSS_CHANGE_ALONG_BOTTOM]),
@@ -205,14 +234,15 @@ def _charts() -> dict[str, list[_Chart]]:
         f"{p}: what limits the step, where the curvature lives, how much batch": [
             (
                 f"curvature along the gradient ({GRADIENT_CURVATURE}, preconditioned for Adam) vs. the sharpness "
-                f"({SHARPNESS}) and {LAMBDA_MAX}",
-                [GRADIENT_CURVATURE, SHARPNESS, LAMBDA_MAX],
+                f"({SHARPNESS}, the same operator)",
+                [GRADIENT_CURVATURE, SHARPNESS],
             ),
             (
-                f"learning-rate headroom ({LR_HEADROOM}: the largest stable lr along the gradient / the lr in use); "
-                f"below the line at 1 the step overshoots; {onsets}",
-                [LR_HEADROOM, HEADROOM_LIMIT, FLAG_ONSETS],
+                f"lr in use / the largest stable lr along the gradient ({LR_FRACTION} = 1 / {LR_HEADROOM}); "
+                "at or above the line at 1 the step overshoots",
+                [LR_FRACTION, HEADROOM_LIMIT],
             ),
+            (f"learning-rate headroom ({LR_HEADROOM}: the largest stable lr along the gradient / the lr in use)", [LR_HEADROOM]),
             (
                 f"lambda_max of the top modules' own Hessian blocks ({module_sharpness_tag('<module>')}, with "
                 f"module_sharpness) vs. the whole {LAMBDA_MAX}",
@@ -232,7 +262,7 @@ def _charts() -> dict[str, list[_Chart]]:
             ),
             (f"observed / predicted loss change of the update ({UPDATE_LOSS_RATIO}; 1: the step stayed quadratic)", [UPDATE_LOSS_RATIO]),
         ],
-        f"{p}: flags (0 = clear, 1 = raised; set smoothing to 0)": [
+        f"{p}: flags (0 = clear, 1 = raised; smoothing 0 shows them as steps)": [
             (f"active flags ({ACTIVE_FLAGS}) and {onsets}", [ACTIVE_FLAGS, FLAG_ONSETS]),
             *[(f"{name} ({flag_tag(name)})", [flag_tag(name)]) for name in FLAG_NAMES],
         ],
@@ -274,3 +304,13 @@ def layout(tags: Iterable[str]) -> dict[str, dict[str, list]]:
         if shown:
             result[category] = shown
     return result
+
+
+def noise_scale_unresolved(estimate: NoiseScaleEstimate) -> str:
+    """One sentence for a check whose noise scale is measured but not resolved: the mean ||G||^2
+    estimate over the checks is still <= 0 (the gradient's signal is below its noise)."""
+    return (
+        f"noise scale not resolved yet: the mean ||G||^2 estimate over the checks is <= 0 (this check's "
+        f"{estimate.grad_sq_norm:.3g} +- {estimate.grad_sq_norm_se:.2g}): at {estimate.big_batch} samples the "
+        "gradient's signal is below its noise, so the noise scale is probably well above the batch."
+    )

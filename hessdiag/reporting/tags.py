@@ -57,16 +57,23 @@ UPDATE_LOSS_RATIO = tag("update_loss_ratio")
 # -- derived series the dashboard adds (see hessdiag.reporting.dashboard.shown_scalars) -------------------
 RATIO_LIMIT = tag("stability_ratio_limit")
 HEADROOM_LIMIT = tag("lr_headroom_limit")
+#: 1 / lr_headroom: the learning rate in use over the largest stable one along the gradient (>= 1: the
+#: step overshoots). Bounded where it matters, so the line at 1 stays readable when the headroom is 300.
+LR_FRACTION = tag("lr_fraction_of_stable")
 
-#: The scalar tags of the quantities a check adds beyond the spectrum's ends (issue 20): a fixed set,
+#: The scalar tags of the quantities a check adds beyond the spectrum's ends: a fixed set,
 #: whatever the model's depth (module names go to the text card :data:`LAYER_SHARES`).
 CHECK_QUANTITY_TAGS = (
-    GRADIENT_CURVATURE, GRADIENT_ALIGNMENT, LR_HEADROOM, HEADROOM_LIMIT, NOISE_SCALE, NOISE_SCALE_SE, CONDITIONING,
+    GRADIENT_CURVATURE, GRADIENT_ALIGNMENT, LR_HEADROOM, HEADROOM_LIMIT, LR_FRACTION, NOISE_SCALE, NOISE_SCALE_SE, CONDITIONING,
     UPDATE_LOSS_PREDICTED, UPDATE_LOSS_OBSERVED, UPDATE_LOSS_RATIO,
 )  # fmt: skip
 CERTIFIED_LAMBDA_MIN = tag("lambda_min_certified")
 ACTIVE_FLAGS = tag("active_flags")
 FLAG_ONSETS = tag("flag_onsets")
+
+#: The values always put in ``trainer.callback_metrics`` by the Lightning callback (with every flag's
+#: :func:`flag_tag`), for EarlyStopping and ModelCheckpoint.
+CALLBACK_METRICS: tuple[str, ...] = (LAMBDA_MAX, LAMBDA_MIN, STABILITY_RATIO, GRAD_NORM, LOSS)
 
 # -- text --------------------------------------------------------------------------------------
 HVP_METHOD = tag("hvp_method")
@@ -79,11 +86,34 @@ LAYER_SHARES = tag("layer_shares")
 NOISE_SCALE_VERDICT = tag("noise_scale_verdict")
 
 
+#: Structured records for programs (``hessdiag summary``), never Markdown: JSON strings in tensors of
+#: the :data:`RECORDS_PLUGIN` plugin, which no TensorBoard dashboard shows. One entry per read-back
+#: with events (``[{"name", "step", "kind", "summary"}, ...]``) and one per check with layer shares
+#: (``{"top": [[module, share], ...], "bottom": [...]}``).
+RECORDS_PLUGIN = "hessdiag"
+EVENT_RECORDS = tag("records/events")
+LAYER_SHARES_RECORD = tag("records/layer_shares")
+RECORDS_PREFIX = tag("records/")
+
+
+def is_hessdiag_tag(name: str) -> bool:
+    """Whether `name` is one of hessdiag's tags (under ``hessdiag/``)."""
+    return name.startswith(f"{PREFIX}/")
+
+
+def text_summary_tag(name: str) -> str:
+    """The tag under which TensorBoard stores the text written as `name` (``<name>/text_summary``)."""
+    return f"{name}/text_summary"
+
+
 def module_sharpness_tag(module: str) -> str:
     """lambda_max of one module's own diagonal Hessian block, ``hessdiag/module_sharpness/<module>``
     (the module's label, :func:`~hessdiag.estimators.layer_shares.module_label`). Opt-in (``module_sharpness``
     n > 0) and at most n <= 5 per check: the modules holding most of the top eigenvector."""
     return f"{PREFIX}/module_sharpness/{module}"
+
+
+MODULE_SHARPNESS_PREFIX = module_sharpness_tag("")
 
 
 def flag_tag(name: str) -> str:

@@ -8,17 +8,35 @@ is decided in :mod:`hessdiag.reporting.dashboard`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from hessdiag.reporting.dashboard import LayerValues, layout, shown_scalars, worst_layers
+from hessdiag.reporting.dashboard import LayerValues, layout, markdown_cell, shown_scalars, worst_layers
 from hessdiag.flags import FlagEvent
 from hessdiag.estimators.spectrum import SpectralDensity
-from hessdiag.reporting.tags import EVENT_LOG, FLAG_ONSETS, FLAGS_PREFIX, PREFIX, SPECTRAL_DENSITY, WORST_LAYERS, event_tag, layer_histogram_tag
+from hessdiag.reporting.tags import (
+    EVENT_LOG,
+    EVENT_RECORDS,
+    FLAG_ONSETS,
+    FLAGS_PREFIX,
+    PREFIX,
+    RECORDS_PLUGIN,
+    RECORDS_PREFIX,
+    SPECTRAL_DENSITY,
+    WORST_LAYERS,
+    event_tag,
+    layer_histogram_tag,
+)
 
 __all__ = ["PREFIX", "DiagnosticsWriter", "SummaryWriterLike", "TensorBoardWriter", "render_event"]
+
+#: Earlier events repeated in each ``hessdiag/event_log`` entry before its new ones: the latest entry
+#: reads in context, and every event is written a bounded number of times (the log grows with the run,
+#: not with its square).
+EVENT_LOG_CONTEXT = 10
 
 
 @runtime_checkable
@@ -57,6 +75,28 @@ class SummaryWriterLike(Protocol):
     def flush(self) -> None: ...
 
 
+def _log_line(event: FlagEvent) -> str:
+    """The event as one item of the event log: a list item, which has no columns to squeeze a flag's
+    name into ("sad/dle") and no cell for a ``|`` of the summary to cut."""
+    what = "raised" if event.kind == "onset" else "cleared"
+    return f"- step {event.step}: `{event.name}` {what}: {event.summary}"
+
+
+def _record_summary(tag: str, payload: str):
+    """A TensorBoard summary holding `payload` (a string) as a tensor of the records plugin, which no
+    dashboard shows; None without tensorboard's protos."""
+    try:
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.compat.proto.tensor_pb2 import TensorProto
+        from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+    except ImportError:
+        return None
+    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=RECORDS_PLUGIN))
+    shape = TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)])
+    tensor = TensorProto(dtype=7, tensor_shape=shape, string_val=[payload.encode("utf-8")])  # 7: DT_STRING
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata, tensor=tensor)])
+
+
 def render_event(event: FlagEvent, raised_at: int | None = None) -> str:
     """Markdown for a flag event: what happened when, what was seen, the evidence, what to do.
 
@@ -66,7 +106,7 @@ def render_event(event: FlagEvent, raised_at: int | None = None) -> str:
     else:
         lasted = f" (raised at step {raised_at}, active {event.step - raised_at} steps)" if raised_at is not None else ""
         heading = f"cleared at step {event.step}{lasted}"
-    rows = "\n".join(f"| {name} | {value:.6g} |" for name, value in event.evidence.items())
+    rows = "\n".join(f"| {markdown_cell(name)} | {value:.6g} |" for name, value in event.evidence.items())
     remedy = f"\n\n**Remedy:** {event.remedy}" if event.kind == "onset" and event.remedy else ""
     return f"**{event.name}** {heading}\n\n{event.summary}\n\n| evidence | value |\n|---|---|\n{rows}{remedy}"
 
@@ -102,7 +142,7 @@ class TensorBoardWriter:
         self._tags: set[str] = set()
         self._layout: dict = {}
         self._raised_at: dict[str, int] = {}
-        self._log_rows: list[str] = []
+        self._log_lines: list[str] = []
         self._last_step: int | None = None  # of the latest flag values, where the onset baseline ends
 
     def scalars(self, step: int, values: Mapping[str, float], layers: LayerValues) -> None:
@@ -135,14 +175,14 @@ class TensorBoardWriter:
 
     def events(self, step: int, events: Sequence[FlagEvent]) -> None:
         onsets: dict[int, int] = {}
+        earlier = len(self._log_lines)
         for event in events:
             raised_at = self._raised_at.pop(event.name, None)
             if event.kind == "onset":
                 self._raised_at[event.name] = event.step
                 onsets[event.step] = onsets.get(event.step, 0) + 1
             self.summary_writer.add_text(event_tag(event.name), render_event(event, raised_at), event.step)
-            what = "raised" if event.kind == "onset" else "cleared"
-            self._log_rows.append(f"| {event.step} | {event.name} | {what} | {event.summary} |")
+            self._log_lines.append(_log_line(event))
         # Each onset is a spike 0, n, 0 one step either side. Events of a read-back arrive after a
         # check's may be earlier steps, so points can come out of step order; as every point
         # between spikes is 0, the line between them runs along the baseline either way.
@@ -150,8 +190,18 @@ class TensorBoardWriter:
             for offset, value in ((-1, 0.0), (0, float(count)), (1, 0.0)):
                 self.summary_writer.add_scalar(FLAG_ONSETS, value, onset_step + offset)
         if events:
-            table = "| step | flag | | what was seen |\n|---|---|---|---|\n" + "\n".join(self._log_rows)
-            self.summary_writer.add_text(EVENT_LOG, f"Flag events so far, oldest first:\n\n{table}", step)
+            self._write_log(step, earlier)
+            records = [{"name": e.name, "step": e.step, "kind": e.kind, "summary": e.summary} for e in events]
+            self.text(step, EVENT_RECORDS, json.dumps(records))
+
+    def _write_log(self, step: int, earlier: int) -> None:
+        """One entry of ``hessdiag/event_log``: the new events (from line `earlier` on) after at most
+        :data:`EVENT_LOG_CONTEXT` earlier ones."""
+        first = max(0, earlier - EVENT_LOG_CONTEXT)
+        shown, total = self._log_lines[first:], len(self._log_lines)
+        span = "so far" if first == 0 else f"{first + 1}-{total} of {total} (the earlier ones in earlier entries)"
+        head = f"Flag events {span}, oldest first (each flag's own card: hessdiag/events/<flag>):"
+        self.summary_writer.add_text(EVENT_LOG, head + "\n\n" + "\n".join(shown), step)
 
     def density(self, step: int, density: SpectralDensity) -> None:
         """The smoothed spectral density as a histogram (buckets = grid cells, counts = mass)."""
@@ -174,7 +224,15 @@ class TensorBoardWriter:
         )
 
     def text(self, step: int, tag: str, message: str) -> None:
-        self.summary_writer.add_text(tag, message, step)
+        """`message` as text of `tag`; a record (a tag under ``hessdiag/records/``) as a tensor of the
+        records plugin where the writer has a file writer of tensorboard's (torch's SummaryWriter),
+        else as text."""
+        file_writer = getattr(self.summary_writer, "_get_file_writer", None)
+        summary = _record_summary(tag, message) if tag.startswith(RECORDS_PREFIX) and file_writer else None
+        if summary is not None and type(self.summary_writer).__module__.startswith("torch."):
+            file_writer().add_summary(summary, step)
+        else:
+            self.summary_writer.add_text(tag, message, step)
 
     def flush(self) -> None:
         if self._last_step is not None:
