@@ -38,11 +38,10 @@ from hessdiag.callbacks.logger_writer import trainer_writers
 from hessdiag.callbacks.loss_closure import LossHook, loss_closure
 from hessdiag.callbacks.micro_batches import StepMicroBatches
 from hessdiag.callbacks.strategies import refuse_unsupported_strategy
-from hessdiag.check.probe import RankWeighting
 from hessdiag.operator import HVPMethod
 from hessdiag.monitor import Monitor
 from hessdiag.check.schedule import CheckEvery
-from hessdiag.settings import CallbackSettings
+from hessdiag.settings import CallbackSettings, RankWeighting
 
 _CALLBACK_BASES: tuple[type, ...] = (pl.Callback,)
 try:  # one class that both Trainers accept, when the unified `lightning` package is installed too
@@ -71,6 +70,12 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     ``hessdiag_loss(batch)`` method if it defines one; else the output of ``training_step(batch, 0)``
     (a tensor or ``{"loss": ...}``) with ``self.log`` muted. Manual optimisation needs one of the first
     two, since its ``training_step`` steps the optimizer.
+
+    The loss of a step (for the exploding and plateau detectors) is what ``training_step`` returns;
+    under manual optimisation, when it returns none, the one loss it logged in that step with
+    ``self.log`` (``"loss"`` among several), averaged over the batches of one optimizer step. With
+    several optimizers under manual optimisation (a GAN) a step is a training step that stepped any
+    of them, as Lightning's loggers count, not ``trainer.global_step``, which counts each.
 
     Args:
         check_every: optimizer steps between curvature checks (0: never), or ``"auto"`` (default): checks take at
@@ -165,6 +170,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         self._restored: dict[str, Any] | None = None
         self._stepped = False
         self._step = StepMicroBatches()
+        self._counts_steps = False  # see `_steps_done`
         # Another callback (EarlyStopping, ModelCheckpoint) watches one of our values: have them all
         # by the end of the first optimizer step, before any epoch end or validation can ask for them.
         self._first_values_due = False
@@ -188,7 +194,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         writers = trainer_writers(trainer)
         # A fresh fit starts fresh: a checkpoint's state arrives after setup, through load_state_dict.
         self._restored = None
-        self._step, self._stepped = StepMicroBatches(), False
+        self._step, self._stepped = StepMicroBatches(manual=not pl_module.automatic_optimization), False
         self.flags = FlagStopping(self.settings.stop_on, self.settings.on_flag)
         self.monitor = Monitor.from_settings(
             pl_module,
@@ -209,6 +215,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         self._first_values_due = watched_by_another_callback(trainer)
         # The strategy's DDP wrapper exists from here on: the noise scale comes from its ranks' gradients.
         self.monitor.watch_ranks(trainer.strategy.model)
+        self._counts_steps = not pl_module.automatic_optimization and len(trainer.optimizers) > 1
         if len(trainer.optimizers) == 1:
             self.monitor.use_optimizer(trainer.optimizers[0])
         elif trainer.optimizers:
@@ -223,10 +230,12 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.monitor is not None:
             self._step.count(batch)
+            if self._step.logged is not None:  # manual optimisation: what the step logs may be its loss
+                self._step.logged.before_step(trainer.callback_metrics)
             if trainer.accumulate_grad_batches > 1 and pl_module.automatic_optimization:
                 # Lightning divides each micro-batch loss by accumulate_grad_batches.
                 self.monitor.begin_micro_batch(batch_size(batch), 1.0 / trainer.accumulate_grad_batches)
-        if self.monitor is None or not (self._first_values_due or self.monitor.check_due(trainer.global_step + 1)):
+        if self.monitor is None or not (self._first_values_due or self.monitor.check_due(self._steps_done(trainer) + 1)):
             return
         # A check follows this optimizer step: keep its micro-batches (references, no copy).
         if self._step.keep(batch, batch_idx):
@@ -252,12 +261,17 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     ) -> None:
         if self.monitor is None:
             return
-        self._step.add_loss(outputs)
+        self._step.add_loss(outputs, trainer.callback_metrics if self._step.logged is not None else None)
         if not self._stepped:
             return  # an accumulation step: no optimizer step yet
+        step = self._steps_done(trainer)
         self._stepped = False
         check_batch, step_loss, samples = self._step.finish(batch, batch_idx)
-        step, num_checks = trainer.global_step, len(self.monitor.checks)
+        if step_loss is None and self._step.logged is not None:
+            # Said in Lightning's terms under the key of the Monitor's own warning, which advises
+            # `monitor.after_step(batch, loss)`: a call a Lightning user never writes.
+            self.monitor.note("no loss", self._step.logged.advice())
+        num_checks = len(self.monitor.checks)
         # Every rank reaches the same read-backs and due checks (the schedule is agreed): the steps
         # where the ranks may meet in a collective to agree on stopping.
         check_due = self.monitor.check_due(step)
@@ -277,6 +291,15 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
                 self.monitor.note("stop_on", reason)
         if self.settings.progress_bar and (read_back or checked) and self.monitor.last_check is not None:
             show_in_progress_bar(trainer, self.monitor.last_check.lambda_max, len(self.monitor.active_flags))
+
+    def _steps_done(self, trainer: pl.Trainer) -> int:
+        """Optimizer steps done so far (this batch's included once it stepped), as hessdiag counts
+        them: one per training step that stepped. Lightning's ``global_step`` counts every
+        ``optimizer.step()``, several per training step with several optimizers under manual
+        optimisation (a GAN): there hessdiag counts its records itself (restored on resume), as
+        Lightning's own loggers count batches."""
+        assert self.monitor is not None
+        return self.monitor.step + self._stepped if self._counts_steps else trainer.global_step
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

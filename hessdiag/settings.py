@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 from hessdiag.isolation import MODEL_MODES, ModelMode
-from hessdiag.check.quantities import check_module_sharpness, check_noise_scale_parts
-from hessdiag.check.probe import RankWeighting
 from hessdiag.detectors import (
     EdgeOfStabilityDetector,
     ExplodingGradientDetector,
@@ -28,6 +26,10 @@ from hessdiag.detectors import (
 from hessdiag.flags import FLAG_NAMES
 from hessdiag.operator import HVP_METHODS, HVPMethod
 from hessdiag.check.schedule import CheckEvery
+from hessdiag.estimators.layer_shares import SHARES_KEPT
+
+#: How the Hessian of a data-parallel run weights the ranks' losses (see :class:`hessdiag.Monitor`).
+RankWeighting = Literal["equal", "samples"]
 
 #: The detector class behind each flag name (``detectors=["plateau", ...]`` builds these with defaults).
 DETECTOR_CLASSES: dict[str, type] = {
@@ -86,8 +88,16 @@ class DiagnosticsSettings:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
-        check_noise_scale_parts(self.noise_scale_parts)
-        check_module_sharpness(self.module_sharpness)
+        if not _is_int(self.noise_scale_parts) or self.noise_scale_parts < 0 or self.noise_scale_parts == 1:
+            raise ValueError(
+                "`noise_scale_parts` must be 0 (no noise scale) or an int >= 2 (two batch sizes are needed), "
+                f"got {self.noise_scale_parts!r}."
+            )
+        if not _is_int(self.module_sharpness) or not 0 <= self.module_sharpness <= SHARES_KEPT:
+            raise ValueError(
+                f"`module_sharpness` must be an int in [0, {SHARES_KEPT}] (0: off; n: the n modules holding most of "
+                f"the top eigenvector), got {self.module_sharpness!r}."
+            )
         if self.mode not in MODEL_MODES:
             raise ValueError(f"`mode` must be one of {MODEL_MODES}, got {self.mode!r}.")
         if self.hvp_method not in HVP_METHODS:

@@ -373,17 +373,17 @@ def test_tags_charts_and_summary_of_the_new_quantities(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("scale", "batch", "meaning"),
+    ("scale", "se", "batch", "meaning"),
     [
-        (2134.0, 512, "noise scale ~2,100 samples (+- 310) vs batch 512: a larger batch would cost little sample efficiency"),
-        (40.0, 512, "noise scale ~40 samples (+- 310) vs batch 512: a smaller batch would reach the same loss on fewer samples"),
-        (600.0, 512, "the batch is near the noise scale"),
+        (2134.0, 310.0, 512, "noise scale ~2,100 samples (+- 310) vs batch 512: a larger batch would cost little sample efficiency"),
+        (40.0, 4.0, 512, "noise scale ~40 samples (+- 4) vs batch 512: a smaller batch would reach the same loss on fewer samples"),
+        (600.0, 100.0, 512, "the batch is near the noise scale"),
     ],
 )
-def test_noise_scale_verdict(scale, batch, meaning):
+def test_noise_scale_verdict(scale, se, batch, meaning):
     from hessdiag.reporting.dashboard import noise_scale_verdict
 
-    assert meaning in noise_scale_verdict(scale, 310.0, batch)
+    assert meaning in noise_scale_verdict(scale, se, batch)
 
 
 def test_an_unresolved_noise_scale_is_said_not_logged(tmp_path):

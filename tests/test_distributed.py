@@ -12,6 +12,7 @@ from torch import nn
 
 from hessdiag import HessianOperator, _distributed, hessian_eigenvalues
 from hessdiag.check.probe import CurvatureProbe
+from hessdiag.settings import DiagnosticsSettings
 from hessdiag.lanczos import lanczos
 from hessdiag.vectors import VectorShard, gaussian, random_signs
 from oracles import dense_hessian
@@ -46,7 +47,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         result = hessian_eigenvalues(ddp, loss_fn, local, tol=1e-6)
         # The training check: by default the loss DDP descends, the mean of the ranks' mean losses.
         checks = {
-            weighting: CurvatureProbe(ddp, loss_fn, tol=1e-8, max_iter=100, rank_weighting=weighting).run(1, local)
+            weighting: CurvatureProbe(ddp, loss_fn, DiagnosticsSettings(tol=1e-8, max_iter=100, rank_weighting=weighting)).run(1, local)
             for weighting in ("equal", "samples")
         }
         # Generators that differ by rank (as a CUDA generator's stream may across GPU models): the

@@ -40,8 +40,8 @@ SPECTRUM = torch.cat([torch.tensor([-3.0, -2.5]), torch.linspace(-1.0, 2.0, 96),
 def test_quadratic_float64_both_ends_to_1e6():
     model = Quadratic(prescribed(SPECTRUM))
     result = hessian_eigenvalues(model, quadratic_loss, None, k=2, tol=1e-9, max_iter=100)
-    torch.testing.assert_close(result.top, torch.tensor([7.0, 4.0]).double(), atol=1e-6, rtol=0)
-    torch.testing.assert_close(result.bottom, torch.tensor([-3.0, -2.5]).double(), atol=1e-6, rtol=0)
+    assert result.top == pytest.approx([7.0, 4.0], abs=1e-6)
+    assert result.bottom == pytest.approx([-3.0, -2.5], abs=1e-6)
     assert result.converged and result.negative_curvature_certified
 
 
@@ -98,8 +98,8 @@ def test_two_layer_linear_network_at_the_origin_is_a_saddle():
     result = hessian_eigenvalues(model, loss_fn, (x, y), k=2, tol=1e-10, max_iter=h * (d + o))
     assert result.grad_norm == 0.0
     # A single-vector Krylov space holds each distinct eigenvalue once: the two largest distinct.
-    torch.testing.assert_close(result.top, sigma[:2], atol=1e-10, rtol=0)
-    torch.testing.assert_close(result.bottom, -sigma[:2], atol=1e-10, rtol=0)
+    assert result.top == pytest.approx(sigma[:2].tolist(), abs=1e-10)
+    assert result.bottom == pytest.approx((-sigma[:2]).tolist(), abs=1e-10)
     assert result.negative_curvature_certified
 
 
@@ -149,8 +149,8 @@ def test_cnn_batchnorm_dropout_matches_dense_hessian_and_leaves_no_trace():
         assert p.grad is obj and torch.equal(p.grad, g) and torch.equal(p.detach(), before)
 
     spectrum = torch.linalg.eigvalsh(dense_hessian(model, cross_entropy, batch, seed=0))
-    torch.testing.assert_close(result.top, spectrum.flip(0)[:2], atol=1e-8, rtol=0)
-    torch.testing.assert_close(result.bottom, spectrum[:2], atol=1e-8, rtol=0)
+    assert result.top == pytest.approx(spectrum.flip(0)[:2].tolist(), abs=1e-8)
+    assert result.bottom == pytest.approx(spectrum[:2].tolist(), abs=1e-8)
 
 
 def test_cnn_operator_is_symmetric_and_methods_agree():
@@ -330,16 +330,31 @@ def test_the_error_bounds_include_product_error_and_rounding():
     for method in ("double_backward", "finite_difference"):
         result = hessian_eigenvalues(model, cross_entropy, batch, hvp_method=method)
         for end in ("top", "bottom"):
-            assert (result.error_bounds[end] > result.residuals[end]).all()
+            assert all(bound > residual for bound, residual in zip(result.error_bounds[end], result.residuals[end]))
+
+
+@pytest.mark.parametrize("method", ["double_backward", "finite_difference"])
+def test_every_value_of_the_result_is_a_plain_float(method):
+    """lambda_max is a float: so are the values, residuals, bounds and limits beside it (no tensor among them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    result = hessian_eigenvalues(model, cross_entropy, batch, k=2, hvp_method=method)
+    lists = [result.top, result.bottom, *result.error_bounds.values(), *result.residuals.values()]
+    assert all(type(values) is list and len(values) == 2 for values in lists)
+    numbers = [x for values in lists for x in values] + [*result.probable_limits.values(), result.loss, result.grad_norm]
+    assert all(type(x) is float for x in numbers)
+    assert result.lambda_max == result.top[0] and float(result.error_bounds["top"][0]) == result.error_bounds["top"][0]
 
 
 def test_a_curvature_check_carries_the_full_error_bounds():
     from hessdiag.check.probe import CurvatureProbe
+    from hessdiag.settings import DiagnosticsSettings
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
     batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
-    check = CurvatureProbe(model, cross_entropy, hvp_method="finite_difference").run(1, batch)
+    check = CurvatureProbe(model, cross_entropy, DiagnosticsSettings(hvp_method="finite_difference")).run(1, batch)
     result = hessian_eigenvalues(model, cross_entropy, batch, hvp_method="finite_difference")
     assert check.error_bound_max == pytest.approx(float(result.error_bounds["top"][0]), rel=1e-6)
     assert check.error_bound_min == pytest.approx(float(result.error_bounds["bottom"][0]), rel=1e-6)

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-import hessdiag.check.quantities
+import hessdiag.estimators.module_sharpness
 from hessdiag import HessianOperator, Monitor, hessian_eigenvalues, module_sharpness
 from hessdiag.app.cli import format_summary, summarize
 from hessdiag.reporting.dashboard import layout
@@ -206,7 +206,7 @@ def test_off_by_default_it_costs_no_product(monkeypatch):
         raise AssertionError("module sharpness measured while off")
 
     _, _, on = checked_mlp(2)
-    monkeypatch.setattr(hessdiag.check.quantities, "module_sharpness_of", refuse)
+    monkeypatch.setattr(hessdiag.estimators.module_sharpness, "module_sharpness_of", refuse)
     _, _, off = checked_mlp(0)
     assert off.last_check.module_sharpness == () and len(on.last_check.module_sharpness) == 2
     # The same check, the same products, but for each module's own Lanczos run.
@@ -268,7 +268,7 @@ def test_the_setting_is_validated_and_reaches_the_probe():
             DiagnosticsSettings(module_sharpness=bad)
     assert CallbackSettings(module_sharpness=3).diagnostics(10).module_sharpness == 3
     model, _ = mlp_problem()
-    assert Monitor(model, cross_entropy, module_sharpness=4).probe.module_sharpness == 4
+    assert Monitor(model, cross_entropy, module_sharpness=4).probe.settings.module_sharpness == 4
 
 
 def test_a_run_with_module_sharpness_is_bit_for_bit_unchanged():

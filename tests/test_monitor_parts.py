@@ -10,6 +10,7 @@ from torch import nn
 
 from hessdiag.batches import MicroBatches
 from hessdiag.check.probe import CurvatureProbe
+from hessdiag.settings import DiagnosticsSettings
 from hessdiag.detectors import StepRecord
 from hessdiag.errors import HessdiagWarning
 from hessdiag.flags import FlagEvent
@@ -199,7 +200,7 @@ def test_step_statistics_count_loss_scaler_skips():
 def runner_for(loss_fn, *, strict=False, sub_batch=None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
-    probe = CurvatureProbe(model, loss_fn, tol=1e-6, max_iter=20, sub_batch=sub_batch, hvp_method="double_backward")
+    probe = CurvatureProbe(model, loss_fn, DiagnosticsSettings(tol=1e-6, max_iter=20, sub_batch=sub_batch, hvp_method="double_backward"))
     return CheckRunner(model, probe, CheckSchedule(10, 0.05), faults(strict=strict)), probe
 
 

@@ -29,6 +29,10 @@ from hessdiag.operator import trainable_parameters
 ROOT_LABEL = "(root)"
 
 
+#: Modules kept per end of the spectrum in a check's layer shares (the dashboard's budget).
+SHARES_KEPT = 5
+
+
 def module_label(name: str) -> str:
     """The name to show for the module with qualified name `name` (``"(root)"`` for the root)."""
     return name if name else ROOT_LABEL

@@ -8,7 +8,6 @@ caller's to report (:meth:`CheckRunner.failed` keeps it and backs the schedule o
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -18,43 +17,12 @@ from hessdiag.isolation import unwrap_model
 from hessdiag.batches import sub_batch_base
 from hessdiag.check.probe import CurvatureProbe
 from hessdiag.check.record import CurvatureCheck
-from hessdiag.reporting.dashboard import layer_shares_text, module_sharpness_text, noise_scale_verdict
 from hessdiag.detectors import CheckRecord
 from hessdiag.errors import HessdiagError
-from hessdiag.estimators.layer_shares import module_label
 from hessdiag.noise.noise_scale import NoiseScaleEstimate
 from hessdiag.operator import PRECISION_FLOOR, is_coarse
 from hessdiag.monitor.faults import FaultPolicy
 from hessdiag.check.schedule import CheckSchedule
-from hessdiag.reporting.tags import (
-    CHECK_FAILED,
-    CHECK_GRAD_NORM,
-    CHECK_LOSS,
-    CHECK_SECONDS,
-    CONDITIONING,
-    GRADIENT_ALIGNMENT,
-    GRADIENT_CURVATURE,
-    LAMBDA_MAX,
-    LAYER_SHARES,
-    LAMBDA_MIN,
-    LOSS_CHANGE_ALONG_BOTTOM,
-    LR_HEADROOM,
-    NEGATIVE_CURVATURE_CERTIFIED,
-    NOISE_SCALE,
-    NOISE_SCALE_SE,
-    NOISE_SCALE_VERDICT,
-    NUM_HVPS,
-    PRODUCT_ERROR,
-    RESIDUAL_MAX,
-    RESIDUAL_MIN,
-    SHARPNESS,
-    STABILITY_RATIO,
-    STABILITY_THRESHOLD,
-    UPDATE_LOSS_OBSERVED,
-    UPDATE_LOSS_PREDICTED,
-    UPDATE_LOSS_RATIO,
-    module_sharpness_tag,
-)
 
 #: Tries of one check: the first, then two on half the samples each.
 ATTEMPTS = 3
@@ -185,58 +153,3 @@ def check_record(check: CurvatureCheck) -> CheckRecord:
         top_module_share=check.top_shares[0][1] if check.top_shares else None,
         top_module_lambda_max=check.module_sharpness[0].lambda_max if check.module_sharpness else None,
     )
-
-
-def check_scalars(check: CurvatureCheck) -> dict[str, float]:
-    """The scalars a check logs, by tag."""
-    scalars = {
-        LAMBDA_MAX: check.lambda_max,
-        LAMBDA_MIN: check.lambda_min,
-        NEGATIVE_CURVATURE_CERTIFIED: float(check.negative_curvature_certified),
-        RESIDUAL_MAX: check.residual_max,
-        RESIDUAL_MIN: check.residual_min,
-        NUM_HVPS: float(check.num_hvps),
-        CHECK_SECONDS: check.seconds,
-        CHECK_LOSS: check.loss,
-        CHECK_GRAD_NORM: check.grad_norm,
-        PRODUCT_ERROR: check.product_error,
-        CHECK_FAILED: 0.0,
-    }
-    if check.stability is not None:
-        scalars[SHARPNESS] = check.sharpness
-        scalars[STABILITY_THRESHOLD] = check.stability.threshold
-        scalars[STABILITY_RATIO] = check.stability_ratio
-    if check.loss_change_along_bottom is not None:
-        scalars[LOSS_CHANGE_ALONG_BOTTOM] = check.loss_change_along_bottom
-    optional = {
-        GRADIENT_CURVATURE: check.gradient_curvature,
-        GRADIENT_ALIGNMENT: check.gradient_alignment,
-        LR_HEADROOM: check.lr_headroom,  # inf (curvature <= 0: no overshoot) is left out of the chart
-        NOISE_SCALE: check.noise_scale,
-        NOISE_SCALE_SE: check.noise_scale_se,
-        CONDITIONING: check.conditioning,
-    }
-    update = check.update_prediction
-    if update is not None:
-        optional |= {UPDATE_LOSS_PREDICTED: update.predicted, UPDATE_LOSS_OBSERVED: update.observed, UPDATE_LOSS_RATIO: update.ratio}
-    scalars |= {tag: value for tag, value in optional.items() if value is not None and math.isfinite(value)}
-    scalars |= {module_sharpness_tag(module_label(block.module)): block.lambda_max for block in check.module_sharpness}
-    return scalars
-
-
-def check_texts(check: CurvatureCheck) -> dict[str, str]:
-    """The text cards a check writes, by tag: where its directions live, the noise scale against the batch."""
-    texts = {}
-    if check.top_shares or check.bottom_shares:
-        texts[LAYER_SHARES] = layer_shares_text(check.top_shares, check.bottom_shares)
-        if check.module_sharpness:
-            texts[LAYER_SHARES] += "\n\n" + module_sharpness_text(check.module_sharpness, check.lambda_max)
-    if check.noise_scale is not None:
-        texts[NOISE_SCALE_VERDICT] = noise_scale_verdict(check.noise_scale, check.noise_scale_se, check.step_batch_size)
-    elif check.noise is not None:  # measured, but the mean ||G||^2 estimate is still <= 0
-        texts[NOISE_SCALE_VERDICT] = (
-            f"noise scale not resolved yet: the mean ||G||^2 estimate over the checks is <= 0 (this check's "
-            f"{check.noise.grad_sq_norm:.3g} +- {check.noise.grad_sq_norm_se:.2g}): at {check.noise.big_batch} samples the "
-            "gradient's signal is below its noise, so the noise scale is probably well above the batch."
-        )
-    return texts

@@ -37,14 +37,14 @@ from torch import nn
 from hessdiag._distributed import is_data_parallel
 from hessdiag.isolation import ModelMode
 from hessdiag.batches import batch_size
-from hessdiag.check.probe import RankWeighting
+
 from hessdiag.flags import FlagEvent
 from hessdiag.operator import HVPMethod, LossFn
 from hessdiag.monitor.parts import build_parts, check_arguments
 from hessdiag.monitor.checkpoint import monitor_state, restore_monitor_state
 from hessdiag.monitor.readout import MonitorView
 from hessdiag.check.schedule import CheckEvery
-from hessdiag.settings import DiagnosticsSettings
+from hessdiag.settings import DiagnosticsSettings, RankWeighting
 
 
 class Monitor(MonitorView):

@@ -45,12 +45,7 @@ def probe_from_settings(
     model: nn.Module, loss_fn: LossFn, settings: DiagnosticsSettings, params: Iterable[torch.Tensor] | None
 ) -> CurvatureProbe:
     """The curvature probe that `settings` describe, over `params` (default: all trainable ones)."""
-    return CurvatureProbe(
-        model, loss_fn, k=settings.k, tol=settings.tol, max_iter=settings.max_iter, cold_every=settings.cold_every,
-        sub_batch=settings.sub_batch, mode=settings.mode, hvp_method=settings.hvp_method, params=params,
-        rank_weighting=settings.rank_weighting, density_every=settings.density_every,
-        noise_scale_parts=settings.noise_scale_parts, module_sharpness=settings.module_sharpness,
-    )  # fmt: skip
+    return CurvatureProbe(model, loss_fn, settings, params=params)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from hessdiag.check.record import CurvatureCheck
 from hessdiag.flags import FlagEvent
-from hessdiag.monitor.check_runner import check_record, check_scalars, check_texts
+from hessdiag.monitor.check_runner import check_record
 from hessdiag.monitor.detection import Detection
 from hessdiag.monitor.faults import FaultPolicy
 from hessdiag.noise.sources import NoiseSources
@@ -53,8 +53,8 @@ class CheckReporting:
         """Judge `check` and write it (`previous`: the check before it, for the product method's text,
         written when the choice changes). Returns the new flag events."""
         events = self._detection.observe([check_record(check)])
-        self._writers.emit(check.step, check_scalars(check) | self._detection.flag_scalars(), {}, events, check.density)
-        for tag, message in check_texts(check).items():
+        self._writers.emit(check.step, check.scalars() | self._detection.flag_scalars(), {}, events, check.density)
+        for tag, message in check.texts().items():
             self._writers.text(check.step, tag, message)
         verdict = self._noise.verdict()
         if verdict is not None:
