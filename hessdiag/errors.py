@@ -7,6 +7,7 @@ Each one says what went wrong and what the caller can do about it; the callback 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 
 class HessdiagError(RuntimeError):
@@ -19,6 +20,30 @@ class HessdiagWarning(UserWarning):
 
 class NonFiniteLossError(HessdiagError, FloatingPointError):
     """The loss closure returned NaN or infinity, so the Hessian is not defined there."""
+
+
+class NonFiniteGradientError(HessdiagError, FloatingPointError):
+    """The gradient holds NaN or infinity though the loss is finite, so no curvature (nor noise
+    scale) is defined there.
+
+    The usual cause is a non-finite input meeting a zero derivative: an infinite input through a
+    saturated tanh or sigmoid gives a finite loss and 0 * inf = NaN in the first layer's weight
+    gradient. It is not a kink, and no product method can help.
+
+    Attributes:
+        parameters: the names of the parameter tensors whose gradient is not finite.
+    """
+
+    def __init__(self, parameters: Sequence[str], where: str = "") -> None:
+        self.parameters = list(parameters)
+        shown = ", ".join(self.parameters[:5]) + (f" and {len(self.parameters) - 5} more" if len(self.parameters) > 5 else "")
+        super().__init__(
+            f"The gradient is not finite (NaN or infinite){where} in {len(self.parameters)} parameter tensor(s): {shown}, "
+            "though the loss is finite: curvature and the noise scale are undefined there, and an optimizer step on this batch would write NaN "
+            "into those parameters. The usual cause is a non-finite input through a saturating op (an infinite input "
+            "through tanh: 0 * inf = NaN in the gradient); check the batch with torch.isfinite(x).all() and clean it "
+            "before the model, or find the op whose backward overflows (torch.autograd.set_detect_anomaly(True))."
+        )
 
 
 class LossClosureError(HessdiagError, ValueError):
@@ -38,8 +63,8 @@ class SecondDerivativeError(HessdiagError):
         named = f"`{self.op}`" if self.op else "an operation in the loss"
         super().__init__(
             f"{named} cannot be differentiated twice ({method} HVP failed: {original}). Use "
-            "`hvp_method='finite_difference'` (central differences of ordinary gradients, which need first "
-            "derivatives only; `hvp_method='auto'` picks it), replace the op with a twice-differentiable "
+            "`hvp_method='auto'` (it takes central differences of ordinary gradients, which need first derivatives "
+            "only, where the loss is smooth enough for them), replace the op with a twice-differentiable "
             "equivalent, or restrict `params=` to the parameters after it."
         )
 
@@ -64,9 +89,9 @@ class UnrecordedGradientError(HessdiagError):
             f"torch.autograd.grad returns no gradient for {count} parameter tensor(s) that loss.backward() does reach "
             f"(parameters inside checkpoint(..., use_reentrant=True) blocks: their graph is recorded only when "
             f"backward() recomputes the block), so {method} Hessian-vector products cannot be formed (they would be "
-            "zero, not the curvature). Use `hvp_method='auto'` or 'finite_difference' (differences of the gradients "
-            "backward() computes), or checkpoint with use_reentrant=False (e.g. "
-            "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))."
+            "zero, not the curvature). Checkpoint with use_reentrant=False (e.g. "
+            "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})), or use "
+            "`hvp_method='auto'` (differences of the gradients backward() computes, where the loss is smooth enough)."
         )
 
 
@@ -76,17 +101,23 @@ class NonSmoothLossError(HessdiagError):
     Differences of gradients are a Hessian only where the gradient is differentiable; across ReLU
     kinks (units switching on and off between theta - eps v and theta + eps v) they are not.
 
-    Attributes:
+    Args:
         relative_disagreement: ||D(eps) - D(2 eps)|| / ||D(eps)|| on the measured vector.
+        threshold: the largest disagreement of a smooth loss.
+        why: why finite differences were needed (a sentence, or "" when they were asked for).
+        remedy: what works instead (default: ``hvp_method='auto'``, for finite differences asked for).
+            When they were the last resort (``"auto"`` or a sharded model) it must advise no product
+            method: each method that could run was already tried.
+
+    Attributes:
+        relative_disagreement: as given.
     """
 
-    def __init__(self, relative_disagreement: float, threshold: float, why: str = "", exact_possible: bool = True) -> None:
+    def __init__(self, relative_disagreement: float, threshold: float, why: str = "", remedy: str = "") -> None:
         self.relative_disagreement = relative_disagreement
-        advice = (
-            "Use `hvp_method='double_backward'` (exact almost everywhere for piecewise-linear activations), or a smooth "
-            "activation (GELU, SiLU)."
-            if exact_possible
-            else "Use a smooth activation (GELU, SiLU): exact products cannot run on this model."
+        advice = remedy or (
+            "Use `hvp_method='auto'` (double backward, exact almost everywhere for piecewise-linear activations and "
+            "checked there for symmetry), or a smooth activation (GELU, SiLU)."
         )
         super().__init__(
             f"Finite-difference Hessian-vector products at two step sizes differ by {relative_disagreement:.2g} of "

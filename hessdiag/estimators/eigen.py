@@ -46,14 +46,17 @@ class HessianEigenvalues:
     finite-difference values cannot be re-measured: `converged` and the negative-curvature
     certificate are then False.
 
+    Every value is a Python float (lists of k per end), like `lambda_max`; only the vectors and the
+    solver's own record (`lanczos`) are tensors.
+
     Attributes:
-        top: the k largest eigenvalue estimates (Ritz values), descending, float64 on the CPU.
+        top: the k largest eigenvalue estimates (Ritz values), descending.
         bottom: the k smallest, ascending (most negative first).
-        error_bounds: ``{"top": ..., "bottom": ...}`` proven bounds, same shapes as `top` and
+        error_bounds: ``{"top": [...], "bottom": [...]}`` proven bounds, aligned with `top` and
             `bottom`: an eigenvalue of the Hessian lies within each of its Ritz value. They include
             the residual, the products' error (finite differences: measured along each Ritz vector)
             and rounding.
-        residuals: ``{"top": ..., "bottom": ...}`` the residuals alone (the bounds without product
+        residuals: ``{"top": [...], "bottom": [...]}`` the residuals alone (the bounds without product
             errors and rounding): beta_m |s_m| for exact products, ||R y - theta y|| for finite
             differences.
         probable_limits: ``{"top": ..., "bottom": ...}``: with probability at least 99% over the
@@ -78,15 +81,17 @@ class HessianEigenvalues:
         loss: the loss at the point (global batch under data parallelism; the mean over ranks of
             the per-rank losses on an FSDP2-sharded model, as FSDP averages them).
         grad_norm: the norm of the gradient on the same batch.
-        lanczos: the underlying :class:`~hessdiag.lanczos.LanczosResult` (tridiagonal, all Ritz values).
+        lanczos: the underlying :class:`~hessdiag.lanczos.LanczosResult` (tridiagonal, all Ritz values;
+            tensors, float64 on the CPU; with finite differences its values are the solver's, before
+            the re-measurement along the Ritz vectors).
         model, params: the network and the parameters the vectors are over (what :meth:`layer_shares`
             groups by module); None for a result built by hand.
     """
 
-    top: torch.Tensor
-    bottom: torch.Tensor
-    error_bounds: dict[str, torch.Tensor]
-    residuals: dict[str, torch.Tensor]
+    top: list[float]
+    bottom: list[float]
+    error_bounds: dict[str, list[float]]
+    residuals: dict[str, list[float]]
     probable_limits: dict[str, float]
     num_hvps: int
     converged: bool
@@ -164,7 +169,7 @@ def hessian_eigenvalues(
     Example::
 
         result = hessian_eigenvalues(model, loss_fn, batch)             # k=1, both ends, tol=1e-3
-        result.lambda_max, result.error_bounds["top"]                  # value, proven bound
+        result.lambda_max, result.error_bounds["top"][0]               # value, proven bound (floats)
         if result.negative_curvature_certified:                        # lambda_min < 0, proven
             escape = result.bottom_vectors[0]
         later = hessian_eigenvalues(model, loss_fn, next_batch, v0=result)   # warm start
@@ -199,7 +204,7 @@ def hessian_eigenvalues(
 
     Raises:
         ValueError: bad arguments (no trainable parameters, k larger than the dimension, ...).
-        LossClosureError, NonFiniteLossError, SecondDerivativeError, NonSmoothLossError,
+        LossClosureError, NonFiniteLossError, NonFiniteGradientError, SecondDerivativeError, NonSmoothLossError,
             CoarseFiniteDifferenceError: see :mod:`hessdiag.errors`.
     """
     if hvp_method not in HVP_METHODS:
@@ -243,12 +248,18 @@ def _check_tol(tol: object) -> None:
 
 @dataclass(frozen=True)
 class _End:
-    """One end of the spectrum: values, residuals, bounds (float64, CPU) and whether it converged."""
+    """One end of the spectrum: values, residuals, bounds (Python floats) and whether it converged."""
 
-    values: torch.Tensor
-    residuals: torch.Tensor
-    bounds: torch.Tensor
+    values: list[float]
+    residuals: list[float]
+    bounds: list[float]
     converged: bool
+
+    @classmethod
+    def of(cls, result: LanczosResult, end: str, converged: bool) -> _End:
+        """The solver's values, residuals and bounds of `end` ("top" or "bottom") as floats."""
+        values, residuals, bounds = (getattr(result, name) for name in (end, f"{end}_residuals", f"{end}_error_bounds"))
+        return cls(values.tolist(), residuals.tolist(), bounds.tolist(), converged)
 
 
 def _measured_along_ritz_vectors(
@@ -258,33 +269,28 @@ def _measured_along_ritz_vectors(
     docstring), and the negative-curvature certificate from them: y.H y <= theta + error < 0 proves
     lambda_min < 0. Without Ritz vectors nothing is re-measured and nothing is claimed."""
     if result.top_vectors is None or result.bottom_vectors is None:
-        ends = {
-            "top": _End(result.top, result.top_residuals, result.top_error_bounds, False),
-            "bottom": _End(result.bottom, result.bottom_residuals, result.bottom_error_bounds, False),
-        }
-        return ends, False
+        return {end: _End.of(result, end, False) for end in ("top", "bottom")}, False
     eps = torch.finfo(torch.promote_types(operator.dtype, torch.float32)).eps
     rounding_per_unit = (10 + math.log2(operator.dim)) * eps  # the arithmetic of theta and the residual
-    measured: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    measured: dict[str, tuple[list[float], list[float], list[float]]] = {}
     for end, vectors in (("top", result.top_vectors), ("bottom", result.bottom_vectors)):
         values, residuals, errors = [], [], []
         for y in vectors:
             y = y / operator.norm(y)
             along = operator.along(y)
             theta = float(dot(y, along.product, operator.shard))
-            residual = operator.norm(along.product - theta * y)
             values.append(theta)
-            residuals.append(residual)
+            residuals.append(operator.norm(along.product - theta * y))
             errors.append(along.error + rounding_per_unit * operator.norm(along.product))
-        measured[end] = tuple(torch.tensor(x, dtype=torch.float64) for x in (values, residuals, errors))
-    scale = max(float(result.ritz_values.abs().max()), *(float(m[0].abs().max()) for m in measured.values()))
+        measured[end] = (values, residuals, errors)
+    scale = max(float(result.ritz_values.abs().max()), *(abs(v) for m in measured.values() for v in m[0]))
     ends = {}
     for end, (values, residuals, errors) in measured.items():
-        bounds = residuals + errors
-        reference = abs(float(values[0])) if end == "top" else scale
-        ends[end] = _End(values, residuals, bounds, bool((bounds <= tol * reference).all()))
+        bounds = [r + e for r, e in zip(residuals, errors)]
+        reference = abs(values[0]) if end == "top" else scale
+        ends[end] = _End(values, residuals, bounds, all(b <= tol * reference for b in bounds))
     values, _, errors = measured["bottom"]
-    return ends, bool(values[0] + errors[0] < 0)
+    return ends, values[0] + errors[0] < 0
 
 
 def eigenvalues_of(
@@ -333,10 +339,7 @@ def eigenvalues_of(
         matvec_error=lambda: operator.product_error,
         shard=operator.shard,
     )
-    ends = {
-        "top": _End(result.top, result.top_residuals, result.top_error_bounds, result.top_converged),
-        "bottom": _End(result.bottom, result.bottom_residuals, result.bottom_error_bounds, result.bottom_converged),
-    }
+    ends = {"top": _End.of(result, "top", result.top_converged), "bottom": _End.of(result, "bottom", result.bottom_converged)}
     certified = result.negative_curvature_certified
     if operator.method == "finite_difference":
         ends, certified = _measured_along_ritz_vectors(operator, result, which, tol)
@@ -346,7 +349,7 @@ def eigenvalues_of(
         bottom=ends["bottom"].values,
         error_bounds={end: ends[end].bounds for end in ends},
         residuals={end: ends[end].residuals for end in ends},
-        probable_limits={"top": result.top_limit, "bottom": result.bottom_limit},
+        probable_limits={"top": float(result.top_limit), "bottom": float(result.bottom_limit)},
         num_hvps=operator.num_hvps - hvps_before,
         converged=all(ends[end].converged for end in wanted),
         top_vectors=result.top_vectors,

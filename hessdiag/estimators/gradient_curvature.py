@@ -182,7 +182,7 @@ def gradient_curvature(
     Raises:
         ValueError: both `lr` and `threshold`, a non-positive one, a `scaling` of the wrong shape,
             or bad arguments of :class:`HessianOperator`.
-        LossClosureError, NonFiniteLossError, SecondDerivativeError, NonSmoothLossError: see
+        LossClosureError, NonFiniteLossError, NonFiniteGradientError, SecondDerivativeError, NonSmoothLossError: see
             :mod:`hessdiag.errors`.
     """
     _checked_threshold(lr, threshold)  # before any forward

@@ -47,6 +47,7 @@ from hessdiag.isolation import ModelMode, MODEL_MODES, isolation, preserved_stat
 from hessdiag.batches import MicroBatches, cut_samples, leading_sizes
 from hessdiag.errors import LossClosureError, NonFiniteLossError
 from hessdiag.operator import LossFn, gradient_by_backward, trainable_parameters
+from hessdiag.operator.parameter_space import dense, refuse_non_finite_gradient
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,7 @@ def gradient_noise_scale(
             FSDP2-sharded model (use :func:`noise_scale_from_norms`).
         LossClosureError: `loss_fn` raised or did not return a scalar depending on the parameters.
         NonFiniteLossError: a part's loss is NaN or infinite.
+        NonFiniteGradientError: a part's gradient is NaN or infinite (naming the parameters).
 
     Note:
         The parts must be independent samples for the estimates to be unbiased: with BatchNorm in
@@ -302,11 +304,13 @@ def _part_gradient(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One part's flat float64 gradient over `chosen` and its loss, by a plain ``backward()`` as in
     training (``.grad`` left as found): ``autograd.grad`` is refused under reentrant checkpointing, and
-    returns None, silently, for parameters behind it when the inputs were made to require grad."""
+    returns None, silently, for parameters behind it when the inputs were made to require grad. Sparse
+gradients (``nn.Embedding(sparse=True)``) are taken as dense."""
     every = list(model.parameters())
     loss = _part_loss(model, loss_fn, part, seed, chosen[0].device)
     grads = gradient_by_backward(loss, chosen, every)
-    flat = torch.cat([torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1) for g, p in zip(grads, chosen)])
+    refuse_non_finite_gradient(model, chosen, grads, " on a part of the batch")
+    flat = torch.cat([torch.zeros_like(p).reshape(-1) if g is None else dense(g).reshape(-1) for g, p in zip(grads, chosen)])
     return flat.double(), loss.detach().double()
 
 

@@ -47,8 +47,34 @@ class MethodChoice:
     error: float
 
 
-def finite_differences(measured: Measurement, reason: str, *, sharded: bool, dtype: torch.dtype) -> MethodChoice:
-    """Finite differences, for `reason`, on parameters of `dtype`, if the loss is smooth enough for them.
+#: What works when finite differences were the last resort and the loss is not smooth: never a product
+#: method (each that could run was tried), so that following the advice cannot lead back here.
+SHARDED_REMEDY = "Use a smooth activation (GELU, SiLU): exact products cannot run on this model."
+UNRECORDED_REMEDY = (
+    "Checkpoint with use_reentrant=False (e.g. gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+    "{'use_reentrant': False})), so that double backward can run, or use a smooth activation (GELU, SiLU)."
+)
+OVERFLOW_REMEDY = (
+    "Check curvature on a float64 copy of the model (copy.deepcopy(model).double(), the batch in float64 too), "
+    "where the second-order terms fit, or find the overflowing activations."
+)
+
+
+def op_remedy(op: str | None) -> str:
+    """What works when `op` (a name, or None) cannot be differentiated twice and the loss is not smooth."""
+    named = f"`{op}`" if op else "the op that cannot be differentiated twice"
+    return (
+        f"Replace {named} with a twice-differentiable equivalent (e.g. hardsigmoid(x) = relu6(x + 3) / 6), restrict "
+        "`params=` to the parameters after it (their gradients do not pass through it), or use smooth activations "
+        "(GELU, SiLU), where finite differences apply."
+    )
+
+
+def finite_differences(
+    measured: Measurement, reason: str, *, sharded: bool, dtype: torch.dtype, remedy: str = ""
+) -> MethodChoice:
+    """Finite differences, for `reason`, on parameters of `dtype`, if the loss is smooth enough for them;
+    `remedy` is what to advise otherwise (see :class:`~hessdiag.errors.NonSmoothLossError`).
 
     Raises:
         CoarseFiniteDifferenceError: `dtype` is coarser than float32.
@@ -58,7 +84,7 @@ def finite_differences(measured: Measurement, reason: str, *, sharded: bool, dty
         raise CoarseFiniteDifferenceError(dtype, reason, sharded)
     if not measured.smooth:
         why = "" if reason == "asked for" else f" Finite differences were needed because {reason}, so no method works here."
-        raise NonSmoothLossError(measured.relative, NON_SMOOTH_DISAGREEMENT, why, exact_possible=not sharded)
+        raise NonSmoothLossError(measured.relative, NON_SMOOTH_DISAGREEMENT, why, SHARDED_REMEDY if sharded else remedy)
     return MethodChoice("finite_difference", reason, measured.error)
 
 
@@ -104,14 +130,14 @@ def choose_method(
             f"torch.autograd.grad returns no gradient for {failure.count} parameter tensor(s) that backward() reaches "
             "(reentrant checkpointing)"
         )
-        return finite_differences(measured, reason, sharded=False, dtype=dtype)
+        return finite_differences(measured, reason, sharded=False, dtype=dtype, remedy=UNRECORDED_REMEDY)
     if isinstance(failure, SecondDerivativeError):
         reason = f"double backward failed: {failure.op or 'an op of the loss'} cannot be differentiated twice"
-        return finite_differences(measured, reason, sharded=False, dtype=dtype)
+        return finite_differences(measured, reason, sharded=False, dtype=dtype, remedy=op_remedy(failure.op))
     assert exact is not None
     if not bool(torch.isfinite(exact).all()):
         reason = f"double backward's product is not finite (in {dtype}: an overflow in its second-order terms)"
-        return finite_differences(measured, reason, sharded=False, dtype=dtype)
+        return finite_differences(measured, reason, sharded=False, dtype=dtype, remedy=OVERFLOW_REMEDY)
     if not measured.smooth or is_coarse(dtype):
         _check_symmetry(probe, exact, second_probe(), exact_product, measured)
         why = f"on {dtype} parameters they measure rounding" if is_coarse(dtype) else "the loss is not smooth"
@@ -151,5 +177,7 @@ def _check_symmetry(
             NON_SMOOTH_DISAGREEMENT,
             f" Double backward is incomplete too: u.Hw - w.Hu = {defect:.2g} (of {scale:.2g}) on two random vectors "
             "(a backward that is not differentiable, e.g. @once_differentiable or .detach() inside it), so no "
-            "method works here: make that backward differentiable.",
+            "method works here.",
+            "Make that backward differentiable, restrict `params=` to the parameters after it, or use smooth "
+            "activations (GELU, SiLU), where finite differences apply.",
         )

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from hessdiag.isolation import seed_rng
+from hessdiag.operator.equivalents import TwiceDifferentiable
 from hessdiag.operator.loss import BatchLoss, LossModule, functional_names
 
 
@@ -41,5 +42,6 @@ class ForwardOverReverse:
             return torch.func.functional_call(wrapper, state, ())
 
         gradient = torch.func.grad(loss_of, argnums=tuple(range(len(names))))
-        _, products = torch.func.jvp(gradient, tuple(p.detach() for p in space.params), tuple(pieces))
+        with TwiceDifferentiable():
+            _, products = torch.func.jvp(gradient, tuple(p.detach() for p in space.params), tuple(pieces))
         return space.flatten(products)

@@ -7,7 +7,9 @@ masks in every product of one estimate. A failure inside the user's closure is a
 (``create_graph=True``) for double backward, without one for finite differences, under the attention
 kernels the user has enabled (fused ones included: only first derivatives are taken), and by a plain
 ``loss.backward()`` where ``torch.autograd.grad`` is refused (reentrant checkpointing) or returns
-None for sharded parameters (FSDP2).
+None for sharded parameters (FSDP2). Forward and backward passes run under
+:class:`~hessdiag.operator.equivalents.TwiceDifferentiable`, which routes ops without a second
+derivative (Hardsigmoid, EmbeddingBag, sparse embeddings) to exact equivalents that have one.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from hessdiag.errors import (
     is_missing_second_derivative,
     refuses_autograd_grad,
 )
+from hessdiag.operator.equivalents import TwiceDifferentiable
 from hessdiag.operator.finite_difference import CentralDifference
-from hessdiag.operator.parameter_space import ParameterSpace
+from hessdiag.operator.parameter_space import ParameterSpace, refuse_non_finite_gradient
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -148,7 +151,8 @@ class BatchLoss:
         self.before_forward = list(self.model.parameters())
         seed_rng(self.seed, self.space.device)
         try:
-            loss = self.loss_fn(self.model, self.batch)
+            with TwiceDifferentiable():
+                loss = self.loss_fn(self.model, self.batch)
         except torch.OutOfMemoryError:
             raise  # not the closure's fault: the caller may retry on a smaller batch
         except Exception as error:  # the user's closure: any other failure is a bad batch or closure
@@ -192,10 +196,12 @@ class BatchLoss:
         Raises:
             SecondDerivativeError: an op of the loss cannot be differentiated twice.
             UnrecordedGradientError: autograd.grad returns None for parameters backward() reaches.
+            NonFiniteGradientError: the gradient holds NaN or infinity.
         """
         create_graph = method == "double_backward"
         try:
-            grads = torch.autograd.grad(loss, self.space.params, create_graph=create_graph, allow_unused=True)
+            with TwiceDifferentiable():  # a checkpoint recomputing its forward here must route as the forward did
+                grads = torch.autograd.grad(loss, self.space.params, create_graph=create_graph, allow_unused=True)
         except RuntimeError as error:
             if is_missing_second_derivative(error):
                 raise SecondDerivativeError(error, method) from error
@@ -203,13 +209,19 @@ class BatchLoss:
         self._compare_with_backward(grads)
         if self.unrecorded:
             raise UnrecordedGradientError(self.unrecorded, method)
+        refuse_non_finite_gradient(self.model, self.space.params, grads)
         self.value = loss.detach()
         self.grads = grads if create_graph else tuple(None if g is None else g.detach() for g in grads)
 
     def build_without_graph(self, loss: torch.Tensor) -> None:
-        """The gradient of `loss` with no graph kept (finite differences)."""
-        self.value = loss.detach()
-        self.grads = tuple(self.space.split(self.gradient_without_graph(loss)))
+        """The gradient of `loss` with no graph kept (finite differences).
+
+        Raises:
+            NonFiniteGradientError: the gradient holds NaN or infinity.
+        """
+        grads = tuple(self.space.split(self.gradient_without_graph(loss)))
+        refuse_non_finite_gradient(self.model, self.space.params, grads)
+        self.value, self.grads = loss.detach(), grads
 
     def drop_graph(self) -> None:
         """Keep the gradient's values, free its graph (products by finite differences from here)."""
@@ -233,7 +245,8 @@ class BatchLoss:
                     )
             if not self.plain_backward:
                 try:
-                    grads = torch.autograd.grad(loss, self.space.params, allow_unused=True)
+                    with TwiceDifferentiable():
+                        grads = torch.autograd.grad(loss, self.space.params, allow_unused=True)
                 except RuntimeError as error:
                     if not refuses_autograd_grad(error):
                         raise
@@ -245,7 +258,8 @@ class BatchLoss:
                         return self.space.flatten(grads)
                     self.plain_backward = True
                     return self.space.flatten(backward)
-            return self.space.flatten(gradient_by_backward(loss, self.space.params, self.before_forward))
+            with TwiceDifferentiable():
+                return self.space.flatten(gradient_by_backward(loss, self.space.params, self.before_forward))
 
     def _compare_with_backward(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None] | None:
         """Whether a None in `grads` (from ``autograd.grad``) is a zero gradient or a graph never
@@ -256,7 +270,9 @@ class BatchLoss:
         if not missing or self._compared:
             return None
         self._compared = True
-        backward = gradient_by_backward(self.evaluate(), self.space.params, self.before_forward)
+        loss = self.evaluate()
+        with TwiceDifferentiable():
+            backward = gradient_by_backward(loss, self.space.params, self.before_forward)
         self.unrecorded = sum(backward[i] is not None for i in missing)
         return backward if self.unrecorded else None
 
@@ -302,7 +318,7 @@ class BatchLoss:
         names = functional_names(self.model, space.params)
         wrapper = LossModule(self.model, self.loss_fn, self.batch)
         seed_rng(self.seed, space.device)
-        with torch.no_grad():
+        with torch.no_grad(), TwiceDifferentiable():
             moved = {name: p + step * o for name, p, o in zip(names, space.params, offsets)}
             value = torch.func.functional_call(wrapper, moved, ()).detach().reshape(())
         return space.total(value)

@@ -19,7 +19,7 @@ from torch import nn
 
 from hessdiag import _distributed, _sharded
 from hessdiag.isolation import unwrap_model
-from hessdiag.errors import HessdiagError
+from hessdiag.errors import HessdiagError, NonFiniteGradientError
 from hessdiag.vectors import VectorShard, random_generator, random_unit_vector, vector_norm
 
 
@@ -187,3 +187,24 @@ class ParameterSpace:
 def dense(tensor: torch.Tensor) -> torch.Tensor:
     """Sparse gradients (``nn.Embedding(sparse=True)``) as dense tensors, for the flat vectors."""
     return tensor.to_dense() if tensor.is_sparse else tensor
+
+
+def refuse_non_finite_gradient(
+    model: nn.Module, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], where: str = ""
+) -> None:
+    """Refuse a gradient (one entry per parameter of `params`, None for zero) that holds NaN or
+    infinity; one host read.
+
+    Raises:
+        NonFiniteGradientError: naming the parameters (by their names in `model`) whose gradient is
+            not finite; `where` completes the message (e.g. " on a part of the batch").
+    """
+    present = [(index, p, g) for index, (p, g) in enumerate(zip(params, grads)) if g is not None]
+    if not present:
+        return
+    finite = torch.stack([torch.isfinite(dense(_sharded.local(g))).all() for _, _, g in present]).tolist()
+    if all(finite):
+        return
+    names = {id(p): name for name, p in unwrap_model(model).named_parameters(remove_duplicate=False)}
+    bad = [names.get(id(p), f"params[{index}]") for (index, p, _), ok in zip(present, finite) if not ok]
+    raise NonFiniteGradientError(bad, where)
