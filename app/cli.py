@@ -106,6 +106,11 @@ def event_files(logdir: Path) -> dict[Path, list[Path]]:
     return dict(sorted(files.items()))
 
 
+def event_directories(logdir: Path) -> list[Path]:
+    """The directories holding event files under `logdir`, or that of the file `logdir`."""
+    return list(event_files(logdir))
+
+
 def _strings(accumulator, tag: str) -> list[tuple[int, str]]:
     """(step, string) of each entry of the string tensor `tag`, in step order."""
     if tag not in accumulator.Tags().get("tensors", []):

@@ -333,3 +333,17 @@ def test_the_event_log_grows_linearly_with_the_events(tmp_path):
     assert max(per_block) <= 1.05 * per_block[1], per_block  # the same bytes per event, early and late
     latest = texts(read(tmp_path), "hessdiag/event_log")[-1][1]
     assert "Flag events 1190-1200 of 1200" in latest and len(re.findall(r"^- step", latest, flags=re.MULTILINE)) == 11
+
+
+@pytest.mark.parametrize(
+    ("scale", "se", "resolved"),
+    [(770.0, 910.0, False), (770.0, 400.0, False), (770.0, None, False), (770.0, 380.0, True), (20.0, 4.0, True)],
+)
+def test_the_noise_scale_verdict_waits_for_a_resolved_estimate(scale, se, resolved):
+    """No advice on the batch while the standard error exceeds half the value: 770 +- 910 could as
+    well be 64 as 1,700."""
+    from hessdiag.reporting.dashboard import noise_scale_verdict
+
+    sentence = noise_scale_verdict(scale, se, 64)
+    assert ("not resolved yet" not in sentence) == resolved, sentence
+    assert ("batch would" in sentence or "smaller batch" in sentence) == resolved
