@@ -5,7 +5,7 @@ import torch
 from hessdiag import MicroBatches
 from hessdiag.batches import MAX_MICRO_BATCHES
 from hessdiag.callbacks.loss_closure import StepBatch
-from hessdiag.callbacks.micro_batches import StepMicroBatches
+from hessdiag.callbacks.micro_batches import LoggedLoss, StepMicroBatches
 
 
 def test_a_step_of_one_batch_checks_that_batch():
@@ -57,3 +57,35 @@ def test_the_steps_samples_are_counted_over_its_micro_batches():
     step.count(torch.zeros(5))
     assert step.finish("last", 2)[2] is None
     assert step.finish("last", 3)[2] is None  # no micro-batch counted
+
+
+def test_a_logged_loss_counts_only_when_logged_in_this_step():
+    logged = LoggedLoss()
+    epoch_mean, accuracy = torch.tensor(0.9), torch.tensor(0.5)
+    logged.before_step({"loss": epoch_mean, "accuracy": accuracy})
+    # Unchanged tensors are older values (an epoch mean, another step's): not this step's loss.
+    assert logged.after_step({"loss": epoch_mean, "accuracy": torch.tensor(0.6)}) is None
+    fresh = torch.tensor(0.4)
+    logged.before_step({"loss": epoch_mean})
+    assert logged.after_step({"loss": epoch_mean, "train_loss": fresh, "train_loss_step": fresh}) is fresh
+
+
+def test_among_several_logged_losses_only_loss_itself_is_taken():
+    logged = LoggedLoss()
+    d_loss, g_loss, total = torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)
+    assert logged.after_step({"d_loss": d_loss, "g_loss": g_loss, "hessdiag/grad_norm": total}) is None
+    assert logged.ambiguous == ("d_loss", "g_loss")
+    assert "logged several (d_loss, g_loss)" in logged.advice()
+    assert logged.after_step({"d_loss": d_loss, "g_loss": g_loss, "loss": total}) is total
+    assert logged.after_step({"hessdiag/loss": total, "losses": torch.ones(3)}) is None  # ours; not a scalar
+    assert "logged none with `self.log`" in logged.advice()
+
+
+def test_under_manual_optimisation_the_step_loss_is_the_mean_of_its_batches():
+    step = StepMicroBatches(manual=True)
+    step.add_loss(torch.tensor(1.0))
+    step.logged.before_step({})
+    step.add_loss(None, {"train_loss": torch.tensor(3.0)})
+    assert step.finish("last", 1)[1] == 2.0
+    step.add_loss({"accuracy": torch.tensor(0.5)}, {})
+    assert step.finish("last", 2)[1] is None
