@@ -4,7 +4,8 @@ Under gradient accumulation one optimizer step descends the mean of its micro-ba
 (each micro-batch loss divided by their number, gradients summed): `MicroBatches` carries those
 micro-batches to the check, and :func:`step_loss` turns the user's ``loss_fn(model, batch)`` into that
 mean, so each Hessian-vector product is the equally weighted sum of the micro-batches' products.
-`take_sub_batch` cuts the batch dimension of every tensor consistently, or refuses.
+`first_samples` (and `take_sub_batch` for the `sub_batch` setting) cuts the batch dimension of every tensor
+consistently, and a list of per-sample tensors by element, or refuses.
 """
 
 from __future__ import annotations
@@ -49,69 +50,152 @@ def step_loss(loss_fn: LossFn) -> LossFn:
 
 
 def batch_size(batch: Any) -> int | None:
-    """Samples in `batch` (all micro-batches of a `MicroBatches`): the leading dimension of its
-    first tensor; None if it has none."""
+    """Samples in `batch` (all micro-batches of a `MicroBatches`): its batch dimension (see
+    :func:`leading_sizes`); when that cannot be told, the leading dimension of its first tensor;
+    None if it has no tensor."""
     if isinstance(batch, MicroBatches):
-        sizes = [infer_batch_size(micro) for micro in batch]
+        sizes = [batch_size(micro) for micro in batch]
         return None if None in sizes else sum(sizes)  # type: ignore[arg-type]
-    return infer_batch_size(batch)
+    size = _batch_dimension(batch)
+    return size if size is not None else infer_batch_size(batch)
 
 
 def sub_batch_base(batch: Any) -> int | None:
     """The samples `sub_batch` counts in: those of the batch, or of the first micro-batch of a
     `MicroBatches` (which :func:`take_sub_batch` cuts one by one); None if it has no tensor."""
-    return infer_batch_size(batch[0] if isinstance(batch, MicroBatches) and batch else batch)
+    return batch_size(batch[0] if isinstance(batch, MicroBatches) and batch else batch)
 
 
 def leading_sizes(item: Any, sizes: set[int]) -> set[int]:
-    """The leading dimensions of every tensor in `item` (nested tuples, lists, dicts), added to `sizes`."""
-    if isinstance(item, torch.Tensor):
-        if item.dim() > 0:
-            sizes.add(int(item.shape[0]))
-    elif isinstance(item, Mapping):
-        for value in item.values():
-            leading_sizes(value, sizes)
-    elif isinstance(item, (list, tuple)):
-        for value in item:
-            leading_sizes(value, sizes)
+    """The batch sizes that `item`'s tensors (in nested tuples, lists, dicts) claim, added to `sizes`:
+    one, the batch dimension, when it can be told; the differing leading dimensions when it cannot;
+    none without a tensor.
+
+    Every tensor's first dimension is the batch, except in a list of per-sample tensors: a list (or
+    tuple) of tensors whose length is the batch dimension of the other tensors, e.g.
+    ``([seq_1, ..., seq_n], labels)`` with sequences of different lengths. A list of tensors that all
+    share that batch dimension is a list of fields (``default_collate``'s ``[x, y]``), and a list of
+    0-d tensors of another length holds constants.
+    """
+    size = _batch_dimension(item)
+    sizes |= {size} if size is not None else _leading(_tensors(item))
     return sizes
 
 
-def take_sub_batch(batch: Any, size: int | None) -> Any:
-    """The first `size` samples of `batch`: every tensor (in nested tuples, lists, dicts, named
-    tuples) cut along its leading dimension, which must be the same for all of them; other leaves
-    are kept. A `MicroBatches` is cut micro-batch by micro-batch. ``None`` keeps the whole batch.
+def first_samples(batch: Any, size: int | None) -> Any:
+    """The first `size` samples of `batch` (``None``: all): every tensor cut along its leading
+    dimension and a list of per-sample tensors by element (see :func:`leading_sizes`); other leaves
+    are kept. A `MicroBatches` is cut micro-batch by micro-batch.
 
     Raises:
-        ValueError: the tensors' leading dimensions differ (e.g. a list of sequences of different
-            lengths), so the batch dimension cannot be told apart; use ``sub_batch=None``.
+        ValueError: the batch dimension cannot be told (the tensors' leading dimensions differ).
     """
-    if size is None:
-        return batch
-    if isinstance(batch, MicroBatches):
-        return MicroBatches(take_sub_batch(micro, size) for micro in batch)
-    sizes = leading_sizes(batch, set())
-    if len(sizes) > 1:
-        raise ValueError(
-            f"`sub_batch` cannot tell the batch dimension: the batch's tensors have leading dimensions "
-            f"{sorted(sizes)} (a list of samples of different lengths?). Use `sub_batch=None`, or collate the "
-            "batch so that every tensor's first dimension is the batch."
-        )
-    if not sizes or sizes.pop() <= size:
-        return batch
+    return _first_samples(batch, size, setting=None)
 
-    return cut_samples(batch, 0, size)
+
+def take_sub_batch(batch: Any, size: int | None) -> Any:
+    """:func:`first_samples` for the `sub_batch` setting, whose refusal names it.
+
+    Raises:
+        ValueError: the batch dimension cannot be told; the message says to use ``sub_batch=None``.
+    """
+    return _first_samples(batch, size, setting="sub_batch")
 
 
 def cut_samples(item: Any, start: int, stop: int) -> Any:
-    """Samples `start` to `stop` of every tensor in `item` (nested tuples, lists, dicts, named tuples),
-    cut along the leading dimension; other leaves and 0-d tensors are kept as they are."""
+    """Samples `start` to `stop` of `item` (nested tuples, lists, dicts, named tuples): every tensor
+    cut along its leading dimension, a list of per-sample tensors by element (see
+    :func:`leading_sizes`); other leaves and 0-d tensors are kept as they are."""
+    return _cut(item, start, stop, _batch_dimension(item))
+
+
+#: How to give a batch whose batch dimension can be told.
+_COLLATE = (
+    "collate the batch so that every tensor's first dimension is the batch, or give tensors of different lengths "
+    "as a list of one tensor per sample beside a tensor of one entry per sample, e.g. `([seq_1, ..., seq_n], labels)`"
+)
+
+
+def _first_samples(batch: Any, size: int | None, setting: str | None) -> Any:
+    if size is None:
+        return batch
+    if isinstance(batch, MicroBatches):
+        return MicroBatches(_first_samples(micro, size, setting) for micro in batch)
+    sizes = leading_sizes(batch, set())
+    if len(sizes) > 1:
+        found = f"the batch's tensors have leading dimensions {sorted(sizes)}"
+        if setting is None:
+            raise ValueError(f"the batch dimension cannot be told apart: {found}; {_COLLATE}.")
+        raise ValueError(f"`{setting}` cannot tell the batch dimension: {found}. Use `{setting}=None`, or {_COLLATE}.")
+    if not sizes or sizes.pop() <= size:
+        return batch
+    return cut_samples(batch, 0, size)
+
+
+def _cut(item: Any, start: int, stop: int, size: int | None) -> Any:
     if isinstance(item, torch.Tensor):
         return item[start:stop] if item.dim() > 0 else item
     if isinstance(item, Mapping):
-        return type(item)({key: cut_samples(value, start, stop) for key, value in item.items()})
+        return type(item)({key: _cut(value, start, stop, size) for key, value in item.items()})
     if isinstance(item, tuple) and hasattr(item, "_fields"):
-        return type(item)(*(cut_samples(value, start, stop) for value in item))
+        return type(item)(*(_cut(value, start, stop, size) for value in item))
+    if _tensor_list(item) and _role(item, size) == "samples":
+        return type(item)(item[start:stop])
     if isinstance(item, (list, tuple)):
-        return type(item)(cut_samples(value, start, stop) for value in item)
+        return type(item)(_cut(value, start, stop, size) for value in item)
     return item
+
+
+def _batch_dimension(batch: Any) -> int | None:
+    """The number of samples in `batch`, or None: it has no tensor with a leading dimension, or its
+    tensors disagree (see :func:`leading_sizes`)."""
+    lists: list[list[torch.Tensor] | tuple[torch.Tensor, ...]] = []
+    others = _leading(_tensors(batch, lists))
+    if not others:  # every tensor in a list of tensors (`default_collate`'s [x, y], a bare list)
+        sizes = _leading(tensor for values in lists for tensor in values)
+        return sizes.pop() if len(sizes) == 1 else None
+    if len(others) > 1:
+        return None
+    (size,) = others
+    return size if all(_role(values, size) != "unknown" for values in lists) else None
+
+
+def _role(values: list[torch.Tensor] | tuple[torch.Tensor, ...], size: int | None) -> str:
+    """What a list of tensors is in a batch of `size` samples: "fields" (each cut along its leading
+    dimension), "samples" (cut by element), "constants" (kept), or "unknown"."""
+    leading = _leading(values)
+    if leading and leading == {size}:
+        return "fields"
+    if len(values) == size:
+        return "samples"
+    return "unknown" if leading else "constants"
+
+
+def _tensors(item: Any, lists: list[Any] | None = None) -> list[torch.Tensor]:
+    """The tensors in `item`; those inside a list of tensors go to `lists` instead (as the lists)
+    when `lists` is given."""
+    if isinstance(item, torch.Tensor):
+        return [item]
+    if isinstance(item, Mapping):
+        item = list(item.values())
+    elif lists is not None and _tensor_list(item):
+        lists.append(item)
+        return []
+    if isinstance(item, (list, tuple)):
+        return [tensor for value in item for tensor in _tensors(value, lists)]
+    return []
+
+
+def _tensor_list(item: Any) -> bool:
+    """A list or tuple (not a named tuple, nor :class:`MicroBatches`) of tensors only."""
+    return (
+        isinstance(item, (list, tuple))
+        and not hasattr(item, "_fields")
+        and not isinstance(item, MicroBatches)
+        and bool(item)
+        and all(isinstance(value, torch.Tensor) for value in item)
+    )
+
+
+def _leading(tensors: Any) -> set[int]:
+    return {int(tensor.shape[0]) for tensor in tensors if tensor.dim() > 0}
