@@ -116,5 +116,11 @@ def test_state_round_trip():
     ],
 )
 def test_bad_arguments(kwargs, match):
+    """The settings' own arguments are checked once, by the settings; the schedule's spacing by it."""
+    from hessdiag.settings import DiagnosticsSettings
+
     with pytest.raises(ValueError, match=match):
-        CheckSchedule(**kwargs)
+        if "check_every" in kwargs or "overhead_budget" in kwargs:
+            DiagnosticsSettings(**kwargs)
+        else:
+            CheckSchedule(**kwargs)

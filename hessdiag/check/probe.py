@@ -24,8 +24,10 @@ from hessdiag.check.quantities import build_quantities
 from hessdiag.check.quantities.noise_scale import NoiseScale
 from hessdiag.check.quantities.update_prediction import UpdateLossPrediction
 from hessdiag.check.quantity import CheckContext, Quantity, Skipped
+from hessdiag.check.quantities.stability import Stability, stability_rule
 from hessdiag.check.record import CurvatureCheck
 from hessdiag.check.starts import CheckStarts
+from hessdiag.check.tracking import TrackingReading, track
 from hessdiag.estimators.eigen import HessianEigenvalues, eigenvalues_of
 from hessdiag.isolation import preserved_state, unwrap_model
 from hessdiag.noise.noise_scale import NoiseScaleEstimate
@@ -93,10 +95,13 @@ class CurvatureProbe:
         *,
         sub_batch: int | None = None,
         noise: NoiseScaleEstimate | None = None,
+        bottom: bool = True,
     ) -> CurvatureCheck:
         """One check on `batch` (cut to `sub_batch` or the probe's own sub-batch size). `noise`: the
         step's noise-scale estimate measured elsewhere (the micro-batches' gradients), used for the
-        noise scale instead of cutting the batch.
+        noise scale instead of cutting the batch. `bottom` False: the Lanczos run stops when the top
+        end meets the tolerance (the bottom end, which takes 2-4x its products, is not measured, nor
+        what reads it: its layer shares, the escape probe).
 
         Raises the engine's errors (see :mod:`hessdiag.errors`); the caller decides what to do.
         """
@@ -112,12 +117,15 @@ class CurvatureProbe:
         with preserved_state(unwrap_model(self.model), operator.params), operator:
             settings = self.settings
             warm = None if cold else self.starts.warm_vectors
-            result = eigenvalues_of(operator, k=settings.k, tol=settings.tol, max_iter=settings.max_iter, v0=warm, seed=seed)
+            result = eigenvalues_of(
+                operator, k=settings.k, which="both" if bottom else "top", tol=settings.tol, max_iter=settings.max_iter,
+                v0=warm, seed=seed,
+            )  # fmt: skip
             products["spectrum"] = operator.num_hvps
             context = CheckContext(
                 step=step, number=self.num_checks, settings=settings, model=self.model, loss_fn=self.loss_fn,
                 params=self.params, operator=operator, spectrum=result, optimizer=optimizer, batch=batch,
-                step_samples=step_samples, seed=seed, cold=cold, starts=self.starts, values=values,
+                step_samples=step_samples, seed=seed, cold=cold, bottom=bottom, starts=self.starts, values=values,
             )  # fmt: skip
             self._compute(context, [q for q in self.quantities if q.uses_operator], skipped, products)
             num_hvps = operator.num_hvps
@@ -126,11 +134,14 @@ class CurvatureProbe:
         context.operator = None
         self._compute(context, [q for q in self.quantities if not q.uses_operator], skipped, products)
         self.starts.warm_vectors = result.warm_start()
+        self.starts.tracked = None if result.top_vectors is None else result.top_vectors[0]
+        if self.starts.warm_preconditioned is not None:
+            self.starts.tracked_preconditioned = self.starts.warm_preconditioned[0]
         self.num_checks += 1
         return CurvatureCheck(
             step=step, **spectrum_fields(result), num_hvps=num_hvps, seconds=time.perf_counter() - start, cold=cold,
             batch_size=batch_size(batch), hvp_method=method, hvp_method_reason=method_reason,
-            product_error=product_error, values=values, skipped=skipped, products=products,
+            product_error=product_error, bottom=bottom, values=values, skipped=skipped, products=products,
         )  # fmt: skip
 
     @staticmethod
@@ -147,6 +158,38 @@ class CurvatureProbe:
             context.values[quantity.name] = value
             if context.operator is not None:
                 products[quantity.name] = context.operator.num_hvps - before
+
+    def track(self, step: int, batch: Any, optimizer: torch.optim.Optimizer | None = None) -> TrackingReading | None:
+        """A tracking reading on `batch` from the last check's top Ritz vectors (one product each;
+        see :mod:`hessdiag.check.tracking`); None where there is nothing to track: no check yet,
+        its vectors of other parameters (unfreezing), a check that did not finish, or a basis that
+        kept no vectors. The product method is the last check's.
+
+        Raises the engine's errors (see :mod:`hessdiag.errors`); the caller decides what to do.
+        """
+        starts = self.starts
+        if starts.tracked is None or starts.method is None:
+            return None
+        batch = take_sub_batch(batch, self.sub_batch)
+        operator = self._operator(batch, step, starts.method)
+        if starts.tracked.shape[-1] != operator.size:
+            return None
+        with preserved_state(unwrap_model(self.model), operator.params), operator:
+            rule = stability_rule(optimizer, operator)
+            threshold = rule.threshold.threshold if isinstance(rule, Stability) and rule.threshold is not None else None
+            preconditioned = None
+            if threshold is not None and rule.scale is not None:
+                if starts.tracked_preconditioned is None:
+                    threshold = None  # no preconditioned vector to track yet
+                else:
+                    preconditioned = (starts.tracked_preconditioned, rule.scale)
+            reading, tracked, tracked_preconditioned = track(
+                operator, step, starts.tracked, threshold=threshold, preconditioned=preconditioned
+            )
+        starts.tracked = tracked if tracked is not None else starts.tracked
+        if tracked_preconditioned is not None:
+            starts.tracked_preconditioned = tracked_preconditioned
+        return reading
 
     def remember_update_start(self, step: int) -> None:
         """Copy the parameters before optimizer step `step` (its gradients final, the step not yet

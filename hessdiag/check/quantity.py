@@ -55,6 +55,7 @@ class CheckContext:
         step_samples: the samples of the optimizer step's whole batch (all micro-batches), or None.
         seed: the check's seed (every random draw of the check derives from it).
         cold: the Lanczos run started from a random vector.
+        bottom: the Lanczos run measured the bottom end too (else it stopped with the top).
         starts: the run's warm-start vectors (a quantity with its own Lanczos run keeps its own).
         values: the values of the quantities computed so far in this check, by name.
     """
@@ -72,6 +73,7 @@ class CheckContext:
     step_samples: int | None
     seed: int
     cold: bool
+    bottom: bool
     starts: CheckStarts
     values: dict[str, Any] = field(default_factory=dict)
 

@@ -22,6 +22,7 @@ from hessdiag.reporting.tags import (
     CHECK_LOSS,
     CHECK_SECONDS,
     LAMBDA_MAX,
+    LAMBDA_MAX_LOWER,
     LAMBDA_MIN,
     NEGATIVE_CURVATURE_CERTIFIED,
     NUM_HVPS,
@@ -58,6 +59,9 @@ class CurvatureCheck:
         hvp_method: the product method the check used ("auto" resolved: "double_backward" or
             "finite_difference"; or the one asked for).
         hvp_method_reason: why that method (what "auto"'s cross-check found, "asked for", ...).
+        bottom: the check measured the bottom end (lambda_min to the tolerance); False: the Lanczos
+            run stopped with the top end, and `lambda_min` is only the bottom Ritz value of its
+            Krylov space (an upper bound on lambda_min, not logged).
         product_error: the error per product that entered the bounds (0 for exact products; for
             finite differences an estimate measured along the Ritz vectors, see
             :class:`~hessdiag.HessianOperator`).
@@ -92,6 +96,7 @@ class CurvatureCheck:
     hvp_method: str
     hvp_method_reason: str
     product_error: float
+    bottom: bool = True
     values: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     products: dict[str, int] = field(default_factory=dict)
@@ -209,17 +214,21 @@ class CurvatureCheck:
         """The scalars the check logs, by tag: the spectrum's, then each quantity's."""
         scalars = {
             LAMBDA_MAX: self.lambda_max,
-            LAMBDA_MIN: self.lambda_min,
-            NEGATIVE_CURVATURE_CERTIFIED: float(self.negative_curvature_certified),
             RESIDUAL_MAX: self.residual_max,
-            RESIDUAL_MIN: self.residual_min,
             NUM_HVPS: float(self.num_hvps),
             CHECK_SECONDS: self.seconds,
             CHECK_LOSS: self.loss,
             CHECK_GRAD_NORM: self.grad_norm,
             PRODUCT_ERROR: self.product_error,
             CHECK_FAILED: 0.0,
+            LAMBDA_MAX_LOWER: self.lambda_max - self.error_bound_max,  # the dense curve's point (tracking)
         }
+        if self.bottom:
+            scalars |= {
+                LAMBDA_MIN: self.lambda_min,
+                NEGATIVE_CURVATURE_CERTIFIED: float(self.negative_curvature_certified),
+                RESIDUAL_MIN: self.residual_min,
+            }
         for name, value in self.values.items():
             if value is not None:
                 scalars |= REGISTRY[name].scalars(value, self)

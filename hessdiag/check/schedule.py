@@ -1,19 +1,30 @@
-"""When the next curvature check runs: a fixed cadence, or a share of the training time.
+"""When the next curvature reading runs, and whether it is a full check or a tracking reading.
 
-A check costs one forward and backward plus tens of Hessian-vector products (each 2-4x a gradient),
-so its price relative to a training step depends on the model, the batch and the optimizer (Adam
-adds a preconditioned estimate). ``check_every="auto"`` therefore measures both and spaces the checks
-so that they take at most `overhead_budget` of the training time (measured on a CPU GPT: one check
-per 100 steps cost +116%; see benchmarks/overhead.py), never more often than every `min_interval`
-steps. The first checks come early and double their spacing (steps 10, 20, 40, 80, 160 with the
-defaults `first_check` = 10 and `early_checks` = 5), so that a short run draws a line of curvature
-rather than one point; they are not budgeted, and the budget pays them back before the next check (a
-300-step run thus spends more than `overhead_budget` on checks, a run of thousands of steps does
-not). The time of a training step is the median of the last 256 gaps between steps, so pauses in
-between (validation, checkpointing, a stalled data loader, other work in the same process) do not
-count as training time: the budget is a share of the training steps themselves. A failing check
-backs off exponentially (up to 16x). Under data parallelism the ranks agree on the next check (the
-largest interval), or some would wait in a collective the others never enter.
+A full check costs one forward and backward plus tens of Hessian-vector products (each 2-4x a
+gradient): 30-200 training steps. A tracking reading (:mod:`hessdiag.check.tracking`) costs one
+gradient graph and one or two products: a few steps. With ``check_every="auto"`` the schedule spaces
+readings so that the curvature is read all through the run within `overhead_budget` of the training
+time:
+
+* The first reading, at `first_check` (10), is a full check (there is nothing to track yet); the
+  next come early at doubling steps (20, 40, 80, 160 with `early_checks` = 5), so a short run draws
+  a line of curvature rather than one point.
+* Then a reading every `interval` steps: the measured cost of a tracking reading over
+  :data:`TRACKING_SHARE` of the budget, never more often than every `min_interval` steps (100).
+* Each reading is a full check when the whole budget can pay for it in advance (the checks and
+  readings so far *and* this one, estimated as long as the last full check, fit in
+  `overhead_budget` of the training time), otherwise a tracking reading. So the tracking readings
+  keep the curve going while the first check's cost is paid back, and full checks (both ends, every
+  quantity; the only readings that can clear a flag) come as often as the rest of the budget allows.
+* Where tracking is impossible (no Ritz vectors to follow), every reading is a full check and the
+  interval is the one that keeps the full checks within the budget, as before tracking existed.
+
+The time of a training step is the median of the last 256 gaps between steps, so pauses in between
+(validation, checkpointing, a stalled data loader) do not count as training time. A failing check
+backs off exponentially (up to 16x). Under data parallelism the ranks agree on the next reading (the
+largest interval) and on its kind (a full check only when every rank can afford it), or some would
+wait in a collective the others never enter. With an int `check_every` every reading is a full check,
+every `check_every` steps.
 """
 
 from __future__ import annotations
@@ -35,17 +46,26 @@ _MAX_BACKOFF = 16
 _STEP_WINDOW = 256  # recent step times whose median is the typical step
 
 CheckEvery = int | Literal["auto"]
+ReadingKind = Literal["check", "tracking"]
+
+#: In ``"auto"`` mode every n-th full check measures the bottom end of the spectrum even when no
+#: detector needs it (the saddle rule asks for it whenever the losses show a stall).
+BOTTOM_EVERY = 4
+
+#: The share of `overhead_budget` that sets the spacing of tracking readings; the rest pays for
+#: the full checks (the first one included).
+TRACKING_SHARE = 0.6
 
 
 class CheckSchedule:
-    """Decides at which optimizer steps curvature checks run.
+    """Decides at which optimizer steps curvature readings run, and of which kind.
 
     Args:
-        check_every: an int n (a check every n steps; 0: never) or ``"auto"`` (see module docstring).
-        overhead_budget: share of the wall time checks may take in ``"auto"`` mode (default 0.05).
-        min_interval: fewest steps between checks in ``"auto"`` mode (100).
+        check_every: an int n (a full check every n steps; 0: never) or ``"auto"`` (see module docstring).
+        overhead_budget: share of the wall time readings may take in ``"auto"`` mode (default 0.05).
+        min_interval: fewest steps between readings in ``"auto"`` mode (100).
         first_check: the step of the first check in ``"auto"`` mode (10; at most `min_interval`).
-        early_checks: checks in ``"auto"`` mode placed at doubling steps from `first_check` (5; 1:
+        early_checks: readings in ``"auto"`` mode placed at doubling steps from `first_check` (5; 1:
             only the first), before the budget spaces them.
     """
 
@@ -57,27 +77,23 @@ class CheckSchedule:
         first_check: int = 10,
         early_checks: int = 5,
     ) -> None:
-        if check_every != "auto" and (not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 0):
-            raise ValueError(f"`check_every` must be an int >= 0 or 'auto', got {check_every!r}.")
-        if not isinstance(overhead_budget, (int, float)) or not 0 < overhead_budget < 1:
-            raise ValueError(f"`overhead_budget` must be a number in (0, 1), got {overhead_budget!r}.")
-        if not isinstance(min_interval, int) or min_interval < 1:
-            raise ValueError(f"`min_interval` must be a positive int, got {min_interval!r}.")
-        if not isinstance(first_check, int) or isinstance(first_check, bool) or first_check < 1:
-            raise ValueError(f"`first_check` must be a positive int, got {first_check!r}.")
-        if not isinstance(early_checks, int) or isinstance(early_checks, bool) or early_checks < 1:
-            raise ValueError(f"`early_checks` must be a positive int, got {early_checks!r}.")
+        for name, value in (("min_interval", min_interval), ("first_check", first_check), ("early_checks", early_checks)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
         self.check_every = check_every
         self.overhead_budget = float(overhead_budget)
         self.min_interval = min_interval
         self.early_checks = early_checks
-        self.checks_done = 0
+        self.checks_done = 0  # readings of either kind
         self.interval = min_interval if check_every == "auto" else check_every
         self.next_check = min(first_check, min_interval) if check_every == "auto" else self.interval
         self.failures = 0
+        self.tracking = True  # tracking readings may work on this run (False once one found nothing to track)
         self._recent_steps: deque[float] = deque(maxlen=_STEP_WINDOW)
         self._steps_timed = 0
-        self._check_seconds = 0.0
+        self._check_seconds = 0.0  # full checks and tracking readings
+        self._last_check = 0.0  # the last full check's seconds
+        self._last_tracking = 0.0  # the last tracking reading's seconds
         self._clock: float | None = None
 
     @property
@@ -85,10 +101,22 @@ class CheckSchedule:
         return self.interval > 0
 
     def due(self, step: int) -> bool:
+        """A reading (of either kind) is due at `step`."""
         return self.enabled and step >= self.next_check
 
+    def kind(self, device: torch.device) -> ReadingKind:
+        """What the due reading is: a full check, or a tracking reading (see the module docstring)."""
+        if self.check_every != "auto" or not self.tracking or not self._last_check or not self._recent_steps:
+            return "check"  # a fixed cadence, nothing to track, no full check yet, or no step timed
+        per_step = max(statistics.median(self._recent_steps), 1e-9)
+        affordable = self._check_seconds + self._last_check <= self.overhead_budget * per_step * self._steps_timed
+        if _distributed.is_data_parallel():  # a full check only where every rank can afford it
+            refused = _distributed.all_reduce_max_(torch.tensor([0.0 if affordable else 1.0], device=device))
+            affordable = not refused.item()
+        return "check" if affordable else "tracking"
+
     def step_finished(self) -> None:
-        """Time one training step (host wall time between consecutive calls, checks excluded)."""
+        """Time one training step (host wall time between consecutive calls, readings excluded)."""
         now = time.perf_counter()
         if self._clock is not None:
             self._recent_steps.append(now - self._clock)
@@ -96,25 +124,42 @@ class CheckSchedule:
         self._clock = now
 
     def check_finished(self, step: int, seconds: float, device: torch.device) -> None:
+        """A full check at `step` took `seconds`."""
+        self._last_check = seconds
+        self._finished(step, seconds, device)
+
+    def tracking_finished(self, step: int, seconds: float, device: torch.device) -> None:
+        """A tracking reading at `step` took `seconds`: tracking works on this run."""
+        self.tracking = True
+        self._last_tracking = seconds
+        self._finished(step, seconds, device)
+
+    def tracking_unavailable(self) -> None:
+        """Nothing could be tracked (no Ritz vectors): every reading is a full check from now on,
+        until a tracking reading works again."""
+        self.tracking = False
+
+    def _finished(self, step: int, seconds: float, device: torch.device) -> None:
         self.failures = 0
         self._check_seconds += seconds
         self.checks_done += 1
         if self.check_every == "auto" and self.checks_done < self.early_checks:
-            self.interval = max(step, 1)  # doubling: the next early check at twice this step
+            self.interval = max(step, 1)  # doubling: the next early reading at twice this step
         elif self.check_every == "auto" and self._recent_steps:
-            # Pay in advance: the next check may start once the checks so far *and* the next one
-            # (estimated as long as this one) fit in `overhead_budget` of the training time. So the
-            # running total stays within budget even when the run ends right after a check; only
-            # the first check, at `first_check`, is unbudgeted, and it is paid back first.
             per_step = max(statistics.median(self._recent_steps), 1e-9)
-            owed = (self._check_seconds + seconds) / self.overhead_budget - per_step * self._steps_timed
-            interval = max(self.min_interval, math.ceil(owed / per_step))
+            if self.tracking:  # the tracking readings' share of the budget (untried yet: min_interval)
+                spacing = self._last_tracking / (TRACKING_SHARE * self.overhead_budget * per_step)
+            else:
+                # Pay in advance: the next check may start once the checks so far *and* the next one
+                # (estimated as long as this one) fit in `overhead_budget` of the training time.
+                spacing = (self._check_seconds + seconds) / (self.overhead_budget * per_step) - self._steps_timed
+            interval = max(self.min_interval, math.ceil(spacing))
             if _distributed.is_data_parallel():
                 interval = int(_distributed.all_reduce_max_(torch.tensor([float(interval)], device=device)).item())
             self.interval = interval
         if self.check_every == "auto" or step >= self.next_check:  # a check out of a fixed cadence keeps it
             self.next_check = step + self.interval
-        self._clock = time.perf_counter()  # the check's own time is not a step's
+        self._clock = time.perf_counter()  # the reading's own time is not a step's
 
     def check_failed(self, step: int) -> None:
         self.failures += 1
@@ -131,15 +176,23 @@ class CheckSchedule:
             "recent_step_seconds": list(self._recent_steps),
             "steps_timed": self._steps_timed,
             "check_seconds": self._check_seconds,
+            "last_check_seconds": self._last_check,
+            "last_tracking_seconds": self._last_tracking,
+            "tracking": self.tracking,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`. Saved with another `check_every`, the timing history is
-        kept but the cadence is this schedule's: the next check comes one new interval after the
-        saved last one (a warning says so)."""
+        kept but the cadence is this schedule's: the next reading comes one new interval after the
+        saved last one (a warning says so). In ``"auto"`` mode the next reading comes at most one
+        interval after the resume (a checkpoint of a run that spaced its checks by their cost alone
+        could otherwise leave the resumed run without curvature for thousands of steps)."""
         self._recent_steps = deque(map(float, state.get("recent_step_seconds", [])), maxlen=_STEP_WINDOW)
         self._steps_timed = int(state.get("steps_timed", 0))
         self._check_seconds = float(state.get("check_seconds", 0.0))
+        self._last_check = float(state.get("last_check_seconds", 0.0))
+        self._last_tracking = float(state.get("last_tracking_seconds", 0.0))
+        self.tracking = bool(state.get("tracking", True))
         self.failures = int(state.get("failures", 0))
         # A checkpoint from before early checks: its run is past them.
         self.checks_done = int(state.get("checks_done", self.early_checks))
@@ -159,3 +212,7 @@ class CheckSchedule:
             return
         self.interval = int(state.get("interval", self.interval))
         self.next_check = int(state.get("next_check", self.next_check))
+        if self.check_every == "auto" and "last_tracking_seconds" not in state:
+            # Saved before tracking readings, its checks spaced by their cost alone (thousands of
+            # steps): the next reading comes at most `min_interval` after the last check.
+            self.next_check = min(self.next_check, self.next_check - self.interval + self.min_interval)

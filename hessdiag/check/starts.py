@@ -28,6 +28,9 @@ class CheckStarts:
         warm_preconditioned: the last preconditioned (Adam) run's top vectors, or None.
         verified_step: the step of the last cold check whose cross-check ("auto") chose double
             backward, else None.
+        method: the product method the last check used (a tracking reading uses it too), or None.
+        tracked, tracked_preconditioned: the top vectors the tracking readings follow (set from each
+            check's top Ritz vectors, moved by each reading; :mod:`hessdiag.check.tracking`), or None.
     """
 
     def __init__(self, hvp_method: HVPMethod, cold_every: int) -> None:
@@ -36,6 +39,9 @@ class CheckStarts:
         self.warm_vectors: torch.Tensor | None = None
         self.warm_preconditioned: torch.Tensor | None = None
         self.verified_step: int | None = None
+        self.method: HVPMethod | None = None
+        self.tracked: torch.Tensor | None = None
+        self.tracked_preconditioned: torch.Tensor | None = None
 
     def open(self, num_checks: int, operator_for: Callable[[HVPMethod], HessianOperator]) -> tuple[HessianOperator, bool, bool]:
         """The next check's operator (built by `operator_for(method)`, not entered yet), whether the
@@ -57,21 +63,29 @@ class CheckStarts:
             return f"cross-checked against finite differences at step {self.verified_step} (again at every cold check)"
         if self.hvp_method == "auto":
             self.verified_step = step if operator.method == "double_backward" else None
+        self.method = operator.method
         return operator.method_reason
 
     def forget(self) -> None:
         """Start the next check cold (the vectors belong to a check that did not finish, or to other
         parameters)."""
-        self.warm_vectors = self.warm_preconditioned = None
+        self.warm_vectors = self.warm_preconditioned = self.method = None
+        self.tracked = self.tracked_preconditioned = None
 
     def state_dict(self) -> dict[str, Any]:
         """The warm-start vectors, on the host."""
         return {
             "warm_vectors": None if self.warm_vectors is None else self.warm_vectors.detach().cpu(),
             "warm_preconditioned": None if self.warm_preconditioned is None else self.warm_preconditioned.detach().cpu(),
+            "method": self.method,
+            "tracked": None if self.tracked is None else self.tracked.detach().cpu(),
+            "tracked_preconditioned": None if self.tracked_preconditioned is None else self.tracked_preconditioned.detach().cpu(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (missing keys: a cold start)."""
         self.warm_vectors = state.get("warm_vectors")
         self.warm_preconditioned = state.get("warm_preconditioned")
+        self.method = state.get("method")
+        self.tracked = state.get("tracked")
+        self.tracked_preconditioned = state.get("tracked_preconditioned")

@@ -9,7 +9,7 @@ its rule on plain numbers, which ``observe`` feeds from the records it judges.
 from hessdiag.detectors.edge_of_stability import EdgeOfStabilityDetector
 from hessdiag.detectors.exploding import ExplodingGradientDetector
 from hessdiag.detectors.plateau import PlateauDetector
-from hessdiag.detectors.records import CheckRecord, FlagDetector, Record, StepRecord
+from hessdiag.detectors.records import CheckRecord, FlagDetector, Record, StepRecord, TrackingRecord
 from hessdiag.detectors.saddle import SaddleDetector
 from hessdiag.detectors.vanishing import VanishingGradientDetector
 
@@ -19,6 +19,7 @@ __all__ = [
     "Record",
     "StepRecord",
     "CheckRecord",
+    "TrackingRecord",
     # judge the per-step gradient statistics
     "ExplodingGradientDetector",
     "VanishingGradientDetector",

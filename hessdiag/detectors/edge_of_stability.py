@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from hessdiag.detectors._common import Detector, check_positive
-from hessdiag.detectors.records import CheckRecord, Record
+from hessdiag.detectors.records import CheckRecord, Record, TrackingRecord
 from hessdiag.flags import FlagEvent
 from hessdiag.estimators.layer_shares import module_label
 
@@ -54,7 +54,18 @@ class EdgeOfStabilityDetector(Detector):
             raise ValueError(f"`clear_ratio` ({clear_ratio}) must be at most `ratio` ({ratio}).")
 
     def observe(self, record: Record) -> list[FlagEvent]:
-        """Judge a curvature check that has a stability threshold; other records say nothing."""
+        """Judge a curvature check that has a stability threshold, and a tracking reading whose lower
+        bound on the sharpness proves the ratio at or above the trigger (above `clear_ratio` while
+        the flag is up); a lower bound below says nothing (only a full check may clear the flag);
+        other records say nothing."""
+        if isinstance(record, TrackingRecord):
+            sharpness, threshold = record.sharpness_lower_bound, record.stability_threshold
+            if sharpness is None or threshold is None or not threshold > 0:
+                return []
+            keeps = self.ratio if not self.active else self.clear_ratio
+            if not sharpness / threshold >= keeps:
+                return []
+            return self.update(record.step, sharpness, threshold, lower_bound=True)
         if not isinstance(record, CheckRecord) or record.stability_threshold is None:
             return []
         return self.update(
@@ -73,6 +84,7 @@ class EdgeOfStabilityDetector(Detector):
         top_module_share: float | None = None,
         top_module_lambda_max: float | None = None,
         lambda_max: float | None = None,
+        lower_bound: bool = False,
     ) -> list[FlagEvent]:
         """Judge one curvature check: `sharpness` against the optimizer's stability `threshold`.
 
@@ -80,13 +92,19 @@ class EdgeOfStabilityDetector(Detector):
         eigenvector, and that share, named in the summary and the remedy. `top_module_lambda_max`:
         lambda_max of that module's own diagonal block, set beside the whole `lambda_max` in the
         summary ("`layer4.1.conv2` alone has lambda_max 380 of the whole 412"). A non-finite value or a
-        threshold <= 0 says nothing and is skipped.
+        threshold <= 0 says nothing and is skipped. `lower_bound`: `sharpness` is a proven lower bound
+        (a tracking reading), said so in the summary.
         """
         if not (math.isfinite(sharpness) and math.isfinite(threshold)) or threshold <= 0:
             return []
         ratio = sharpness / threshold
         self.evidence = {"sharpness": sharpness, "threshold": threshold, "ratio": ratio}
         self.summary = f"Sharpness {sharpness:.4g} is {ratio:.2f}x the stability threshold {threshold:.4g}."
+        if lower_bound:
+            self.summary = (
+                f"Sharpness at least {sharpness:.4g} (a proven lower bound, from a tracking reading) is at least "
+                f"{ratio:.2f}x the stability threshold {threshold:.4g}."
+            )
         remedy = None
         if top_module is not None and top_module_share is not None:
             self.evidence["top_module_share"] = top_module_share

@@ -86,7 +86,28 @@ class CheckRecord:
     top_module_lambda_max: float | None = None
 
 
-Record = StepRecord | CheckRecord
+@dataclass(frozen=True)
+class TrackingRecord:
+    """What a tracking reading between full checks proved (see :mod:`hessdiag.check.tracking`):
+    lower bounds only, so a detector may raise on them (a lower bound above a threshold proves it
+    crossed) but never clear (a "below" claim needs a full check).
+
+    Attributes:
+        step: the optimizer step of the reading.
+        lambda_max_lower_bound: a proven lower bound on lambda_max; None where the reading tracked the
+            preconditioned operator only.
+        sharpness_lower_bound: a proven lower bound on the sharpness of the stability rule (lambda_max,
+            or for Adam the preconditioned lambda_max(P^-1 H)); None without a threshold.
+        stability_threshold: the optimizer's stability threshold in the units of the sharpness, or None.
+    """
+
+    step: int
+    lambda_max_lower_bound: float | None
+    sharpness_lower_bound: float | None
+    stability_threshold: float | None
+
+
+Record = StepRecord | CheckRecord | TrackingRecord
 
 
 @runtime_checkable

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from hessdiag.detectors._common import Detector, check_count, check_finite, check_optional_positive, check_positive
-from hessdiag.detectors.loss_trend import LossTrend
+from hessdiag.detectors.loss_trend import LossTrend, Pace
 from hessdiag.detectors.records import CheckRecord, Record, StepRecord
 from hessdiag.flags import FlagEvent
 
@@ -134,6 +134,16 @@ class SaddleDetector(Detector):
             loss_change_along_bottom=record.loss_change_along_bottom,
         )  # fmt: skip
 
+    def wants_bottom_end(self) -> bool:
+        """Whether a check now could find the run slowed by a saddle, so that it needs the bottom end
+        of the spectrum: no loss history yet (the quadratic model decides, with the check's own
+        values), or the losses seen so far show a stall (the first condition above)."""
+        recent = self.trend.recent()
+        if recent is None:
+            return True
+        loss_left = recent.mean - self.loss_floor
+        return loss_left > 0 and self._pace_stalled(recent, loss_left, {})
+
     def add_loss(self, step: int, loss: float) -> None:
         """Keep the training loss of optimizer step `step` for the pace (non-finite losses are skipped)."""
         self.trend.add(step, loss)
@@ -195,7 +205,11 @@ class SaddleDetector(Detector):
         if loss_left <= 0:  # at or below its floor: nothing left to make progress on
             self.evidence["loss_drop_over_window"] = 0.0
             return False
-        self.evidence["loss_drop_over_window"] = recent.rate * max(recent.span, 1) / loss_left
+        return self._pace_stalled(recent, loss_left, self.evidence)
+
+    def _pace_stalled(self, recent: Pace, loss_left: float, evidence: dict[str, float]) -> bool:
+        """The loss history's stall test (`loss_left` > 0); writes the pace into `evidence`."""
+        evidence["loss_drop_over_window"] = recent.rate * max(recent.span, 1) / loss_left
         # Slow even at the upper confidence bound, and resolved: a loss too noisy to measure the pace
         # to within `progress_fraction` of the loss left over the window is never called stalled.
         threshold = self.progress_fraction * loss_left
@@ -205,7 +219,7 @@ class SaddleDetector(Detector):
         earlier = self.trend.earlier()
         if earlier is None or earlier.lower <= 0:  # no earlier fall to compare with
             return slow
-        self.evidence["pace_ratio"] = recent.rate / earlier.rate
+        evidence["pace_ratio"] = recent.rate / earlier.rate
         return slow and recent.upper <= self.pace_fraction * earlier.rate
 
     def _remedy(self, loss_change_along_bottom: float | None) -> str:

@@ -17,7 +17,8 @@ from hessdiag.isolation import unwrap_model
 from hessdiag.batches import sub_batch_base
 from hessdiag.check.probe import CurvatureProbe
 from hessdiag.check.record import CurvatureCheck
-from hessdiag.detectors import CheckRecord
+from hessdiag.check.tracking import TrackingReading
+from hessdiag.detectors import CheckRecord, TrackingRecord
 from hessdiag.errors import HessdiagError
 from hessdiag.noise.noise_scale import NoiseScaleEstimate
 from hessdiag.operator import PRECISION_FLOOR, is_coarse
@@ -44,7 +45,8 @@ class CheckRunner:
 
     Attributes:
         checks: the checks that succeeded, in order.
-        failed_checks: ``(step, reason)`` of each check that failed.
+        readings: the tracking readings between them, in order.
+        failed_checks: ``(step, reason)`` of each check (or reading) that failed.
     """
 
     def __init__(self, model: nn.Module, probe: CurvatureProbe, schedule: CheckSchedule, faults: FaultPolicy) -> None:
@@ -53,6 +55,7 @@ class CheckRunner:
         self.schedule = schedule
         self._faults = faults
         self.checks: list[CurvatureCheck] = []
+        self.readings: list[TrackingReading] = []
         self.failed_checks: list[tuple[int, str]] = []
 
     def run(
@@ -62,14 +65,30 @@ class CheckRunner:
         optimizer: torch.optim.Optimizer | None,
         device: torch.device,
         noise: NoiseScaleEstimate | None = None,
+        bottom: bool = True,
     ) -> CurvatureCheck:
         """One check on `batch` at `step`, kept in :attr:`checks`; raises the error of the last try
         when none succeeded. `device`: where the schedule times the check; `noise`: the step's
-        noise-scale estimate measured elsewhere (see :meth:`CurvatureProbe.run`)."""
-        check = self._run(step, batch, optimizer, noise)
+        noise-scale estimate measured elsewhere; `bottom`: measure the bottom end too (see
+        :meth:`CurvatureProbe.run`)."""
+        check = self._run(step, batch, optimizer, noise, bottom)
         self.checks.append(check)
         self.schedule.check_finished(step, check.seconds, device)
         return check
+
+    def track(
+        self, step: int, batch: Any, optimizer: torch.optim.Optimizer | None, device: torch.device
+    ) -> TrackingReading | None:
+        """A tracking reading at `step`, kept in :attr:`readings`; None where there is nothing to
+        track (the schedule is told: the reading becomes a full check). Out of memory it is not
+        retried: the error is raised for :meth:`failed`."""
+        reading = self.probe.track(step, batch, optimizer)
+        if reading is None:
+            self.schedule.tracking_unavailable()
+            return None
+        self.readings.append(reading)
+        self.schedule.tracking_finished(step, reading.seconds, device)
+        return reading
 
     def failed(self, step: int, error: BaseException) -> str:
         """Keep a failed check, back the schedule off and warn once per kind of error; returns the message."""
@@ -98,12 +117,13 @@ class CheckRunner:
         )
 
     def _run(
-        self, step: int, batch: Any, optimizer: torch.optim.Optimizer | None, noise: NoiseScaleEstimate | None
-    ) -> CurvatureCheck:
+        self, step: int, batch: Any, optimizer: torch.optim.Optimizer | None, noise: NoiseScaleEstimate | None,
+        bottom: bool,
+    ) -> CurvatureCheck:  # fmt: skip
         sub_batch = None
         for attempt in range(ATTEMPTS):
             try:
-                check = self.probe.run(step, batch, optimizer, sub_batch=sub_batch, noise=noise)
+                check = self.probe.run(step, batch, optimizer, sub_batch=sub_batch, noise=noise, bottom=bottom)
             except Exception as error:
                 if self._faults.strict or not is_out_of_memory(error) or attempt == ATTEMPTS - 1:
                     raise
@@ -135,6 +155,11 @@ class CheckRunner:
                 f"proven: the checks use {PRECISION_FLOOR * eps:.2g} instead. Keep float32 parameters under autocast "
                 "(the checks then run in float32) for a tighter tolerance.",
             )
+
+
+def tracking_record(reading: TrackingReading) -> TrackingRecord:
+    """What the detectors see of a tracking reading: lower bounds."""
+    return TrackingRecord(reading.step, reading.lambda_max_lower_bound, reading.sharpness_lower_bound, reading.stability_threshold)
 
 
 def check_record(check: CurvatureCheck) -> CheckRecord:

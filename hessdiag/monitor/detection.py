@@ -46,6 +46,11 @@ class Detection:
         """Names of the flags raised now."""
         return [name for name, detector in self.detectors.items() if detector.active]
 
+    def wants_bottom_end(self) -> bool:
+        """Whether a detector could use the bottom end of the spectrum at a check now (the saddle rule,
+        when the run's losses show a stall; see :meth:`~hessdiag.detectors.SaddleDetector.wants_bottom_end`)."""
+        return any(getattr(detector, "wants_bottom_end", lambda: False)() for detector in self.detectors.values())
+
     def flag_scalars(self) -> dict[str, float]:
         """Each flag's value by tag: 1.0 raised, 0.0 clear."""
         return {flag_tag(name): float(detector.active) for name, detector in self.detectors.items()}

@@ -43,7 +43,7 @@ from hessdiag.operator import HVPMethod, LossFn
 from hessdiag.monitor.parts import build_parts, check_arguments
 from hessdiag.monitor.checkpoint import monitor_state, restore_monitor_state
 from hessdiag.monitor.readout import MonitorView
-from hessdiag.check.schedule import CheckEvery
+from hessdiag.check.schedule import BOTTOM_EVERY, CheckEvery
 from hessdiag.settings import DiagnosticsSettings, RankWeighting
 
 
@@ -253,7 +253,7 @@ class Monitor(MonitorView):
             events += self.read_back()
         self.schedule.step_finished()
         if check_now:
-            events += self.check_curvature(batch)
+            events += self.read_curvature(batch)
         return events
 
     def read_back(self) -> list[FlagEvent]:
@@ -274,14 +274,41 @@ class Monitor(MonitorView):
         return events
 
     # -- curvature ---------------------------------------------------------------------------
-    def check_curvature(self, batch: Any) -> list[FlagEvent]:
-        """Run a curvature check on `batch` now; every detector observes it. A check that fails is
-        reported once per kind of error and backs off; training goes on."""
+    def read_curvature(self, batch: Any) -> list[FlagEvent]:
+        """The due curvature reading on `batch`: a tracking reading (a few products from the last
+        check's top vectors: proven lower bounds) or a full check, as the schedule decides (see
+        :mod:`hessdiag.check.schedule`); a tracking reading with nothing to track becomes a full
+        check. A reading that fails is reported once per kind of error and backs off; training goes on."""
+        assert self._runner is not None, "no loss_fn was given"
+        if self.schedule.kind(self.statistics.device) == "tracking":
+            try:
+                reading = self._runner.track(self._step, batch, self._optimizer, self.statistics.device)
+            except Exception as error:  # diagnostics must never crash training
+                if self.faults.strict:
+                    raise
+                self._reporting.check_failed(self._step, self._runner.failed(self._step, error))
+                return []
+            if reading is not None:
+                return self._reporting.tracking(reading)
+        return self.check_curvature(batch, bottom=self._bottom_end_due())
+
+    def _bottom_end_due(self) -> bool:
+        """Whether a full check of the schedule measures the bottom end: always with an int
+        `check_every`; in ``"auto"`` mode where a detector could use it (the saddle rule, once the
+        losses show a stall) and at every :data:`~hessdiag.check.schedule.BOTTOM_EVERY`-th check."""
+        if self.settings.check_every != "auto":
+            return True
+        return self.detection.wants_bottom_end() or len(self.checks) % BOTTOM_EVERY == BOTTOM_EVERY - 1
+
+    def check_curvature(self, batch: Any, *, bottom: bool = True) -> list[FlagEvent]:
+        """Run a curvature check on `batch` now (`bottom` False: the top end only, see
+        :meth:`~hessdiag.check.probe.CurvatureProbe.run`); every detector observes it. A check that
+        fails is reported once per kind of error and backs off; training goes on."""
         assert self._runner is not None, "no loss_fn was given"
         self._runner.warn_low_precision(self.settings.tol)
         try:
             noise = self.noise.check_estimate()
-            check = self._runner.run(self._step, batch, self._optimizer, self.statistics.device, noise=noise)
+            check = self._runner.run(self._step, batch, self._optimizer, self.statistics.device, noise=noise, bottom=bottom)
         except Exception as error:  # diagnostics must never crash training
             if self.faults.strict:
                 raise

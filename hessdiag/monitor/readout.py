@@ -11,6 +11,7 @@ import torch
 
 from hessdiag.check.probe import CurvatureProbe
 from hessdiag.check.record import CurvatureCheck
+from hessdiag.check.tracking import TrackingReading
 from hessdiag.detectors import FlagDetector
 from hessdiag.flags import FlagEvent
 from hessdiag.monitor.check_runner import CheckRunner
@@ -80,6 +81,12 @@ class MonitorView:
         return self._runner.checks if self._runner is not None else []
 
     @property
+    def readings(self) -> list[TrackingReading]:
+        """The tracking readings between the checks, in order (proven lower bounds; see
+        :mod:`hessdiag.check.tracking`)."""
+        return self._runner.readings if self._runner is not None else []
+
+    @property
     def failed_checks(self) -> list[tuple[int, str]]:
         """``(step, reason)`` of each check that failed."""
         return self._runner.failed_checks if self._runner is not None else []
@@ -93,5 +100,6 @@ class MonitorView:
         return step % self.settings.log_every == 0
 
     def check_due(self, step: int) -> bool:
-        """Whether a curvature check is due at optimizer step `step` (the same on every rank)."""
+        """Whether a curvature reading (a full check or a tracking reading) is due at optimizer step
+        `step` (the same on every rank)."""
         return self.probe is not None and self.schedule.due(step)

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from hessdiag.check.record import CurvatureCheck
+from hessdiag.check.tracking import TrackingReading
 from hessdiag.flags import FlagEvent
-from hessdiag.monitor.check_runner import check_record
+from hessdiag.monitor.check_runner import check_record, tracking_record
 from hessdiag.monitor.detection import Detection
 from hessdiag.monitor.faults import FaultPolicy
 from hessdiag.noise.sources import NoiseSources
@@ -64,6 +65,13 @@ class CheckReporting:
         if previous is None or previous.hvp_method != check.hvp_method:
             method = f"{check.hvp_method} ({check.hvp_method_reason}); product error {check.product_error:.3g}"
             self._writers.text(check.step, HVP_METHOD, method)
+        return events
+
+    def tracking(self, reading: TrackingReading) -> list[FlagEvent]:
+        """Judge a tracking reading (its lower bounds may raise a flag, never clear one) and write its
+        scalars. Returns the new flag events."""
+        events = self._detection.observe([tracking_record(reading)])
+        self._writers.emit(reading.step, reading.scalars() | self._detection.flag_scalars(), {}, events)
         return events
 
     def check_failed(self, step: int, message: str) -> None:

@@ -25,6 +25,8 @@ from hessdiag.estimators.layer_shares import module_label
 from hessdiag.estimators.module_sharpness import ModuleSharpness
 from hessdiag.noise.noise_scale import NoiseScaleEstimate
 from hessdiag.reporting.tags import (
+    LAMBDA_MAX_LOWER,
+    RATIO_LOWER,
     ACTIVE_FLAGS,
     CERTIFIED_LAMBDA_MIN,
     CHECK_FAILED,
@@ -87,7 +89,7 @@ def shown_scalars(
             shown |= {layer_summary_tag(family, name): summary[name] for name in LAYER_STATISTICS}
         if per_layer_scalars:
             shown |= {layer_tag(family, name): value for name, value in by_layer.items()}
-    if STABILITY_RATIO in values:
+    if STABILITY_RATIO in values or RATIO_LOWER in values:
         shown[RATIO_LIMIT] = 1.0
     if LR_HEADROOM in values:
         shown[HEADROOM_LIMIT] = 1.0
@@ -219,10 +221,19 @@ def _charts() -> dict[str, list[_Chart]]:
     return {
         f"{p}: curvature": [
             (
-                f"sharpness / threshold ({STABILITY_RATIO}); >= the line at 1: edge of stability",
+                f"all through the run: a proven lower bound on sharpness / threshold at every reading ({RATIO_LOWER}: "
+                "full checks and tracking readings); at or above the line at 1 the edge of stability is crossed",
+                [RATIO_LOWER, RATIO_LIMIT],
+            ),
+            (
+                f"all through the run: a proven lower bound on lambda_max ({LAMBDA_MAX_LOWER}) at every reading",
+                [LAMBDA_MAX_LOWER],
+            ),
+            (
+                f"sharpness / threshold ({STABILITY_RATIO}) at full checks; >= the line at 1: edge of stability",
                 [STABILITY_RATIO, RATIO_LIMIT],
             ),
-            (f"sharpness ({SHARPNESS}: lambda_max, preconditioned for Adam)", [SHARPNESS]),
+            (f"sharpness ({SHARPNESS}: lambda_max, preconditioned for Adam) at full checks", [SHARPNESS]),
             (f"stability threshold of the sharpness ({STABILITY_THRESHOLD}; from the optimizer)", [STABILITY_THRESHOLD]),
             (
                 f"lambda_min; {CERTIFIED_LAMBDA_MIN} below 0: negative curvature certified",

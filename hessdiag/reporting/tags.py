@@ -54,6 +54,15 @@ UPDATE_LOSS_PREDICTED = tag("update_loss_predicted")
 UPDATE_LOSS_OBSERVED = tag("update_loss_observed")
 UPDATE_LOSS_RATIO = tag("update_loss_ratio")
 
+# -- proven lower bounds at every curvature reading, full checks and tracking readings alike (one
+# sampling: the dense curve through the run); what only tracking readings log (hessdiag.check.tracking)
+LAMBDA_MAX_LOWER = tag("lambda_max_lower_bound")
+SHARPNESS_LOWER = tag("sharpness_lower_bound")
+RATIO_LOWER = tag("stability_ratio_lower_bound")
+TRACKING_RESIDUAL = tag("tracking/residual")
+TRACKING_NUM_HVPS = tag("tracking/num_hvps")
+TRACKING_SECONDS = tag("tracking/seconds")
+
 # -- derived series the dashboard adds (see hessdiag.reporting.dashboard.shown_scalars) -------------------
 RATIO_LIMIT = tag("stability_ratio_limit")
 HEADROOM_LIMIT = tag("lr_headroom_limit")

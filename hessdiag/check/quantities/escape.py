@@ -22,6 +22,9 @@ class LossChangeAlongBottom(Quantity):
 
     name = "loss_change_along_bottom"
 
+    def due(self, context: CheckContext) -> bool:
+        return context.bottom
+
     def compute(self, context: CheckContext) -> float | None:
         result = context.spectrum
         if not result.negative_curvature_certified or result.bottom_vectors is None:

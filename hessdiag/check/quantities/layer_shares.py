@@ -25,8 +25,9 @@ class LayerShares(Quantity):
                 "No layer shares: the Lanczos basis ran as a three-vector recurrence (it did not fit in memory), "
                 "which keeps no eigenvectors."
             )
-        top, bottom = (tuple(result.layer_shares(end).items())[:SHARES_KEPT] for end in ("top", "bottom"))
-        return top, bottom
+        ends = ("top", "bottom") if context.bottom else ("top",)
+        shares = [tuple(result.layer_shares(end).items())[:SHARES_KEPT] for end in ends]
+        return shares[0], shares[1] if context.bottom else ()
 
     @staticmethod
     def texts(value: tuple[Shares, Shares], check: Any) -> dict[str, str]:

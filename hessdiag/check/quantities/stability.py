@@ -7,6 +7,7 @@ the optimizer's state (see :mod:`hessdiag.stability`), warm-started from the las
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,8 @@ import torch
 
 from hessdiag.check.quantity import CheckContext, Quantity, Skipped
 from hessdiag.lanczos import lanczos
-from hessdiag.reporting.tags import SHARPNESS, STABILITY_RATIO, STABILITY_THRESHOLD
+from hessdiag.operator import HessianOperator
+from hessdiag.reporting.tags import RATIO_LOWER, SHARPNESS, SHARPNESS_LOWER, STABILITY_RATIO, STABILITY_THRESHOLD
 from hessdiag.stability import NoLearningRate, StabilityThreshold, preconditioner_sqrt, stability_threshold
 
 
@@ -35,36 +37,53 @@ class StabilitySharpness(Quantity):
     name = "stability"
 
     def compute(self, context: CheckContext) -> Stability | Skipped:
-        spectrum, optimizer, operator = context.spectrum, context.optimizer, context.operator
-        plain = Stability(None, spectrum.lambda_max)
-        if optimizer is None:
-            return plain
-        try:
-            threshold = stability_threshold(optimizer)
-        except NoLearningRate:  # a warm-up's first step: nothing to say
-            return plain
-        except ValueError as error:  # no known stability rule: the raw sharpness, and why
-            return Skipped(f"No edge-of-stability judgement (the flag stays off; sharpness is lambda_max): {error}")
-        if not threshold.preconditioned:
-            return Stability(threshold, spectrum.lambda_max)
-        scale = preconditioner_sqrt(optimizer, operator.params)
-        if scale is None:  # before the first step: no second-moment estimate yet
-            return plain
-        scale = scale.to(device=operator.device, dtype=operator.dtype)
+        spectrum, operator = context.spectrum, context.operator
+        rule = stability_rule(context.optimizer, operator)
+        if isinstance(rule, Skipped) or rule.threshold is None or rule.scale is None:
+            return rule if isinstance(rule, Skipped) else Stability(rule.threshold, spectrum.lambda_max)
+        scale = rule.scale
         run = lanczos(
             lambda v: scale * operator.matvec(scale * v), operator.dim, which="top", tol=self.settings.tol,
             max_iter=self.settings.max_iter, v0=None if context.cold else context.starts.warm_preconditioned,
             seed=context.seed, device=operator.device, dtype=operator.dtype, shard=operator.shard,
         )  # fmt: skip
         context.starts.warm_preconditioned = run.top_vectors
-        return Stability(threshold, float(run.top[0]), scale)
+        return Stability(rule.threshold, float(run.top[0]), scale)
 
     @staticmethod
     def scalars(value: Stability, check: Any) -> dict[str, float]:
         if value.threshold is None:
             return {}
+        # The dense curve's point (as tracking readings log it): a proven lower bound on the sharpness,
+        # lambda_max less its error bound, or the preconditioned run's top Ritz value (interlacing).
+        lower = check.lambda_max - check.error_bound_max if value.scale is None else value.sharpness
         return {
             SHARPNESS: value.sharpness,
             STABILITY_THRESHOLD: value.threshold.threshold,
             STABILITY_RATIO: check.stability_ratio,
+            SHARPNESS_LOWER: lower,
+            RATIO_LOWER: lower / value.threshold.threshold,
         }
+
+
+def stability_rule(optimizer: torch.optim.Optimizer | None, operator: HessianOperator) -> Stability | Skipped:
+    """The optimizer's threshold now and, for a preconditioned rule, the preconditioner's square root
+    on `operator`'s parameters (the sharpness left at nan: the caller measures it). No threshold
+    without an optimizer, at a learning rate of 0 (a warm-up's first step: nothing to say) and before
+    a preconditioned optimizer's first step (no second-moment estimate yet); :class:`Skipped` for an
+    optimizer without a known stability rule."""
+    none = Stability(None, math.nan)
+    if optimizer is None:
+        return none
+    try:
+        threshold = stability_threshold(optimizer)
+    except NoLearningRate:
+        return none
+    except ValueError as error:
+        return Skipped(f"No edge-of-stability judgement (the flag stays off; sharpness is lambda_max): {error}")
+    if not threshold.preconditioned:
+        return Stability(threshold, math.nan)
+    scale = preconditioner_sqrt(optimizer, operator.params)
+    if scale is None:
+        return none
+    return Stability(threshold, math.nan, scale.to(device=operator.device, dtype=operator.dtype))

@@ -1,0 +1,180 @@
+"""Curvature all through a run: how often the defaults read the curvature, and what the whole run costs.
+
+For a CNN of about 90 k parameters (batch 64, SGD with momentum) and the small GPT of
+``benchmarks/cost.py`` (AdamW), each trained for `--steps` steps on fixed synthetic data, in one
+process: the run with ``Monitor(model, loss_fn, optimizer=...)`` at its defaults against the same run
+without hessdiag, interleaved (A B A B ...), the fastest of each arm compared, the spread of each
+arm reported. Also the steps at which a curvature value was logged (full checks: lambda_max;
+tracking readings: a proven lower bound on it), the largest gap after step 200, the curvature points
+per 1,000 steps, and the same after a resume from a checkpoint taken halfway (a fresh Monitor loading
+the first half's state).
+
+    python benchmarks/cadence.py                        # CNN 3,000 steps, GPT 1,000 steps, 3 pairs each
+    python benchmarks/cadence.py --models cnn --steps 3000 --pairs 3
+
+Writes benchmarks/results/cadence-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from _report import save_report  # noqa: E402
+from models import GPT, next_token_loss  # noqa: E402
+
+import hessdiag  # noqa: E402
+
+GPT_CONFIG = {"d": 128, "layers": 2, "heads": 4, "context": 64, "batch": 16}
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10),
+    )  # fmt: skip
+
+
+def image_loss(model: nn.Module, batch) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def problem(name: str):
+    """(model, optimizer, loss_fn, batches(step) -> batch), seeded: the same run in every arm."""
+    torch.manual_seed(0)
+    if name == "cnn":
+        model = cnn()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        images, labels = torch.randn(1024, 3, 16, 16), torch.randint(0, 10, (1024,))
+
+        def batch(step: int):
+            index = torch.arange(step * 64, step * 64 + 64) % 1024
+            return images[index], labels[index]
+
+        return model, optimizer, image_loss, batch
+    model = GPT(d=GPT_CONFIG["d"], layers=GPT_CONFIG["layers"], heads=GPT_CONFIG["heads"], context=GPT_CONFIG["context"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    tokens = torch.randint(0, 512, (256, GPT_CONFIG["context"] + 1))
+
+    def batch(step: int):
+        index = torch.arange(step * 16, step * 16 + 16) % 256
+        return (tokens[index, :-1], tokens[index, 1:])
+
+    return model, optimizer, next_token_loss, batch
+
+
+def train(name: str, steps: int, watched: bool, resume_at: int | None = None) -> dict:
+    """One run; with `resume_at`, the Monitor is replaced at that step by a fresh one that loads
+    the first one's state (as a resumed job would)."""
+    model, optimizer, loss_fn, batch = problem(name)
+    monitor = hessdiag.Monitor(model, loss_fn, optimizer=optimizer) if watched else None
+    points: list[int] = []
+    start = time.perf_counter()
+    for step in range(steps):
+        if monitor is not None and step == resume_at:
+            state = monitor.state_dict()
+            points += _points(monitor)
+            monitor.close()
+            monitor = hessdiag.Monitor(model, loss_fn, optimizer=optimizer)
+            monitor.load_state_dict(state)
+        data = batch(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model, data)
+        loss.backward()
+        if monitor is not None:
+            monitor.after_backward()
+        optimizer.step()
+        if monitor is not None:
+            monitor.after_step(data, loss)
+    seconds = time.perf_counter() - start
+    if monitor is None:
+        return {"seconds": seconds}
+    points = sorted(set(points + _points(monitor)))
+    return {
+        "seconds": seconds,
+        "points": points,
+        "full_checks": [c.step for c in monitor.checks],
+        "check_seconds": [round(c.seconds, 4) for c in monitor.checks],
+        "reading_seconds": [round(r.seconds, 4) for r in monitor.readings],
+        "failed": monitor.failed_checks,
+    }
+
+
+def _points(monitor: hessdiag.Monitor) -> list[int]:
+    return [c.step for c in monitor.checks] + [r.step for r in monitor.readings]
+
+
+def gaps_after(points: list[int], start: int, steps: int) -> int:
+    """The largest number of steps after `start` without a curvature point (to the run's end)."""
+    marks = [start] + [p for p in points if p > start] + [steps]
+    return max(b - a for a, b in zip(marks, marks[1:]))
+
+
+def measure(name: str, steps: int, pairs: int) -> dict:
+    plain, watched = [], []
+    for _ in range(pairs):
+        plain.append(train(name, steps, False)["seconds"])
+        run = train(name, steps, True)
+        watched.append(run["seconds"])
+    resumed = train(name, steps, True, resume_at=steps // 2)
+    step_seconds = min(plain) / steps
+    row = {
+        "model": name,
+        "steps": steps,
+        "plain_seconds": [round(s, 2) for s in plain],
+        "watched_seconds": [round(s, 2) for s in watched],
+        "overhead": round(min(watched) / min(plain), 4),
+        "spread_plain": round(max(plain) / min(plain) - 1, 3),
+        "spread_watched": round(max(watched) / min(watched) - 1, 3),
+        "points": run["points"],
+        "full_checks": run["full_checks"],
+        "points_per_1000_steps": round(1000 * len(run["points"]) / steps, 1),
+        "largest_gap_after_200": gaps_after(run["points"], 200, steps),
+        "full_check_steps": [round(s / step_seconds, 1) for s in run["check_seconds"]],
+        "tracking_reading_steps": [round(s / step_seconds, 1) for s in run["reading_seconds"]],
+        "failed": run["failed"],
+        "resumed_at": steps // 2,
+        "resumed_points": [p for p in resumed["points"] if p >= steps // 2],
+        "largest_gap_after_resume": gaps_after(resumed["points"], steps // 2, steps),
+    }
+    print(
+        f"{name}: {steps} steps, overhead {row['overhead']:.3f}x (fastest of {pairs} each; spread {row['spread_plain']:.0%} "
+        f"plain, {row['spread_watched']:.0%} watched); {len(run['points'])} curvature points "
+        f"({row['points_per_1000_steps']} per 1,000 steps, {len(run['full_checks'])} full checks), largest gap after "
+        f"step 200: {row['largest_gap_after_200']} steps; after a resume at {steps // 2}: largest gap "
+        f"{row['largest_gap_after_resume']}; full check {row['full_check_steps']} steps, tracking reading "
+        f"{sorted(row['tracking_reading_steps'])[len(row['tracking_reading_steps']) // 2] if row['tracking_reading_steps'] else '-'} "
+        "steps (median)",
+        flush=True,
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["cnn", "gpt"], choices=["cnn", "gpt"])
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="steps per model (default 3000 CNN, 1000 GPT)")
+    parser.add_argument("--pairs", type=int, default=3, help="interleaved (plain, watched) pairs per model")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    defaults = {"cnn": 3000, "gpt": 1000}
+    steps = args.steps or [defaults[name] for name in args.models]
+    rows = [measure(name, n, args.pairs) for name, n in zip(args.models, steps)]
+    device = torch.device("cpu")
+    save_report(args.out or Path(__file__).parent / "results" / "cadence-cpu.json", device, "cpu", rows)
+
+
+if __name__ == "__main__":
+    main()

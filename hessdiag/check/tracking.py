@@ -1,0 +1,201 @@
+"""Tracking readings: the curvature between full checks, from the last check's top Ritz vectors.
+
+A full check (:class:`~hessdiag.check.probe.CurvatureProbe.run`) costs a Lanczos run of both ends
+and every due quantity: tens of products. Between full checks a tracking reading spends two products
+per reading: from a unit vector v (the last check's top Ritz vector, moved by each reading since;
+for a preconditioned stability rule such as Adam's, the preconditioned operator's, which is the
+sharpness the edge-of-stability rule compares), Rayleigh-Ritz on span{v, Hv}
+on the current batch and parameters gives a top Ritz value theta and its Ritz vector y:
+
+* theta is a *proven lower bound* on lambda_max (Courant-Fischer: no Ritz value of a subspace
+  exceeds lambda_max), less the products' error and the rounding of the inner products;
+* the residual ``r = ||Hy - theta y||`` proves *an* eigenvalue within r of theta (plus the same
+  errors). It does not prove that nothing larger exists: a top that overtook the tracked one is only
+  found by the next full check;
+* y is the vector the next reading tracks, so the readings follow a top eigenvector that turns.
+
+So a reading is logged as what it is (a lower bound, under tags of its own, which full checks log
+too: their top Ritz value less its error bound), never as a converged lambda_max; a lower bound above the stability threshold proves the edge-of-stability onset, while a
+flag's clearance, or any "below" claim, waits for a full check. The same batch, dropout masks and
+isolation as a full check (the training run is left bit-for-bit as it was).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hessdiag.operator import HessianOperator
+from hessdiag.reporting.tags import (
+    LAMBDA_MAX_LOWER,
+    RATIO_LOWER,
+    SHARPNESS_LOWER,
+    TRACKING_NUM_HVPS,
+    TRACKING_RESIDUAL,
+    TRACKING_SECONDS,
+)
+from hessdiag.vectors import dot
+
+
+#: Products per tracked vector: a two-step Krylov space from it (Rayleigh-Ritz on span{v, Hv}),
+#: whose top Ritz vector follows a top eigenvector that turns far better than v itself.
+KRYLOV_STEPS = 2
+
+
+@dataclass(frozen=True)
+class RitzBound:
+    """What Rayleigh-Ritz on a small Krylov space proves: ``lower_bound`` <= lambda_max, and an
+    eigenvalue lies within ``residual`` of ``value`` (the top Ritz value); both include the products'
+    error and the rounding of the inner products. ``next_vector``: the top Ritz vector (unit), the
+    vector to track at the next reading."""
+
+    value: float
+    lower_bound: float
+    residual: float
+    next_vector: torch.Tensor
+
+
+def ritz_bound(
+    operator: HessianOperator, vector: torch.Tensor, scale: torch.Tensor | None = None, steps: int = KRYLOV_STEPS
+) -> RitzBound:
+    """Rayleigh-Ritz on the `steps`-dimensional Krylov space of `vector` (normalised here) on the open
+    `operator`, or on the symmetric ``d H d`` for a preconditioner square root ``d`` = `scale`: one
+    product per step (finite differences: measured along each basis vector, two products' worth).
+
+    Proof of the bounds: with V the orthonormal basis (reorthogonalised twice) and the computed
+    products ``A V = H V + F``, ``||F||_2 <= sqrt(m) e`` (e: a unit product's error, times
+    ||d||_inf^2 under a scale). ``T = V'AV`` (symmetrised) differs from ``V'HV`` by at most
+    ``sqrt(m) e`` in norm, and the top eigenvalue of ``V'HV`` is at most lambda_max
+    (Courant-Fischer), so ``theta - sqrt(m) e`` is a lower bound. For the Ritz vector ``y = V s``,
+    ``||H y - theta y|| <= ||A V s - theta y|| + sqrt(m) e`` (no more product: ``A y = (A V) s``),
+    and an eigenvalue of a symmetric matrix lies within that residual of theta. Rounding of the
+    inner products in the operator's dtype adds ``(10 + log2 n) eps ||A V||``.
+    """
+    shard = operator.shard
+    basis: list[torch.Tensor] = []
+    products: list[torch.Tensor] = []
+    errors: list[float] = []
+    v = vector.to(device=operator.device, dtype=operator.dtype)
+    for _ in range(steps):
+        for _pass in range(2):  # full reorthogonalisation, twice
+            for q in basis:
+                v = v - dot(q, v, shard) * q
+        norm = math.sqrt(max(dot(v, v, shard), 0.0))
+        if not norm > 1e-8 * (1 + sum(math.sqrt(dot(p, p, shard)) for p in products[:1])):
+            break  # the Krylov space is invariant: nothing new to add
+        v = v / norm
+        product, error = _product(operator, v, scale)
+        basis.append(v)
+        products.append(product)
+        errors.append(error)
+        v = product  # the next direction: H v, orthogonalised above
+    m = len(basis)
+    gram = torch.tensor([[dot(basis[i], products[j], shard) for j in range(m)] for i in range(m)], dtype=torch.float64)
+    values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
+    theta, s = float(values[-1]), vectors[:, -1]
+    ritz = sum(float(s[i]) * basis[i] for i in range(m))
+    image = sum(float(s[i]) * products[i] for i in range(m))
+    error = math.sqrt(m) * max(errors)
+    size = max(math.sqrt(dot(p, p, shard)) for p in products)
+    rounding = (10 + math.log2(max(operator.dim, 2))) * torch.finfo(operator.dtype).eps * size * m
+    residual = math.sqrt(max(dot(image - theta * ritz, image - theta * ritz, shard), 0.0))
+    ritz = ritz / math.sqrt(max(dot(ritz, ritz, shard), 1e-300))
+    return RitzBound(theta, theta - error - rounding, residual + error + rounding, ritz)
+
+
+def _product(operator: HessianOperator, v: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """(A v, a bound on its error) for unit `v`, A = H or d H d."""
+    operand = v if scale is None else scale * v
+    size = math.sqrt(dot(operand, operand, operator.shard))
+    if operator.method == "finite_difference":
+        measured = operator.along(operand / size)
+        product, error = measured.product * size, measured.error * size
+    else:
+        product, error = operator.matvec(operand), operator.product_error * size
+    if scale is not None:
+        product, error = scale * product, error * float(scale.abs().max())
+    return product, error
+
+
+@dataclass(frozen=True)
+class TrackingReading:
+    """What one tracking reading proves (python floats).
+
+    Attributes:
+        step: the training step.
+        lambda_max_lower_bound: a proven lower bound on lambda_max (the top Ritz value of the tracked
+            vector's Krylov space, less its errors); None under a preconditioned stability rule,
+            whose readings track the preconditioned operator instead.
+        residual: an eigenvalue of the operator read (the Hessian, or the preconditioned one) lies
+            within this distance of its top Ritz value.
+        sharpness_lower_bound: a proven lower bound on the sharpness the stability threshold refers
+            to (lambda_max, or for a preconditioned rule lambda_max(P^-1 H) from the last
+            preconditioned top vector); None without a threshold.
+        stability_threshold: the optimizer's stability threshold in the sharpness's units, or None.
+        num_hvps: products spent.
+        seconds: wall time of the reading.
+        loss: the loss on the reading's batch.
+    """
+
+    step: int
+    lambda_max_lower_bound: float | None
+    residual: float
+    sharpness_lower_bound: float | None
+    stability_threshold: float | None
+    num_hvps: int
+    seconds: float
+    loss: float
+
+    @property
+    def stability_ratio_lower_bound(self) -> float | None:
+        """sharpness_lower_bound / threshold: >= 1 proves the steepest direction beyond the edge."""
+        if self.sharpness_lower_bound is None or not self.stability_threshold:
+            return None
+        return self.sharpness_lower_bound / self.stability_threshold
+
+    def scalars(self) -> dict[str, float]:
+        """The scalars the reading logs, by tag (tags of their own: lower bounds, not values)."""
+        found = {
+            LAMBDA_MAX_LOWER: self.lambda_max_lower_bound,
+            TRACKING_RESIDUAL: self.residual,
+            SHARPNESS_LOWER: self.sharpness_lower_bound,
+            RATIO_LOWER: self.stability_ratio_lower_bound,
+            TRACKING_NUM_HVPS: float(self.num_hvps),
+            TRACKING_SECONDS: self.seconds,
+        }
+        return {tag: value for tag, value in found.items() if value is not None and math.isfinite(value)}
+
+
+def track(
+    operator: HessianOperator,
+    step: int,
+    top: torch.Tensor,
+    *,
+    threshold: float | None,
+    preconditioned: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[TrackingReading, torch.Tensor | None, torch.Tensor | None]:
+    """A tracking reading on the open `operator`: from the tracked top vector `top`, lower bounds on
+    lambda_max and (with a stability `threshold`) on the sharpness; for a preconditioned rule only
+    from ``(vector, scale)`` = `preconditioned` (the tracked preconditioned top vector and the current
+    preconditioner's square root): the sharpness the threshold refers to, the one a flag needs, at
+    the price of one Krylov space. Returns the reading and the vectors to track next (None for the
+    one not read)."""
+    start = time.perf_counter()
+    before = operator.num_hvps
+    if preconditioned is None:
+        raw = ritz_bound(operator, top)
+        lambda_max, residual, sharpness = raw.lower_bound, raw.residual, raw.lower_bound if threshold else None
+        next_raw, next_preconditioned = raw.next_vector, None
+    else:
+        bound = ritz_bound(operator, *preconditioned)
+        lambda_max, residual, sharpness = None, bound.residual, bound.lower_bound
+        next_raw, next_preconditioned = None, bound.next_vector
+    reading = TrackingReading(
+        step=step, lambda_max_lower_bound=lambda_max, residual=residual, sharpness_lower_bound=sharpness,
+        stability_threshold=threshold, num_hvps=operator.num_hvps - before, seconds=time.perf_counter() - start,
+        loss=operator.loss,
+    )  # fmt: skip
+    return reading, next_raw, next_preconditioned
