@@ -29,10 +29,11 @@ def _run_steps(clock, schedule, steps, seconds=0.01):
         schedule.step_finished()
 
 
-def test_auto_draws_a_line_early_then_spaces_checks_to_the_overhead_budget(monkeypatch):
+def test_without_tracking_auto_draws_a_line_early_then_spaces_checks_to_the_overhead_budget(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(schedule_module.time, "perf_counter", clock)
     s = CheckSchedule("auto", overhead_budget=0.05, min_interval=100)
+    s.tracking_unavailable()  # nothing to track (no Ritz vectors): every reading is a full check
     cpu = torch.device("cpu")
     early, step = [], 0
     while len(early) < 5:  # steps of 10 ms, checks of 2 s: far over budget, yet a short run sees a line
@@ -50,10 +51,11 @@ def test_auto_draws_a_line_early_then_spaces_checks_to_the_overhead_budget(monke
     assert s.interval == 100
 
 
-def test_auto_overhead_stays_within_budget_over_a_long_run(monkeypatch):
+def test_without_tracking_auto_overhead_stays_within_budget_over_a_long_run(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(schedule_module.time, "perf_counter", clock)
     s = CheckSchedule("auto", overhead_budget=0.05)
+    s.tracking_unavailable()
     check_seconds = 0.0
     for step in range(1, 200_001):
         _run_steps(clock, s, 1)
@@ -75,6 +77,7 @@ def test_pauses_between_steps_are_not_training_time(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(schedule_module.time, "perf_counter", clock)
     s = CheckSchedule("auto", overhead_budget=0.05, min_interval=100, early_checks=1)
+    s.tracking_unavailable()
     for step in range(100):
         clock.now += 60.0 if step == 50 else 0.01
         s.step_finished()
