@@ -84,7 +84,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         log_every: optimizer steps between read-backs of the gradient statistics (default: the
             trainer's ``log_every_n_steps``).
         sub_batch: samples of the batch used by a check (default: all; per micro-batch under
-            accumulation): every tensor is cut along its first dimension, or the check is refused.
+            accumulation): every tensor is cut along its first dimension and a list of one tensor per
+            sample by element (see :func:`hessdiag.batches.leading_sizes`), or the check is refused.
         k, tol, max_iter, cold_every, density_every, noise_scale_parts, module_sharpness, hvp_method:
             see :class:`hessdiag.Monitor`.
         mode: ``"as_is"`` (default): each module keeps its mode of the training step (a backbone
@@ -228,14 +229,15 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.monitor is not None:
-            self._step.count(batch)
-            if self._step.logged is not None:  # manual optimisation: what the step logs may be its loss
-                self._step.logged.before_step(trainer.callback_metrics)
-            if trainer.accumulate_grad_batches > 1 and pl_module.automatic_optimization:
-                # Lightning divides each micro-batch loss by accumulate_grad_batches.
-                self.monitor.begin_micro_batch(batch_size(batch), 1.0 / trainer.accumulate_grad_batches)
-        if self.monitor is None or not (self._first_values_due or self.monitor.check_due(self._steps_done(trainer) + 1)):
+        if self.monitor is None:
+            return
+        self._step.count(batch)
+        if self._step.logged is not None:  # manual optimisation: what the step logs may be its loss
+            self._step.logged.before_step(trainer.callback_metrics)
+        if trainer.accumulate_grad_batches > 1 and pl_module.automatic_optimization:
+            # Lightning divides each micro-batch loss by accumulate_grad_batches.
+            self.monitor.begin_micro_batch(batch_size(batch), 1.0 / trainer.accumulate_grad_batches)
+        if not (self._first_values_due or self.monitor.check_due(self._steps_done(trainer) + 1)):
             return
         # A check follows this optimizer step: keep its micro-batches (references, no copy).
         if self._step.keep(batch, batch_idx):

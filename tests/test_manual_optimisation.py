@@ -46,7 +46,9 @@ def logged_losses(log_dir):
     accumulator = EventAccumulator(directory, size_guidance={"scalars": 0})
     accumulator.Reload()
     tags = accumulator.Tags()["scalars"]
-    return {event.step: event.value for event in accumulator.Scalars("hessdiag/loss")} if "hessdiag/loss" in tags else {}
+    if "hessdiag/loss" not in tags:
+        return {}
+    return {event.step: event.value for event in accumulator.Scalars("hessdiag/loss")}
 
 
 class Manual(pl.LightningModule):
@@ -149,7 +151,8 @@ class GAN(pl.LightningModule):
         return {"loss": d_loss} if self.give == "dict" else None
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.generator.parameters(), 1e-3), torch.optim.Adam(self.discriminator.parameters(), 1e-3)
+        generator, discriminator = self.generator.parameters(), self.discriminator.parameters()
+        return torch.optim.Adam(generator, 1e-3), torch.optim.Adam(discriminator, 1e-3)
 
 
 def test_a_gan_returning_its_loss_has_it_at_every_training_step(tmp_path):

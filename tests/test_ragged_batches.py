@@ -7,12 +7,14 @@ import warnings
 from collections import namedtuple
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
 import hessdiag
 from hessdiag import Monitor
 from hessdiag.batches import MicroBatches, batch_size, cut_samples, first_samples, leading_sizes, take_sub_batch
+from hessdiag.callbacks import HessianDiagnostics
 
 Pair = namedtuple("Pair", ["sequences", "labels"])
 
@@ -77,7 +79,8 @@ def test_a_batch_whose_dimension_cannot_be_told_is_refused_with_the_forms_that_w
     unmatched = (sequences([3, 5, 7]), torch.zeros(4))  # three sequences, four labels
     bare = sequences([3, 5, 7])  # several loaders' batches look the same: not guessed
     for batch in (unmatched, bare):
-        with pytest.raises(ValueError, match=r"the batch dimension cannot be told apart: .*\(\[seq_1, \.\.\., seq_n\], labels\)"):
+        forms = r"the batch dimension cannot be told apart: .*\(\[seq_1, \.\.\., seq_n\], labels\)"
+        with pytest.raises(ValueError, match=forms):
             first_samples(batch, 2)
         with pytest.raises(ValueError, match="`sub_batch` cannot tell the batch dimension: .*Use `sub_batch=None`"):
             take_sub_batch(batch, 2)
@@ -163,3 +166,35 @@ def test_a_batch_without_a_batch_dimension_is_told_so_without_naming_unset_setti
     (message,) = [m for m in warned if "noise scale" in m]
     assert "the batch dimension cannot be told apart" in message
     assert not any(setting in message for setting in SETTINGS)
+
+
+def test_a_lightning_run_on_ragged_batches_gets_the_noise_scale(tmp_path):
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = SequenceClassifier()
+
+        def training_step(self, batch, batch_idx):
+            return classification_loss(self.model, batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 12, (32,), generator=generator).tolist()
+    data = list(zip(sequences(lengths), (torch.arange(32) % 2).tolist()))
+    collate = lambda items: ([s for s, _ in items], torch.tensor([y for _, y in items]))  # noqa: E731
+    loader = torch.utils.data.DataLoader(data, batch_size=8, collate_fn=collate)
+    pl.seed_everything(0)
+    callback = HessianDiagnostics(check_every=2, log_every=1)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=4, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Module(), loader)
+    warned = [str(w.message) for w in caught if issubclass(w.category, hessdiag.HessdiagWarning)]
+    assert not [message for message in warned if any(setting in message for setting in SETTINGS)], warned
+    assert [c.step for c in callback.monitor.checks] == [2, 4]
+    assert all(c.batch_size == 8 and c.noise.big_batch == 8 for c in callback.monitor.checks)
