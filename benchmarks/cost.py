@@ -18,6 +18,15 @@ CPU torch runs on `--threads` threads (default 1, and 1 per FSDP2 process).
     python benchmarks/cost.py                 # CPU sizes (GPU sizes on CUDA)
     python benchmarks/cost.py --fsdp2         # and two gloo processes (CPU)
     python benchmarks/cost.py --quick         # fewer sizes: a few minutes on one GPU
+    python benchmarks/cost.py --readings      # only the Monitor's kinds of reading (below)
+
+The Monitor's kinds of reading, at its defaults (AdamW): a cold full check (both ends, the
+preconditioned sharpness, the cross-check of "auto", the noise scale), a warm full check of the top
+end only (what the "auto" schedule runs while no detector needs the bottom end), a warm full check of
+both ends, and a tracking reading (two products from the tracked top vector, see
+hessdiag.check.tracking), each in training steps and in peak memory against a step's peak. On a CPU
+each kind runs in a fresh process (the resident-set high-water mark never goes down), after two
+training steps, from the warm-start state the parent saved; on CUDA in this process.
 
 Writes benchmarks/results/cost-<device>.json.
 """
@@ -192,12 +201,77 @@ def fsdp2_row(name: str, config: dict) -> dict:
         return json.loads(Path(out).read_text())
 
 
+READING_KINDS = ("full_cold", "full_warm_top", "full_warm_both", "tracking")
+
+
+def reading(run: Run, kind: str, probe) -> dict:
+    """One reading of `kind` by `probe` on `run`'s batch, in steps and peak memory (a step's peak first)."""
+    run.memory.start()
+    synchronize(run.device)
+    start = time.perf_counter()
+    if kind == "tracking":
+        result = probe.track(100, run.batch, run.optimizer)
+        products = result.num_hvps
+    else:
+        result = probe.run(100, run.batch, run.optimizer, bottom=kind != "full_warm_top")
+        products = result.num_hvps
+    synchronize(run.device)
+    seconds = time.perf_counter() - start
+    peak = run.memory.peak()
+    run.step()
+    step = statistics.median(run.step_times[1:])
+    return {"in_steps": seconds / step, "hvps": products, "peak_over_step_peak": peak / run.step_peak, "seconds": seconds}
+
+
+def reading_worker(name: str, config: dict, kind: str, state_file: str, out: str) -> None:
+    """A fresh process: two steps, then one reading of `kind` from the saved warm-start state."""
+    from hessdiag.check.probe import CurvatureProbe
+
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    run = Run(*problem(name, config, device), device)
+    probe = CurvatureProbe(run.model, run.loss_fn)
+    if kind != "full_cold":
+        probe.starts.load_state_dict(torch.load(state_file))
+        probe.num_checks = 1
+    Path(out).write_text(json.dumps(reading(run, kind, probe)))
+
+
+def reading_costs(name: str, config: dict, device: torch.device) -> dict:
+    """Each kind of reading's cost (see the module docstring)."""
+    from hessdiag.check.probe import CurvatureProbe
+
+    run = Run(*problem(name, config, device), device)
+    probe = CurvatureProbe(run.model, run.loss_fn)
+    if device.type == "cuda":
+        row = {"full_cold": reading(run, "full_cold", probe)}
+        for _ in range(STEPS_PER_CHECK):
+            run.step()
+        for kind in READING_KINDS[1:]:
+            row[kind] = reading(run, kind, probe)
+        return row
+    probe.run(1, run.batch, run.optimizer)  # the warm-start state the workers start from
+    for _ in range(STEPS_PER_CHECK):
+        run.step()
+    row = {}
+    with tempfile.TemporaryDirectory() as folder:
+        state_file, out = os.path.join(folder, "state.pt"), os.path.join(folder, "row.json")
+        torch.save(probe.starts.state_dict(), state_file)
+        for kind in READING_KINDS:
+            worker = mp.get_context("spawn").Process(target=reading_worker, args=(name, config, kind, state_file, out))
+            worker.start()
+            worker.join()
+            row[kind] = json.loads(Path(out).read_text())
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "gpt"])
     parser.add_argument("--quick", action="store_true", help="GPU: smaller models (a few minutes on one GPU)")
     parser.add_argument("--fsdp2", action="store_true", help="also FSDP2 on two gloo processes (CPU)")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (1: steadier on a shared machine)")
+    parser.add_argument("--readings", action="store_true", help="only the Monitor's kinds of reading")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -209,7 +283,9 @@ def main() -> None:
         config = SIZES[size][name]
         run = Run(*problem(name, config, device), device)
         row = {"model": name, "config": config, "params": sum(p.numel() for p in run.model.parameters())}
-        row["dense"] = measure(run, ("finite_difference", "double_backward"), sub_batches=True)
+        row["readings"] = reading_costs(name, config, device)
+        if not args.readings:
+            row["dense"] = measure(run, ("finite_difference", "double_backward"), sub_batches=True)
         if args.fsdp2:
             row["fsdp2_two_gloo_processes"] = fsdp2_row(name, SIZES["cpu"][name])
         print_row(row)
@@ -219,6 +295,9 @@ def main() -> None:
 
 def print_row(row: dict) -> None:
     print(f"\n== {row['model']} ({row['params']:,} parameters, {row['config']})")
+    for kind, entry in row["readings"].items():
+        print(f"  Monitor reading {kind:15s}: {entry['in_steps']:6.1f} steps, {entry['hvps']:3d} HVPs, "
+              f"peak memory {entry['peak_over_step_peak']:.2f}x a step's")  # fmt: skip
     for setting in ("dense", "fsdp2_two_gloo_processes"):
         if setting not in row:
             continue

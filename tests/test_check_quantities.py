@@ -250,7 +250,7 @@ def test_the_noise_scale_is_skipped_with_a_reason_said_once():
         for _ in range(2):
             one_step(model, optimizer, cross_entropy, batch, monitor)
     said = [w for w in caught if "No gradient noise scale" in str(w.message)]
-    assert len(said) == 1 and "the check batch has 3 samples, fewer than noise_scale_parts=4" in str(said[0].message)
+    assert len(said) == 1 and "the check batch has 3 samples, fewer than the 4 parts the noise scale cuts it in" in str(said[0].message)
     assert len(monitor.checks) == 2 and all(check.noise is None for check in monitor.checks)
     assert "hessdiag/noise_scale" not in monitor.latest
     assert monitor.last_check.gradient_curvature is not None  # the rest of the check is unaffected

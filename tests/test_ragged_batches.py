@@ -145,11 +145,6 @@ def test_a_set_sub_batch_cuts_a_ragged_batch_by_sample():
     assert check.batch_size == 4 and not warned
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the noise-scale quantity (hessdiag/check/quantities/noise_scale.py) cuts its batch with "
-    "take_sub_batch, whose refusal names `sub_batch`; with first_samples it names no setting",
-)
 def test_a_batch_without_a_batch_dimension_is_told_so_without_naming_unset_settings():
     bare = sequences([5, 9, 3, 7, 4, 6, 8, 2])
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from hessdiag import _distributed, _sharded
-from hessdiag.batches import MicroBatches, batch_size, take_sub_batch
+from hessdiag.batches import MicroBatches, batch_size, first_samples
 from hessdiag.check.quantity import CheckContext, Quantity, Skipped
 from hessdiag.errors import HessdiagError
 from hessdiag.isolation import unwrap_model
@@ -76,7 +76,7 @@ class NoiseScale(Quantity):
             estimate, _finite_or_none(self.running.noise_scale), _finite_or_none(self.running.noise_scale_se),
             _step_batch_size(context.step_samples),
         )  # fmt: skip
-        return Skipped(f"No gradient noise scale: {why}.", reading) if why else reading
+        return Skipped(f"No gradient noise scale: {why.rstrip('.')}.", reading) if why else reading
 
     def _estimate(self, context: CheckContext) -> tuple[NoiseScaleEstimate | None, str]:
         """The check batch cut in :attr:`parts` (its first samples, a multiple of the parts; under
@@ -93,10 +93,10 @@ class NoiseScale(Quantity):
         if _sharded.is_sharded(list(unwrap_model(context.model).parameters())):
             return None, "the model is FSDP2-sharded: a gradient per part would need FSDP's backward per part"
         if samples is None or samples < parts:
-            return None, f"the check batch has {samples or 0} samples, fewer than noise_scale_parts={parts}"
+            return None, f"the check batch has {samples or 0} samples, fewer than the {parts} parts the noise scale cuts it in"
         try:
             estimate = gradient_noise_scale(
-                context.model, context.loss_fn, take_sub_batch(batch, samples - samples % parts), num_parts=parts,
+                context.model, context.loss_fn, first_samples(batch, samples - samples % parts), num_parts=parts,
                 params=context.params, mode=self.settings.mode, seed=context.seed,
             )  # fmt: skip
         except (ValueError, HessdiagError) as error:  # a batch that cannot be cut, a non-finite part's loss
