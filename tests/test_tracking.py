@@ -1,0 +1,384 @@
+"""Tracking readings against known answers: Rayleigh-Ritz on a two-step Krylov space proves a lower
+bound on lambda_max (of H, or of d H d under a preconditioner) and an eigenvalue within its residual,
+against float64 dense Hessians, exact and finite-difference products; the probe's reading (nothing
+before a check, its cost, no observer effect, Adam's preconditioned sharpness); the Monitor's
+readings and what each logs; the edge-of-stability flag raised by lower bounds and never cleared by
+them; the bottom end measured where a detector can use it."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hessdiag import Monitor
+from hessdiag.check.probe import CurvatureProbe
+from hessdiag.detectors import CheckRecord, EdgeOfStabilityDetector, TrackingRecord
+from hessdiag.check.tracking import KRYLOV_STEPS, ritz_bound
+from hessdiag.operator import HessianOperator
+from hessdiag.reporting import tags
+from hessdiag.settings import DiagnosticsSettings
+from hessdiag.stability import preconditioner_sqrt, stability_threshold
+from loops import one_step
+from oracles import dense_hessian
+
+
+def cross_entropy(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def tanh_mlp(seed=0, n=32, dtype=torch.float64):
+    """A tanh MLP of 180 parameters on a classification batch: a Hessian with both signs."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).to(dtype)
+    generator = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(n, 6, generator=generator, dtype=dtype)
+    y = torch.randint(0, 4, (n,), generator=generator)
+    return model, (x, y)
+
+
+@functools.lru_cache(maxsize=None)
+def problem(seed):
+    """A tanh MLP, its batch and its dense float64 Hessian (computed once per seed)."""
+    model, batch = tanh_mlp(seed)
+    return model, batch, dense_hessian(model, cross_entropy, batch)
+
+
+def assert_ritz_bound_holds(bound, eigenvalues):
+    """The two claims of a :class:`RitzBound` against the true spectrum (float64)."""
+    top = float(eigenvalues[-1])
+    assert bound.lower_bound <= top + 1e-12 * abs(top), (bound, top)
+    nearest = float((eigenvalues - bound.value).abs().min())
+    assert nearest <= bound.residual, (bound, nearest)
+    assert float(bound.next_vector.double().norm()) == pytest.approx(1.0, abs=1e-6)
+
+
+def starts(eigenvectors, dim, seed):
+    """Start vectors a reading meets: random ones, the top eigenvector itself (an invariant Krylov
+    space), near it (the tracked vector after a small turn), the bottom one, and a mix."""
+    generator = torch.Generator().manual_seed(seed)
+    top, bottom = eigenvectors[:, -1], eigenvectors[:, 0]
+    noise = torch.randn(dim, generator=generator, dtype=torch.float64)
+    return [
+        torch.randn(dim, generator=generator, dtype=torch.float64),
+        top.clone(),
+        top + 1e-3 * noise / noise.norm(),
+        top + 0.3 * noise / noise.norm(),
+        bottom.clone(),
+        top + bottom,
+    ]
+
+
+SEEDS = range(4)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_ritz_bound_is_a_lower_bound_with_an_eigenvalue_within_its_residual(seed):
+    model, batch, hessian = problem(seed)
+    eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
+    with HessianOperator(model, cross_entropy, batch, method="double_backward") as operator:
+        for vector in starts(eigenvectors, operator.dim, seed):
+            for steps in (1, KRYLOV_STEPS, 4):
+                bound = ritz_bound(operator, vector, steps=steps)
+                assert_ritz_bound_holds(bound, eigenvalues)
+                unit = vector / vector.norm()
+                # The Krylov space holds the start vector: its top Ritz value is at least v'Hv.
+                assert bound.value >= float(unit @ hessian @ unit) - 1e-12 * float(eigenvalues.abs().max())
+        near_top = ritz_bound(operator, starts(eigenvectors, operator.dim, seed)[2])
+        cold = ritz_bound(operator, starts(eigenvectors, operator.dim, seed)[0])
+    top = float(eigenvalues[-1])
+    # Near the top eigenvector the reading is tight; from a random vector it is a lower bound, far off.
+    assert top - near_top.lower_bound <= 1e-6 * top and near_top.residual <= 1e-3 * top
+    assert top - cold.lower_bound > 0.1 * top
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_ritz_bound_under_a_preconditioner_bounds_the_top_of_d_h_d(seed):
+    model, batch, hessian = problem(seed)
+    generator = torch.Generator().manual_seed(seed + 7)
+    d = torch.exp(torch.randn(hessian.shape[0], generator=generator, dtype=torch.float64))  # 0.05 .. 20
+    scaled = torch.diag(d) @ hessian @ torch.diag(d)
+    eigenvalues, eigenvectors = torch.linalg.eigh(scaled)
+    with HessianOperator(model, cross_entropy, batch, method="double_backward") as operator:
+        for vector in starts(eigenvectors, operator.dim, seed):
+            bound = ritz_bound(operator, vector, scale=d)
+            assert_ritz_bound_holds(bound, eigenvalues)
+            unit = vector / vector.norm()
+            assert bound.value >= float(unit @ scaled @ unit) - 1e-12 * float(eigenvalues.abs().max())
+        # The top of H is not what it reads: from d H d's top vector it reads d H d's top, far above.
+        tracked = ritz_bound(operator, eigenvectors[:, -1], scale=d)
+    assert tracked.value == pytest.approx(float(eigenvalues[-1]), rel=1e-12)
+    assert float(eigenvalues[-1]) > 2 * float(torch.linalg.eigvalsh(hessian)[-1])
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_finite_difference_readings_in_float32_bound_the_float64_truth(seed):
+    """The products' error (measured along each basis vector) and float32 rounding are in the bounds:
+    without them, readings from the top eigenvector land above lambda_max (measured: by up to 1e-5 of it)."""
+    model, batch, hessian = problem(seed)
+    eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
+    generator = torch.Generator().manual_seed(seed + 7)
+    d = torch.exp(torch.randn(hessian.shape[0], generator=generator, dtype=torch.float64))
+    scaled_values, scaled_vectors = torch.linalg.eigh(torch.diag(d) @ hessian @ torch.diag(d))
+    # The same parameters in float32 (exactly representable: the float64 model's are rounded first).
+    single = copy.deepcopy(model).float()
+    truth = copy.deepcopy(single).double()
+    hessian = dense_hessian(truth, cross_entropy, batch)
+    eigenvalues = torch.linalg.eigvalsh(hessian)
+    scaled_values = torch.linalg.eigvalsh(torch.diag(d.float().double()) @ hessian @ torch.diag(d.float().double()))
+    with HessianOperator(single, cross_entropy, (batch[0].float(), batch[1]), method="finite_difference") as operator:
+        for vector in starts(eigenvectors, operator.dim, seed):
+            assert_ritz_bound_holds(ritz_bound(operator, vector.float()), eigenvalues)
+        for vector in starts(scaled_vectors, operator.dim, seed):
+            assert_ritz_bound_holds(ritz_bound(operator, vector.float(), scale=d.float()), scaled_values)
+
+
+# -- the probe's reading ------------------------------------------------------------------------------
+def sgd_steps(model, optimizer, batch, steps, loss_fn=cross_entropy):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn(model, batch).backward()
+        optimizer.step()
+
+
+def test_a_reading_needs_a_check_before_it_and_costs_one_krylov_space():
+    model, batch = tanh_mlp(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    sgd_steps(model, optimizer, batch, 40)  # past the first steps, where the top eigenvector is overtaken
+    probe = CurvatureProbe(model, cross_entropy, DiagnosticsSettings(hvp_method="auto", tol=1e-6))
+    assert probe.track(40, batch, optimizer) is None  # nothing to track before a full check
+    check = probe.run(40, batch, optimizer)
+    assert check.hvp_method == "double_backward"
+    for step in range(43, 60, 3):  # the parameters move; each reading follows the top from the last one
+        sgd_steps(model, optimizer, batch, 3)
+        tracked = probe.starts.tracked.double()
+        hessian = dense_hessian(model, cross_entropy, batch)
+        eigenvalues = torch.linalg.eigvalsh(hessian)
+        top = float(eigenvalues[-1])
+        reading = probe.track(step, batch, optimizer)
+        # The first reading after a check spans the full Krylov space; later ones at most that (one
+        # product once the tracked vector is close to an eigenvector).
+        assert reading.step == step and 1 <= reading.num_hvps <= KRYLOV_STEPS
+        assert step > 43 or reading.num_hvps == KRYLOV_STEPS
+        assert reading.lambda_max_lower_bound <= top + 1e-12 * top
+        assert float((eigenvalues - reading.lambda_max_lower_bound).abs().min()) <= reading.residual + 1e-12
+        # One Krylov step improves on the tracked vector: the bound is at least its Rayleigh quotient,
+        # and it follows the top (measured within 1% of it here, 3 steps apart).
+        assert reading.lambda_max_lower_bound >= float(tracked @ hessian @ tracked) - 1e-12 * top
+        assert reading.lambda_max_lower_bound >= 0.99 * top
+        # SGD's threshold is 2/lr on lambda_max itself: the sharpness bound is the same number.
+        assert reading.sharpness_lower_bound == reading.lambda_max_lower_bound and reading.stability_threshold == 4.0
+        with torch.no_grad():
+            assert reading.loss == pytest.approx(float(cross_entropy(model, batch)), rel=1e-12)
+    model[0].weight.requires_grad_(False)  # other trainable parameters: the tracked vector does not fit
+    assert probe.track(60, batch, optimizer) is None
+
+
+def snapshot(model, optimizer):
+    """Everything a reading must leave as it was, copied."""
+    return {
+        "parameters": [p.detach().clone() for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "modes": [m.training for m in model.modules()],
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "rng": torch.get_rng_state(),
+    }
+
+
+def assert_same(before, after):
+    for key in ("parameters", "grads", "buffers"):
+        assert len(before[key]) == len(after[key])
+        for a, b in zip(before[key], after[key]):
+            assert (a is None and b is None) or torch.equal(a, b), key
+    assert before["modes"] == after["modes"]
+    assert torch.equal(before["rng"], after["rng"])
+    for state_before, state_after in zip(before["optimizer"]["state"].values(), after["optimizer"]["state"].values()):
+        assert state_before.keys() == state_after.keys()
+        assert all(torch.equal(torch.as_tensor(state_before[k]), torch.as_tensor(state_after[k])) for k in state_before)
+    assert before["optimizer"]["param_groups"] == after["optimizer"]["param_groups"]
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.Adam])
+def test_a_reading_leaves_the_run_bit_for_bit_as_it_was(optimizer_class):
+    """Dropout and BatchNorm in train mode, the optimizer's state, the RNG and the gradients of the
+    last backward: a reading changes none of them, so training goes on as without it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 4))
+    batch = (torch.randn(32, 6), torch.randint(0, 4, (32,)))
+    kwargs = {"lr": 0.1, "momentum": 0.9} if optimizer_class is torch.optim.SGD else {"lr": 0.01}
+    optimizer = optimizer_class(model.parameters(), **kwargs)
+    probe = CurvatureProbe(model, cross_entropy, DiagnosticsSettings(tol=1e-4))
+    sgd_steps(model, optimizer, batch, 3)
+    probe.run(3, batch, optimizer)
+    sgd_steps(model, optimizer, batch, 2)
+    optimizer.zero_grad()
+    cross_entropy(model, batch).backward()  # gradients the loop has not stepped on yet
+    before = snapshot(model, optimizer)
+    reading = probe.track(5, batch, optimizer)
+    assert reading is not None and reading.num_hvps == KRYLOV_STEPS
+    assert_same(before, snapshot(model, optimizer))
+
+
+def test_under_adam_a_reading_bounds_the_preconditioned_sharpness():
+    """Adam's threshold refers to lambda_max(P^-1 H) = lambda_max(D H D), D = P^-1/2 from the
+    optimizer's state at the reading: the reading bounds that from below, not lambda_max(H)."""
+    model, batch = tanh_mlp(1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    sgd_steps(model, optimizer, batch, 20)
+    probe = CurvatureProbe(model, cross_entropy, DiagnosticsSettings(hvp_method="double_backward", tol=1e-6))
+    probe.run(20, batch, optimizer)
+    for step in (23, 26, 29):
+        sgd_steps(model, optimizer, batch, 3)
+        reading = probe.track(step, batch, optimizer)
+        d = preconditioner_sqrt(optimizer, list(model.parameters())).double()
+        hessian = dense_hessian(model, cross_entropy, batch)
+        sharpness = float(torch.linalg.eigvalsh(torch.diag(d) @ hessian @ torch.diag(d))[-1])
+        assert reading.lambda_max_lower_bound is None  # only the preconditioned operator is read
+        assert reading.stability_threshold == pytest.approx(stability_threshold(optimizer).threshold, rel=1e-12)
+        assert reading.sharpness_lower_bound <= sharpness * (1 + 1e-12)
+        assert reading.sharpness_lower_bound >= 0.95 * sharpness  # it tracks the preconditioned top
+        # lambda_max(H) is far below: a reading of the raw Hessian could not be this bound.
+        assert float(torch.linalg.eigvalsh(hessian)[-1]) < 0.5 * reading.sharpness_lower_bound
+
+
+# -- the Monitor's readings ---------------------------------------------------------------------------
+class Capture:
+    """A writer that keeps every scalar by step (the union of what each step's calls wrote)."""
+
+    def __init__(self):
+        self.by_step: dict[int, dict[str, float]] = {}
+
+    def scalars(self, step, values, layers):
+        self.by_step.setdefault(step, {}).update(values)
+
+    def events(self, step, events): ...
+
+    def density(self, step, density): ...
+
+    def text(self, step, tag, message): ...
+
+    def flush(self): ...
+
+    def steps_with(self, tag):
+        return {step for step, values in self.by_step.items() if tag in values}
+
+
+def mse(model, batch):
+    return (model(batch[0]) - batch[1]).pow(2).mean()
+
+
+def linear_regression(n=64, features=5, seed=0):
+    """Least squares on a fixed batch: the Hessian is 2 [X 1]'[X 1] / n at every point (float64)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=generator) * torch.linspace(0.5, 3.0, features)
+    y = x @ torch.randn(features, 1, generator=generator) + 0.1 * torch.randn(n, 1, generator=generator)
+    design = torch.cat([x.double(), torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    return (x, y), torch.linalg.eigvalsh(2 * design.T @ design / n)
+
+
+def train_linear_regression(monitor_kwargs, lr_times_top, steps, seed=0):
+    """SGD on :func:`linear_regression` at lr = `lr_times_top` / lambda_max, observed by a Monitor at
+    its defaults but for `monitor_kwargs`; returns the monitor, its capture writer and the spectrum."""
+    batch, eigenvalues = linear_regression(seed=seed)
+    top = float(eigenvalues[-1])
+    torch.manual_seed(seed)
+    model = nn.Linear(batch[0].shape[1], 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr_times_top / top)
+    capture = Capture()
+    monitor = Monitor(model, mse, optimizer=optimizer, writer=capture, **monitor_kwargs)
+    for _ in range(steps):
+        one_step(model, optimizer, mse, batch, monitor)
+    monitor.flush()
+    return monitor, capture, eigenvalues
+
+
+def test_a_monitor_at_its_defaults_reads_curvature_all_through_the_run_and_logs_lower_bounds_as_such():
+    monitor, capture, eigenvalues = train_linear_regression({}, lr_times_top=0.5, steps=400)
+    top = float(eigenvalues[-1])
+    check_steps = {check.step for check in monitor.checks}
+    reading_steps = {reading.step for reading in monitor.readings}
+    assert min(check_steps) == 10 and reading_steps and min(reading_steps) > 10
+    assert not check_steps & reading_steps
+    # lambda_max (a converged value) only where a full check measured it; the lower bound everywhere.
+    assert capture.steps_with(tags.LAMBDA_MAX) == check_steps
+    assert capture.steps_with(tags.LAMBDA_MAX_LOWER) == check_steps | reading_steps
+    assert capture.steps_with(tags.TRACKING_RESIDUAL) == reading_steps
+    for step in check_steps | reading_steps:
+        lower = capture.by_step[step][tags.LAMBDA_MAX_LOWER]
+        assert lower <= top * (1 + 1e-12), (step, lower, top)
+        assert lower >= (1 - 2e-3) * top  # the Hessian is constant: every reading finds its top
+    for reading in monitor.readings:
+        assert capture.by_step[reading.step][tags.LAMBDA_MAX_LOWER] == reading.lambda_max_lower_bound
+        assert capture.by_step[reading.step][tags.SHARPNESS_LOWER] == reading.sharpness_lower_bound
+        assert capture.by_step[reading.step][tags.RATIO_LOWER] == pytest.approx(reading.sharpness_lower_bound * (0.5 / top) / 2)
+        assert 1 <= reading.num_hvps <= KRYLOV_STEPS
+
+
+# -- the edge-of-stability flag from lower bounds -----------------------------------------------------
+def test_the_edge_of_stability_flag_rises_from_tracking_readings_before_the_next_full_check():
+    """lr lambda_max = 2.1 > 2: the first check counts one, the tracking reading after it proves the
+    ratio again (a lower bound above the trigger) and raises the flag; no second full check needed."""
+    monitor, capture, _ = train_linear_regression({}, lr_times_top=2.1, steps=25)
+    assert [check.step for check in monitor.checks] == [10]
+    (onset,) = [event for event in monitor.events if event.name == "edge_of_stability"]
+    assert onset.kind == "onset" and onset.step in {reading.step for reading in monitor.readings}
+    assert "proven lower bound" in onset.summary and onset.severity == "warning"
+    assert 1 < onset.evidence["ratio"] <= 1.05 * (1 + 1e-12)  # a lower bound on lr lambda_max / 2 = 1.05
+    assert capture.by_step[onset.step][tags.flag_tag("edge_of_stability")] == 1.0
+    assert "edge_of_stability" in monitor.active_flags
+
+
+def tracking(step, ratio, threshold=10.0):
+    return TrackingRecord(step, ratio * threshold, ratio * threshold, threshold)
+
+
+def check_at(step, ratio, threshold=10.0):
+    return CheckRecord(
+        step=step, loss=1.0, grad_norm=1.0, lambda_max=ratio * threshold, lambda_min=0.0,
+        negative_curvature_certified=False, loss_change_along_bottom=None, sharpness=ratio * threshold,
+        stability_threshold=threshold,
+    )  # fmt: skip
+
+
+def kinds(detector, records):
+    return [(event.kind, event.step) for record in records for event in detector.observe(record)]
+
+
+def test_a_lower_bound_at_the_trigger_raises_the_flag_and_one_below_never_clears_it():
+    detector = EdgeOfStabilityDetector()  # trigger 0.9, clear below 0.8, two in a row each
+    assert kinds(detector, [tracking(1, 0.9), tracking(2, 0.95)]) == [("onset", 2)]
+    # Lower bounds far below the threshold prove nothing about the sharpness: the flag stays up.
+    assert kinds(detector, [tracking(step, 0.01) for step in range(3, 40)]) == [] and detector.active
+    # Only full checks clear it; a lower bound between them neither clears nor resets their count.
+    assert kinds(detector, [check_at(40, 0.5), tracking(41, 0.1), check_at(42, 0.5)]) == [("cleared", 42)]
+    # Nor does a lower bound below the trigger break a run of triggering checks.
+    assert kinds(detector, [check_at(50, 0.95), tracking(51, 0.3), check_at(52, 0.95)]) == [("onset", 52)]
+    # On an active flag a lower bound above clear_ratio proves it should stay: it breaks the clearing run.
+    assert kinds(detector, [check_at(60, 0.5), tracking(61, 0.85), check_at(62, 0.5)]) == []
+    assert detector.active
+    # Without a threshold a reading says nothing.
+    assert kinds(EdgeOfStabilityDetector(), [TrackingRecord(1, 50.0, None, None)] * 3) == []
+
+
+# -- the bottom end where a detector can use it -------------------------------------------------------
+def test_auto_checks_measure_the_bottom_end_only_where_the_saddle_rule_could_use_it():
+    # A run whose loss falls: its first check measures the top only.
+    progressing, capture, _ = train_linear_regression({}, lr_times_top=0.5, steps=12)
+    (check,) = progressing.checks
+    assert not check.bottom and check.lambda_max > 0
+    assert tags.LAMBDA_MAX in capture.by_step[10] and tags.LAMBDA_MIN not in capture.by_step[10]
+    # A stalled run (lr 0: the loss stands still) gets both ends: the saddle rule needs lambda_min.
+    stalled, capture, eigenvalues = train_linear_regression({}, lr_times_top=0.0, steps=12)
+    (check,) = stalled.checks
+    assert check.bottom and tags.LAMBDA_MIN in capture.by_step[10]
+    bottom, top = float(eigenvalues[0]), float(eigenvalues[-1])
+    assert bottom - 1e-6 * top <= check.lambda_min <= bottom + 1e-2 * top  # interlacing, and tol 1e-3
+    # With a fixed cadence every check measures both ends.
+    fixed, capture, _ = train_linear_regression({"check_every": 4}, lr_times_top=0.5, steps=12)
+    assert [check.bottom for check in fixed.checks] == [True] * 3
+    assert capture.steps_with(tags.LAMBDA_MIN) == {4, 8, 12}
