@@ -11,7 +11,7 @@ gradients are final and unscaled, routes scalars through the trainer's loggers (
 ...) and, with a TensorBoard logger, adds the dashboard layout, histograms, flag events and the
 spectral density.
 
-The hooks only route: the settings are checked by :class:`hessdiag.settings.CallbackSettings`; the
+The hooks only route: the settings are checked by :class:`~hessdiag.callbacks.settings.CallbackSettings`; the
 loss of a check is chosen in :mod:`~hessdiag.callbacks.loss_closure`, the step's micro-batches are
 gathered in :mod:`~hessdiag.callbacks.micro_batches`, `stop_on` and `on_flag` act in
 :mod:`~hessdiag.callbacks.flag_stopping`, scalars reach the loggers through
@@ -31,7 +31,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
 from hessdiag.isolation import ModelMode
-from hessdiag.batches import MAX_MICRO_BATCHES, batch_size
+from hessdiag.batches import batch_size
 from hessdiag.callbacks.callback_metrics import first_values, publish, show_in_progress_bar, watched_by_another_callback
 from hessdiag.callbacks.flag_stopping import FlagHook, FlagStopping
 from hessdiag.callbacks.logger_writer import trainer_writers
@@ -41,7 +41,8 @@ from hessdiag.callbacks.strategies import refuse_unsupported_strategy
 from hessdiag.operator import HVPMethod
 from hessdiag.monitor import Monitor
 from hessdiag.check.schedule import CheckEvery
-from hessdiag.settings import CallbackSettings, RankWeighting
+from hessdiag.settings import RankWeighting
+from hessdiag.callbacks.settings import MAX_MICRO_BATCHES, CallbackSettings
 
 _CALLBACK_BASES: tuple[type, ...] = (pl.Callback,)
 try:  # one class that both Trainers accept, when the unified `lightning` package is installed too
@@ -59,7 +60,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     Every optimizer step it records per-layer gradient statistics (on the device, no host sync);
     every `check_every` optimizer steps (by default as often as 5% of the wall time allows) it estimates the top and bottom Hessian eigenvalues of the
     training loss of the optimizer step (all its micro-batches under ``accumulate_grad_batches``, up to
-    :data:`hessdiag.batches.MAX_MICRO_BATCHES`; or their first `sub_batch` samples), warm-started from
+    :data:`hessdiag.callbacks.settings.MAX_MICRO_BATCHES`; or their first `sub_batch` samples), warm-started from
     the last check; detectors raise flags (exploding, vanishing, plateau, saddle, edge_of_stability).
     One record per optimizer step, however often the gradient hook fires (LBFGS closures, several
     optimizers under manual optimisation). Constructing it has no side effect (no RNG draw); the check
@@ -124,7 +125,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     epoch end or validation: Lightning's EarlyStopping and ModelCheckpoint raise on a missing key.
 
     Raises:
-        ValueError: a bad argument, named in the message (checked by :class:`hessdiag.settings.CallbackSettings`).
+        ValueError: a bad argument, named in the message (checked by :class:`~hessdiag.callbacks.settings.CallbackSettings`).
         MisconfigurationException: in ``setup``, manual optimisation without a loss closure, or an FSDP1 or
             DeepSpeed strategy (see :mod:`~hessdiag.callbacks.strategies`).
 
@@ -159,13 +160,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         strict: bool = False,
     ) -> None:
         # Plain checks only (in the settings): building anything here could draw from the RNG.
-        self.settings = CallbackSettings(
-            check_every=check_every, overhead_budget=overhead_budget, log_every=log_every, sub_batch=sub_batch,
-            k=k, tol=tol, max_iter=max_iter, cold_every=cold_every, density_every=density_every,
-            noise_scale_parts=noise_scale_parts, module_sharpness=module_sharpness, mode=mode, hvp_method=hvp_method,
-            rank_weighting=rank_weighting, update_ratios=update_ratios, strict=strict,
-            loss_fn=loss_fn, detectors=detectors, progress_bar=progress_bar, stop_on=stop_on, on_flag=on_flag,
-        )  # fmt: skip
+        self.settings = CallbackSettings.from_arguments(locals())
         self.flags = FlagStopping(self.settings.stop_on, on_flag)
         self.monitor: Monitor | None = None
         self._restored: dict[str, Any] | None = None
@@ -245,7 +240,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
                 "micro-batches",
                 f"hessdiag: the check covers the last {MAX_MICRO_BATCHES} micro-batches of the step "
                 f"(accumulate_grad_batches={trainer.accumulate_grad_batches}), not all of them: "
-                "the memory budget of a check (hessdiag.batches.MAX_MICRO_BATCHES).",
+                "the memory budget of a check (hessdiag.callbacks.settings.MAX_MICRO_BATCHES).",
             )
 
     @override

@@ -2,9 +2,9 @@
 
 Lightning calls the batch hooks once per micro-batch and steps the optimizer after the last one; a
 check must measure the loss of the whole step, so the micro-batches of a step with a check due are
-kept with their `batch_idx` (references, no copy; at most :data:`hessdiag.batches.MAX_MICRO_BATCHES`,
-the last ones; see :class:`~hessdiag.callbacks.loss_closure.StepBatch`) and
-the micro-batch losses are summed on the device (Lightning divides each by
+kept with their `batch_idx` (references, no copy; at most
+:data:`~hessdiag.callbacks.settings.MAX_MICRO_BATCHES`, the last ones; see
+:class:`~hessdiag.callbacks.loss_closure.StepBatch`) and the micro-batch losses are summed on the device (Lightning divides each by
 ``accumulate_grad_batches``, so their sum is the step's mean loss). The step's samples are counted
 over all its micro-batches (host shapes only): the noise scale under DDP needs this rank's batch.
 
@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from hessdiag.batches import MAX_MICRO_BATCHES, MicroBatches, batch_size
+from hessdiag.batches import MicroBatches, batch_size
 from hessdiag.callbacks.loss_closure import StepBatch
+from hessdiag.callbacks.settings import MAX_MICRO_BATCHES
 
 #: How to hand the step's loss to the callback under manual optimisation, in Lightning's terms.
 RETURN_THE_LOSS = (
@@ -108,7 +109,7 @@ class StepMicroBatches:
 
     def keep(self, batch: Any, batch_idx: int) -> bool:
         """Keep `batch` and its `batch_idx` for the step's check; True when an older one was dropped to
-        stay within :data:`~hessdiag.batches.MAX_MICRO_BATCHES`."""
+        stay within :data:`~hessdiag.callbacks.settings.MAX_MICRO_BATCHES`."""
         self.batches.append(StepBatch(batch, batch_idx))
         if len(self.batches) > MAX_MICRO_BATCHES:
             self.batches.pop(0)

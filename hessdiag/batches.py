@@ -19,11 +19,6 @@ from torch import nn
 from hessdiag._distributed import infer_batch_size
 from hessdiag.operator import LossFn
 
-#: The most micro-batches of one step a check keeps (the Lightning callback keeps the last ones
-#: beyond it, with a note): a check holds the graphs of all of them at once, so its memory grows as a
-#: batch of their total size would.
-MAX_MICRO_BATCHES = 16
-
 
 class MicroBatches(tuple):
     """The micro-batches of one optimizer step under gradient accumulation, in order.

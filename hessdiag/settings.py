@@ -1,8 +1,10 @@
-"""The settings of the training diagnostics, validated once and shared by `Monitor` and the callback.
+"""The settings of the training diagnostics: declared once, with their defaults, and validated once.
 
-`DiagnosticsSettings` holds what the engine computes and how often; `CallbackSettings` adds what
-only the Lightning callback uses (its loss closure, detectors, stopping and hooks). Every argument
-of both is checked here and nowhere else.
+`DiagnosticsSettings` holds what the engine computes and how often. The :class:`~hessdiag.Monitor`
+and the Lightning callback take it (the callback's own additions live in
+:mod:`hessdiag.callbacks.settings`); their keyword signatures spell the same fields out for users,
+and a test holds those signatures to the defaults declared here. Every setting is checked here and
+nowhere else.
 
 Construction has no side effects: plain checks only (no module, tensor or random draw is built to
 validate an argument), so creating a `Monitor` or a `HessianDiagnostics` before or after seeding
@@ -11,9 +13,9 @@ leaves the user's run unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from hessdiag.isolation import MODEL_MODES, ModelMode
 from hessdiag.detectors import (
@@ -41,7 +43,11 @@ DETECTOR_CLASSES: dict[str, type] = {
 }
 
 
-def _is_int(value: Any) -> bool:
+_Settings = TypeVar("_Settings", bound="DiagnosticsSettings")
+
+
+def is_int(value: Any) -> bool:
+    """Whether `value` is an int and not a bool (``True`` is an int to Python, never a count to us)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -71,29 +77,29 @@ class DiagnosticsSettings:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        if self.check_every != "auto" and (not _is_int(self.check_every) or self.check_every < 0):
+        if self.check_every != "auto" and (not is_int(self.check_every) or self.check_every < 0):
             raise ValueError(f"`check_every` must be an int >= 0 or 'auto', got {self.check_every!r}.")
         if not isinstance(self.overhead_budget, (int, float)) or not 0 < self.overhead_budget < 1:
             raise ValueError(f"`overhead_budget` must be a number in (0, 1), got {self.overhead_budget!r}.")
-        self._check_log_every()
-        if self.sub_batch is not None and (not _is_int(self.sub_batch) or self.sub_batch < 1):
+        self._validate_log_every()
+        if self.sub_batch is not None and (not is_int(self.sub_batch) or self.sub_batch < 1):
             raise ValueError(f"`sub_batch` must be a positive int or None, got {self.sub_batch!r}.")
-        if not _is_int(self.k) or self.k < 1:
+        if not is_int(self.k) or self.k < 1:
             raise ValueError(f"`k` must be a positive int, got {self.k!r}.")
         if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or not 0 < self.tol < 1:
             raise ValueError(f"`tol` must be a number in (0, 1), got {self.tol!r}.")
-        if self.max_iter is not None and (not _is_int(self.max_iter) or self.max_iter < 1):
+        if self.max_iter is not None and (not is_int(self.max_iter) or self.max_iter < 1):
             raise ValueError(f"`max_iter` must be a positive int or None, got {self.max_iter!r}.")
         for name in ("cold_every", "density_every"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
-        if not _is_int(self.noise_scale_parts) or self.noise_scale_parts < 0 or self.noise_scale_parts == 1:
+        if not is_int(self.noise_scale_parts) or self.noise_scale_parts < 0 or self.noise_scale_parts == 1:
             raise ValueError(
                 "`noise_scale_parts` must be 0 (no noise scale) or an int >= 2 (two batch sizes are needed), "
                 f"got {self.noise_scale_parts!r}."
             )
-        if not _is_int(self.module_sharpness) or not 0 <= self.module_sharpness <= SHARES_KEPT:
+        if not is_int(self.module_sharpness) or not 0 <= self.module_sharpness <= SHARES_KEPT:
             raise ValueError(
                 f"`module_sharpness` must be an int in [0, {SHARES_KEPT}] (0: off; n: the n modules holding most of "
                 f"the top eigenvector), got {self.module_sharpness!r}."
@@ -108,59 +114,15 @@ class DiagnosticsSettings:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
 
-    def _check_log_every(self) -> None:
-        if not _is_int(self.log_every) or self.log_every < 1:
+    @classmethod
+    def from_arguments(cls: type[_Settings], arguments: Mapping[str, Any]) -> _Settings:
+        """The settings among `arguments` (a keyword signature's values, ``locals()`` at the top of
+        ``__init__``), validated; other keys are ignored. KeyError: a field the signature lacks."""
+        return cls(**{field.name: arguments[field.name] for field in fields(cls)})
+
+    def _validate_log_every(self) -> None:
+        if not is_int(self.log_every) or self.log_every < 1:
             raise ValueError(f"`log_every` must be an int >= 1, got {self.log_every!r}.")
-
-
-@dataclass(frozen=True)
-class CallbackSettings(DiagnosticsSettings):
-    """The settings of :class:`hessdiag.callbacks.HessianDiagnostics`: those of the engine, plus what
-    only the callback uses (see its docstring for each field). `log_every` None means the trainer's
-    ``log_every_n_steps``; `check_every` 0 means no curvature checks, as for the Monitor.
-
-    Raises:
-        ValueError: a bad value, with the argument's name and what is allowed.
-    """
-
-    log_every: int | None = None  # type: ignore[assignment]
-    loss_fn: Callable[..., Any] | None = None
-    detectors: Sequence[Any] | None = None
-    progress_bar: bool = True
-    stop_on: Sequence[str] = ()
-    on_flag: Callable[..., Any] | None = None
-
-    def __post_init__(self) -> None:
-        if self.loss_fn is not None and not callable(self.loss_fn):
-            raise ValueError(
-                f"`loss_fn` must be callable as loss_fn(pl_module, batch), got {type(self.loss_fn).__name__}."
-            )
-        super().__post_init__()
-        resolve_detectors(self.detectors)  # validated now; built afresh for every fit
-        if self.on_flag is not None and not callable(self.on_flag):
-            raise ValueError(
-                f"`on_flag` must be callable as on_flag(event, trainer, pl_module), got {type(self.on_flag).__name__}."
-            )
-        object.__setattr__(self, "stop_on", check_flag_names("stop_on", self.stop_on))
-
-    def _check_log_every(self) -> None:
-        if self.log_every is not None and (not _is_int(self.log_every) or self.log_every < 1):
-            raise ValueError(f"`log_every` must be a positive int or None, got {self.log_every!r}.")
-
-    def diagnostics(self, trainer_log_every: int) -> DiagnosticsSettings:
-        """The engine's part, for the Monitor of one fit; `log_every` None becomes `trainer_log_every`."""
-        values = {field.name: getattr(self, field.name) for field in fields(DiagnosticsSettings)}
-        return DiagnosticsSettings(**values | {"log_every": self.log_every or trainer_log_every})
-
-
-def check_flag_names(argument: str, names: Any) -> tuple[str, ...]:
-    """`names` as a tuple of flag names, or a ValueError naming `argument` and the allowed names."""
-    if isinstance(names, str) or not isinstance(names, (Sequence, set, frozenset)):
-        raise ValueError(f"`{argument}` must be a sequence of flag names {FLAG_NAMES}, got {names!r}.")
-    unknown = [name for name in names if name not in FLAG_NAMES]
-    if unknown:
-        raise ValueError(f"`{argument}`: unknown flag name(s) {unknown}; the names are {FLAG_NAMES}.")
-    return tuple(names)
 
 
 def resolve_detectors(detectors: Sequence[Any] | None) -> list[Any]:

@@ -3,7 +3,7 @@
 import torch
 
 from hessdiag import MicroBatches
-from hessdiag.batches import MAX_MICRO_BATCHES
+from hessdiag.callbacks.settings import MAX_MICRO_BATCHES
 from hessdiag.callbacks.loss_closure import StepBatch
 from hessdiag.callbacks.micro_batches import LoggedLoss, StepMicroBatches
 

@@ -19,7 +19,8 @@ from hessdiag.reporting.dashboard import layout
 from hessdiag.detectors import EdgeOfStabilityDetector
 from hessdiag.estimators.module_sharpness import ModuleSharpness, module_block, module_sharpness_of
 from hessdiag.operator import HessianBlock
-from hessdiag.settings import CallbackSettings, DiagnosticsSettings
+from hessdiag.callbacks.settings import CallbackSettings
+from hessdiag.settings import DiagnosticsSettings
 from loops import one_step
 from oracles import dense_hessian, flat_parameters
 

@@ -1,13 +1,18 @@
-"""`DiagnosticsSettings` and `CallbackSettings`: every argument is checked once, here, by name."""
+"""`DiagnosticsSettings` and `CallbackSettings`: every argument is checked once, here, by name, and
+the public signatures of `Monitor` and `HessianDiagnostics` carry the defaults declared there."""
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
 
+import hessdiag
+from hessdiag.callbacks import HessianDiagnostics
+from hessdiag.callbacks.settings import CallbackSettings, validate_flag_names
 from hessdiag.detectors import PlateauDetector
 from hessdiag.flags import FLAG_NAMES
-from hessdiag.settings import CallbackSettings, DiagnosticsSettings, check_flag_names, resolve_detectors
+from hessdiag.settings import DiagnosticsSettings, resolve_detectors
 
 ENGINE_ERRORS = [
     ({"check_every": -1}, r"`check_every` must be an int >= 0 or 'auto', got -1"),
@@ -81,7 +86,7 @@ def test_construction_draws_no_random_number():
 
 
 def test_flag_names_and_detectors_resolve_to_what_they_name():
-    assert check_flag_names("stop_on", {"saddle"}) == ("saddle",)
+    assert validate_flag_names("stop_on", {"saddle"}) == ("saddle",)
     assert sorted(d.name for d in resolve_detectors(None)) == sorted(FLAG_NAMES)
     plateau = PlateauDetector()
     assert resolve_detectors(["saddle", plateau])[1] is plateau  # instances are used as they are
@@ -112,3 +117,42 @@ def test_custom_detector_objects_of_any_name_are_accepted_names_must_be_known():
     assert CallbackSettings(detectors=["plateau", custom]).detectors[1] is custom
     with pytest.raises(ValueError, match=r"unknown flag name 'bogus'; the names are \('plateau'"):
         CallbackSettings(detectors=["bogus"])
+
+
+def _defaults(settings_class):
+    return {field.name: field.default for field in dataclasses.fields(settings_class)}
+
+
+def _signature_defaults(cls):
+    return {name: parameter.default for name, parameter in inspect.signature(cls).parameters.items()}
+
+
+def test_the_monitors_signature_carries_every_setting_with_its_declared_default():
+    signature = _signature_defaults(hessdiag.Monitor)
+    assert {name: signature.get(name, "missing") for name in _defaults(DiagnosticsSettings)} == _defaults(DiagnosticsSettings)
+
+
+def test_the_callbacks_signature_carries_every_setting_with_its_declared_default():
+    signature = _signature_defaults(HessianDiagnostics)
+    assert {name: signature.get(name, "missing") for name in _defaults(CallbackSettings)} == _defaults(CallbackSettings)
+    # The engine's defaults hold in the callback too, but `log_every`: None there is the trainer's cadence.
+    engine = _defaults(DiagnosticsSettings)
+    assert {name: default for name, default in _defaults(CallbackSettings).items() if name in engine} == engine | {
+        "log_every": None
+    }
+
+
+def test_the_signatures_pass_every_setting_through():
+    # A value other than the default for each field reaches the settings object: none is dropped on the way.
+    chosen = {
+        "check_every": 7, "overhead_budget": 0.1, "sub_batch": 3, "k": 2, "tol": 1e-4, "max_iter": 30, "cold_every": 2,
+        "density_every": 0, "noise_scale_parts": 2, "module_sharpness": 1, "mode": "eval", "hvp_method": "double_backward",
+        "rank_weighting": "samples", "update_ratios": True, "strict": True, "log_every": 3,
+    }  # fmt: skip
+    assert set(chosen) == set(_defaults(DiagnosticsSettings))
+    monitor = hessdiag.Monitor(torch.nn.Linear(2, 1), lambda model, batch: model(batch).sum(), **chosen)
+    assert dataclasses.asdict(monitor.settings) == chosen
+    callback = HessianDiagnostics(**chosen, progress_bar=False, stop_on=["plateau"])
+    assert {name: getattr(callback.settings, name) for name in chosen} == chosen
+    assert (callback.settings.progress_bar, callback.settings.stop_on) == (False, ("plateau",))
+    monitor.close()

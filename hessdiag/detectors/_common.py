@@ -53,7 +53,7 @@ class Detector:
     remedy: ClassVar[str]
 
     def __init__(self, onset: int, clear: int) -> None:
-        self.hysteresis = Hysteresis(check_count("onset", onset), check_count("clear", clear))
+        self.hysteresis = Hysteresis(onset, clear)  # which validates them
         self.evidence: dict[str, float] = {}
         self.summary = ""
 

@@ -125,15 +125,10 @@ class Monitor(MonitorView):
         update_ratios: bool = False,
         strict: bool = False,
     ) -> None:
+        settings = DiagnosticsSettings.from_arguments(locals())  # the signature's settings, validated once
         self._assemble(
-            model, loss_fn,
-            DiagnosticsSettings(
-                check_every=check_every, overhead_budget=overhead_budget, log_every=log_every, sub_batch=sub_batch,
-                k=k, tol=tol, max_iter=max_iter, cold_every=cold_every, density_every=density_every,
-                noise_scale_parts=noise_scale_parts, module_sharpness=module_sharpness, mode=mode, hvp_method=hvp_method,
-                rank_weighting=rank_weighting, update_ratios=update_ratios, strict=strict,
-            ),
-            optimizer=optimizer, writer=writer, params=params, detectors=detectors, grad_scaler=grad_scaler,
+            model, loss_fn, settings, optimizer=optimizer, writer=writer, params=params, detectors=detectors,
+            grad_scaler=grad_scaler,
         )  # fmt: skip
 
     @classmethod
