@@ -24,9 +24,11 @@ The Monitor's kinds of reading, at its defaults (AdamW): a cold full check (both
 preconditioned sharpness, the cross-check of "auto", the noise scale), a warm full check of the top
 end only (what the "auto" schedule runs while no detector needs the bottom end), a warm full check of
 both ends, and a tracking reading (two products from the tracked top vector, see
-hessdiag.check.tracking), each in training steps and in peak memory against a step's peak. On a CPU
-each kind runs in a fresh process (the resident-set high-water mark never goes down), after two
-training steps, from the warm-start state the parent saved; on CUDA in this process.
+hessdiag.check.tracking), each in training steps (timed in this process, a step beside each) and in
+peak memory against a step's peak. On CUDA the allocator's peak; on a CPU each kind, and a step, runs
+in a fresh process from the parent's trained state (parameters, AdamW state, warm-start vectors),
+its peak taken as what a step holds throughout (parameters, optimizer state, batch) plus the resident
+set's growth during it, sampled every millisecond (the high-water mark of getrusage cannot be reset).
 
 Writes benchmarks/results/cost-<device>.json.
 """
@@ -205,36 +207,107 @@ READING_KINDS = ("full_cold", "full_warm_top", "full_warm_both", "tracking")
 
 
 def reading(run: Run, kind: str, probe) -> dict:
-    """One reading of `kind` by `probe` on `run`'s batch, in steps and peak memory (a step's peak first)."""
-    run.memory.start()
+    """One reading of `kind` by `probe` on `run`'s batch: its time in steps (a step beside it) and products."""
     synchronize(run.device)
     start = time.perf_counter()
     if kind == "tracking":
-        result = probe.track(100, run.batch, run.optimizer)
-        products = result.num_hvps
+        products = probe.track(100, run.batch, run.optimizer).num_hvps
     else:
-        result = probe.run(100, run.batch, run.optimizer, bottom=kind != "full_warm_top")
-        products = result.num_hvps
+        products = probe.run(100, run.batch, run.optimizer, bottom=kind != "full_warm_top").num_hvps
     synchronize(run.device)
     seconds = time.perf_counter() - start
-    peak = run.memory.peak()
     run.step()
     step = statistics.median(run.step_times[1:])
-    return {"in_steps": seconds / step, "hvps": products, "peak_over_step_peak": peak / run.step_peak, "seconds": seconds}
+    return {"in_steps": seconds / step, "hvps": products, "seconds": seconds}
 
 
-def reading_worker(name: str, config: dict, kind: str, state_file: str, out: str) -> None:
-    """A fresh process: two steps, then one reading of `kind` from the saved warm-start state."""
+class ResidentPeak:
+    """The CPU process's resident set sampled every millisecond on a thread: its peak above where it
+    stood at :meth:`__enter__` (the high-water mark of ``getrusage`` cannot be reset)."""
+
+    def __enter__(self) -> ResidentPeak:
+        import threading
+
+        self.start = self.peak = self._resident()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._resident())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.001):
+            self.peak = max(self.peak, self._resident())
+
+    @staticmethod
+    def _resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def tensor_bytes(*groups) -> int:
+    """Bytes of the tensors in `groups` (parameters, optimizer state, batch): what a step holds throughout."""
+    total = 0
+    for group in groups:
+        for value in group:
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+            elif isinstance(value, dict):
+                total += tensor_bytes(value.values())
+    return total
+
+
+def memory_worker(name: str, config: dict, kind: str, state_file: str, out: str) -> None:
+    """A fresh process from the parent's trained state (parameters, AdamW state, warm-start vectors):
+    the resident growth of one step, or of one reading of `kind`, with nothing run before it."""
     from hessdiag.check.probe import CurvatureProbe
 
     torch.set_num_threads(1)
-    device = torch.device("cpu")
-    run = Run(*problem(name, config, device), device)
-    probe = CurvatureProbe(run.model, run.loss_fn)
+    model, loss_fn, batch = problem(name, config, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    state = torch.load(state_file)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    probe = CurvatureProbe(model, loss_fn)
     if kind != "full_cold":
-        probe.starts.load_state_dict(torch.load(state_file))
+        probe.starts.load_state_dict(state["starts"])
         probe.num_checks = 1
-    Path(out).write_text(json.dumps(reading(run, kind, probe)))
+    with ResidentPeak() as peak:
+        if kind == "step":
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model, batch).backward()
+            optimizer.step()
+        elif kind == "tracking":
+            probe.track(100, batch, optimizer)
+        else:
+            probe.run(100, batch, optimizer, bottom=kind != "full_warm_top")
+    held = tensor_bytes(model.parameters(), optimizer.state.values(), batch)
+    Path(out).write_text(json.dumps({"growth": peak.growth, "held": held}))
+
+
+def reading_memory(name: str, config: dict, run: Run, probe) -> dict:
+    """Peak memory of each kind against a step's on a CPU, each in a fresh process (see
+    :func:`memory_worker`): what the step holds throughout (parameters, optimizer state, batch) plus
+    the resident growth of the step or the reading."""
+    peaks = {}
+    with tempfile.TemporaryDirectory() as folder:
+        state_file, out = os.path.join(folder, "state.pt"), os.path.join(folder, "row.json")
+        state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "starts": probe.starts.state_dict()}
+        torch.save(state, state_file)
+        for kind in ("step", *READING_KINDS):
+            worker = mp.get_context("spawn").Process(target=memory_worker, args=(name, config, kind, state_file, out))
+            worker.start()
+            worker.join()
+            measured = json.loads(Path(out).read_text())
+            peaks[kind] = measured["held"] + measured["growth"]
+    return {kind: peaks[kind] / peaks["step"] for kind in READING_KINDS}
 
 
 def reading_costs(name: str, config: dict, device: torch.device) -> dict:
@@ -243,25 +316,17 @@ def reading_costs(name: str, config: dict, device: torch.device) -> dict:
 
     run = Run(*problem(name, config, device), device)
     probe = CurvatureProbe(run.model, run.loss_fn)
-    if device.type == "cuda":
-        row = {"full_cold": reading(run, "full_cold", probe)}
-        for _ in range(STEPS_PER_CHECK):
-            run.step()
-        for kind in READING_KINDS[1:]:
-            row[kind] = reading(run, kind, probe)
-        return row
-    probe.run(1, run.batch, run.optimizer)  # the warm-start state the workers start from
-    for _ in range(STEPS_PER_CHECK):
-        run.step()
     row = {}
-    with tempfile.TemporaryDirectory() as folder:
-        state_file, out = os.path.join(folder, "state.pt"), os.path.join(folder, "row.json")
-        torch.save(probe.starts.state_dict(), state_file)
-        for kind in READING_KINDS:
-            worker = mp.get_context("spawn").Process(target=reading_worker, args=(name, config, kind, state_file, out))
-            worker.start()
-            worker.join()
-            row[kind] = json.loads(Path(out).read_text())
+    for kind in READING_KINDS:
+        run.memory.start()
+        row[kind] = reading(run, kind, probe)
+        if device.type == "cuda":
+            row[kind]["peak_over_step_peak"] = run.memory.peak() / run.step_peak
+        for _ in range(STEPS_PER_CHECK if kind == "full_cold" else 0):
+            run.step()
+    if device.type == "cpu":
+        for kind, ratio in reading_memory(name, config, run, probe).items():
+            row[kind]["peak_over_step_peak"] = ratio
     return row
 
 

@@ -27,7 +27,7 @@ from hessdiag.check.quantity import CheckContext, Quantity, Skipped
 from hessdiag.check.quantities.stability import Stability, stability_rule
 from hessdiag.check.record import CurvatureCheck
 from hessdiag.check.starts import CheckStarts
-from hessdiag.check.tracking import TrackingReading, track
+from hessdiag.check.tracking import KRYLOV_STEPS, ONE_STEP_RESIDUAL, TrackingReading, track
 from hessdiag.estimators.eigen import HessianEigenvalues, eigenvalues_of
 from hessdiag.isolation import preserved_state, unwrap_model
 from hessdiag.noise.noise_scale import NoiseScaleEstimate
@@ -135,6 +135,7 @@ class CurvatureProbe:
         self._compute(context, [q for q in self.quantities if not q.uses_operator], skipped, products)
         self.starts.warm_vectors = result.warm_start()
         self.starts.tracked = None if result.top_vectors is None else result.top_vectors[0]
+        self.starts.tracked_residual = None
         if self.starts.warm_preconditioned is not None:
             self.starts.tracked_preconditioned = self.starts.warm_preconditioned[0]
         self.num_checks += 1
@@ -183,9 +184,12 @@ class CurvatureProbe:
                     threshold = None  # no preconditioned vector to track yet
                 else:
                     preconditioned = (starts.tracked_preconditioned, rule.scale)
+            close = starts.tracked_residual is not None and starts.tracked_residual < ONE_STEP_RESIDUAL
             reading, tracked, tracked_preconditioned = track(
-                operator, step, starts.tracked, threshold=threshold, preconditioned=preconditioned
-            )
+                operator, step, starts.tracked, threshold=threshold, preconditioned=preconditioned,
+                steps=1 if close else KRYLOV_STEPS,
+            )  # fmt: skip
+        starts.tracked_residual = reading.residual / abs(reading.value) if reading.value else None
         starts.tracked = tracked if tracked is not None else starts.tracked
         if tracked_preconditioned is not None:
             starts.tracked_preconditioned = tracked_preconditioned

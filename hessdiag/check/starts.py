@@ -31,6 +31,8 @@ class CheckStarts:
         method: the product method the last check used (a tracking reading uses it too), or None.
         tracked, tracked_preconditioned: the top vectors the tracking readings follow (set from each
             check's top Ritz vectors, moved by each reading; :mod:`hessdiag.check.tracking`), or None.
+        tracked_residual: the last reading's residual relative to its value (how close the tracked
+            vector is to an eigenvector; None after a check).
     """
 
     def __init__(self, hvp_method: HVPMethod, cold_every: int) -> None:
@@ -42,6 +44,7 @@ class CheckStarts:
         self.method: HVPMethod | None = None
         self.tracked: torch.Tensor | None = None
         self.tracked_preconditioned: torch.Tensor | None = None
+        self.tracked_residual: float | None = None
 
     def open(self, num_checks: int, operator_for: Callable[[HVPMethod], HessianOperator]) -> tuple[HessianOperator, bool, bool]:
         """The next check's operator (built by `operator_for(method)`, not entered yet), whether the

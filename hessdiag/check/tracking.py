@@ -40,9 +40,13 @@ from hessdiag.reporting.tags import (
 from hessdiag.vectors import dot
 
 
-#: Products per tracked vector: a two-step Krylov space from it (Rayleigh-Ritz on span{v, Hv}),
-#: whose top Ritz vector follows a top eigenvector that turns far better than v itself.
+#: Products per reading: a two-step Krylov space from the tracked vector (Rayleigh-Ritz on
+#: span{v, Hv}), whose top Ritz vector follows a top eigenvector that turns far better than v itself;
+#: one step (the Rayleigh quotient, and a shifted power step for the next vector) once the last
+#: reading's residual was below :data:`ONE_STEP_RESIDUAL` of its value: v is then close to an
+#: eigenvector, and the Rayleigh quotient's error is quadratic in that residual.
 KRYLOV_STEPS = 2
+ONE_STEP_RESIDUAL = 0.05
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,11 @@ def ritz_bound(
     size = max(math.sqrt(dot(p, p, shard)) for p in products)
     rounding = (10 + math.log2(max(operator.dim, 2))) * torch.finfo(operator.dtype).eps * size * m
     residual = math.sqrt(max(dot(image - theta * ritz, image - theta * ritz, shard), 0.0))
-    ritz = ritz / math.sqrt(max(dot(ritz, ritz, shard), 1e-300))
+    if m == 1:  # no second direction: a shifted power step (the top end the largest in magnitude
+        # unless lambda_min < -(lambda_max + 2|theta|); a poorer vector loosens a bound, never breaks it)
+        ritz = image + abs(theta) * ritz
+    norm = math.sqrt(max(dot(ritz, ritz, shard), 0.0))
+    ritz = ritz / norm if norm > 0 and math.isfinite(norm) else basis[0]
     return RitzBound(theta, theta - error - rounding, residual + error + rounding, ritz)
 
 
@@ -131,6 +139,7 @@ class TrackingReading:
             whose readings track the preconditioned operator instead.
         residual: an eigenvalue of the operator read (the Hessian, or the preconditioned one) lies
             within this distance of its top Ritz value.
+        value: that top Ritz value (before its errors are taken off).
         sharpness_lower_bound: a proven lower bound on the sharpness the stability threshold refers
             to (lambda_max, or for a preconditioned rule lambda_max(P^-1 H) from the last
             preconditioned top vector); None without a threshold.
@@ -143,6 +152,7 @@ class TrackingReading:
     step: int
     lambda_max_lower_bound: float | None
     residual: float
+    value: float
     sharpness_lower_bound: float | None
     stability_threshold: float | None
     num_hvps: int
@@ -176,25 +186,26 @@ def track(
     *,
     threshold: float | None,
     preconditioned: tuple[torch.Tensor, torch.Tensor] | None,
+    steps: int = KRYLOV_STEPS,
 ) -> tuple[TrackingReading, torch.Tensor | None, torch.Tensor | None]:
     """A tracking reading on the open `operator`: from the tracked top vector `top`, lower bounds on
     lambda_max and (with a stability `threshold`) on the sharpness; for a preconditioned rule only
     from ``(vector, scale)`` = `preconditioned` (the tracked preconditioned top vector and the current
     preconditioner's square root): the sharpness the threshold refers to, the one a flag needs, at
-    the price of one Krylov space. Returns the reading and the vectors to track next (None for the
-    one not read)."""
+    the price of one Krylov space of `steps` products. Returns the reading and the vectors to track
+    next (None for the one not read)."""
     start = time.perf_counter()
     before = operator.num_hvps
     if preconditioned is None:
-        raw = ritz_bound(operator, top)
+        raw = ritz_bound(operator, top, steps=steps)
         lambda_max, residual, sharpness = raw.lower_bound, raw.residual, raw.lower_bound if threshold else None
-        next_raw, next_preconditioned = raw.next_vector, None
+        value, next_raw, next_preconditioned = raw.value, raw.next_vector, None
     else:
-        bound = ritz_bound(operator, *preconditioned)
+        bound = ritz_bound(operator, *preconditioned, steps=steps)
         lambda_max, residual, sharpness = None, bound.residual, bound.lower_bound
-        next_raw, next_preconditioned = None, bound.next_vector
+        value, next_raw, next_preconditioned = bound.value, None, bound.next_vector
     reading = TrackingReading(
-        step=step, lambda_max_lower_bound=lambda_max, residual=residual, sharpness_lower_bound=sharpness,
+        step=step, lambda_max_lower_bound=lambda_max, residual=residual, value=value, sharpness_lower_bound=sharpness,
         stability_threshold=threshold, num_hvps=operator.num_hvps - before, seconds=time.perf_counter() - start,
         loss=operator.loss,
     )  # fmt: skip
