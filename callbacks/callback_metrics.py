@@ -16,6 +16,7 @@ import torch
 
 from hessdiag.flags import FlagEvent
 from hessdiag.monitor import Monitor
+from hessdiag.monitor.readout import StepOutcome
 from hessdiag.reporting.tags import CALLBACK_METRICS, FLAGS_PREFIX, is_hessdiag_tag
 
 __all__ = ["CALLBACK_METRICS", "first_values", "is_callback_metric", "publish", "show_in_progress_bar", "watched_by_another_callback"]
@@ -52,14 +53,14 @@ def watched_by_another_callback(trainer: pl.Trainer) -> bool:
     return bool(watched_keys(trainer))
 
 
-def first_values(monitor: Monitor, batch: Any, read_back: bool, num_checks: int) -> list[FlagEvent]:
-    """A read-back and a check on `batch` now, out of cadence, unless they just happened (`read_back`:
-    this step read back; `num_checks`: the checks before it). For the first optimizer step of a fit
-    in which another callback watches one of our values: without them, a watcher that reads the key
-    before the first check (an epoch shorter than `check_every`) stops the run: Lightning's
-    ModelCheckpoint and EarlyStopping raise on a missing key. Returns the new flag events."""
-    events = [] if read_back else monitor.read_back()
-    if len(monitor.checks) == num_checks and monitor.schedule.enabled:  # not with check_every=0
+def first_values(monitor: Monitor, batch: Any, outcome: StepOutcome) -> list[FlagEvent]:
+    """A read-back and a check on `batch` now, out of cadence, unless this step's `outcome` already
+    holds them. For the first optimizer step of a fit in which another callback watches one of our
+    values: without them, a watcher that reads the key before the first check (an epoch shorter than
+    `check_every`) stops the run: Lightning's ModelCheckpoint and EarlyStopping raise on a missing
+    key. Returns the new flag events."""
+    events = [] if outcome.read_back else monitor.read_back()
+    if outcome.reading != "check" and monitor.checks_enabled:  # not with check_every=0
         events += monitor.check_curvature(batch)
     return events
 

@@ -268,25 +268,23 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
             # Said in Lightning's terms under the key of the Monitor's own warning, which advises
             # `monitor.after_step(batch, loss)`: a call a Lightning user never writes.
             self.monitor.note("no loss", self._step.logged.advice())
-        num_checks = len(self.monitor.checks)
-        # Every rank reaches the same read-backs and due checks (the schedule is agreed): the steps
-        # where the ranks may meet in a collective to agree on stopping.
-        check_due = self.monitor.check_due(step)
-        events = self.monitor.after_step(check_batch, step_loss, step=step, samples=samples)
-        read_back = self.monitor.read_back_due(step)
+        outcome = self.monitor.after_step(check_batch, step_loss, step=step, samples=samples)
+        events, read_back = list(outcome), outcome.read_back
         if self._first_values_due:
             self._first_values_due = False
-            events += first_values(self.monitor, check_batch, read_back, num_checks)
+            events += first_values(self.monitor, check_batch, outcome)
             read_back = True
-        checked = len(self.monitor.checks) > num_checks
-        if read_back or checked or check_due:
-            publish(trainer, self.monitor.latest)
+        # Every rank reads back at the same steps (every `log_every` and before every due reading:
+        # the schedule is agreed): the steps where the ranks may meet in a collective to agree on
+        # stopping. Values and flags change only there.
+        if not read_back:
+            return
+        publish(trainer, self.monitor.latest)
         self.flags.call_on_flag(events, trainer, pl_module, self.monitor.guard)
-        if read_back or check_due:
-            reason = self.flags.stop_if_flagged(trainer, events)
-            if reason is not None:
-                self.monitor.note("stop_on", reason)
-        if self.settings.progress_bar and (read_back or checked) and self.monitor.last_check is not None:
+        reason = self.flags.stop_if_flagged(trainer, events)
+        if reason is not None:
+            self.monitor.note("stop_on", reason)
+        if self.settings.progress_bar and self.monitor.last_check is not None:
             show_in_progress_bar(trainer, self.monitor.last_check.lambda_max, len(self.monitor.active_flags))
 
     def _steps_done(self, trainer: pl.Trainer) -> int:

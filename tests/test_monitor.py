@@ -203,3 +203,51 @@ def test_a_layer_replaced_after_the_monitor_is_built_is_followed_with_a_warning(
     with pytest.warns(UserWarning, match="parameters changed since the Monitor was built"):
         norms = [step() for _ in range(8)]
     assert monitor.latest[tags.GRAD_NORM] == pytest.approx(norms[-1], rel=1e-5)
+
+
+def _outcomes(monitor, model, optimizer, batch, steps):
+    outcomes = {}
+    for step in range(1, steps + 1):
+        optimizer.zero_grad()
+        loss = mse(model, batch)
+        loss.backward()
+        monitor.after_backward()
+        optimizer.step()
+        outcomes[step] = monitor.after_step(batch, loss)
+    return outcomes
+
+
+def test_after_step_says_what_it_did_read_backs_readings_and_the_events():
+    """What an adapter needs from a step, without recomputing the cadence: whether it read back (the
+    same steps on every rank), which reading it recorded, and its events (iterating the outcome)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3)
+    batch = (x, x @ torch.tensor([[1.0], [-2.0], [0.5]]))
+    model = nn.Linear(3, 1)
+    design = torch.cat([x, torch.ones(64, 1)], dim=1)
+    top = float(torch.linalg.eigvalsh(2 * design.T @ design / 64)[-1])  # the Hessian of the mean squared error
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.1 / top)  # beyond the edge: flags come
+    monitor = Monitor(model, mse, optimizer=optimizer, log_every=7)  # the auto schedule: checks and tracking
+    outcomes = _outcomes(monitor, model, optimizer, batch, steps=45)
+    checks, readings = {c.step for c in monitor.checks}, {r.step for r in monitor.readings}
+    assert checks and readings  # both kinds ran
+    assert {step for step, o in outcomes.items() if o.reading == "check"} == checks
+    assert {step for step, o in outcomes.items() if o.reading == "tracking"} == readings
+    assert {step for step, o in outcomes.items() if o.read_back} == {7, 14, 21, 28, 35, 42} | checks | readings
+    assert [event for o in outcomes.values() for event in o] == monitor.events and monitor.events
+    assert all(len(o) == len(o.events) for o in outcomes.values())
+
+
+def test_a_failed_check_reads_back_and_records_no_reading():
+    def fails(model, batch):
+        raise RuntimeError("no curvature here")
+
+    model = nn.Linear(3, 1)
+    monitor = Monitor(model, fails, check_every=1, log_every=5)
+    loss = mse(model, regression())
+    loss.backward()
+    monitor.after_backward()
+    with pytest.warns(UserWarning, match="no curvature here"):
+        outcome = monitor.after_step(regression(), loss.detach())
+    assert (outcome.read_back, outcome.reading, monitor.checks) == (True, None, [])
+    assert monitor.checks_enabled and not Monitor(model, check_every=0).checks_enabled

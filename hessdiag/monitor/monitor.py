@@ -42,8 +42,8 @@ from hessdiag.flags import FlagEvent
 from hessdiag.operator import HVPMethod, LossFn
 from hessdiag.monitor.parts import build_parts, check_arguments
 from hessdiag.monitor.checkpoint import monitor_state, restore_monitor_state
-from hessdiag.monitor.readout import MonitorView
-from hessdiag.check.schedule import BOTTOM_EVERY, CheckEvery
+from hessdiag.monitor.readout import MonitorView, StepOutcome
+from hessdiag.check.schedule import BOTTOM_EVERY, CheckEvery, ReadingKind
 from hessdiag.settings import DiagnosticsSettings, RankWeighting
 
 
@@ -223,10 +223,11 @@ class Monitor(MonitorView):
         *,
         step: int | None = None,
         samples: int | None = None,
-    ) -> list[FlagEvent]:
+    ) -> StepOutcome:
         """Count an optimizer step and its `loss`; read back, detect and log every `log_every` steps
-        and before each curvature check, which runs on `batch` when one is due. Returns the new flag
-        events.
+        and before each curvature reading, which runs on `batch` when one is due. Returns what the
+        step did (:class:`~hessdiag.monitor.readout.StepOutcome`: iterating it yields the new flag
+        events).
 
         `step`: the optimizer steps taken including this one (Lightning's ``trainer.global_step``
         at ``on_train_batch_end``), adopted instead of counting. `loss` is copied (one kernel, no
@@ -234,22 +235,23 @@ class Monitor(MonitorView):
         step (default: those of `batch`), for the noise scale under DDP.
         """
         self._step = self._step + 1 if step is None else step
-        events: list[FlagEvent] = []
         if self.noise.from_ranks:
             with self.guard("the noise scale from the ranks"):
                 self.noise.close_step(samples if samples is not None else batch_size(batch))
         if loss is not None:
             with self.guard("the per-step statistics"):
                 self.statistics.add_loss(self._step, loss)
-        check_now = batch is not None and self.check_due(self._step)
-        # A check reads back first (it waits for the device anyway), so that its detectors judge it
+        reading_due = batch is not None and self.check_due(self._step)
+        # A reading reads back first (it waits for the device anyway), so that its detectors judge it
         # with every step's loss up to it, not only those of the last `log_every` read-back.
-        if check_now or self.read_back_due(self._step):
-            events += self.read_back()
+        read_back = reading_due or self.read_back_due(self._step)
+        events = self.read_back() if read_back else []
         self.schedule.step_finished()
-        if check_now:
-            events += self.read_curvature(batch)
-        return events
+        reading: ReadingKind | None = None
+        if reading_due:
+            reading, found = self._read_curvature(batch)
+            events += found
+        return StepOutcome(tuple(events), read_back, reading)
 
     def read_back(self) -> list[FlagEvent]:
         """Read back and judge the steps since the last read-back now (one transfer); log them.
@@ -269,11 +271,12 @@ class Monitor(MonitorView):
         return events
 
     # -- curvature ---------------------------------------------------------------------------
-    def read_curvature(self, batch: Any) -> list[FlagEvent]:
+    def _read_curvature(self, batch: Any) -> tuple[ReadingKind | None, list[FlagEvent]]:
         """The due curvature reading on `batch`: a tracking reading (a few products from the last
         check's top vectors: proven lower bounds) or a full check, as the schedule decides (see
         :mod:`hessdiag.check.schedule`); a tracking reading with nothing to track becomes a full
-        check. A reading that fails is reported once per kind of error and backs off; training goes on."""
+        check. Returns the kind recorded (None: it failed, reported once per kind of error, backing
+        off; training goes on) and the new flag events."""
         assert self._runner is not None, "no loss_fn was given"
         if self.schedule.kind(self.statistics.device) == "tracking":
             try:
@@ -282,10 +285,12 @@ class Monitor(MonitorView):
                 if self.faults.strict:
                     raise
                 self._reporting.check_failed(self._step, self._runner.failed(self._step, error))
-                return []
+                return None, []
             if reading is not None:
-                return self._reporting.tracking(reading)
-        return self.check_curvature(batch, bottom=self._bottom_end_due())
+                return "tracking", self._reporting.tracking(reading)
+        checks = len(self.checks)
+        events = self.check_curvature(batch, bottom=self._bottom_end_due())
+        return ("check" if len(self.checks) > checks else None), events
 
     def _bottom_end_due(self) -> bool:
         """Whether a full check of the schedule measures the bottom end: always with an int
@@ -324,7 +329,7 @@ class Monitor(MonitorView):
     def flush(self) -> None:
         """Read back pending statistics and flush the writers (call at the end of training)."""
         self.read_back()
-        if self._runner is not None and self.schedule.enabled and self._step and not self.checks:
+        if self.checks_enabled and self._step and not self.checks:
             self._reporting.no_check(self._step, self._runner.no_check_message(self._step))
         self.writers.flush()
 

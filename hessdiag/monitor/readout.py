@@ -1,11 +1,15 @@
-"""What the loop and the adapters read of a :class:`~hessdiag.Monitor`: its counters, the checks and
-flags so far, the latest values, and when the next read-back or check comes.
+"""What the loop and the adapters read of a :class:`~hessdiag.Monitor`: what a step did
+(:class:`StepOutcome`), its counters, the checks and flags so far, the latest values, and when the
+next read-back or check comes.
 
 Read only: every property and query here reads the Monitor's parts and changes nothing, so an
 adapter (the Lightning callback, a user's loop) may ask at any time, as often as it likes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -18,8 +22,35 @@ from hessdiag.monitor.check_runner import CheckRunner
 from hessdiag.monitor.detection import Detection
 from hessdiag.steps.statistics import StepStatistics
 from hessdiag.reporting.writers import WriterFanOut
-from hessdiag.check.schedule import CheckSchedule
+from hessdiag.check.schedule import CheckSchedule, ReadingKind
 from hessdiag.settings import DiagnosticsSettings
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one :meth:`~hessdiag.Monitor.after_step` did. Iterating it yields the new flag events, so
+    ``for event in monitor.after_step(batch, loss)`` reads them directly.
+
+    Attributes:
+        events: the new flag events (onsets and clearances), in the order they happened.
+        read_back: whether the step read back, judged and logged the statistics since the last
+            read-back: every `log_every` steps, and before every curvature reading. The same on
+            every rank (it depends on the step only).
+        reading: the curvature reading this step recorded: ``"check"`` (a full check, now last in
+            :attr:`~hessdiag.Monitor.checks`), ``"tracking"`` (a tracking reading, last in
+            :attr:`~hessdiag.Monitor.readings`), or None: none was due, or the due one failed (reported
+            once, backed off). A decision every rank must share rests on `read_back`, not on this.
+    """
+
+    events: tuple[FlagEvent, ...] = ()
+    read_back: bool = False
+    reading: ReadingKind | None = None
+
+    def __iter__(self) -> Iterator[FlagEvent]:
+        return iter(self.events)
+
+    def __len__(self) -> int:
+        return len(self.events)
 
 
 class MonitorView:
@@ -94,6 +125,12 @@ class MonitorView:
     @property
     def last_check(self) -> CurvatureCheck | None:
         return self.checks[-1] if self.checks else None
+
+    @property
+    def checks_enabled(self) -> bool:
+        """Whether this Monitor takes curvature readings at all (a `loss_fn` was given and
+        `check_every` is not 0)."""
+        return self._runner is not None and self.schedule.enabled
 
     def read_back_due(self, step: int) -> bool:
         """Whether :meth:`after_step` reads back (detects, logs) at optimizer step `step`."""
