@@ -49,7 +49,7 @@ def by_hand(model: nn.Module, vector: torch.Tensor, owners: dict[str, str]) -> d
     for name, p in model.named_parameters():
         piece = vector[offset : offset + p.numel()]
         offset += p.numel()
-        owner = owners.get(name, name.rpartition(".")[0])
+        owner = owners.get(name, name.rpartition(".")[0] or name)  # a root parameter owns itself
         shares[owner] = shares.get(owner, 0.0) + float(piece.square().sum())
     assert offset == vector.numel()
     total = sum(shares.values())
@@ -106,7 +106,7 @@ def test_mixed_shares_match_the_dense_eigenvector():
     dense = top_eigenvector(dense_hessian(model, mixed_loss, batch))
     shares = layer_shares(model, dense)
     expected = by_hand(model, dense, {})
-    assert set(shares) == {"", "encoder.0", "encoder.1", "head"}
+    assert set(shares) == {"scale", "encoder.0", "encoder.1", "head"}
     assert sum(shares.values()) == pytest.approx(1.0, abs=1e-12)
     for name, value in expected.items():
         assert shares[name] == pytest.approx(value, abs=1e-12)
@@ -125,7 +125,7 @@ def test_shares_over_chosen_parameters_only():
     chosen = list(model.head.parameters()) + [model.scale]
     vector = torch.arange(1.0, 1.0 + sum(p.numel() for p in chosen), dtype=torch.float64)
     shares = layer_shares(model, vector, params=chosen)
-    assert set(shares) == {"head", ""}
+    assert set(shares) == {"head", "scale"}
     head = float(vector[:-1].square().sum())
     assert shares["head"] == pytest.approx(head / float(vector.square().sum()), rel=1e-12)
 
@@ -232,7 +232,7 @@ def test_shares_on_two_processes_fsdp2_local_pieces_all_reduced_and_ddp(tmp_path
     torch.manual_seed(0)
     model = RootOwned().double()
     expected = layer_shares(model, ranks[0]["vector"])
-    assert set(expected) == {"", "encoder", "head"}
+    assert set(expected) == {"offset", "encoder", "head"}
     assert ranks[0]["local_size"] != ranks[1]["local_size"]  # really local pieces, uneven
     assert ranks[0]["local_size"] + ranks[1]["local_size"] == ranks[0]["vector"].numel()
     for rank in ranks:
@@ -240,3 +240,22 @@ def test_shares_on_two_processes_fsdp2_local_pieces_all_reduced_and_ddp(tmp_path
             assert list(rank[kind]) == list(expected), kind
             for name, value in expected.items():
                 assert rank[kind][name] == pytest.approx(value, rel=1e-12), (kind, name)
+
+
+def test_a_root_parameter_is_named_as_in_the_per_layer_statistics():
+    """Two parameters on the root (a position embedding, a class token) are two owners, named as the
+    per-layer gradient statistics name them, so a share and a chart point at the same thing."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos_embed = nn.Parameter(torch.ones(3))
+            self.cls_token = nn.Parameter(torch.ones(2))
+            self.head = nn.Linear(5, 1)
+
+    from hessdiag.steps.gradients import GradientStats
+
+    model = Tokens()
+    shares = layer_shares(model, torch.ones(sum(p.numel() for p in model.parameters())))
+    assert list(shares) == ["head", "pos_embed", "cls_token"]
+    assert set(shares) == set(GradientStats(model.named_parameters()).modules)

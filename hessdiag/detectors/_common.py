@@ -1,4 +1,4 @@
-"""Plumbing shared by the detectors: argument checks, and the base that turns a decision into events."""
+"""Plumbing shared by the detectors: the validators of their own arguments, and the base that turns a decision into events."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_positive(name: str, value: float, *, upper: float | None = None) -> float:
+def require_positive(name: str, value: float, *, upper: float | None = None) -> float:
     """`value` as a float if it is finite, > 0 and (when given) < `upper`; else ValueError naming `name`."""
     if not _is_number(value) or value <= 0 or (upper is not None and value >= upper):
         allowed = f"in (0, {upper})" if upper is not None else "> 0"
@@ -21,19 +21,19 @@ def check_positive(name: str, value: float, *, upper: float | None = None) -> fl
     return float(value)
 
 
-def check_finite(name: str, value: float) -> float:
+def require_finite(name: str, value: float) -> float:
     """`value` as a float if it is a finite number; else ValueError naming `name`."""
     if not _is_number(value):
         raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
     return float(value)
 
 
-def check_optional_positive(name: str, value: float | None) -> float | None:
-    """None, or `value` checked by :func:`check_positive`."""
-    return None if value is None else check_positive(name, value)
+def require_optional_positive(name: str, value: float | None) -> float | None:
+    """None, or `value` validated by :func:`require_positive`."""
+    return None if value is None else require_positive(name, value)
 
 
-def check_count(name: str, value: int, low: int = 1) -> int:
+def require_count(name: str, value: int, low: int = 1) -> int:
     """`value` if it is an int >= `low`; else ValueError naming `name`."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")

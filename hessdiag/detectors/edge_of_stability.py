@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from hessdiag.detectors._common import Detector, check_positive
+from hessdiag.detectors._common import Detector, require_positive
 from hessdiag.detectors.records import CheckRecord, Record, TrackingRecord
 from hessdiag.flags import FlagEvent
 from hessdiag.estimators.layer_shares import module_label
@@ -48,8 +48,8 @@ class EdgeOfStabilityDetector(Detector):
 
     def __init__(self, ratio: float = 0.9, clear_ratio: float = 0.8, onset: int = 2, clear: int = 2) -> None:
         super().__init__(onset, clear)
-        self.ratio = check_positive("ratio", ratio)
-        self.clear_ratio = check_positive("clear_ratio", clear_ratio)
+        self.ratio = require_positive("ratio", ratio)
+        self.clear_ratio = require_positive("clear_ratio", clear_ratio)
         if self.clear_ratio > self.ratio:
             raise ValueError(f"`clear_ratio` ({clear_ratio}) must be at most `ratio` ({ratio}).")
 

@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from hessdiag.detectors._common import Detector, check_count, check_positive
+from hessdiag.detectors._common import Detector, require_count, require_positive
 from hessdiag.detectors.records import CheckRecord, Record, StepRecord
 from hessdiag.flags import FlagEvent
 from hessdiag.estimators.layer_shares import module_label
@@ -98,15 +98,15 @@ class ExplodingGradientDetector(Detector):
         max_overflow_skips: int = 20,
     ) -> None:
         super().__init__(onset, clear)
-        self.max_overflow_skips = check_count("max_overflow_skips", max_overflow_skips)
+        self.max_overflow_skips = require_count("max_overflow_skips", max_overflow_skips)
         self.overflow_skips = 0  # consecutive steps the loss scaler skipped
-        self.factor = check_positive("factor", factor)
-        self.layer_factor = check_positive("layer_factor", layer_factor)
-        self.loss_spread = check_positive("loss_spread", loss_spread)
-        self.min_rise = check_positive("min_rise", min_rise, upper=1.0)
+        self.factor = require_positive("factor", factor)
+        self.layer_factor = require_positive("layer_factor", layer_factor)
+        self.loss_spread = require_positive("loss_spread", loss_spread)
+        self.min_rise = require_positive("min_rise", min_rise, upper=1.0)
         self.loss_range = (math.inf, -math.inf)  # lowest and highest finite loss seen
-        self.window = check_count("window", window, 2)
-        self.min_history = check_count("min_history", min_history)
+        self.window = require_count("window", window, 2)
+        self.min_history = require_count("min_history", min_history)
         if self.min_history > self.window:
             raise ValueError(f"`min_history` ({min_history}) must be at most `window` ({window}).")
         self.norms: deque[float] = deque(maxlen=self.window)

@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from hessdiag.detectors._common import Detector, check_count, check_finite, check_optional_positive, check_positive
+from hessdiag.detectors._common import Detector, require_count, require_finite, require_optional_positive, require_positive
 from hessdiag.detectors.records import Record, StepRecord
 from hessdiag.flags import FlagEvent
 
@@ -86,13 +86,13 @@ class PlateauDetector(Detector):
         clear: int = 20,
     ) -> None:
         super().__init__(onset, clear)
-        self.window = check_count("window", window, 8)
-        self.rel_improvement = check_positive("rel_improvement", rel_improvement, upper=1.0)
-        self.grad_fraction = check_positive("grad_fraction", grad_fraction, upper=1.0)
-        self.critical_fraction = check_positive("critical_fraction", critical_fraction, upper=1.0)
-        self.grad_tol = check_optional_positive("grad_tol", grad_tol)
-        self.loss_floor = check_finite("loss_floor", loss_floor)
-        self.floor_margin = check_positive("floor_margin", floor_margin, upper=1.0)
+        self.window = require_count("window", window, 8)
+        self.rel_improvement = require_positive("rel_improvement", rel_improvement, upper=1.0)
+        self.grad_fraction = require_positive("grad_fraction", grad_fraction, upper=1.0)
+        self.critical_fraction = require_positive("critical_fraction", critical_fraction, upper=1.0)
+        self.grad_tol = require_optional_positive("grad_tol", grad_tol)
+        self.loss_floor = require_finite("loss_floor", loss_floor)
+        self.floor_margin = require_positive("floor_margin", floor_margin, upper=1.0)
         self.losses: deque[float] = deque(maxlen=self.window)
         self.grad_norms: deque[float] = deque(maxlen=self.window // 4)
         self.peak_grad_norm = 0.0

@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from hessdiag.detectors._common import Detector, check_count, check_finite, check_optional_positive, check_positive
+from hessdiag.detectors._common import Detector, require_count, require_finite, require_optional_positive, require_positive
 from hessdiag.detectors.loss_trend import LossTrend, Pace
 from hessdiag.detectors.records import CheckRecord, Record, StepRecord
 from hessdiag.flags import FlagEvent
@@ -108,14 +108,14 @@ class SaddleDetector(Detector):
         clear: int = 2,
     ) -> None:
         super().__init__(onset, clear)
-        self.tau = check_positive("tau", tau, upper=1.0)
-        self.window = check_count("window", window, 4)
-        self.progress_fraction = check_positive("progress_fraction", progress_fraction, upper=1.0)
-        self.pace_fraction = check_positive("pace_fraction", pace_fraction, upper=1.0)
-        self.critical_fraction = check_positive("critical_fraction", critical_fraction, upper=1.0)
-        self.grad_tol = check_optional_positive("grad_tol", grad_tol)
-        self.loss_floor = check_finite("loss_floor", loss_floor)
-        self.flat_tol = check_positive("flat_tol", flat_tol)
+        self.tau = require_positive("tau", tau, upper=1.0)
+        self.window = require_count("window", window, 4)
+        self.progress_fraction = require_positive("progress_fraction", progress_fraction, upper=1.0)
+        self.pace_fraction = require_positive("pace_fraction", pace_fraction, upper=1.0)
+        self.critical_fraction = require_positive("critical_fraction", critical_fraction, upper=1.0)
+        self.grad_tol = require_optional_positive("grad_tol", grad_tol)
+        self.loss_floor = require_finite("loss_floor", loss_floor)
+        self.flat_tol = require_positive("flat_tol", flat_tol)
         self.trend = LossTrend(self.window)
         self.classification: Classification = "unknown"
         self._too_noisy = False  # the last check's loss pace was too noisy to be measured

@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hessdiag.detectors._common import Detector, check_positive
+from hessdiag.detectors._common import Detector, require_positive
 from hessdiag.detectors.records import Record, StepRecord
 from hessdiag.flags import FlagEvent
 
@@ -97,8 +97,8 @@ class VanishingGradientDetector(Detector):
 
     def __init__(self, depth_ratio: float = 1e-3, min_ratio: float = 1e-8, onset: int = 5, clear: int = 5) -> None:
         super().__init__(onset, clear)
-        self.depth_ratio = check_positive("depth_ratio", depth_ratio, upper=1.0)
-        self.min_ratio = check_positive("min_ratio", min_ratio, upper=1.0)
+        self.depth_ratio = require_positive("depth_ratio", depth_ratio, upper=1.0)
+        self.min_ratio = require_positive("min_ratio", min_ratio, upper=1.0)
         self.peak_global_ratio = 0.0
 
     def observe(self, record: Record) -> list[FlagEvent]:

@@ -23,30 +23,31 @@ from torch import nn
 from hessdiag import _sharded
 from hessdiag.isolation import unwrap_model
 from hessdiag.operator import trainable_parameters
-
-#: How the root module's own parameters (those registered on the model itself) are shown; their key
-#: in the result is the root's qualified name, ``""``.
-ROOT_LABEL = "(root)"
-
+from hessdiag.steps.gradients import module_name
 
 #: Modules kept per end of the spectrum in a check's layer shares (the dashboard's budget).
 SHARES_KEPT = 5
 
 
 def module_label(name: str) -> str:
-    """The name to show for the module with qualified name `name` (``"(root)"`` for the root)."""
-    return name if name else ROOT_LABEL
+    """The name to show for an owner `name`; ``"(root)"`` for the empty name, under which checkpoints
+    of earlier versions kept the root's own parameters (see :func:`parameter_owners`)."""
+    return name if name else "(root)"
 
 
 def parameter_owners(model: nn.Module, params: Iterable[torch.Tensor]) -> list[str]:
-    """The qualified name of the module that owns each of `params`, in order.
+    """The owner of each of `params`, in order: the qualified name of the module it is registered on
+    (``"layer1.0.conv1"``), or, for a parameter registered on the root itself, its own name
+    (``"pos_embed"``): the rule of the per-layer gradient statistics
+    (:func:`hessdiag.steps.gradients.module_name`), so the layer shares and the per-layer charts name
+    the same groups, and two root parameters (a position embedding, a class token) are told apart.
 
     A tied parameter (one tensor registered on several modules) belongs to the first of them in
     ``model.named_parameters()`` order, the name under which ``model.parameters()`` yields it once.
     """
     owner_of: dict[int, str] = {}
     for name, p in unwrap_model(model).named_parameters():  # remove_duplicate=True: first name of a tied tensor
-        owner_of[id(p)] = name.rpartition(".")[0]
+        owner_of[id(p)] = module_name(name)
     return [owner_of[id(p)] for p in params]
 
 
@@ -67,8 +68,8 @@ def layer_shares(
 
     Returns:
         ``{module_name: share}``: one entry per module that owns at least one of the parameters,
-        keyed by its qualified name (``"layer4.1.conv2"``; ``""`` for the root module's own
-        parameters, shown as :data:`ROOT_LABEL` by :func:`module_label`), shares >= 0 summing to 1
+        keyed by its owner (:func:`parameter_owners`: ``"layer4.1.conv2"``; a parameter on the root
+        module under its own name), shares >= 0 summing to 1
         (up to rounding), sorted by share, largest first (ties in module order). Only a module's
         own parameters count toward it, not its children's. The same on every rank.
 

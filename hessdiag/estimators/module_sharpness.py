@@ -28,7 +28,7 @@ from torch import nn
 
 from hessdiag.isolation import ModelMode
 from hessdiag.estimators.eigen import HessianEigenvalues, eigenvalues_of
-from hessdiag.estimators.layer_shares import ROOT_LABEL, module_label, parameter_owners
+from hessdiag.estimators.layer_shares import parameter_owners
 from hessdiag.operator import HVP_METHODS, HessianBlock, HessianOperator, HVPMethod, LossFn
 
 
@@ -62,11 +62,10 @@ def module_block(operator: HessianOperator, module: str) -> HessianBlock:
     Raises:
         ValueError: no parameter of the operator belongs to `module` (naming the modules that own some).
     """
-    name = "" if module == ROOT_LABEL else module
     owners = parameter_owners(operator.model, operator.params)
-    own = [p for p, owner in zip(operator.params, owners) if owner == name]
+    own = [p for p, owner in zip(operator.params, owners) if owner == module]
     if not own:
-        known = ", ".join(repr(module_label(owner)) for owner in dict.fromkeys(owners))
+        known = ", ".join(repr(owner) for owner in dict.fromkeys(owners))
         raise ValueError(
             f"`modules`: {module!r} owns none of the parameters the Hessian is over; the modules that do are {known}."
         )
@@ -121,8 +120,8 @@ def module_sharpness(
         model, loss_fn, batch, params, mode, hvp_method, seed, batch_size: as for
             :func:`~hessdiag.hessian_eigenvalues`; the block of a module is over its own parameters
             among `params`.
-        modules: qualified module names (the keys of :func:`~hessdiag.estimators.layer_shares`; ``""`` or
-            ``"(root)"`` for the root's own parameters).
+        modules: the owners of parameters, as :func:`~hessdiag.estimators.layer_shares` keys them
+            (qualified module names; a parameter registered on the root under its own name).
         tol, max_iter: for each module's Lanczos, as for :func:`~hessdiag.hessian_eigenvalues`
             (only the top end must converge).
 

@@ -40,7 +40,7 @@ from hessdiag.batches import batch_size
 
 from hessdiag.flags import FlagEvent
 from hessdiag.operator import HVPMethod, LossFn
-from hessdiag.monitor.parts import build_parts, check_arguments
+from hessdiag.monitor.parts import build_parts, validate_arguments
 from hessdiag.monitor.checkpoint import monitor_state, restore_monitor_state
 from hessdiag.monitor.readout import MonitorView, StepOutcome
 from hessdiag.check.schedule import BOTTOM_EVERY, CheckEvery, ReadingKind
@@ -178,7 +178,7 @@ class Monitor(MonitorView):
     # -- what the adapters tell it ------------------------------------------------------------
     def use_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Read `optimizer` for the stability threshold from now on (never modified)."""
-        check_arguments(self.model, None, optimizer, None, checks=False)
+        validate_arguments(self.model, None, optimizer, None, curvature=False)
         self._optimizer = optimizer
 
     def watch_ranks(self, ddp: nn.Module) -> None:

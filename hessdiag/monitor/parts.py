@@ -1,4 +1,4 @@
-"""What the Monitor is built from: its arguments checked, its curvature probe from the settings, and its
+"""What the Monitor is built from: its arguments validated, its curvature probe from the settings, and its
 parts wired together (each part gets the fault policy; the writers learn the flags before the first
 read-back)."""
 
@@ -25,13 +25,13 @@ from hessdiag.check.schedule import CheckSchedule
 from hessdiag.settings import DiagnosticsSettings, resolve_detectors
 
 
-def check_arguments(
-    model: Any, loss_fn: Any, optimizer: Any, grad_scaler: Any, *, checks: bool
+def validate_arguments(
+    model: Any, loss_fn: Any, optimizer: Any, grad_scaler: Any, *, curvature: bool
 ) -> None:
     """ValueError naming the first argument that is not what the Monitor needs."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    if checks and loss_fn is None:
+    if curvature and loss_fn is None:
         raise ValueError("`loss_fn` is required for curvature checks (or set `check_every=0`).")
     if loss_fn is not None and not callable(loss_fn):
         raise ValueError(f"`loss_fn` must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}.")
@@ -75,10 +75,10 @@ def build_parts(
     grad_scaler: torch.amp.GradScaler | None,
     current_step: Callable[[], int],
 ) -> MonitorParts:
-    """The Monitor's parts for these arguments, checked first (ValueError naming a bad one);
+    """The Monitor's parts for these arguments, validated first (ValueError naming a bad one);
     `current_step`: the Monitor's optimizer step, for the messages."""
     schedule = CheckSchedule(settings.check_every, settings.overhead_budget)
-    check_arguments(model, loss_fn, optimizer, grad_scaler, checks=schedule.enabled)
+    validate_arguments(model, loss_fn, optimizer, grad_scaler, curvature=schedule.enabled)
     faults = FaultPolicy(strict=settings.strict, current_step=current_step)
     writers = WriterFanOut(resolve_writers(writer), faults)
     statistics = StepStatistics(model, track_updates=settings.update_ratios, grad_scaler=grad_scaler, faults=faults)
