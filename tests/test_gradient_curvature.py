@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessdiag import HessianOperator, gradient_curvature, gradient_curvature_of
+from hessdiag import HessianOperator, gradient_curvature
+from hessdiag.estimators.gradient_curvature import gradient_curvature_of
 from oracles import dense_hessian, flat_parameters
 
 

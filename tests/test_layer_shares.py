@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessdiag import hessian_eigenvalues, layer_shares, module_label
+from hessdiag import hessian_eigenvalues, layer_shares
+from hessdiag.estimators.layer_shares import module_label
 from oracles import dense_hessian
 
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessdiag import MicroBatches, NoiseScaleEstimate, RunningNoiseScale, gradient_noise_scale, noise_scale_from_norms
+from hessdiag import MicroBatches, NoiseScaleEstimate, RunningNoiseScale, gradient_noise_scale
+from hessdiag.noise.noise_scale import noise_scale_from_norms
 from hessdiag.noise.noise_scale import split_batch
 
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessdiag import hessian_spectral_density, hessian_trace, hutchpp_trace, slq_density
+from hessdiag import hessian_spectral_density, hessian_trace
+from hessdiag.estimators.spectrum import hutchpp_trace, slq_density
 from oracles import dense_hessian
 
 
