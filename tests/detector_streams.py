@@ -98,7 +98,7 @@ def scaled(inputs, scale, shift):
 
 
 def rising_loss_stream(start):
-    """The issue's case: a steady loss at `start`, then a 100x gradient blow-up while it rises by 5."""
+    """An explosion a user sees: a steady loss at `start`, then a 100x gradient blow-up while it rises by 5."""
     noise = 1 + 0.05 * np.random.default_rng(3).uniform(-1, 1, 80)
     steady = [{"loss": start + 0.01 * noise[t], "grad_norm": noise[t]} for t in range(60)]
     return steady + [{"loss": start + 5.0, "grad_norm": 100.0} for _ in range(20)]

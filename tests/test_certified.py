@@ -1,4 +1,4 @@
-"""`converged` is a proof, negative curvature is certified only beyond rounding (issue 10).
+"""`converged` is a proof, negative curvature is certified only beyond rounding.
 
 Known answers: matrices Q diag(d) Q^T with d from the spectra that break stopping rules (low rank,
 power law, uniform, clustered top, outliers over a bulk, semicircle), many start seeds, float64 and
@@ -31,7 +31,7 @@ def _orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
 def spectrum(family: str, generator: torch.Generator) -> torch.Tensor:
     """Eigenvalues of one adversarial family, float64, spectral norm about 1."""
     u = torch.rand(DIM, generator=generator, dtype=torch.float64)
-    if family == "low_rank":  # the Ritz gap over-estimates the true gap (issue 10)
+    if family == "low_rank":  # the Ritz gap over-estimates the true gap: a gap-based stop would be wrong
         return torch.cat([u[:20], torch.zeros(DIM - 20, dtype=torch.float64)])
     if family == "power_law":
         signs = torch.where(u < 0.2, -1.0, 1.0).double()

@@ -219,7 +219,7 @@ def scalar():
         (lambda p: torch.optim.AdamW(p, lr=0.1, betas=(0.9, 0.999), eps=1.0, weight_decay=5.0), 10**6, 285.0),
         # Adam at step 5 with b1 = 0.9: the asymptotic 3800 times 1 - 0.9^5 = 0.41.
         (lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.9, 0.999), eps=1.0), 5, 3800 * (1 - 0.9**5)),
-        # The case: step 100 with b1 = 0.99, 0.63x the asymptotic 39800.
+        # Early in a run with b1 = 0.99: at step 100 the threshold is 0.63x the asymptotic 39800.
         (lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.99, 0.999), eps=1.0), 100, 39800 * (1 - 0.99**100)),
         (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5.0), None, 33.0),
     ],
