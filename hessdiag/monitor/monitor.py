@@ -1,8 +1,9 @@
 """`Monitor`: the diagnostics of hessdiag for a hand-written PyTorch training loop.
 
-It conducts the parts that do the work: the per-step statistics (:mod:`.step_statistics`), the
-curvature checks (:mod:`.check_runner`), the detectors (every record to every detector, see
-:mod:`hessdiag.detectors`), the fault policy (:mod:`.faults`) and the writers (:mod:`.writers`).
+It conducts the parts that do the work (built in :mod:`.parts`): the per-step statistics
+(:mod:`hessdiag.steps.statistics`), the curvature readings (:mod:`.check_runner`), the detectors
+(every record to every detector, :mod:`.detection`), the fault policy (:mod:`.faults`) and the
+writers (:mod:`hessdiag.reporting.writers`).
 A loop calls it at two points::
 
     monitor = hessdiag.Monitor(model, loss_fn, optimizer=optimizer, writer=SummaryWriter("runs/x"))
