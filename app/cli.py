@@ -23,6 +23,9 @@ from hessdiag.reporting.tags import (
     CHECK_SECONDS,
     EVENT_RECORDS,
     LAMBDA_MAX,
+    LAMBDA_MAX_LOWER,
+    RATIO_LOWER,
+    TRACKING_SECONDS,
     LAMBDA_MIN,
     LAYER_SHARES_RECORD,
     LR_HEADROOM,
@@ -76,6 +79,10 @@ class RunSummary:
     has_data: bool
     lambda_max: Trajectory | None
     lambda_min: Trajectory | None
+    lambda_max_lower: Trajectory | None = None  # the proven lower bound at every reading, checks included
+    ratio_lower: Trajectory | None = None  # the same for sharpness / stability threshold
+    readings: int = 0  # tracking readings between the checks
+    reading_seconds: float = 0.0
     flags: list[FlagHistory] = field(default_factory=list)
     checks: int = 0
     hvps: float = 0.0
@@ -218,6 +225,7 @@ def summarize_run(path: Path, run: str) -> RunSummary:
         return [(e.step, e.value) for e in accumulator.Scalars(tag)] if tag in tags else []
 
     lambda_max, lambda_min, headroom = series(LAMBDA_MAX), series(LAMBDA_MIN), series(LR_HEADROOM)
+    lower, ratio_lower, reading_seconds = series(LAMBDA_MAX_LOWER), series(RATIO_LOWER), series(TRACKING_SECONDS)
     verdicts = texts(accumulator, NOISE_SCALE_VERDICT)
     modules = {tag.removeprefix(MODULE_SHARPNESS_PREFIX): series(tag) for tag in tags if tag.startswith(MODULE_SHARPNESS_PREFIX)}
     return RunSummary(
@@ -225,6 +233,10 @@ def summarize_run(path: Path, run: str) -> RunSummary:
         has_data=any(is_hessdiag_tag(tag) for tag in tags),
         lambda_max=Trajectory.of(lambda_max) if lambda_max else None,
         lambda_min=Trajectory.of(lambda_min) if lambda_min else None,
+        lambda_max_lower=Trajectory.of(lower) if lower else None,
+        ratio_lower=Trajectory.of(ratio_lower) if ratio_lower else None,
+        readings=len(reading_seconds),
+        reading_seconds=sum(v for _, v in reading_seconds),
         flags=flag_histories(accumulator),
         checks=len(lambda_max),
         hvps=sum(v for _, v in series(NUM_HVPS)),
@@ -243,7 +255,13 @@ def format_summary(summary: RunSummary) -> str:
         return "\n".join(lines) + "\n  no hessdiag data (not a hessdiag run, or its event files are damaged)"
     if summary.lambda_max is None:
         lines.append("  no curvature checks logged")
-    for label, trajectory in (("lambda_max", summary.lambda_max), ("lambda_min", summary.lambda_min)):
+    curves = (
+        ("lambda_max", summary.lambda_max),
+        ("lambda_min", summary.lambda_min),
+        ("lambda_max >= (proven, every reading)", summary.lambda_max_lower),
+        ("sharpness / threshold >= (proven, every reading)", summary.ratio_lower),
+    )
+    for label, trajectory in curves:
         if trajectory is not None:
             t = trajectory
             lines.append(
@@ -255,6 +273,11 @@ def format_summary(summary: RunSummary) -> str:
             f"  checks: {summary.checks}, {summary.hvps:.0f} HVPs, {summary.check_seconds:.2f} s in all "
             f"({summary.check_seconds / summary.checks:.3f} s each)"
             + (f", {summary.failed_checks} failed" if summary.failed_checks else "")
+        )
+    if summary.readings:
+        lines.append(
+            f"  tracking readings between checks: {summary.readings}, {summary.reading_seconds:.2f} s in all "
+            f"({summary.reading_seconds / summary.readings:.3f} s each)"
         )
     if summary.top_direction:
         lines.append(f"  top direction lies mostly in: {direction_spans(summary.top_direction)}")

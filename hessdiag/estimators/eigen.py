@@ -209,7 +209,7 @@ def hessian_eigenvalues(
     """
     if hvp_method not in HVP_METHODS:
         raise ValueError(f"`hvp_method` must be one of {HVP_METHODS}, got {hvp_method!r}.")
-    _check_tol(tol)
+    _validate_tol(tol)
     operator = HessianOperator(
         model, loss_fn, batch, params=params, mode=mode, method=hvp_method, seed=seed, batch_size=batch_size
     )
@@ -235,7 +235,7 @@ def _warn_if_raised(asked: float, used: float, dtype: torch.dtype) -> None:
         )
 
 
-def _check_tol(tol: object) -> None:
+def _validate_tol(tol: object) -> None:
     """`tol` must be a number in (0, 1): at 0 no bound could ever be met (the solver would spend
     `max_iter` products and report ``converged=False``).
 
@@ -311,7 +311,7 @@ def eigenvalues_of(
     estimates of the same check can reuse), or on a diagonal block of one (:class:`HessianBlock`).
     Arguments as for :func:`hessian_eigenvalues`; `tol` is
     raised to ``operator.precision_floor`` silently (the result's `tol` says so)."""
-    _check_tol(tol)
+    _validate_tol(tol)
     if isinstance(v0, HessianEigenvalues):
         v0 = v0.warm_start()
     if not isinstance(k, int) or not 1 <= k <= operator.dim:

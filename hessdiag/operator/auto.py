@@ -139,7 +139,7 @@ def choose_method(
         reason = f"double backward's product is not finite (in {dtype}: an overflow in its second-order terms)"
         return finite_differences(measured, reason, sharded=False, dtype=dtype, remedy=OVERFLOW_REMEDY)
     if not measured.smooth or is_coarse(dtype):
-        _check_symmetry(probe, exact, second_probe(), exact_product, measured)
+        _require_symmetry(probe, exact, second_probe(), exact_product, measured)
         why = f"on {dtype} parameters they measure rounding" if is_coarse(dtype) else "the loss is not smooth"
         return MethodChoice("double_backward", f"{why}, finite differences cannot check double backward; it is symmetric", 0.0)
     disagreement = float(torch.linalg.vector_norm(exact - fine))
@@ -159,7 +159,7 @@ def choose_method(
     )
 
 
-def _check_symmetry(
+def _require_symmetry(
     probe: torch.Tensor,
     product: torch.Tensor,
     other: torch.Tensor,
