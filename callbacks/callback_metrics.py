@@ -17,9 +17,17 @@ import torch
 from hessdiag.flags import FlagEvent
 from hessdiag.monitor import Monitor
 from hessdiag.monitor.readout import StepOutcome
-from hessdiag.reporting.tags import CALLBACK_METRICS, FLAGS_PREFIX, is_hessdiag_tag
+from hessdiag.reporting.tags import CALLBACK_METRICS, FLAGS_PREFIX, GRAD_NORM, LOSS, is_hessdiag_tag
 
-__all__ = ["CALLBACK_METRICS", "first_values", "is_callback_metric", "publish", "show_in_progress_bar", "watched_by_another_callback"]
+__all__ = [
+    "CALLBACK_METRICS",
+    "first_values",
+    "is_callback_metric",
+    "publish",
+    "show_in_progress_bar",
+    "watched_by_another_callback",
+    "watches_curvature",
+]
 
 
 def is_callback_metric(tag: str) -> bool:
@@ -53,14 +61,21 @@ def watched_by_another_callback(trainer: pl.Trainer) -> bool:
     return bool(watched_keys(trainer))
 
 
-def first_values(monitor: Monitor, batch: Any, outcome: StepOutcome) -> list[FlagEvent]:
-    """A read-back and a check on `batch` now, out of cadence, unless this step's `outcome` already
-    holds them. For the first optimizer step of a fit in which another callback watches one of our
-    values: without them, a watcher that reads the key before the first check (an epoch shorter than
-    `check_every`) stops the run: Lightning's ModelCheckpoint and EarlyStopping raise on a missing
-    key. Returns the new flag events."""
+def watches_curvature(trainer: pl.Trainer) -> bool:
+    """Whether a watched value of ours exists only once a curvature check ran (not a flag, nor a
+    per-step statistic that the first read-back gives)."""
+    return any(not key.startswith(FLAGS_PREFIX) and key not in (GRAD_NORM, LOSS) for key in watched_keys(trainer))
+
+
+def first_values(monitor: Monitor, batch: Any, outcome: StepOutcome, check: bool) -> list[FlagEvent]:
+    """A read-back, and with `check` a curvature check on `batch`, now, out of cadence, unless this
+    step's `outcome` already holds them. For the first optimizer step of a fit in which another
+    callback watches one of our values (`check`: one that only a check gives, see
+    :func:`watches_curvature`): without them, a watcher that reads the key before the first check (an
+    epoch shorter than `check_every`) stops the run: Lightning's ModelCheckpoint and EarlyStopping
+    raise on a missing key. Returns the new flag events."""
     events = [] if outcome.read_back else monitor.read_back()
-    if outcome.reading != "check" and monitor.checks_enabled:  # not with check_every=0
+    if check and outcome.reading != "check" and monitor.checks_enabled:  # not with check_every=0
         events += monitor.check_curvature(batch)
     return events
 

@@ -32,7 +32,13 @@ from typing_extensions import override
 
 from hessdiag.isolation import ModelMode
 from hessdiag.batches import batch_size
-from hessdiag.callbacks.callback_metrics import first_values, publish, show_in_progress_bar, watched_by_another_callback
+from hessdiag.callbacks.callback_metrics import (
+    first_values,
+    publish,
+    show_in_progress_bar,
+    watched_by_another_callback,
+    watches_curvature,
+)
 from hessdiag.callbacks.flag_stopping import FlagHook, FlagStopping
 from hessdiag.callbacks.logger_writer import trainer_writers
 from hessdiag.callbacks.loss_closure import LossHook, loss_closure
@@ -272,7 +278,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         events, read_back = list(outcome), outcome.read_back
         if self._first_values_due:
             self._first_values_due = False
-            events += first_values(self.monitor, check_batch, outcome)
+            events += first_values(self.monitor, check_batch, outcome, watches_curvature(trainer))
             read_back = True
         # Every rank reads back at the same steps (every `log_every` and before every due reading:
         # the schedule is agreed): the steps where the ranks may meet in a collective to agree on
