@@ -11,6 +11,7 @@ consistently, and a list of per-sample tensors by element, or refuses.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -194,3 +195,28 @@ def _tensor_list(item: Any) -> bool:
 
 def _leading(tensors: Any) -> set[int]:
     return {int(tensor.shape[0]) for tensor in tensors if tensor.dim() > 0}
+
+
+@dataclass(frozen=True)
+class CheckBatch:
+    """The batch of one curvature reading, measured and cut once where the reading starts.
+
+    Attributes:
+        data: the batch cut to the reading's sub-batch (a :class:`MicroBatches` stays one).
+        samples: the samples of `data`, or None where they cannot be told.
+        step_samples: the samples of the optimizer step's whole batch (all micro-batches), or None.
+    """
+
+    data: Any
+    samples: int | None
+    step_samples: int | None
+
+    @classmethod
+    def of(cls, batch: Any, sub_batch: int | None) -> CheckBatch:
+        """`batch` cut to its first `sub_batch` samples (None: all of it), with both sizes."""
+        step_samples = batch_size(batch)
+        if sub_batch is None:
+            return cls(batch, step_samples, step_samples)
+        data = take_sub_batch(batch, sub_batch)
+        return cls(data, batch_size(data), step_samples)
+

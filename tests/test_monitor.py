@@ -14,6 +14,7 @@ from hessdiag.reporting.dashboard import layout
 from hessdiag.detectors import CheckRecord, PlateauDetector, StepRecord
 from hessdiag.flags import FLAG_NAMES
 from hessdiag.settings import DiagnosticsSettings
+from loops import one_step
 
 
 def mse(model, batch):
@@ -206,15 +207,7 @@ def test_a_layer_replaced_after_the_monitor_is_built_is_followed_with_a_warning(
 
 
 def _outcomes(monitor, model, optimizer, batch, steps):
-    outcomes = {}
-    for step in range(1, steps + 1):
-        optimizer.zero_grad()
-        loss = mse(model, batch)
-        loss.backward()
-        monitor.after_backward()
-        optimizer.step()
-        outcomes[step] = monitor.after_step(batch, loss)
-    return outcomes
+    return {step: one_step(model, optimizer, mse, batch, monitor) for step in range(1, steps + 1)}
 
 
 def test_after_step_says_what_it_did_read_backs_readings_and_the_events():

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessdiag.batches import batch_size, step_loss, take_sub_batch
+from hessdiag.batches import CheckBatch, step_loss
 from hessdiag.check.quantities import build_quantities
 from hessdiag.check.quantities.noise_scale import NoiseScale
 from hessdiag.check.quantities.update_prediction import UpdateLossPrediction
@@ -107,8 +107,7 @@ class CurvatureProbe:
         """
         start = time.perf_counter()
         self._noise.offer(noise)
-        step_samples = batch_size(batch)
-        batch = take_sub_batch(batch, sub_batch or self.sub_batch)
+        batch = CheckBatch.of(batch, sub_batch or self.sub_batch)
         seed = self.num_checks  # a fresh dropout draw per check, the same for all products of one check
         operator, cold, reuse = self.starts.open(self.num_checks, lambda method: self._operator(batch, seed, method))
         values: dict[str, Any] = {}
@@ -124,8 +123,8 @@ class CurvatureProbe:
             products["spectrum"] = operator.num_hvps
             context = CheckContext(
                 step=step, number=self.num_checks, settings=settings, model=self.model, loss_fn=self.loss_fn,
-                params=self.params, operator=operator, spectrum=result, optimizer=optimizer, batch=batch,
-                step_samples=step_samples, seed=seed, cold=cold, bottom=bottom, starts=self.starts, values=values,
+                params=self.params, operator=operator, spectrum=result, optimizer=optimizer, batch=batch, seed=seed,
+                cold=cold, bottom=bottom, starts=self.starts, values=values,
             )  # fmt: skip
             self._compute(context, [q for q in self.quantities if q.uses_operator], skipped, products)
             num_hvps = operator.num_hvps
@@ -141,7 +140,7 @@ class CurvatureProbe:
         self.num_checks += 1
         return CurvatureCheck(
             step=step, **spectrum_fields(result), num_hvps=num_hvps, seconds=time.perf_counter() - start, cold=cold,
-            batch_size=batch_size(batch), hvp_method=method, hvp_method_reason=method_reason,
+            batch_size=batch.samples, hvp_method=method, hvp_method_reason=method_reason,
             product_error=product_error, bottom=bottom, values=values, skipped=skipped, products=products,
         )  # fmt: skip
 
@@ -171,8 +170,7 @@ class CurvatureProbe:
         starts = self.starts
         if starts.tracked is None or starts.method is None:
             return None
-        batch = take_sub_batch(batch, self.sub_batch)
-        operator = self._operator(batch, step, starts.method)
+        operator = self._operator(CheckBatch.of(batch, self.sub_batch), step, starts.method)
         if starts.tracked.shape[-1] != operator.size:
             return None
         with preserved_state(unwrap_model(self.model), operator.params), operator:
@@ -215,11 +213,11 @@ class CurvatureProbe:
         """Start the next check cold (its warm-start vectors belong to a check that did not finish)."""
         self.starts.forget()
 
-    def _operator(self, batch: Any, seed: int, method: HVPMethod) -> HessianOperator:
+    def _operator(self, batch: CheckBatch, seed: int, method: HVPMethod) -> HessianOperator:
         return HessianOperator(
-            self.model, self.loss_fn, batch, params=self.params, mode=self.settings.mode, method=method, seed=seed,
+            self.model, self.loss_fn, batch.data, params=self.params, mode=self.settings.mode, method=method, seed=seed,
             # equal rank weights: every rank counts as one sample
-            batch_size=1 if self.settings.rank_weighting == "equal" else batch_size(batch),
+            batch_size=1 if self.settings.rank_weighting == "equal" else batch.samples,
         )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:

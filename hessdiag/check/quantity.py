@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from hessdiag.batches import CheckBatch
     from hessdiag.check.record import CurvatureCheck
     from hessdiag.check.starts import CheckStarts
     from hessdiag.estimators.eigen import HessianEigenvalues
@@ -51,8 +52,7 @@ class CheckContext:
             None for the quantities computed after it closed (`Quantity.uses_operator` False).
         spectrum: the Lanczos run of both ends (Ritz values, vectors, bounds, loss, gradient norm).
         optimizer: the training's optimizer, or None.
-        batch: the check batch (cut to the check's sub-batch).
-        step_samples: the samples of the optimizer step's whole batch (all micro-batches), or None.
+        batch: the check batch, cut to the check's sub-batch, with its samples and the step's.
         seed: the check's seed (every random draw of the check derives from it).
         cold: the Lanczos run started from a random vector.
         bottom: the Lanczos run measured the bottom end too (else it stopped with the top).
@@ -69,8 +69,7 @@ class CheckContext:
     operator: HessianOperator | None
     spectrum: HessianEigenvalues
     optimizer: torch.optim.Optimizer | None
-    batch: Any
-    step_samples: int | None
+    batch: CheckBatch
     seed: int
     cold: bool
     bottom: bool

@@ -74,7 +74,7 @@ class NoiseScale(Quantity):
                 self.running.update(estimate)
         reading = NoiseScaleReading(
             estimate, _finite_or_none(self.running.noise_scale), _finite_or_none(self.running.noise_scale_se),
-            _step_batch_size(context.step_samples),
+            _step_batch_size(context.batch.step_samples),
         )  # fmt: skip
         return Skipped(f"No gradient noise scale: {why.rstrip('.')}.", reading) if why else reading
 
@@ -84,7 +84,7 @@ class NoiseScale(Quantity):
         fewer samples than parts, a batch that cannot be cut or a part with a non-finite loss. The
         noise scale is a property of the data and the parameters, not of the batch it is measured
         on: a smaller batch gives a noisier estimate of the same number."""
-        batch, parts = context.batch, self.parts
+        batch, parts = context.batch.data, self.parts
         if isinstance(batch, MicroBatches):
             if not batch:
                 return None, "the check batch holds no micro-batch"
