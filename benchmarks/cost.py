@@ -30,7 +30,7 @@ in a fresh process from the parent's trained state (parameters, AdamW state, war
 its peak taken as what a step holds throughout (parameters, optimizer state, batch) plus the resident
 set's growth during it, sampled every millisecond (the high-water mark of getrusage cannot be reset).
 
-Writes benchmarks/results/cost-<device>.json.
+Writes benchmarks/results/cost-<device>.json (with --readings: cost-readings-<device>.json).
 """
 
 from __future__ import annotations
@@ -355,7 +355,8 @@ def main() -> None:
             row["fsdp2_two_gloo_processes"] = fsdp2_row(name, SIZES["cpu"][name])
         print_row(row)
         rows.append(row)
-    save_report(args.out or f"benchmarks/results/cost-{device.type}.json", device, size, rows, steps_per_check=STEPS_PER_CHECK)
+    name = "cost-readings" if args.readings else "cost"
+    save_report(args.out or f"benchmarks/results/{name}-{device.type}.json", device, size, rows, steps_per_check=STEPS_PER_CHECK)
 
 
 def print_row(row: dict) -> None:

@@ -88,7 +88,7 @@ def _worker(rank, world_size, init_file, out_dir):
                 "reduced": [h[1] for h in by_hand],
                 "warnings": [str(w.message) for w in caught],
                 "hooked_active": other.noise.from_ranks,
-                "hooked_parts": other.probe.noise_scale_parts,
+                "hooked_parts": other.probe.quantity("noise_scale").parts,
                 "hooked_warnings": [str(w.message) for w in hooked_warnings],
                 "state": monitor.state_dict()["rank_noise_scale"],
             },
