@@ -97,6 +97,8 @@ def ritz_bound(
         errors.append(error)
         v = product  # the next direction: H v, orthogonalised above
     m = len(basis)
+    if m == 0:
+        raise ValueError("the tracked vector is zero or not finite: nothing to track (the next full check starts afresh)")
     gram = torch.tensor([[dot(basis[i], products[j], shard) for j in range(m)] for i in range(m)], dtype=torch.float64)
     values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
     theta, s = float(values[-1]), vectors[:, -1]
