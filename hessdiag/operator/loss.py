@@ -240,8 +240,11 @@ class BatchLoss:
                 loss = self.evaluate()
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
-                        f"The loss is {loss.item()} at a finite-difference step from the parameters; "
-                        "use `hvp_method='double_backward'`."
+                        f"The loss is {loss.item()} at a finite-difference step from the parameters: it is not "
+                        "finite close to the current point (a log of a probability near 0, an overflow). Keep the "
+                        "loss finite near the parameters (clamp a log's argument, compute the loss in float32); "
+                        "exact products take no step (`hvp_method='double_backward'`, where every op of the model "
+                        "has a second derivative)."
                     )
             if not self.plain_backward:
                 try:
