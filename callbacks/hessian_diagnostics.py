@@ -85,8 +85,9 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
     of them, as Lightning's loggers count, not ``trainer.global_step``, which counts each.
 
     Args:
-        check_every: optimizer steps between curvature checks (0: never), or ``"auto"`` (default): checks take at
-            most `overhead_budget` of the wall time and come at most every 100 steps.
+        check_every: optimizer steps between full curvature checks of both ends (0: never), or ``"auto"``
+            (default): a reading every 100-200 steps within `overhead_budget` of the wall time, a full check
+            where the budget pays for it and else a tracking reading (see :class:`hessdiag.Monitor`).
         overhead_budget: share of the wall time the checks may take with ``check_every="auto"`` (0.05).
         log_every: optimizer steps between read-backs of the gradient statistics (default: the
             trainer's ``log_every_n_steps``).

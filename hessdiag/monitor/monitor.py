@@ -58,9 +58,11 @@ class Monitor(MonitorView):
             Adam's preconditioner; never modified.
         writer: a ``torch.utils.tensorboard.SummaryWriter``, a :class:`DiagnosticsWriter`, a list of
             either, or None.
-        check_every: optimizer steps between curvature checks (0: never), or ``"auto"`` (default):
-            checks take at most `overhead_budget` of the wall time, at most one per 100 steps
-            (see :mod:`hessdiag.check.schedule`).
+        check_every: optimizer steps between full curvature checks of both ends (0: never), or
+            ``"auto"`` (default): a full check at step 10, then a reading every 100-200 steps within
+            `overhead_budget` of the wall time, a full check where the budget pays for it and else a
+            tracking reading (a proven lower bound on the sharpness from the last top vector; see
+            :mod:`hessdiag.check.schedule` and :mod:`hessdiag.check.tracking`).
         overhead_budget: share of the wall time the checks may take with ``check_every="auto"``.
         log_every: steps between read-backs of the gradient statistics (detection and logging).
         sub_batch: samples of the batch used by a curvature check (default: all; of each micro-batch for
