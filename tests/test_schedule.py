@@ -1,10 +1,12 @@
 """When checks run: fixed cadence, a share of the wall time, back-off after failures."""
 
+import math
+
 import pytest
 import torch
 
 from hessdiag.check import schedule as schedule_module
-from hessdiag.check.schedule import CheckSchedule
+from hessdiag.check.schedule import TRACKING_SHARE, CheckSchedule
 
 
 class FakeClock:
@@ -29,40 +31,58 @@ def _run_steps(clock, schedule, steps, seconds=0.01):
         schedule.step_finished()
 
 
-def test_without_tracking_auto_draws_a_line_early_then_spaces_checks_to_the_overhead_budget(monkeypatch):
+def test_auto_draws_a_line_early_then_spaces_readings_by_the_tracking_cost(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(schedule_module.time, "perf_counter", clock)
     s = CheckSchedule("auto", overhead_budget=0.05, min_interval=100)
-    s.tracking_unavailable()  # nothing to track (no Ritz vectors): every reading is a full check
     cpu = torch.device("cpu")
     early, step = [], 0
-    while len(early) < 5:  # steps of 10 ms, checks of 2 s: far over budget, yet a short run sees a line
+    while len(early) < 5:  # steps of 10 ms, readings of 50 ms: over budget, yet a short run sees a line
         _run_steps(clock, s, 1)
         step += 1
         if s.due(step):
-            early.append(step)
-            clock.now += 2.0
-            s.check_finished(step, 2.0, cpu)
-    assert early == [10, 20, 40, 80, 160]
-    # Then the budget: the five checks so far and the next one (12 s) are 5% of 240 s of steps.
-    assert s.interval == pytest.approx(24000 - 159, abs=2) and s.next_check == 160 + s.interval
+            early.append((step, s.kind(cpu)))
+            clock.now += 0.05
+            s.tracking_finished(step, 0.05, cpu)
+    assert early == [(10, "tracking"), (20, "tracking"), (40, "tracking"), (80, "tracking"), (160, "tracking")]
+    # Then the tracking readings' share of the budget: 50 ms / (0.6 * 5% * 10 ms) = 167 steps.
+    assert s.interval == math.ceil(0.05 / (TRACKING_SHARE * 0.05 * 0.01)) == 167 and s.next_check == 160 + 167
     _run_steps(clock, s, s.interval)
-    s.check_finished(s.next_check, 0.001, cpu)  # a cheap check: never more often than min_interval
+    s.tracking_finished(s.next_check, 1e-5, cpu)  # a cheap reading: never more often than min_interval
     assert s.interval == 100
 
 
-def test_without_tracking_auto_overhead_stays_within_budget_over_a_long_run(monkeypatch):
+@pytest.mark.parametrize(
+    ("check_seconds", "tracking_seconds", "verdict", "fewest_checks"),
+    [
+        (1.0, 0.05, False, 35),  # tracking takes 60 s of the 100 s budget: about 40 one-second checks
+        (2.0, 0.01, True, 35),  # cheap readings every min_interval (20 s): about 40 two-second checks
+        (0.3, 0.2, False, 200),  # readings every 667 steps, most of them full checks
+        (20.0, 0.05, True, 1),  # only the check the verdict bought fits beside the tracking readings
+    ],
+)
+def test_auto_readings_stay_within_the_overhead_budget_over_a_long_run(
+    monkeypatch, check_seconds, tracking_seconds, verdict, fewest_checks
+):
+    """A loop that takes each reading of the kind the schedule asks for (`verdict`: the saddle rule
+    wants the bottom end at every reading, as in a stalled run): the readings' total time, full checks
+    included, stays within 5% of the 2000 s of training, and full checks keep coming where it pays."""
     clock = FakeClock()
     monkeypatch.setattr(schedule_module.time, "perf_counter", clock)
     s = CheckSchedule("auto", overhead_budget=0.05)
-    s.tracking_unavailable()
-    check_seconds = 0.0
+    cpu = torch.device("cpu")
+    spent, checks = 0.0, 0
     for step in range(1, 200_001):
         _run_steps(clock, s, 1)
         if s.due(step):
-            check_seconds += 1.0
-            s.check_finished(step, 1.0, torch.device("cpu"))
-    assert check_seconds / (200_000 * 0.01) <= 0.05
+            if s.kind(cpu, verdict) == "check":
+                spent, checks = spent + check_seconds, checks + 1
+                s.check_finished(step, check_seconds, cpu)
+            else:
+                spent += tracking_seconds
+                s.tracking_finished(step, tracking_seconds, cpu)
+    assert spent / (200_000 * 0.01) <= 0.05
+    assert checks >= fewest_checks
 
 
 def test_single_early_check():
@@ -72,17 +92,17 @@ def test_single_early_check():
 
 
 def test_pauses_between_steps_are_not_training_time(monkeypatch):
-    """A 60 s validation loop between steps must not buy the checks 3 s more: the step time is the
-    median gap, not the mean, so the interval is the same as without the pause."""
+    """A 60 s validation loop between steps must not buy the readings more time: the step time is
+    the median gap, not the mean, so the interval is the same as without the pause."""
     clock = FakeClock()
     monkeypatch.setattr(schedule_module.time, "perf_counter", clock)
-    s = CheckSchedule("auto", overhead_budget=0.05, min_interval=100, early_checks=1)
-    s.tracking_unavailable()
+    s = CheckSchedule("auto", overhead_budget=0.05, min_interval=10, early_checks=1)
     for step in range(100):
         clock.now += 60.0 if step == 50 else 0.01
         s.step_finished()
-    s.check_finished(100, 2.0, torch.device("cpu"))
-    assert s.interval == pytest.approx(7901, abs=1)  # float rounding of the fake clock
+    s.tracking_finished(100, 0.3, torch.device("cpu"))
+    # 0.3 s / (0.6 * 5% * 10 ms) = 1000 steps; the mean gap (0.61 s) would give 17.
+    assert s.interval == pytest.approx(1000, abs=1)  # float rounding of the fake clock
 
 
 def test_failures_back_off_exponentially_up_to_16x():

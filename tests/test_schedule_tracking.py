@@ -1,5 +1,6 @@
-"""The "auto" schedule with tracking readings: which reading is a full check, how far apart readings
-are, what happens when nothing can be tracked, and a resume from a checkpoint saved before tracking."""
+"""The "auto" schedule with tracking readings: which reading is a full check (the first one bought by
+a verdict that needs it, otherwise paid for in advance by the budget), how far apart readings are,
+and a resume from a checkpoint saved before tracking."""
 
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from hessdiag.check import schedule as schedule_module
-from hessdiag.check.schedule import TRACKING_SHARE, CheckSchedule
+from hessdiag.check.schedule import FIRST_CHECK_ESTIMATE, TRACKING_SHARE, CheckSchedule
 
 CPU = torch.device("cpu")
 
@@ -30,10 +31,13 @@ def clock(monkeypatch):
 class Run:
     """A training loop of `step_seconds` steps that takes each due reading of the kind the schedule
     asks for (full checks of `check_seconds`, tracking readings of `tracking_seconds`), as the
-    Monitor does; the readings' own time passes on the clock but is not training time."""
+    Monitor does; the readings' own time passes on the clock but is not training time.
+    `verdict(step)`: whether a detector needs a full check at that step (the saddle rule on a stall)."""
 
-    def __init__(self, clock, schedule, step_seconds=0.01, check_seconds=2.0, tracking_seconds=0.05):
-        self.clock, self.schedule = clock, schedule
+    def __init__(
+        self, clock, schedule, step_seconds=0.01, check_seconds=2.0, tracking_seconds=0.05, verdict=lambda step: False
+    ):
+        self.clock, self.schedule, self.verdict = clock, schedule, verdict
         self.step_seconds, self.check_seconds, self.tracking_seconds = step_seconds, check_seconds, tracking_seconds
         self.step = 0
         self.readings: list[tuple[int, str]] = []
@@ -49,7 +53,7 @@ class Run:
         return self
 
     def read(self):
-        kind = self.schedule.kind(CPU)
+        kind = self.schedule.kind(CPU, self.verdict(self.step))
         seconds = self.check_seconds if kind == "check" else self.tracking_seconds
         self.clock.now += seconds
         self.spent += seconds
@@ -63,10 +67,22 @@ class Run:
         return [step for step, seen in self.readings if seen == kind]
 
 
-def test_the_first_reading_is_a_full_check_and_the_early_ones_track_while_it_is_paid_back(clock):
+EARLY = [10, 20, 40, 80, 160]
+
+
+def test_the_first_readings_track_and_draw_a_line_early(clock):
     run = Run(clock, CheckSchedule("auto", overhead_budget=0.05)).until(200)
-    # A 2 s check against 10 ms steps: 4000 steps' worth of budget before another one fits.
+    # A first full check, estimated as 30 readings of 50 ms, is 3000 steps' worth of budget away.
+    assert run.readings == [(step, "tracking") for step in EARLY]
+
+
+def test_a_verdict_that_needs_a_full_check_buys_the_run_s_first_one_at_once(clock):
+    run = Run(clock, CheckSchedule("auto", overhead_budget=0.05), verdict=lambda step: True).until(200)
+    # The first reading is a full check whatever it costs; the later ones wait for the budget again.
     assert run.readings == [(10, "check"), (20, "tracking"), (40, "tracking"), (80, "tracking"), (160, "tracking")]
+    # A stall that shows later buys the first full check at the reading where it shows.
+    run = Run(clock, CheckSchedule("auto", overhead_budget=0.05), verdict=lambda step: step >= 40).until(200)
+    assert run.readings == [(10, "tracking"), (20, "tracking"), (40, "check"), (80, "tracking"), (160, "tracking")]
 
 
 def test_after_the_early_readings_tracking_spaces_readings_by_its_cost_over_its_share_of_the_budget(clock):
@@ -75,8 +91,8 @@ def test_after_the_early_readings_tracking_spaces_readings_by_its_cost_over_its_
     expected = math.ceil(0.05 / (TRACKING_SHARE * 0.05 * 0.01))  # 167 steps for 50 ms readings
     assert schedule.interval == pytest.approx(expected, abs=1)  # float rounding of the fake clock
     run.until(2000)
-    gaps = {b - a for a, b in zip(run.steps_of("tracking")[3:], run.steps_of("tracking")[4:])}
-    assert gaps == {schedule.interval}
+    late = [step for step in run.steps_of("tracking") if step >= 160]
+    assert run.steps_of("check") == [] and {b - a for a, b in zip(late, late[1:])} == {schedule.interval}
     # A cheap reading is never taken more often than every `min_interval` steps.
     cheap = CheckSchedule("auto", overhead_budget=0.05, min_interval=100)
     Run(clock, cheap, tracking_seconds=1e-4).until(200)
@@ -87,43 +103,29 @@ def test_after_the_early_readings_tracking_spaces_readings_by_its_cost_over_its_
     assert dear.interval == pytest.approx(1000, abs=1)
 
 
-def test_full_checks_come_back_when_the_whole_budget_pays_for_them_in_advance(clock):
+def test_the_first_full_check_waits_until_the_whole_budget_pays_for_it_in_advance(clock):
     schedule = CheckSchedule("auto", overhead_budget=0.05)
     run = Run(clock, schedule).until(100_000)  # 1000 s of training: 50 s of budget
     checks = run.steps_of("check")
-    assert checks[0] == 10 and len(checks) > 3
-    # Each full check started only once the spending so far plus that check fit within the budget.
-    spent, tracking_readings = 0.0, 0
+    # The first: 1.5 s estimated plus 54 readings so far (2.7 s) fit in 5% of 8343 steps of 10 ms.
+    assert len(checks) > 3 and checks[0] > 8000
+    # A reading is a full check exactly when the spending so far plus that check (estimated as the last
+    # check, or as FIRST_CHECK_ESTIMATE tracking readings before the first) fits within the budget
+    # of the steps timed so far (each step but the first).
+    spent, last_check, tracking_readings = 0.0, 0.0, 0
     for step, kind in run.readings:
+        estimate = last_check or FIRST_CHECK_ESTIMATE * 0.05
+        fits = spent + estimate <= 0.05 * 0.01 * (step - 1)
+        assert (kind == "check") == fits or abs(spent + estimate - 0.05 * 0.01 * (step - 1)) < 1e-9, (step, spent)
         if kind == "check":
-            assert spent + 2.0 <= 0.05 * 0.01 * step + 1e-9 or step == 10, (step, spent)
-            spent += 2.0
+            spent, last_check = spent + 2.0, 2.0
         else:
-            spent += 0.05
-            tracking_readings += 1
+            spent, tracking_readings = spent + 0.05, tracking_readings + 1
     assert run.spent <= 0.05 * 0.01 * run.step + 1e-9  # the overhead stays within the budget
-    # The full checks take what the tracking readings leave: none is skipped that the budget could pay.
-    assert run.spent + 2.0 > 0.05 * 0.01 * (run.step - schedule.interval)
     assert tracking_readings * 0.05 <= TRACKING_SHARE * 0.05 * 0.01 * run.step + 0.05 * 5
-
-
-def test_without_anything_to_track_every_reading_is_a_full_check_spaced_to_pay_in_advance(clock):
-    schedule = CheckSchedule("auto", overhead_budget=0.05, min_interval=100)
-    run = Run(clock, schedule).until(400)
-    assert run.readings[-1][1] == "tracking"
-    schedule.tracking_unavailable()  # the Monitor's reading found nothing to track
-    assert schedule.kind(CPU) == "check"
-    step = schedule.next_check
-    run.until(step)
-    assert run.readings[-1] == (step, "check")
-    # Pay in advance: the next check once everything spent and one more check fit in 5% of the steps.
-    expected = math.ceil((run.spent + 2.0) / (0.05 * 0.01) - schedule.state_dict()["steps_timed"])
-    assert schedule.interval == pytest.approx(expected, abs=2) and schedule.interval > 1000
-    run.until(step + 3 * schedule.interval)
-    assert {kind for at, kind in run.readings if at > step} == {"check"}
-    # A tracking reading that works again brings the tracking spacing back.
-    schedule.tracking_finished(run.step, 0.05, CPU)
-    assert schedule.tracking and schedule.interval == pytest.approx(167, abs=1)
+    # A cheap tracking reading makes the first full check cheap to estimate: it comes early.
+    cheap = Run(clock, CheckSchedule("auto", overhead_budget=0.05), tracking_seconds=1e-4).until(200)
+    assert cheap.readings[:2] == [(10, "tracking"), (20, "check")]  # 3 ms estimated <= 5% of 190 steps
 
 
 def test_a_fixed_cadence_always_takes_full_checks(clock):
@@ -144,11 +146,12 @@ def test_a_resume_from_a_checkpoint_saved_before_tracking_reads_within_min_inter
     schedule = CheckSchedule("auto", min_interval=100)
     schedule.load_state_dict(old_auto_checkpoint())
     assert schedule.next_check == 260  # the last check at 160, then min_interval
-    assert schedule.tracking and schedule.kind(CPU) == "tracking"  # its checks' cost is not paid back yet
+    assert schedule.kind(CPU) == "tracking"  # its checks' cost is not paid back yet
+    assert schedule.kind(CPU, True) == "tracking"  # a verdict buys the run's first check only: it had five
     # A checkpoint with the tracking state keeps its cadence, and round-trips.
     run = Run(clock, CheckSchedule("auto", min_interval=100)).until(400)
     saved = run.schedule.state_dict()
-    assert "last_tracking_seconds" in saved and "tracking" in saved
+    assert "last_tracking_seconds" in saved
     restored = CheckSchedule("auto", min_interval=100)
     restored.load_state_dict(saved)
     assert restored.state_dict() == saved and restored.next_check == run.schedule.next_check

@@ -1,9 +1,9 @@
-"""Tracking readings against known answers: Rayleigh-Ritz on a two-step Krylov space proves a lower
+"""Tracking readings against known answers: Rayleigh-Ritz on a small Krylov space proves a lower
 bound on lambda_max (of H, or of d H d under a preconditioner) and an eigenvalue within its residual,
-against float64 dense Hessians, exact and finite-difference products; the probe's reading (nothing
-before a check, its cost, no observer effect, Adam's preconditioned sharpness); the Monitor's
-readings and what each logs; the edge-of-stability flag raised by lower bounds and never cleared by
-them; the bottom end measured where a detector can use it."""
+against float64 dense Hessians, exact and finite-difference products; the probe's reading (a cold one
+before any check, one Krylov space after, its cost, no observer effect, Adam's preconditioned
+sharpness); the Monitor's readings and what each logs; the edge-of-stability flag raised by lower
+bounds and never cleared by them; the bottom end measured where a detector can use it."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import nn
 from hessdiag import Monitor
 from hessdiag.check.probe import CurvatureProbe
 from hessdiag.detectors import CheckRecord, EdgeOfStabilityDetector, TrackingRecord
-from hessdiag.check.tracking import KRYLOV_STEPS, ritz_bound
+from hessdiag.check.tracking import COLD_KRYLOV_STEPS, KRYLOV_STEPS, ritz_bound
 from hessdiag.operator import HessianOperator
 from hessdiag.reporting import tags
 from hessdiag.settings import DiagnosticsSettings
@@ -146,12 +146,40 @@ def sgd_steps(model, optimizer, batch, steps, loss_fn=cross_entropy):
         optimizer.step()
 
 
-def test_a_reading_needs_a_check_before_it_and_costs_one_krylov_space():
+def assert_proven(reading, eigenvalues):
+    """A reading's two claims against the true spectrum: a lower bound, an eigenvalue within its residual."""
+    top = float(eigenvalues[-1])
+    assert reading.lambda_max_lower_bound <= top + 1e-12 * abs(top), (reading, top)
+    assert float((eigenvalues - reading.value).abs().min()) <= reading.residual + 1e-12, reading
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_reading_before_any_check_starts_cold_and_is_still_a_proven_lower_bound(seed):
+    model, batch = tanh_mlp(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    sgd_steps(model, optimizer, batch, 5)
+    eigenvalues = torch.linalg.eigvalsh(dense_hessian(model, cross_entropy, batch))
+    probe = CurvatureProbe(model, cross_entropy, DiagnosticsSettings(hvp_method="double_backward"))
+    reading = probe.track(5, batch, optimizer)  # nothing tracked yet: a random start
+    assert reading.step == 5 and reading.num_hvps == COLD_KRYLOV_STEPS
+    assert_proven(reading, eigenvalues)
+    assert reading.lambda_max_lower_bound > 0  # six products from a random vector see positive curvature
+    assert probe.starts.method == "double_backward" and probe.starts.tracked is not None
+    # The next one tracks the cold reading's Ritz vector: one Krylov space of at most KRYLOV_STEPS.
+    following = probe.track(6, batch, optimizer)
+    assert 1 <= following.num_hvps <= KRYLOV_STEPS and following.value >= reading.value - 1e-12
+    assert_proven(following, eigenvalues)
+    # "auto" settles the product method at the first cold reading (cross-checked) for those after it.
+    auto = CurvatureProbe(model, cross_entropy, DiagnosticsSettings(hvp_method="auto"))
+    assert auto.track(5, batch, optimizer).num_hvps >= COLD_KRYLOV_STEPS
+    assert auto.starts.method == "double_backward"
+
+
+def test_after_a_check_a_reading_follows_the_top_with_one_krylov_space():
     model, batch = tanh_mlp(0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     sgd_steps(model, optimizer, batch, 40)  # past the first steps, where the top eigenvector is overtaken
     probe = CurvatureProbe(model, cross_entropy, DiagnosticsSettings(hvp_method="auto", tol=1e-6))
-    assert probe.track(40, batch, optimizer) is None  # nothing to track before a full check
     check = probe.run(40, batch, optimizer)
     assert check.hvp_method == "double_backward"
     for step in range(43, 60, 3):  # the parameters move; each reading follows the top from the last one
@@ -165,8 +193,7 @@ def test_a_reading_needs_a_check_before_it_and_costs_one_krylov_space():
         # product once the tracked vector is close to an eigenvector).
         assert reading.step == step and 1 <= reading.num_hvps <= KRYLOV_STEPS
         assert step > 43 or reading.num_hvps == KRYLOV_STEPS
-        assert reading.lambda_max_lower_bound <= top + 1e-12 * top
-        assert float((eigenvalues - reading.lambda_max_lower_bound).abs().min()) <= reading.residual + 1e-12
+        assert_proven(reading, eigenvalues)
         # One Krylov step improves on the tracked vector: the bound is at least its Rayleigh quotient,
         # and it follows the top (measured within 1% of it here, 3 steps apart).
         assert reading.lambda_max_lower_bound >= float(tracked @ hessian @ tracked) - 1e-12 * top
@@ -175,8 +202,13 @@ def test_a_reading_needs_a_check_before_it_and_costs_one_krylov_space():
         assert reading.sharpness_lower_bound == reading.lambda_max_lower_bound and reading.stability_threshold == 4.0
         with torch.no_grad():
             assert reading.loss == pytest.approx(float(cross_entropy(model, batch)), rel=1e-12)
-    model[0].weight.requires_grad_(False)  # other trainable parameters: the tracked vector does not fit
-    assert probe.track(60, batch, optimizer) is None
+    # Other trainable parameters: the tracked vector does not fit, the reading starts cold over them.
+    model[0].weight.requires_grad_(False)
+    eigenvalues = torch.linalg.eigvalsh(dense_hessian(model, cross_entropy, batch))  # over the trainable ones
+    assert eigenvalues.numel() == 180 - model[0].weight.numel()
+    reading = probe.track(60, batch, optimizer)
+    assert reading.num_hvps == COLD_KRYLOV_STEPS
+    assert_proven(reading, eigenvalues)
 
 
 def snapshot(model, optimizer):
@@ -282,9 +314,23 @@ def linear_regression(n=64, features=5, seed=0):
     return (x, y), torch.linalg.eigvalsh(2 * design.T @ design / n)
 
 
-def train_linear_regression(monitor_kwargs, lr_times_top, steps, seed=0):
+class LossUnseen:
+    """A Monitor as a loop that passes it no loss drives it."""
+
+    def __init__(self, monitor):
+        self.monitor = monitor
+
+    def after_backward(self):
+        self.monitor.after_backward()
+
+    def after_step(self, batch, loss):
+        return self.monitor.after_step(batch)
+
+
+def train_linear_regression(monitor_kwargs, lr_times_top, steps, seed=0, pass_loss=True):
     """SGD on :func:`linear_regression` at lr = `lr_times_top` / lambda_max, observed by a Monitor at
-    its defaults but for `monitor_kwargs`; returns the monitor, its capture writer and the spectrum."""
+    its defaults but for `monitor_kwargs` (given each step's loss unless `pass_loss` is False);
+    returns the monitor, its capture writer and the spectrum."""
     batch, eigenvalues = linear_regression(seed=seed)
     top = float(eigenvalues[-1])
     torch.manual_seed(seed)
@@ -293,18 +339,24 @@ def train_linear_regression(monitor_kwargs, lr_times_top, steps, seed=0):
     capture = Capture()
     monitor = Monitor(model, mse, optimizer=optimizer, writer=capture, **monitor_kwargs)
     for _ in range(steps):
-        one_step(model, optimizer, mse, batch, monitor)
+        one_step(model, optimizer, mse, batch, monitor if pass_loss else LossUnseen(monitor))
     monitor.flush()
     return monitor, capture, eigenvalues
 
 
-def test_a_monitor_at_its_defaults_reads_curvature_all_through_the_run_and_logs_lower_bounds_as_such():
-    monitor, capture, eigenvalues = train_linear_regression({}, lr_times_top=0.5, steps=400)
+@pytest.mark.parametrize("pass_loss", [True, False])
+def test_a_monitor_at_its_defaults_reads_curvature_all_through_the_run_and_logs_lower_bounds_as_such(pass_loss):
+    """A run whose losses fall starts with tracking readings; a loop that passes no loss gives the
+    saddle rule nothing to judge its pace by, so its first reading is a full check. Either way the
+    curvature is read from step 10 on, and a lower bound is never logged as lambda_max."""
+    monitor, capture, eigenvalues = train_linear_regression({}, lr_times_top=0.5, steps=400, pass_loss=pass_loss)
     top = float(eigenvalues[-1])
     check_steps = {check.step for check in monitor.checks}
     reading_steps = {reading.step for reading in monitor.readings}
-    assert min(check_steps) == 10 and reading_steps and min(reading_steps) > 10
     assert not check_steps & reading_steps
+    assert sorted(check_steps | reading_steps)[:5] == [10, 20, 40, 80, 160]
+    first = 10 in check_steps
+    assert first != pass_loss and {20, 40, 80, 160} <= reading_steps
     # lambda_max (a converged value) only where a full check measured it; the lower bound everywhere.
     assert capture.steps_with(tags.LAMBDA_MAX) == check_steps
     assert capture.steps_with(tags.LAMBDA_MAX_LOWER) == check_steps | reading_steps
@@ -318,17 +370,19 @@ def test_a_monitor_at_its_defaults_reads_curvature_all_through_the_run_and_logs_
         assert capture.by_step[reading.step][tags.SHARPNESS_LOWER] == reading.sharpness_lower_bound
         threshold = 2 / (0.5 / top)  # SGD's 2 / lr
         assert capture.by_step[reading.step][tags.RATIO_LOWER] == pytest.approx(reading.sharpness_lower_bound / threshold)
-        assert 1 <= reading.num_hvps <= KRYLOV_STEPS
+        # A cold reading (nothing tracked before it) spans COLD_KRYLOV_STEPS; the later ones track.
+        cold = reading is monitor.readings[0] and not first
+        assert reading.num_hvps == COLD_KRYLOV_STEPS if cold else 1 <= reading.num_hvps <= KRYLOV_STEPS
 
 
 # -- the edge-of-stability flag from lower bounds -----------------------------------------------------
-def test_the_edge_of_stability_flag_rises_from_tracking_readings_before_the_next_full_check():
-    """lr lambda_max = 2.1 > 2: the first check counts one, the tracking reading after it proves the
-    ratio again (a lower bound above the trigger) and raises the flag; no second full check needed."""
+def test_the_edge_of_stability_flag_rises_from_tracking_readings_without_a_full_check():
+    """lr lambda_max = 2.1 > 2: the readings at steps 10 and 20 prove the ratio (a lower bound above
+    the trigger, two in a row) and raise the flag; no full check needed."""
     monitor, capture, _ = train_linear_regression({}, lr_times_top=2.1, steps=25)
-    assert [check.step for check in monitor.checks] == [10]
+    assert monitor.checks == [] and [reading.step for reading in monitor.readings] == [10, 20]
     (onset,) = [event for event in monitor.events if event.name == "edge_of_stability"]
-    assert onset.kind == "onset" and onset.step in {reading.step for reading in monitor.readings}
+    assert onset.kind == "onset" and onset.step == 20
     assert "proven lower bound" in onset.summary and onset.severity == "warning"
     assert 1 < onset.evidence["ratio"] <= 1.05 * (1 + 1e-12)  # a lower bound on lr lambda_max / 2 = 1.05
     assert capture.by_step[onset.step][tags.flag_tag("edge_of_stability")] == 1.0
@@ -369,15 +423,17 @@ def test_a_lower_bound_at_the_trigger_raises_the_flag_and_one_below_never_clears
 
 # -- the bottom end where a detector can use it -------------------------------------------------------
 def test_auto_checks_measure_the_bottom_end_only_where_the_saddle_rule_could_use_it():
-    # A run whose loss falls: its first check measures the top only.
-    progressing, capture, _ = train_linear_regression({}, lr_times_top=0.5, steps=12)
-    (check,) = progressing.checks
-    assert not check.bottom and check.lambda_max > 0
-    assert tags.LAMBDA_MAX in capture.by_step[10] and tags.LAMBDA_MIN not in capture.by_step[10]
-    # A stalled run (lr 0: the loss stands still) gets both ends: the saddle rule needs lambda_min.
+    # A run whose loss falls: its first full check, once an ample budget pays for it, is top-only.
+    progressing, capture, _ = train_linear_regression({"overhead_budget": 0.5}, lr_times_top=0.5, steps=500)
+    assert progressing.checks, "a 50% budget pays for a full check within 500 steps"
+    check = progressing.checks[0]
+    assert check.step > 10 and not check.bottom and check.lambda_max > 0
+    assert tags.LAMBDA_MAX in capture.by_step[check.step] and tags.LAMBDA_MIN not in capture.by_step[check.step]
+    # A stalled run (lr 0: the loss stands still): its first reading is a full check with both ends,
+    # the saddle rule needs lambda_min.
     stalled, capture, eigenvalues = train_linear_regression({}, lr_times_top=0.0, steps=12)
     (check,) = stalled.checks
-    assert check.bottom and tags.LAMBDA_MIN in capture.by_step[10]
+    assert check.step == 10 and check.bottom and tags.LAMBDA_MIN in capture.by_step[10]
     bottom, top = float(eigenvalues[0]), float(eigenvalues[-1])
     assert bottom - 1e-6 * top <= check.lambda_min <= bottom + 1e-2 * top  # interlacing, and tol 1e-3
     # With a fixed cadence every check measures both ends.
