@@ -20,10 +20,11 @@ CPU torch runs on `--threads` threads (default 1, and 1 per FSDP2 process).
     python benchmarks/cost.py --quick         # fewer sizes: a few minutes on one GPU
     python benchmarks/cost.py --readings      # only the Monitor's kinds of reading (below)
 
-The Monitor's kinds of reading, at its defaults (AdamW): a cold full check (both ends, the
-preconditioned sharpness, the cross-check of "auto", the noise scale), a warm full check of the top
-end only (what the "auto" schedule runs while no detector needs the bottom end), a warm full check of
-both ends, and a tracking reading (two products from the tracked top vector, see
+The Monitor's kinds of reading, at its defaults (AdamW): a cold tracking reading (the first of a run:
+a six-step Krylov space from a random vector, and the cross-check of "auto"), a cold full check (both
+ends, the preconditioned sharpness, the cross-check of "auto", the noise scale), a warm full check of
+the top end only (what the "auto" schedule runs while no detector needs the bottom end), a warm full
+check of both ends, and a tracking reading (one or two products from the tracked top vector, see
 hessdiag.check.tracking), each in training steps (timed in this process, a step beside each) and in
 peak memory against a step's peak. On CUDA the allocator's peak; on a CPU each kind, and a step, runs
 in a fresh process from the parent's trained state (parameters, AdamW state, warm-start vectors),
@@ -203,14 +204,14 @@ def fsdp2_row(name: str, config: dict) -> dict:
         return json.loads(Path(out).read_text())
 
 
-READING_KINDS = ("full_cold", "full_warm_top", "full_warm_both", "tracking")
+READING_KINDS = ("tracking_cold", "full_cold", "full_warm_top", "full_warm_both", "tracking")
 
 
 def reading(run: Run, kind: str, probe) -> dict:
     """One reading of `kind` by `probe` on `run`'s batch: its time in steps (a step beside it) and products."""
     synchronize(run.device)
     start = time.perf_counter()
-    if kind == "tracking":
+    if kind.startswith("tracking"):
         products = probe.track(100, run.batch, run.optimizer).num_hvps
     else:
         products = probe.run(100, run.batch, run.optimizer, bottom=kind != "full_warm_top").num_hvps
@@ -276,7 +277,7 @@ def memory_worker(name: str, config: dict, kind: str, state_file: str, out: str)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     probe = CurvatureProbe(model, loss_fn)
-    if kind != "full_cold":
+    if kind not in ("full_cold", "tracking_cold"):
         probe.starts.load_state_dict(state["starts"])
         probe.num_checks = 1
     with ResidentPeak() as peak:
@@ -284,7 +285,7 @@ def memory_worker(name: str, config: dict, kind: str, state_file: str, out: str)
             optimizer.zero_grad(set_to_none=True)
             loss_fn(model, batch).backward()
             optimizer.step()
-        elif kind == "tracking":
+        elif kind.startswith("tracking"):
             probe.track(100, batch, optimizer)
         else:
             probe.run(100, batch, optimizer, bottom=kind != "full_warm_top")
@@ -315,11 +316,12 @@ def reading_costs(name: str, config: dict, device: torch.device) -> dict:
     from hessdiag.check.probe import CurvatureProbe
 
     run = Run(*problem(name, config, device), device)
-    probe = CurvatureProbe(run.model, run.loss_fn)
     row = {}
+    probe = CurvatureProbe(run.model, run.loss_fn)
     for kind in READING_KINDS:
         run.memory.start()
-        row[kind] = reading(run, kind, probe)
+        # a cold tracking reading: its own probe, so the full checks after it still start cold
+        row[kind] = reading(run, kind, CurvatureProbe(run.model, run.loss_fn) if kind == "tracking_cold" else probe)
         if device.type == "cuda":
             row[kind]["peak_over_step_peak"] = run.memory.peak() / run.step_peak
         for _ in range(STEPS_PER_CHECK if kind == "full_cold" else 0):

@@ -12,6 +12,7 @@ scale (after it closed).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -27,13 +28,14 @@ from hessdiag.check.quantity import CheckContext, Quantity, Skipped
 from hessdiag.check.quantities.stability import Stability, stability_rule
 from hessdiag.check.record import CurvatureCheck
 from hessdiag.check.starts import CheckStarts
-from hessdiag.check.tracking import KRYLOV_STEPS, ONE_STEP_RESIDUAL, TrackingReading, track
+from hessdiag.check.tracking import COLD_KRYLOV_STEPS, KRYLOV_STEPS, ONE_STEP_RESIDUAL, TrackingReading, track
 from hessdiag.estimators.eigen import HessianEigenvalues, eigenvalues_of
 from hessdiag.isolation import preserved_state, unwrap_model
 from hessdiag.noise.noise_scale import NoiseScaleEstimate
 from hessdiag.noise.running import RunningNoiseScale
 from hessdiag.operator import HessianOperator, HVPMethod, LossFn, trainable_parameters
 from hessdiag.settings import DiagnosticsSettings
+from hessdiag.vectors import random_generator, random_unit_vector
 
 
 class CurvatureProbe:
@@ -159,38 +161,41 @@ class CurvatureProbe:
             if context.operator is not None:
                 products[quantity.name] = context.operator.num_hvps - before
 
-    def track(self, step: int, batch: Any, optimizer: torch.optim.Optimizer | None = None) -> TrackingReading | None:
-        """A tracking reading on `batch` from the last check's top Ritz vectors (one product each;
-        see :mod:`hessdiag.check.tracking`); None where there is nothing to track: no check yet,
-        its vectors of other parameters (unfreezing), a check that did not finish, or a basis that
-        kept no vectors. The product method is the last check's.
+    def track(self, step: int, batch: Any, optimizer: torch.optim.Optimizer | None = None) -> TrackingReading:
+        """A tracking reading on `batch` (see :mod:`hessdiag.check.tracking`): from the tracked top
+        vector (the last check's top Ritz vector, moved by each reading since), or where there is none
+        (no full check yet, other parameters since, a basis that kept no vectors) from a random one,
+        over :data:`~hessdiag.check.tracking.COLD_KRYLOV_STEPS` products. The product method is the
+        last check's; before any, the one asked for ("auto" settles it here, cross-checked as at a
+        cold check).
 
         Raises the engine's errors (see :mod:`hessdiag.errors`); the caller decides what to do.
         """
+        start = time.perf_counter()
         starts = self.starts
-        if starts.tracked is None or starts.method is None:
-            return None
-        operator = self._operator(CheckBatch.of(batch, self.sub_batch), step, starts.method)
-        if starts.tracked.shape[-1] != operator.size:
-            return None
+        operator = self._operator(CheckBatch.of(batch, self.sub_batch), step, starts.method or self.settings.hvp_method)
         with preserved_state(unwrap_model(self.model), operator.params), operator:
+            if starts.method is None:
+                starts.method_reason(step, operator, reuse=False)  # "auto"'s choice, for the readings after
             rule = stability_rule(optimizer, operator)
             threshold = rule.threshold.threshold if isinstance(rule, Stability) and rule.threshold is not None else None
-            preconditioned = None
-            if threshold is not None and rule.scale is not None:
-                if starts.tracked_preconditioned is None:
-                    threshold = None  # no preconditioned vector to track yet
-                else:
-                    preconditioned = (starts.tracked_preconditioned, rule.scale)
-            close = starts.tracked_residual is not None and starts.tracked_residual < ONE_STEP_RESIDUAL
-            reading, tracked, tracked_preconditioned = track(
-                operator, step, starts.tracked, threshold=threshold, preconditioned=preconditioned,
-                steps=1 if close else KRYLOV_STEPS,
-            )  # fmt: skip
+            scale = rule.scale if isinstance(rule, Stability) and threshold is not None else None
+            tracked = starts.tracked_preconditioned if scale is not None else starts.tracked
+            if tracked is None or tracked.shape[-1] != operator.size:
+                generator = random_generator(step, operator.shard, operator.device)
+                tracked = random_unit_vector(operator.size, generator, operator.device, operator.dtype, operator.shard)
+                steps = COLD_KRYLOV_STEPS
+            else:
+                close = starts.tracked_residual is not None and starts.tracked_residual < ONE_STEP_RESIDUAL
+                steps = 1 if close else KRYLOV_STEPS
+            reading, next_vector = track(operator, step, tracked, threshold=threshold, scale=scale, steps=steps)
+            # the whole reading: the gradient graph, "auto"'s cross-check and the preconditioner too
+            reading = dataclasses.replace(reading, num_hvps=operator.num_hvps, seconds=time.perf_counter() - start)
         starts.tracked_residual = reading.residual / abs(reading.value) if reading.value else None
-        starts.tracked = tracked if tracked is not None else starts.tracked
-        if tracked_preconditioned is not None:
-            starts.tracked_preconditioned = tracked_preconditioned
+        if scale is not None:
+            starts.tracked_preconditioned = next_vector
+        else:
+            starts.tracked = next_vector
         return reading
 
     def remember_update_start(self, step: int) -> None:

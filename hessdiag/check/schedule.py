@@ -6,21 +6,20 @@ gradient graph and one or two products: a few steps. With ``check_every="auto"``
 readings so that the curvature is read all through the run within `overhead_budget` of the training
 time:
 
-* The first reading, at `first_check` (10), is a full check (there is nothing to track yet); the
-  next come early at doubling steps (20, 40, 80, 160 with `early_checks` = 5), so a short run draws
-  a line of curvature rather than one point.
+* Readings come early, at doubling steps from `first_check` (10, 20, 40, 80, 160 with
+  `early_checks` = 5), so a short run draws a line of curvature rather than one point.
 * Then a reading every `interval` steps: the measured cost of a tracking reading over
   :data:`TRACKING_SHARE` of the budget, never more often than every `min_interval` steps (100).
-* Each reading is a full check when the whole budget can pay for it in advance (the checks and
-  readings so far *and* this one, estimated as long as the last full check, fit in
-  `overhead_budget` of the training time), otherwise a tracking reading. So the tracking readings
-  keep the curve going while the first check's cost is paid back, and full checks (both ends, every
-  quantity; the only readings that can clear a flag) come as often as the rest of the budget allows.
-* Where tracking is impossible (no Ritz vectors to follow), every reading is a full check and the
-  interval is the one that keeps the full checks within the budget, as before tracking existed.
+* Each reading is a full check when the whole budget can pay for it in advance (the readings so far
+  *and* this check, estimated as long as the last full check, or :data:`FIRST_CHECK_ESTIMATE`
+  tracking readings before the first, fit in `overhead_budget` of the training time), otherwise a
+  tracking reading. A verdict that needs a full check (the saddle rule, which reads the bottom end,
+  once the losses show a stall) buys the run's first one at once. So the tracking readings carry the
+  curve from the first reading on, and full checks (both ends, every quantity; the only readings
+  that can clear a flag) come as often as the rest of the budget allows.
 
 The time of a training step is the median of the last 256 gaps between steps, so pauses in between
-(validation, checkpointing, a stalled data loader) do not count as training time. A failing check
+(validation, checkpointing, a stalled data loader) do not count as training time. A failing reading
 backs off exponentially (up to 16x). Under data parallelism the ranks agree on the next reading (the
 largest interval) and on its kind (a full check only when every rank can afford it), or some would
 wait in a collective the others never enter. With an int `check_every` every reading is a full check,
@@ -51,6 +50,10 @@ ReadingKind = Literal["check", "tracking"]
 #: In ``"auto"`` mode every n-th full check measures the bottom end of the spectrum even when no
 #: detector needs it (the saddle rule asks for it whenever the losses show a stall).
 BOTTOM_EVERY = 4
+
+#: Before the first full check its cost is unknown: estimated as this many tracking readings (a full
+#: check measured 15-40 of them on the CPU benchmarks), so that it waits until the budget can pay.
+FIRST_CHECK_ESTIMATE = 30
 
 #: The share of `overhead_budget` that sets the spacing of tracking readings; the rest pays for
 #: the full checks (the first one included).
@@ -88,7 +91,6 @@ class CheckSchedule:
         self.interval = min_interval if check_every == "auto" else check_every
         self.next_check = min(first_check, min_interval) if check_every == "auto" else self.interval
         self.failures = 0
-        self.tracking = True  # tracking readings may work on this run (False once one found nothing to track)
         self._recent_steps: deque[float] = deque(maxlen=_STEP_WINDOW)
         self._steps_timed = 0
         self._check_seconds = 0.0  # full checks and tracking readings
@@ -104,12 +106,20 @@ class CheckSchedule:
         """A reading (of either kind) is due at `step`."""
         return self.enabled and step >= self.next_check
 
-    def kind(self, device: torch.device) -> ReadingKind:
-        """What the due reading is: a full check, or a tracking reading (see the module docstring)."""
-        if self.check_every != "auto" or not self.tracking or not self._last_check or not self._recent_steps:
-            return "check"  # a fixed cadence, nothing to track, no full check yet, or no step timed
-        per_step = max(statistics.median(self._recent_steps), 1e-9)
-        affordable = self._check_seconds + self._last_check <= self.overhead_budget * per_step * self._steps_timed
+    def kind(self, device: torch.device, verdict_needs_check: bool = False) -> ReadingKind:
+        """What the due reading is: a full check, or a tracking reading (see the module docstring).
+        `verdict_needs_check`: a detector needs what only a full check measures (the saddle rule, the
+        bottom end); it buys the run's first full check whatever the budget, later ones as it allows."""
+        if self.check_every != "auto":
+            return "check"
+        if verdict_needs_check and not self._last_check:
+            affordable = True
+        elif not self._recent_steps or not (self._last_check or self._last_tracking):
+            affordable = False  # nothing timed yet: a tracking reading, whose cost is small
+        else:
+            per_step = max(statistics.median(self._recent_steps), 1e-9)
+            estimate = self._last_check or FIRST_CHECK_ESTIMATE * self._last_tracking
+            affordable = self._check_seconds + estimate <= self.overhead_budget * per_step * self._steps_timed
         if _distributed.is_data_parallel():  # a full check only where every rank can afford it
             refused = _distributed.all_reduce_max_(torch.tensor([0.0 if affordable else 1.0], device=device))
             affordable = not refused.item()
@@ -129,15 +139,9 @@ class CheckSchedule:
         self._finished(step, seconds, device)
 
     def tracking_finished(self, step: int, seconds: float, device: torch.device) -> None:
-        """A tracking reading at `step` took `seconds`: tracking works on this run."""
-        self.tracking = True
+        """A tracking reading at `step` took `seconds`."""
         self._last_tracking = seconds
         self._finished(step, seconds, device)
-
-    def tracking_unavailable(self) -> None:
-        """Nothing could be tracked (no Ritz vectors): every reading is a full check from now on,
-        until a tracking reading works again."""
-        self.tracking = False
 
     def _finished(self, step: int, seconds: float, device: torch.device) -> None:
         self.failures = 0
@@ -147,12 +151,8 @@ class CheckSchedule:
             self.interval = max(step, 1)  # doubling: the next early reading at twice this step
         elif self.check_every == "auto" and self._recent_steps:
             per_step = max(statistics.median(self._recent_steps), 1e-9)
-            if self.tracking:  # the tracking readings' share of the budget (untried yet: min_interval)
-                spacing = self._last_tracking / (TRACKING_SHARE * self.overhead_budget * per_step)
-            else:
-                # Pay in advance: the next check may start once the checks so far *and* the next one
-                # (estimated as long as this one) fit in `overhead_budget` of the training time.
-                spacing = (self._check_seconds + seconds) / (self.overhead_budget * per_step) - self._steps_timed
+            # the tracking readings' share of the budget (none timed yet: min_interval)
+            spacing = self._last_tracking / (TRACKING_SHARE * self.overhead_budget * per_step)
             interval = max(self.min_interval, math.ceil(spacing))
             if _distributed.is_data_parallel():
                 interval = int(_distributed.all_reduce_max_(torch.tensor([float(interval)], device=device)).item())
@@ -178,7 +178,6 @@ class CheckSchedule:
             "check_seconds": self._check_seconds,
             "last_check_seconds": self._last_check,
             "last_tracking_seconds": self._last_tracking,
-            "tracking": self.tracking,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -192,7 +191,6 @@ class CheckSchedule:
         self._check_seconds = float(state.get("check_seconds", 0.0))
         self._last_check = float(state.get("last_check_seconds", 0.0))
         self._last_tracking = float(state.get("last_tracking_seconds", 0.0))
-        self.tracking = bool(state.get("tracking", True))
         self.failures = int(state.get("failures", 0))
         # A checkpoint from before early checks: its run is past them.
         self.checks_done = int(state.get("checks_done", self.early_checks))

@@ -48,6 +48,11 @@ from hessdiag.vectors import dot
 KRYLOV_STEPS = 2
 ONE_STEP_RESIDUAL = 0.05
 
+#: Products of a reading with nothing to track yet (before the first full check, or after the
+#: trainable parameters changed): a Krylov space of this size from a random vector, whose top Ritz
+#: value is a proven lower bound however far it is from lambda_max.
+COLD_KRYLOV_STEPS = 6
+
 
 @dataclass(frozen=True)
 class RitzBound:
@@ -146,8 +151,8 @@ class TrackingReading:
             to (lambda_max, or for a preconditioned rule lambda_max(P^-1 H) from the last
             preconditioned top vector); None without a threshold.
         stability_threshold: the optimizer's stability threshold in the sharpness's units, or None.
-        num_hvps: products spent.
-        seconds: wall time of the reading.
+        num_hvps: products spent (all of the reading's: "auto"'s cross-check included).
+        seconds: wall time of the reading (the gradient graph and the preconditioner included).
         loss: the loss on the reading's batch.
     """
 
@@ -184,31 +189,25 @@ class TrackingReading:
 def track(
     operator: HessianOperator,
     step: int,
-    top: torch.Tensor,
+    vector: torch.Tensor,
     *,
     threshold: float | None,
-    preconditioned: tuple[torch.Tensor, torch.Tensor] | None,
+    scale: torch.Tensor | None,
     steps: int = KRYLOV_STEPS,
-) -> tuple[TrackingReading, torch.Tensor | None, torch.Tensor | None]:
-    """A tracking reading on the open `operator`: from the tracked top vector `top`, lower bounds on
-    lambda_max and (with a stability `threshold`) on the sharpness; for a preconditioned rule only
-    from ``(vector, scale)`` = `preconditioned` (the tracked preconditioned top vector and the current
-    preconditioner's square root): the sharpness the threshold refers to, the one a flag needs, at
-    the price of one Krylov space of `steps` products. Returns the reading and the vectors to track
-    next (None for the one not read)."""
+) -> tuple[TrackingReading, torch.Tensor]:
+    """A tracking reading on the open `operator` from the tracked top `vector`: a lower bound on
+    lambda_max and (with a stability `threshold`) on the sharpness; for a preconditioned rule (a
+    preconditioner square root `scale`) on the preconditioned operator only, the sharpness the
+    threshold refers to, the one a flag needs, at the price of one Krylov space of `steps` products.
+    Returns the reading and the vector to track next."""
     start = time.perf_counter()
     before = operator.num_hvps
-    if preconditioned is None:
-        raw = ritz_bound(operator, top, steps=steps)
-        lambda_max, residual, sharpness = raw.lower_bound, raw.residual, raw.lower_bound if threshold else None
-        value, next_raw, next_preconditioned = raw.value, raw.next_vector, None
-    else:
-        bound = ritz_bound(operator, *preconditioned, steps=steps)
-        lambda_max, residual, sharpness = None, bound.residual, bound.lower_bound
-        value, next_raw, next_preconditioned = bound.value, None, bound.next_vector
+    bound = ritz_bound(operator, vector, scale, steps=steps)
+    lambda_max = bound.lower_bound if scale is None else None
+    sharpness = bound.lower_bound if threshold is not None else None
     reading = TrackingReading(
-        step=step, lambda_max_lower_bound=lambda_max, residual=residual, value=value, sharpness_lower_bound=sharpness,
-        stability_threshold=threshold, num_hvps=operator.num_hvps - before, seconds=time.perf_counter() - start,
-        loss=operator.loss,
+        step=step, lambda_max_lower_bound=lambda_max, residual=bound.residual, value=bound.value,
+        sharpness_lower_bound=sharpness, stability_threshold=threshold, num_hvps=operator.num_hvps - before,
+        seconds=time.perf_counter() - start, loss=operator.loss,
     )  # fmt: skip
-    return reading, next_raw, next_preconditioned
+    return reading, bound.next_vector

@@ -76,16 +76,10 @@ class CheckRunner:
         self.schedule.check_finished(step, check.seconds, device)
         return check
 
-    def track(
-        self, step: int, batch: Any, optimizer: torch.optim.Optimizer | None, device: torch.device
-    ) -> TrackingReading | None:
-        """A tracking reading at `step`, kept in :attr:`readings`; None where there is nothing to
-        track (the schedule is told: the reading becomes a full check). Out of memory it is not
-        retried: the error is raised for :meth:`failed`."""
+    def track(self, step: int, batch: Any, optimizer: torch.optim.Optimizer | None, device: torch.device) -> TrackingReading:
+        """A tracking reading at `step`, kept in :attr:`readings`. Out of memory it is not retried:
+        the error is raised for :meth:`failed`."""
         reading = self.probe.track(step, batch, optimizer)
-        if reading is None:
-            self.schedule.tracking_unavailable()
-            return None
         self.readings.append(reading)
         self.schedule.tracking_finished(step, reading.seconds, device)
         return reading

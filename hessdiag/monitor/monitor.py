@@ -275,13 +275,13 @@ class Monitor(MonitorView):
 
     # -- curvature ---------------------------------------------------------------------------
     def _read_curvature(self, batch: Any) -> tuple[ReadingKind | None, list[FlagEvent]]:
-        """The due curvature reading on `batch`: a tracking reading (a few products from the last
-        check's top vectors: proven lower bounds) or a full check, as the schedule decides (see
-        :mod:`hessdiag.check.schedule`); a tracking reading with nothing to track becomes a full
-        check. Returns the kind recorded (None: it failed, reported once per kind of error, backing
-        off; training goes on) and the new flag events."""
+        """The due curvature reading on `batch`: a tracking reading (a few products from the tracked
+        top vector: proven lower bounds) or a full check, as the schedule decides (see
+        :mod:`hessdiag.check.schedule`; the saddle rule's need of the bottom end counts as a verdict
+        that needs a full check). Returns the kind recorded (None: it failed, reported once per kind
+        of error, backing off; training goes on) and the new flag events."""
         assert self._runner is not None, "no loss_fn was given"
-        if self.schedule.kind(self.statistics.device) == "tracking":
+        if self.schedule.kind(self.statistics.device, self.detection.wants_bottom_end()) == "tracking":
             try:
                 reading = self._runner.track(self._step, batch, self._optimizer, self.statistics.device)
             except Exception as error:  # diagnostics must never crash training
@@ -289,8 +289,7 @@ class Monitor(MonitorView):
                     raise
                 self._reporting.check_failed(self._step, self._runner.failed(self._step, error))
                 return None, []
-            if reading is not None:
-                return "tracking", self._reporting.tracking(reading)
+            return "tracking", self._reporting.tracking(reading)
         checks = len(self.checks)
         events = self.check_curvature(batch, bottom=self._bottom_end_due())
         return ("check" if len(self.checks) > checks else None), events
@@ -332,7 +331,7 @@ class Monitor(MonitorView):
     def flush(self) -> None:
         """Read back pending statistics and flush the writers (call at the end of training)."""
         self.read_back()
-        if self.checks_enabled and self._step and not self.checks:
+        if self.checks_enabled and self._step and not self.checks and not self.readings:
             self._reporting.no_check(self._step, self._runner.no_check_message(self._step))
         self.writers.flush()
 
