@@ -250,13 +250,13 @@ def test_shown_scalars_summarise_layers_and_keep_the_rest():
     assert shown_scalars(values, {"layer_grad_norm": {"a/b.c": 2.0}}, per_layer_scalars=True)["hessdiag/layer_grad_norm/a/b.c"] == 2.0
 
 
-def test_the_first_auto_check_comes_early_and_a_run_without_checks_says_so_once(tmp_path):
+def test_the_first_auto_reading_comes_early_and_a_run_without_checks_says_so_once(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = hessdiag.Monitor(model, mse, optimizer=optimizer, log_every=5)  # check_every="auto"
     train(model, optimizer, monitor, regression(), 12)
-    assert [check.step for check in monitor.checks] == [10]
+    assert [reading.step for reading in monitor.readings] + [check.step for check in monitor.checks] == [10]
 
     writer = SummaryWriter(tmp_path)
     monitor = hessdiag.Monitor(model, mse, optimizer=optimizer, writer=writer, check_every=50, log_every=5)

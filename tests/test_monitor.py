@@ -206,8 +206,17 @@ def test_a_layer_replaced_after_the_monitor_is_built_is_followed_with_a_warning(
     assert monitor.latest[tags.GRAD_NORM] == pytest.approx(norms[-1], rel=1e-5)
 
 
-def _outcomes(monitor, model, optimizer, batch, steps):
-    return {step: one_step(model, optimizer, mse, batch, monitor) for step in range(1, steps + 1)}
+def _outcomes(monitor, model, optimizer, batch, steps, loss=True):
+    if loss:
+        return {step: one_step(model, optimizer, mse, batch, monitor) for step in range(1, steps + 1)}
+    outcomes = {}
+    for step in range(1, steps + 1):
+        optimizer.zero_grad()
+        mse(model, batch).backward()
+        monitor.after_backward()
+        optimizer.step()
+        outcomes[step] = monitor.after_step(batch)
+    return outcomes
 
 
 def test_after_step_says_what_it_did_read_backs_readings_and_the_events():
@@ -221,7 +230,9 @@ def test_after_step_says_what_it_did_read_backs_readings_and_the_events():
     top = float(torch.linalg.eigvalsh(2 * design.T @ design / 64)[-1])  # the Hessian of the mean squared error
     optimizer = torch.optim.SGD(model.parameters(), lr=2.1 / top)  # beyond the edge: flags come
     monitor = Monitor(model, mse, optimizer=optimizer, log_every=7)  # the auto schedule: checks and tracking
-    outcomes = _outcomes(monitor, model, optimizer, batch, steps=45)
+    # No loss passed: the saddle rule has no loss history, a verdict that buys the first full check
+    # (step 10); the readings after it track (20, 40).
+    outcomes = _outcomes(monitor, model, optimizer, batch, steps=45, loss=False)
     checks, readings = {c.step for c in monitor.checks}, {r.step for r in monitor.readings}
     assert checks and readings  # both kinds ran
     assert {step for step, o in outcomes.items() if o.reading == "check"} == checks
