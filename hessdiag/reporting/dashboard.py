@@ -25,6 +25,9 @@ from hessdiag.estimators.layer_shares import module_label
 from hessdiag.estimators.module_sharpness import ModuleSharpness
 from hessdiag.noise.noise_scale import NoiseScaleEstimate
 from hessdiag.reporting.tags import (
+    TRACKING_NUM_HVPS,
+    TRACKING_RESIDUAL,
+    TRACKING_SECONDS,
     LAMBDA_MAX_LOWER,
     RATIO_LOWER,
     ACTIVE_FLAGS,
@@ -207,89 +210,108 @@ _Chart = tuple[str, list[str]]  # title, tags (regular expressions for per-layer
 
 
 def _charts() -> dict[str, list[_Chart]]:
+    """The dashboard's categories and their charts, in order.
+
+    Each chart holds series of one scale, sampled alike: TensorBoard joins a sparse series' points
+    across a denser one's (the per-step onset spikes drew diagonals over the per-check curves), and a
+    threshold of 4e4 beside a sharpness of 100 (Adam) flattens the sharpness onto 0.
+    """
     p = PREFIX
+    return {
+        f"{p}: curvature": _curvature_charts(),
+        f"{p}: what limits the step, where the curvature lives, how much batch": _quantity_charts(),
+        f"{p}: flags (0 = clear, 1 = raised; smoothing 0 shows them as steps)": _flag_charts(),
+        f"{p}: gradients": _gradient_charts(),
+        f"{p}: cost of the curvature readings": _cost_charts(),
+    }
+
+
+def _curvature_charts() -> list[_Chart]:
+    """The proven lower bounds at every reading first, then the full checks' values."""
+    return [
+        (
+            f"all through the run: a proven lower bound on sharpness / threshold at every reading ({RATIO_LOWER}: "
+            "full checks and tracking readings); at or above the line at 1 the edge of stability is crossed",
+            [RATIO_LOWER, RATIO_LIMIT],
+        ),
+        (f"all through the run: a proven lower bound on lambda_max ({LAMBDA_MAX_LOWER}) at every reading", [LAMBDA_MAX_LOWER]),
+        (f"sharpness / threshold ({STABILITY_RATIO}) at full checks; >= the line at 1: edge of stability", [STABILITY_RATIO, RATIO_LIMIT]),
+        (f"sharpness ({SHARPNESS}: lambda_max, preconditioned for Adam) at full checks", [SHARPNESS]),
+        (f"stability threshold of the sharpness ({STABILITY_THRESHOLD}; from the optimizer)", [STABILITY_THRESHOLD]),
+        (f"lambda_min; {CERTIFIED_LAMBDA_MIN} below 0: negative curvature certified", [LAMBDA_MIN, CERTIFIED_LAMBDA_MIN]),
+        (f"Hessian extremes of the loss: {LAMBDA_MAX}, {LAMBDA_MIN}", [LAMBDA_MAX, LAMBDA_MIN]),
+        (f"loss change along the bottom eigenvector ({LOSS_CHANGE_ALONG_BOTTOM})", [LOSS_CHANGE_ALONG_BOTTOM]),
+    ]
+
+
+def _quantity_charts() -> list[_Chart]:
+    """What a full check adds beyond the spectrum's ends."""
+    return [
+        (
+            f"curvature along the gradient ({GRADIENT_CURVATURE}, preconditioned for Adam) vs. the sharpness "
+            f"({SHARPNESS}, the same operator)",
+            [GRADIENT_CURVATURE, SHARPNESS],
+        ),
+        (
+            f"lr in use / the largest stable lr along the gradient ({LR_FRACTION} = 1 / {LR_HEADROOM}); "
+            "at or above the line at 1 the step overshoots",
+            [LR_FRACTION, HEADROOM_LIMIT],
+        ),
+        (f"learning-rate headroom ({LR_HEADROOM}: the largest stable lr along the gradient / the lr in use)", [LR_HEADROOM]),
+        (
+            f"lambda_max of the top modules' own Hessian blocks ({module_sharpness_tag('<module>')}, with "
+            f"module_sharpness) vs. the whole {LAMBDA_MAX}",
+            [module_sharpness_tag(".*"), LAMBDA_MAX],
+        ),
+        (f"alignment of the gradient with the sharpest direction ({GRADIENT_ALIGNMENT})", [GRADIENT_ALIGNMENT]),
+        (
+            f"gradient noise scale ({NOISE_SCALE}, samples; against the batch in the text tab) and its "
+            f"standard error ({NOISE_SCALE_SE})",
+            [NOISE_SCALE, NOISE_SCALE_SE],
+        ),
+        (f"conditioning lambda_max / (trace / n) at density checks ({CONDITIONING})", [CONDITIONING]),
+        (
+            f"loss change of the step's update: the quadratic model's ({UPDATE_LOSS_PREDICTED}) and the observed "
+            f"({UPDATE_LOSS_OBSERVED}), with update_ratios",
+            [UPDATE_LOSS_PREDICTED, UPDATE_LOSS_OBSERVED],
+        ),
+        (f"observed / predicted loss change of the update ({UPDATE_LOSS_RATIO}; 1: the step stayed quadratic)", [UPDATE_LOSS_RATIO]),
+    ]
+
+
+def _flag_charts() -> list[_Chart]:
+    onsets = f"spikes of {FLAG_ONSETS}: flag onsets"
+    return [
+        (f"active flags ({ACTIVE_FLAGS}) and {onsets}", [ACTIVE_FLAGS, FLAG_ONSETS]),
+        *[(f"{name} ({flag_tag(name)})", [flag_tag(name)]) for name in FLAG_NAMES],
+    ]
+
+
+def _gradient_charts() -> list[_Chart]:
     layer_charts: list[_Chart] = []
     for family, meaning in LAYER_FAMILIES.items():
         layer_charts.append(
             (f"{meaning} over layers: max, median, min", [layer_summary_tag(family, s) for s in LAYER_STATISTICS])
         )
         layer_charts.append((f"{meaning}, every layer ({layer_tag(family, '<module>')})", [layer_tag(family, ".*")]))
-    onsets = f"spikes of {FLAG_ONSETS}: flag onsets"
-    # Each chart holds series of one scale, sampled alike: TensorBoard joins a sparse series' points
-    # across a denser one's (the per-step onset spikes drew diagonals over the per-check curves), and
-    # a threshold of 4e4 beside a sharpness of 100 (Adam) flattens the sharpness onto 0.
-    return {
-        f"{p}: curvature": [
-            (
-                f"all through the run: a proven lower bound on sharpness / threshold at every reading ({RATIO_LOWER}: "
-                "full checks and tracking readings); at or above the line at 1 the edge of stability is crossed",
-                [RATIO_LOWER, RATIO_LIMIT],
-            ),
-            (
-                f"all through the run: a proven lower bound on lambda_max ({LAMBDA_MAX_LOWER}) at every reading",
-                [LAMBDA_MAX_LOWER],
-            ),
-            (
-                f"sharpness / threshold ({STABILITY_RATIO}) at full checks; >= the line at 1: edge of stability",
-                [STABILITY_RATIO, RATIO_LIMIT],
-            ),
-            (f"sharpness ({SHARPNESS}: lambda_max, preconditioned for Adam) at full checks", [SHARPNESS]),
-            (f"stability threshold of the sharpness ({STABILITY_THRESHOLD}; from the optimizer)", [STABILITY_THRESHOLD]),
-            (
-                f"lambda_min; {CERTIFIED_LAMBDA_MIN} below 0: negative curvature certified",
-                [LAMBDA_MIN, CERTIFIED_LAMBDA_MIN],
-            ),
-            (f"Hessian extremes of the loss: {LAMBDA_MAX}, {LAMBDA_MIN}", [LAMBDA_MAX, LAMBDA_MIN]),
-            (f"loss change along the bottom eigenvector ({LOSS_CHANGE_ALONG_BOTTOM})", [LOSS_CHANGE_ALONG_BOTTOM]),
-        ],
-        f"{p}: what limits the step, where the curvature lives, how much batch": [
-            (
-                f"curvature along the gradient ({GRADIENT_CURVATURE}, preconditioned for Adam) vs. the sharpness "
-                f"({SHARPNESS}, the same operator)",
-                [GRADIENT_CURVATURE, SHARPNESS],
-            ),
-            (
-                f"lr in use / the largest stable lr along the gradient ({LR_FRACTION} = 1 / {LR_HEADROOM}); "
-                "at or above the line at 1 the step overshoots",
-                [LR_FRACTION, HEADROOM_LIMIT],
-            ),
-            (f"learning-rate headroom ({LR_HEADROOM}: the largest stable lr along the gradient / the lr in use)", [LR_HEADROOM]),
-            (
-                f"lambda_max of the top modules' own Hessian blocks ({module_sharpness_tag('<module>')}, with "
-                f"module_sharpness) vs. the whole {LAMBDA_MAX}",
-                [module_sharpness_tag(".*"), LAMBDA_MAX],
-            ),
-            (f"alignment of the gradient with the sharpest direction ({GRADIENT_ALIGNMENT})", [GRADIENT_ALIGNMENT]),
-            (
-                f"gradient noise scale ({NOISE_SCALE}, samples; against the batch in the text tab) and its "
-                f"standard error ({NOISE_SCALE_SE})",
-                [NOISE_SCALE, NOISE_SCALE_SE],
-            ),
-            (f"conditioning lambda_max / (trace / n) at density checks ({CONDITIONING})", [CONDITIONING]),
-            (
-                f"loss change of the step's update: the quadratic model's ({UPDATE_LOSS_PREDICTED}) and the observed "
-                f"({UPDATE_LOSS_OBSERVED}), with update_ratios",
-                [UPDATE_LOSS_PREDICTED, UPDATE_LOSS_OBSERVED],
-            ),
-            (f"observed / predicted loss change of the update ({UPDATE_LOSS_RATIO}; 1: the step stayed quadratic)", [UPDATE_LOSS_RATIO]),
-        ],
-        f"{p}: flags (0 = clear, 1 = raised; smoothing 0 shows them as steps)": [
-            (f"active flags ({ACTIVE_FLAGS}) and {onsets}", [ACTIVE_FLAGS, FLAG_ONSETS]),
-            *[(f"{name} ({flag_tag(name)})", [flag_tag(name)]) for name in FLAG_NAMES],
-        ],
-        f"{p}: gradients": [
-            (f"gradient norm ({GRAD_NORM})", [GRAD_NORM]),
-            (f"training loss ({LOSS})", [LOSS]),
-            *layer_charts,
-            (f"fp16 steps skipped for overflow ({OVERFLOW_SKIPS})", [OVERFLOW_SKIPS]),
-        ],
-        f"{p}: cost of the curvature checks": [
-            (f"Hessian-vector products per check ({NUM_HVPS})", [NUM_HVPS]),
-            (f"seconds per check ({CHECK_SECONDS})", [CHECK_SECONDS]),
-            (f"failed checks (1 = failed; {CHECK_FAILED})", [CHECK_FAILED]),
-            (f"Ritz residual bounds ({RESIDUAL_MAX}, {RESIDUAL_MIN})", [RESIDUAL_MAX, RESIDUAL_MIN]),
-        ],
-    }
+    return [
+        (f"gradient norm ({GRAD_NORM})", [GRAD_NORM]),
+        (f"training loss ({LOSS})", [LOSS]),
+        *layer_charts,
+        (f"fp16 steps skipped for overflow ({OVERFLOW_SKIPS})", [OVERFLOW_SKIPS]),
+    ]
+
+
+def _cost_charts() -> list[_Chart]:
+    return [
+        (f"Hessian-vector products per full check ({NUM_HVPS})", [NUM_HVPS]),
+        (f"seconds per full check ({CHECK_SECONDS})", [CHECK_SECONDS]),
+        (f"Hessian-vector products per tracking reading ({TRACKING_NUM_HVPS})", [TRACKING_NUM_HVPS]),
+        (f"seconds per tracking reading ({TRACKING_SECONDS})", [TRACKING_SECONDS]),
+        (f"failed readings (1 = failed; {CHECK_FAILED})", [CHECK_FAILED]),
+        (f"Ritz residual bounds ({RESIDUAL_MAX}, {RESIDUAL_MIN})", [RESIDUAL_MAX, RESIDUAL_MIN]),
+        (f"tracking readings' residual: an eigenvalue lies within it of the Ritz value ({TRACKING_RESIDUAL})", [TRACKING_RESIDUAL]),
+    ]
 
 
 def _anchored(pattern: str) -> str:
