@@ -29,7 +29,7 @@ reported once and skipped (``strict=True`` re-raises instead).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,10 +41,10 @@ from hessdiag.batches import batch_size
 
 from hessdiag.flags import FlagEvent
 from hessdiag.operator import HVPMethod, LossFn
-from hessdiag.monitor.parts import build_parts, validate_arguments
+from hessdiag.monitor.parts import MonitorParts, build_parts, validate_arguments
 from hessdiag.monitor.checkpoint import monitor_state, restore_monitor_state
 from hessdiag.monitor.readout import MonitorView, StepOutcome
-from hessdiag.check.schedule import BOTTOM_EVERY, CheckEvery, ReadingKind
+from hessdiag.check.schedule import CheckEvery, ReadingKind
 from hessdiag.settings import DiagnosticsSettings, RankWeighting
 
 
@@ -59,9 +59,9 @@ class Monitor(MonitorView):
         writer: a ``torch.utils.tensorboard.SummaryWriter``, a :class:`DiagnosticsWriter`, a list of
             either, or None.
         check_every: optimizer steps between full curvature checks of both ends (0: never), or
-            ``"auto"`` (default): a full check at step 10, then a reading every 100-200 steps within
+            ``"auto"`` (default): readings at steps 10, 20, 40, 80, 160, then every 100-250 steps within
             `overhead_budget` of the wall time, a full check where the budget pays for it and else a
-            tracking reading (a proven lower bound on the sharpness from the last top vector; see
+            tracking reading (a proven lower bound on the sharpness from the tracked top vector; see
             :mod:`hessdiag.check.schedule` and :mod:`hessdiag.check.tracking`).
         overhead_budget: share of the wall time the checks may take with ``check_every="auto"``.
         log_every: steps between read-backs of the gradient statistics (detection and logging).
@@ -129,10 +129,10 @@ class Monitor(MonitorView):
         strict: bool = False,
     ) -> None:
         settings = DiagnosticsSettings.from_arguments(locals())  # the signature's settings, validated once
-        self._assemble(
+        self._assemble(model, settings, optimizer, lambda current_step: build_parts(
             model, loss_fn, settings, optimizer=optimizer, writer=writer, params=params, detectors=detectors,
-            grad_scaler=grad_scaler,
-        )  # fmt: skip
+            grad_scaler=grad_scaler, current_step=current_step,
+        ))  # fmt: skip
 
     @classmethod
     def from_settings(
@@ -149,32 +149,25 @@ class Monitor(MonitorView):
     ) -> Monitor:
         """A Monitor computing what `settings` says (validated when they were built, not again)."""
         monitor = cls.__new__(cls)
-        monitor._assemble(
+        monitor._assemble(model, settings, optimizer, lambda current_step: build_parts(
             model, loss_fn, settings, optimizer=optimizer, writer=writer, params=params, detectors=detectors,
-            grad_scaler=grad_scaler,
-        )  # fmt: skip
+            grad_scaler=grad_scaler, current_step=current_step,
+        ))  # fmt: skip
         return monitor
 
     def _assemble(
         self,
         model: nn.Module,
-        loss_fn: LossFn | None,
         settings: DiagnosticsSettings,
-        *,
         optimizer: torch.optim.Optimizer | None,
-        writer: Any,
-        params: Iterable[torch.Tensor] | None,
-        detectors: Sequence[Any] | None,
-        grad_scaler: torch.amp.GradScaler | None,
+        build: Callable[[Callable[[], int]], MonitorParts],
     ) -> None:
+        """Set the Monitor's parts, `build(current_step)` (the step for their messages)."""
         self.settings, self.model, self._optimizer, self._step = settings, model, optimizer, 0
-        parts = build_parts(
-            model, loss_fn, settings, optimizer=optimizer, writer=writer, params=params, detectors=detectors,
-            grad_scaler=grad_scaler, current_step=lambda: self._step,
-        )  # fmt: skip
+        parts = build(lambda: self._step)
         self.schedule, self.faults, self.writers = parts.schedule, parts.faults, parts.writers
         self.statistics, self.probe, self.noise, self.detection = parts.statistics, parts.probe, parts.noise, parts.detection
-        self._runner, self._reporting = parts.runner, parts.reporting
+        self._runner, self._reporting, self._readings = parts.runner, parts.reporting, parts.readings
         if isinstance(model, nn.parallel.DistributedDataParallel):
             self.watch_ranks(model)
 
@@ -252,7 +245,8 @@ class Monitor(MonitorView):
         self.schedule.step_finished()
         reading: ReadingKind | None = None
         if reading_due:
-            reading, found = self._read_curvature(batch)
+            assert self._readings is not None, "no loss_fn was given"
+            reading, found = self._readings.read(self._step, batch, self._optimizer)
             events += found
         return StepOutcome(tuple(events), read_back, reading)
 
@@ -274,49 +268,12 @@ class Monitor(MonitorView):
         return events
 
     # -- curvature ---------------------------------------------------------------------------
-    def _read_curvature(self, batch: Any) -> tuple[ReadingKind | None, list[FlagEvent]]:
-        """The due curvature reading on `batch`: a tracking reading (a few products from the tracked
-        top vector: proven lower bounds) or a full check, as the schedule decides (see
-        :mod:`hessdiag.check.schedule`; the saddle rule's need of the bottom end counts as a verdict
-        that needs a full check). Returns the kind recorded (None: it failed, reported once per kind
-        of error, backing off; training goes on) and the new flag events."""
-        assert self._runner is not None, "no loss_fn was given"
-        if self.schedule.kind(self.statistics.device, self.detection.wants_bottom_end()) == "tracking":
-            try:
-                reading = self._runner.track(self._step, batch, self._optimizer, self.statistics.device)
-            except Exception as error:  # diagnostics must never crash training
-                if self.faults.strict:
-                    raise
-                self._reporting.check_failed(self._step, self._runner.failed(self._step, error))
-                return None, []
-            return "tracking", self._reporting.tracking(reading)
-        checks = len(self.checks)
-        events = self.check_curvature(batch, bottom=self._bottom_end_due())
-        return ("check" if len(self.checks) > checks else None), events
-
-    def _bottom_end_due(self) -> bool:
-        """Whether a full check of the schedule measures the bottom end: always with an int
-        `check_every`; in ``"auto"`` mode where a detector could use it (the saddle rule, once the
-        losses show a stall) and at every :data:`~hessdiag.check.schedule.BOTTOM_EVERY`-th check."""
-        if self.settings.check_every != "auto":
-            return True
-        return self.detection.wants_bottom_end() or len(self.checks) % BOTTOM_EVERY == BOTTOM_EVERY - 1
-
     def check_curvature(self, batch: Any, *, bottom: bool = True) -> list[FlagEvent]:
         """Run a curvature check on `batch` now (`bottom` False: the top end only, see
         :meth:`~hessdiag.check.probe.CurvatureProbe.run`); every detector observes it. A check that
         fails is reported once per kind of error and backs off; training goes on."""
-        assert self._runner is not None, "no loss_fn was given"
-        self._runner.warn_low_precision(self.settings.tol)
-        try:
-            noise = self.noise.check_estimate()
-            check = self._runner.run(self._step, batch, self._optimizer, self.statistics.device, noise=noise, bottom=bottom)
-        except Exception as error:  # diagnostics must never crash training
-            if self.faults.strict:
-                raise
-            self._reporting.check_failed(self._step, self._runner.failed(self._step, error))
-            return []
-        return self._reporting.check(check, self.checks[-2] if len(self.checks) > 1 else None)
+        assert self._readings is not None, "no loss_fn was given"
+        return self._readings.check(self._step, batch, self._optimizer, bottom=bottom)
 
     # -- faults and writers --------------------------------------------------------------------
     def guard(self, what: str) -> contextlib.AbstractContextManager[None]:

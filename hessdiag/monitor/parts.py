@@ -14,6 +14,7 @@ from torch import nn
 from hessdiag.isolation import unwrap_model
 from hessdiag.check.probe import CurvatureProbe
 from hessdiag.monitor.check_runner import CheckRunner
+from hessdiag.monitor.readings import CurvatureReadings
 from hessdiag.monitor.detection import Detection
 from hessdiag.monitor.faults import FaultPolicy
 from hessdiag.noise.sources import NoiseSources
@@ -50,7 +51,7 @@ def probe_from_settings(
 
 @dataclass(frozen=True)
 class MonitorParts:
-    """The parts a Monitor conducts (`probe` and `runner` None without a `loss_fn`)."""
+    """The parts a Monitor conducts (`probe`, `runner` and `readings` None without a `loss_fn`)."""
 
     schedule: CheckSchedule
     faults: FaultPolicy
@@ -61,6 +62,7 @@ class MonitorParts:
     noise: NoiseSources
     detection: Detection
     reporting: CheckReporting
+    readings: CurvatureReadings | None
 
 
 def build_parts(
@@ -89,6 +91,12 @@ def build_parts(
     detection = Detection(resolve_detectors(detectors), faults)
     writers.remember(detection.flag_scalars())  # the flags exist from the start
     reporting = CheckReporting(writers, detection, noise, faults, current_step)
-    if runner is not None and schedule.enabled:
-        runner.warn_low_precision(settings.tol)
-    return MonitorParts(schedule, faults, writers, statistics, probe, runner, noise, detection, reporting)
+    readings = None
+    if runner is not None:
+        # the device read at each reading: Lightning moves the model after the Monitor is built
+        readings = CurvatureReadings(
+            runner, reporting, schedule, detection, noise, faults, settings, lambda: statistics.device
+        )
+        if schedule.enabled:
+            runner.warn_low_precision(settings.tol)
+    return MonitorParts(schedule, faults, writers, statistics, probe, runner, noise, detection, reporting, readings)
