@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hessdiag.check import schedule as schedule_module
-from hessdiag.check.schedule import FIRST_CHECK_ESTIMATE, TRACKING_SHARE, CheckSchedule
+from hessdiag.check.schedule import FIRST_CHECK_ESTIMATE, READINGS_MIN_SHARE, TRACKING_SHARE, CheckSchedule
 
 CPU = torch.device("cpu")
 
@@ -32,13 +32,22 @@ class Run:
     """A training loop of `step_seconds` steps that takes each due reading of the kind the schedule
     asks for (full checks of `check_seconds`, tracking readings of `tracking_seconds`), as the
     Monitor does; the readings' own time passes on the clock but is not training time.
-    `verdict(step)`: whether a detector needs a full check at that step (the saddle rule on a stall)."""
+    `verdict(step)`: whether a detector needs a full check at that step (the saddle rule on a stall).
+    `statistics_seconds`: the per-step statistics' time, timed by the schedule inside each step."""
 
     def __init__(
-        self, clock, schedule, step_seconds=0.01, check_seconds=2.0, tracking_seconds=0.05, verdict=lambda step: False
+        self,
+        clock,
+        schedule,
+        step_seconds=0.01,
+        check_seconds=2.0,
+        tracking_seconds=0.05,
+        verdict=lambda step: False,
+        statistics_seconds=0.0,
     ):
         self.clock, self.schedule, self.verdict = clock, schedule, verdict
         self.step_seconds, self.check_seconds, self.tracking_seconds = step_seconds, check_seconds, tracking_seconds
+        self.statistics_seconds = statistics_seconds
         self.step = 0
         self.readings: list[tuple[int, str]] = []
         self.spent = 0.0
@@ -47,6 +56,8 @@ class Run:
         while self.step < last_step:
             self.step += 1
             self.clock.now += self.step_seconds
+            with self.schedule.statistics_time():
+                self.clock.now += self.statistics_seconds
             self.schedule.step_finished()
             if self.schedule.due(self.step):
                 self.read()
@@ -160,3 +171,29 @@ def test_a_resume_from_a_checkpoint_saved_before_tracking_reads_within_min_inter
     schedule = CheckSchedule("auto", min_interval=100)
     schedule.load_state_dict(near)
     assert schedule.next_check == 210
+
+
+@pytest.mark.parametrize("statistics_share", [0.0, 0.01, 0.02])
+def test_the_per_step_statistics_are_paid_from_the_budget_before_the_readings(clock, statistics_share):
+    """Statistics that add `statistics_share` to each 10 ms step leave the readings the rest of the 5%:
+    tracking readings spaced by that rest, and the whole overhead (statistics, early readings, tracking
+    readings, full checks) within 5% of the training time over a long run."""
+    schedule = CheckSchedule("auto", overhead_budget=0.05)
+    run = Run(clock, schedule, statistics_seconds=statistics_share * 0.01).until(160)
+    expected = 0.05 / (TRACKING_SHARE * (0.05 - statistics_share) * 0.01)
+    assert schedule.interval == pytest.approx(math.ceil(expected), abs=1)
+    run.until(100_000)
+    training = 100_000 * 0.01
+    overhead = run.spent + 100_000 * statistics_share * 0.01
+    assert overhead <= 0.05 * training
+    assert overhead >= 0.04 * training  # and the budget is used: full checks come where it pays
+    assert run.steps_of("check")
+
+
+def test_statistics_that_take_most_of_the_budget_leave_the_readings_their_least_share(clock):
+    """Statistics of 4% of each step (steps of a few milliseconds) would leave the readings 1%: they keep
+    READINGS_MIN_SHARE of the budget instead (the curvature goes on; the whole overhead exceeds 5%)."""
+    schedule = CheckSchedule("auto", overhead_budget=0.05)
+    Run(clock, schedule, statistics_seconds=0.04 * 0.01).until(160)
+    expected = 0.05 / (TRACKING_SHARE * READINGS_MIN_SHARE * 0.05 * 0.01)
+    assert schedule.interval == pytest.approx(math.ceil(expected), abs=1)

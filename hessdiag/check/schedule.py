@@ -9,7 +9,13 @@ time:
 * Readings come early, at doubling steps from `first_check` (10, 20, 40, 80, 160 with
   `early_checks` = 5), so a short run draws a line of curvature rather than one point.
 * Then a reading every `interval` steps: the measured cost of a tracking reading over
-  :data:`TRACKING_SHARE` of the budget, never more often than every `min_interval` steps (100).
+  :data:`TRACKING_SHARE` of the readings' budget, never more often than every `min_interval` steps
+  (100).
+* The budget is the whole overhead: the per-step statistics (gradient norms, the loss, the detectors
+  at each read-back; their host time, measured by the Monitor) are paid first, and the readings get
+  the rest, at least :data:`READINGS_MIN_SHARE` of the budget (where the statistics take more, on
+  steps of a few milliseconds, the whole overhead exceeds the budget rather than the curvature
+  going dark).
 * Each reading is a full check when the whole budget can pay for it in advance (the readings so far
   *and* this check, estimated as long as the last full check, or :data:`FIRST_CHECK_ESTIMATE`
   tracking readings before the first, fit in `overhead_budget` of the training time), otherwise a
@@ -28,12 +34,13 @@ every `check_every` steps.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
 import warnings
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -55,9 +62,12 @@ BOTTOM_EVERY = 4
 #: check measured 15-40 of them on the CPU benchmarks), so that it waits until the budget can pay.
 FIRST_CHECK_ESTIMATE = 30
 
-#: The share of `overhead_budget` that sets the spacing of tracking readings; the rest pays for
+#: The share of the readings' budget that sets the spacing of tracking readings; the rest pays for
 #: the full checks (the first one included).
 TRACKING_SHARE = 0.6
+
+#: The least share of `overhead_budget` left to the readings, however much the per-step statistics take.
+READINGS_MIN_SHARE = 0.5
 
 
 class CheckSchedule:
@@ -65,7 +75,8 @@ class CheckSchedule:
 
     Args:
         check_every: an int n (a full check every n steps; 0: never) or ``"auto"`` (see module docstring).
-        overhead_budget: share of the wall time readings may take in ``"auto"`` mode (default 0.05).
+        overhead_budget: share of the training time that hessdiag may add in ``"auto"`` mode, the
+            per-step statistics and the readings together (default 0.05).
         min_interval: fewest steps between readings in ``"auto"`` mode (100).
         first_check: the step of the first check in ``"auto"`` mode (10; at most `min_interval`).
         early_checks: readings in ``"auto"`` mode placed at doubling steps from `first_check` (5; 1:
@@ -94,6 +105,8 @@ class CheckSchedule:
         self._recent_steps: deque[float] = deque(maxlen=_STEP_WINDOW)
         self._steps_timed = 0
         self._check_seconds = 0.0  # full checks and tracking readings
+        self._statistics_seconds = 0.0  # the per-step statistics over the timed steps
+        self._step_statistics = 0.0  # those of the step under way
         self._last_check = 0.0  # the last full check's seconds
         self._last_tracking = 0.0  # the last tracking reading's seconds
         self._clock: float | None = None
@@ -117,13 +130,33 @@ class CheckSchedule:
         elif not self._recent_steps or not (self._last_check or self._last_tracking):
             affordable = False  # nothing timed yet: a tracking reading, whose cost is small
         else:
-            per_step = max(statistics.median(self._recent_steps), 1e-9)
+            plain_step, share = self._readings_budget()
             estimate = self._last_check or FIRST_CHECK_ESTIMATE * self._last_tracking
-            affordable = self._check_seconds + estimate <= self.overhead_budget * per_step * self._steps_timed
+            affordable = self._check_seconds + estimate <= share * plain_step * self._steps_timed
         if _distributed.is_data_parallel():  # a full check only where every rank can afford it
             refused = _distributed.all_reduce_max_(torch.tensor([0.0 if affordable else 1.0], device=device))
             affordable = not refused.item()
         return "check" if affordable else "tracking"
+
+    @contextlib.contextmanager
+    def statistics_time(self) -> Iterator[None]:
+        """Time the per-step statistics run inside (host time; the caller leaves a device wait
+        outside): paid from the budget before the readings."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._step_statistics += time.perf_counter() - start
+
+    def _readings_budget(self) -> tuple[float, float]:
+        """(a training step's time without hessdiag, the share of it left to the readings): the
+        typical step less the statistics' mean time per step, and `overhead_budget` less the
+        statistics' share (at least :data:`READINGS_MIN_SHARE` of it)."""
+        per_step = statistics.median(self._recent_steps)
+        per_step_statistics = self._statistics_seconds / max(self._steps_timed, 1)  # the run's mean
+        plain_step = max(per_step - per_step_statistics, 0.5 * per_step, 1e-9)
+        share = max(self.overhead_budget - per_step_statistics / plain_step, READINGS_MIN_SHARE * self.overhead_budget)
+        return plain_step, share
 
     def step_finished(self) -> None:
         """Time one training step (host wall time between consecutive calls, readings excluded)."""
@@ -131,6 +164,8 @@ class CheckSchedule:
         if self._clock is not None:
             self._recent_steps.append(now - self._clock)
             self._steps_timed += 1
+            self._statistics_seconds += self._step_statistics  # paired with the steps timed
+        self._step_statistics = 0.0
         self._clock = now
 
     def check_finished(self, step: int, seconds: float, device: torch.device) -> None:
@@ -150,9 +185,9 @@ class CheckSchedule:
         if self.check_every == "auto" and self.checks_done < self.early_checks:
             self.interval = max(step, 1)  # doubling: the next early reading at twice this step
         elif self.check_every == "auto" and self._recent_steps:
-            per_step = max(statistics.median(self._recent_steps), 1e-9)
-            # the tracking readings' share of the budget (none timed yet: min_interval)
-            spacing = self._last_tracking / (TRACKING_SHARE * self.overhead_budget * per_step)
+            plain_step, share = self._readings_budget()
+            # the tracking readings' share of the readings' budget (none timed yet: min_interval)
+            spacing = self._last_tracking / (TRACKING_SHARE * share * plain_step)
             interval = max(self.min_interval, math.ceil(spacing))
             if _distributed.is_data_parallel():
                 interval = int(_distributed.all_reduce_max_(torch.tensor([float(interval)], device=device)).item())
@@ -176,6 +211,7 @@ class CheckSchedule:
             "recent_step_seconds": list(self._recent_steps),
             "steps_timed": self._steps_timed,
             "check_seconds": self._check_seconds,
+            "statistics_seconds": self._statistics_seconds,
             "last_check_seconds": self._last_check,
             "last_tracking_seconds": self._last_tracking,
         }
@@ -189,6 +225,7 @@ class CheckSchedule:
         self._recent_steps = deque(map(float, state.get("recent_step_seconds", [])), maxlen=_STEP_WINDOW)
         self._steps_timed = int(state.get("steps_timed", 0))
         self._check_seconds = float(state.get("check_seconds", 0.0))
+        self._statistics_seconds = float(state.get("statistics_seconds", 0.0))
         self._last_check = float(state.get("last_check_seconds", 0.0))
         self._last_tracking = float(state.get("last_tracking_seconds", 0.0))
         self.failures = int(state.get("failures", 0))

@@ -206,7 +206,7 @@ class Monitor(MonitorView):
         """Record this step's gradient statistics; call when the gradients are final (accumulated,
         all-reduced, unscaled). No host-device synchronisation: values stay on the device. Calling it
         several times before :meth:`after_step` (an LBFGS closure) still makes one record of the step."""
-        with self.guard("the gradient statistics"):
+        with self.schedule.statistics_time(), self.guard("the gradient statistics"):
             self.statistics.observe_gradients(self._step + 1)
             self.noise.gradients_final()
             if self.settings.update_ratios and self.check_due(self._step + 1):
@@ -231,12 +231,13 @@ class Monitor(MonitorView):
         step (default: those of `batch`), for the noise scale under DDP.
         """
         self._step = self._step + 1 if step is None else step
-        if self.noise.from_ranks:
-            with self.guard("the noise scale from the ranks"):
-                self.noise.close_step(samples if samples is not None else batch_size(batch))
-        if loss is not None:
-            with self.guard("the per-step statistics"):
-                self.statistics.add_loss(self._step, loss)
+        with self.schedule.statistics_time():
+            if self.noise.from_ranks:
+                with self.guard("the noise scale from the ranks"):
+                    self.noise.close_step(samples if samples is not None else batch_size(batch))
+            if loss is not None:
+                with self.guard("the per-step statistics"):
+                    self.statistics.add_loss(self._step, loss)
         reading_due = batch is not None and self.check_due(self._step)
         # A reading reads back first (it waits for the device anyway), so that its detectors judge it
         # with every step's loss up to it, not only those of the last `log_every` read-back.
@@ -259,7 +260,9 @@ class Monitor(MonitorView):
         read-back after it (at most `log_every` - 1 steps later).
         """
         events: list[FlagEvent] = []
-        with self.guard("the per-step statistics"):
+        if self.statistics.device.type == "cuda":  # the step's own kernels first: they are not the statistics' time
+            torch.cuda.synchronize(self.statistics.device)
+        with self.schedule.statistics_time(), self.guard("the per-step statistics"):
             readout = self.statistics.read(self.checks[-1].lambda_max if self.checks else None)
             if readout is not None:
                 events = self.detection.observe(readout.records)

@@ -68,8 +68,10 @@ class NoiseSources:
         self.micro_batches.begin(self._params(), samples, loss_scale)
 
     def gradients_final(self) -> None:
-        """The step's gradients are final: close the micro-batches' measurement (device only)."""
-        self.micro_batches.close(self._params())
+        """The step's gradients are final: close the micro-batches' measurement (device only; nothing
+        on a step without one, which is every step but a check's)."""
+        if self.micro_batches.armed:
+            self.micro_batches.close(self._params())
 
     def check_estimate(self) -> NoiseScaleEstimate | None:
         """The micro-batches' estimate of the step a check runs at (one transfer), or None: the
