@@ -10,7 +10,10 @@ The gradient's pieces are concatenated once, inside the graph, into one flat out
 product is one backward with the flat vector itself as its ``grad_output``: no split of the vector
 into pieces and one validation by autograd per product instead of one per parameter (on a small
 model those Python costs were a sizeable part of a product). The concatenation's backward hands each
-piece the same slice of the vector a split would, so the products are bit for bit the same.
+piece the same slice of the vector a split would, so the products are bit for bit the same. The
+concatenation is then the only holder of the gradient graph's outputs: the operator keeps the
+gradient's values as views of it (:meth:`~hessdiag.operator.loss.BatchLoss.view_flat`), not a second
+copy of the pieces.
 """
 
 from __future__ import annotations
@@ -43,11 +46,15 @@ class DoubleBackward:
                 ]
             )
 
-    def product(self, vector: torch.Tensor) -> torch.Tensor:
-        """This rank's flat H v for a flat `vector` of the space's size."""
+    def product(self, vector: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's flat H v for a flat `vector` of the space's size, written into `out` when given
+        (which may be `vector` itself: it is written once the backward is done with `vector`, so a
+        caller whose operand is a temporary holds one vector less while the product's pieces are
+        concatenated)."""
         if self.gradient is None:
-            return torch.zeros(self.space.dim, device=self.space.device, dtype=self.space.dtype)
+            zero = torch.zeros(self.space.dim, device=self.space.device, dtype=self.space.dtype)
+            return zero if out is None else out.copy_(zero)
         products = torch.autograd.grad(
             self.gradient, self.space.params, grad_outputs=vector, retain_graph=True, materialize_grads=True
         )
-        return self.space.flatten(products)
+        return self.space.flatten(products, out=out)

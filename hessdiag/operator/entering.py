@@ -58,7 +58,7 @@ class ProductsBuilder:
         if self.method in EXACT_METHODS:
             loss.build_graph(loss.checked(), self.method)
             if self.method == "double_backward":
-                self.products = DoubleBackward(loss.grads, space)
+                self.products = self._double_backward()
                 loss.warn_constant_gradients()
             else:
                 self.products = ForwardOverReverse(loss)
@@ -96,7 +96,7 @@ class ProductsBuilder:
             reason = "the model is FSDP2-sharded: double backward cannot run through it"
             choice = finite_differences(measured, reason, sharded=True, dtype=dtype)
         else:
-            exact = DoubleBackward(self.loss.grads, space)
+            exact = self._double_backward()
             choice = choose_method(
                 measured, probe, extrapolate(fine, coarse), lambda v: space.finish(exact.product(v)),
                 lambda: space.random_unit_vector(self.seed + 1), dtype=dtype, build_failure=failure,
@@ -106,5 +106,13 @@ class ProductsBuilder:
             self.loss.drop_graph()
             self.products = Richardson(self.central)
         else:
-            self.products, self.central = DoubleBackward(self.loss.grads, space), None
+            self.products, self.central = exact, None
             self.loss.warn_constant_gradients()
+
+    def _double_backward(self) -> DoubleBackward:
+        """Double backward's products on the gradient built with its graph; the loss then holds the
+        gradient's values as views of its flat output (not the pieces a second time)."""
+        products = DoubleBackward(self.loss.grads, self.space)
+        if products.gradient is not None:
+            self.loss.view_flat(products.gradient)
+        return products

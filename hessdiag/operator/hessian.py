@@ -208,25 +208,36 @@ class HessianOperator:
         return self._open().along(direction, step, self._central)
 
     # -- products --------------------------------------------------------------------------
-    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
-        """H v for a flat `vector` of shape ``(size,)``; returns a new tensor of the same shape."""
+    def matvec(self, vector: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """H v for a flat `vector` of shape ``(size,)``: a new tensor of the same shape, or written
+        into `out` (same shape and dtype), which may be `vector` itself: a caller whose `vector` is a
+        temporary then holds one parameter-sized vector less during the product (double backward
+        writes the product there once its backward is done with `vector`)."""
         self._open()
         if vector.shape != (self.size,):
             raise ValueError(f"Expected a vector of shape ({self.size},), got {tuple(vector.shape)}.")
         assert self._products is not None
+        # Read before `out` may overwrite `vector`: one norm per product, for low-precision models only.
+        vector_norm = self.norm(vector) if self._rounding.eps else 0.0
         flat = vector.to(device=self.device, dtype=self.space.dtype)
-        # Double backward takes the flat vector whole (one flat gradient output); the others, pieces.
-        operand = flat if isinstance(self._products, DoubleBackward) else self.space.split(flat)
         try:
-            product = self._products.product(operand)
+            if isinstance(self._products, DoubleBackward):
+                # The flat vector whole (one flat gradient output), the product straight into `out`
+                # where the dtypes agree.
+                direct = out if out is not None and out.dtype == flat.dtype else None
+                product = self._products.product(flat, out=direct)
+            else:
+                product = self._products.product(self.space.split(flat))
         except RuntimeError as error:
             if is_missing_second_derivative(error):
                 raise SecondDerivativeError(error, self.method) from error
             raise
         self.num_hvps += 1
         product = self.space.finish(product.to(vector.dtype))
-        if self._rounding.eps:  # one norm per product, for low-precision models only
-            self.product_error = self._rounding.raised(self.product_error, self.norm(vector), self.norm(product))
+        if out is not None and product is not out:
+            product = out.copy_(product)
+        if self._rounding.eps:
+            self.product_error = self._rounding.raised(self.product_error, vector_norm, self.norm(product))
         return product
 
     def along(self, vector: torch.Tensor) -> AlongVector:

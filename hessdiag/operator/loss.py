@@ -110,7 +110,10 @@ class BatchLoss:
     Attributes:
         value: the loss on this rank (detached), once a gradient is built; None before.
         grads: the gradient, one entry per parameter (None where unused): with its graph after
-            :meth:`build_graph` for double backward, detached otherwise.
+            :meth:`build_graph` for double backward (until :meth:`view_flat` hands the graph to the
+            flat gradient), detached otherwise.
+        constant: indices of the entries of a gradient built with its graph that do not depend on
+            the parameters (see :meth:`warn_constant_gradients`).
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class BatchLoss:
         self.attention = attention
         self.value: torch.Tensor | None = None
         self.grads: tuple[torch.Tensor | None, ...] = ()
+        self.constant: list[int] = []
         # Reentrant checkpointing and FSDP2 (whose autograd.grad returns None for sharded
         # parameters): gradients by loss.backward() only.
         self.plain_backward = space.shard is not None
@@ -212,6 +216,7 @@ class BatchLoss:
         refuse_non_finite_gradient(self.model, self.space.params, grads)
         self.value = loss.detach()
         self.grads = grads if create_graph else tuple(None if g is None else g.detach() for g in grads)
+        self.constant = [i for i, g in enumerate(grads) if create_graph and g is not None and not g.requires_grad]
 
     def build_without_graph(self, loss: torch.Tensor) -> None:
         """The gradient of `loss` with no graph kept (finite differences).
@@ -226,6 +231,14 @@ class BatchLoss:
     def drop_graph(self) -> None:
         """Keep the gradient's values, free its graph (products by finite differences from here)."""
         self.grads = tuple(None if g is None else g.detach() for g in self.grads)
+
+    def view_flat(self, flat: torch.Tensor) -> None:
+        """Hold the gradient's values as views of `flat`, the same pieces concatenated (double
+        backward's flat output, :class:`~hessdiag.operator.double_backward.DoubleBackward`): the
+        pieces with their graph are then held by `flat` alone, not twice (a parameter-sized vector
+        less for the operator's lifetime). Entries that were None stay None."""
+        views = self.space.split(flat.detach())
+        self.grads = tuple(None if g is None else view for g, view in zip(self.grads, views))
 
     def release(self) -> None:
         self.value = None
@@ -283,7 +296,7 @@ class BatchLoss:
         """A gradient with no graph is constant in the parameters: its Hessian rows are zero. That
         is right for a loss linear in them, and silently wrong behind a backward that is not
         differentiable (``@once_differentiable``), which autograd does not report."""
-        constant = [i for i, g in enumerate(self.grads) if g is not None and not g.requires_grad]
+        constant = self.constant
         if constant:
             warnings.warn(
                 f"The gradient of {len(constant)} parameter tensor(s) (indices {constant[:5]}) does not depend on "

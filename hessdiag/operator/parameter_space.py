@@ -143,18 +143,19 @@ class ParameterSpace:
         """Views of a flat vector (this rank's coordinates), one per parameter, shaped like it."""
         return [piece.view(shape) for piece, shape in zip(flat.split_with_sizes(self._sizes), self._shapes)]
 
-    def flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    def flatten(self, tensors: Sequence[torch.Tensor | None], out: torch.Tensor | None = None) -> torch.Tensor:
         """One tensor per parameter (None for zero, DTensors as their local shards, sparse as dense)
-        as a new flat vector."""
+        as a new flat vector, or written into the flat vector `out`. Each piece is copied straight
+        into its slice: a piece that is not contiguous (a convolution's weight gradient in another
+        memory layout) is not first copied whole by a reshape, as a concatenation would."""
         sharded = self.shard is not None  # plain tensors otherwise: no DTensor test per piece
-        return torch.cat(
-            [
-                torch.zeros(size, device=self.device, dtype=self.dtype)
-                if t is None
-                else dense(_sharded.local(t) if sharded else t).reshape(-1)
-                for t, size in zip(tensors, self._sizes)
-            ]
-        )
+        flat = torch.empty(self.size, device=self.device, dtype=self.dtype) if out is None else out
+        for tensor, piece in zip(tensors, self.split(flat)):
+            if tensor is None:
+                piece.zero_()
+            else:
+                piece.copy_(dense(_sharded.local(tensor) if sharded else tensor))
+        return flat
 
     def finish(self, local: torch.Tensor) -> torch.Tensor:
         """This rank's product as the global batch's: weighted by `share` and summed over the ranks
