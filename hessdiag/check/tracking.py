@@ -37,7 +37,7 @@ from hessdiag.reporting.tags import (
     TRACKING_RESIDUAL,
     TRACKING_SECONDS,
 )
-from hessdiag.vectors import dot
+from hessdiag.vectors import VectorShard, dot
 
 
 #: Products per reading: a two-step Krylov space from the tracked vector (Rayleigh-Ritz on
@@ -89,49 +89,81 @@ def ritz_bound(
     errors: list[float] = []
     v = vector.to(device=operator.device, dtype=operator.dtype)
     for _ in range(steps):
-        for _pass in range(2):  # full reorthogonalisation, twice
-            for q in basis:
-                v = v - dot(q, v, shard) * q
+        v = _orthogonalised(v, basis, shard)
         norm = math.sqrt(max(dot(v, v, shard), 0.0))
         if not norm > 1e-8 * (1 + sum(math.sqrt(dot(p, p, shard)) for p in products[:1])):
             break  # the Krylov space is invariant: nothing new to add
-        v = v / norm
+        v = v / norm if v is vector else v.div_(norm)  # the caller's vector is never written
         product, error = _product(operator, v, scale)
         basis.append(v)
         products.append(product)
         errors.append(error)
         v = product  # the next direction: H v, orthogonalised above
+    del v  # the last product: combined in place below
     m = len(basis)
     if m == 0:
         raise ValueError("the tracked vector is zero or not finite: nothing to track (the next full check starts afresh)")
     gram = torch.tensor([[dot(basis[i], products[j], shard) for j in range(m)] for i in range(m)], dtype=torch.float64)
     values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
-    theta, s = float(values[-1]), vectors[:, -1]
-    ritz = sum(float(s[i]) * basis[i] for i in range(m))
-    image = sum(float(s[i]) * products[i] for i in range(m))
+    theta, s = float(values[-1]), [float(x) for x in vectors[:, -1]]
     error = math.sqrt(m) * max(errors)
     size = max(math.sqrt(dot(p, p, shard)) for p in products)
     rounding = (10 + math.log2(max(operator.dim, 2))) * torch.finfo(operator.dtype).eps * size * m
-    residual = math.sqrt(max(dot(image - theta * ritz, image - theta * ritz, shard), 0.0))
+    # The combinations in place, over the products and the basis past the first (nothing reads them
+    # after): at most four parameter-sized vectors here instead of nine. basis[0] is kept for a
+    # combination that is not finite.
+    image = _accumulated(products[0].mul_(s[0]), s[1:], products[1:])
+    products.clear()
+    ritz = _accumulated(basis[0] * s[0], s[1:], basis[1:])
+    del basis[1:]
+    gap = ritz * theta
+    gap = torch.sub(image, gap, out=gap)  # image - theta ritz, into the temporary theta ritz
+    residual = math.sqrt(max(dot(gap, gap, shard), 0.0))
+    del gap
     if m == 1:  # no second direction: a shifted power step (the top end the largest in magnitude
         # unless lambda_min < -(lambda_max + 2|theta|); a poorer vector loosens a bound, never breaks it)
-        ritz = image + abs(theta) * ritz
+        ritz = image.add_(abs(theta) * ritz)
+    del image
     norm = math.sqrt(max(dot(ritz, ritz, shard), 0.0))
-    ritz = ritz / norm if norm > 0 and math.isfinite(norm) else basis[0]
+    ritz = ritz.div_(norm) if norm > 0 and math.isfinite(norm) else basis[0]
     return RitzBound(theta, theta - error - rounding, residual + error + rounding, ritz)
 
 
+def _orthogonalised(v: torch.Tensor, basis: list[torch.Tensor], shard: VectorShard | None) -> torch.Tensor:
+    """`v` less its components along the orthonormal `basis`, removed twice (full
+    reorthogonalisation): `v` itself when the basis is empty, else a new vector (`v` is left as it
+    is: it is the last product, which the Ritz combination reads)."""
+    w = v
+    for _pass in range(2):
+        for q in basis:
+            component = dot(q, w, shard) * q
+            w = w - component if w is v else w.sub_(component)
+    return w
+
+
+def _accumulated(total: torch.Tensor, weights: list[float], vectors: list[torch.Tensor]) -> torch.Tensor:
+    """`total` + sum_i weights_i vectors_i, in place in `total`, each vector scaled in place (the
+    caller reads none of them after): the same roundings as ``total + w_0 v_0 + w_1 v_1 + ...`` left
+    to right, without a temporary."""
+    for weight, vector in zip(weights, vectors):
+        total.add_(vector.mul_(weight))
+    return total
+
+
 def _product(operator: HessianOperator, v: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-    """(A v, a bound on its error) for unit `v`, A = H or d H d."""
+    """(A v, a bound on its error) for unit `v`, A = H or d H d. Under a scale the operand d v is a
+    temporary, so the product is written over it (one vector less while double backward's pieces are
+    concatenated), and scaled in place."""
     operand = v if scale is None else scale * v
     size = math.sqrt(dot(operand, operand, operator.shard))
     if operator.method == "finite_difference":
         measured = operator.along(operand / size)
         product, error = measured.product * size, measured.error * size
     else:
-        product, error = operator.matvec(operand), operator.product_error * size
+        product = operator.matvec(operand, out=None if scale is None else operand)
+        error = operator.product_error * size
     if scale is not None:
-        product, error = scale * product, error * float(scale.abs().max())
+        product, error = product.mul_(scale), error * float(torch.linalg.vector_norm(scale, math.inf))
     return product, error
 
 
