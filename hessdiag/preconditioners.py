@@ -140,16 +140,21 @@ def adaptive_preconditioner_sqrt(
     if diagonal is None:
         return None
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    pieces, found = [], False
+    # Each piece written straight into its slice of the flat vector (not concatenated from pieces
+    # held whole: the parameters' size once more at the peak).
+    flat = torch.empty(sum(local(p).numel() for p in params), device=params[0].device, dtype=torch.float32)
+    start, found = 0, False
     for p in params:
         group = group_of.get(id(p))
         value = None if group is None else diagonal(optimizer.state.get(p, {}), group)
+        piece = flat[start : start + local(p).numel()]
+        start += piece.numel()
         if value is None:
-            pieces.append(torch.zeros(local(p).numel(), device=p.device, dtype=torch.float32))
+            piece.zero_()
             continue
         found = True
-        pieces.append(value.detach().reshape(-1).rsqrt())
-    return torch.cat(pieces) if found else None
+        torch.rsqrt(value.detach().reshape(-1), out=piece)
+    return flat if found else None
 
 
 #: Adam's case of :func:`adaptive_preconditioner_sqrt`, under the name it had when Adam was the only one.
