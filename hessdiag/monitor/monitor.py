@@ -60,10 +60,11 @@ class Monitor(MonitorView):
             either, or None.
         check_every: optimizer steps between full curvature checks of both ends (0: never), or
             ``"auto"`` (default): readings at steps 10, 20, 40, 80, 160, then every 100-250 steps within
-            `overhead_budget` of the wall time, a full check where the budget pays for it and else a
+            `overhead_budget`, a full check where the budget pays for it and else a
             tracking reading (a proven lower bound on the sharpness from the tracked top vector; see
             :mod:`hessdiag.check.schedule` and :mod:`hessdiag.check.tracking`).
-        overhead_budget: share of the wall time the checks may take with ``check_every="auto"``.
+        overhead_budget: with ``check_every="auto"``, the share of the training time hessdiag may add:
+            the per-step statistics' measured time first, the readings the rest (at least half).
         log_every: steps between read-backs of the gradient statistics (detection and logging).
         sub_batch: samples of the batch used by a curvature check (default: all; of each micro-batch for
             :class:`~hessdiag.MicroBatches`). Every tensor is cut along its first dimension; a batch whose
