@@ -2,6 +2,7 @@
 routing every record to every detector; and the tag names."""
 
 import re
+import time
 import dataclasses
 
 import pytest
@@ -255,3 +256,25 @@ def test_a_failed_check_reads_back_and_records_no_reading():
         outcome = monitor.after_step(regression(), loss.detach())
     assert (outcome.read_back, outcome.reading, monitor.checks) == (True, None, [])
     assert monitor.checks_enabled and not Monitor(model, check_every=0).checks_enabled
+
+
+class Slow(PlateauDetector):
+    """A detector that takes 2 ms per record: per-step statistics the budget must pay for."""
+
+    def observe(self, record):
+        time.sleep(0.002)
+        return super().observe(record)
+
+
+def test_the_per_step_statistics_are_timed_into_the_budget():
+    """The host time of the per-step path (here a detector's 2 ms per step at each read-back) is what
+    the schedule pays before the readings; the readings themselves are not counted in it."""
+    monitor = train(lambda model, optimizer: Monitor(model, mse, optimizer=optimizer, detectors=[Slow()], log_every=5), steps=41)
+    state = monitor.schedule.state_dict()
+    # steps 2-41 are timed (the first has no step before it), 2 ms each at least
+    assert 40 * 0.002 <= state["statistics_seconds"] < 40 * 0.002 + 40 * 0.05
+    assert monitor.readings and state["check_seconds"] > 0  # readings at 10, 20, 40: timed apart
+    # The statistics' share of the measured steps comes off the readings' budget.
+    plain_step, share = monitor.schedule._readings_budget()
+    per_step = state["statistics_seconds"] / state["steps_timed"]
+    assert share == pytest.approx(max(0.05 - per_step / plain_step, 0.025))
