@@ -3,13 +3,13 @@
 For a CNN of about 90 k parameters (batch 64, SGD with momentum) and the small GPT of
 ``benchmarks/cost.py`` (AdamW), each trained for `--steps` steps on fixed synthetic data, in one
 process: the run with ``Monitor(model, loss_fn, optimizer=...)`` at its defaults against the same run
-without hessdiag, interleaved (A B A B ...), the fastest of each arm compared, the spread of each
-arm reported. Also the steps at which a curvature value was logged (full checks: lambda_max;
-tracking readings: a proven lower bound on it), the largest gap after step 200, the curvature points
-per 1,000 steps, and the same after a resume from a checkpoint taken halfway (a fresh Monitor loading
-the first half's state).
+without hessdiag and the run with the per-step statistics alone (``check_every=0``), interleaved
+(A B C A B C ...), the fastest of each arm compared, the spread of each arm reported. Also the steps
+at which a curvature value was logged (full checks: lambda_max; tracking readings: a proven lower
+bound on it), the largest gap after step 200, the curvature points per 1,000 steps, and the same after
+a resume from a checkpoint taken halfway (a fresh Monitor loading the first half's state).
 
-    python benchmarks/cadence.py                        # CNN 3,000 steps, GPT 1,000 steps, 3 pairs each
+    python benchmarks/cadence.py                        # CNN 3,000 steps, GPT 1,000 steps, 3 rounds each
     python benchmarks/cadence.py --models cnn --steps 3000 --pairs 3
 
 Writes benchmarks/results/cadence-<device>.json.
@@ -73,11 +73,12 @@ def problem(name: str):
     return model, optimizer, next_token_loss, batch
 
 
-def train(name: str, steps: int, watched: bool, resume_at: int | None = None) -> dict:
+def train(name: str, steps: int, watched: bool, resume_at: int | None = None, readings: bool = True) -> dict:
     """One run; with `resume_at`, the Monitor is replaced at that step by a fresh one that loads
-    the first one's state (as a resumed job would)."""
+    the first one's state (as a resumed job would); `readings` False: the Monitor's per-step
+    statistics alone (``check_every=0``)."""
     model, optimizer, loss_fn, batch = problem(name)
-    monitor = hessdiag.Monitor(model, loss_fn, optimizer=optimizer) if watched else None
+    monitor = hessdiag.Monitor(model, loss_fn, optimizer=optimizer, check_every="auto" if readings else 0) if watched else None
     points: list[int] = []
     start = time.perf_counter()
     for step in range(steps):
@@ -106,6 +107,7 @@ def train(name: str, steps: int, watched: bool, resume_at: int | None = None) ->
         "full_checks": [c.step for c in monitor.checks],
         "check_seconds": [round(c.seconds, 4) for c in monitor.checks],
         "reading_seconds": [round(r.seconds, 4) for r in monitor.readings],
+        "statistics_seconds": monitor.schedule.state_dict()["statistics_seconds"],
         "failed": monitor.failed_checks,
     }
 
@@ -121,11 +123,12 @@ def gaps_after(points: list[int], start: int, steps: int) -> int:
 
 
 def measure(name: str, steps: int, pairs: int) -> dict:
-    plain, watched = [], []
+    plain, watched, statistics_only = [], [], []
     for _ in range(pairs):
         plain.append(train(name, steps, False)["seconds"])
         run = train(name, steps, True)
         watched.append(run["seconds"])
+        statistics_only.append(train(name, steps, True, readings=False)["seconds"])
     resumed = train(name, steps, True, resume_at=steps // 2)
     step_seconds = min(plain) / steps
     row = {
@@ -136,6 +139,11 @@ def measure(name: str, steps: int, pairs: int) -> dict:
         "overhead": round(min(watched) / min(plain), 4),
         "spread_plain": round(max(plain) / min(plain) - 1, 3),
         "spread_watched": round(max(watched) / min(watched) - 1, 3),
+        # the per-step statistics alone (check_every=0), the third arm of each round
+        "statistics_seconds": [round(s, 2) for s in statistics_only],
+        "statistics_overhead": round(min(statistics_only) / min(plain), 4),
+        # the statistics' share of the watched run as the Monitor timed it for its budget
+        "statistics_share_timed": round(run["statistics_seconds"] / run["seconds"], 4),
         "points": run["points"],
         "full_checks": run["full_checks"],
         "points_per_1000_steps": round(1000 * len(run["points"]) / steps, 1),
@@ -151,7 +159,9 @@ def measure(name: str, steps: int, pairs: int) -> dict:
     }
     print(
         f"{name}: {steps} steps, overhead {row['overhead']:.3f}x (fastest of {pairs} each; spread {row['spread_plain']:.0%} "
-        f"plain, {row['spread_watched']:.0%} watched; the readings themselves {row['readings_share']:.1%} of the run); "
+        f"plain, {row['spread_watched']:.0%} watched; the readings themselves {row['readings_share']:.1%} of the run, the "
+        f"per-step statistics alone {row['statistics_overhead']:.3f}x, timed by the Monitor "
+        f"{row['statistics_share_timed']:.1%}); "
         f"{len(run['points'])} curvature points "
         f"({row['points_per_1000_steps']} per 1,000 steps, {len(run['full_checks'])} full checks), largest gap after "
         f"step 200: {row['largest_gap_after_200']} steps; after a resume at {steps // 2}: largest gap "
