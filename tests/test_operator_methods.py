@@ -77,6 +77,20 @@ def test_double_backward_gives_bit_for_bit_the_per_parameter_products():
     torch.testing.assert_close(DoubleBackward(loss.grads, space).product(vector), hessian @ vector, rtol=1e-10, atol=1e-12)
 
 
+def test_a_product_written_over_its_operand_is_the_same_and_leaves_the_gradient(problem):
+    """matvec(v, out=v) gives bit for bit matvec(v), and the gradient the operator reports (views of
+    double backward's flat output, not a copy of it) is neither the vector written nor changed by it."""
+    model, batch, hessian, vector = problem
+    with HessianOperator(model, cross_entropy, batch, method="double_backward") as operator:
+        gradient = operator.gradient()
+        fresh = operator.matvec(vector)
+        operand = vector.clone()
+        written = operator.matvec(operand, out=operand)
+        assert written is operand and torch.equal(written, fresh)
+        assert torch.equal(operator.gradient(), gradient)
+        torch.testing.assert_close(fresh, hessian @ vector, rtol=1e-10, atol=1e-12)
+
+
 def test_forward_over_reverse_matches_the_dense_hessian(problem):
     model, batch, hessian, vector = problem
     loss = batch_loss(model, batch)

@@ -117,6 +117,25 @@ def test_ritz_bound_under_a_preconditioner_bounds_the_top_of_d_h_d(seed):
     assert float(eigenvalues[-1]) > 2 * float(torch.linalg.eigvalsh(hessian)[-1])
 
 
+def test_ritz_bound_works_in_place_on_its_own_vectors_only():
+    """The reading combines its basis and products in place: the tracked vector, the scale and the
+    operator's gradient are left as they were, and a second reading reads the same."""
+    model, batch, hessian = problem(0)
+    d = torch.exp(torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+    with HessianOperator(model, cross_entropy, batch, method="double_backward") as operator:
+        gradient = operator.gradient()
+        for vector in starts(torch.linalg.eigh(hessian)[1], operator.dim, 0, randoms=1):
+            for scale in (None, d):
+                for steps in (1, KRYLOV_STEPS, 4):
+                    kept_vector, kept_scale = vector.clone(), d.clone()
+                    first = ritz_bound(operator, vector, scale=scale, steps=steps)
+                    assert torch.equal(vector, kept_vector) and torch.equal(d, kept_scale)
+                    again = ritz_bound(operator, vector, scale=scale, steps=steps)
+                    assert (again.value, again.residual) == (first.value, first.residual)
+                    assert torch.equal(again.next_vector, first.next_vector)
+        assert torch.equal(operator.gradient(), gradient)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_finite_difference_readings_in_float32_bound_the_float64_truth(seed):
     """The products' error (measured along each basis vector) and float32 rounding are in the bounds:
