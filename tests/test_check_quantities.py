@@ -381,7 +381,7 @@ def test_tags_charts_and_summary_of_the_new_quantities(tmp_path, capsys):
     ],
 )
 def test_noise_scale_verdict(scale, se, batch, meaning):
-    from hessdiag.reporting.dashboard import noise_scale_verdict
+    from hessdiag.noise.verdict import noise_scale_verdict
 
     assert meaning in noise_scale_verdict(scale, se, batch)
 

@@ -342,7 +342,7 @@ def test_the_event_log_grows_linearly_with_the_events(tmp_path):
 def test_the_noise_scale_verdict_waits_for_a_resolved_estimate(scale, se, resolved):
     """No advice on the batch while the standard error exceeds half the value: 770 +- 910 could as
     well be 64 as 1,700."""
-    from hessdiag.reporting.dashboard import noise_scale_verdict
+    from hessdiag.noise.verdict import noise_scale_verdict
 
     sentence = noise_scale_verdict(scale, se, 64)
     assert ("not resolved yet" not in sentence) == resolved, sentence

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from hessdiag import _distributed
-from hessdiag.reporting.dashboard import noise_scale_verdict
 from hessdiag.noise.micro_batches import MicroBatchNoise
 from hessdiag.noise.noise_scale import NoiseScaleEstimate
 from hessdiag.noise.ranks import RankNoiseScale
+from hessdiag.noise.verdict import noise_scale_verdict
 from hessdiag.reporting.tags import NOISE_SCALE, NOISE_SCALE_SE
 
 

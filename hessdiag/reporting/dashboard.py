@@ -6,24 +6,19 @@ per quantity (the largest, the median and the smallest over layers), a histogram
 table of the worst layers by name, so the number of scalar tags does not grow with depth (all
 per-layer scalars are an opt-in). A few derived series make the charts readable: the lines at 1 of the
 stability ratio and of the learning-rate headroom, the certified part of lambda_min, the count of
-active flags and the flag onsets. Where a check's directions live is a text card naming at most
-:data:`~hessdiag.estimators.layer_shares.SHARES_KEPT` modules per end (:func:`layer_shares_text`), and the
-noise scale's comparison with the batch a sentence (:func:`noise_scale_verdict`): module names and
-batch sizes never become scalar tags.
+active flags and the flag onsets. The texts of a check (where its directions live, the modules'
+own sharpness, the noise scale against the batch) are worded by the quantities that own them
+(:mod:`hessdiag.check.quantities`, :mod:`hessdiag.noise.verdict`); the writers only pass them on.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 from hessdiag.flags import FLAG_NAMES
-from hessdiag.estimators.layer_shares import module_label
-from hessdiag.estimators.module_sharpness import ModuleSharpness
-from hessdiag.noise.noise_scale import NoiseScaleEstimate
 from hessdiag.reporting.tags import (
     TRACKING_NUM_HVPS,
     TRACKING_RESIDUAL,
@@ -125,85 +120,6 @@ def worst_layers(layers: Mapping[str, Mapping[str, float]], k: int) -> str:
     if not rows:
         return ""
     return f"| per layer | largest {k} | smallest {k} |\n|---|---|---|\n" + "\n".join(rows)
-
-
-def direction_sentence(shares: Sequence[tuple[str, float]], end: str = "top") -> str:
-    """"the sharpest direction lies 71% in `layer4.1.conv2`" for the largest of `shares`
-    (``((module, share), ...)``, largest first); ``end="bottom"``: the most negative direction."""
-    if not shares:
-        return ""
-    module, share = shares[0]
-    which = "sharpest direction" if end == "top" else "direction of lowest curvature"
-    return f"the {which} lies {share:.0%} in `{module_label(module)}`"
-
-
-def layer_shares_text(top: Sequence[tuple[str, float]], bottom: Sequence[tuple[str, float]]) -> str:
-    """Markdown: the sentence for the top direction, then per end the modules holding most of it."""
-    if not top and not bottom:
-        return ""
-    rows = [
-        f"| {end} | " + ", ".join(f"`{module_label(name)}` {share:.0%}" for name, share in shares) + " |"
-        for end, shares in (("top (lambda_max)", top), ("bottom (lambda_min)", bottom)) if shares
-    ]  # fmt: skip
-    sentence = direction_sentence(top)
-    sentence = sentence[:1].upper() + sentence[1:] + "." if sentence else ""
-    return f"{sentence}\n\n| eigenvector | modules holding most of its squared norm |\n|---|---|\n" + "\n".join(rows)
-
-
-def layer_shares_record(top: Sequence[tuple[str, float]], bottom: Sequence[tuple[str, float]]) -> str:
-    """The layer shares for programs (:data:`~hessdiag.reporting.tags.LAYER_SHARES_RECORD`): JSON
-    ``{"top": [[module, share], ...], "bottom": [...]}``, modules by their label, largest share first."""
-    return json.dumps({end: [[module_label(name), float(share)] for name, share in shares] for end, shares in (("top", top), ("bottom", bottom))})
-
-
-def module_sharpness_text(blocks: Sequence[ModuleSharpness], lambda_max: float) -> str:
-    """Markdown: "`layer4.1.conv2` alone has lambda_max 380 of the whole 412", then every measured
-    module's block lambda_max with its bound (the modules holding most of the top direction)."""
-    first = blocks[0]
-    head = f"`{module_label(first.module)}` alone has lambda_max {first.lambda_max:.4g} of the whole {lambda_max:.4g}."
-    rows = "\n".join(
-        f"| `{module_label(b.module)}` | {b.lambda_max:.4g} +- {b.error_bound:.2g} | {b.num_hvps}"
-        f"{'' if b.converged else ' (not converged)'} |"
-        for b in blocks
-    )
-    return f"{head}\n\n| module | lambda_max of its own block | products |\n|---|---|---|\n{rows}"
-
-
-def samples(value: float) -> str:
-    """A sample count to two significant figures, with thousands separators: ``~2,100``."""
-    rounded = float(f"{value:.2g}")
-    return f"~{rounded:,.0f}" if abs(rounded) >= 10 else f"~{rounded:.2g}"
-
-
-#: A noise scale is resolved once its standard error is at most this share of it (the value then lies
-#: at least two standard errors from 0, and the factor-of-2 bands of the verdict mean something).
-NOISE_SCALE_RESOLVED = 0.5
-
-
-def noise_scale_verdict(noise_scale: float, noise_scale_se: float | None, batch: int | None) -> str:
-    """One sentence: the noise scale (samples) against the step's `batch`, and what it means
-    (McCandlish et al., 2018): well below the noise scale, steps fall nearly in proportion to the
-    batch (a larger batch costs few extra samples); well above it, a larger batch buys few steps.
-
-    A verdict needs a resolved estimate: a standard error at most :data:`NOISE_SCALE_RESOLVED` of
-    the value. Before that (or without a standard error, after a single estimate) the sentence says
-    the estimate is not resolved yet instead of advising on the batch."""
-    known_error = noise_scale_se is not None and math.isfinite(noise_scale_se)
-    error = f" (+- {samples(noise_scale_se)[1:]})" if known_error else ""
-    head = f"noise scale {samples(noise_scale)} samples{error}"
-    if batch is None:
-        return head
-    if not known_error or not noise_scale_se <= NOISE_SCALE_RESOLVED * noise_scale:
-        why = f"a standard error above {NOISE_SCALE_RESOLVED:.0%} of the value" if known_error else "no standard error yet"
-        return f"{head} vs batch {batch:,}: not resolved yet ({why}; more checks narrow it), no verdict on the batch"
-    ratio = noise_scale / batch
-    if ratio >= 2:
-        meaning = "a larger batch would cost little sample efficiency (fewer steps for nearly the same samples)"
-    elif ratio <= 0.5:
-        meaning = "a smaller batch would reach the same loss on fewer samples; a larger one would buy few steps"
-    else:
-        meaning = "the batch is near the noise scale, the usual compromise between steps and samples"
-    return f"{head} vs batch {batch:,}: {meaning}"
 
 
 _Chart = tuple[str, list[str]]  # title, tags (regular expressions for per-layer scalars)
@@ -337,13 +253,3 @@ def layout(tags: Iterable[str]) -> dict[str, dict[str, list]]:
         if shown:
             result[category] = shown
     return result
-
-
-def noise_scale_unresolved(estimate: NoiseScaleEstimate) -> str:
-    """One sentence for a check whose noise scale is measured but not resolved: the mean ||G||^2
-    estimate over the checks is still <= 0 (the gradient's signal is below its noise)."""
-    return (
-        f"noise scale not resolved yet: the mean ||G||^2 estimate over the checks is <= 0 (this check's "
-        f"{estimate.grad_sq_norm:.3g} +- {estimate.grad_sq_norm_se:.2g}): at {estimate.big_batch} samples the "
-        "gradient's signal is below its noise, so the noise scale is probably well above the batch."
-    )

@@ -7,13 +7,13 @@ vector's restriction (see :mod:`hessdiag.estimators.module_sharpness`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from hessdiag.check.quantity import CheckContext, Quantity, Skipped
 from hessdiag.estimators import module_sharpness as estimator
 from hessdiag.estimators.layer_shares import module_label
 from hessdiag.estimators.module_sharpness import ModuleSharpness
-from hessdiag.reporting.dashboard import module_sharpness_text
 from hessdiag.reporting.tags import LAYER_SHARES, module_sharpness_tag
 
 
@@ -46,3 +46,16 @@ class TopModuleSharpness(Quantity):
     @staticmethod
     def texts(value: tuple[ModuleSharpness, ...], check: Any) -> dict[str, str]:
         return {LAYER_SHARES: module_sharpness_text(value, check.lambda_max)} if value else {}
+
+
+def module_sharpness_text(blocks: Sequence[ModuleSharpness], lambda_max: float) -> str:
+    """Markdown: "`layer4.1.conv2` alone has lambda_max 380 of the whole 412", then every measured
+    module's block lambda_max with its bound (the modules holding most of the top direction)."""
+    first = blocks[0]
+    head = f"`{module_label(first.module)}` alone has lambda_max {first.lambda_max:.4g} of the whole {lambda_max:.4g}."
+    rows = "\n".join(
+        f"| `{module_label(b.module)}` | {b.lambda_max:.4g} +- {b.error_bound:.2g} | {b.num_hvps}"
+        f"{'' if b.converged else ' (not converged)'} |"
+        for b in blocks
+    )
+    return f"{head}\n\n| module | lambda_max of its own block | products |\n|---|---|---|\n{rows}"

@@ -23,7 +23,7 @@ from hessdiag.errors import HessdiagError
 from hessdiag.isolation import unwrap_model
 from hessdiag.noise.noise_scale import NoiseScaleEstimate, gradient_noise_scale
 from hessdiag.noise.running import RunningNoiseScale
-from hessdiag.reporting.dashboard import noise_scale_unresolved, noise_scale_verdict
+from hessdiag.noise.verdict import noise_scale_unresolved, noise_scale_verdict
 from hessdiag.reporting.tags import NOISE_SCALE, NOISE_SCALE_SE, NOISE_SCALE_VERDICT
 
 
