@@ -303,9 +303,12 @@ def reading_memory(name: str, config: dict, run: Run, probe) -> dict:
         state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "starts": probe.starts.state_dict()}
         torch.save(state, state_file)
         for kind in ("step", *READING_KINDS):
+            Path(out).unlink(missing_ok=True)  # a failed worker must not leave the last kind's figure
             worker = mp.get_context("spawn").Process(target=memory_worker, args=(name, config, kind, state_file, out))
             worker.start()
             worker.join()
+            if worker.exitcode != 0:
+                raise RuntimeError(f"the memory worker for {name} {kind} failed (exit code {worker.exitcode})")
             measured = json.loads(Path(out).read_text())
             peaks[kind] = measured["held"] + measured["growth"]
     return {kind: peaks[kind] / peaks["step"] for kind in READING_KINDS}
