@@ -1,10 +1,13 @@
 """Where the Lanczos vectors live, and the Gram-Schmidt against them.
 
-Memory: the basis costs (max_iter + 1) x dim floats. ``basis="auto"`` keeps it on the device when it
-fits the budget, else in host memory, else falls back to the three-vector recurrence (extreme
-eigenvalues only, no Ritz vectors; duplicate "ghost" copies of converged values are harmless for the
-extremes; without reorthogonalisation the rounding model of :mod:`hessdiag.lanczos.certificates` is
-optimistic, and so are the probable limits, which assume the exact Lanczos polynomials).
+Memory: the basis costs up to (max_iter + 1) x dim floats, allocated as Lanczos runs: its rows double
+from :data:`FIRST_ROWS`, so a warm check that stops after 15 steps holds 16 rows, not max_iter (on a
+GPU an allocation up front would hold them all from the start). ``basis="auto"`` keeps it on the
+device when the whole capacity fits the budget, else in host memory, else falls back to the
+three-vector recurrence (extreme eigenvalues only, no Ritz vectors; duplicate "ghost" copies of
+converged values are harmless for the extremes; without reorthogonalisation the rounding model of
+:mod:`hessdiag.lanczos.certificates` is optimistic, and so are the probable limits, which assume the
+exact Lanczos polynomials).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ _DEVICE_BUDGET_FRACTION = 0.3  # of free accelerator memory; the HVPs need the r
 _HOST_BUDGET_FRACTION = 0.5  # of available host memory
 _KAHAN_PARLETT = 2**-0.5
 
+#: Rows of the basis allocated at first; each time it fills, its rows double (up to the capacity).
+FIRST_ROWS = 8
+
 
 class Basis:
     """Storage of the Lanczos vectors and the two-pass Gram-Schmidt against them."""
@@ -34,20 +40,27 @@ class Basis:
         self.storage = storage
         self.shard = shard
         self.device = device
+        self.capacity = capacity
         self.size = 0
-        if storage == "recurrence":
-            self.vectors: torch.Tensor | None = None
-            self.recent: list[torch.Tensor] = []
-        else:
-            where = device if storage == "device" else torch.device("cpu")
-            pin = storage == "host" and device.type == "cuda"
-            self.vectors = torch.empty(capacity, dim, dtype=dtype, device=where, pin_memory=pin)
-            self.recent = []
+        self.recent: list[torch.Tensor] = []
+        self.vectors: torch.Tensor | None = None
+        if storage != "recurrence":
+            self.vectors = self._allocate(min(capacity, FIRST_ROWS), dim, dtype)
+
+    def _allocate(self, rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+        where = self.device if self.storage == "device" else torch.device("cpu")
+        pin = self.storage == "host" and self.device.type == "cuda"
+        return torch.empty(rows, dim, dtype=dtype, device=where, pin_memory=pin)
 
     def append(self, vector: torch.Tensor) -> None:
         if self.vectors is None:
             self.recent = (self.recent + [vector])[-2:]
         else:
+            if self.size == self.vectors.shape[0]:  # full: double its rows (up to the capacity)
+                rows, dim = self.vectors.shape
+                grown = self._allocate(min(self.capacity, 2 * rows), dim, self.vectors.dtype)
+                grown[:rows].copy_(self.vectors)
+                self.vectors = grown
             self.vectors[self.size].copy_(vector, non_blocking=False)
         self.size += 1
 
