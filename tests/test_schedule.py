@@ -45,8 +45,8 @@ def test_auto_draws_a_line_early_then_spaces_readings_by_the_tracking_cost(monke
             clock.now += 0.05
             s.tracking_finished(step, 0.05, cpu)
     assert early == [(10, "tracking"), (20, "tracking"), (40, "tracking"), (80, "tracking"), (160, "tracking")]
-    # Then the tracking readings' share of the budget: 50 ms / (0.6 * 5% * 10 ms) = 167 steps.
-    assert s.interval == math.ceil(0.05 / (TRACKING_SHARE * 0.05 * 0.01)) == 167 and s.next_check == 160 + 167
+    # Then the tracking readings' share of the budget: 50 ms / (0.75 * 5% * 10 ms) = 134 steps.
+    assert s.interval == math.ceil(0.05 / (TRACKING_SHARE * 0.05 * 0.01)) == 134 and s.next_check == 160 + 134
     _run_steps(clock, s, s.interval)
     s.tracking_finished(s.next_check, 1e-5, cpu)  # a cheap reading: never more often than min_interval
     assert s.interval == 100
@@ -55,7 +55,7 @@ def test_auto_draws_a_line_early_then_spaces_readings_by_the_tracking_cost(monke
 @pytest.mark.parametrize(
     ("check_seconds", "tracking_seconds", "verdict", "fewest_checks"),
     [
-        (1.0, 0.05, False, 35),  # tracking takes 60 s of the 100 s budget: about 40 one-second checks
+        (1.0, 0.05, False, 20),  # tracking takes 75 s of the 100 s budget: about 25 one-second checks
         (2.0, 0.01, True, 35),  # cheap readings every min_interval (20 s): about 40 two-second checks
         (0.3, 0.2, False, 200),  # readings every 667 steps, most of them full checks
         (20.0, 0.05, True, 1),  # only the check the verdict bought fits beside the tracking readings
@@ -101,8 +101,8 @@ def test_pauses_between_steps_are_not_training_time(monkeypatch):
         clock.now += 60.0 if step == 50 else 0.01
         s.step_finished()
     s.tracking_finished(100, 0.3, torch.device("cpu"))
-    # 0.3 s / (0.6 * 5% * 10 ms) = 1000 steps; the mean gap (0.61 s) would give 17.
-    assert s.interval == pytest.approx(1000, abs=1)  # float rounding of the fake clock
+    # 0.3 s / (0.75 * 5% * 10 ms) = 800 steps; the mean gap (0.61 s) would give 14.
+    assert s.interval == pytest.approx(800, abs=1)  # float rounding of the fake clock
 
 
 def test_failures_back_off_exponentially_up_to_16x():

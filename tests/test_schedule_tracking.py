@@ -99,7 +99,7 @@ def test_a_verdict_that_needs_a_full_check_buys_the_run_s_first_one_at_once(cloc
 def test_after_the_early_readings_tracking_spaces_readings_by_its_cost_over_its_share_of_the_budget(clock):
     schedule = CheckSchedule("auto", overhead_budget=0.05, min_interval=100)
     run = Run(clock, schedule).until(160)
-    expected = math.ceil(0.05 / (TRACKING_SHARE * 0.05 * 0.01))  # 167 steps for 50 ms readings
+    expected = math.ceil(0.05 / (TRACKING_SHARE * 0.05 * 0.01))  # 134 steps for 50 ms readings
     assert schedule.interval == pytest.approx(expected, abs=1)  # float rounding of the fake clock
     run.until(2000)
     late = [step for step in run.steps_of("tracking") if step >= 160]
@@ -108,10 +108,10 @@ def test_after_the_early_readings_tracking_spaces_readings_by_its_cost_over_its_
     cheap = CheckSchedule("auto", overhead_budget=0.05, min_interval=100)
     Run(clock, cheap, tracking_seconds=1e-4).until(200)
     assert cheap.interval == 100
-    # A dear one gets the spacing its cost needs: 0.3 s / (0.6 * 5% * 10 ms) = 1000 steps.
+    # A dear one gets the spacing its cost needs: 0.3 s / (0.75 * 5% * 10 ms) = 800 steps.
     dear = CheckSchedule("auto", overhead_budget=0.05, min_interval=100)
     Run(clock, dear, tracking_seconds=0.3).until(200)
-    assert dear.interval == pytest.approx(1000, abs=1)
+    assert dear.interval == pytest.approx(800, abs=1)
 
 
 def test_the_first_full_check_waits_until_the_whole_budget_pays_for_it_in_advance(clock):

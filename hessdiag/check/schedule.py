@@ -64,7 +64,7 @@ FIRST_CHECK_ESTIMATE = 30
 
 #: The share of the readings' budget that sets the spacing of tracking readings; the rest pays for
 #: the full checks (the first one included).
-TRACKING_SHARE = 0.6
+TRACKING_SHARE = 0.75
 
 #: The least share of `overhead_budget` left to the readings, however much the per-step statistics take.
 READINGS_MIN_SHARE = 0.5
