@@ -134,6 +134,7 @@ def test_state_round_trip():
         ({"check_every": True}, "`check_every` must be an int >= 0 or 'auto'"),
         ({"overhead_budget": 0}, r"`overhead_budget` must be a number in \(0, 1\)"),
         ({"min_interval": 0}, "`min_interval` must be a positive int"),
+        ({"max_interval": 50}, r"`max_interval` \(50\) must be at least `min_interval` \(100\)"),
         ({"first_check": 0}, "`first_check` must be a positive int"),
         ({"early_checks": 0}, "`early_checks` must be a positive int"),
     ],

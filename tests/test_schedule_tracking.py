@@ -194,6 +194,24 @@ def test_statistics_that_take_most_of_the_budget_leave_the_readings_their_least_
     """Statistics of 4% of each step (steps of a few milliseconds) would leave the readings 1%: they keep
     READINGS_MIN_SHARE of the budget instead (the curvature goes on; the whole overhead exceeds 5%)."""
     schedule = CheckSchedule("auto", overhead_budget=0.05)
-    Run(clock, schedule, statistics_seconds=0.04 * 0.01).until(160)
-    expected = 0.05 / (TRACKING_SHARE * READINGS_MIN_SHARE * 0.05 * 0.01)
+    Run(clock, schedule, statistics_seconds=0.04 * 0.01, tracking_seconds=0.2).until(160)
+    expected = 0.2 / (TRACKING_SHARE * READINGS_MIN_SHARE * 0.05 * 0.01)  # 1067 steps
     assert schedule.interval == pytest.approx(math.ceil(expected), abs=1)
+
+
+@pytest.mark.parametrize(
+    ("statistics_share", "tracking_seconds", "interval"),
+    [
+        (0.04, 0.05, 250),  # 267 steps by the readings' budget; 250 keeps tracking alone at 2% of 5%
+        (0.03, 0.12, 250),  # 640 by the readings' budget; at 250 tracking alone takes 4.8% of 5%
+        (0.03, 0.15, 800),  # at 250 tracking alone would take 6%: the budgeted spacing stands
+        (0.0, 0.05, 134),  # within max_interval already
+    ],
+)
+def test_a_reading_comes_at_least_every_max_interval_steps_while_tracking_alone_fits_the_budget(
+    clock, statistics_share, tracking_seconds, interval
+):
+    schedule = CheckSchedule("auto", overhead_budget=0.05)
+    Run(clock, schedule, statistics_seconds=statistics_share * 0.01, tracking_seconds=tracking_seconds).until(160)
+    assert schedule.max_interval == 250
+    assert schedule.interval == pytest.approx(interval, abs=1)

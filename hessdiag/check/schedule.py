@@ -10,7 +10,10 @@ time:
   `early_checks` = 5), so a short run draws a line of curvature rather than one point.
 * Then a reading every `interval` steps: the measured cost of a tracking reading over
   :data:`TRACKING_SHARE` of the readings' budget, never more often than every `min_interval` steps
-  (100).
+  (100), and at least every `max_interval` steps (250) where the tracking readings alone stay within
+  the whole budget at that spacing: where the per-step statistics leave too little (steps of a few
+  milliseconds), the curve keeps its density and the whole overhead exceeds the budget by at most the
+  statistics' share.
 * The budget is the whole overhead: the per-step statistics (gradient norms, the loss, the detectors
   at each read-back; their host time, measured by the Monitor) are paid first, and the readings get
   the rest, at least :data:`READINGS_MIN_SHARE` of the budget (where the statistics take more, on
@@ -78,6 +81,8 @@ class CheckSchedule:
         overhead_budget: share of the training time that hessdiag may add in ``"auto"`` mode, the
             per-step statistics and the readings together (default 0.05).
         min_interval: fewest steps between readings in ``"auto"`` mode (100).
+        max_interval: most steps between readings in ``"auto"`` mode while the tracking readings alone
+            fit in `overhead_budget` (250; at least `min_interval`).
         first_check: the step of the first check in ``"auto"`` mode (10; at most `min_interval`).
         early_checks: readings in ``"auto"`` mode placed at doubling steps from `first_check` (5; 1:
             only the first), before the budget spaces them.
@@ -88,15 +93,20 @@ class CheckSchedule:
         check_every: CheckEvery = "auto",
         overhead_budget: float = 0.05,
         min_interval: int = 100,
+        max_interval: int = 250,
         first_check: int = 10,
         early_checks: int = 5,
     ) -> None:
-        for name, value in (("min_interval", min_interval), ("first_check", first_check), ("early_checks", early_checks)):
+        named = (("min_interval", min_interval), ("max_interval", max_interval), ("first_check", first_check), ("early_checks", early_checks))
+        for name, value in named:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
         self.check_every = check_every
         self.overhead_budget = float(overhead_budget)
+        if max_interval < min_interval:
+            raise ValueError(f"`max_interval` ({max_interval}) must be at least `min_interval` ({min_interval}).")
         self.min_interval = min_interval
+        self.max_interval = max_interval
         self.early_checks = early_checks
         self.checks_done = 0  # readings of either kind
         self.interval = min_interval if check_every == "auto" else check_every
@@ -186,9 +196,12 @@ class CheckSchedule:
             self.interval = max(step, 1)  # doubling: the next early reading at twice this step
         elif self.check_every == "auto" and self._recent_steps:
             plain_step, share = self._readings_budget()
-            # the tracking readings' share of the readings' budget (none timed yet: min_interval)
+            # the tracking readings' share of the readings' budget (none timed yet: min_interval) ...
             spacing = self._last_tracking / (TRACKING_SHARE * share * plain_step)
-            interval = max(self.min_interval, math.ceil(spacing))
+            # ... but a reading at least every max_interval steps where tracking alone then stays
+            # within the whole budget (otherwise the budgeted spacing stands)
+            affordable = self._last_tracking / (self.overhead_budget * plain_step) <= self.max_interval
+            interval = max(self.min_interval, math.ceil(min(spacing, self.max_interval) if affordable else spacing))
             if _distributed.is_data_parallel():
                 interval = int(_distributed.all_reduce_max_(torch.tensor([float(interval)], device=device)).item())
             self.interval = interval
