@@ -8,24 +8,22 @@ time:
 
 * Readings come early, at doubling steps from `first_check` (10, 20, 40, 80, 160 with
   `early_checks` = 5), so a short run draws a line of curvature rather than one point.
+* The budget is the whole overhead: the per-step statistics (gradient norms, the loss, the detectors
+  at each read-back; their host time, measured by the Monitor) are paid first, and the readings get
+  the rest, at least :data:`READINGS_MIN_SHARE` of the budget.
 * Then a reading every `interval` steps: the measured cost of a tracking reading over
   :data:`TRACKING_SHARE` of the readings' budget, never more often than every `min_interval` steps
   (100), and at least every `max_interval` steps (250) where the tracking readings alone stay within
-  the whole budget at that spacing: where the per-step statistics leave too little (steps of a few
-  milliseconds), the curve keeps its density and the whole overhead exceeds the budget by at most the
-  statistics' share.
-* The budget is the whole overhead: the per-step statistics (gradient norms, the loss, the detectors
-  at each read-back; their host time, measured by the Monitor) are paid first, and the readings get
-  the rest, at least :data:`READINGS_MIN_SHARE` of the budget (where the statistics take more, on
-  steps of a few milliseconds, the whole overhead exceeds the budget rather than the curvature
-  going dark).
-* Each reading is a full check when the whole budget can pay for it in advance (the readings so far
-  *and* this check, estimated as long as the last full check, or :data:`FIRST_CHECK_ESTIMATE`
-  tracking readings before the first, fit in `overhead_budget` of the training time), otherwise a
-  tracking reading. A verdict that needs a full check (the saddle rule, which reads the bottom end,
-  once the losses show a stall) buys the run's first one at once. So the tracking readings carry the
-  curve from the first reading on, and full checks (both ends, every quantity; the only readings
-  that can clear a flag) come as often as the rest of the budget allows.
+  the whole budget at that spacing. So where the per-step statistics leave too little (steps of a
+  few milliseconds) the curve keeps its density, and the whole overhead exceeds the budget by at most
+  the statistics' share.
+* Each reading is a full check when the readings' budget can pay for it in advance (the readings so
+  far *and* this check, estimated as long as the last full check, or :data:`FIRST_CHECK_ESTIMATE`
+  tracking readings before the first, fit in it), otherwise a tracking reading. A verdict that needs
+  a full check (the saddle rule, which reads the bottom end, once the losses show a stall) buys the
+  run's first one at once. So the tracking readings carry the curve from the first reading on, and
+  full checks (both ends, every quantity; the only readings that can clear a flag) come as often as
+  the rest of the budget allows.
 
 The time of a training step is the median of the last 256 gaps between steps, so pauses in between
 (validation, checkpointing, a stalled data loader) do not count as training time. A failing reading
