@@ -108,14 +108,111 @@ def _adagrad(state: Mapping[str, Any], group: Mapping[str, Any]) -> torch.Tensor
     return local(state["sum"]).float().sqrt() + float(group["eps"])
 
 
-Diagonal = Callable[[Mapping[str, Any], Mapping[str, Any]], "torch.Tensor | None"]
-_DIAGONALS: tuple[tuple[tuple[type, ...], Diagonal], ...] = (
+StateRule = Callable[[Mapping[str, Any], Mapping[str, Any]], "torch.Tensor | None"]
+_DIAGONALS: tuple[tuple[tuple[type, ...], StateRule], ...] = (
     ((torch.optim.RAdam,), _radam),
     ((torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam), _adam),
     ((torch.optim.Adamax,), _adamax),
     ((torch.optim.RMSprop,), _rmsprop),
     ((torch.optim.Adagrad,), _adagrad),
 )
+
+
+class Diagonal:
+    """A diagonal over the flat vector of some parameters (flattened and concatenated in order, this
+    rank's shards on FSDP2), computed piece by piece when used and never held whole: a tracking
+    reading scales its operand and its product with it, one parameter-sized vector less at its peak
+    than a flat vector held through the reading. The entries are read afresh at each use (from the
+    optimizer's state, which must not change while the diagonal is used), each piece the same float32
+    numbers as its slice of :meth:`flat`.
+
+    Args:
+        sizes: each parameter's number of entries.
+        piece: the entries of the parameter at an index (flat; float32 for an optimizer's, cast to
+            the vector's dtype where used), or None where they are 0.
+    """
+
+    def __init__(self, sizes: Sequence[int], piece: Callable[[int], "torch.Tensor | None"]) -> None:
+        self.sizes = list(sizes)
+        self.piece = piece
+        self._max_abs: float | None = None
+
+    @classmethod
+    def whole(cls, flat: torch.Tensor) -> Diagonal:
+        """A diagonal held as the one flat vector `flat` (one piece)."""
+        return cls([flat.numel()], lambda _index: flat)
+
+    @torch.no_grad()
+    def flat(self, device: torch.device | str) -> torch.Tensor:
+        """The whole diagonal as one float32 vector on `device`, each piece written into its slice."""
+        out = torch.empty(sum(self.sizes), device=device, dtype=torch.float32)
+        for index, slot in enumerate(out.split(self.sizes)):
+            value = self.piece(index)
+            if value is None:
+                slot.zero_()
+            else:
+                slot.copy_(value)
+        return out
+
+    @torch.no_grad()
+    def mul(self, vector: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """d * `vector` (flat, in its dtype), as a new vector or into `out`, which may be `vector`
+        itself: the same numbers as ``flat(...).to(vector) * vector``, zero pieces included
+        (0 * inf is nan there too)."""
+        out = torch.empty_like(vector) if out is None else out
+        largest = 0.0
+        for index, (source, target) in enumerate(zip(vector.split(self.sizes), out.split(self.sizes))):
+            value = self.piece(index)
+            if value is None:
+                torch.mul(source, 0.0, out=target)
+                continue
+            torch.mul(source, value.to(vector), out=target)
+            if self._max_abs is None and value.numel():
+                largest = max(largest, float(value.abs().max()))
+        if self._max_abs is None:
+            self._max_abs = largest
+        return out
+
+    def max_abs(self) -> float:
+        """||d||_inf (read along the first :meth:`mul`, or here)."""
+        if self._max_abs is None:
+            values = (self.piece(index) for index in range(len(self.sizes)))
+            self._max_abs = max((float(v.abs().max()) for v in values if v is not None and v.numel()), default=0.0)
+        return self._max_abs
+
+    def scaled(self, factors: Sequence[float]) -> Diagonal:
+        """This diagonal with each parameter's piece times its factor (a float32 number)."""
+        return Diagonal(self.sizes, lambda index: _times(self.piece(index), factors[index]))
+
+
+def _times(value: torch.Tensor | None, factor: float) -> torch.Tensor | None:
+    return None if value is None else value * factor
+
+
+@torch.no_grad()
+def adaptive_preconditioner_diagonal(
+    optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]
+) -> Diagonal | None:
+    """d = P^(-1/2) over `params` as a :class:`Diagonal` computed piece by piece (what
+    :func:`adaptive_preconditioner_sqrt` returns whole); None where that returns None."""
+    diagonal = next((rule for kinds, rule in _DIAGONALS if isinstance(optimizer, kinds)), None)
+    if diagonal is None:
+        return None
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+
+    def piece(index: int) -> torch.Tensor | None:
+        p = params[index]
+        group = group_of.get(id(p))
+        value = None if group is None else diagonal(optimizer.state.get(p, {}), group)
+        return None if value is None else torch.rsqrt(value.detach().reshape(-1))
+
+    root = Diagonal([local(p).numel() for p in params], piece)
+    found = any(_has_state(diagonal, optimizer.state.get(p, {}), group_of.get(id(p))) for p in params)
+    return root if found else None
+
+
+def _has_state(diagonal: StateRule, state: Mapping[str, Any], group: Mapping[str, Any] | None) -> bool:
+    return group is not None and diagonal(state, group) is not None
 
 
 @torch.no_grad()
@@ -136,25 +233,8 @@ def adaptive_preconditioner_sqrt(
         has never moved them. ``None`` when no parameter has state yet (before the first step), or
         for an optimizer without a diagonal preconditioner. The optimizer state is only read.
     """
-    diagonal = next((rule for kinds, rule in _DIAGONALS if isinstance(optimizer, kinds)), None)
-    if diagonal is None:
-        return None
-    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    # Each piece written straight into its slice of the flat vector (not concatenated from pieces
-    # held whole: the parameters' size once more at the peak).
-    flat = torch.empty(sum(local(p).numel() for p in params), device=params[0].device, dtype=torch.float32)
-    start, found = 0, False
-    for p in params:
-        group = group_of.get(id(p))
-        value = None if group is None else diagonal(optimizer.state.get(p, {}), group)
-        piece = flat[start : start + local(p).numel()]
-        start += piece.numel()
-        if value is None:
-            piece.zero_()
-            continue
-        found = True
-        torch.rsqrt(value.detach().reshape(-1), out=piece)
-    return flat if found else None
+    root = adaptive_preconditioner_diagonal(optimizer, params)
+    return None if root is None else root.flat(params[0].device)
 
 
 #: Adam's case of :func:`adaptive_preconditioner_sqrt`, under the name it had when Adam was the only one.
@@ -169,9 +249,17 @@ def relative_step_sizes(
     :mod:`hessdiag.stability`, over `params` in order (float32, on their devices). ``None`` when every
     parameter has the reference learning rate. Parameters the optimizer does not hold get 0: it never
     moves them."""
+    ratios = step_size_ratios(optimizer, params, param_group)
+    if ratios is None:
+        return None
+    return torch.cat([torch.full((local(p).numel(),), ratio, device=p.device) for p, ratio in zip(params, ratios)])
+
+
+def step_size_ratios(
+    optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], param_group: int = 0
+) -> list[float] | None:
+    """:func:`relative_step_sizes` one number per parameter (None where all are 1)."""
     reference = float(optimizer.param_groups[param_group]["lr"])
     lr_of = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
     ratios = [lr_of.get(id(p), 0.0) / reference for p in params]
-    if all(ratio == 1.0 for ratio in ratios):
-        return None
-    return torch.cat([torch.full((local(p).numel(),), ratio, device=p.device) for p, ratio in zip(params, ratios)])
+    return None if all(ratio == 1.0 for ratio in ratios) else ratios

@@ -11,7 +11,7 @@ from loops import one_step
 from torch import nn
 
 from hessdiag import HessdiagWarning, Monitor
-from hessdiag.stability import adaptive_preconditioner_sqrt, preconditioner_sqrt, stability_threshold
+from hessdiag.stability import adaptive_preconditioner_sqrt, preconditioner_diagonal, preconditioner_sqrt, stability_threshold
 
 
 def scalar():
@@ -286,3 +286,28 @@ def test_the_monitor_judges_the_edge_under_each_adaptive_optimizer(make):
     assert monitor.checks and all(check.stability is not None for check in monitor.checks)
     last = monitor.checks[-1]
     assert last.stability.preconditioned and last.sharpness != pytest.approx(last.lambda_max, rel=1e-3)
+
+
+@pytest.mark.parametrize("lrs", [(1e-2, 1e-2), (1e-2, 3e-2)], ids=["one-lr", "per-group-lr"])
+def test_the_diagonal_piece_by_piece_multiplies_as_the_flat_vector(lrs):
+    """What a tracking reading scales with, piece by piece, gives the numbers of the flat vector
+    times the vector, bit for bit: zero pieces (a parameter out of the optimizer) and 0 * inf
+    included, in the vector's dtype, and the same ||d||_inf."""
+    generator = torch.Generator().manual_seed(0)
+    w, b, frozen = (nn.Parameter(torch.randn(n, generator=generator)) for n in (70_001, 3, 5))
+    optimizer = torch.optim.AdamW([{"params": [w], "lr": lrs[0]}, {"params": [b], "lr": lrs[1]}], eps=1e-3)
+    for _ in range(3):
+        optimizer.zero_grad()
+        ((w**3).sum() + (b**2).sum() * 7).backward()
+        optimizer.step()
+    params = [w, frozen, b]
+    flat, diagonal = preconditioner_sqrt(optimizer, params), preconditioner_diagonal(optimizer, params)
+    assert diagonal is not None and torch.equal(diagonal.flat("cpu"), flat)
+    for dtype in (torch.float32, torch.float64):
+        vector = torch.randn(flat.numel(), generator=generator, dtype=dtype)
+        vector[70_002] = math.inf  # in the zero piece: nan, as 0 * inf
+        expected = flat.to(dtype) * vector
+        assert expected.isnan().sum() == 1
+        torch.testing.assert_close(diagonal.mul(vector), expected, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(diagonal.mul(vector, out=vector), expected, rtol=0, atol=0, equal_nan=True)
+    assert diagonal.max_abs() == float(torch.linalg.vector_norm(flat, math.inf))

@@ -25,7 +25,7 @@ from hessdiag.check.quantities import build_quantities
 from hessdiag.check.quantities.noise_scale import NoiseScale
 from hessdiag.check.quantities.update_prediction import UpdateLossPrediction
 from hessdiag.check.quantity import CheckContext, Quantity, Skipped
-from hessdiag.check.quantities.stability import Stability, stability_rule
+from hessdiag.check.quantities.stability import stability_diagonal
 from hessdiag.check.record import CurvatureCheck
 from hessdiag.check.starts import CheckStarts
 from hessdiag.check.tracking import COLD_KRYLOV_STEPS, KRYLOV_STEPS, ONE_STEP_RESIDUAL, TrackingReading, track
@@ -177,9 +177,10 @@ class CurvatureProbe:
         with preserved_state(unwrap_model(self.model), operator.params), operator:
             if starts.method is None:
                 starts.method_reason(step, operator, reuse=False)  # "auto"'s choice, for the readings after
-            rule = stability_rule(optimizer, operator)
-            threshold = rule.threshold.threshold if isinstance(rule, Stability) and rule.threshold is not None else None
-            scale = rule.scale if isinstance(rule, Stability) and threshold is not None else None
+            # the preconditioner's square root computed piece by piece where it is used, never held whole
+            rule = stability_diagonal(optimizer, operator)
+            found, scale = (None, None) if isinstance(rule, Skipped) else rule
+            threshold = None if found is None else found.threshold
             tracked = starts.tracked_preconditioned if scale is not None else starts.tracked
             if tracked is None or tracked.shape[-1] != operator.size:
                 generator = random_generator(step, operator.shard, operator.device)

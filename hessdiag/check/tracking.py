@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from hessdiag.operator import HessianOperator
+from hessdiag.preconditioners import Diagonal
 from hessdiag.reporting.tags import (
     LAMBDA_MAX_LOWER,
     RATIO_LOWER,
@@ -68,7 +69,7 @@ class RitzBound:
 
 
 def ritz_bound(
-    operator: HessianOperator, vector: torch.Tensor, scale: torch.Tensor | None = None, steps: int = KRYLOV_STEPS
+    operator: HessianOperator, vector: torch.Tensor, scale: Diagonal | None = None, steps: int = KRYLOV_STEPS
 ) -> RitzBound:
     """Rayleigh-Ritz on the `steps`-dimensional Krylov space of `vector` (normalised here) on the open
     `operator`, or on the symmetric ``d H d`` for a preconditioner square root ``d`` = `scale`: one
@@ -87,19 +88,29 @@ def ritz_bound(
     basis: list[torch.Tensor] = []
     products: list[torch.Tensor] = []
     errors: list[float] = []
-    v = vector.to(device=operator.device, dtype=operator.dtype)
-    for _ in range(steps):
-        v = _orthogonalised(v, basis, shard)
-        norm = math.sqrt(max(dot(v, v, shard), 0.0))
-        if not norm > 1e-8 * (1 + sum(math.sqrt(dot(p, p, shard)) for p in products[:1])):
+    start = vector.to(device=operator.device, dtype=operator.dtype)
+    for step in range(steps):
+        v = _direction(start, basis, products, shard)
+        if v is None:
             break  # the Krylov space is invariant: nothing new to add
-        v = v / norm if v is vector else v.div_(norm)  # the caller's vector is never written
-        product, error = _product(operator, v, scale)
+        last = step == steps - 1
+        # The last direction is not held through its product (one vector fewer at the reading's
+        # peak): its product is written over it, or over the temporary d v, and it is recomputed
+        # after, bit for bit, from what is kept (the start, the basis and the products before it).
+        operand = v if scale is None else scale.mul(v)
+        if last:
+            del v
+        product, error = _product(operator, operand, scale, writable=last or scale is not None)
+        del operand
+        if last:
+            v = _direction(start, basis, products, shard)
+            assert v is not None  # the same numbers as before the product
         basis.append(v)
         products.append(product)
         errors.append(error)
-        v = product  # the next direction: H v, orthogonalised above
-    del v  # the last product: combined in place below
+        if step == 0:
+            start = None  # read again only by the last step's recomputation, past the first step
+        del v, product  # held in the lists, which the combinations below empty as they go
     m = len(basis)
     if m == 0:
         raise ValueError("the tracked vector is zero or not finite: nothing to track (the next full check starts afresh)")
@@ -129,16 +140,45 @@ def ritz_bound(
     return RitzBound(theta, theta - error - rounding, residual + error + rounding, ritz)
 
 
+def _direction(
+    start: torch.Tensor | None, basis: list[torch.Tensor], products: list[torch.Tensor], shard: VectorShard | None
+) -> torch.Tensor | None:
+    """The next unit vector of the Krylov basis: `start` normalised while the basis is empty, else
+    the last product orthogonalised against the basis and normalised; None where the space is
+    invariant (nothing new to add). A new vector: its inputs are left as they are, so a second call
+    gives the same numbers."""
+    w = start if not basis else _orthogonalised(products[-1], basis, shard)
+    assert w is not None
+    norm = math.sqrt(max(dot(w, w, shard), 0.0))
+    if not norm > 1e-8 * (1 + sum(math.sqrt(dot(p, p, shard)) for p in products[:1])):
+        return None
+    return w / norm if w is start else w.div_(norm)
+
+
+#: Entries per piece of :func:`_less_multiple`: a temporary of 256 KB (float32) instead of a
+#: parameter-sized one.
+CHUNK = 1 << 16
+
+
 def _orthogonalised(v: torch.Tensor, basis: list[torch.Tensor], shard: VectorShard | None) -> torch.Tensor:
     """`v` less its components along the orthonormal `basis`, removed twice (full
     reorthogonalisation): `v` itself when the basis is empty, else a new vector (`v` is left as it
-    is: it is the last product, which the Ritz combination reads)."""
+    is: it is a product, which the Ritz combination reads)."""
     w = v
     for _pass in range(2):
         for q in basis:
-            component = dot(q, w, shard) * q
-            w = w - component if w is v else w.sub_(component)
+            w = _less_multiple(w, dot(q, w, shard), q, keep=w is v)
     return w
+
+
+def _less_multiple(w: torch.Tensor, weight: float, q: torch.Tensor, keep: bool) -> torch.Tensor:
+    """``w - weight * q``, into a new vector where `keep`, else in place in `w`: piece by piece
+    (:data:`CHUNK` entries), so no parameter-sized ``weight * q`` is held; the same numbers, each
+    entry rounded as ``w - weight * q`` rounds it."""
+    out = torch.empty_like(w) if keep else w
+    for source, along, target in zip(w.split(CHUNK), q.split(CHUNK), out.split(CHUNK)):
+        torch.sub(source, along * weight, out=target)
+    return out
 
 
 def _accumulated(total: torch.Tensor, weights: list[float], vectors: list[torch.Tensor]) -> torch.Tensor:
@@ -150,20 +190,21 @@ def _accumulated(total: torch.Tensor, weights: list[float], vectors: list[torch.
     return total
 
 
-def _product(operator: HessianOperator, v: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-    """(A v, a bound on its error) for unit `v`, A = H or d H d. Under a scale the operand d v is a
-    temporary, so the product is written over it (one vector less while double backward's pieces are
-    concatenated), and scaled in place."""
-    operand = v if scale is None else scale * v
+def _product(
+    operator: HessianOperator, operand: torch.Tensor, scale: Diagonal | None, writable: bool
+) -> tuple[torch.Tensor, float]:
+    """(A v, a bound on its error) for unit v from its `operand` (v, or d v under a scale), A = H or
+    d H d. A `writable` operand (a temporary, or a direction recomputed after) holds the product
+    (one vector less while double backward's pieces are concatenated), scaled in place."""
     size = math.sqrt(dot(operand, operand, operator.shard))
     if operator.method == "finite_difference":
         measured = operator.along(operand / size)
         product, error = measured.product * size, measured.error * size
     else:
-        product = operator.matvec(operand, out=None if scale is None else operand)
+        product = operator.matvec(operand, out=operand if writable else None)
         error = operator.product_error * size
     if scale is not None:
-        product, error = product.mul_(scale), error * float(torch.linalg.vector_norm(scale, math.inf))
+        product, error = scale.mul(product, out=product), error * scale.max_abs()
     return product, error
 
 
@@ -224,7 +265,7 @@ def track(
     vector: torch.Tensor,
     *,
     threshold: float | None,
-    scale: torch.Tensor | None,
+    scale: Diagonal | None,
     steps: int = KRYLOV_STEPS,
 ) -> tuple[TrackingReading, torch.Tensor]:
     """A tracking reading on the open `operator` from the tracked top `vector`: a lower bound on

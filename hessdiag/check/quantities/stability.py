@@ -17,7 +17,8 @@ from hessdiag.check.quantity import CheckContext, Quantity, Skipped
 from hessdiag.lanczos import lanczos
 from hessdiag.operator import HessianOperator
 from hessdiag.reporting.tags import RATIO_LOWER, SHARPNESS, SHARPNESS_LOWER, STABILITY_RATIO, STABILITY_THRESHOLD
-from hessdiag.stability import NoLearningRate, StabilityThreshold, preconditioner_sqrt, stability_threshold
+from hessdiag.preconditioners import Diagonal
+from hessdiag.stability import NoLearningRate, StabilityThreshold, preconditioner_diagonal, stability_threshold
 
 
 @dataclass(frozen=True)
@@ -68,22 +69,33 @@ class StabilitySharpness(Quantity):
 
 def stability_rule(optimizer: torch.optim.Optimizer | None, operator: HessianOperator) -> Stability | Skipped:
     """The optimizer's threshold now and, for a preconditioned rule, the preconditioner's square root
-    on `operator`'s parameters (the sharpness left at nan: the caller measures it). No threshold
-    without an optimizer, at a learning rate of 0 (a warm-up's first step: nothing to say) and before
-    a preconditioned optimizer's first step (no second-moment estimate yet); :class:`Skipped` for an
-    optimizer without a known stability rule."""
-    none = Stability(None, math.nan)
+    on `operator`'s parameters as one flat vector in the operator's dtype (the sharpness left at nan:
+    the caller measures it); see :func:`stability_diagonal` for when there is no threshold."""
+    rule = stability_diagonal(optimizer, operator)
+    if isinstance(rule, Skipped):
+        return rule
+    threshold, diagonal = rule
+    scale = None if diagonal is None else diagonal.flat(operator.device).to(dtype=operator.dtype)
+    return Stability(threshold, math.nan, scale)
+
+
+def stability_diagonal(
+    optimizer: torch.optim.Optimizer | None, operator: HessianOperator
+) -> tuple[StabilityThreshold | None, Diagonal | None] | Skipped:
+    """The optimizer's threshold now and, for a preconditioned rule, the preconditioner's square root
+    on `operator`'s parameters, computed piece by piece where it is used (a tracking reading's, which
+    never holds it whole). No threshold without an optimizer, at a learning rate of 0 (a warm-up's
+    first step: nothing to say) and before a preconditioned optimizer's first step (no second-moment
+    estimate yet); :class:`Skipped` for an optimizer without a known stability rule."""
     if optimizer is None:
-        return none
+        return None, None
     try:
         threshold = stability_threshold(optimizer)
     except NoLearningRate:
-        return none
+        return None, None
     except ValueError as error:
         return Skipped(f"No edge-of-stability judgement (the flag stays off; sharpness is lambda_max): {error}")
     if not threshold.preconditioned:
-        return Stability(threshold, math.nan)
-    scale = preconditioner_sqrt(optimizer, operator.params)
-    if scale is None:
-        return none
-    return Stability(threshold, math.nan, scale.to(device=operator.device, dtype=operator.dtype))
+        return threshold, None
+    diagonal = preconditioner_diagonal(optimizer, operator.params)
+    return (None, None) if diagonal is None else (threshold, diagonal)
