@@ -479,13 +479,19 @@ def test_the_last_direction_is_not_held_through_its_product():
     d = torch.exp(torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(7), dtype=torch.float64))
     vector = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     with HessianOperator(model, cross_entropy, batch, method="double_backward") as operator:
-        outside = {t.untyped_storage().data_ptr() for t in (vector, d, operator.gradient())}
+
+        def sized_storages():
+            gc.collect()
+            sized = [t for t in gc.get_objects() if type(t) is torch.Tensor and t.shape == (operator.dim,)]
+            return {t.untyped_storage().data_ptr() for t in sized}
+
+        # everything parameter-sized before the reading (the operator's own gradient included), all
+        # held alive through it, so that no address is reused by the reading's vectors
+        outside = sized_storages()
         matvec, alive = operator.matvec, []
 
         def counted(v, *, out=None):
-            gc.collect()
-            sized = [t for t in gc.get_objects() if type(t) is torch.Tensor and t.shape == (operator.dim,)]
-            alive.append(len({t.untyped_storage().data_ptr() for t in sized} - outside))
+            alive.append(len(sized_storages() - outside))
             return matvec(v, out=out)
 
         operator.matvec = counted

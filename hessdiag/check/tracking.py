@@ -155,9 +155,11 @@ def _direction(
     return w / norm if w is start else w.div_(norm)
 
 
-#: Entries per piece of :func:`_less_multiple`: a temporary of 256 KB (float32) instead of a
-#: parameter-sized one.
+#: Entries per piece of :func:`_less_multiple` (at least): a temporary of 256 KB (float32) instead of
+#: a parameter-sized one; a larger vector is cut into at most :data:`PIECES` pieces, so the number of
+#: kernel launches stays bounded on a large model.
 CHUNK = 1 << 16
+PIECES = 16
 
 
 def _orthogonalised(v: torch.Tensor, basis: list[torch.Tensor], shard: VectorShard | None) -> torch.Tensor:
@@ -172,11 +174,12 @@ def _orthogonalised(v: torch.Tensor, basis: list[torch.Tensor], shard: VectorSha
 
 
 def _less_multiple(w: torch.Tensor, weight: float, q: torch.Tensor, keep: bool) -> torch.Tensor:
-    """``w - weight * q``, into a new vector where `keep`, else in place in `w`: piece by piece
-    (:data:`CHUNK` entries), so no parameter-sized ``weight * q`` is held; the same numbers, each
-    entry rounded as ``w - weight * q`` rounds it."""
+    """``w - weight * q``, into a new vector where `keep`, else in place in `w`: piece by piece (see
+    :data:`CHUNK`), so no parameter-sized ``weight * q`` is held; the same numbers, each entry rounded
+    as ``w - weight * q`` rounds it."""
     out = torch.empty_like(w) if keep else w
-    for source, along, target in zip(w.split(CHUNK), q.split(CHUNK), out.split(CHUNK)):
+    piece = max(CHUNK, -(-w.numel() // PIECES))
+    for source, along, target in zip(w.split(piece), q.split(piece), out.split(piece)):
         torch.sub(source, along * weight, out=target)
     return out
 
