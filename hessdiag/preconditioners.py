@@ -160,7 +160,7 @@ class Diagonal:
         itself: the same numbers as ``flat(...).to(vector) * vector``, zero pieces included
         (0 * inf is nan there too)."""
         out = torch.empty_like(vector) if out is None else out
-        largest = 0.0
+        largest: list[torch.Tensor] = []  # per piece, on the device: read back once
         for index, (source, target) in enumerate(zip(vector.split(self.sizes), out.split(self.sizes))):
             value = self.piece(index)
             if value is None:
@@ -168,16 +168,17 @@ class Diagonal:
                 continue
             torch.mul(source, value.to(vector), out=target)
             if self._max_abs is None and value.numel():
-                largest = max(largest, float(value.abs().max()))
+                largest.append(value.abs().max().float())
         if self._max_abs is None:
-            self._max_abs = largest
+            self._max_abs = float(torch.stack(largest).max()) if largest else 0.0
         return out
 
     def max_abs(self) -> float:
-        """||d||_inf (read along the first :meth:`mul`, or here)."""
+        """||d||_inf (read along the first :meth:`mul`, or here; one read-back)."""
         if self._max_abs is None:
             values = (self.piece(index) for index in range(len(self.sizes)))
-            self._max_abs = max((float(v.abs().max()) for v in values if v is not None and v.numel()), default=0.0)
+            largest = [v.abs().max().float() for v in values if v is not None and v.numel()]
+            self._max_abs = float(torch.stack(largest).max()) if largest else 0.0
         return self._max_abs
 
     def scaled(self, factors: Sequence[float]) -> Diagonal:
