@@ -230,22 +230,23 @@ def test_steps_that_cannot_stop_skip_the_tridiagonal_eigendecomposition_and_deci
     assert torch.equal(every.ritz_values, warm.ritz_values) and torch.equal(every.top_error_bounds, warm.top_error_bounds)
 
 
-def test_the_basis_grows_as_lanczos_runs_and_keeps_every_vector():
-    """Rows are allocated as the basis fills (doubling from FIRST_ROWS), never beyond the capacity, and
-    growing keeps the vectors and the Gram-Schmidt against them exact."""
-    from hessdiag.lanczos.basis import FIRST_ROWS, Basis
+def test_the_basis_is_allocated_in_blocks_as_lanczos_runs_and_keeps_every_vector():
+    """Blocks of BLOCK_ROWS rows are allocated as the basis fills, never beyond the capacity and never
+    copied; the Gram-Schmidt and the combinations across blocks are those of the whole matrix."""
+    from hessdiag.lanczos.basis import BLOCK_ROWS, Basis
 
     dim, capacity = 40, 20
     basis = Basis(capacity, dim, "device", torch.device("cpu"), torch.float64, None)
-    assert basis.vectors.shape[0] == FIRST_ROWS
     q, _ = torch.linalg.qr(torch.randn(dim, capacity, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
-    rows = []
+    allocated = []
     for i in range(capacity):
         basis.append(q[:, i])
-        rows.append(basis.vectors.shape[0])
-    assert rows[: FIRST_ROWS] == [FIRST_ROWS] * FIRST_ROWS and max(rows) == capacity
-    assert torch.equal(basis.vectors[:capacity], q.T)
+        allocated.append(sum(len(block) for block in basis.blocks))
+    assert allocated[:BLOCK_ROWS] == [BLOCK_ROWS] * BLOCK_ROWS and allocated[-1] == capacity
+    assert torch.equal(torch.cat(basis.blocks), q.T)
     w = torch.randn(dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     expected = w - q @ (q.T @ w)
     norm, _ = basis.orthogonalise_(w)
     assert torch.allclose(w, expected, atol=1e-12) and norm == pytest.approx(float(expected.norm()), rel=1e-10)
+    coefficients = torch.randn(capacity, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(basis.combine(coefficients), coefficients.T @ q.T, atol=1e-12)
