@@ -86,7 +86,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
 
     Args:
         check_every: optimizer steps between full curvature checks of both ends (0: never), or ``"auto"``
-            (default): a reading every 100-200 steps within `overhead_budget`, a full check
+            (default): a reading every 100-250 steps within `overhead_budget`, a full check
             where the budget pays for it and else a tracking reading (see :class:`hessdiag.Monitor`).
         overhead_budget: with ``check_every="auto"``, the share of the training time hessdiag may add:
             the per-step statistics' measured time first, the readings the rest, at least half (0.05).
