@@ -218,6 +218,8 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
             {"fsdp": layer_shares(model, local), "ddp": layer_shares(ddp, vector), "local_size": local.numel(), "vector": vector},
             f"{out_dir}/rank{rank}.pt",
         )
+        del ddp  # its reducer's threads gone before the group (a rank aborted once in teardown)
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
