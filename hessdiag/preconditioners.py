@@ -16,6 +16,10 @@ Adagrad                         sqrt(sum) + eps, the accumulated sum of squared 
 
 (t: the parameter's own step count.) RAdam has no preconditioner while its variance estimate is not
 tractable (rho_t <= 5, its first few steps): it then steps like SGD with momentum.
+
+:func:`preconditioner_sqrt` (whole) and :func:`preconditioner_diagonal` (piece by piece, see
+:class:`Diagonal`) give the diagonal d whose square preconditions H for the stability threshold:
+P^-1/2 combined with the per-group learning rates' sqrt(lr_i / lr_0).
 """
 
 from __future__ import annotations
@@ -242,25 +246,41 @@ def adaptive_preconditioner_sqrt(
 adam_preconditioner_sqrt = adaptive_preconditioner_sqrt
 
 
-@torch.no_grad()
-def relative_step_sizes(
-    optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], param_group: int = 0
-) -> torch.Tensor | None:
-    """Each parameter's learning rate over that of `param_group`: the flat diagonal S of
-    :mod:`hessdiag.stability`, over `params` in order (float32, on their devices). ``None`` when every
-    parameter has the reference learning rate. Parameters the optimizer does not hold get 0: it never
-    moves them."""
-    ratios = step_size_ratios(optimizer, params, param_group)
-    if ratios is None:
-        return None
-    return torch.cat([torch.full((local(p).numel(),), ratio, device=p.device) for p, ratio in zip(params, ratios)])
-
-
 def step_size_ratios(
     optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], param_group: int = 0
 ) -> list[float] | None:
-    """:func:`relative_step_sizes` one number per parameter (None where all are 1)."""
+    """Each parameter's learning rate over that of `param_group` (the diagonal S of
+    :mod:`hessdiag.stability`, one number per parameter, in the order of `params`); ``None`` when every
+    parameter has the reference learning rate. Parameters the optimizer does not hold get 0: it never
+    moves them."""
     reference = float(optimizer.param_groups[param_group]["lr"])
     lr_of = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
     ratios = [lr_of.get(id(p), 0.0) / reference for p in params]
     return None if all(ratio == 1.0 for ratio in ratios) else ratios
+
+
+def preconditioner_sqrt(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The diagonal whose square preconditions H for the stability threshold: the adaptive optimizer's
+    P^-1/2 (:func:`adaptive_preconditioner_sqrt`) and the per-group learning rates' sqrt(lr_i / lr_0),
+    combined, as one flat float32 vector; None where neither applies (or an adaptive optimizer before
+    its first step)."""
+    diagonal = preconditioner_diagonal(optimizer, params)
+    return None if diagonal is None else diagonal.flat(params[0].device)
+
+
+def preconditioner_diagonal(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> Diagonal | None:
+    """:func:`preconditioner_sqrt` as a :class:`Diagonal`, computed piece
+    by piece where it is used (a tracking reading never holds it whole)."""
+    ratios = step_size_ratios(optimizer, params)
+    # sqrt(lr_i / lr_0) in float32, as the flat vector's sqrt would round it
+    factors = None if ratios is None else [float(torch.tensor(ratio, dtype=torch.float32).sqrt()) for ratio in ratios]
+    if not preconditions(optimizer):
+        if factors is None:
+            return None
+        return Diagonal([local(p).numel() for p in params], lambda index: _constant(params[index], factors[index]))
+    root = adaptive_preconditioner_diagonal(optimizer, params)
+    return root if root is None or factors is None else root.scaled(factors)
+
+
+def _constant(param: torch.Tensor, value: float) -> torch.Tensor:
+    return torch.full((local(param).numel(),), value, device=param.device)

@@ -62,29 +62,9 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from hessdiag._sharded import local
-from hessdiag.preconditioners import (
-    Diagonal,
-    adam_preconditioner_sqrt,
-    adaptive_preconditioner_diagonal,
-    adaptive_preconditioner_sqrt,
-    next_steps,
-    preconditions,
-    radam_rectification,
-    relative_step_sizes,
-    step_size_ratios,
-)
+from hessdiag.preconditioners import next_steps, preconditions, radam_rectification
 
-__all__ = [
-    "NoLearningRate",
-    "StabilityThreshold",
-    "stability_threshold",
-    "preconditioner_sqrt",
-    "preconditioner_diagonal",
-    "adaptive_preconditioner_sqrt",
-    "adam_preconditioner_sqrt",
-    "relative_step_sizes",
-]
+__all__ = ["NoLearningRate", "StabilityThreshold", "stability_threshold"]
 
 
 class NoLearningRate(ValueError):
@@ -379,30 +359,3 @@ def _require_shared(groups: Sequence[dict[str, Any]], keys: Sequence[str]) -> No
             raise ValueError(
                 f"The param groups differ in `{key}` ({sorted(map(str, values))}): no single stability threshold exists."
             )
-
-
-def preconditioner_sqrt(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """The diagonal whose square preconditions H for the stability threshold: the adaptive optimizer's
-    P^-1/2 (:func:`adaptive_preconditioner_sqrt`) and the per-group learning rates' sqrt(lr_i / lr_0),
-    combined, as one flat float32 vector; None where neither applies (or an adaptive optimizer before
-    its first step)."""
-    diagonal = preconditioner_diagonal(optimizer, params)
-    return None if diagonal is None else diagonal.flat(params[0].device)
-
-
-def preconditioner_diagonal(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> Diagonal | None:
-    """:func:`preconditioner_sqrt` as a :class:`~hessdiag.preconditioners.Diagonal`, computed piece
-    by piece where it is used (a tracking reading never holds it whole)."""
-    ratios = step_size_ratios(optimizer, params)
-    # sqrt(lr_i / lr_0) in float32, as the flat vector's sqrt would round it
-    factors = None if ratios is None else [float(torch.tensor(ratio, dtype=torch.float32).sqrt()) for ratio in ratios]
-    if not preconditions(optimizer):
-        if factors is None:
-            return None
-        return Diagonal([local(p).numel() for p in params], lambda index: _constant(params[index], factors[index]))
-    root = adaptive_preconditioner_diagonal(optimizer, params)
-    return root if root is None or factors is None else root.scaled(factors)
-
-
-def _constant(param: torch.Tensor, value: float) -> torch.Tensor:
-    return torch.full((local(param).numel(),), value, device=param.device)

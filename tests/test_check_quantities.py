@@ -20,7 +20,8 @@ from hessdiag import MicroBatches, Monitor, gradient_noise_scale, hessian_eigenv
 from hessdiag.app.cli import format_summary, summarize
 from hessdiag.detectors import CheckRecord, EdgeOfStabilityDetector, ExplodingGradientDetector
 from hessdiag.settings import DiagnosticsSettings
-from hessdiag.stability import adam_preconditioner_sqrt, stability_threshold
+from hessdiag.preconditioners import adam_preconditioner_sqrt
+from hessdiag.stability import stability_threshold
 from loops import one_step
 from oracles import dense_hessian
 

@@ -132,7 +132,8 @@ def test_bad_arguments_name_the_argument():
 
 
 def test_adam_preconditioned_curvature_with_the_stability_modules_scaling_and_threshold():
-    from hessdiag.stability import adam_preconditioner_sqrt, stability_threshold
+    from hessdiag.preconditioners import adam_preconditioner_sqrt
+    from hessdiag.stability import stability_threshold
 
     model, batch = problem()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)

@@ -11,7 +11,8 @@ from loops import one_step
 from torch import nn
 
 from hessdiag import HessdiagWarning, Monitor
-from hessdiag.stability import adaptive_preconditioner_sqrt, preconditioner_diagonal, preconditioner_sqrt, stability_threshold
+from hessdiag.preconditioners import adaptive_preconditioner_sqrt, preconditioner_diagonal, preconditioner_sqrt
+from hessdiag.stability import stability_threshold
 
 
 def scalar():

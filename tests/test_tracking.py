@@ -25,7 +25,8 @@ from hessdiag.preconditioners import Diagonal
 from hessdiag.operator import HessianOperator
 from hessdiag.reporting import tags
 from hessdiag.settings import DiagnosticsSettings
-from hessdiag.stability import preconditioner_sqrt, stability_threshold
+from hessdiag.preconditioners import preconditioner_sqrt
+from hessdiag.stability import stability_threshold
 from loops import one_step
 from oracles import dense_hessian
 

@@ -8,7 +8,7 @@ c is a Rayleigh quotient, so lambda_min <= c <= lambda_max: ``c / lambda_max`` (
 lambda_max, 1]) says how aligned the gradient is with the sharpest direction.
 
 Preconditioned optimizers step along P^-1 g instead. Given ``scaling`` d (a flat vector with
-P^-1 = diag(d^2), e.g. :func:`hessdiag.stability.adam_preconditioner_sqrt`, or the square root of
+P^-1 = diag(d^2), e.g. :func:`hessdiag.preconditioners.preconditioner_sqrt`, or the square root of
 per-group relative step sizes), the quantity is the curvature of the scaled operator
 diag(d) H diag(d) along the scaled gradient u = d * g, ``c = u' dHd u / u'u`` (the direction of the
 step in the coordinates where the optimizer is plain gradient descent), and it is compared with the

@@ -17,8 +17,8 @@ from hessdiag.check.quantity import CheckContext, Quantity, Skipped
 from hessdiag.lanczos import lanczos
 from hessdiag.operator import HessianOperator
 from hessdiag.reporting.tags import RATIO_LOWER, SHARPNESS, SHARPNESS_LOWER, STABILITY_RATIO, STABILITY_THRESHOLD
-from hessdiag.preconditioners import Diagonal
-from hessdiag.stability import NoLearningRate, StabilityThreshold, preconditioner_diagonal, stability_threshold
+from hessdiag.preconditioners import Diagonal, preconditioner_diagonal
+from hessdiag.stability import NoLearningRate, StabilityThreshold, stability_threshold
 
 
 @dataclass(frozen=True)
