@@ -146,15 +146,20 @@ class ParameterSpace:
     def flatten(self, tensors: Sequence[torch.Tensor | None], out: torch.Tensor | None = None) -> torch.Tensor:
         """One tensor per parameter (None for zero, DTensors as their local shards, sparse as dense)
         as a new flat vector, or written into the flat vector `out`. Each piece is copied straight
-        into its slice: a piece that is not contiguous (a convolution's weight gradient in another
-        memory layout) is not first copied whole by a reshape, as a concatenation would."""
+        into its slice, all in one fused copy: a piece that is not contiguous (a convolution's weight
+        gradient in another memory layout) is not first copied whole by a reshape, as a concatenation
+        would, and a model of hundreds of tensors does not pay a kernel launch per piece."""
         sharded = self.shard is not None  # plain tensors otherwise: no DTensor test per piece
         flat = torch.empty(self.size, device=self.device, dtype=self.dtype) if out is None else out
+        targets, sources = [], []
         for tensor, piece in zip(tensors, self.split(flat)):
             if tensor is None:
                 piece.zero_()
             else:
-                piece.copy_(dense(_sharded.local(tensor) if sharded else tensor))
+                targets.append(piece)
+                sources.append(dense(_sharded.local(tensor) if sharded else tensor))
+        if targets:
+            torch._foreach_copy_(targets, sources)
         return flat
 
     def finish(self, local: torch.Tensor) -> torch.Tensor:

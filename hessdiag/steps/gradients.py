@@ -146,11 +146,11 @@ class GradientStats:
         for group, zero in zip(self._groups, self._zeros):
             grads = [_sharded.local(self.params[i].grad) if present[i] else zero for i in group]
             grad_norms.append(self._stacked(torch._foreach_norm(grads)))
-        row = grad_norms if len(grad_norms) == 1 else [torch.cat(grad_norms)]
+        row = grad_norms
         if self.track_updates:
             # A repeated observe of one step: the update was measured at its first observe.
             row += [torch.full((2 * len(self.params),), math.nan, device=self._device)] if repeat else self._update_norms()
-        self._history.append((step, present, row[0] if len(row) == 1 else torch.cat(row)))
+        self._history.append((step, present, row[0] if len(row) == 1 else torch.cat(row)))  # one group: no copy
 
     def close(self) -> None:
         """Remove the hooks that mark which parameters the backward reached (idempotent). Observes
