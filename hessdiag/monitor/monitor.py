@@ -262,7 +262,7 @@ class Monitor(MonitorView):
         """
         events: list[FlagEvent] = []
         if self.statistics.device.type == "cuda":  # the step's own kernels first: they are not the statistics' time
-            torch.cuda.synchronize(self.statistics.device)
+            torch.cuda.current_stream(self.statistics.device).synchronize()  # the stream the transfer waits on anyway
         with self.schedule.statistics_time(), self.guard("the per-step statistics"):
             readout = self.statistics.read(self.checks[-1].lambda_max if self.checks else None)
             if readout is not None:
