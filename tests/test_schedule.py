@@ -31,22 +31,27 @@ def _run_steps(clock, schedule, steps, seconds=0.01):
         schedule.step_finished()
 
 
-def test_auto_draws_a_line_early_then_spaces_readings_by_the_tracking_cost(monkeypatch):
+def test_auto_draws_a_line_early_then_pays_it_back_and_spaces_readings_by_the_tracking_cost(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(schedule_module.time, "perf_counter", clock)
     s = CheckSchedule("auto", overhead_budget=0.05, min_interval=100)
     cpu = torch.device("cpu")
-    early, step = [], 0
-    while len(early) < 5:  # steps of 10 ms, readings of 50 ms: over budget, yet a short run sees a line
+    readings, step = [], 0
+    while step < 5000:  # steps of 10 ms, readings of 50 ms: the early ones over budget, yet a short run sees a line
         _run_steps(clock, s, 1)
         step += 1
         if s.due(step):
-            early.append((step, s.kind(cpu)))
+            readings.append((step, s.kind(cpu)))
             clock.now += 0.05
             s.tracking_finished(step, 0.05, cpu)
-    assert early == [(10, "tracking"), (20, "tracking"), (40, "tracking"), (80, "tracking"), (160, "tracking")]
-    # Then the tracking readings' share of the budget: 50 ms / (0.75 * 5% * 10 ms) = 134 steps.
-    assert s.interval == math.ceil(0.05 / (TRACKING_SHARE * 0.05 * 0.01)) == 134 and s.next_check == 160 + 134
+    assert readings[:3] == [(10, "tracking"), (40, "tracking"), (160, "tracking")]
+    # The early readings cost 150 ms, more than the 159 steps timed by then pay for (5% of 10 ms each):
+    # the next reading waits until they are paid back ...
+    gaps = [b - a for (a, _), (b, _) in zip(readings[2:], readings[3:])]
+    assert gaps[0] == math.ceil((0.15 - 0.05 * 0.01 * 159) / (0.05 * 0.01)) == 141
+    # ... then come at the tracking readings' share of the budget: 50 ms / (0.75 * 5% * 10 ms) = 134 steps.
+    assert abs(gaps[-1] - math.ceil(0.05 / (TRACKING_SHARE * 0.05 * 0.01))) <= 1
+    assert len(readings) * 0.05 <= 0.05 * 0.01 * readings[-1][0]  # paid back: within the budget of the steps
     _run_steps(clock, s, s.interval)
     s.tracking_finished(s.next_check, 1e-5, cpu)  # a cheap reading: never more often than min_interval
     assert s.interval == 100

@@ -78,7 +78,11 @@ class Run:
         return [step for step, seen in self.readings if seen == kind]
 
 
-EARLY = [10, 20, 40, 80, 160]
+EARLY = [10, 40, 160]
+
+#: Steps after which the early readings are paid back in every case below: the spacing is then the
+#: steady one, set by a tracking reading's cost.
+PAID_BACK = 20_000
 
 
 def test_the_first_readings_track_and_draw_a_line_early(clock):
@@ -90,27 +94,31 @@ def test_the_first_readings_track_and_draw_a_line_early(clock):
 def test_a_verdict_that_needs_a_full_check_buys_the_run_s_first_one_at_once(clock):
     run = Run(clock, CheckSchedule("auto", overhead_budget=0.05), verdict=lambda step: True).until(200)
     # The first reading is a full check whatever it costs; the later ones wait for the budget again.
-    assert run.readings == [(10, "check"), (20, "tracking"), (40, "tracking"), (80, "tracking"), (160, "tracking")]
+    assert run.readings == [(10, "check"), (40, "tracking"), (160, "tracking")]
     # A stall that shows later buys the first full check at the reading where it shows.
     run = Run(clock, CheckSchedule("auto", overhead_budget=0.05), verdict=lambda step: step >= 40).until(200)
-    assert run.readings == [(10, "tracking"), (20, "tracking"), (40, "check"), (80, "tracking"), (160, "tracking")]
+    assert run.readings == [(10, "tracking"), (40, "check"), (160, "tracking")]
 
 
-def test_after_the_early_readings_tracking_spaces_readings_by_its_cost_over_its_share_of_the_budget(clock):
+def test_after_the_early_readings_tracking_pays_them_back_then_spaces_readings_by_its_cost(clock):
     schedule = CheckSchedule("auto", overhead_budget=0.05, min_interval=100)
     run = Run(clock, schedule).until(160)
+    # The three early readings (150 ms) are more than the 159 steps timed by then pay for (5% of 10 ms
+    # each): the next waits until they are paid back, longer than the steady spacing below.
+    assert schedule.interval == math.ceil((0.15 - 0.05 * 0.01 * 159) / (0.05 * 0.01)) == 141
+    run.until(3000)
     expected = math.ceil(0.05 / (TRACKING_SHARE * 0.05 * 0.01))  # 134 steps for 50 ms readings
-    assert schedule.interval == pytest.approx(expected, abs=1)  # float rounding of the fake clock
-    run.until(2000)
-    late = [step for step in run.steps_of("tracking") if step >= 160]
+    late = [step for step in run.steps_of("tracking") if step >= 1000]
     assert run.steps_of("check") == [] and {b - a for a, b in zip(late, late[1:])} == {schedule.interval}
+    assert schedule.interval == pytest.approx(expected, abs=1)  # float rounding of the fake clock
+    assert run.spent <= 0.05 * 0.01 * run.step  # paid back: within the budget of the steps
     # A cheap reading is never taken more often than every `min_interval` steps.
     cheap = CheckSchedule("auto", overhead_budget=0.05, min_interval=100)
-    Run(clock, cheap, tracking_seconds=1e-4).until(200)
+    Run(clock, cheap, tracking_seconds=1e-4, check_seconds=1e-4).until(200)
     assert cheap.interval == 100
-    # A dear one gets the spacing its cost needs: 0.3 s / (0.75 * 5% * 10 ms) = 800 steps.
+    # A dear one gets the spacing its cost needs: 0.3 s / (0.75 * 5% * 10 ms) = 800 steps, once paid back.
     dear = CheckSchedule("auto", overhead_budget=0.05, min_interval=100)
-    Run(clock, dear, tracking_seconds=0.3).until(200)
+    Run(clock, dear, tracking_seconds=0.3).until(PAID_BACK)
     assert dear.interval == pytest.approx(800, abs=1)
 
 
@@ -136,7 +144,7 @@ def test_the_first_full_check_waits_until_the_whole_budget_pays_for_it_in_advanc
     assert tracking_readings * 0.05 <= TRACKING_SHARE * 0.05 * 0.01 * run.step + 0.05 * 5
     # A cheap tracking reading makes the first full check cheap to estimate: it comes early.
     cheap = Run(clock, CheckSchedule("auto", overhead_budget=0.05), tracking_seconds=1e-4).until(200)
-    assert cheap.readings[:2] == [(10, "tracking"), (20, "check")]  # 3 ms estimated <= 5% of 190 steps
+    assert cheap.readings[:2] == [(10, "tracking"), (40, "check")]  # 3 ms estimated <= 5% of 39 steps
 
 
 def test_a_fixed_cadence_always_takes_full_checks(clock):
@@ -178,8 +186,8 @@ def test_the_per_step_statistics_are_paid_from_the_budget_before_the_readings(cl
     """Statistics that add `statistics_share` to each 10 ms step leave the readings the rest of the 5%:
     tracking readings spaced by that rest, and the whole overhead (statistics, early readings, tracking
     readings, full checks) within 5% of the training time over a long run."""
-    schedule = CheckSchedule("auto", overhead_budget=0.05)
-    run = Run(clock, schedule, statistics_seconds=statistics_share * 0.01).until(160)
+    schedule = CheckSchedule("auto", overhead_budget=0.05, max_interval=10_000)  # the budget alone spaces them
+    run = Run(clock, schedule, statistics_seconds=statistics_share * 0.01).until(1000)
     expected = 0.05 / (TRACKING_SHARE * (0.05 - statistics_share) * 0.01)
     assert schedule.interval == pytest.approx(math.ceil(expected), abs=1)
     run.until(100_000)
@@ -194,7 +202,7 @@ def test_statistics_that_take_most_of_the_budget_leave_the_readings_their_least_
     """Statistics of 4% of each step (steps of a few milliseconds) would leave the readings 1%: they keep
     READINGS_MIN_SHARE of the budget instead (the curvature goes on; the whole overhead exceeds 5%)."""
     schedule = CheckSchedule("auto", overhead_budget=0.05)
-    Run(clock, schedule, statistics_seconds=0.04 * 0.01, tracking_seconds=0.2).until(160)
+    Run(clock, schedule, statistics_seconds=0.04 * 0.01, tracking_seconds=0.2).until(PAID_BACK)
     expected = 0.2 / (TRACKING_SHARE * READINGS_MIN_SHARE * 0.05 * 0.01)  # 1067 steps
     assert schedule.interval == pytest.approx(math.ceil(expected), abs=1)
 
@@ -212,6 +220,6 @@ def test_a_reading_comes_at_least_every_max_interval_steps_while_tracking_alone_
     clock, statistics_share, tracking_seconds, interval
 ):
     schedule = CheckSchedule("auto", overhead_budget=0.05)
-    Run(clock, schedule, statistics_seconds=statistics_share * 0.01, tracking_seconds=tracking_seconds).until(160)
+    Run(clock, schedule, statistics_seconds=statistics_share * 0.01, tracking_seconds=tracking_seconds).until(PAID_BACK)
     assert schedule.max_interval == 250
     assert schedule.interval == pytest.approx(interval, abs=1)

@@ -6,17 +6,18 @@ gradient graph and one or two products: a few steps. With ``check_every="auto"``
 readings so that the curvature is read all through the run within `overhead_budget` of the training
 time:
 
-* Readings come early, at doubling steps from `first_check` (10, 20, 40, 80, 160 with
-  `early_checks` = 5), so a short run draws a line of curvature rather than one point.
+* Readings come early, at steps growing fourfold from `first_check` (10, 40, 160 with
+  `early_checks` = 3), so a short run draws a line of curvature rather than one point.
 * The budget is the whole overhead: the per-step statistics (gradient norms, the loss, the detectors
   at each read-back; their host time, measured by the Monitor) are paid first, and the readings get
   the rest, at least :data:`READINGS_MIN_SHARE` of the budget.
 * Then a reading every `interval` steps: the measured cost of a tracking reading over
-  :data:`TRACKING_SHARE` of the readings' budget, never more often than every `min_interval` steps
-  (100), and at least every `max_interval` steps (250) where the tracking readings alone stay within
-  the whole budget at that spacing. So where the per-step statistics leave too little (steps of a
-  few milliseconds) the curve keeps its density, and the whole overhead exceeds the budget by at most
-  the statistics' share.
+  :data:`TRACKING_SHARE` of the readings' budget, or longer while the budget of the steps so far has
+  not paid the readings so far back (the early readings, whose cost their few steps cannot pay, are
+  paid back by the next gaps), never more often than every `min_interval` steps (100), and at least every
+  `max_interval` steps (250) where the tracking readings alone stay within the whole budget at that
+  spacing. So where the per-step statistics leave too little (steps of a few milliseconds) the curve
+  keeps its density, and the whole overhead exceeds the budget by at most the statistics' share.
 * Each reading is a full check when the readings' budget can pay for it in advance (the readings so
   far *and* this check, estimated as long as the last full check, or :data:`FIRST_CHECK_ESTIMATE`
   tracking readings before the first, fit in it), otherwise a tracking reading. A verdict that needs
@@ -63,6 +64,9 @@ BOTTOM_EVERY = 4
 #: check measured 15-40 of them on the CPU benchmarks), so that it waits until the budget can pay.
 FIRST_CHECK_ESTIMATE = 30
 
+#: The early readings in ``"auto"`` mode come at steps growing by this factor (10, 40, 160).
+EARLY_GROWTH = 4
+
 #: The share of the readings' budget that sets the spacing of tracking readings; the rest pays for
 #: the full checks (the first one included).
 TRACKING_SHARE = 0.75
@@ -82,8 +86,8 @@ class CheckSchedule:
         max_interval: most steps between readings in ``"auto"`` mode while the tracking readings alone
             fit in `overhead_budget` (250; at least `min_interval`).
         first_check: the step of the first check in ``"auto"`` mode (10; at most `min_interval`).
-        early_checks: readings in ``"auto"`` mode placed at doubling steps from `first_check` (5; 1:
-            only the first), before the budget spaces them.
+        early_checks: readings in ``"auto"`` mode at steps growing fourfold from `first_check` (3:
+            10, 40, 160; 1: only the first), before the budget spaces them.
     """
 
     def __init__(
@@ -93,7 +97,7 @@ class CheckSchedule:
         min_interval: int = 100,
         max_interval: int = 250,
         first_check: int = 10,
-        early_checks: int = 5,
+        early_checks: int = 3,
     ) -> None:
         named = (("min_interval", min_interval), ("max_interval", max_interval), ("first_check", first_check), ("early_checks", early_checks))
         for name, value in named:
@@ -191,11 +195,13 @@ class CheckSchedule:
         self._check_seconds += seconds
         self.checks_done += 1
         if self.check_every == "auto" and self.checks_done < self.early_checks:
-            self.interval = max(step, 1)  # doubling: the next early reading at twice this step
+            self.interval = (EARLY_GROWTH - 1) * max(step, 1)  # the next early reading at 4x this step
         elif self.check_every == "auto" and self._recent_steps:
             plain_step, share = self._readings_budget()
-            # the tracking readings' share of the readings' budget (none timed yet: min_interval) ...
-            spacing = self._last_tracking / (TRACKING_SHARE * share * plain_step)
+            # the tracking readings' share of the readings' budget (none timed yet: min_interval), or
+            # longer, until the readings' budget has paid the readings so far back ...
+            debt = self._check_seconds - share * plain_step * self._steps_timed
+            spacing = max(self._last_tracking / (TRACKING_SHARE * share * plain_step), debt / (share * plain_step))
             # ... but a reading at least every max_interval steps where tracking alone then stays
             # within the whole budget (otherwise the budgeted spacing stands)
             affordable = self._last_tracking / (self.overhead_budget * plain_step) <= self.max_interval

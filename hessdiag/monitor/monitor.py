@@ -59,7 +59,7 @@ class Monitor(MonitorView):
         writer: a ``torch.utils.tensorboard.SummaryWriter``, a :class:`DiagnosticsWriter`, a list of
             either, or None.
         check_every: optimizer steps between full curvature checks of both ends (0: never), or
-            ``"auto"`` (default): readings at steps 10, 20, 40, 80, 160, then every 100-250 steps within
+            ``"auto"`` (default): readings at steps 10, 40, 160, then every 100-250 steps within
             `overhead_budget`, a full check where the budget pays for it and else a
             tracking reading (a proven lower bound on the sharpness from the tracked top vector; see
             :mod:`hessdiag.check.schedule` and :mod:`hessdiag.check.tracking`).

@@ -41,6 +41,7 @@ class BackwardReach:
         self._params = list(params)
         self._reached: set[int] = _Marks()
         self._hooked = [False] * len(self._params)
+        self._unhooked = list(range(len(self._params)))  # the indices still without a hook
         self._handles: list[RemovableHandle] = []
         # The hooks hold no reference to this object (a weak one): dropping it removes them.
         self._finalizer = weakref.finalize(self, _remove, self._handles)
@@ -50,13 +51,16 @@ class BackwardReach:
         """Per parameter: whether it has a gradient of the interval since the last call (reached by a
         training backward and ``.grad`` not None, or as described in the class docstring); then starts
         the next interval. Host-side only."""
-        seen = bool(self._reached)
-        present = tuple(
-            p.grad is not None and (i in self._reached or not seen or not hooked)
-            for i, (p, hooked) in enumerate(zip(self._params, self._hooked))
-        )
-        self._reached.clear()
-        self._hook_new()
+        reached = self._reached
+        if not reached or self._unhooked:
+            present = tuple(
+                p.grad is not None and (i in reached or not reached or not hooked)
+                for i, (p, hooked) in enumerate(zip(self._params, self._hooked))
+            )
+            self._hook_new()
+        else:  # every parameter hooked and some reached: the marks alone say (the per-step path)
+            present = tuple(i in reached and p.grad is not None for i, p in enumerate(self._params))
+        reached.clear()
         return present
 
     def close(self) -> None:
@@ -68,10 +72,10 @@ class BackwardReach:
         if not self._finalizer.alive:
             return
         marks = weakref.ref(self._reached)
-        for index, p in enumerate(self._params):
-            if not self._hooked[index] and p.requires_grad:
-                self._handles.append(p.register_post_accumulate_grad_hook(_marker(marks, index)))
-                self._hooked[index] = True
+        for index in [i for i in self._unhooked if self._params[i].requires_grad]:
+            self._handles.append(self._params[index].register_post_accumulate_grad_hook(_marker(marks, index)))
+            self._hooked[index] = True
+            self._unhooked.remove(index)
 
 
 class _Marks(set):

@@ -24,6 +24,11 @@ from hessdiag import _distributed, _sharded
 from hessdiag.steps.backward_reach import BackwardReach
 
 
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A gradient of an unsharded model, as it is (:func:`hessdiag._sharded.local` without its test)."""
+    return tensor
+
+
 def module_name(parameter_name: str) -> str:
     """The owning module of a parameter: ``"layer1.0.conv1.weight"`` -> ``"layer1.0.conv1"``.
 
@@ -125,14 +130,18 @@ class GradientStats:
         # masked out on read (the mask lives on the host: `p.grad is None` needs no device read).
         self._zeros = [torch.zeros((), device=device, dtype=dtype) for device, dtype in groups]
         self._order = torch.tensor([index for group in self._groups for index in group])
+        self._in_order = self._order.equal(torch.arange(len(self.params)))  # one group: the identity
         self._device = self.params[0].device
+        self._one_device = all(device == self._device for device, _ in groups)
         # Which norms are of local shards, per column in group order (summed over ranks on read).
         self._sharded_columns = torch.tensor([_sharded.is_sharded([self.params[i]]) for i in self._order.tolist()])
+        self._local = _sharded.local if bool(self._sharded_columns.any()) else _plain
         self._reach = BackwardReach(self.params)
         self.track_updates = track_updates
         self._previous: list[list[torch.Tensor]] | None = None  # parameters at the previous observe, per group
-        # (step, which tensors had a gradient, the row of norms on the device)
-        self._history: list[tuple[int, tuple[bool, ...], torch.Tensor]] = []
+        # (step, which tensors had a gradient, the row of norms on the device: one tensor, or the
+        # 0-d norms as foreach_norm returned them, stacked at the read)
+        self._history: list[tuple[int, tuple[bool, ...], list[torch.Tensor]]] = []
 
     @torch.no_grad()
     def observe(self, step: int) -> None:
@@ -142,15 +151,15 @@ class GradientStats:
         if not any(present):
             return  # nothing to measure: no placeholder row
         repeat = bool(self._history) and self._history[-1][0] == step
-        grad_norms = []
+        row: list[torch.Tensor] = []
         for group, zero in zip(self._groups, self._zeros):
-            grads = [_sharded.local(self.params[i].grad) if present[i] else zero for i in group]
-            grad_norms.append(self._stacked(torch._foreach_norm(grads)))
-        row = grad_norms
+            norms = torch._foreach_norm([self._local(self.params[i].grad) if present[i] else zero for i in group])
+            # on one device the 0-d norms wait for the read, stacked there (one op per read-back, not per step)
+            row.extend(norms if self._one_device else [self._stacked(norms)])
         if self.track_updates:
             # A repeated observe of one step: the update was measured at its first observe.
             row += [torch.full((2 * len(self.params),), math.nan, device=self._device)] if repeat else self._update_norms()
-        self._history.append((step, present, row[0] if len(row) == 1 else torch.cat(row)))  # one group: no copy
+        self._history.append((step, present, row))
 
     def close(self) -> None:
         """Remove the hooks that mark which parameters the backward reached (idempotent). Observes
@@ -159,6 +168,18 @@ class GradientStats:
 
     def _stacked(self, norms: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(norms).to(device=self._device, dtype=torch.float32)
+
+    def _rows(self, history: list[tuple[int, tuple[bool, ...], list[torch.Tensor]]]) -> torch.Tensor:
+        """The observed rows as one (steps x values) float32 tensor on the device: the per-tensor
+        gradient norms (0-d tensors on one device, else a stacked row per group), then with
+        `track_updates` the update norms. Every row has the same layout."""
+        grads = len(self.params) if self._one_device else len(self._groups)
+        flat = [value for _, _, row in history for value in row[:grads]]
+        rows = (torch.stack(flat) if self._one_device else torch.cat(flat)).to(torch.float32).view(len(history), -1)
+        if not self.track_updates:
+            return rows
+        updates = [value for _, _, row in history for value in row[grads:]]
+        return torch.cat([rows, torch.cat(updates).view(len(history), -1)], dim=1)
 
     def _update_norms(self) -> list[torch.Tensor]:
         """Norms of the parameters at the previous observe and of the change since, per tensor."""
@@ -180,7 +201,7 @@ class GradientStats:
         if not self._history:
             return None
         history, self._history = self._history, []
-        per_row = torch.stack([values for _, _, values in history])
+        per_row = self._rows(history)
         weights = [[_sharded.local(self.params[i].detach()) for i in group] for group in self._groups]
         weight_norms = torch.cat([self._stacked(torch._foreach_norm(tensors)) for tensors in weights])
         norms = torch.cat([per_row.flatten(), weight_norms])
@@ -221,6 +242,9 @@ class GradientStats:
         """One row per step: per tensor, its last gradient norm in the step; the update norms of the
         step's first observe. Returns steps, gradient norms, presence mask and update norms."""
         count = len(self.params)
+        if len({step for step, _, _ in history}) == len(history):  # one observe per step (the usual case)
+            masks = torch.tensor([mask for _, mask, _ in history])
+            return [step for step, _, _ in history], rows[:, :count], masks, rows[:, count:]
         steps: list[int] = []
         grads, present, updates = [], [], []
         for (step, mask, _), row in zip(history, rows):
@@ -239,6 +263,8 @@ class GradientStats:
         """Columns from (device, dtype) group order back to parameter order, per block of one value
         per tensor (grad norms; then, with `track_updates`, weight norms and change norms)."""
         count = len(self.params)
+        if self._in_order:
+            return values
         unordered = torch.empty_like(values)
         for start in range(0, values.shape[1], count):
             unordered[:, start + self._order] = values[:, start : start + count]
