@@ -121,7 +121,7 @@ class GradientStats:
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.modules: list[str] = list(dict.fromkeys(module_name(name) for name in self.names))
-        self._module_of = torch.tensor([self.modules.index(module_name(name)) for name in self.names])
+        self._module_list = [self.modules.index(module_name(name)) for name in self.names]  # each tensor's module
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for index, p in enumerate(self.params):
             groups.setdefault((p.device, p.dtype), []).append(index)
@@ -129,12 +129,12 @@ class GradientStats:
         # foreach_norm needs a tensor for every slot: a missing gradient gets a zero scalar, and is
         # masked out on read (the mask lives on the host: `p.grad is None` needs no device read).
         self._zeros = [torch.zeros((), device=device, dtype=dtype) for device, dtype in groups]
-        self._order = torch.tensor([index for group in self._groups for index in group])
-        self._in_order = self._order.equal(torch.arange(len(self.params)))  # one group: the identity
+        self._order_list = [index for group in self._groups for index in group]  # the column of each tensor
+        self._in_order = self._order_list == list(range(len(self.params)))  # one group: the identity
         self._device = self.params[0].device
         self._one_device = all(device == self._device for device, _ in groups)
         # Which norms are of local shards, per column in group order (summed over ranks on read).
-        self._sharded_columns = torch.tensor([_sharded.is_sharded([self.params[i]]) for i in self._order.tolist()])
+        self._sharded_columns = torch.tensor([_sharded.is_sharded([self.params[i]]) for i in self._order_list])
         self._local = _sharded.local if bool(self._sharded_columns.any()) else _plain
         self._reach = BackwardReach(self.params)
         self.track_updates = track_updates
@@ -209,68 +209,80 @@ class GradientStats:
             sharded = self._sharded_columns.repeat(norms.numel() // len(self.params))
             norms = _sharded.norms_over_ranks(norms, sharded, self.params)
         host = norms.cpu().double()  # the one transfer
-        size, count = per_row.numel(), len(self.params)
-        per_row = self._original_order(host[:size].view(len(history), -1))
-        steps, grads, present, updates = self._merge_steps(history, per_row)
+        count, width = len(self.params), per_row.shape[1]
+        values = host.tolist()  # the bookkeeping below is a few values per tensor: plain Python
+        rows = [self._in_parameter_order(values[i * width : (i + 1) * width]) for i in range(len(history))]
+        steps, grads, present, updates = self._merge_steps(history, rows)
         if _distributed.is_data_parallel():  # reached on any rank: every rank judges the same layers
-            present = _distributed.all_reduce_max_(present.to(self._device, torch.int32)).cpu() > 0
-        update_ratios = None
-        if self.track_updates:
-            previous, change = updates[:, :count], updates[:, count:]
-            ratios = self._per_module(change) / self._per_module(previous)
-            update_ratios = [list(zip(self.modules, row)) for row in ratios.tolist()]
-        squares = torch.where(present, grads, 0.0) ** 2
-        has_gradient = torch.zeros(len(steps), len(self.modules), dtype=torch.long).index_add_(
-            1, self._module_of, present.long()
-        ) > 0
-        layer_norms = self._per_module(torch.where(present, grads, 0.0))
+            reached = _distributed.all_reduce_max_(torch.tensor(present, device=self._device, dtype=torch.int32))
+            present = [[bool(flag) for flag in row] for row in reached.tolist()]
+        per_module = [self._per_module(row, mask) for row, mask in zip(grads, present)]
+        weights = self._per_module(self._in_parameter_order(values[len(history) * width :]))
         return GradientReadout(
             steps=steps,
-            grad_norms=squares.sum(dim=1).sqrt().tolist(),
-            nonfinite_tensors=(present & ~torch.isfinite(grads)).sum(dim=1).tolist(),
-            layer_grad_norms=[
-                [(name, value) for name, value, has in zip(self.modules, row, mask) if has]
-                for row, mask in zip(layer_norms.tolist(), has_gradient.tolist())
-            ],
-            layer_weight_norms=list(zip(self.modules, self._per_module(self._original_order(host[None, size:]))[0].tolist())),
-            layer_update_ratios=update_ratios,
+            grad_norms=[math.sqrt(sum(g * g for g, has in zip(row, mask) if has)) for row, mask in zip(grads, present)],
+            nonfinite_tensors=[sum(has and not math.isfinite(g) for g, has in zip(row, mask)) for row, mask in zip(grads, present)],
+            layer_grad_norms=[[(name, norm) for name, norm in zip(self.modules, norms) if norm is not None] for norms in per_module],
+            layer_weight_norms=list(zip(self.modules, weights)),
+            layer_update_ratios=[
+                list(zip(self.modules, self._ratios(self._per_module(row[count:]), self._per_module(row[:count]))))
+                for row in updates
+            ]
+            if self.track_updates
+            else None,
         )
 
     def _merge_steps(
-        self, history: list[tuple[int, tuple[bool, ...], torch.Tensor]], rows: torch.Tensor
-    ) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, history: list[tuple[int, tuple[bool, ...], list[torch.Tensor]]], rows: list[list[float]]
+    ) -> tuple[list[int], list[list[float]], list[list[bool]], list[list[float]]]:
         """One row per step: per tensor, its last gradient norm in the step; the update norms of the
-        step's first observe. Returns steps, gradient norms, presence mask and update norms."""
+        step's first observe. Returns steps, gradient norms, presence masks and update norms."""
         count = len(self.params)
-        if len({step for step, _, _ in history}) == len(history):  # one observe per step (the usual case)
-            masks = torch.tensor([mask for _, mask, _ in history])
-            return [step for step, _, _ in history], rows[:, :count], masks, rows[:, count:]
         steps: list[int] = []
-        grads, present, updates = [], [], []
+        grads: list[list[float]] = []
+        present: list[list[bool]] = []
+        updates: list[list[float]] = []
         for (step, mask, _), row in zip(history, rows):
-            mask_row = torch.tensor(mask)
             if steps and steps[-1] == step:
-                grads[-1] = torch.where(mask_row, row[:count], grads[-1])
-                present[-1] = present[-1] | mask_row
+                grads[-1] = [g if has else last for g, has, last in zip(row, mask, grads[-1])]
+                present[-1] = [has or had for has, had in zip(mask, present[-1])]
             else:
                 steps.append(step)
                 grads.append(row[:count])
-                present.append(mask_row)
+                present.append(list(mask))
                 updates.append(row[count:])
-        return steps, torch.stack(grads), torch.stack(present), torch.stack(updates)
+        return steps, grads, present, updates
 
-    def _original_order(self, values: torch.Tensor) -> torch.Tensor:
-        """Columns from (device, dtype) group order back to parameter order, per block of one value
+    def _in_parameter_order(self, values: list[float]) -> list[float]:
+        """A row from (device, dtype) group order back to parameter order, block by block of one value
         per tensor (grad norms; then, with `track_updates`, weight norms and change norms)."""
-        count = len(self.params)
         if self._in_order:
             return values
-        unordered = torch.empty_like(values)
-        for start in range(0, values.shape[1], count):
-            unordered[:, start + self._order] = values[:, start : start + count]
-        return unordered
+        count, ordered = len(self.params), list(values)
+        for start in range(0, len(values), count):
+            for column, index in enumerate(self._order_list):
+                ordered[start + index] = values[start + column]
+        return ordered
 
-    def _per_module(self, norms: torch.Tensor) -> torch.Tensor:
-        """Per-tensor norms (steps x tensors) to per-module norms (steps x modules): root of summed squares."""
-        squares = torch.zeros(norms.shape[0], len(self.modules), dtype=norms.dtype)
-        return squares.index_add_(1, self._module_of, norms**2).sqrt()
+    def _per_module(self, norms: list[float], present: list[bool] | None = None) -> list[float | None]:
+        """Per-tensor norms to per-module norms (root of summed squares) over the tensors `present`
+        (default all); None for a module none of whose tensors is present."""
+        squares: list[float | None] = [None] * len(self.modules)
+        for index, (norm, module) in enumerate(zip(norms, self._module_list)):
+            if present is None or present[index]:
+                squares[module] = (squares[module] or 0.0) + norm * norm
+        return [None if total is None else math.sqrt(total) for total in squares]
+
+    @staticmethod
+    def _ratios(numerators: list[float | None], denominators: list[float | None]) -> list[float]:
+        """Per module numerator / denominator (IEEE: x / 0 is inf or NaN, as a tensor division gives)."""
+        return [_divide(a, b) for a, b in zip(numerators, denominators)]
+
+
+def _divide(a: float | None, b: float | None) -> float:
+    """a / b as a float64 tensor division gives it (x / 0: inf or NaN); NaN where either is missing."""
+    if a is None or b is None:
+        return math.nan
+    if b == 0:
+        return math.nan if a == 0 or math.isnan(a) else math.copysign(math.inf, a)
+    return a / b
