@@ -3,14 +3,16 @@
 For a CNN of about 90 k parameters (batch 64, SGD with momentum) and the small GPT of
 ``benchmarks/cost.py`` (AdamW), each trained for `--steps` steps on fixed synthetic data, in one
 process: the run with ``Monitor(model, loss_fn, optimizer=...)`` at its defaults against the same run
-without hessdiag and the run with the per-step statistics alone (``check_every=0``), interleaved
-(A B C A B C ...), the fastest of each arm compared, the spread of each arm reported. Also the steps
+without hessdiag and the run with the per-step statistics alone (``check_every=0``). In each round the
+three runs advance side by side in blocks of `--block` steps (A B C A B C ...), so that the shared
+machine's drifts hit them alike; the rounds' fastest of each arm are compared, and so is each round's
+own watched/plain ratio (its median over the rounds), with the spread of each arm. Also the steps
 at which a curvature value was logged (full checks: lambda_max; tracking readings: a proven lower
 bound on it), the largest gap after step 200, the curvature points per 1,000 steps, and the same after
 a resume from a checkpoint taken halfway (a fresh Monitor loading the first half's state).
 
     python benchmarks/cadence.py                        # CNN 3,000 steps, GPT 1,000 steps, 3 rounds each
-    python benchmarks/cadence.py --models cnn --steps 3000 --pairs 3
+    python benchmarks/cadence.py --steps 3000 3000 --pairs 3   # the figures in the README
 
 Writes benchmarks/results/cadence-<device>.json.
 """
@@ -73,43 +75,65 @@ def problem(name: str):
     return model, optimizer, next_token_loss, batch
 
 
-def train(name: str, steps: int, watched: bool, resume_at: int | None = None, readings: bool = True) -> dict:
-    """One run; with `resume_at`, the Monitor is replaced at that step by a fresh one that loads
-    the first one's state (as a resumed job would); `readings` False: the Monitor's per-step
-    statistics alone (``check_every=0``)."""
-    model, optimizer, loss_fn, batch = problem(name)
-    monitor = hessdiag.Monitor(model, loss_fn, optimizer=optimizer, check_every="auto" if readings else 0) if watched else None
-    points: list[int] = []
-    start = time.perf_counter()
-    for step in range(steps):
-        if monitor is not None and step == resume_at:
-            state = monitor.state_dict()
-            points += _points(monitor)
-            monitor.close()
-            monitor = hessdiag.Monitor(model, loss_fn, optimizer=optimizer)
-            monitor.load_state_dict(state)
-        data = batch(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model, data)
-        loss.backward()
-        if monitor is not None:
-            monitor.after_backward()
-        optimizer.step()
-        if monitor is not None:
-            monitor.after_step(data, loss)
-    seconds = time.perf_counter() - start
-    if monitor is None:
-        return {"seconds": seconds}
-    points = sorted(set(points + _points(monitor)))
-    return {
-        "seconds": seconds,
-        "points": points,
-        "full_checks": [c.step for c in monitor.checks],
-        "check_seconds": [round(c.seconds, 4) for c in monitor.checks],
-        "reading_seconds": [round(r.seconds, 4) for r in monitor.readings],
-        "statistics_seconds": monitor.schedule.state_dict()["statistics_seconds"],
-        "failed": monitor.failed_checks,
-    }
+class Arm:
+    """One run of `name`, advanced block by block (:meth:`advance`) so that the arms of a round can
+    take turns; `watched` False: no hessdiag; `readings` False: the Monitor's per-step statistics
+    alone (``check_every=0``); with `resume_at`, the Monitor is replaced at that step by a fresh one
+    that loads the first one's state (as a resumed job would)."""
+
+    def __init__(self, name: str, watched: bool, readings: bool = True, resume_at: int | None = None) -> None:
+        self.model, self.optimizer, self.loss_fn, self.batch = problem(name)
+        check_every = "auto" if readings else 0
+        self.monitor = hessdiag.Monitor(self.model, self.loss_fn, optimizer=self.optimizer, check_every=check_every) if watched else None
+        self.resume_at = resume_at
+        self.step = 0
+        self.seconds = 0.0
+        self.points: list[int] = []
+
+    def advance(self, count: int) -> None:
+        """Train `count` more steps, timed."""
+        monitor, optimizer = self.monitor, self.optimizer
+        start = time.perf_counter()
+        for step in range(self.step, self.step + count):
+            if monitor is not None and step == self.resume_at:
+                state = monitor.state_dict()
+                self.points += _points(monitor)
+                monitor.close()
+                monitor = self.monitor = hessdiag.Monitor(self.model, self.loss_fn, optimizer=optimizer)
+                monitor.load_state_dict(state)
+            data = self.batch(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.model, data)
+            loss.backward()
+            if monitor is not None:
+                monitor.after_backward()
+            optimizer.step()
+            if monitor is not None:
+                monitor.after_step(data, loss)
+        self.seconds += time.perf_counter() - start
+        self.step += count
+
+    def result(self) -> dict:
+        monitor = self.monitor
+        if monitor is None:
+            return {"seconds": self.seconds}
+        return {
+            "seconds": self.seconds,
+            "points": sorted(set(self.points + _points(monitor))),
+            "full_checks": [c.step for c in monitor.checks],
+            "check_seconds": [round(c.seconds, 4) for c in monitor.checks],
+            "reading_seconds": [round(r.seconds, 4) for r in monitor.readings],
+            "statistics_seconds": monitor.schedule.state_dict()["statistics_seconds"],
+            "failed": monitor.failed_checks,
+        }
+
+
+def side_by_side(arms: list[Arm], steps: int, block: int) -> list[dict]:
+    """Run `arms` for `steps` steps each, taking turns every `block` steps; their results."""
+    for start in range(0, steps, block):
+        for arm in arms:
+            arm.advance(min(block, steps - start))
+    return [arm.result() for arm in arms]
 
 
 def _points(monitor: hessdiag.Monitor) -> list[int]:
@@ -122,14 +146,14 @@ def gaps_after(points: list[int], start: int, steps: int) -> int:
     return max(b - a for a, b in zip(marks, marks[1:]))
 
 
-def measure(name: str, steps: int, pairs: int) -> dict:
+def measure(name: str, steps: int, pairs: int, block: int) -> dict:
     plain, watched, statistics_only = [], [], []
     for _ in range(pairs):
-        plain.append(train(name, steps, False)["seconds"])
-        run = train(name, steps, True)
+        plain_run, run, statistics_run = side_by_side([Arm(name, False), Arm(name, True), Arm(name, True, readings=False)], steps, block)
+        plain.append(plain_run["seconds"])
         watched.append(run["seconds"])
-        statistics_only.append(train(name, steps, True, readings=False)["seconds"])
-    resumed = train(name, steps, True, resume_at=steps // 2)
+        statistics_only.append(statistics_run["seconds"])
+    (resumed,) = side_by_side([Arm(name, True, resume_at=steps // 2)], steps, steps)
     step_seconds = min(plain) / steps
     row = {
         "model": name,
@@ -137,6 +161,9 @@ def measure(name: str, steps: int, pairs: int) -> dict:
         "plain_seconds": [round(s, 2) for s in plain],
         "watched_seconds": [round(s, 2) for s in watched],
         "overhead": round(min(watched) / min(plain), 4),
+        # each round's watched / plain, its arms side by side: the median over the rounds
+        "overhead_paired": round(statistics.median(w / p for w, p in zip(watched, plain)), 4),
+        "block": block,
         "spread_plain": round(max(plain) / min(plain) - 1, 3),
         "spread_watched": round(max(watched) / min(watched) - 1, 3),
         # the per-step statistics alone (check_every=0), the third arm of each round
@@ -158,7 +185,8 @@ def measure(name: str, steps: int, pairs: int) -> dict:
         "largest_gap_after_resume": gaps_after(resumed["points"], steps // 2, steps),
     }
     print(
-        f"{name}: {steps} steps, overhead {row['overhead']:.3f}x (fastest of {pairs} each; spread {row['spread_plain']:.0%} "
+        f"{name}: {steps} steps, overhead {row['overhead']:.3f}x (fastest of {pairs} each; the rounds' own ratios: "
+        f"median {row['overhead_paired']:.3f}x; spread {row['spread_plain']:.0%} "
         f"plain, {row['spread_watched']:.0%} watched; the readings themselves {row['readings_share']:.1%} of the run, the "
         f"per-step statistics alone {row['statistics_overhead']:.3f}x, timed by the Monitor "
         f"{row['statistics_share_timed']:.1%}); "
@@ -177,14 +205,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["cnn", "gpt"], choices=["cnn", "gpt"])
     parser.add_argument("--steps", type=int, nargs="+", default=None, help="steps per model (default 3000 CNN, 1000 GPT)")
-    parser.add_argument("--pairs", type=int, default=3, help="interleaved (plain, watched) pairs per model")
+    parser.add_argument("--pairs", type=int, default=3, help="rounds per model, each of the three arms side by side")
+    parser.add_argument("--block", type=int, default=250, help="steps each arm takes in its turn within a round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     defaults = {"cnn": 3000, "gpt": 1000}
     steps = args.steps or [defaults[name] for name in args.models]
-    rows = [measure(name, n, args.pairs) for name, n in zip(args.models, steps)]
+    rows = [measure(name, n, args.pairs, args.block) for name, n in zip(args.models, steps)]
     device = torch.device("cpu")
     save_report(args.out or Path(__file__).parent / "results" / "cadence-cpu.json", device, "cpu", rows)
 

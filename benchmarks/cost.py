@@ -28,8 +28,12 @@ check of both ends, and a tracking reading (one or two products from the tracked
 hessdiag.check.tracking), each in training steps (timed in this process, a step beside each) and in
 peak memory against a step's peak. On CUDA the allocator's peak; on a CPU each kind, and a step, runs
 in a fresh process from the parent's trained state (parameters, AdamW state, warm-start vectors),
-its peak taken as what a step holds throughout (parameters, optimizer state, batch) plus the resident
-set's growth during it, sampled every millisecond (the high-water mark of getrusage cannot be reset).
+its peak taken as what a step holds throughout (parameters, optimizer state, batch) plus the growth
+of the C allocator's bytes in use during it (glibc's mallinfo2, sampled every 0.2 ms; the resident
+set where mallinfo2 is missing, which also counts code pages an op loads the first time it runs).
+One more kind: a tracking reading with ``hvp_method="forward_over_reverse"`` (no gradient graph
+held between products), to measure whether graph-free products hold less than double backward's
+graph (on the CPU sizes they hold more, and take longer).
 
 Writes benchmarks/results/cost-<device>.json (with --readings: cost-readings-<device>.json).
 """
@@ -37,6 +41,7 @@ Writes benchmarks/results/cost-<device>.json (with --readings: cost-readings-<de
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -44,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -204,7 +210,23 @@ def fsdp2_row(name: str, config: dict) -> dict:
         return json.loads(Path(out).read_text())
 
 
-READING_KINDS = ("tracking_cold", "full_cold", "full_warm_top", "full_warm_both", "tracking")
+READING_KINDS = ("tracking_cold", "full_cold", "full_warm_top", "full_warm_both", "tracking", "tracking_forward_over_reverse")
+
+
+def reading_probe(model, loss_fn, kind: str, starts: dict | None):
+    """The probe a reading of `kind` runs on: the defaults, or forward-over-reverse products for
+    ``tracking_forward_over_reverse``; warm from `starts` (a probe's ``starts.state_dict()``) unless None."""
+    from hessdiag.check.probe import CurvatureProbe
+    from hessdiag.settings import DiagnosticsSettings
+
+    forward = kind == "tracking_forward_over_reverse"
+    probe = CurvatureProbe(model, loss_fn, DiagnosticsSettings(hvp_method="forward_over_reverse") if forward else None)
+    if starts is not None:
+        probe.starts.load_state_dict(starts)
+        probe.num_checks = 1
+        if forward:
+            probe.starts.method = None  # the method asked for, not the one the vectors were found with
+    return probe
 
 
 def reading(run: Run, kind: str, probe) -> dict:
@@ -222,14 +244,36 @@ def reading(run: Run, kind: str, probe) -> dict:
     return {"in_steps": seconds / step, "hvps": products, "seconds": seconds}
 
 
-class ResidentPeak:
-    """The CPU process's resident set sampled every millisecond on a thread: its peak above where it
-    stood at :meth:`__enter__` (the high-water mark of ``getrusage`` cannot be reset)."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 
-    def __enter__(self) -> ResidentPeak:
+
+def _allocated_bytes() -> Callable[[], int]:
+    """What the process holds: the C allocator's bytes in use (glibc's ``mallinfo2``: heap chunks in
+    use plus mapped blocks, where torch's CPU tensors live), else the resident set (which also
+    counts code pages loaded the first time an op runs, and memory the allocator keeps after a free)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return lambda: int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def in_use() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
+class MemoryPeak:
+    """The process's allocated bytes (:func:`_allocated_bytes`) sampled every 0.2 ms on a thread:
+    their peak above where they stood at :meth:`__enter__`."""
+
+    def __enter__(self) -> MemoryPeak:
         import threading
 
-        self.start = self.peak = self._resident()
+        self._read = _allocated_bytes()
+        self.start = self.peak = self._read()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -238,19 +282,15 @@ class ResidentPeak:
     def __exit__(self, *exc_info: object) -> None:
         self._done.set()
         self._thread.join()
-        self.peak = max(self.peak, self._resident())
+        self.peak = max(self.peak, self._read())
 
     @property
     def growth(self) -> int:
         return self.peak - self.start
 
     def _sample(self) -> None:
-        while not self._done.wait(0.001):
-            self.peak = max(self.peak, self._resident())
-
-    @staticmethod
-    def _resident() -> int:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        while not self._done.wait(0.0002):
+            self.peak = max(self.peak, self._read())
 
 
 def tensor_bytes(*groups) -> int:
@@ -267,20 +307,15 @@ def tensor_bytes(*groups) -> int:
 
 def memory_worker(name: str, config: dict, kind: str, state_file: str, out: str) -> None:
     """A fresh process from the parent's trained state (parameters, AdamW state, warm-start vectors):
-    the resident growth of one step, or of one reading of `kind`, with nothing run before it."""
-    from hessdiag.check.probe import CurvatureProbe
-
+    the allocated bytes' growth during one step, or one reading of `kind`, with nothing run before it."""
     torch.set_num_threads(1)
     model, loss_fn, batch = problem(name, config, torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     state = torch.load(state_file)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    probe = CurvatureProbe(model, loss_fn)
-    if kind not in ("full_cold", "tracking_cold"):
-        probe.starts.load_state_dict(state["starts"])
-        probe.num_checks = 1
-    with ResidentPeak() as peak:
+    probe = reading_probe(model, loss_fn, kind, None if kind in ("full_cold", "tracking_cold") else state["starts"])
+    with MemoryPeak() as peak:
         if kind == "step":
             optimizer.zero_grad(set_to_none=True)
             loss_fn(model, batch).backward()
@@ -296,7 +331,7 @@ def memory_worker(name: str, config: dict, kind: str, state_file: str, out: str)
 def reading_memory(name: str, config: dict, run: Run, probe) -> dict:
     """Peak memory of each kind against a step's on a CPU, each in a fresh process (see
     :func:`memory_worker`): what the step holds throughout (parameters, optimizer state, batch) plus
-    the resident growth of the step or the reading."""
+    the allocated bytes' growth during the step or the reading."""
     peaks = {}
     with tempfile.TemporaryDirectory() as folder:
         state_file, out = os.path.join(folder, "state.pt"), os.path.join(folder, "row.json")
@@ -324,7 +359,12 @@ def reading_costs(name: str, config: dict, device: torch.device) -> dict:
     for kind in READING_KINDS:
         run.memory.start()
         # a cold tracking reading: its own probe, so the full checks after it still start cold
-        row[kind] = reading(run, kind, CurvatureProbe(run.model, run.loss_fn) if kind == "tracking_cold" else probe)
+        if kind == "tracking_cold":
+            row[kind] = reading(run, kind, reading_probe(run.model, run.loss_fn, kind, None))
+        elif kind == "tracking_forward_over_reverse":  # from the vector the last tracking reading left
+            row[kind] = reading(run, kind, reading_probe(run.model, run.loss_fn, kind, probe.starts.state_dict()))
+        else:
+            row[kind] = reading(run, kind, probe)
         if device.type == "cuda":
             row[kind]["peak_over_step_peak"] = run.memory.peak() / run.step_peak
         for _ in range(STEPS_PER_CHECK if kind == "full_cold" else 0):
