@@ -9,7 +9,9 @@ machine's drifts hit them alike; the rounds' fastest of each arm are compared, a
 own watched/plain ratio (its median over the rounds), with the spread of each arm. Also the steps
 at which a curvature value was logged (full checks: lambda_max; tracking readings: a proven lower
 bound on it), the largest gap after step 200, the curvature points per 1,000 steps, and the same after
-a resume from a checkpoint taken halfway (a fresh Monitor loading the first half's state).
+a resume from a checkpoint taken halfway (a fresh Monitor loading the first half's state). On a
+machine with CUDA the same runs go to the GPU, each block timed between synchronisations
+(`benchmarks/gpu.sh` runs it there).
 
     python benchmarks/cadence.py                        # CNN 3,000 steps, GPT 1,000 steps, 3 rounds each
     python benchmarks/cadence.py --steps 3000 3000 --pairs 3   # the figures in the README
@@ -51,25 +53,25 @@ def image_loss(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(batch[0]), batch[1])
 
 
-def problem(name: str):
-    """(model, optimizer, loss_fn, batches(step) -> batch), seeded: the same run in every arm."""
+def problem(name: str, device: torch.device = torch.device("cpu")):
+    """(model, optimizer, loss_fn, batches(step) -> batch) on `device`, seeded: the same run in every arm."""
     torch.manual_seed(0)
     if name == "cnn":
-        model = cnn()
+        model = cnn().to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        images, labels = torch.randn(1024, 3, 16, 16), torch.randint(0, 10, (1024,))
+        images, labels = torch.randn(1024, 3, 16, 16).to(device), torch.randint(0, 10, (1024,)).to(device)
 
         def batch(step: int):
-            index = torch.arange(step * 64, step * 64 + 64) % 1024
+            index = torch.arange(step * 64, step * 64 + 64, device=device) % 1024
             return images[index], labels[index]
 
         return model, optimizer, image_loss, batch
-    model = GPT(d=GPT_CONFIG["d"], layers=GPT_CONFIG["layers"], heads=GPT_CONFIG["heads"], context=GPT_CONFIG["context"])
+    model = GPT(d=GPT_CONFIG["d"], layers=GPT_CONFIG["layers"], heads=GPT_CONFIG["heads"], context=GPT_CONFIG["context"]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    tokens = torch.randint(0, 512, (256, GPT_CONFIG["context"] + 1))
+    tokens = torch.randint(0, 512, (256, GPT_CONFIG["context"] + 1)).to(device)
 
     def batch(step: int):
-        index = torch.arange(step * 16, step * 16 + 16) % 256
+        index = torch.arange(step * 16, step * 16 + 16, device=device) % 256
         return (tokens[index, :-1], tokens[index, 1:])
 
     return model, optimizer, next_token_loss, batch
@@ -81,8 +83,11 @@ class Arm:
     alone (``check_every=0``); with `resume_at`, the Monitor is replaced at that step by a fresh one
     that loads the first one's state (as a resumed job would)."""
 
-    def __init__(self, name: str, watched: bool, readings: bool = True, resume_at: int | None = None) -> None:
-        self.model, self.optimizer, self.loss_fn, self.batch = problem(name)
+    def __init__(
+        self, name: str, watched: bool, readings: bool = True, resume_at: int | None = None, device: torch.device = torch.device("cpu")
+    ) -> None:
+        self.device = device
+        self.model, self.optimizer, self.loss_fn, self.batch = problem(name, device)
         check_every = "auto" if readings else 0
         self.monitor = hessdiag.Monitor(self.model, self.loss_fn, optimizer=self.optimizer, check_every=check_every) if watched else None
         self.resume_at = resume_at
@@ -93,6 +98,7 @@ class Arm:
     def advance(self, count: int) -> None:
         """Train `count` more steps, timed."""
         monitor, optimizer = self.monitor, self.optimizer
+        synchronize(self.device)
         start = time.perf_counter()
         for step in range(self.step, self.step + count):
             if monitor is not None and step == self.resume_at:
@@ -110,6 +116,7 @@ class Arm:
             optimizer.step()
             if monitor is not None:
                 monitor.after_step(data, loss)
+        synchronize(self.device)
         self.seconds += time.perf_counter() - start
         self.step += count
 
@@ -140,20 +147,27 @@ def _points(monitor: hessdiag.Monitor) -> list[int]:
     return [c.step for c in monitor.checks] + [r.step for r in monitor.readings]
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a block's time is its own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def gaps_after(points: list[int], start: int, steps: int) -> int:
     """The largest number of steps after `start` without a curvature point (to the run's end)."""
     marks = [start] + [p for p in points if p > start] + [steps]
     return max(b - a for a, b in zip(marks, marks[1:]))
 
 
-def measure(name: str, steps: int, pairs: int, block: int) -> dict:
+def measure(name: str, steps: int, pairs: int, block: int, device: torch.device) -> dict:
     plain, watched, statistics_only = [], [], []
     for _ in range(pairs):
-        plain_run, run, statistics_run = side_by_side([Arm(name, False), Arm(name, True), Arm(name, True, readings=False)], steps, block)
+        arms = [Arm(name, False, device=device), Arm(name, True, device=device), Arm(name, True, readings=False, device=device)]
+        plain_run, run, statistics_run = side_by_side(arms, steps, block)
         plain.append(plain_run["seconds"])
         watched.append(run["seconds"])
         statistics_only.append(statistics_run["seconds"])
-    (resumed,) = side_by_side([Arm(name, True, resume_at=steps // 2)], steps, steps)
+    (resumed,) = side_by_side([Arm(name, True, resume_at=steps // 2, device=device)], steps, steps)
     step_seconds = min(plain) / steps
     row = {
         "model": name,
@@ -207,15 +221,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=None, help="steps per model (default 3000 CNN, 1000 GPT)")
     parser.add_argument("--pairs", type=int, default=3, help="rounds per model, each of the three arms side by side")
     parser.add_argument("--block", type=int, default=250, help="steps each arm takes in its turn within a round")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (1: steadier on a shared machine)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     defaults = {"cnn": 3000, "gpt": 1000}
     steps = args.steps or [defaults[name] for name in args.models]
-    rows = [measure(name, n, args.pairs, args.block) for name, n in zip(args.models, steps)]
-    device = torch.device("cpu")
-    save_report(args.out or Path(__file__).parent / "results" / "cadence-cpu.json", device, "cpu", rows)
+    rows = [measure(name, n, args.pairs, args.block, device) for name, n in zip(args.models, steps)]
+    save_report(args.out or Path(__file__).parent / "results" / f"cadence-{device.type}.json", device, device.type, rows)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ step engine "$PYTHON" benchmarks/engine.py --size gpu --out benchmarks/results/e
 step products "$PYTHON" benchmarks/products.py --size gpu --out benchmarks/results/products-gpu.json
 step overhead "$PYTHON" benchmarks/overhead.py --size gpu --out benchmarks/results/overhead-gpu.json
 step cost "$PYTHON" benchmarks/cost.py --quick --out benchmarks/results/cost-gpu.json
+step cadence "$PYTHON" benchmarks/cadence.py --steps 3000 3000 --pairs 3 --out benchmarks/results/cadence-gpu.json
 if "$PYTHON" -c "import pyhessian" 2>/dev/null; then
     step bookkeeping "$PYTHON" benchmarks/bookkeeping.py --out benchmarks/results/bookkeeping-gpu.json
 else
