@@ -290,7 +290,9 @@ def _parallel_worker(rank: int, world_size: int, init_file: str, out_dir: str) -
                 monitor.after_step(None, loss.detach())
             monitor.close()
             results[name] = monitor.detectors["vanishing"].layers
+            del model, monitor, optimizer  # DDP's reducer threads gone before the group is
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 

@@ -52,16 +52,13 @@ class BackwardReach:
         training backward and ``.grad`` not None, or as described in the class docstring); then starts
         the next interval. Host-side only."""
         reached = self._reached
-        if not reached or self._unhooked:
-            present = tuple(
-                p.grad is not None and (i in reached or not reached or not hooked)
-                for i, (p, hooked) in enumerate(zip(self._params, self._hooked))
-            )
-            self._hook_new()
-        else:  # every parameter hooked and some reached: the marks alone say (the per-step path)
-            present = tuple(i in reached and p.grad is not None for i, p in enumerate(self._params))
+        present = [p.grad is not None and (i in reached or not reached) for i, p in enumerate(self._params)]
+        for index in self._unhooked:  # no hook could be put on it (frozen so far): `.grad` alone says
+            present[index] = self._params[index].grad is not None
         reached.clear()
-        return present
+        if self._unhooked:
+            self._hook_new()
+        return tuple(present)
 
     def close(self) -> None:
         """Remove every hook (idempotent); :meth:`take` then falls back to ``.grad is not None``."""
