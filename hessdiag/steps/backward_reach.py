@@ -40,7 +40,6 @@ class BackwardReach:
     def __init__(self, params: Sequence[torch.Tensor]) -> None:
         self._params = list(params)
         self._reached: set[int] = _Marks()
-        self._hooked = [False] * len(self._params)
         self._unhooked = list(range(len(self._params)))  # the indices still without a hook
         self._handles: list[RemovableHandle] = []
         # The hooks hold no reference to this object (a weak one): dropping it removes them.
@@ -69,10 +68,13 @@ class BackwardReach:
         if not self._finalizer.alive:
             return
         marks = weakref.ref(self._reached)
-        for index in [i for i in self._unhooked if self._params[i].requires_grad]:
-            self._handles.append(self._params[index].register_post_accumulate_grad_hook(_marker(marks, index)))
-            self._hooked[index] = True
-            self._unhooked.remove(index)
+        frozen = []
+        for index in self._unhooked:
+            if self._params[index].requires_grad:
+                self._handles.append(self._params[index].register_post_accumulate_grad_hook(_marker(marks, index)))
+            else:
+                frozen.append(index)
+        self._unhooked = frozen
 
 
 class _Marks(set):

@@ -212,7 +212,7 @@ class GradientStats:
             sharded = self._sharded_columns.repeat(norms.numel() // len(self.params))
             norms = _sharded.norms_over_ranks(norms, sharded, self.params)
         host = norms.cpu().double()  # the one transfer
-        count, width = len(self.params), per_row.shape[1]
+        width = per_row.shape[1]
         values = host.tolist()  # the bookkeeping below is a few values per tensor: plain Python
         rows = [self._in_parameter_order(values[i * width : (i + 1) * width]) for i in range(len(history))]
         steps, grads, present, updates = self._merge_steps(history, rows)
@@ -227,13 +227,15 @@ class GradientStats:
             nonfinite_tensors=[sum(has and not math.isfinite(g) for g, has in zip(row, mask)) for row, mask in zip(grads, present)],
             layer_grad_norms=[[(name, norm) for name, norm in zip(self.modules, norms) if norm is not None] for norms in per_module],
             layer_weight_norms=list(zip(self.modules, weights)),
-            layer_update_ratios=[
-                list(zip(self.modules, self._ratios(self._per_module(row[count:]), self._per_module(row[:count]))))
-                for row in updates
-            ]
-            if self.track_updates
-            else None,
+            layer_update_ratios=[self._update_ratios(row) for row in updates] if self.track_updates else None,
         )
+
+    def _update_ratios(self, updates: list[float]) -> list[tuple[str, float]]:
+        """Per module ||delta theta|| / ||theta|| from one row of update norms (the parameters' norms
+        at the previous observe, then the change's)."""
+        count = len(self.params)
+        weights, changes = self._per_module(updates[:count]), self._per_module(updates[count:])
+        return [(name, _divide(change, weight)) for name, change, weight in zip(self.modules, changes, weights)]
 
     def _merge_steps(
         self, history: list[tuple[int, tuple[bool, ...], list[torch.Tensor]]], rows: list[list[float]]
@@ -276,10 +278,6 @@ class GradientStats:
                 squares[module] = (squares[module] or 0.0) + norm * norm
         return [None if total is None else math.sqrt(total) for total in squares]
 
-    @staticmethod
-    def _ratios(numerators: list[float | None], denominators: list[float | None]) -> list[float]:
-        """Per module numerator / denominator (IEEE: x / 0 is inf or NaN, as a tensor division gives)."""
-        return [_divide(a, b) for a, b in zip(numerators, denominators)]
 
 
 def _divide(a: float | None, b: float | None) -> float:
