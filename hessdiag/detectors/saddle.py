@@ -10,6 +10,7 @@ from typing import Any, Literal
 from hessdiag.detectors._common import Detector, require_count, require_finite, require_optional_positive, require_positive
 from hessdiag.detectors.loss_trend import LossTrend, Pace
 from hessdiag.detectors.records import CheckRecord, Record, StepRecord
+from hessdiag.detectors.saddle_words import describe, escape_remedy
 from hessdiag.flags import FlagEvent
 
 Classification = Literal[
@@ -118,7 +119,7 @@ class SaddleDetector(Detector):
         self.flat_tol = require_positive("flat_tol", flat_tol)
         self.trend = LossTrend(self.window)
         self.classification: Classification = "unknown"
-        self._too_noisy = False  # the last check's loss pace was too noisy to be measured
+        self.too_noisy = False  # the last check's loss pace was too noisy to be measured
 
     def observe(self, record: Record) -> list[FlagEvent]:
         """Keep each step's loss; judge a curvature check."""
@@ -191,13 +192,13 @@ class SaddleDetector(Detector):
             self.classification = "no escape"
         else:
             self.classification = "saddle"
-        self.summary = self._describe(grad_norm, lambda_min, lambda_max, negative_certified, loss_change_along_bottom)
-        return self._decide(step, self.classification == "saddle", "warning", remedy=self._remedy(loss_change_along_bottom))
+        self.summary = describe(self, grad_norm, lambda_min, lambda_max, negative_certified, loss_change_along_bottom)
+        return self._decide(step, self.classification == "saddle", "warning", remedy=escape_remedy(self.remedy, loss_change_along_bottom))
 
     def _stalled(self, grad_norm: float, gradient_gain: float, loss: float) -> bool:
         """Whether the run is not making progress (see the class docstring); writes the pace evidence."""
         recent = self.trend.recent()
-        self._too_noisy = False
+        self.too_noisy = False
         if recent is None:  # no loss history: the quadratic model along the gradient
             small_gradient = self.grad_tol is not None and grad_norm <= self.grad_tol
             return gradient_gain <= self.critical_fraction * (loss - self.loss_floor) or small_gradient
@@ -214,69 +215,13 @@ class SaddleDetector(Detector):
         # to within `progress_fraction` of the loss left over the window is never called stalled.
         threshold = self.progress_fraction * loss_left
         span = max(recent.span, 1)
-        self._too_noisy = 2 * recent.stderr * span > threshold
-        slow = recent.upper * span <= threshold and not self._too_noisy
+        self.too_noisy = 2 * recent.stderr * span > threshold
+        slow = recent.upper * span <= threshold and not self.too_noisy
         earlier = self.trend.earlier()
         if earlier is None or earlier.lower <= 0:  # no earlier fall to compare with
             return slow
         evidence["pace_ratio"] = recent.rate / earlier.rate
         return slow and recent.upper <= self.pace_fraction * earlier.rate
-
-    def _remedy(self, loss_change_along_bottom: float | None) -> str:
-        """The remedy, with the escape the check measured (never one it did not)."""
-        if loss_change_along_bottom is None or not loss_change_along_bottom < 0:
-            return self.remedy
-        return (
-            f"Keep or add momentum or gradient noise: a step along the bottom eigenvector (escape direction) "
-            f"lowered the loss by {-loss_change_along_bottom:.3g} at this check."
-        )
-
-    def _describe(
-        self,
-        grad_norm: float,
-        lambda_min: float,
-        lambda_max: float,
-        negative_certified: bool,
-        loss_change_along_bottom: float | None,
-    ) -> str:
-        """One sentence that says why the point got its classification, in words that match its numbers."""
-        share = abs(self.evidence["curvature_ratio"])
-        numbers = f"gradient norm {grad_norm:.2g}, lambda_min {lambda_min:.4g}, lambda_max {lambda_max:.4g}"
-        progress = _progress_in_words(self.evidence, self.window)
-        if self.classification in ("saddle", "no escape"):
-            curvature = f"certified negative curvature: |lambda_min| is {100 * share:.3g}% of the spectral norm"
-            if loss_change_along_bottom is None:
-                return f"Slowed near a point with {curvature} ({progress}; {numbers})."
-            if self.classification == "saddle":
-                return (
-                    f"Slowed near a point with {curvature}; a step along the bottom eigenvector lowers the loss by "
-                    f"{-loss_change_along_bottom:.3g} ({progress}; {numbers})."
-                )
-            return (
-                f"Slowed near a point with {curvature}, but a step along the bottom eigenvector raises the loss by "
-                f"{loss_change_along_bottom:.3g}: no escape direction at that scale, not a saddle flag ({progress}; {numbers})."
-            )
-        if self.classification == "progressing" and self._too_noisy:
-            return (
-                f"Not called stalled: the loss is too noisy to measure its pace to {self.progress_fraction:.2g} of "
-                f"the loss left ({progress}; {numbers}); a longer `window` can judge it."
-            )
-        if self.classification == "progressing":
-            return f"The run is making progress: {progress} ({numbers})."
-        if self.classification == "not critical":
-            return f"Not near a critical point: a gradient step would still remove a real share of the loss ({numbers})."
-        if self.classification == "degenerate":
-            return (
-                f"Slowed near a point with no curvature to speak of in any direction: the spectral norm is below "
-                f"{self.flat_tol:g} x the loss left ({numbers})."
-            )
-        if lambda_min < 0 and not negative_certified:
-            reason = "negative curvature is not certified beyond rounding"
-        elif lambda_min < 0:
-            reason = f"the negative curvature is small: |lambda_min| is {100 * share:.3g}% of the spectral norm"
-        else:
-            reason = "no negative curvature found"
-        return f"Slowed near a point that is not a saddle: {reason} ({numbers})."
 
     def state_dict(self) -> dict[str, Any]:
         """Hysteresis, evidence, the latest classification and the loss history (primitives)."""
@@ -287,14 +232,3 @@ class SaddleDetector(Detector):
         super().load_state_dict(state)
         self.classification = state.get("classification", "unknown")
         self.trend.restore(state.get("losses", []))
-
-
-def _progress_in_words(evidence: Mapping[str, float], window: int) -> str:
-    """What the loss history says, e.g. 'the loss fell by 0.02% of the loss left over 50 steps'."""
-    if "loss_drop_over_window" not in evidence:
-        return "no loss history: judged by the quadratic model along the gradient"
-    drop = evidence["loss_drop_over_window"]
-    words = f"the loss {'fell' if drop >= 0 else 'rose'} by {100 * abs(drop):.2g}% of the loss left over the last {window} steps"
-    if "pace_ratio" in evidence:
-        words += f", {evidence['pace_ratio']:.2g}x its earlier pace"
-    return words
