@@ -19,6 +19,7 @@ CPU torch runs on `--threads` threads (default 1, and 1 per FSDP2 process).
     python benchmarks/cost.py --fsdp2         # and two gloo processes (CPU)
     python benchmarks/cost.py --quick         # fewer sizes: a few minutes on one GPU
     python benchmarks/cost.py --readings      # only the Monitor's kinds of reading (below)
+    python benchmarks/cost.py --readings --accumulate 4   # those under gradient accumulation
 
 The Monitor's kinds of reading, at its defaults (AdamW): a cold tracking reading (the first of a run:
 a six-step Krylov space from a random vector, and the cross-check of "auto"), a cold full check (both
@@ -33,7 +34,9 @@ of the C allocator's bytes in use during it (glibc's mallinfo2, sampled every 0.
 set where mallinfo2 is missing, which also counts code pages an op loads the first time it runs).
 One more kind: a tracking reading with ``hvp_method="forward_over_reverse"`` (no gradient graph
 held between products), to measure whether graph-free products hold less than double backward's
-graph (on the CPU sizes they hold more, and take longer).
+graph (on the CPU sizes they hold more, and take longer). With ``--accumulate k`` each step accumulates
+k micro-batches of the batch and the readings measure the step's ``hessdiag.MicroBatches``: a step's
+peak is then a micro-batch's, and so should a reading's be (products one micro-batch at a time).
 
 Writes benchmarks/results/cost-<device>.json (with --readings: cost-readings-<device>.json).
 """
@@ -112,11 +115,31 @@ class Memory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
 
 
-class Run:
-    """A model in training: its steps (timed) and checks on its batch (timed, in steps)."""
+def micro_batches(batch: tuple, count: int):
+    """`batch` cut into `count` equal micro-batches (a ``hessdiag.MicroBatches``), or itself for 1."""
+    if count == 1:
+        return batch
+    return hessdiag.MicroBatches(zip(*(t.chunk(count) for t in batch)))
 
-    def __init__(self, model, loss_fn, batch, device: torch.device) -> None:
+
+def train_step(model, loss_fn, optimizer, batch) -> None:
+    """One optimizer step on `batch`; on a MicroBatches, with the gradients of its micro-batches accumulated."""
+    optimizer.zero_grad(set_to_none=True)
+    if isinstance(batch, hessdiag.MicroBatches):
+        for micro in batch:
+            (loss_fn(model, micro) / len(batch)).backward()
+    else:
+        loss_fn(model, batch).backward()
+    optimizer.step()
+
+
+class Run:
+    """A model in training: its steps (timed) and checks on its batch (timed, in steps). `check_batch`:
+    what its steps train on and its readings measure (the batch, or its micro-batches)."""
+
+    def __init__(self, model, loss_fn, batch, device: torch.device, accumulate: int = 1) -> None:
         self.model, self.loss_fn, self.batch, self.device = model, loss_fn, batch, device
+        self.check_batch = micro_batches(batch, accumulate)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         self.memory = Memory(device)
         self.step_times: list[float] = []
@@ -128,9 +151,7 @@ class Run:
     def step(self) -> None:
         synchronize(self.device)
         start = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.loss_fn(self.model, self.batch).backward()
-        self.optimizer.step()
+        train_step(self.model, self.loss_fn, self.optimizer, self.check_batch)
         synchronize(self.device)
         self.step_times.append(time.perf_counter() - start)
 
@@ -234,9 +255,9 @@ def reading(run: Run, kind: str, probe) -> dict:
     synchronize(run.device)
     start = time.perf_counter()
     if kind.startswith("tracking"):
-        products = probe.track(100, run.batch, run.optimizer).num_hvps
+        products = probe.track(100, run.check_batch, run.optimizer).num_hvps
     else:
-        products = probe.run(100, run.batch, run.optimizer, bottom=kind != "full_warm_top").num_hvps
+        products = probe.run(100, run.check_batch, run.optimizer, bottom=kind != "full_warm_top").num_hvps
     synchronize(run.device)
     seconds = time.perf_counter() - start
     run.step()
@@ -305,11 +326,12 @@ def tensor_bytes(*groups) -> int:
     return total
 
 
-def memory_worker(name: str, config: dict, kind: str, state_file: str, out: str) -> None:
+def memory_worker(name: str, config: dict, accumulate: int, kind: str, state_file: str, out: str) -> None:
     """A fresh process from the parent's trained state (parameters, AdamW state, warm-start vectors):
     the allocated bytes' growth during one step, or one reading of `kind`, with nothing run before it."""
     torch.set_num_threads(1)
     model, loss_fn, batch = problem(name, config, torch.device("cpu"))
+    check_batch = micro_batches(batch, accumulate)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     state = torch.load(state_file)
     model.load_state_dict(state["model"])
@@ -317,18 +339,16 @@ def memory_worker(name: str, config: dict, kind: str, state_file: str, out: str)
     probe = reading_probe(model, loss_fn, kind, None if kind in ("full_cold", "tracking_cold") else state["starts"])
     with MemoryPeak() as peak:
         if kind == "step":
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model, batch).backward()
-            optimizer.step()
+            train_step(model, loss_fn, optimizer, check_batch)
         elif kind.startswith("tracking"):
-            probe.track(100, batch, optimizer)
+            probe.track(100, check_batch, optimizer)
         else:
-            probe.run(100, batch, optimizer, bottom=kind != "full_warm_top")
+            probe.run(100, check_batch, optimizer, bottom=kind != "full_warm_top")
     held = tensor_bytes(model.parameters(), optimizer.state.values(), batch)
     Path(out).write_text(json.dumps({"growth": peak.growth, "held": held}))
 
 
-def reading_memory(name: str, config: dict, run: Run, probe) -> dict:
+def reading_memory(name: str, config: dict, accumulate: int, run: Run, probe) -> dict:
     """Peak memory of each kind against a step's on a CPU, each in a fresh process (see
     :func:`memory_worker`): what the step holds throughout (parameters, optimizer state, batch) plus
     the allocated bytes' growth during the step or the reading."""
@@ -339,7 +359,7 @@ def reading_memory(name: str, config: dict, run: Run, probe) -> dict:
         torch.save(state, state_file)
         for kind in ("step", *READING_KINDS):
             Path(out).unlink(missing_ok=True)  # a failed worker must not leave the last kind's figure
-            worker = mp.get_context("spawn").Process(target=memory_worker, args=(name, config, kind, state_file, out))
+            worker = mp.get_context("spawn").Process(target=memory_worker, args=(name, config, accumulate, kind, state_file, out))
             worker.start()
             worker.join()
             if worker.exitcode != 0:
@@ -349,11 +369,12 @@ def reading_memory(name: str, config: dict, run: Run, probe) -> dict:
     return {kind: peaks[kind] / peaks["step"] for kind in READING_KINDS}
 
 
-def reading_costs(name: str, config: dict, device: torch.device) -> dict:
-    """Each kind of reading's cost (see the module docstring)."""
+def reading_costs(name: str, config: dict, device: torch.device, accumulate: int = 1) -> dict:
+    """Each kind of reading's cost (see the module docstring); under gradient accumulation over
+    `accumulate` micro-batches of the batch where more than 1."""
     from hessdiag.check.probe import CurvatureProbe
 
-    run = Run(*problem(name, config, device), device)
+    run = Run(*problem(name, config, device), device, accumulate)
     row = {}
     probe = CurvatureProbe(run.model, run.loss_fn)
     for kind in READING_KINDS:
@@ -370,7 +391,7 @@ def reading_costs(name: str, config: dict, device: torch.device) -> dict:
         for _ in range(STEPS_PER_CHECK if kind == "full_cold" else 0):
             run.step()
     if device.type == "cpu":
-        for kind, ratio in reading_memory(name, config, run, probe).items():
+        for kind, ratio in reading_memory(name, config, accumulate, run, probe).items():
             row[kind]["peak_over_step_peak"] = ratio
     return row
 
@@ -382,6 +403,7 @@ def main() -> None:
     parser.add_argument("--fsdp2", action="store_true", help="also FSDP2 on two gloo processes (CPU)")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (1: steadier on a shared machine)")
     parser.add_argument("--readings", action="store_true", help="only the Monitor's kinds of reading")
+    parser.add_argument("--accumulate", type=int, default=1, help="with --readings: steps accumulate this many micro-batches of the batch")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -393,19 +415,21 @@ def main() -> None:
         config = SIZES[size][name]
         run = Run(*problem(name, config, device), device)
         row = {"model": name, "config": config, "params": sum(p.numel() for p in run.model.parameters())}
-        row["readings"] = reading_costs(name, config, device)
+        row["readings"] = reading_costs(name, config, device, args.accumulate)
+        row["accumulate"] = args.accumulate
         if not args.readings:
             row["dense"] = measure(run, ("finite_difference", "double_backward"), sub_batches=True)
         if args.fsdp2:
             row["fsdp2_two_gloo_processes"] = fsdp2_row(name, SIZES["cpu"][name])
         print_row(row)
         rows.append(row)
-    name = "cost-readings" if args.readings else "cost"
+    name = "cost" if not args.readings else "cost-readings" if args.accumulate == 1 else f"cost-readings-accumulate{args.accumulate}"
     save_report(args.out or f"benchmarks/results/{name}-{device.type}.json", device, size, rows, steps_per_check=STEPS_PER_CHECK)
 
 
 def print_row(row: dict) -> None:
-    print(f"\n== {row['model']} ({row['params']:,} parameters, {row['config']})")
+    accumulating = f", steps of {row['accumulate']} micro-batches" if row.get("accumulate", 1) > 1 else ""
+    print(f"\n== {row['model']} ({row['params']:,} parameters, {row['config']}{accumulating})")
     for kind, entry in row["readings"].items():
         print(f"  Monitor reading {kind:15s}: {entry['in_steps']:6.1f} steps, {entry['hvps']:3d} HVPs, "
               f"peak memory {entry['peak_over_step_peak']:.2f}x a step's")  # fmt: skip

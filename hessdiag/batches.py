@@ -2,8 +2,8 @@
 
 Under gradient accumulation one optimizer step descends the mean of its micro-batches' mean losses
 (each micro-batch loss divided by their number, gradients summed): `MicroBatches` carries those
-micro-batches to the check, and :func:`step_loss` turns the user's ``loss_fn(model, batch)`` into that
-mean, so each Hessian-vector product is the equally weighted sum of the micro-batches' products.
+micro-batches to the check, whose loss is that mean (:class:`~hessdiag.operator.loss.BatchLoss`), so
+each Hessian-vector product is the equally weighted sum of the micro-batches' products.
 `first_samples` (and `take_sub_batch` for the `sub_batch` setting) cuts the batch dimension of every tensor
 consistently, and a list of per-sample tensors by element, or refuses.
 """
@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from hessdiag._distributed import infer_batch_size
-from hessdiag.operator import LossFn
 
 
 class MicroBatches(tuple):
@@ -26,23 +24,14 @@ class MicroBatches(tuple):
 
     Pass it where a batch goes (``monitor.after_step(MicroBatches(micro_batches), loss)``): the
     check's loss is then the mean of ``loss_fn(model, micro_batch)``, the loss that the accumulated
-    gradient descends when each micro-batch loss is divided by their number. Memory: a check keeps the
-    graphs of all micro-batches at once, as a check on one batch of their total size would.
+    gradient descends when each micro-batch loss is divided by their number. Memory: a check runs
+    every forward, backward and product one micro-batch at a time, freeing its graph before the next,
+    so it holds one micro-batch's graph, as the training step does; each product then rebuilds the
+    micro-batches' graphs (a forward and a backward each) instead of keeping one graph for all.
     """
 
     def __new__(cls, micro_batches: Any = ()) -> MicroBatches:
         return super().__new__(cls, micro_batches)
-
-
-def step_loss(loss_fn: LossFn) -> LossFn:
-    """``loss_fn`` extended to `MicroBatches`: the mean of the micro-batches' losses."""
-
-    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
-        if isinstance(batch, MicroBatches):
-            return torch.stack([loss_fn(model, micro).reshape(()) for micro in batch]).mean()
-        return loss_fn(model, batch)
-
-    return loss
 
 
 def batch_size(batch: Any) -> int | None:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from hessdiag import HessianOperator, NonSmoothLossError, SecondDerivativeError, hessian_eigenvalues
+from hessdiag import HessianOperator, MicroBatches, NonSmoothLossError, SecondDerivativeError, hessian_eigenvalues
 from oracles import dense_hessian, finite_difference_hvp
 
 
@@ -147,13 +147,16 @@ class ResidualNet(nn.Module):
         return self.c(torch.tanh(h))
 
 
+@pytest.mark.parametrize("in_parts", [False, True], ids=["batch", "micro-batches"])
 @pytest.mark.parametrize("branch", ["once_differentiable", "reentrant_checkpoint"])
-def test_auto_measures_what_double_backward_gets_wrong_or_refuses(branch):
+def test_auto_measures_what_double_backward_gets_wrong_or_refuses(branch, in_parts):
     torch.manual_seed(0)
     model, plain = ResidualNet(branch), ResidualNet("plain")
     plain.load_state_dict(model.state_dict())
-    batch = (torch.randn(32, 4), torch.randint(0, 3, (32,)))
-    hessian = dense_hessian(copy.deepcopy(plain).double(), cross_entropy, (batch[0].double(), batch[1]))
+    whole = (torch.randn(32, 4), torch.randint(0, 3, (32,)))
+    # two equal halves: the mean of their mean losses is the batch's
+    batch = MicroBatches([(whole[0][:16], whole[1][:16]), (whole[0][16:], whole[1][16:])]) if in_parts else whole
+    hessian = dense_hessian(copy.deepcopy(plain).double(), cross_entropy, (whole[0].double(), whole[1]))
     exact = torch.linalg.eigvalsh(hessian)
     result = hessian_eigenvalues(model, cross_entropy, batch, tol=1e-4, max_iter=hessian.shape[0])
     assert result.lambda_max == pytest.approx(float(exact[-1]), rel=1e-3)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessdiag.batches import CheckBatch, step_loss
+from hessdiag.batches import CheckBatch
 from hessdiag.check.quantities import build_quantities
 from hessdiag.check.quantities.noise_scale import NoiseScale
 from hessdiag.check.quantities.update_prediction import UpdateLossPrediction
@@ -69,7 +69,7 @@ class CurvatureProbe:
     ) -> None:
         self.settings = settings if settings is not None else DiagnosticsSettings()
         self.model = model
-        self.loss_fn = step_loss(loss_fn)
+        self.loss_fn = loss_fn
         self.params = None if params is None else list(params)
         self.sub_batch = self.settings.sub_batch
         self.num_checks = 0

@@ -19,10 +19,14 @@ copy of the pieces.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from hessdiag.operator.parameter_space import ParameterSpace, dense
+
+if TYPE_CHECKING:
+    from hessdiag.operator.loss import BatchLoss
 
 
 class DoubleBackward:
@@ -51,10 +55,59 @@ class DoubleBackward:
         (which may be `vector` itself: it is written once the backward is done with `vector`, so a
         caller whose operand is a temporary holds one vector less while the product's pieces are
         concatenated)."""
-        if self.gradient is None:
+        pieces = self.pieces(vector)
+        if pieces is None:
             zero = torch.zeros(self.space.dim, device=self.space.device, dtype=self.space.dtype)
             return zero if out is None else out.copy_(zero)
+        return self.space.flatten(pieces, out=out)
+
+    def pieces(self, vector: torch.Tensor) -> list[torch.Tensor] | None:
+        """H v for a flat `vector`, one dense tensor per parameter (None: the Hessian is zero)."""
+        if self.gradient is None:
+            return None
         products = torch.autograd.grad(
             self.gradient, self.space.params, grad_outputs=vector, retain_graph=True, materialize_grads=True
         )
-        return self.space.flatten(products, out=out)
+        return [dense(piece) for piece in products]
+
+
+class PartByPart:
+    """H v of a loss in parts (the micro-batches of a :class:`~hessdiag.batches.MicroBatches`) as
+    the sum of the parts' double-backward products, one part's gradient graph alive at a time.
+
+    So an estimate holds one micro-batch's graph, as the training step under gradient accumulation
+    does, instead of every micro-batch's at once (which grows with their number, without bound). The
+    price: each part's graph is rebuilt (a forward and a backward) for each product, except one: the
+    parts are visited back and forth (0..k-1, then k-1..0), and the last part's graph is kept for the
+    next product, which starts with it (the first product starts with the graph the opening built).
+
+    Args:
+        loss: the loss in parts (:attr:`~hessdiag.operator.loss.BatchLoss.parts`).
+    """
+
+    def __init__(self, loss: BatchLoss) -> None:
+        self.loss = loss
+        self.space = loss.space
+        self._order = list(range(len(loss.parts)))
+        self._kept: DoubleBackward | None = None  # the graph of the part `_order` starts with
+
+    def product(self, vector: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's flat H v for a flat `vector`, summed in `out` when given (which may be `vector`
+        itself: it is written once the last part's backward is done with `vector`)."""
+        aliased = out is not None and out.untyped_storage().data_ptr() == vector.untyped_storage().data_ptr()
+        total = out.zero_() if out is not None and not aliased else torch.zeros_like(vector)
+        last = len(self._order) - 1
+        for index, part in enumerate(self._order):
+            graph, self._kept = self._kept or DoubleBackward(self.loss.part_graph(part), self.space), None
+            pieces = graph.pieces(vector)
+            if index == last:
+                self._kept = graph
+                if aliased:
+                    assert out is not None
+                    total = out.copy_(total)  # `vector` is read no more
+            del graph
+            if pieces is not None:
+                torch._foreach_add_(self.space.split(total), pieces)
+            del pieces
+        self._order.reverse()
+        return total

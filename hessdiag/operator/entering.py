@@ -15,14 +15,14 @@ import torch
 from hessdiag import _distributed
 from hessdiag.errors import HessdiagError, SecondDerivativeError, UnrecordedGradientError
 from hessdiag.operator.auto import MethodChoice, choose_method, finite_differences
-from hessdiag.operator.double_backward import DoubleBackward
+from hessdiag.operator.double_backward import DoubleBackward, PartByPart
 from hessdiag.operator.finite_difference import CentralDifference, Measurement, Richardson, extrapolate
 from hessdiag.operator.forward_over_reverse import ForwardOverReverse
 from hessdiag.operator.loss import BatchLoss
 from hessdiag.operator.parameter_space import ParameterSpace
 
 EXACT_METHODS: tuple[str, ...] = ("double_backward", "forward_over_reverse")
-Products = DoubleBackward | ForwardOverReverse | Richardson
+Products = DoubleBackward | PartByPart | ForwardOverReverse | Richardson
 _Probe = tuple[torch.Tensor, tuple[torch.Tensor, ...], HessdiagError | None]
 
 
@@ -56,7 +56,7 @@ class ProductsBuilder:
         built (if so); None for the exact methods, which are built."""
         loss, space = self.loss, self.space
         if self.method in EXACT_METHODS:
-            loss.build_graph(loss.checked(), self.method)
+            loss.build_graph(self.method)
             if self.method == "double_backward":
                 self.products = self._double_backward()
                 loss.warn_constant_gradients()
@@ -66,9 +66,9 @@ class ProductsBuilder:
             return None
         graph_free = self.method == "finite_difference" or space.shard is not None
         if graph_free:
-            loss.build_without_graph(loss.checked())
+            loss.build_without_graph()
         else:
-            loss.checked()  # refuse a bad loss before the finite differences move the parameters
+            loss.check()  # refuse a bad loss before the finite differences move the parameters
         self.central = CentralDifference(space.local_params, loss.gradient_without_graph, shard=space.shard)
         probe = space.random_unit_vector(self.seed)
         pieces = space.split(probe)
@@ -77,9 +77,9 @@ class ProductsBuilder:
             return probe, steps, None
         # "auto": the finite differences moved the parameters in place, so the graph comes after them.
         try:
-            loss.build_graph(loss.checked(), "double_backward")
+            loss.build_graph("double_backward")
         except (SecondDerivativeError, UnrecordedGradientError) as error:
-            loss.build_without_graph(loss.checked())  # the failed double backward may have freed part of the graph
+            loss.build_without_graph()  # the failed double backward may have freed part of the graph
             return probe, steps, error
         return probe, steps, None
 
@@ -109,9 +109,12 @@ class ProductsBuilder:
             self.products, self.central = exact, None
             self.loss.warn_constant_gradients()
 
-    def _double_backward(self) -> DoubleBackward:
+    def _double_backward(self) -> DoubleBackward | PartByPart:
         """Double backward's products on the gradient built with its graph; the loss then holds the
-        gradient's values as views of its flat output (not the pieces a second time)."""
+        gradient's values as views of its flat output (not the pieces a second time). On a loss in
+        parts, the products part by part (no graph is kept between them)."""
+        if self.loss.by_parts:
+            return PartByPart(self.loss)
         products = DoubleBackward(self.loss.grads, self.space)
         if products.gradient is not None:
             self.loss.view_flat(products.gradient)

@@ -27,19 +27,27 @@ class ForwardOverReverse:
         self.loss = loss
 
     def product(self, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
-        """This rank's flat H v for v given as one piece per parameter."""
+        """This rank's flat H v for v given as one piece per parameter: the sum over the loss's
+        parts (one micro-batch's transforms at a time, see :class:`~hessdiag.operator.loss.BatchLoss`)."""
+        total = self._part_product(0, pieces)
+        for part in range(1, len(self.loss.parts)):
+            total.add_(self._part_product(part, pieces))
+        return total
+
+    def _part_product(self, part: int, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Part `part`'s flat H v (of its share of the loss)."""
         loss, space = self.loss, self.loss.space
         names = functional_names(loss.model, space.params)
-        wrapper = LossModule(loss.model, loss.loss_fn, loss.batch)
+        wrapper = LossModule(loss.model, loss.loss_fn, loss.parts[part])
 
         buffers = {f"model.{name}": b for name, b in loss.model.named_buffers(remove_duplicate=False)}
 
         def loss_of(*values: torch.Tensor) -> torch.Tensor:
-            seed_rng(loss.seed, space.device)
+            seed_rng(loss.seed + part, space.device)
             # Buffers mutated in the forward (BatchNorm statistics) must be created inside the
             # transform: torch.func refuses to mutate captured tensors.
             state = {name: b.clone() for name, b in buffers.items()} | dict(zip(names, values))
-            return torch.func.functional_call(wrapper, state, ())
+            return loss.share(torch.func.functional_call(wrapper, state, ()))
 
         gradient = torch.func.grad(loss_of, argnums=tuple(range(len(names))))
         with TwiceDifferentiable():

@@ -38,7 +38,7 @@ from hessdiag import _sharded
 from hessdiag.isolation import MODEL_MODES, ModelMode, isolation, unwrap_model
 from hessdiag.errors import SecondDerivativeError, is_missing_second_derivative
 from hessdiag.operator.entering import EXACT_METHODS, Products, ProductsBuilder
-from hessdiag.operator.double_backward import DoubleBackward
+from hessdiag.operator.double_backward import DoubleBackward, PartByPart
 from hessdiag.operator.finite_difference import AlongVector, CentralDifference, Richardson
 from hessdiag.operator.loss import BatchLoss, LossFn, enabled_attention_backends
 from hessdiag.operator.rounding import ProductRounding
@@ -221,7 +221,7 @@ class HessianOperator:
         vector_norm = self.norm(vector) if self._rounding.eps else 0.0
         flat = vector.to(device=self.device, dtype=self.space.dtype)
         try:
-            if isinstance(self._products, DoubleBackward):
+            if isinstance(self._products, (DoubleBackward, PartByPart)):
                 # The flat vector whole (one flat gradient output), the product straight into `out`
                 # where the dtypes agree.
                 direct = out if out is not None and out.dtype == flat.dtype else None

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hessdiag import _sharded
+from hessdiag.batches import MicroBatches
 from hessdiag.isolation import seed_rng
 from hessdiag.errors import (
     HessdiagWarning,
@@ -100,20 +101,32 @@ class BatchLoss:
     """``loss_fn(model, batch)`` at the current parameters, with fixed dropout masks, and the
     gradient kept for the products.
 
+    A :class:`~hessdiag.batches.MicroBatches` of several micro-batches is evaluated part by part:
+    the loss is the mean of the micro-batches' losses (what the accumulated gradient descends), and
+    every forward, gradient and product runs over one micro-batch at a time, its graph freed before
+    the next, so that an estimate holds one micro-batch's graph, as a training step under gradient
+    accumulation does, not all of them at once (:class:`~hessdiag.operator.double_backward.PartByPart`).
+    Each part draws its own dropout masks (the RNG seeded by `seed` plus its index), the same ones
+    at every evaluation.
+
     Args:
-        model, loss_fn, batch: the (unwrapped) network, ``loss_fn(model, batch) -> scalar``, its batch.
+        model, loss_fn, batch: the (unwrapped) network, ``loss_fn(model, batch) -> scalar``, its batch
+            (or a :class:`~hessdiag.batches.MicroBatches`).
         space: the chosen parameters and their flat vectors.
         seed: seeds the RNG before every evaluation (the same dropout masks each time).
         attention: the attention backends gradients without graph run under (the user's, read
             before :func:`~hessdiag.isolation.isolation` forces the math one).
 
     Attributes:
+        parts: the batches evaluated one at a time: the micro-batches, or the batch itself.
         value: the loss on this rank (detached), once a gradient is built; None before.
         grads: the gradient, one entry per parameter (None where unused): with its graph after
             :meth:`build_graph` for double backward (until :meth:`view_flat` hands the graph to the
-            flat gradient), detached otherwise.
+            flat gradient), detached otherwise; on a loss in parts empty until :meth:`gradient`.
         constant: indices of the entries of a gradient built with its graph that do not depend on
             the parameters (see :meth:`warn_constant_gradients`).
+        first_graph: on a loss in parts, part 0's gradient with its graph from :meth:`build_graph`
+            for double backward, until the first product takes it (:meth:`part_graph`).
     """
 
     def __init__(
@@ -122,12 +135,16 @@ class BatchLoss:
         self.model = model
         self.loss_fn = loss_fn
         self.batch = batch
+        self.parts: tuple[Any, ...] = tuple(batch) if isinstance(batch, MicroBatches) else (batch,)
+        if not self.parts:
+            raise ValueError("The MicroBatches holds no micro-batch: pass the step's micro-batches, at least one.")
         self.space = space
         self.seed = seed
         self.attention = attention
         self.value: torch.Tensor | None = None
         self.grads: tuple[torch.Tensor | None, ...] = ()
         self.constant: list[int] = []
+        self.first_graph: tuple[torch.Tensor | None, ...] | None = None
         # Reentrant checkpointing and FSDP2 (whose autograd.grad returns None for sharded
         # parameters): gradients by loss.backward() only.
         self.plain_backward = space.shard is not None
@@ -139,9 +156,16 @@ class BatchLoss:
         # (see `evaluate`).
         self.before_forward: list[torch.Tensor] = list(model.parameters())
 
+    @property
+    def by_parts(self) -> bool:
+        """Whether the batch has several parts, each evaluated and freed before the next: double
+        backward then rebuilds each part's graph for every product instead of keeping one graph."""
+        return len(self.parts) > 1
+
     # -- evaluation ------------------------------------------------------------------------
-    def evaluate(self) -> torch.Tensor:
-        """The loss as a 0-dim tensor (with its graph), RNG seeded.
+    def evaluate(self, part: int = 0) -> torch.Tensor:
+        """The loss of part `part` as a 0-dim tensor (with its graph), divided by the number of
+        parts (so that the parts' values sum to the loss), RNG seeded by the part.
 
         Raises:
             LossClosureError: the closure raised (other than out of memory), or returned no real scalar.
@@ -153,10 +177,10 @@ class BatchLoss:
         # ones, while its reduce-scatter accumulates into the sharded parameters' `.grad`: those are
         # the ones a plain backward must swap out.
         self.before_forward = list(self.model.parameters())
-        seed_rng(self.seed, self.space.device)
+        seed_rng(self.seed + part, self.space.device)
         try:
             with TwiceDifferentiable():
-                loss = self.loss_fn(self.model, self.batch)
+                loss = self.loss_fn(self.model, self.parts[part])
         except torch.OutOfMemoryError:
             raise  # not the closure's fault: the caller may retry on a smaller batch
         except Exception as error:  # the user's closure: any other failure is a bad batch or closure
@@ -167,12 +191,16 @@ class BatchLoss:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.dtype.is_floating_point:
             got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise LossClosureError(f"loss_fn(model, batch) must return a real scalar tensor, got {got}.")
-        return loss.reshape(())
+        return self.share(loss.reshape(()))
 
-    def checked(self) -> torch.Tensor:
+    def share(self, loss: torch.Tensor) -> torch.Tensor:
+        """A part's loss as its share of the batch's: over the number of parts."""
+        return loss if not self.by_parts else loss / len(self.parts)
+
+    def checked(self, part: int = 0) -> torch.Tensor:
         """:meth:`evaluate`, refusing a loss without graph or a non-finite one (on any rank of a
         sharded model: decided together)."""
-        loss = self.evaluate()
+        loss = self.evaluate(part)
         if not loss.requires_grad and torch.is_inference_mode_enabled():
             raise LossClosureError(
                 "The loss was computed under torch.inference_mode(), which records no graph (torch.enable_grad() "
@@ -193,9 +221,19 @@ class BatchLoss:
             raise NonFiniteLossError(f"The loss is {loss.item()} on this batch (or another rank's); the Hessian is undefined there.")
         return loss
 
+    def check(self) -> None:
+        """Refuse a bad loss (see :meth:`checked`) on every part, keeping no graph."""
+        for part in range(len(self.parts)):
+            self.checked(part)
+
     # -- the gradient ----------------------------------------------------------------------
-    def build_graph(self, loss: torch.Tensor, method: str) -> None:
-        """The gradient of `loss` for an exact `method`: with its graph for ``"double_backward"``.
+    def build_graph(self, method: str) -> None:
+        """The gradient for an exact `method`: with its graph for ``"double_backward"``. On a loss in
+        parts, only the first part's gradient is built, for what it tells (an op without a second
+        derivative, gradients autograd does not record, constant gradient rows), and with its graph
+        kept for the first product (double backward then builds each part's per product, see
+        :meth:`part_graph`); the other parts' losses are checked first, their graphs freed at once;
+        the gradient is summed when asked for (:meth:`gradient`).
 
         Raises:
             SecondDerivativeError: an op of the loss cannot be differentiated twice.
@@ -203,6 +241,33 @@ class BatchLoss:
             NonFiniteGradientError: the gradient holds NaN or infinity.
         """
         create_graph = method == "double_backward"
+        if self.by_parts:  # the later parts first, so that part 0's graph is the only one alive
+            later = [self.checked(part).detach() for part in range(1, len(self.parts))]
+        loss = self.checked(0)
+        grads = self._gradient(0, loss, method, create_graph)
+        self.constant = [i for i, g in enumerate(grads) if create_graph and g is not None and not g.requires_grad]
+        if self.by_parts:
+            self.value, self.grads = sum(later, loss.detach()), ()
+            self.first_graph = grads if create_graph else None
+        else:
+            self.value = loss.detach()
+            self.grads = grads if create_graph else tuple(None if g is None else g.detach() for g in grads)
+
+    def part_graph(self, part: int) -> tuple[torch.Tensor | None, ...]:
+        """Part `part`'s gradient with its graph (double backward part by part): the one
+        :meth:`build_graph` left for part 0 the first time it is asked for, else evaluated afresh.
+
+        Raises:
+            SecondDerivativeError, UnrecordedGradientError, NonFiniteGradientError: as :meth:`build_graph`.
+        """
+        if part == 0 and self.first_graph is not None:
+            grads, self.first_graph = self.first_graph, None
+            return grads
+        return self._gradient(part, self.evaluate(part), "double_backward", create_graph=True)
+
+    def _gradient(self, part: int, loss: torch.Tensor, method: str, create_graph: bool) -> tuple[torch.Tensor | None, ...]:
+        """The gradient of `loss`, part `part`'s evaluation, by autograd.grad, checked; with its
+        graph where `create_graph`."""
         try:
             with TwiceDifferentiable():  # a checkpoint recomputing its forward here must route as the forward did
                 grads = torch.autograd.grad(loss, self.space.params, create_graph=create_graph, allow_unused=True)
@@ -210,27 +275,32 @@ class BatchLoss:
             if is_missing_second_derivative(error):
                 raise SecondDerivativeError(error, method) from error
             raise
-        self._compare_with_backward(grads)
+        self._compare_with_backward(grads, part)
         if self.unrecorded:
             raise UnrecordedGradientError(self.unrecorded, method)
         refuse_non_finite_gradient(self.model, self.space.params, grads)
-        self.value = loss.detach()
-        self.grads = grads if create_graph else tuple(None if g is None else g.detach() for g in grads)
-        self.constant = [i for i, g in enumerate(grads) if create_graph and g is not None and not g.requires_grad]
+        return grads
 
-    def build_without_graph(self, loss: torch.Tensor) -> None:
-        """The gradient of `loss` with no graph kept (finite differences).
+    def build_without_graph(self) -> None:
+        """The loss and the gradient with no graph kept (finite differences); on a loss in parts, the
+        loss only, the gradient summed when asked for (:meth:`gradient`).
 
         Raises:
             NonFiniteGradientError: the gradient holds NaN or infinity.
         """
-        grads = tuple(self.space.split(self.gradient_without_graph(loss)))
+        if self.by_parts:
+            later = [self.checked(part).detach() for part in range(1, len(self.parts))]
+            self.value, self.grads = sum(later, self.checked(0).detach()), ()
+            return
+        loss = self.checked(0)
+        grads = tuple(self.space.split(self._part_gradient_flat(0, loss)))
         refuse_non_finite_gradient(self.model, self.space.params, grads)
         self.value, self.grads = loss.detach(), grads
 
     def drop_graph(self) -> None:
         """Keep the gradient's values, free its graph (products by finite differences from here)."""
         self.grads = tuple(None if g is None else g.detach() for g in self.grads)
+        self.first_graph = None
 
     def view_flat(self, flat: torch.Tensor) -> None:
         """Hold the gradient's values as views of `flat`, the same pieces concatenated (double
@@ -243,22 +313,33 @@ class BatchLoss:
     def release(self) -> None:
         self.value = None
         self.grads = ()
+        self.first_graph = None
 
-    def gradient_without_graph(self, loss: torch.Tensor | None = None) -> torch.Tensor:
-        """The flat local gradient at the parameters' current values (of `loss` when given), with
-        the attention kernels the user has enabled (fused ones included: only first derivatives
-        are taken)."""
+    def gradient_without_graph(self) -> torch.Tensor:
+        """The flat local gradient at the parameters' current values, part by part, with the
+        attention kernels the user has enabled (fused ones included: only first derivatives are
+        taken)."""
+        flat = None
+        for part in range(len(self.parts)):
+            with sdpa_kernel(self.attention):
+                loss = self.evaluate(part)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"The loss is {loss.item()} at a finite-difference step from the parameters: it is not "
+                    "finite close to the current point (a log of a probability near 0, an overflow). Keep the "
+                    "loss finite near the parameters (clamp a log's argument, compute the loss in float32); "
+                    "exact products take no step (`hvp_method='double_backward'`, where every op of the model "
+                    "has a second derivative)."
+                )
+            piece = self._part_gradient_flat(part, loss)
+            flat = piece if flat is None else flat.add_(piece)
+            del loss, piece
+        assert flat is not None
+        return flat
+
+    def _part_gradient_flat(self, part: int, loss: torch.Tensor) -> torch.Tensor:
+        """The flat local gradient of `loss`, part `part`'s evaluation, without graph."""
         with sdpa_kernel(self.attention):
-            if loss is None:
-                loss = self.evaluate()
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"The loss is {loss.item()} at a finite-difference step from the parameters: it is not "
-                        "finite close to the current point (a log of a probability near 0, an overflow). Keep the "
-                        "loss finite near the parameters (clamp a log's argument, compute the loss in float32); "
-                        "exact products take no step (`hvp_method='double_backward'`, where every op of the model "
-                        "has a second derivative)."
-                    )
             if not self.plain_backward:
                 try:
                     with TwiceDifferentiable():
@@ -267,9 +348,9 @@ class BatchLoss:
                     if not refuses_autograd_grad(error):
                         raise
                     self.plain_backward = True
-                    loss = self.evaluate()  # the refused backward freed part of the graph
+                    loss = self.evaluate(part)  # the refused backward freed part of the graph
                 else:
-                    backward = self._compare_with_backward(grads)
+                    backward = self._compare_with_backward(grads, part)
                     if backward is None:
                         return self.space.flatten(grads)
                     self.plain_backward = True
@@ -277,16 +358,16 @@ class BatchLoss:
             with TwiceDifferentiable():
                 return self.space.flatten(gradient_by_backward(loss, self.space.params, self.before_forward))
 
-    def _compare_with_backward(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None] | None:
-        """Whether a None in `grads` (from ``autograd.grad``) is a zero gradient or a graph never
-        recorded: compared once with what training's ``loss.backward()`` gives (one more forward and
-        backward, only when some entry is None). Sets `unrecorded`; returns backward()'s gradient
-        when it reaches a parameter autograd.grad left None, else None."""
+    def _compare_with_backward(self, grads: Sequence[torch.Tensor | None], part: int) -> list[torch.Tensor | None] | None:
+        """Whether a None in `grads` (from ``autograd.grad`` on part `part`) is a zero gradient or a
+        graph never recorded: compared once with what training's ``loss.backward()`` gives (one more
+        forward and backward, only when some entry is None). Sets `unrecorded`; returns backward()'s
+        gradient when it reaches a parameter autograd.grad left None, else None."""
         missing = [i for i, g in enumerate(grads) if g is None]
         if not missing or self._compared:
             return None
         self._compared = True
-        loss = self.evaluate()
+        loss = self.evaluate(part)
         with TwiceDifferentiable():
             backward = gradient_by_backward(loss, self.space.params, self.before_forward)
         self.unrecorded = sum(backward[i] is not None for i in missing)
@@ -315,7 +396,15 @@ class BatchLoss:
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient on this batch (global batch under data parallelism; this rank's
-        piece on a sharded model)."""
+        piece on a sharded model); on a loss in parts summed part by part at the first call.
+
+        Raises:
+            NonFiniteGradientError: the gradient holds NaN or infinity.
+        """
+        if self.by_parts and not self.grads:
+            grads = tuple(self.space.split(self.gradient_without_graph()))
+            refuse_non_finite_gradient(self.model, self.space.params, grads)
+            self.grads = grads
         return self.space.finish(self.space.flatten([None if g is None else g.detach() for g in self.grads]))
 
     def along(self, direction: torch.Tensor, step: float, shifter: CentralDifference | None) -> float:
@@ -329,12 +418,16 @@ class BatchLoss:
         if space.shard is not None:
             assert shifter is not None
             with torch.no_grad():
-                value = shifter.evaluate_at(offsets, step, lambda: self.evaluate().detach())
+                value = shifter.evaluate_at(offsets, step, lambda: sum(self.evaluate(part).detach() for part in range(len(self.parts))))
             return space.total(value)
         names = functional_names(self.model, space.params)
-        wrapper = LossModule(self.model, self.loss_fn, self.batch)
-        seed_rng(self.seed, space.device)
+        value = None
         with torch.no_grad(), TwiceDifferentiable():
             moved = {name: p + step * o for name, p, o in zip(names, space.params, offsets)}
-            value = torch.func.functional_call(wrapper, moved, ()).detach().reshape(())
+            for part, batch in enumerate(self.parts):
+                seed_rng(self.seed + part, space.device)
+                loss = torch.func.functional_call(LossModule(self.model, self.loss_fn, batch), moved, ())
+                share = self.share(loss.detach().reshape(()))
+                value = share if value is None else value + share
+        assert value is not None
         return space.total(value)
