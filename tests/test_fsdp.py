@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from hessdiag import HessianOperator, HessdiagError, Monitor, hessian_eigenvalues
+from hessdiag import HessianOperator, HessdiagError, MicroBatches, Monitor, hessian_eigenvalues
 from hessdiag.steps.gradients import GradientStats
 from hessdiag.estimators.spectrum import slq_density
 from oracles import dense_hessian
@@ -237,6 +237,43 @@ def test_hessian_eigenvalues_of_fsdp2_model_match_the_dense_hessian_within_their
     for rank in ranks:
         observed, whole = rank["grad_norm"]
         assert observed == pytest.approx(whole, rel=1e-6)
+
+
+def _micro_batches_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = shard(make_model(torch.float64))
+        result = hessian_eigenvalues(model, loss_fn, local_micro_batches(rank), tol=1e-6, max_iter=60, which="top")
+        torch.save({"top": result.lambda_max, "bound": float(result.error_bounds["top"][0]), "loss": result.loss,
+                    "grad_norm": result.grad_norm}, f"{out_dir}/rank{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def local_micro_batches(rank: int) -> MicroBatches:
+    """This rank's batch in two unequal micro-batches."""
+    x, y = local_batch(rank, torch.float64)
+    return MicroBatches([(x[:2], y[:2]), (x[2:], y[2:])])
+
+
+def _mean_of_rank_step_losses(m, ranks):
+    return sum(sum(loss_fn(m, micro) for micro in batches) / len(batches) for batches in ranks) / len(ranks)
+
+
+def test_fsdp2_model_on_micro_batches_is_the_hessian_of_the_ranks_step_losses(tmp_path):
+    """Each rank's micro-batches one at a time through FSDP2's backward: the mean over ranks of each
+    rank's mean micro-batch loss."""
+    ranks = _spawn(_micro_batches_worker, tmp_path)
+    model = make_model(torch.float64)
+    micro = [local_micro_batches(r) for r in range(2)]
+    hessian = dense_hessian(model, _mean_of_rank_step_losses, micro)
+    true_max = float(torch.linalg.eigvalsh(hessian)[-1])
+    gradient = torch.autograd.grad(_mean_of_rank_step_losses(model, micro), list(model.parameters()))
+    for rank in ranks:
+        assert abs(rank["top"] - true_max) <= rank["bound"] + 1e-9 * abs(true_max)
+        assert rank["top"] == pytest.approx(true_max, rel=1e-5)
+        assert rank["loss"] == pytest.approx(float(_mean_of_rank_step_losses(model, micro).detach()), rel=1e-12)
+        assert rank["grad_norm"] == pytest.approx(float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in gradient]))), rel=1e-10)
 
 
 def model_dim(model: nn.Module) -> int:
