@@ -89,7 +89,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
             (default): a reading every 100-250 steps within `overhead_budget`, a full check
             where the budget pays for it and else a tracking reading (see :class:`hessdiag.Monitor`).
         overhead_budget: with ``check_every="auto"``, the share of the training time hessdiag may add:
-            the per-step statistics' measured time first, the readings the rest, at least half (0.05).
+            the per-step statistics' measured time first, the readings the rest, at least half (0.05);
+            the schedule plans 90% of it, the rest a margin for the error of its own timing.
         log_every: optimizer steps between read-backs of the gradient statistics (default: the
             trainer's ``log_every_n_steps``).
         sub_batch: samples of the batch used by a check (default: all; per micro-batch under

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from hessdiag.check import schedule as schedule_module
-from hessdiag.check.schedule import TRACKING_SHARE, CheckSchedule
+from hessdiag.check.schedule import PLANNED_SHARE, TRACKING_SHARE, CheckSchedule
+
+#: The budget the schedules below plan to spend: 5% less the schedule's margin (4.5%).
+PLANNED = 0.05 * PLANNED_SHARE
 
 
 class FakeClock:
@@ -45,13 +48,13 @@ def test_auto_draws_a_line_early_then_pays_it_back_and_spaces_readings_by_the_tr
             clock.now += 0.05
             s.tracking_finished(step, 0.05, cpu)
     assert readings[:3] == [(10, "tracking"), (40, "tracking"), (160, "tracking")]
-    # The early readings cost 150 ms, more than the 159 steps timed by then pay for (5% of 10 ms each):
+    # The early readings cost 150 ms, more than the 159 steps timed by then pay for (4.5% of 10 ms each):
     # the next reading waits until they are paid back ...
     gaps = [b - a for (a, _), (b, _) in zip(readings[2:], readings[3:])]
-    assert gaps[0] == math.ceil((0.15 - 0.05 * 0.01 * 159) / (0.05 * 0.01)) == 141
-    # ... then come at the tracking readings' share of the budget: 50 ms / (0.75 * 5% * 10 ms) = 134 steps.
-    assert abs(gaps[-1] - math.ceil(0.05 / (TRACKING_SHARE * 0.05 * 0.01))) <= 1
-    assert len(readings) * 0.05 <= 0.05 * 0.01 * readings[-1][0]  # paid back: within the budget of the steps
+    assert gaps[0] == math.ceil((0.15 - PLANNED * 0.01 * 159) / (PLANNED * 0.01)) == 175
+    # ... then come at the tracking readings' share of the budget: 50 ms / (0.75 * 4.5% * 10 ms) = 149 steps.
+    assert abs(gaps[-1] - math.ceil(0.05 / (TRACKING_SHARE * PLANNED * 0.01))) <= 1
+    assert len(readings) * 0.05 <= PLANNED * 0.01 * readings[-1][0]  # paid back: within the budget of the steps
     _run_steps(clock, s, s.interval)
     s.tracking_finished(s.next_check, 1e-5, cpu)  # a cheap reading: never more often than min_interval
     assert s.interval == 100
@@ -106,8 +109,8 @@ def test_pauses_between_steps_are_not_training_time(monkeypatch):
         clock.now += 60.0 if step == 50 else 0.01
         s.step_finished()
     s.tracking_finished(100, 0.3, torch.device("cpu"))
-    # 0.3 s / (0.75 * 5% * 10 ms) = 800 steps; the mean gap (0.61 s) would give 14.
-    assert s.interval == pytest.approx(800, abs=1)  # float rounding of the fake clock
+    # 0.3 s / (0.75 * 4.5% * 10 ms) = 889 steps; the mean gap (0.61 s) would give 15.
+    assert s.interval == pytest.approx(889, abs=1)  # float rounding of the fake clock
 
 
 def test_failures_back_off_exponentially_up_to_16x():

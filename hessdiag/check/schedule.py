@@ -8,15 +8,16 @@ time:
 
 * Readings come early, at steps growing fourfold from `first_check` (10, 40, 160 with
   `early_checks` = 3), so a short run draws a line of curvature rather than one point.
-* The budget is the whole overhead: the per-step statistics (gradient norms, the loss, the detectors
-  at each read-back; their host time, measured by the Monitor) are paid first, and the readings get
-  the rest, at least :data:`READINGS_MIN_SHARE` of the budget.
+* The budget is the whole overhead, and the schedule plans to spend :data:`PLANNED_SHARE` of it (the
+  rest a margin for the error of its own timing): the per-step statistics (gradient norms, the loss,
+  the detectors at each read-back; their host time, measured by the Monitor) are paid first, and the
+  readings get the rest, at least :data:`READINGS_MIN_SHARE` of the planned budget.
 * Then a reading every `interval` steps: the measured cost of a tracking reading over
   :data:`TRACKING_SHARE` of the readings' budget, or longer while the budget of the steps so far has
   not paid the readings so far back (the early readings, whose cost their few steps cannot pay, are
   paid back by the next gaps), never more often than every `min_interval` steps (100), and at least every
-  `max_interval` steps (250) where the tracking readings alone stay within the whole budget at that
-  spacing. So where the per-step statistics leave too little (steps of a few milliseconds) the curve
+  `max_interval` steps (250) where the tracking readings alone stay within the whole planned budget
+  at that spacing. So where the per-step statistics leave too little (steps of a few milliseconds) the curve
   keeps its density, and the whole overhead exceeds the budget by at most the statistics' share.
 * Each reading is a full check when the readings' budget can pay for it in advance (the readings so
   far *and* this check, estimated as long as the last full check, or :data:`FIRST_CHECK_ESTIMATE`
@@ -71,7 +72,12 @@ EARLY_GROWTH = 4
 #: the full checks (the first one included).
 TRACKING_SHARE = 0.75
 
-#: The least share of `overhead_budget` left to the readings, however much the per-step statistics take.
+#: The share of `overhead_budget` the schedule plans to spend. The rest is a margin for the error of
+#: its estimates (a typical step is a median of recent ones, a reading's cost the last one's, and no
+#: timing sees a cache a reading evicted), so that a run ends within the budget rather than on it.
+PLANNED_SHARE = 0.9
+
+#: The least share of the planned budget left to the readings, however much the per-step statistics take.
 READINGS_MIN_SHARE = 0.5
 
 
@@ -162,12 +168,14 @@ class CheckSchedule:
 
     def _readings_budget(self) -> tuple[float, float]:
         """(a training step's time without hessdiag, the share of it left to the readings): the
-        typical step less the statistics' mean time per step, and `overhead_budget` less the
-        statistics' share (at least :data:`READINGS_MIN_SHARE` of it)."""
+        typical step less the statistics' mean time per step, and the planned budget
+        (:data:`PLANNED_SHARE` of `overhead_budget`) less the statistics' share (at least
+        :data:`READINGS_MIN_SHARE` of it)."""
         per_step = statistics.median(self._recent_steps)
         per_step_statistics = self._statistics_seconds / max(self._steps_timed, 1)  # the run's mean
         plain_step = max(per_step - per_step_statistics, 0.5 * per_step, 1e-9)
-        share = max(self.overhead_budget - per_step_statistics / plain_step, READINGS_MIN_SHARE * self.overhead_budget)
+        planned = PLANNED_SHARE * self.overhead_budget
+        share = max(planned - per_step_statistics / plain_step, READINGS_MIN_SHARE * planned)
         return plain_step, share
 
     def step_finished(self) -> None:
@@ -203,8 +211,8 @@ class CheckSchedule:
             debt = self._check_seconds - share * plain_step * self._steps_timed
             spacing = max(self._last_tracking / (TRACKING_SHARE * share * plain_step), debt / (share * plain_step))
             # ... but a reading at least every max_interval steps where tracking alone then stays
-            # within the whole budget (otherwise the budgeted spacing stands)
-            affordable = self._last_tracking / (self.overhead_budget * plain_step) <= self.max_interval
+            # within the whole planned budget (otherwise the budgeted spacing stands)
+            affordable = self._last_tracking / (PLANNED_SHARE * self.overhead_budget * plain_step) <= self.max_interval
             interval = max(self.min_interval, math.ceil(min(spacing, self.max_interval) if affordable else spacing))
             if _distributed.is_data_parallel():
                 interval = int(_distributed.all_reduce_max_(torch.tensor([float(interval)], device=device)).item())

@@ -64,7 +64,8 @@ class Monitor(MonitorView):
             tracking reading (a proven lower bound on the sharpness from the tracked top vector; see
             :mod:`hessdiag.check.schedule` and :mod:`hessdiag.check.tracking`).
         overhead_budget: with ``check_every="auto"``, the share of the training time hessdiag may add:
-            the per-step statistics' measured time first, the readings the rest (at least half).
+            the per-step statistics' measured time first, the readings the rest (at least half); the
+            schedule plans 90% of it, the rest a margin for the error of its own timing.
         log_every: steps between read-backs of the gradient statistics (detection and logging).
         sub_batch: samples of the batch used by a curvature check (default: all; of each micro-batch for
             :class:`~hessdiag.MicroBatches`). Every tensor is cut along its first dimension; a batch whose
