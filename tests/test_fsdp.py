@@ -246,6 +246,8 @@ def _micro_batches_worker(rank: int, world_size: int, init_file: str, out_dir: s
         result = hessian_eigenvalues(model, loss_fn, local_micro_batches(rank), tol=1e-6, max_iter=60, which="top")
         torch.save({"top": result.lambda_max, "bound": float(result.error_bounds["top"][0]), "loss": result.loss,
                     "grad_norm": result.grad_norm}, f"{out_dir}/rank{rank}.pt")  # fmt: skip
+        del model, result  # FSDP2's state gone before the group is
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 

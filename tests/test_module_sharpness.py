@@ -335,6 +335,8 @@ def _ranks_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> N
             for kind, results in found.items() if kind != "sizes"
         }  # fmt: skip
         torch.save(summary | {"sizes": found["sizes"]}, f"{out_dir}/rank{rank}.pt")
+        del model, sharded, operator, block, found  # FSDP2's state gone before the group is
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
