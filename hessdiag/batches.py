@@ -2,7 +2,7 @@
 
 Under gradient accumulation one optimizer step descends the mean of its micro-batches' mean losses
 (each micro-batch loss divided by their number, gradients summed): `MicroBatches` carries those
-micro-batches to the check, whose loss is that mean (:class:`~hessdiag.operator.loss.BatchLoss`), so
+micro-batches to the check, whose loss is that mean (:class:`~hessdiag.operator.closure.PartedClosure`), so
 each Hessian-vector product is the equally weighted sum of the micro-batches' products.
 `first_samples` (and `take_sub_batch` for the `sub_batch` setting) cuts the batch dimension of every tensor
 consistently, and a list of per-sample tensors by element, or refuses.

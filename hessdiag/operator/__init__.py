@@ -2,7 +2,8 @@
 
 * :mod:`~hessdiag.operator.parameter_space`: the chosen parameters and their flat vectors (split, flatten,
   norms, shards, the data-parallel batch share).
-* :mod:`~hessdiag.operator.loss`: the loss on one batch and its gradient, evaluated alike every time.
+* :mod:`~hessdiag.operator.closure`: the user's loss closure, evaluated alike every time, part by part.
+* :mod:`~hessdiag.operator.loss`: the loss on one batch and its gradient.
 * One module per product method: :mod:`~hessdiag.operator.double_backward`,
   :mod:`~hessdiag.operator.forward_over_reverse`, :mod:`~hessdiag.operator.finite_difference`.
 * :mod:`~hessdiag.operator.auto`: the ``"auto"`` choice of method, with its reason and error.
@@ -20,7 +21,8 @@ from hessdiag.operator.finite_difference import NON_SMOOTH_DISAGREEMENT, Central
 from hessdiag.operator.forward_over_reverse import ForwardOverReverse
 from hessdiag.operator.hessian import EXACT_METHODS, HVP_METHODS, HessianOperator, HVPMethod, hessian_vector_product
 from hessdiag.operator.rounding import LOW_PRECISION_ROUNDING, PRECISION_FLOOR, ProductRounding, is_coarse
-from hessdiag.operator.loss import BatchLoss, LossFn, LossModule, enabled_attention_backends, gradient_by_backward
+from hessdiag.operator.closure import LossFn, LossModule
+from hessdiag.operator.loss import BatchLoss, enabled_attention_backends, gradient_by_backward
 from hessdiag.operator.parameter_space import ParameterSpace, refuse_coarse_compute, trainable_parameters
 
 __all__ = [

@@ -82,13 +82,13 @@ class PartByPart:
     next product, which starts with it (the first product starts with the graph the opening built).
 
     Args:
-        loss: the loss in parts (:attr:`~hessdiag.operator.loss.BatchLoss.parts`).
+        loss: the loss in parts (:attr:`~hessdiag.operator.closure.PartedClosure.parts`).
     """
 
     def __init__(self, loss: BatchLoss) -> None:
         self.loss = loss
         self.space = loss.space
-        self._order = list(range(len(loss.parts)))
+        self._order = list(range(len(loss.closure.parts)))
         self._kept: DoubleBackward | None = None  # the graph of the part `_order` starts with
 
     def product(self, vector: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

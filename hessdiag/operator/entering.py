@@ -61,14 +61,14 @@ class ProductsBuilder:
                 self.products = self._double_backward()
                 loss.warn_constant_gradients()
             else:
-                self.products = ForwardOverReverse(loss)
+                self.products = ForwardOverReverse(loss.closure)
             self.choice = MethodChoice(self.method, "asked for", 0.0)
             return None
         graph_free = self.method == "finite_difference" or space.shard is not None
         if graph_free:
             loss.build_without_graph()
         else:
-            loss.check()  # refuse a bad loss before the finite differences move the parameters
+            loss.closure.check()  # refuse a bad loss before the finite differences move the parameters
         self.central = CentralDifference(space.local_params, loss.gradient_without_graph, shard=space.shard)
         probe = space.random_unit_vector(self.seed)
         pieces = space.split(probe)
@@ -113,7 +113,7 @@ class ProductsBuilder:
         """Double backward's products on the gradient built with its graph; the loss then holds the
         gradient's values as views of its flat output (not the pieces a second time). On a loss in
         parts, the products part by part (no graph is kept between them)."""
-        if self.loss.by_parts:
+        if self.loss.closure.by_parts:
             return PartByPart(self.loss)
         products = DoubleBackward(self.loss.grads, self.space)
         if products.gradient is not None:

@@ -13,30 +13,30 @@ import torch
 
 from hessdiag.isolation import seed_rng
 from hessdiag.operator.equivalents import TwiceDifferentiable
-from hessdiag.operator.loss import BatchLoss, LossModule, functional_names
+from hessdiag.operator.closure import LossModule, PartedClosure, functional_names
 
 
 class ForwardOverReverse:
     """H v as the directional derivative of the gradient along v (forward mode over reverse mode).
 
     Args:
-        loss: the loss on the batch (model, closure, batch, seed and parameter space).
+        closure: the loss closure on the batch, in parts (model, closure, parts, seed and parameter space).
     """
 
-    def __init__(self, loss: BatchLoss) -> None:
-        self.loss = loss
+    def __init__(self, closure: PartedClosure) -> None:
+        self.closure = closure
 
     def product(self, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
         """This rank's flat H v for v given as one piece per parameter: the sum over the loss's
-        parts (one micro-batch's transforms at a time, see :class:`~hessdiag.operator.loss.BatchLoss`)."""
+        parts (one micro-batch's transforms at a time)."""
         total = self._part_product(0, pieces)
-        for part in range(1, len(self.loss.parts)):
+        for part in range(1, len(self.closure.parts)):
             total.add_(self._part_product(part, pieces))
         return total
 
     def _part_product(self, part: int, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
         """Part `part`'s flat H v (of its share of the loss)."""
-        loss, space = self.loss, self.loss.space
+        loss, space = self.closure, self.closure.space
         names = functional_names(loss.model, space.params)
         wrapper = LossModule(loss.model, loss.loss_fn, loss.parts[part])
 

@@ -40,7 +40,8 @@ from hessdiag.errors import SecondDerivativeError, is_missing_second_derivative
 from hessdiag.operator.entering import EXACT_METHODS, Products, ProductsBuilder
 from hessdiag.operator.double_backward import DoubleBackward, PartByPart
 from hessdiag.operator.finite_difference import AlongVector, CentralDifference, Richardson
-from hessdiag.operator.loss import BatchLoss, LossFn, enabled_attention_backends
+from hessdiag.operator.closure import LossFn
+from hessdiag.operator.loss import BatchLoss, enabled_attention_backends
 from hessdiag.operator.rounding import ProductRounding
 from hessdiag.operator.parameter_space import ParameterSpace, refuse_coarse_compute
 
@@ -204,8 +205,8 @@ class HessianOperator:
 
     def loss_along(self, direction: torch.Tensor, step: float) -> float:
         """The loss at theta + step * direction (flat `direction`), same batch and dropout masks;
-        the parameters are left as they were (:meth:`~hessdiag.operator.loss.BatchLoss.along`)."""
-        return self._open().along(direction, step, self._central)
+        the parameters are left as they were (:meth:`~hessdiag.operator.closure.PartedClosure.along`)."""
+        return self._open().closure.along(direction, step, self._central)
 
     # -- products --------------------------------------------------------------------------
     def matvec(self, vector: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:

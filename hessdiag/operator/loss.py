@@ -1,9 +1,7 @@
-"""The loss the optimizer sees, on one batch, and its gradient: evaluated alike every time.
+"""The loss the optimizer sees, on one batch, and its gradient.
 
-Every evaluation seeds the RNG (:func:`~hessdiag.isolation.seed_rng`), so dropout draws the same
-masks in every product of one estimate. A failure inside the user's closure is a
-:class:`~hessdiag.errors.LossClosureError`; a NaN or infinite loss a
-:class:`~hessdiag.errors.NonFiniteLossError`. The gradient is built once per estimate: with its graph
+The closure is evaluated by :class:`~hessdiag.operator.closure.PartedClosure` (seeded dropout, part
+by part for micro-batches, a bad loss refused). The gradient is built once per estimate: with its graph
 (``create_graph=True``) for double backward, without one for finite differences, under the attention
 kernels the user has enabled (fused ones included: only first derivatives are taken), and by a plain
 ``loss.backward()`` where ``torch.autograd.grad`` is refused (reentrant checkpointing) or returns
@@ -15,50 +13,24 @@ derivative (Hardsigmoid, EmbeddingBag, sparse embeddings) to exact equivalents t
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hessdiag import _sharded
-from hessdiag.batches import MicroBatches
-from hessdiag.isolation import seed_rng
 from hessdiag.errors import (
     HessdiagWarning,
-    LossClosureError,
     NonFiniteLossError,
     SecondDerivativeError,
     UnrecordedGradientError,
     is_missing_second_derivative,
     refuses_autograd_grad,
 )
+from hessdiag.operator.closure import LossFn, PartedClosure
 from hessdiag.operator.equivalents import TwiceDifferentiable
-from hessdiag.operator.finite_difference import CentralDifference
 from hessdiag.operator.parameter_space import ParameterSpace, refuse_non_finite_gradient
-
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
-
-
-class LossModule(nn.Module):
-    """Wraps ``loss_fn(model, batch)`` as a module, so `torch.func.functional_call` can swap the
-    model's parameters by name (public API, no private reparametrisation)."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Any) -> None:
-        super().__init__()
-        self.model = model
-        self._loss_fn = loss_fn
-        self._batch = batch
-
-    def forward(self) -> torch.Tensor:
-        return self._loss_fn(self.model, self._batch)
-
-
-def functional_names(model: nn.Module, params: Sequence[torch.Tensor]) -> list[str]:
-    """The names of `params` inside a :class:`LossModule` of `model` (for `functional_call`)."""
-    by_id = {id(p): f"model.{name}" for name, p in model.named_parameters(remove_duplicate=False)}
-    return [by_id[id(p)] for p in params]
 
 
 def gradient_by_backward(
@@ -106,19 +78,14 @@ class BatchLoss:
     every forward, gradient and product runs over one micro-batch at a time, its graph freed before
     the next, so that an estimate holds one micro-batch's graph, as a training step under gradient
     accumulation does, not all of them at once (:class:`~hessdiag.operator.double_backward.PartByPart`).
-    Each part draws its own dropout masks (the RNG seeded by `seed` plus its index), the same ones
-    at every evaluation.
 
     Args:
-        model, loss_fn, batch: the (unwrapped) network, ``loss_fn(model, batch) -> scalar``, its batch
-            (or a :class:`~hessdiag.batches.MicroBatches`).
-        space: the chosen parameters and their flat vectors.
-        seed: seeds the RNG before every evaluation (the same dropout masks each time).
+        model, loss_fn, batch, space, seed: see :class:`~hessdiag.operator.closure.PartedClosure`.
         attention: the attention backends gradients without graph run under (the user's, read
             before :func:`~hessdiag.isolation.isolation` forces the math one).
 
     Attributes:
-        parts: the batches evaluated one at a time: the micro-batches, or the batch itself.
+        closure: the loss closure, evaluated part by part.
         value: the loss on this rank (detached), once a gradient is built; None before.
         grads: the gradient, one entry per parameter (None where unused): with its graph after
             :meth:`build_graph` for double backward (until :meth:`view_flat` hands the graph to the
@@ -133,13 +100,8 @@ class BatchLoss:
         self, model: nn.Module, loss_fn: LossFn, batch: Any, space: ParameterSpace, seed: int, attention: list[SDPBackend]
     ) -> None:
         self.model = model
-        self.loss_fn = loss_fn
-        self.batch = batch
-        self.parts: tuple[Any, ...] = tuple(batch) if isinstance(batch, MicroBatches) else (batch,)
-        if not self.parts:
-            raise ValueError("The MicroBatches holds no micro-batch: pass the step's micro-batches, at least one.")
+        self.closure = PartedClosure(model, loss_fn, batch, space, seed)
         self.space = space
-        self.seed = seed
         self.attention = attention
         self.value: torch.Tensor | None = None
         self.grads: tuple[torch.Tensor | None, ...] = ()
@@ -152,79 +114,6 @@ class BatchLoss:
         #: checkpointing on inputs made to require grad); compared once, at the first None.
         self.unrecorded = 0
         self._compared = False
-        # The parameter objects whose `.grad` a plain backward writes, as they are before a forward
-        # (see `evaluate`).
-        self.before_forward: list[torch.Tensor] = list(model.parameters())
-
-    @property
-    def by_parts(self) -> bool:
-        """Whether the batch has several parts, each evaluated and freed before the next: double
-        backward then rebuilds each part's graph for every product instead of keeping one graph."""
-        return len(self.parts) > 1
-
-    # -- evaluation ------------------------------------------------------------------------
-    def evaluate(self, part: int = 0) -> torch.Tensor:
-        """The loss of part `part` as a 0-dim tensor (with its graph), divided by the number of
-        parts (so that the parts' values sum to the loss), RNG seeded by the part.
-
-        Raises:
-            LossClosureError: the closure raised (other than out of memory), or returned no real scalar.
-        """
-        if self.space.shard is not None:
-            _sharded.reshard(self.model)  # so that the forward gathers the shards as they are now
-        # After the forward an FSDP2 group that keeps its gathered parameters (the root's, or any with
-        # reshard_after_forward=False) has them registered on its modules in place of the sharded
-        # ones, while its reduce-scatter accumulates into the sharded parameters' `.grad`: those are
-        # the ones a plain backward must swap out.
-        self.before_forward = list(self.model.parameters())
-        seed_rng(self.seed + part, self.space.device)
-        try:
-            with TwiceDifferentiable():
-                loss = self.loss_fn(self.model, self.parts[part])
-        except torch.OutOfMemoryError:
-            raise  # not the closure's fault: the caller may retry on a smaller batch
-        except Exception as error:  # the user's closure: any other failure is a bad batch or closure
-            raise LossClosureError(
-                f"loss_fn(model, batch) raised {type(error).__name__}: {error}. Check that `batch` is what "
-                "the closure expects (the curvature check calls it outside the training step)."
-            ) from error
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.dtype.is_floating_point:
-            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise LossClosureError(f"loss_fn(model, batch) must return a real scalar tensor, got {got}.")
-        return self.share(loss.reshape(()))
-
-    def share(self, loss: torch.Tensor) -> torch.Tensor:
-        """A part's loss as its share of the batch's: over the number of parts."""
-        return loss if not self.by_parts else loss / len(self.parts)
-
-    def checked(self, part: int = 0) -> torch.Tensor:
-        """:meth:`evaluate`, refusing a loss without graph or a non-finite one (on any rank of a
-        sharded model: decided together)."""
-        loss = self.evaluate(part)
-        if not loss.requires_grad and torch.is_inference_mode_enabled():
-            raise LossClosureError(
-                "The loss was computed under torch.inference_mode(), which records no graph (torch.enable_grad() "
-                "cannot lift it): run the curvature check outside inference mode (for a check from validation or "
-                "prediction in Lightning, `Trainer(inference_mode=False)`)."
-            )
-        if not loss.requires_grad:
-            raise LossClosureError(
-                "The loss does not depend on the chosen parameters: was it computed under torch.no_grad(), or "
-                "through checkpoint(..., use_reentrant=True) on inputs that do not require grad (whose output has "
-                "no graph: training gets no gradients there either; use use_reentrant=False)?"
-            )
-        finite = bool(torch.isfinite(loss))
-        shard = self.space.shard
-        if shard is not None:  # decided together: a rank that stops here would leave FSDP's backward waiting
-            finite = float(shard.sum_(torch.tensor([float(not finite)], dtype=torch.float64, device=self.space.device))) == 0
-        if not finite:
-            raise NonFiniteLossError(f"The loss is {loss.item()} on this batch (or another rank's); the Hessian is undefined there.")
-        return loss
-
-    def check(self) -> None:
-        """Refuse a bad loss (see :meth:`checked`) on every part, keeping no graph."""
-        for part in range(len(self.parts)):
-            self.checked(part)
 
     # -- the gradient ----------------------------------------------------------------------
     def build_graph(self, method: str) -> None:
@@ -241,12 +130,12 @@ class BatchLoss:
             NonFiniteGradientError: the gradient holds NaN or infinity.
         """
         create_graph = method == "double_backward"
-        if self.by_parts:  # the later parts first, so that part 0's graph is the only one alive
-            later = [self.checked(part).detach() for part in range(1, len(self.parts))]
-        loss = self.checked(0)
+        if self.closure.by_parts:  # the later parts first, so that part 0's graph is the only one alive
+            later = [self.closure.checked(part).detach() for part in range(1, len(self.closure.parts))]
+        loss = self.closure.checked(0)
         grads = self._gradient(0, loss, method, create_graph)
         self.constant = [i for i, g in enumerate(grads) if create_graph and g is not None and not g.requires_grad]
-        if self.by_parts:
+        if self.closure.by_parts:
             self.value, self.grads = sum(later, loss.detach()), ()
             self.first_graph = grads if create_graph else None
         else:
@@ -263,7 +152,7 @@ class BatchLoss:
         if part == 0 and self.first_graph is not None:
             grads, self.first_graph = self.first_graph, None
             return grads
-        return self._gradient(part, self.evaluate(part), "double_backward", create_graph=True)
+        return self._gradient(part, self.closure.evaluate(part), "double_backward", create_graph=True)
 
     def _gradient(self, part: int, loss: torch.Tensor, method: str, create_graph: bool) -> tuple[torch.Tensor | None, ...]:
         """The gradient of `loss`, part `part`'s evaluation, by autograd.grad, checked; with its
@@ -288,11 +177,11 @@ class BatchLoss:
         Raises:
             NonFiniteGradientError: the gradient holds NaN or infinity.
         """
-        if self.by_parts:
-            later = [self.checked(part).detach() for part in range(1, len(self.parts))]
-            self.value, self.grads = sum(later, self.checked(0).detach()), ()
+        if self.closure.by_parts:
+            later = [self.closure.checked(part).detach() for part in range(1, len(self.closure.parts))]
+            self.value, self.grads = sum(later, self.closure.checked(0).detach()), ()
             return
-        loss = self.checked(0)
+        loss = self.closure.checked(0)
         grads = tuple(self.space.split(self._part_gradient_flat(0, loss)))
         refuse_non_finite_gradient(self.model, self.space.params, grads)
         self.value, self.grads = loss.detach(), grads
@@ -320,9 +209,9 @@ class BatchLoss:
         attention kernels the user has enabled (fused ones included: only first derivatives are
         taken)."""
         flat = None
-        for part in range(len(self.parts)):
+        for part in range(len(self.closure.parts)):
             with sdpa_kernel(self.attention):
-                loss = self.evaluate(part)
+                loss = self.closure.evaluate(part)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"The loss is {loss.item()} at a finite-difference step from the parameters: it is not "
@@ -348,7 +237,7 @@ class BatchLoss:
                     if not refuses_autograd_grad(error):
                         raise
                     self.plain_backward = True
-                    loss = self.evaluate(part)  # the refused backward freed part of the graph
+                    loss = self.closure.evaluate(part)  # the refused backward freed part of the graph
                 else:
                     backward = self._compare_with_backward(grads, part)
                     if backward is None:
@@ -356,7 +245,7 @@ class BatchLoss:
                     self.plain_backward = True
                     return self.space.flatten(backward)
             with TwiceDifferentiable():
-                return self.space.flatten(gradient_by_backward(loss, self.space.params, self.before_forward))
+                return self.space.flatten(gradient_by_backward(loss, self.space.params, self.closure.before_forward))
 
     def _compare_with_backward(self, grads: Sequence[torch.Tensor | None], part: int) -> list[torch.Tensor | None] | None:
         """Whether a None in `grads` (from ``autograd.grad`` on part `part`) is a zero gradient or a
@@ -367,9 +256,9 @@ class BatchLoss:
         if not missing or self._compared:
             return None
         self._compared = True
-        loss = self.evaluate(part)
+        loss = self.closure.evaluate(part)
         with TwiceDifferentiable():
-            backward = gradient_by_backward(loss, self.space.params, self.before_forward)
+            backward = gradient_by_backward(loss, self.space.params, self.closure.before_forward)
         self.unrecorded = sum(backward[i] is not None for i in missing)
         return backward if self.unrecorded else None
 
@@ -401,33 +290,9 @@ class BatchLoss:
         Raises:
             NonFiniteGradientError: the gradient holds NaN or infinity.
         """
-        if self.by_parts and not self.grads:
+        if self.closure.by_parts and not self.grads:
             grads = tuple(self.space.split(self.gradient_without_graph()))
             refuse_non_finite_gradient(self.model, self.space.params, grads)
             self.grads = grads
         return self.space.finish(self.space.flatten([None if g is None else g.detach() for g in self.grads]))
 
-    def along(self, direction: torch.Tensor, step: float, shifter: CentralDifference | None) -> float:
-        """The loss at theta + step * direction (flat `direction`), same batch and dropout masks.
-
-        Evaluated functionally: the parameters themselves are never written (on a sharded model
-        the local shards are shifted in place by `shifter` and restored from a copy, bit-for-bit).
-        """
-        space = self.space
-        offsets = space.split(direction.to(device=space.device, dtype=space.dtype))
-        if space.shard is not None:
-            assert shifter is not None
-            with torch.no_grad():
-                value = shifter.evaluate_at(offsets, step, lambda: sum(self.evaluate(part).detach() for part in range(len(self.parts))))
-            return space.total(value)
-        names = functional_names(self.model, space.params)
-        value = None
-        with torch.no_grad(), TwiceDifferentiable():
-            moved = {name: p + step * o for name, p, o in zip(names, space.params, offsets)}
-            for part, batch in enumerate(self.parts):
-                seed_rng(self.seed + part, space.device)
-                loss = torch.func.functional_call(LossModule(self.model, self.loss_fn, batch), moved, ())
-                share = self.share(loss.detach().reshape(()))
-                value = share if value is None else value + share
-        assert value is not None
-        return space.total(value)
