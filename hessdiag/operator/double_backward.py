@@ -98,7 +98,8 @@ class PartByPart:
         total = out.zero_() if out is not None and not aliased else torch.zeros_like(vector)
         last = len(self._order) - 1
         for index, part in enumerate(self._order):
-            graph, self._kept = self._kept or DoubleBackward(self.loss.part_graph(part), self.space), None
+            graph = self._kept if index == 0 and self._kept is not None else DoubleBackward(self.loss.part_graph(part), self.space)
+            self._kept = None
             pieces = graph.pieces(vector)
             if index == last:
                 self._kept = graph

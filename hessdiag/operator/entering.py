@@ -112,7 +112,7 @@ class ProductsBuilder:
     def _double_backward(self) -> DoubleBackward | PartByPart:
         """Double backward's products on the gradient built with its graph; the loss then holds the
         gradient's values as views of its flat output (not the pieces a second time). On a loss in
-        parts, the products part by part (no graph is kept between them)."""
+        parts, the products part by part (one part's graph alive at a time)."""
         if self.loss.closure.by_parts:
             return PartByPart(self.loss)
         products = DoubleBackward(self.loss.grads, self.space)
