@@ -7,7 +7,6 @@ import gc
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -17,6 +16,7 @@ from hessdiag.steps.backward_reach import BackwardReach
 from hessdiag.detectors import StepRecord, VanishingGradientDetector
 from hessdiag.callbacks import HessianDiagnostics
 from hessdiag.steps.gradients import GradientStats
+from spawned import rank_group
 
 
 class WithAuxHead(nn.Module):
@@ -264,8 +264,7 @@ def _parallel_worker(rank: int, world_size: int, init_file: str, out_dir: str) -
     FSDP2 (on neither after the first step), zero_grad(set_to_none=False): the layers each rank judged."""
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with rank_group(rank, world_size, init_file):
         results = {}
         x, y = data(16, seed=rank)
         for name in ("ddp", "fsdp2"):
@@ -290,11 +289,7 @@ def _parallel_worker(rank: int, world_size: int, init_file: str, out_dir: str) -
                 monitor.after_step(None, loss.detach())
             monitor.close()
             results[name] = monitor.detectors["vanishing"].layers
-            del model, monitor, optimizer  # DDP's reducer threads gone before the group is
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-        dist.barrier()  # neither rank tears the group down while the other still uses it
-    finally:
-        dist.destroy_process_group()
 
 
 def test_data_parallel_and_fsdp2_judge_the_layers_reached_on_any_rank(tmp_path):

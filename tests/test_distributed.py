@@ -5,7 +5,6 @@ from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +15,7 @@ from hessdiag.settings import DiagnosticsSettings
 from hessdiag.lanczos import lanczos
 from hessdiag.vectors import VectorShard, gaussian, random_signs
 from oracles import dense_hessian
+from spawned import rank_group
 
 SPLIT = (5, 11)  # unequal local batches: the ranks must be weighted by their share
 
@@ -35,8 +35,7 @@ def loss_fn(m, batch):
 
 
 def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with rank_group(rank, world_size, init_file):
         model, (x, y), vector = make_problem()
         start = sum(SPLIT[:rank])
         local = (x[start : start + SPLIT[rank]], y[start : start + SPLIT[rank]])
@@ -61,8 +60,6 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
              "checks": {w: (c.lambda_max, c.loss) for w, c in checks.items()}},  # fmt: skip
             f"{out_dir}/rank{rank}.pt",
         )
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +114,7 @@ def test_training_check_weights_ranks_as_ddp_does(ranks):
 def _non_finite_shard_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     """Lanczos over a diagonal operator whose coordinates are split across the two ranks; rank 1's
     piece of the third product is NaN. Gloo's timeout turns a hang into an error."""
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=30)
-    )
-    try:
+    with rank_group(rank, world_size, init_file, timeout=timedelta(seconds=30)):
         diagonal = torch.linspace(0.1, 1.0, 20, dtype=torch.float64)[10 * rank : 10 * rank + 10]
         calls = []
 
@@ -137,8 +131,6 @@ def _non_finite_shard_worker(rank: int, world_size: int, init_file: str, out_dir
         except RuntimeError as error:  # e.g. a collective that timed out: the other rank did not take part
             outcome = f"RuntimeError: {error}"
         torch.save(outcome, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_non_finite_product_on_one_rank_stops_every_rank_with_the_same_error(tmp_path):

@@ -11,6 +11,7 @@ from hessdiag import HessianOperator, HessdiagError, MicroBatches, Monitor, hess
 from hessdiag.steps.gradients import GradientStats
 from hessdiag.estimators.spectrum import slq_density
 from oracles import dense_hessian
+from spawned import rank_group
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -97,8 +98,7 @@ RECIPES = {
 
 
 def _eigenvalues_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with rank_group(rank, world_size, init_file):
         results = {}
         for dtype in (torch.float64, torch.float32):
             model = shard(make_model(dtype))
@@ -137,16 +137,13 @@ def _eigenvalues_worker(rank: int, world_size: int, init_file: str, out_dir: str
         whole = torch.cat([p.grad.full_tensor().reshape(-1) for p in model.parameters()])
         results["grad_norm"] = (stats.read().grad_norms[0], float(torch.linalg.vector_norm(whole)))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _root_recipes_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     """Each recipe with reshard_after_forward True and False, after a training backward left `.grad`:
     the eigenvalues, and whether parameters, `.grad`, the RNG and the next training gradient are
     as without the check."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with rank_group(rank, world_size, init_file):
         results = {}
         for name, (build, apply_sharding, loss, batch_of) in RECIPES.items():
             for reshard_after_forward in (True, False):
@@ -172,8 +169,6 @@ def _root_recipes_worker(rank: int, world_size: int, init_file: str, out_dir: st
                     "bottom_bound": float(result.error_bounds["bottom"][0]), "untouched": untouched, "trains": trains,
                 }  # fmt: skip
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_usual_fsdp2_recipes_with_parameters_in_the_root_group_match_the_dense_hessian(tmp_path):
@@ -240,16 +235,11 @@ def test_hessian_eigenvalues_of_fsdp2_model_match_the_dense_hessian_within_their
 
 
 def _micro_batches_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with rank_group(rank, world_size, init_file):
         model = shard(make_model(torch.float64))
         result = hessian_eigenvalues(model, loss_fn, local_micro_batches(rank), tol=1e-6, max_iter=60, which="top")
         torch.save({"top": result.lambda_max, "bound": float(result.error_bounds["top"][0]), "loss": result.loss,
                     "grad_norm": result.grad_norm}, f"{out_dir}/rank{rank}.pt")  # fmt: skip
-        del model, result  # FSDP2's state gone before the group is
-        dist.barrier()  # neither rank tears the group down while the other still uses it
-    finally:
-        dist.destroy_process_group()
 
 
 def local_micro_batches(rank: int) -> MicroBatches:
@@ -313,8 +303,7 @@ def _train(rank: int, monitor_dir: str | None, steps: int = 8):
 
 
 def _monitor_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with rank_group(rank, world_size, init_file):
         plain, _, plain_rng = _train(rank, None)
         observed, monitor, observed_rng = _train(rank, f"{out_dir}/logs")
         checks = [(c.step, c.lambda_max, c.hvp_method, c.product_error) for c in monitor.checks]
@@ -323,8 +312,6 @@ def _monitor_worker(rank: int, world_size: int, init_file: str, out_dir: str) ->
              "checks": checks, "failed": monitor.failed_checks, "events": [e.name for e in monitor.events]},  # fmt: skip
             f"{out_dir}/rank{rank}.pt",
         )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_monitor_on_fsdp2_plain_loop_observes_without_changing_training(tmp_path):

@@ -8,6 +8,7 @@ from torch import nn
 from hessdiag import hessian_eigenvalues, layer_shares
 from hessdiag.estimators.layer_shares import module_label
 from oracles import dense_hessian
+from spawned import rank_group
 
 
 class TwoBlocks(nn.Module):
@@ -194,12 +195,10 @@ class RootOwned(nn.Module):
 
 
 def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with rank_group(rank, world_size, init_file):
         torch.manual_seed(0)
         model = RootOwned().double()
         dim = sum(p.numel() for p in model.parameters())
@@ -218,10 +217,6 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
             {"fsdp": layer_shares(model, local), "ddp": layer_shares(ddp, vector), "local_size": local.numel(), "vector": vector},
             f"{out_dir}/rank{rank}.pt",
         )
-        del ddp  # its reducer's threads gone before the group (a rank aborted once in teardown)
-        dist.barrier()  # neither rank tears the group down while the other still uses it
-    finally:
-        dist.destroy_process_group()
 
 
 def test_shares_on_two_processes_fsdp2_local_pieces_all_reduced_and_ddp(tmp_path):

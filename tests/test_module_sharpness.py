@@ -23,6 +23,7 @@ from hessdiag.callbacks.settings import CallbackSettings
 from hessdiag.settings import DiagnosticsSettings
 from loops import one_step
 from oracles import dense_hessian, flat_parameters
+from spawned import rank_group
 
 
 class Branches(nn.Module):
@@ -313,11 +314,9 @@ def ranked_batches():
 
 
 def _ranks_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with rank_group(rank, world_size, init_file):
         batch, found = ranked_batches()[rank], {}
         model = ranked_model()  # replicated: data parallel, the loss over both ranks' samples
         found["ddp"] = module_sharpness(model, cross_entropy, batch, ["0", "4"], hvp_method="double_backward", tol=1e-6)
@@ -335,10 +334,6 @@ def _ranks_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> N
             for kind, results in found.items() if kind != "sizes"
         }  # fmt: skip
         torch.save(summary | {"sizes": found["sizes"]}, f"{out_dir}/rank{rank}.pt")
-        del model, sharded, operator, block, found  # FSDP2's state gone before the group is
-        dist.barrier()  # neither rank tears the group down while the other still uses it
-    finally:
-        dist.destroy_process_group()
 
 
 def test_under_fsdp2_and_ddp_each_rank_gets_the_global_block(tmp_path):

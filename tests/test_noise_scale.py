@@ -10,6 +10,7 @@ from torch import nn
 from hessdiag import MicroBatches, NoiseScaleEstimate, RunningNoiseScale, gradient_noise_scale
 from hessdiag.noise.noise_scale import noise_scale_from_norms
 from hessdiag.noise.noise_scale import split_batch
+from spawned import rank_group
 
 
 def regression_loss(m, batch):
@@ -237,8 +238,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with rank_group(rank, world_size, init_file):
         model, (x, y) = mlp_problem()
         local = (x[rank * 6 : (rank + 1) * 6], y[rank * 6 : (rank + 1) * 6])
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -256,8 +256,6 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         dist.all_gather(everyone, mine)
         estimate = noise_scale_from_norms([float(t) for t in everyone], 6, reduced, 6 * world_size)
         torch.save({"estimate": estimate, "mine": float(mine)}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_estimate_from_ranks_local_norms_equals_the_parts_estimate(tmp_path):

@@ -14,6 +14,7 @@ from hessdiag.reporting import tags
 from hessdiag.noise.noise_scale import noise_scale_from_norms
 from hessdiag.noise.ranks import RankNoiseScale
 from hessdiag.noise.running import RunningNoiseScale
+from spawned import rank_group
 
 STEPS, LOCAL = 6, 5
 
@@ -62,8 +63,7 @@ def train(rank, watched):
 def _worker(rank, world_size, init_file, out_dir):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with rank_group(rank, world_size, init_file):
         plain, _, _ = train(rank, watched=False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -94,8 +94,6 @@ def _worker(rank, world_size, init_file, out_dir):
             },
             f"{out_dir}/rank{rank}.pt",
         )
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
