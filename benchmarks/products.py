@@ -30,7 +30,7 @@ from _report import save_report  # noqa: E402
 from engine import SIZES, peak_bytes, timed  # noqa: E402
 from models import GPT, classification_loss, image_batch, next_token_loss, resnet18_cifar, token_batch  # noqa: E402
 
-from hessdiag.operator import CentralDifference, HessianOperator  # noqa: E402
+from hessdiag.operator import HessianOperator  # noqa: E402
 
 METHODS = ("gradient", "double_backward", "finite_difference")
 

@@ -302,6 +302,30 @@ def test_under_adam_a_reading_bounds_the_preconditioned_sharpness():
         assert float(torch.linalg.eigvalsh(hessian)[-1]) < 0.5 * reading.sharpness_lower_bound
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerator memory, which training uses between readings, needs CUDA")
+@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.Adam])
+def test_the_vectors_kept_between_readings_take_no_accelerator_memory(optimizer_class):
+    """Between readings the accelerator's memory is training's: what a check or a reading keeps for
+    the next (warm starts, the tracked vectors, Adam's preconditioned ones) is in host memory, so
+    the memory allocated after each reading is what it was before it (not one vector more)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 1024), nn.Tanh(), nn.Linear(1024, 10)).cuda()
+    batch = (torch.randn(64, 256, device="cuda"), torch.randint(0, 10, (64,), device="cuda"))
+    optimizer = optimizer_class(model.parameters(), lr=0.01)
+    sgd_steps(model, optimizer, batch, 3)
+    probe = CurvatureProbe(model, cross_entropy, DiagnosticsSettings(tol=1e-4))
+    vector_bytes = 4 * sum(p.numel() for p in model.parameters())
+    for read in (lambda: probe.run(3, batch, optimizer), lambda: probe.track(4, batch, optimizer), lambda: probe.track(5, batch, optimizer)):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        read()
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() - before < vector_bytes / 2
+    kept = [v for v in probe.starts.state_dict().values() if isinstance(v, torch.Tensor)]
+    assert len(kept) == (4 if optimizer_class is torch.optim.Adam else 2)
+    assert all(v.device.type == "cpu" for v in kept)
+
+
 # -- the Monitor's readings ---------------------------------------------------------------------------
 class Capture:
     """A writer that keeps every scalar by step (the union of what each step's calls wrote)."""

@@ -27,7 +27,7 @@ from hessdiag.check.quantities.update_prediction import UpdateLossPrediction
 from hessdiag.check.quantity import CheckContext, Quantity, Skipped
 from hessdiag.check.quantities.stability import stability_diagonal
 from hessdiag.check.record import CurvatureCheck
-from hessdiag.check.starts import CheckStarts
+from hessdiag.check.starts import CheckStarts, on_host
 from hessdiag.check.tracking import COLD_KRYLOV_STEPS, KRYLOV_STEPS, ONE_STEP_RESIDUAL, TrackingReading, track
 from hessdiag.estimators.eigen import HessianEigenvalues, eigenvalues_of
 from hessdiag.isolation import preserved_state, unwrap_model
@@ -134,8 +134,8 @@ class CurvatureProbe:
             product_error = operator.product_error
         context.operator = None
         self._compute(context, [q for q in self.quantities if not q.uses_operator], skipped, products)
-        self.starts.warm_vectors = result.warm_start()
-        self.starts.tracked = None if result.top_vectors is None else result.top_vectors[0]
+        self.starts.warm_vectors = on_host(result.warm_start())
+        self.starts.tracked = None if result.top_vectors is None else on_host(result.top_vectors[0])
         self.starts.tracked_residual = None
         if self.starts.warm_preconditioned is not None:
             self.starts.tracked_preconditioned = self.starts.warm_preconditioned[0]
@@ -194,9 +194,9 @@ class CurvatureProbe:
             reading = dataclasses.replace(reading, num_hvps=operator.num_hvps, seconds=time.perf_counter() - start)
         starts.tracked_residual = reading.residual / abs(reading.value) if reading.value else None
         if scale is not None:
-            starts.tracked_preconditioned = next_vector
+            starts.tracked_preconditioned = on_host(next_vector)
         else:
-            starts.tracked = next_vector
+            starts.tracked = on_host(next_vector)
         return reading
 
     def remember_update_start(self, step: int) -> None:

@@ -1,5 +1,10 @@
 """What each curvature check of a run starts from.
 
+The vectors a run keeps from one reading to the next (each a parameter-sized vector, up to five of
+them under Adam) are kept in host memory: between readings the accelerator's memory is training's,
+whose peak they would otherwise raise at every step (by as much as Adam's state), and a reading
+copies back the one or two it starts from.
+
 A check starts warm, from the previous check's Ritz vectors (and the preconditioned run's), or
 cold: the first, every `cold_every`-th, after a failed check, and whenever the trainable parameters
 changed. With ``hvp_method="auto"`` only cold checks cross-check double backward against finite
@@ -16,6 +21,11 @@ import torch
 from hessdiag.operator import HessianOperator, HVPMethod
 
 
+def on_host(vector: torch.Tensor | None) -> torch.Tensor | None:
+    """`vector` detached, in host memory (itself where it is there already), or None."""
+    return None if vector is None else vector.detach().to("cpu")
+
+
 class CheckStarts:
     """The warm-start vectors of a run's checks, the cold cadence and the cross-check's verdict.
 
@@ -23,7 +33,7 @@ class CheckStarts:
         hvp_method: the product method the checks ask for.
         cold_every: every n-th check starts from a random vector (0: never after the first).
 
-    Attributes:
+    Attributes (vectors in host memory, set through :func:`on_host`):
         warm_vectors: the last check's Ritz vectors (its warm start), or None.
         warm_preconditioned: the last preconditioned (Adam) run's top vectors, or None.
         verified_step: the step of the last cold check whose cross-check ("auto") chose double
@@ -76,19 +86,19 @@ class CheckStarts:
         self.tracked = self.tracked_preconditioned = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The warm-start vectors, on the host."""
+        """The warm-start vectors (in host memory, as they are kept)."""
         return {
-            "warm_vectors": None if self.warm_vectors is None else self.warm_vectors.detach().cpu(),
-            "warm_preconditioned": None if self.warm_preconditioned is None else self.warm_preconditioned.detach().cpu(),
+            "warm_vectors": self.warm_vectors,
+            "warm_preconditioned": self.warm_preconditioned,
             "method": self.method,
-            "tracked": None if self.tracked is None else self.tracked.detach().cpu(),
-            "tracked_preconditioned": None if self.tracked_preconditioned is None else self.tracked_preconditioned.detach().cpu(),
+            "tracked": self.tracked,
+            "tracked_preconditioned": self.tracked_preconditioned,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (missing keys: a cold start)."""
-        self.warm_vectors = state.get("warm_vectors")
-        self.warm_preconditioned = state.get("warm_preconditioned")
+        self.warm_vectors = on_host(state.get("warm_vectors"))
+        self.warm_preconditioned = on_host(state.get("warm_preconditioned"))
         self.method = state.get("method")
-        self.tracked = state.get("tracked")
-        self.tracked_preconditioned = state.get("tracked_preconditioned")
+        self.tracked = on_host(state.get("tracked"))
+        self.tracked_preconditioned = on_host(state.get("tracked_preconditioned"))

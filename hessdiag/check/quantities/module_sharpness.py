@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hessdiag.check.quantity import CheckContext, Quantity, Skipped
+from hessdiag.check.quantity import CheckContext, Quantity
 from hessdiag.estimators import module_sharpness as estimator
 from hessdiag.estimators.layer_shares import module_label
 from hessdiag.estimators.module_sharpness import ModuleSharpness

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from hessdiag.check.quantity import CheckContext, Quantity, Skipped
+from hessdiag.check.starts import on_host
 from hessdiag.lanczos import lanczos
 from hessdiag.operator import HessianOperator
 from hessdiag.reporting.tags import RATIO_LOWER, SHARPNESS, SHARPNESS_LOWER, STABILITY_RATIO, STABILITY_THRESHOLD
@@ -48,7 +49,7 @@ class StabilitySharpness(Quantity):
             max_iter=self.settings.max_iter, v0=None if context.cold else context.starts.warm_preconditioned,
             seed=context.seed, device=operator.device, dtype=operator.dtype, shard=operator.shard,
         )  # fmt: skip
-        context.starts.warm_preconditioned = run.top_vectors
+        context.starts.warm_preconditioned = on_host(run.top_vectors)
         return Stability(rule.threshold, float(run.top[0]), scale)
 
     @staticmethod
