@@ -55,9 +55,10 @@ def test_auto_draws_a_line_early_then_pays_it_back_and_spaces_readings_by_the_tr
     # ... then come at the tracking readings' share of the budget: 50 ms / (0.75 * 4.5% * 10 ms) = 149 steps.
     assert abs(gaps[-1] - math.ceil(0.05 / (TRACKING_SHARE * PLANNED * 0.01))) <= 1
     assert len(readings) * 0.05 <= PLANNED * 0.01 * readings[-1][0]  # paid back: within the budget of the steps
-    _run_steps(clock, s, s.interval)
-    s.tracking_finished(s.next_check, 1e-5, cpu)  # a cheap reading: never more often than min_interval
-    assert s.interval == 100
+    for _ in range(3):  # readings that became cheap (the typical cost: the median of the last five)
+        _run_steps(clock, s, s.interval)
+        s.tracking_finished(s.next_check, 1e-5, cpu)
+    assert s.interval == 100  # never more often than min_interval
 
 
 @pytest.mark.parametrize(

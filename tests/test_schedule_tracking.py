@@ -36,7 +36,8 @@ class Run:
     asks for (full checks of `check_seconds`, tracking readings of `tracking_seconds`), as the
     Monitor does; the readings' own time passes on the clock but is not training time.
     `verdict(step)`: whether a detector needs a full check at that step (the saddle rule on a stall).
-    `statistics_seconds`: the per-step statistics' time, timed by the schedule inside each step."""
+    `statistics_seconds`: the per-step statistics' time, timed by the schedule inside each step.
+    `tracking_seconds`: seconds, or a function of the step."""
 
     def __init__(
         self,
@@ -68,7 +69,8 @@ class Run:
 
     def read(self):
         kind = self.schedule.kind(CPU, self.verdict(self.step))
-        seconds = self.check_seconds if kind == "check" else self.tracking_seconds
+        tracking = self.tracking_seconds(self.step) if callable(self.tracking_seconds) else self.tracking_seconds
+        seconds = self.check_seconds if kind == "check" else tracking
         self.clock.now += seconds
         self.spent += seconds
         if kind == "check":
@@ -227,3 +229,21 @@ def test_a_reading_comes_at_least_every_max_interval_steps_while_tracking_alone_
     Run(clock, schedule, statistics_seconds=statistics_share * 0.01, tracking_seconds=tracking_seconds).until(PAID_BACK)
     assert schedule.max_interval == 250
     assert schedule.interval == pytest.approx(interval, abs=1)
+
+
+def test_one_slow_reading_does_not_stop_the_curve(clock):
+    """A tracking reading that costs ten times the others (a cold one after the trainable parameters
+    changed, a stall of the machine) leaves the spacing as it was: the median of the last five
+    readings' costs sets it, not the last one's (which would space the next 9,778 steps away here)."""
+    schedule = CheckSchedule("auto", overhead_budget=0.05)
+    run = Run(clock, schedule, statistics_seconds=0.03 * 0.01, tracking_seconds=0.11).until(PAID_BACK)
+    assert schedule.interval == 250
+    slow = run.steps_of("tracking")[-1] + 250
+    run.tracking_seconds = lambda step: 1.1 if step == slow else 0.11
+    run.until(PAID_BACK + 5000)
+    late = [step for step in run.steps_of("tracking") if step >= slow]
+    assert late[0] == slow and {b - a for a, b in zip(late, late[1:])} == {250} and late[-1] > PAID_BACK + 4750
+    # Readings that stay dear are the typical cost after three of them: the budget spaces them again.
+    run.tracking_seconds = 1.1
+    run.until(PAID_BACK + 30_000)
+    assert schedule.interval > 5000

@@ -12,13 +12,16 @@ time:
   rest a margin for the error of its own timing): the per-step statistics (gradient norms, the loss,
   the detectors at each read-back; their host time, measured by the Monitor) are paid first, and the
   readings get the rest, at least :data:`READINGS_MIN_SHARE` of the planned budget.
-* Then a reading every `interval` steps: the measured cost of a tracking reading over
+* Then a reading every `interval` steps: the typical cost of a tracking reading (the median of the
+  last five, so that one slow reading, a cold one after the trainable parameters changed or a stall
+  of the machine, does not stop the curve for thousands of steps) over
   :data:`TRACKING_SHARE` of the readings' budget, or longer while the budget of the steps so far has
   not paid the readings so far back (the early readings, whose cost their few steps cannot pay, are
   paid back by the next gaps), never more often than every `min_interval` steps (100), and at least every
   `max_interval` steps (250) where the tracking readings alone stay within the whole planned budget
   at that spacing. So where the per-step statistics leave too little (steps of a few milliseconds) the curve
-  keeps its density, and the whole overhead exceeds the budget by at most the statistics' share.
+  keeps its density, and the whole overhead exceeds the budget by at most the statistics' share and
+  the excess of a slow reading (which a cap of 250 steps leaves no gap to pay back).
 * Each reading is a full check when the readings' budget can pay for it in advance (the readings so
   far *and* this check, estimated as long as the last full check, or :data:`FIRST_CHECK_ESTIMATE`
   tracking readings before the first, fit in it), otherwise a tracking reading. A verdict that needs
@@ -53,6 +56,7 @@ from hessdiag.errors import HessdiagWarning
 
 _MAX_BACKOFF = 16
 _STEP_WINDOW = 256  # recent step times whose median is the typical step
+_TRACKING_WINDOW = 5  # recent tracking readings whose median is the typical one's cost
 
 CheckEvery = int | Literal["auto"]
 ReadingKind = Literal["check", "tracking"]
@@ -126,7 +130,7 @@ class CheckSchedule:
         self._statistics_seconds = 0.0  # the per-step statistics over the timed steps
         self._step_statistics = 0.0  # those of the step under way
         self._last_check = 0.0  # the last full check's seconds
-        self._last_tracking = 0.0  # the last tracking reading's seconds
+        self._recent_tracking: deque[float] = deque(maxlen=_TRACKING_WINDOW)  # tracking readings' seconds
         self._clock: float | None = None
 
     @property
@@ -145,11 +149,11 @@ class CheckSchedule:
             return "check"
         if verdict_needs_check and not self._last_check:
             affordable = True
-        elif not self._recent_steps or not (self._last_check or self._last_tracking):
+        elif not self._recent_steps or not (self._last_check or self._recent_tracking):
             affordable = False  # nothing timed yet: a tracking reading, whose cost is small
         else:
             plain_step, share = self._readings_budget()
-            estimate = self._last_check or FIRST_CHECK_ESTIMATE * self._last_tracking
+            estimate = self._last_check or FIRST_CHECK_ESTIMATE * self._typical_tracking()
             affordable = self._check_seconds + estimate <= share * plain_step * self._steps_timed
         if _distributed.is_data_parallel():  # a full check only where every rank can afford it
             refused = _distributed.all_reduce_max_(torch.tensor([0.0 if affordable else 1.0], device=device))
@@ -195,7 +199,7 @@ class CheckSchedule:
 
     def tracking_finished(self, step: int, seconds: float, device: torch.device) -> None:
         """A tracking reading at `step` took `seconds`."""
-        self._last_tracking = seconds
+        self._recent_tracking.append(seconds)
         self._finished(step, seconds, device)
 
     def _finished(self, step: int, seconds: float, device: torch.device) -> None:
@@ -206,13 +210,14 @@ class CheckSchedule:
             self.interval = (EARLY_GROWTH - 1) * max(step, 1)  # the next early reading at 4x this step
         elif self.check_every == "auto" and self._recent_steps:
             plain_step, share = self._readings_budget()
+            tracking = self._typical_tracking()
             # the tracking readings' share of the readings' budget (none timed yet: min_interval), or
             # longer, until the readings' budget has paid the readings so far back ...
             debt = self._check_seconds - share * plain_step * self._steps_timed
-            spacing = max(self._last_tracking / (TRACKING_SHARE * share * plain_step), debt / (share * plain_step))
+            spacing = max(tracking / (TRACKING_SHARE * share * plain_step), debt / (share * plain_step))
             # ... but a reading at least every max_interval steps where tracking alone then stays
             # within the whole planned budget (otherwise the budgeted spacing stands)
-            affordable = self._last_tracking / (PLANNED_SHARE * self.overhead_budget * plain_step) <= self.max_interval
+            affordable = tracking / (PLANNED_SHARE * self.overhead_budget * plain_step) <= self.max_interval
             interval = max(self.min_interval, math.ceil(min(spacing, self.max_interval) if affordable else spacing))
             if _distributed.is_data_parallel():
                 interval = int(_distributed.all_reduce_max_(torch.tensor([float(interval)], device=device)).item())
@@ -220,6 +225,10 @@ class CheckSchedule:
         if self.check_every == "auto" or step >= self.next_check:  # a check out of a fixed cadence keeps it
             self.next_check = step + self.interval
         self._clock = time.perf_counter()  # the reading's own time is not a step's
+
+    def _typical_tracking(self) -> float:
+        """The median of the recent tracking readings' seconds (0 before any)."""
+        return statistics.median(self._recent_tracking) if self._recent_tracking else 0.0
 
     def check_failed(self, step: int) -> None:
         self.failures += 1
@@ -238,7 +247,8 @@ class CheckSchedule:
             "check_seconds": self._check_seconds,
             "statistics_seconds": self._statistics_seconds,
             "last_check_seconds": self._last_check,
-            "last_tracking_seconds": self._last_tracking,
+            "last_tracking_seconds": self._recent_tracking[-1] if self._recent_tracking else 0.0,
+            "recent_tracking_seconds": list(self._recent_tracking),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -252,7 +262,9 @@ class CheckSchedule:
         self._check_seconds = float(state.get("check_seconds", 0.0))
         self._statistics_seconds = float(state.get("statistics_seconds", 0.0))
         self._last_check = float(state.get("last_check_seconds", 0.0))
-        self._last_tracking = float(state.get("last_tracking_seconds", 0.0))
+        last_tracking = float(state.get("last_tracking_seconds", 0.0))  # a checkpoint of before the window: the last
+        recent = state.get("recent_tracking_seconds", [last_tracking] if last_tracking else [])
+        self._recent_tracking = deque(map(float, recent), maxlen=_TRACKING_WINDOW)
         self.failures = int(state.get("failures", 0))
         # A checkpoint from before early checks: its run is past them.
         self.checks_done = int(state.get("checks_done", self.early_checks))
