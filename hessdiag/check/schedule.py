@@ -77,8 +77,9 @@ EARLY_GROWTH = 4
 TRACKING_SHARE = 0.75
 
 #: The share of `overhead_budget` the schedule plans to spend. The rest is a margin for the error of
-#: its estimates (a typical step is a median of recent ones, a reading's cost the last one's, and no
-#: timing sees a cache a reading evicted), so that a run ends within the budget rather than on it.
+#: its estimates (a typical step is a median of recent steps, a reading's cost one of the last five
+#: readings, and no timing sees a cache a reading evicted), so that a run ends within the budget
+#: rather than on it.
 PLANNED_SHARE = 0.9
 
 #: The least share of the planned budget left to the readings, however much the per-step statistics take.
