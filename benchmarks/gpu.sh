@@ -50,6 +50,7 @@ step products "$PYTHON" benchmarks/products.py --size gpu --out benchmarks/resul
 step overhead "$PYTHON" benchmarks/overhead.py --size gpu --out benchmarks/results/overhead-gpu.json
 step cost "$PYTHON" benchmarks/cost.py --quick --out benchmarks/results/cost-gpu.json
 step cadence "$PYTHON" benchmarks/cadence.py --steps 3000 3000 --pairs 3 --out benchmarks/results/cadence-gpu.json
+step tracking "$PYTHON" benchmarks/tracking.py --steps 3000 3000 --out benchmarks/results/tracking-gpu.json
 if "$PYTHON" -c "import pyhessian" 2>/dev/null; then
     step bookkeeping "$PYTHON" benchmarks/bookkeeping.py --out benchmarks/results/bookkeeping-gpu.json
 else
