@@ -7,10 +7,14 @@ Monitor: its readings never see it). The sharpness is the one the edge-of-stabil
 with its threshold and the readings bound: lambda_max of the Hessian under SGD, lambda_max of the
 preconditioned ``D H D`` under AdamW. Each reading's proven lower bound is checked against it (a
 bound above the converged value plus its error bound is a broken promise, counted) and reported
-as a fraction of it: how much of the sharpness the logged curve shows.
+as a fraction of it: how much of the sharpness the logged curve shows. With `--trackers`, beside the
+Monitor's readings, trackers of their own (one chain of vectors each) read the same steps with Krylov
+spaces of the given numbers of products, from a cold Krylov space at the first reading: what another
+size of reading would show on the same trajectory.
 
     python benchmarks/tracking.py                          # CNN 3,000 steps, GPT 1,000 steps
     python benchmarks/tracking.py --steps 3000 3000        # the figures in docs/benchmarks.md
+    python benchmarks/tracking.py --models cnn --steps 1500 --trackers 1 2 3
 
 Writes benchmarks/results/tracking-<device>.json.
 """
@@ -29,13 +33,17 @@ from _report import save_report  # noqa: E402
 from cadence import problem  # noqa: E402
 
 import hessdiag  # noqa: E402
-from hessdiag.check.quantities.stability import stability_rule  # noqa: E402
+from hessdiag.check.quantities.stability import stability_diagonal, stability_rule  # noqa: E402
+from hessdiag.check.tracking import COLD_KRYLOV_STEPS, ritz_bound  # noqa: E402
 from hessdiag.lanczos import lanczos  # noqa: E402
+from hessdiag.vectors import random_generator, random_unit_vector  # noqa: E402
 
 
-def converged_sharpness(model, loss_fn, batch, optimizer, tol: float) -> tuple[float, float]:
-    """(the sharpness the readings bound, its proven error bound) at the current parameters on
-    `batch`: lambda_max of H, or of D H D under a preconditioned stability rule (AdamW)."""
+def converged_sharpness(model, loss_fn, batch, optimizer, tol: float, trackers: dict) -> tuple[float, float, dict]:
+    """(the sharpness the readings bound, its proven error bound, each tracker's lower bound) at the
+    current parameters on `batch`: lambda_max of H, or of D H D under a preconditioned stability rule
+    (AdamW). `trackers`: products per reading -> the vector that tracker follows (None: a cold start),
+    moved here by its reading."""
     with hessdiag.HessianOperator(model, loss_fn, batch, method="double_backward") as operator:
         rule = stability_rule(optimizer, operator)
         scale = getattr(rule, "scale", None)
@@ -45,7 +53,16 @@ def converged_sharpness(model, loss_fn, batch, optimizer, tol: float) -> tuple[f
             def matvec(v):
                 return scale * operator.matvec(scale * v)
         run = lanczos(matvec, operator.dim, which="top", tol=tol, max_iter=300, device=operator.device, dtype=operator.dtype)
-        return float(run.top[0]), float(run.top_error_bounds[0])
+        found = stability_diagonal(optimizer, operator)
+        diagonal = None if not isinstance(found, tuple) else found[1]
+        lower = {}
+        for products, vector in trackers.items():
+            if vector is None:
+                generator = random_generator(0, None, operator.device)
+                vector = random_unit_vector(operator.size, generator, operator.device, operator.dtype, None)
+            reading = ritz_bound(operator, vector, diagonal, products if trackers[products] is not None else COLD_KRYLOV_STEPS)
+            trackers[products], lower[products] = reading.next_vector, reading.lower_bound
+        return float(run.top[0]), float(run.top_error_bounds[0]), lower
 
 
 def check_lower_bound(check) -> float:
@@ -57,9 +74,10 @@ def check_lower_bound(check) -> float:
     return check.lambda_max - check.error_bound_max
 
 
-def measure(name: str, steps: int, tol: float, device: torch.device) -> dict:
+def measure(name: str, steps: int, tol: float, device: torch.device, tracker_sizes: list[int]) -> dict:
     """Train `name` for `steps` steps at the Monitor's defaults; each reading against the converged value."""
     model, optimizer, loss_fn, batch = problem(name, device)
+    trackers = {products: None for products in tracker_sizes}
     monitor = hessdiag.Monitor(model, loss_fn, optimizer=optimizer)
     seen_readings = seen_checks = 0
     points = []
@@ -75,10 +93,12 @@ def measure(name: str, steps: int, tol: float, device: torch.device) -> dict:
         fresh += [("check", c.step, check_lower_bound(c)) for c in monitor.checks[seen_checks:]]
         seen_readings, seen_checks = len(monitor.readings), len(monitor.checks)
         for kind, at, lower in fresh:
-            value, bound = converged_sharpness(model, loss_fn, data, optimizer, tol)
-            points.append({"kind": kind, "step": at, "lower_bound": lower, "converged": value, "error_bound": bound})
+            value, bound, others = converged_sharpness(model, loss_fn, data, optimizer, tol, trackers)
+            points.append({"kind": kind, "step": at, "lower_bound": lower, "converged": value, "error_bound": bound,
+                           "trackers": {str(k): v for k, v in others.items()}})  # fmt: skip
+            shown = "".join(f"  {k} products {v / value:.3f}" for k, v in others.items())
             print(f"{name} step {at:5d} {kind:8s} lower bound {lower:10.4g}  converged {value:10.4g} "
-                  f"(+-{bound:.1e})  fraction {lower / value:.3f}", flush=True)  # fmt: skip
+                  f"(+-{bound:.1e})  fraction {lower / value:.3f}{shown}", flush=True)  # fmt: skip
     monitor.close()
     tracking = [p["lower_bound"] / p["converged"] for p in points if p["kind"] == "tracking" and p["converged"] > 0]
     later = [p["lower_bound"] / p["converged"] for p in points if p["kind"] == "tracking" and p["step"] > 200 and p["converged"] > 0]
@@ -92,6 +112,10 @@ def measure(name: str, steps: int, tol: float, device: torch.device) -> dict:
         "fraction_min": min(tracking) if tracking else None,
         "fraction_median_after_200": statistics.median(later) if later else None,
         "fraction_min_after_200": min(later) if later else None,
+        "trackers_after_200": {
+            str(k): [round(p["trackers"][str(k)] / p["converged"], 3) for p in points if p["step"] > 200 and p["converged"] > 0]
+            for k in tracker_sizes
+        },
     }
 
 
@@ -100,16 +124,20 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["cnn", "gpt"], choices=["cnn", "gpt"])
     parser.add_argument("--steps", type=int, nargs="+", default=None, help="steps per model (default 3000 CNN, 1000 GPT)")
     parser.add_argument("--tol", type=float, default=1e-5, help="relative tolerance of the converged sharpness")
+    parser.add_argument("--trackers", type=int, nargs="*", default=[], help="products per reading of extra trackers")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = args.steps or [{"cnn": 3000, "gpt": 1000}[name] for name in args.models]
-    rows = [measure(name, n, args.tol, device) for name, n in zip(args.models, steps)]
+    rows = [measure(name, n, args.tol, device, args.trackers) for name, n in zip(args.models, steps)]
     for row in rows:
         share = {key: "-" if row[key] is None else f"{row[key]:.3f}" for key in row if key.startswith("fraction")}
         print(f"{row['model']}: {len(row['points'])} readings, broken bounds {row['broken']}; tracking lower bound / "
               f"converged sharpness: median {share['fraction_median']}, min {share['fraction_min']} "
               f"(after step 200: median {share['fraction_median_after_200']}, min {share['fraction_min_after_200']})")  # fmt: skip
+        for k, fractions in row["trackers_after_200"].items():
+            print(f"  a tracker of {k} products, after step 200: median {statistics.median(fractions):.3f}, "
+                  f"min {min(fractions):.3f}" if fractions else f"  a tracker of {k} products: no reading after step 200")  # fmt: skip
     save_report(args.out or Path(__file__).parent / "results" / f"tracking-{device.type}.json", device, device.type, rows)
 
 
