@@ -234,14 +234,16 @@ def fsdp2_row(name: str, config: dict) -> dict:
 READING_KINDS = ("tracking_cold", "full_cold", "full_warm_top", "full_warm_both", "tracking", "tracking_forward_over_reverse")
 
 
-def reading_probe(model, loss_fn, kind: str, starts: dict | None):
-    """The probe a reading of `kind` runs on: the defaults, or forward-over-reverse products for
-    ``tracking_forward_over_reverse``; warm from `starts` (a probe's ``starts.state_dict()``) unless None."""
+def reading_probe(model, loss_fn, kind: str, starts: dict | None, product_parts: int):
+    """The probe a reading of `kind` runs on: the defaults but `product_parts`, and forward-over-reverse
+    products for ``tracking_forward_over_reverse``; warm from `starts` (a probe's ``starts.state_dict()``)
+    unless None."""
     from hessdiag.check.probe import CurvatureProbe
     from hessdiag.settings import DiagnosticsSettings
 
     forward = kind == "tracking_forward_over_reverse"
-    probe = CurvatureProbe(model, loss_fn, DiagnosticsSettings(hvp_method="forward_over_reverse") if forward else None)
+    settings = DiagnosticsSettings(hvp_method="forward_over_reverse" if forward else "auto", product_parts=product_parts)
+    probe = CurvatureProbe(model, loss_fn, settings)
     if starts is not None:
         probe.starts.load_state_dict(starts)
         probe.num_checks = 1
@@ -326,7 +328,7 @@ def tensor_bytes(*groups) -> int:
     return total
 
 
-def memory_worker(name: str, config: dict, accumulate: int, kind: str, state_file: str, out: str) -> None:
+def memory_worker(name: str, config: dict, accumulate: int, product_parts: int, kind: str, state_file: str, out: str) -> None:
     """A fresh process from the parent's trained state (parameters, AdamW state, warm-start vectors):
     the allocated bytes' growth during one step, or one reading of `kind`, with nothing run before it."""
     torch.set_num_threads(1)
@@ -336,7 +338,7 @@ def memory_worker(name: str, config: dict, accumulate: int, kind: str, state_fil
     state = torch.load(state_file)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    probe = reading_probe(model, loss_fn, kind, None if kind in ("full_cold", "tracking_cold") else state["starts"])
+    probe = reading_probe(model, loss_fn, kind, None if kind in ("full_cold", "tracking_cold") else state["starts"], product_parts)
     with MemoryPeak() as peak:
         if kind == "step":
             train_step(model, loss_fn, optimizer, check_batch)
@@ -348,7 +350,7 @@ def memory_worker(name: str, config: dict, accumulate: int, kind: str, state_fil
     Path(out).write_text(json.dumps({"growth": peak.growth, "held": held}))
 
 
-def reading_memory(name: str, config: dict, accumulate: int, run: Run, probe) -> dict:
+def reading_memory(name: str, config: dict, accumulate: int, product_parts: int, run: Run, probe) -> dict:
     """Peak memory of each kind against a step's on a CPU, each in a fresh process (see
     :func:`memory_worker`): what the step holds throughout (parameters, optimizer state, batch) plus
     the allocated bytes' growth during the step or the reading."""
@@ -359,7 +361,7 @@ def reading_memory(name: str, config: dict, accumulate: int, run: Run, probe) ->
         torch.save(state, state_file)
         for kind in ("step", *READING_KINDS):
             Path(out).unlink(missing_ok=True)  # a failed worker must not leave the last kind's figure
-            worker = mp.get_context("spawn").Process(target=memory_worker, args=(name, config, accumulate, kind, state_file, out))
+            worker = mp.get_context("spawn").Process(target=memory_worker, args=(name, config, accumulate, product_parts, kind, state_file, out))
             worker.start()
             worker.join()
             if worker.exitcode != 0:
@@ -369,21 +371,20 @@ def reading_memory(name: str, config: dict, accumulate: int, run: Run, probe) ->
     return {kind: peaks[kind] / peaks["step"] for kind in READING_KINDS}
 
 
-def reading_costs(name: str, config: dict, device: torch.device, accumulate: int = 1) -> dict:
+def reading_costs(name: str, config: dict, device: torch.device, accumulate: int = 1, product_parts: int = 4) -> dict:
     """Each kind of reading's cost (see the module docstring); under gradient accumulation over
-    `accumulate` micro-batches of the batch where more than 1."""
-    from hessdiag.check.probe import CurvatureProbe
-
+    `accumulate` micro-batches of the batch where more than 1; products on `product_parts` parts of
+    the batch where the loss allows (the Monitor's setting)."""
     run = Run(*problem(name, config, device), device, accumulate)
     row = {}
-    probe = CurvatureProbe(run.model, run.loss_fn)
+    probe = reading_probe(run.model, run.loss_fn, "full_cold", None, product_parts)
     for kind in READING_KINDS:
         run.memory.start()
         # a cold tracking reading: its own probe, so the full checks after it still start cold
         if kind == "tracking_cold":
-            row[kind] = reading(run, kind, reading_probe(run.model, run.loss_fn, kind, None))
+            row[kind] = reading(run, kind, reading_probe(run.model, run.loss_fn, kind, None, product_parts))
         elif kind == "tracking_forward_over_reverse":  # from the vector the last tracking reading left
-            row[kind] = reading(run, kind, reading_probe(run.model, run.loss_fn, kind, probe.starts.state_dict()))
+            row[kind] = reading(run, kind, reading_probe(run.model, run.loss_fn, kind, probe.starts.state_dict(), product_parts))
         else:
             row[kind] = reading(run, kind, probe)
         if device.type == "cuda":
@@ -391,7 +392,7 @@ def reading_costs(name: str, config: dict, device: torch.device, accumulate: int
         for _ in range(STEPS_PER_CHECK if kind == "full_cold" else 0):
             run.step()
     if device.type == "cpu":
-        for kind, ratio in reading_memory(name, config, accumulate, run, probe).items():
+        for kind, ratio in reading_memory(name, config, accumulate, product_parts, run, probe).items():
             row[kind]["peak_over_step_peak"] = ratio
     return row
 
@@ -404,6 +405,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (1: steadier on a shared machine)")
     parser.add_argument("--readings", action="store_true", help="only the Monitor's kinds of reading")
     parser.add_argument("--accumulate", type=int, default=1, help="with --readings: steps accumulate this many micro-batches of the batch")
+    parser.add_argument("--product-parts", type=int, default=4, help="with --readings: the Monitor's product_parts (1: products on the whole batch)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -415,8 +417,8 @@ def main() -> None:
         config = SIZES[size][name]
         run = Run(*problem(name, config, device), device)
         row = {"model": name, "config": config, "params": sum(p.numel() for p in run.model.parameters())}
-        row["readings"] = reading_costs(name, config, device, args.accumulate)
-        row["accumulate"] = args.accumulate
+        row["readings"] = reading_costs(name, config, device, args.accumulate, args.product_parts)
+        row["accumulate"], row["product_parts"] = args.accumulate, args.product_parts
         if not args.readings:
             row["dense"] = measure(run, ("finite_difference", "double_backward"), sub_batches=True)
         if args.fsdp2:
@@ -424,6 +426,7 @@ def main() -> None:
         print_row(row)
         rows.append(row)
     name = "cost" if not args.readings else "cost-readings" if args.accumulate == 1 else f"cost-readings-accumulate{args.accumulate}"
+    name += "" if args.product_parts == 4 else f"-parts{args.product_parts}"
     save_report(args.out or f"benchmarks/results/{name}-{device.type}.json", device, size, rows, steps_per_check=STEPS_PER_CHECK)
 
 

@@ -96,8 +96,8 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         sub_batch: samples of the batch used by a check (default: all; per micro-batch under
             accumulation): every tensor is cut along its first dimension and a list of one tensor per
             sample by element (see :func:`hessdiag.batches.leading_sizes`), or the check is refused.
-        k, tol, max_iter, cold_every, density_every, noise_scale_parts, module_sharpness, hvp_method:
-            see :class:`hessdiag.Monitor`.
+        product_parts, k, tol, max_iter, cold_every, density_every, noise_scale_parts, module_sharpness,
+            hvp_method: see :class:`hessdiag.Monitor`.
         mode: ``"as_is"`` (default): each module keeps its mode of the training step (a backbone
             frozen in eval stays in eval); ``"train"`` / ``"eval"``: the whole model in that mode.
         rank_weighting: under DDP, ``"equal"`` (default: the mean of the ranks' mean losses, what
@@ -150,6 +150,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         overhead_budget: float = 0.05,
         log_every: int | None = None,
         sub_batch: int | None = None,
+        product_parts: int = 4,
         k: int = 1,
         tol: float = 1e-3,
         max_iter: int | None = None,

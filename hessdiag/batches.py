@@ -34,6 +34,42 @@ class MicroBatches(tuple):
         return super().__new__(cls, micro_batches)
 
 
+class SampleParts(MicroBatches):
+    """One batch cut into parts of consecutive samples, for Hessian-vector products taken one part
+    at a time (see :mod:`hessdiag.operator.sample_parts`). The loss of the batch is the mean over its
+    samples, so each part weighs its share of the samples: `weights` (summing to 1), from `sizes`.
+    """
+
+    sizes: tuple[int, ...]
+
+    def __new__(cls, parts: Any, sizes: Any) -> SampleParts:
+        made = super().__new__(cls, parts)
+        made.sizes = tuple(sizes)
+        return made
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        total = sum(self.sizes)
+        return tuple(size / total for size in self.sizes)
+
+
+def split_samples(batch: Any, parts: int) -> SampleParts | None:
+    """`batch` cut into `parts` parts of consecutive samples whose sizes differ by at most one (fewer
+    where it has fewer samples), or None: a :class:`MicroBatches` (already in parts), a batch whose
+    batch dimension cannot be told (see :func:`leading_sizes`), or one of fewer than two samples."""
+    if isinstance(batch, MicroBatches):
+        return None
+    size = _batch_dimension(batch)
+    if size is None or size < 2 or parts < 2:
+        return None
+    count = min(parts, size)
+    bounds = [size * index // count for index in range(count + 1)]
+    return SampleParts(
+        [cut_samples(batch, start, stop) for start, stop in zip(bounds, bounds[1:])],
+        [stop - start for start, stop in zip(bounds, bounds[1:])],
+    )
+
+
 def batch_size(batch: Any) -> int | None:
     """Samples in `batch` (all micro-batches of a `MicroBatches`): its batch dimension (see
     :func:`leading_sizes`); when that cannot be told, the leading dimension of its first tensor;

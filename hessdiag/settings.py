@@ -63,6 +63,7 @@ class DiagnosticsSettings:
     overhead_budget: float = 0.05
     log_every: int = 10
     sub_batch: int | None = None
+    product_parts: int = 4
     k: int = 1
     tol: float = 1e-3
     max_iter: int | None = None
@@ -84,6 +85,8 @@ class DiagnosticsSettings:
         self._validate_log_every()
         if self.sub_batch is not None and (not is_int(self.sub_batch) or self.sub_batch < 1):
             raise ValueError(f"`sub_batch` must be a positive int or None, got {self.sub_batch!r}.")
+        if not is_int(self.product_parts) or self.product_parts < 1:
+            raise ValueError(f"`product_parts` must be a positive int (1: products on the whole batch), got {self.product_parts!r}.")
         if not is_int(self.k) or self.k < 1:
             raise ValueError(f"`k` must be a positive int, got {self.k!r}.")
         if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or not 0 < self.tol < 1:

@@ -255,7 +255,8 @@ def test_finite_differences_keep_the_fused_cuda_attention():
 def test_monitor_cross_checks_on_cold_checks_and_reuses_the_verdict_on_warm_ones(branch):
     """Checks 1 and 6 are cold (cold_every=5): "auto" cross-checks there (six gradients for the finite
     differences and another forward for the graph); warm checks reuse an approval of double backward.
-    A model whose double backward is incomplete is never approved: every check measures."""
+    A model whose double backward is incomplete is never approved: every check measures. Products on
+    the whole batch, so that the closure's calls count the gradients and graphs alone."""
     from hessdiag.check.probe import CurvatureProbe
     from hessdiag.settings import DiagnosticsSettings
 
@@ -268,7 +269,7 @@ def test_monitor_cross_checks_on_cold_checks_and_reuses_the_verdict_on_warm_ones
         calls.append(1)
         return cross_entropy(m, b)
 
-    probe = CurvatureProbe(model, counted, DiagnosticsSettings(cold_every=5))
+    probe = CurvatureProbe(model, counted, DiagnosticsSettings(cold_every=5, product_parts=1))
     per_check, reasons = [], []
     for step in range(1, 8):
         calls.clear()

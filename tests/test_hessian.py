@@ -354,7 +354,8 @@ def test_a_curvature_check_carries_the_full_error_bounds():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
     batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
-    check = CurvatureProbe(model, cross_entropy, DiagnosticsSettings(hvp_method="finite_difference")).run(1, batch)
+    settings = DiagnosticsSettings(hvp_method="finite_difference", product_parts=1)  # the products the estimate takes
+    check = CurvatureProbe(model, cross_entropy, settings).run(1, batch)
     result = hessian_eigenvalues(model, cross_entropy, batch, hvp_method="finite_difference")
     assert check.error_bound_max == pytest.approx(float(result.error_bounds["top"][0]), rel=1e-6)
     assert check.error_bound_min == pytest.approx(float(result.error_bounds["bottom"][0]), rel=1e-6)

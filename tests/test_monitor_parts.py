@@ -200,7 +200,8 @@ def test_step_statistics_count_loss_scaler_skips():
 def runner_for(loss_fn, *, strict=False, sub_batch=None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
-    probe = CurvatureProbe(model, loss_fn, DiagnosticsSettings(tol=1e-6, max_iter=20, sub_batch=sub_batch, hvp_method="double_backward"))
+    settings = DiagnosticsSettings(tol=1e-6, max_iter=20, sub_batch=sub_batch, hvp_method="double_backward", product_parts=1)
+    probe = CurvatureProbe(model, loss_fn, settings)  # products on the whole batch: its size is what runs out of memory
     return CheckRunner(model, probe, CheckSchedule(10, 0.05), faults(strict=strict)), probe
 
 

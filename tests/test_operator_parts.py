@@ -13,6 +13,7 @@ import hessdiag
 from hessdiag import HessianOperator, MicroBatches
 from hessdiag.errors import NonFiniteGradientError
 from oracles import dense_hessian
+from saved_graph import SavedGraph
 
 METHODS = ("double_backward", "forward_over_reverse", "finite_difference", "auto")
 
@@ -74,37 +75,6 @@ def test_each_micro_batch_draws_its_own_dropout_masks_the_same_at_every_evaluati
     assert torch.allclose(first, hessian @ vectors[0], rtol=0, atol=1e-12)
     assert float(vectors[1] @ first) == pytest.approx(float(vectors[0] @ second), rel=1e-12)
     assert along == pytest.approx(loss, rel=1e-14)
-
-
-class SavedGraph:
-    """The bytes that autograd graphs hold saved for backward at once, at their peak
-    (`saved_tensors_hooks`: counted when saved, uncounted when the graph that saved them is freed)."""
-
-    def __init__(self) -> None:
-        self.live = self.peak = 0
-
-    def __enter__(self) -> SavedGraph:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved.tensor)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._hooks.__exit__(*exc_info)
-
-    def _pack(self, tensor: torch.Tensor) -> _Saved:
-        return _Saved(tensor, self)
-
-
-class _Saved:
-    def __init__(self, tensor: torch.Tensor, count: SavedGraph) -> None:
-        # Detached: a saved output holding itself through its grad_fn would never be freed (autograd
-        # gives the unpacked tensor its grad_fn back).
-        self.tensor, self.count, self.size = tensor.detach(), count, tensor.numel() * tensor.element_size()
-        count.live += self.size
-        count.peak = max(count.peak, count.live)
-
-    def __del__(self) -> None:
-        self.count.live -= self.size
 
 
 def peak_saved(batch, method: str) -> int:

@@ -145,7 +145,7 @@ def test_the_callbacks_signature_carries_every_setting_with_its_declared_default
 def test_the_signatures_pass_every_setting_through():
     # A value other than the default for each field reaches the settings object: none is dropped on the way.
     chosen = {
-        "check_every": 7, "overhead_budget": 0.1, "sub_batch": 3, "k": 2, "tol": 1e-4, "max_iter": 30, "cold_every": 2,
+        "check_every": 7, "overhead_budget": 0.1, "sub_batch": 3, "product_parts": 2, "k": 2, "tol": 1e-4, "max_iter": 30, "cold_every": 2,
         "density_every": 0, "noise_scale_parts": 2, "module_sharpness": 1, "mode": "eval", "hvp_method": "double_backward",
         "rank_weighting": "samples", "update_ratios": True, "strict": True, "log_every": 3,
     }  # fmt: skip

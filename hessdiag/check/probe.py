@@ -57,6 +57,9 @@ class CurvatureProbe:
         quantities: the quantities of every check, in the order they are computed.
         starts: what each check starts from (:class:`~hessdiag.check.starts.CheckStarts`).
         sub_batch: samples of each batch the checks use (None: all).
+        product_parts: the parts of the batch each product takes where the Hessian allows (the
+            setting, or 1 once the loss was found not to be a mean over the samples), and
+            `parts_reason`: what the last reading's products took, and why.
     """
 
     def __init__(
@@ -74,6 +77,9 @@ class CurvatureProbe:
         self.sub_batch = self.settings.sub_batch
         self.num_checks = 0
         self.starts = CheckStarts(self.settings.hvp_method, self.settings.cold_every)
+        self.product_parts = self.settings.product_parts
+        self.parts_reason = "no reading yet"
+        self._parts_compared = False  # the whole batch's loss found equal to its parts' (once per probe)
         self.quantities: list[Quantity] = build_quantities(self.settings)
 
     def quantity(self, name: str) -> Quantity:
@@ -116,6 +122,7 @@ class CurvatureProbe:
         skipped: dict[str, str] = {}
         products: dict[str, int] = {}
         with preserved_state(unwrap_model(self.model), operator.params), operator:
+            self._settle_parts(operator)
             settings = self.settings
             warm = None if cold else self.starts.warm_vectors
             result = eigenvalues_of(
@@ -175,6 +182,7 @@ class CurvatureProbe:
         starts = self.starts
         operator = self._operator(CheckBatch.of(batch, self.sub_batch), step, starts.method or self.settings.hvp_method)
         with preserved_state(unwrap_model(self.model), operator.params), operator:
+            self._settle_parts(operator)
             if starts.method is None:
                 starts.method_reason(step, operator, reuse=False)  # "auto"'s choice, for the readings after
             # the preconditioner's square root computed piece by piece where it is used, never held whole
@@ -224,7 +232,18 @@ class CurvatureProbe:
             self.model, self.loss_fn, batch.data, params=self.params, mode=self.settings.mode, method=method, seed=seed,
             # equal rank weights: every rank counts as one sample
             batch_size=1 if self.settings.rank_weighting == "equal" else batch.samples,
+            parts=self.product_parts, compare_parts=not self._parts_compared,
         )  # fmt: skip
+
+    def _settle_parts(self, operator: HessianOperator) -> None:
+        """After `operator` entered: a loss found to be the samples' mean is not compared again; one
+        found not to be is not cut again (its readings hold the whole batch's graph). `parts_reason`
+        keeps what the last reading's products took, and why."""
+        self.parts_reason = operator.parts_reason
+        if operator.num_parts > 1:
+            self._parts_compared = True
+        elif operator.loss_is_mean is False:
+            self.product_parts = 1
 
     def state_dict(self) -> dict[str, Any]:
         """Warm-start vectors, the check count and the quantities' state (tensors and primitives)."""

@@ -2,7 +2,8 @@
 
 ``loss_fn(model, batch)`` on the batch, or on each micro-batch of a
 :class:`~hessdiag.batches.MicroBatches` in turn (the loss is then the mean of theirs, what the
-accumulated gradient descends). Every evaluation seeds the RNG (:func:`~hessdiag.isolation.seed_rng`)
+accumulated gradient descends), or on each part of a batch cut into
+:class:`~hessdiag.batches.SampleParts` (each weighted by its share of the samples). Every evaluation seeds the RNG (:func:`~hessdiag.isolation.seed_rng`)
 by the part, so dropout draws the same masks for a part in every product of one estimate. A failure
 inside the closure is a :class:`~hessdiag.errors.LossClosureError`; a NaN or infinite loss a
 :class:`~hessdiag.errors.NonFiniteLossError`. Forwards run under
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from hessdiag import _sharded
-from hessdiag.batches import MicroBatches
+from hessdiag.batches import MicroBatches, SampleParts
 from hessdiag.errors import LossClosureError, NonFiniteLossError
 from hessdiag.isolation import seed_rng
 from hessdiag.operator.equivalents import TwiceDifferentiable
@@ -54,7 +55,8 @@ class PartedClosure:
 
     Args:
         model, loss_fn, batch: the (unwrapped) network, ``loss_fn(model, batch) -> scalar``, its batch
-            (or a :class:`~hessdiag.batches.MicroBatches`).
+            (or a :class:`~hessdiag.batches.MicroBatches`, or a batch cut into
+            :class:`~hessdiag.batches.SampleParts`).
         space: the chosen parameters and their flat vectors.
         seed: seeds the RNG before every evaluation (part j: `seed` + j).
 
@@ -67,6 +69,7 @@ class PartedClosure:
     def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Any, space: ParameterSpace, seed: int) -> None:
         self.model = model
         self.loss_fn = loss_fn
+        self.batch = batch
         self.parts: tuple[Any, ...] = tuple(batch) if isinstance(batch, MicroBatches) else (batch,)
         if not self.parts:
             raise ValueError("The MicroBatches holds no micro-batch: pass the step's micro-batches, at least one.")
@@ -81,8 +84,8 @@ class PartedClosure:
         return len(self.parts) > 1
 
     def evaluate(self, part: int = 0) -> torch.Tensor:
-        """The loss of part `part` as a 0-dim tensor (with its graph), divided by the number of
-        parts (so that the parts' values sum to the loss), RNG seeded by the part.
+        """The loss of part `part` as a 0-dim tensor (with its graph), as its share of the loss (see
+        :meth:`share`: the parts' values sum to the loss), RNG seeded by the part.
 
         Raises:
             LossClosureError: the closure raised (other than out of memory), or returned no real scalar.
@@ -108,11 +111,16 @@ class PartedClosure:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.dtype.is_floating_point:
             got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise LossClosureError(f"loss_fn(model, batch) must return a real scalar tensor, got {got}.")
-        return self.share(loss.reshape(()))
+        return self.share(loss.reshape(()), part)
 
-    def share(self, loss: torch.Tensor) -> torch.Tensor:
-        """A part's loss as its share of the batch's: over the number of parts."""
-        return loss if not self.by_parts else loss / len(self.parts)
+    def share(self, loss: torch.Tensor, part: int) -> torch.Tensor:
+        """Part `part`'s loss as its share of the batch's: over the number of micro-batches, or times
+        its share of the samples for a batch cut into :class:`~hessdiag.batches.SampleParts`."""
+        if not self.by_parts:
+            return loss
+        if isinstance(self.batch, SampleParts):
+            return loss * self.batch.weights[part]
+        return loss / len(self.parts)
 
     def checked(self, part: int = 0) -> torch.Tensor:
         """:meth:`evaluate`, refusing a loss without graph or a non-finite one (on any rank of a
@@ -163,7 +171,7 @@ class PartedClosure:
             for part, batch in enumerate(self.parts):
                 seed_rng(self.seed + part, space.device)
                 loss = torch.func.functional_call(LossModule(self.model, self.loss_fn, batch), moved, ())
-                share = self.share(loss.detach().reshape(()))
+                share = self.share(loss.detach().reshape(()), part)
                 value = share if value is None else value + share
         assert value is not None
         return space.total(value)

@@ -72,8 +72,9 @@ class DoubleBackward:
 
 
 class PartByPart:
-    """H v of a loss in parts (the micro-batches of a :class:`~hessdiag.batches.MicroBatches`) as
-    the sum of the parts' double-backward products, one part's gradient graph alive at a time.
+    """H v of a loss in parts (the micro-batches of a :class:`~hessdiag.batches.MicroBatches`, or a
+    batch's :class:`~hessdiag.batches.SampleParts`) as the sum of the parts' double-backward products,
+    one part's gradient graph alive at a time.
 
     So an estimate holds one micro-batch's graph, as the training step under gradient accumulation
     does, instead of every micro-batch's at once (which grows with their number, without bound). The

@@ -47,7 +47,7 @@ class ForwardOverReverse:
             # Buffers mutated in the forward (BatchNorm statistics) must be created inside the
             # transform: torch.func refuses to mutate captured tensors.
             state = {name: b.clone() for name, b in buffers.items()} | dict(zip(names, values))
-            return loss.share(torch.func.functional_call(wrapper, state, ()))
+            return loss.share(torch.func.functional_call(wrapper, state, ()), part)
 
         gradient = torch.func.grad(loss_of, argnums=tuple(range(len(names))))
         with TwiceDifferentiable():

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from hessdiag import _sharded
+from hessdiag.batches import SampleParts
 from hessdiag.isolation import MODEL_MODES, ModelMode, isolation, unwrap_model
 from hessdiag.errors import SecondDerivativeError, is_missing_second_derivative
 from hessdiag.operator.entering import EXACT_METHODS, Products, ProductsBuilder
@@ -43,6 +44,7 @@ from hessdiag.operator.finite_difference import AlongVector, CentralDifference, 
 from hessdiag.operator.closure import LossFn
 from hessdiag.operator.loss import BatchLoss, enabled_attention_backends
 from hessdiag.operator.rounding import ProductRounding
+from hessdiag.operator.sample_parts import cut_for_products
 from hessdiag.operator.parameter_space import ParameterSpace, refuse_coarse_compute
 
 HVPMethod = Literal["auto", "double_backward", "forward_over_reverse", "finite_difference"]
@@ -77,6 +79,11 @@ class HessianOperator:
         distributed: average over the process group when one is initialised (default True).
             Sharded models are always averaged as FSDP averages them: the mean over ranks of the
             per-rank losses (`batch_size` is ignored there).
+        parts: take each product on this many parts of the batch, one part's graph alive at a time,
+            where that leaves the Hessian unchanged (see :mod:`~hessdiag.operator.sample_parts`:
+            no BatchNorm in training mode, the loss a mean over samples); 1 (default): the whole
+            batch. Not on FSDP2-sharded models. `compare_parts` False skips the comparison of the
+            whole batch's loss with its parts' (made already on this model and loss).
 
     Raises:
         ValueError: bad arguments (see :func:`~hessdiag.operator.parameter_space.trainable_parameters`), or an
@@ -91,6 +98,9 @@ class HessianOperator:
     Attributes set on entering (for logging):
         method: the method the products use: `method` as asked, or what ``"auto"`` chose.
         method_reason: why (``"asked for"`` or what the cross-check found).
+        num_parts: the parts of the batch each product takes (1: the whole batch); `parts_reason`:
+            why, in words; `loss_is_mean`: whether the whole batch's loss was found to be the
+            sample-weighted sum of its parts' (None: not compared).
         product_error: the error of one product, ``||computed H v - H v||`` for a unit v, that
             Lanczos adds to its bounds; it reads back what is set. 0 for the exact methods (a bound,
             given their preconditions hold; ``"auto"`` checks them on one vector). For finite
@@ -119,6 +129,8 @@ class HessianOperator:
         seed: int = 0,
         batch_size: int | None = None,
         distributed: bool = True,
+        parts: int = 1,
+        compare_parts: bool = True,
     ) -> None:
         if not callable(loss_fn):
             raise ValueError(f"`loss_fn` must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}.")
@@ -126,6 +138,8 @@ class HessianOperator:
             raise ValueError(f"`mode` must be one of {MODEL_MODES}, got {mode!r}.")
         if method not in HVP_METHODS:
             raise ValueError(f"`method` must be one of {HVP_METHODS}, got {method!r}.")
+        if not isinstance(parts, int) or isinstance(parts, bool) or parts < 1:
+            raise ValueError(f"`parts` must be a positive int (1: the whole batch), got {parts!r}.")
         self.model = unwrap_model(model)
         _sharded.refuse_fsdp1(self.model)
         self.space = ParameterSpace(self.model, params, distributed=distributed)
@@ -148,6 +162,10 @@ class HessianOperator:
         self._rounding = ProductRounding(self.space.dtype)
         self.precision_floor: float = self._rounding.floor
         self._batch_size = batch_size
+        self._parts, self._compare_parts = int(parts), compare_parts
+        self.num_parts: int = 1
+        self.parts_reason: str = "the whole batch"
+        self.loss_is_mean: bool | None = None
         self._stack: contextlib.ExitStack | None = None
         self._loss: BatchLoss | None = None
         self._products: Products | None = None
@@ -161,7 +179,14 @@ class HessianOperator:
         stack.enter_context(isolation(self.model, self.mode, self.device))
         try:
             self.space.weigh_batch(self.batch, self._batch_size)
-            self._loss = BatchLoss(self.model, self.loss_fn, self.batch, self.space, self.seed, attention)
+            batch = self.batch
+            if self.shard is None:
+                cut = cut_for_products(
+                    self.model, self.loss_fn, batch, self._parts, self.device, self.seed, compare=self._compare_parts
+                )
+                batch, self.parts_reason, self.loss_is_mean = cut
+                self.num_parts = len(batch) if isinstance(batch, SampleParts) else 1
+            self._loss = BatchLoss(self.model, self.loss_fn, batch, self.space, self.seed, attention)
             built = ProductsBuilder(self._loss, self.space, self.requested_method, self.seed).build()
             assert built.choice is not None
             self._products, self._central, choice = built.products, built.central, built.choice

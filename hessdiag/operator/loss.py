@@ -78,6 +78,8 @@ class BatchLoss:
     every forward, gradient and product runs over one micro-batch at a time, its graph freed before
     the next, so that an estimate holds one micro-batch's graph, as a training step under gradient
     accumulation does, not all of them at once (:class:`~hessdiag.operator.double_backward.PartByPart`).
+    A batch cut into :class:`~hessdiag.batches.SampleParts` is evaluated the same way, each part
+    weighted by its share of the samples.
 
     Args:
         model, loss_fn, batch, space, seed: see :class:`~hessdiag.operator.closure.PartedClosure`.
