@@ -15,6 +15,7 @@ machine with CUDA the same runs go to the GPU, each block timed between synchron
 
     python benchmarks/cadence.py                        # CNN 3,000 steps, GPT 1,000 steps, 3 rounds each
     python benchmarks/cadence.py --steps 3000 3000 --pairs 3   # the figures in the README
+    python benchmarks/cadence.py --steps 3000 3000 --product-parts 4   # products on 4 parts (the accelerator's default)
 
 Writes benchmarks/results/cadence-<device>.json.
 """
@@ -84,12 +85,23 @@ class Arm:
     that loads the first one's state (as a resumed job would)."""
 
     def __init__(
-        self, name: str, watched: bool, readings: bool = True, resume_at: int | None = None, device: torch.device = torch.device("cpu")
+        self,
+        name: str,
+        watched: bool,
+        readings: bool = True,
+        resume_at: int | None = None,
+        device: torch.device = torch.device("cpu"),
+        product_parts: int | str = "auto",
     ) -> None:
         self.device = device
+        self.options = {"product_parts": product_parts}
         self.model, self.optimizer, self.loss_fn, self.batch = problem(name, device)
         check_every = "auto" if readings else 0
-        self.monitor = hessdiag.Monitor(self.model, self.loss_fn, optimizer=self.optimizer, check_every=check_every) if watched else None
+        self.monitor = (
+            hessdiag.Monitor(self.model, self.loss_fn, optimizer=self.optimizer, check_every=check_every, **self.options)
+            if watched
+            else None
+        )
         self.resume_at = resume_at
         self.step = 0
         self.seconds = 0.0
@@ -105,7 +117,7 @@ class Arm:
                 state = monitor.state_dict()
                 self.points += _points(monitor)
                 monitor.close()
-                monitor = self.monitor = hessdiag.Monitor(self.model, self.loss_fn, optimizer=optimizer)
+                monitor = self.monitor = hessdiag.Monitor(self.model, self.loss_fn, optimizer=optimizer, **self.options)
                 monitor.load_state_dict(state)
             data = self.batch(step)
             optimizer.zero_grad(set_to_none=True)
@@ -159,19 +171,24 @@ def gaps_after(points: list[int], start: int, steps: int) -> int:
     return max(b - a for a, b in zip(marks, marks[1:]))
 
 
-def measure(name: str, steps: int, pairs: int, block: int, device: torch.device) -> dict:
+def measure(name: str, steps: int, pairs: int, block: int, device: torch.device, product_parts: int | str = "auto") -> dict:
     plain, watched, statistics_only = [], [], []
     for _ in range(pairs):
-        arms = [Arm(name, False, device=device), Arm(name, True, device=device), Arm(name, True, readings=False, device=device)]
+        arms = [
+            Arm(name, False, device=device),
+            Arm(name, True, device=device, product_parts=product_parts),
+            Arm(name, True, readings=False, device=device, product_parts=product_parts),
+        ]
         plain_run, run, statistics_run = side_by_side(arms, steps, block)
         plain.append(plain_run["seconds"])
         watched.append(run["seconds"])
         statistics_only.append(statistics_run["seconds"])
-    (resumed,) = side_by_side([Arm(name, True, resume_at=steps // 2, device=device)], steps, steps)
+    (resumed,) = side_by_side([Arm(name, True, resume_at=steps // 2, device=device, product_parts=product_parts)], steps, steps)
     step_seconds = min(plain) / steps
     row = {
         "model": name,
         "steps": steps,
+        "product_parts": product_parts,
         "plain_seconds": [round(s, 2) for s in plain],
         "watched_seconds": [round(s, 2) for s in watched],
         "overhead": round(min(watched) / min(plain), 4),
@@ -222,6 +239,10 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3, help="rounds per model, each of the three arms side by side")
     parser.add_argument("--block", type=int, default=250, help="steps each arm takes in its turn within a round")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (1: steadier on a shared machine)")
+    parser.add_argument(
+        "--product-parts", default="auto", type=lambda value: value if value == "auto" else int(value),
+        help="the Monitor's product_parts ('auto', the default: the whole batch on a CPU, 4 parts on an accelerator)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -229,7 +250,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     defaults = {"cnn": 3000, "gpt": 1000}
     steps = args.steps or [defaults[name] for name in args.models]
-    rows = [measure(name, n, args.pairs, args.block, device) for name, n in zip(args.models, steps)]
+    rows = [measure(name, n, args.pairs, args.block, device, args.product_parts) for name, n in zip(args.models, steps)]
     save_report(args.out or Path(__file__).parent / "results" / f"cadence-{device.type}.json", device, device.type, rows)
 
 

@@ -20,6 +20,7 @@ CPU torch runs on `--threads` threads (default 1, and 1 per FSDP2 process).
     python benchmarks/cost.py --quick         # fewer sizes: a few minutes on one GPU
     python benchmarks/cost.py --readings      # only the Monitor's kinds of reading (below)
     python benchmarks/cost.py --readings --accumulate 4   # those under gradient accumulation
+    python benchmarks/cost.py --readings --product-parts 1   # those with products on the whole batch
 
 The Monitor's kinds of reading, at its defaults (AdamW): a cold tracking reading (the first of a run:
 a six-step Krylov space from a random vector, and the cross-check of "auto"), a cold full check (both
@@ -37,8 +38,12 @@ held between products), to measure whether graph-free products hold less than do
 graph (on the CPU sizes they hold more, and take longer). With ``--accumulate k`` each step accumulates
 k micro-batches of the batch and the readings measure the step's ``hessdiag.MicroBatches``: a step's
 peak is then a micro-batch's, and so should a reading's be (products one micro-batch at a time).
+``--product-parts`` sets the Monitor's ``product_parts`` (default 4, what the Monitor's "auto" takes on
+an accelerator: products on parts of the batch where the loss allows, one part's graph at a time;
+ResNet-18's BatchNorm keeps the whole batch).
 
-Writes benchmarks/results/cost-<device>.json (with --readings: cost-readings-<device>.json).
+Writes benchmarks/results/cost-<device>.json (with --readings: cost-readings-<device>.json, with
+-accumulate<k> and -parts<n> where those differ from 1 and 4).
 """
 
 from __future__ import annotations
@@ -405,7 +410,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (1: steadier on a shared machine)")
     parser.add_argument("--readings", action="store_true", help="only the Monitor's kinds of reading")
     parser.add_argument("--accumulate", type=int, default=1, help="with --readings: steps accumulate this many micro-batches of the batch")
-    parser.add_argument("--product-parts", type=int, default=4, help="with --readings: the Monitor's product_parts (1: products on the whole batch)")
+    parser.add_argument("--product-parts", type=int, default=4, help="the Monitor's product_parts (default 4, 'auto' on an accelerator; 1: the whole batch)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

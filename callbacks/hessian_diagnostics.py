@@ -47,7 +47,7 @@ from hessdiag.callbacks.strategies import refuse_unsupported_strategy
 from hessdiag.operator import HVPMethod
 from hessdiag.monitor import Monitor
 from hessdiag.check.schedule import CheckEvery
-from hessdiag.settings import RankWeighting
+from hessdiag.settings import ProductParts, RankWeighting
 from hessdiag.callbacks.settings import MAX_MICRO_BATCHES, CallbackSettings
 
 _CALLBACK_BASES: tuple[type, ...] = (pl.Callback,)
@@ -150,7 +150,7 @@ class HessianDiagnostics(*_CALLBACK_BASES):  # type: ignore[misc]
         overhead_budget: float = 0.05,
         log_every: int | None = None,
         sub_batch: int | None = None,
-        product_parts: int = 4,
+        product_parts: ProductParts = "auto",
         k: int = 1,
         tol: float = 1e-3,
         max_iter: int | None = None,

@@ -11,6 +11,7 @@ from torch import nn
 
 from hessdiag import HessianOperator, Monitor
 from hessdiag.batches import SampleParts, split_samples
+from hessdiag.settings import product_parts_on
 from oracles import dense_hessian
 from saved_graph import SavedGraph
 
@@ -153,11 +154,21 @@ def test_a_batch_is_cut_into_consecutive_parts_weighted_by_their_samples():
     assert split_samples((torch.zeros(4, 3), torch.zeros(5)), 2) is None  # no batch dimension to tell
 
 
+def test_auto_takes_four_parts_on_an_accelerator_and_the_whole_batch_on_a_cpu():
+    assert product_parts_on("auto", torch.device("cuda", 0)) == 4
+    assert product_parts_on("auto", torch.device("cpu")) == 1
+    assert product_parts_on(2, torch.device("cpu")) == 2
+    monitor = Monitor(network(), cross_entropy, check_every=1, noise_scale_parts=0)
+    monitor.probe.track(0, batch_of(12))
+    assert monitor.probe.parts_reason == "the whole batch (one part asked for)"
+
+
 def test_parts_must_be_a_positive_count():
     with pytest.raises(ValueError, match="`parts` must be a positive int"):
         HessianOperator(network(), cross_entropy, batch_of(4), parts=0)
-    with pytest.raises(ValueError, match="`product_parts` must be a positive int"):
-        Monitor(network(), cross_entropy, product_parts=0)
+    for wrong in (0, 2.0, "four"):
+        with pytest.raises(ValueError, match="`product_parts` must be a positive int .* or 'auto'"):
+            Monitor(network(), cross_entropy, product_parts=wrong)
 
 
 def test_the_monitor_compares_its_loss_once_and_reads_a_loss_that_is_not_a_mean_on_the_whole_batch():
@@ -171,7 +182,7 @@ def test_the_monitor_compares_its_loss_once_and_reads_a_loss_that_is_not_a_mean_
 
         return closure
 
-    monitor = Monitor(model, counted(cross_entropy), check_every=1, noise_scale_parts=0)
+    monitor = Monitor(model, counted(cross_entropy), check_every=1, noise_scale_parts=0, product_parts=4)
     monitor.probe.track(0, batch)
     assert calls.count(False) == 5  # the whole batch and its 4 parts, without graph
     calls.clear()
@@ -179,10 +190,51 @@ def test_the_monitor_compares_its_loss_once_and_reads_a_loss_that_is_not_a_mean_
     assert False not in calls and monitor.probe.parts_reason.startswith("4 parts of 3 samples")
 
     top = float(torch.linalg.eigvalsh(dense_hessian(model, summed_cross_entropy, batch))[-1])
-    monitor = Monitor(model, counted(summed_cross_entropy), check_every=1, noise_scale_parts=0)
+    monitor = Monitor(model, counted(summed_cross_entropy), check_every=1, noise_scale_parts=0, product_parts=4)
     monitor.probe.run(0, batch)
     assert monitor.probe.product_parts == 1 and "not a mean over the samples" in monitor.probe.parts_reason
     calls.clear()
     reading = monitor.probe.track(1, batch)
     assert False not in calls  # not compared again
     assert 0.5 * top <= reading.value <= top * (1 + 1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the allocator's peak, which a reading must keep near a step's, needs CUDA")
+def test_a_tracking_reading_on_parts_stays_within_one_and_a_half_steps_memory():
+    """Where activations dominate (a wide MLP with LayerNorm on a large batch, as a transformer's
+    blocks), a reading on 4 parts holds at most 1.5x a training step's peak; on the whole batch
+    the double-backward graph holds more."""
+    from hessdiag.check.probe import CurvatureProbe
+    from hessdiag.settings import DiagnosticsSettings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(256, 1024), nn.LayerNorm(1024), nn.GELU(), nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 10)
+    ).cuda()
+    batch = (torch.randn(4096, 256, device="cuda"), torch.randint(0, 10, (4096,), device="cuda"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def peak(work) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        work()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        cross_entropy(model, batch).backward()
+        optimizer.step()
+
+    step()  # AdamW's state allocated
+    resident = torch.cuda.memory_allocated()  # parameters, gradients' slots, AdamW's state, the batch
+    step_peak = resident + peak(step)
+    readings = {}
+    for parts in (1, 4):
+        probe = CurvatureProbe(model, cross_entropy, DiagnosticsSettings(product_parts=parts))
+        probe.track(1, batch, optimizer)  # cold: from a random vector
+        readings[parts] = resident + peak(lambda: probe.track(2, batch, optimizer))
+        assert probe.parts_reason.startswith("4 parts") == (parts == 4)
+    assert readings[4] <= 1.5 * step_peak
+    assert readings[4] <= 0.7 * readings[1]

@@ -34,7 +34,7 @@ from hessdiag.isolation import preserved_state, unwrap_model
 from hessdiag.noise.noise_scale import NoiseScaleEstimate
 from hessdiag.noise.running import RunningNoiseScale
 from hessdiag.operator import HessianOperator, HVPMethod, LossFn, trainable_parameters
-from hessdiag.settings import DiagnosticsSettings
+from hessdiag.settings import DiagnosticsSettings, product_parts_on
 from hessdiag.vectors import random_generator, random_unit_vector
 
 
@@ -58,8 +58,9 @@ class CurvatureProbe:
         starts: what each check starts from (:class:`~hessdiag.check.starts.CheckStarts`).
         sub_batch: samples of each batch the checks use (None: all).
         product_parts: the parts of the batch each product takes where the Hessian allows (the
-            setting, or 1 once the loss was found not to be a mean over the samples), and
-            `parts_reason`: what the last reading's products took, and why.
+            setting, "auto" resolved by the parameters' device at each reading, or 1 once the loss was
+            found not to be a mean over the samples), and `parts_reason`: what the last reading's
+            products took, and why.
     """
 
     def __init__(
@@ -232,7 +233,8 @@ class CurvatureProbe:
             self.model, self.loss_fn, batch.data, params=self.params, mode=self.settings.mode, method=method, seed=seed,
             # equal rank weights: every rank counts as one sample
             batch_size=1 if self.settings.rank_weighting == "equal" else batch.samples,
-            parts=self.product_parts, compare_parts=not self._parts_compared,
+            parts=product_parts_on(self.product_parts, next(unwrap_model(self.model).parameters()).device),
+            compare_parts=not self._parts_compared,
         )  # fmt: skip
 
     def _settle_parts(self, operator: HessianOperator) -> None:

@@ -45,7 +45,7 @@ from hessdiag.monitor.parts import MonitorParts, build_parts, validate_arguments
 from hessdiag.monitor.checkpoint import monitor_state, restore_monitor_state
 from hessdiag.monitor.readout import MonitorView, StepOutcome
 from hessdiag.check.schedule import CheckEvery, ReadingKind
-from hessdiag.settings import DiagnosticsSettings, RankWeighting
+from hessdiag.settings import DiagnosticsSettings, ProductParts, RankWeighting
 
 
 class Monitor(MonitorView):
@@ -71,12 +71,14 @@ class Monitor(MonitorView):
             :class:`~hessdiag.MicroBatches`). Every tensor is cut along its first dimension; a batch whose
             tensors differ there is refused (the check fails with a warning naming `sub_batch`).
         product_parts: each Hessian-vector product is taken on this many parts of the batch, one part's
-            gradient graph alive at a time (default 4; 1: the whole batch), so a reading holds a part's
-            graph instead of the batch's (the small GPT's tracking reading: 1.1x a step's peak memory
-            instead of 3.0x) for about one part's forward and backward more per product. Exact: it is
-            taken only where no BatchNorm is in training mode and the batch's loss equals the
-            sample-weighted sum of its parts' (compared once; otherwise the whole batch, with a warning
-            if the loss is not a mean over the samples). See :mod:`hessdiag.operator.sample_parts`.
+            gradient graph alive at a time (1: the whole batch), so a reading holds a part's graph
+            instead of the batch's (the small GPT's tracking reading: 1.3x a step's peak memory on 4
+            parts instead of 3.0x) for about one part's forward and backward more per product.
+            ``"auto"`` (default): 4 on an accelerator, the whole batch on a CPU (see
+            :func:`~hessdiag.settings.product_parts_on`). Exact: it is taken only where no BatchNorm
+            is in training mode and the batch's loss equals the sample-weighted sum of its parts'
+            (compared once), else on the whole batch (``monitor.probe.parts_reason`` says why). See
+            :mod:`hessdiag.operator.sample_parts`.
         k, tol, max_iter, cold_every, hvp_method, params: see :class:`CurvatureProbe`.
         mode: the module modes of a check: ``"as_is"`` (default): each keeps its mode of the training
             step (a frozen backbone in eval stays in eval); ``"train"`` / ``"eval"``: the whole model.
@@ -121,7 +123,7 @@ class Monitor(MonitorView):
         overhead_budget: float = 0.05,
         log_every: int = 10,
         sub_batch: int | None = None,
-        product_parts: int = 4,
+        product_parts: ProductParts = "auto",
         k: int = 1,
         tol: float = 1e-3,
         max_iter: int | None = None,

@@ -12,9 +12,10 @@ taken in parts would then be the Hessian of another loss. So the batch is cut on
 
 * no BatchNorm is in training mode (its batch statistics couple the samples), and
 * the loss of the whole batch equals the sample-weighted sum of its parts' losses, compared once
-  (two forwards without graph, dropout layers off so that both sides draw no masks): a sum over samples, a
-  loss that mixes samples (contrastive, a mixture-of-experts balance term over the batch), or a layer
-  that does, differs there.
+  (two forwards without graph, dropout layers off so that both sides draw no masks): a sum over
+  samples, a loss that mixes samples (contrastive, a mixture-of-experts balance term over the
+  batch), or a layer that does, differs there; so does a loss that draws random numbers by the
+  batch's shape (a GAN's or a diffusion model's noise), which keeps the whole batch too.
 
 Otherwise the products take the whole batch, and :func:`cut_for_products` says why. Not for FSDP2-sharded
 models (whose products are finite differences, which keep no graph).
@@ -33,9 +34,12 @@ from hessdiag.operator.closure import LossFn
 from hessdiag.operator.equivalents import TwiceDifferentiable
 
 #: How far the whole batch's loss may sit from the weighted sum of its parts' (relative): float32
-#: rounding of the two reductions and of kernels that tile another batch size differently (TF32
-#: included), well below what a sum over samples (a factor of the parts' number) or a coupling layer
-#: changes.
+#: rounding of the two reductions and of kernels that pick another algorithm for another batch size
+#: (TF32 rounds each input alike whatever the kernel; its sums are float32's), below what a sum over
+#: samples (a factor of the parts' number) or a layer that mixes the samples changes, and about what
+#: a mixture-of-experts balance term over the batch weighing 1% of the loss changes when it differs
+#: by a tenth between the batch and its parts. A bfloat16 or float16 model's rounding is above it: its
+#: products take the whole batch.
 SAME_LOSS = 1e-4
 
 #: The layers whose forward in training mode mixes the samples of a batch.
@@ -57,7 +61,8 @@ def coupling_layer(model: nn.Module) -> str | None:
 
 class Cut(NamedTuple):
     """What :func:`cut_for_products` decided: the batch the products take, why, and whether the
-    loss was found to be a mean over the samples (None: not compared)."""
+    loss was found to be a mean over the samples (False also where it could not be evaluated on
+    the parts; None: not compared)."""
 
     batch: Any
     reason: str
@@ -89,7 +94,7 @@ def cut_for_products(
         except torch.OutOfMemoryError:
             raise
         except Exception:  # the closure's own evaluation reports it, with the words for it
-            return Cut(batch, "the whole batch: the loss could not be evaluated on its parts")
+            return Cut(batch, "the whole batch: the loss could not be evaluated on its parts", loss_is_mean=False)
         if not abs(whole - weighted) <= SAME_LOSS * max(abs(whole), abs(weighted), 1e-30):
             reason = (
                 f"the whole batch: its loss ({whole:.6g}) is not the sample-weighted sum of its parts' ({weighted:.6g}), "
