@@ -50,6 +50,7 @@ def product_parts_on(setting: ProductParts, device: torch.device) -> int:
         return setting
     return 1 if device.type == "cpu" else ACCELERATOR_PARTS
 
+
 #: How the Hessian of a data-parallel run weights the ranks' losses (see :class:`hessdiag.Monitor`).
 RankWeighting = Literal["equal", "samples"]
 

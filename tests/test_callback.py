@@ -443,6 +443,38 @@ def test_zero_observer_effect(tmp_path):
         assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+class LayerNormClassifier(Classifier):
+    """Samples independent (LayerNorm, dropout): a check's products can be taken on parts of the batch."""
+
+    def __init__(self):
+        super().__init__(dropout=0.2)
+        self.net = nn.Sequential(nn.Linear(10, 32), nn.LayerNorm(32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 3))
+
+
+def test_products_on_parts_of_the_batch_leave_no_trace_in_a_lightning_run(tmp_path):
+    """What ``product_parts="auto"`` does on an accelerator, here asked for on the CPU: the comparison
+    of the step loss with its parts' (dropout off) and the products part by part leave the run as
+    it is without hessdiag."""
+
+    def run(callbacks, directory):
+        pl.seed_everything(0)
+        model = LayerNormClassifier()
+        fit = trainer(directory, callbacks, max_steps=25)
+        fit.fit(model, loader())
+        return model, fit.optimizers[0], torch.get_rng_state()
+
+    plain_model, plain_optimizer, plain_rng = run([], tmp_path / "plain")
+    diagnostics = HessianDiagnostics(check_every=4, log_every=3, product_parts=4)
+    model, optimizer, rng = run([diagnostics], tmp_path / "watched")
+    assert diagnostics.monitor.probe.parts_reason.startswith("4 parts of 8 samples")
+    assert len(diagnostics.monitor.checks) == 6
+    assert torch.equal(rng, plain_rng)
+    for (name, a), b in zip(plain_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(plain_optimizer.state.values(), optimizer.state.values()):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
