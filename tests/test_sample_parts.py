@@ -154,6 +154,18 @@ def test_a_batch_is_cut_into_consecutive_parts_weighted_by_their_samples():
     assert split_samples((torch.zeros(4, 3), torch.zeros(5)), 2) is None  # no batch dimension to tell
 
 
+def test_a_batch_whose_loss_is_not_finite_leaves_the_parts_for_the_next_reading():
+    from hessdiag.errors import NonFiniteLossError
+
+    monitor = Monitor(network(), cross_entropy, check_every=1, noise_scale_parts=0, product_parts=4)
+    inputs, labels = batch_of(12)
+    with pytest.raises(NonFiniteLossError):
+        monitor.probe.track(0, (torch.full_like(inputs, float("nan")), labels))
+    assert monitor.probe.product_parts == 4  # undecided, not refused
+    monitor.probe.track(1, (inputs, labels))
+    assert monitor.probe.parts_reason.startswith("4 parts of 3 samples")
+
+
 def test_auto_takes_four_parts_on_an_accelerator_and_the_whole_batch_on_a_cpu():
     assert product_parts_on("auto", torch.device("cuda", 0)) == 4
     assert product_parts_on("auto", torch.device("cpu")) == 1

@@ -70,15 +70,10 @@ class Monitor(MonitorView):
         sub_batch: samples of the batch used by a curvature check (default: all; of each micro-batch for
             :class:`~hessdiag.MicroBatches`). Every tensor is cut along its first dimension; a batch whose
             tensors differ there is refused (the check fails with a warning naming `sub_batch`).
-        product_parts: each Hessian-vector product is taken on this many parts of the batch, one part's
-            gradient graph alive at a time (1: the whole batch), so a reading holds a part's graph
-            instead of the batch's (the small GPT's tracking reading: 1.3x a step's peak memory on 4
-            parts instead of 3.0x) for about one part's forward and backward more per product.
-            ``"auto"`` (default): 4 on an accelerator, the whole batch on a CPU (see
-            :func:`~hessdiag.settings.product_parts_on`). Exact: it is taken only where no BatchNorm
-            is in training mode and the batch's loss equals the sample-weighted sum of its parts'
-            (compared once), else on the whole batch (``monitor.probe.parts_reason`` says why). See
-            :mod:`hessdiag.operator.sample_parts`.
+        product_parts: each product on this many parts of the batch, one part's gradient graph at a
+            time, where the Hessian stays exact (:mod:`hessdiag.operator.sample_parts`; 1: the whole
+            batch); ``"auto"`` (default): 4 on an accelerator, the whole batch on a CPU
+            (:func:`~hessdiag.settings.product_parts_on`). ``monitor.probe.parts_reason`` says why.
         k, tol, max_iter, cold_every, hvp_method, params: see :class:`CurvatureProbe`.
         mode: the module modes of a check: ``"as_is"`` (default): each keeps its mode of the training
             step (a frozen backbone in eval stays in eval); ``"train"`` / ``"eval"``: the whole model.

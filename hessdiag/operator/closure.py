@@ -3,7 +3,8 @@
 ``loss_fn(model, batch)`` on the batch, or on each micro-batch of a
 :class:`~hessdiag.batches.MicroBatches` in turn (the loss is then the mean of theirs, what the
 accumulated gradient descends), or on each part of a batch cut into
-:class:`~hessdiag.batches.SampleParts` (each weighted by its share of the samples). Every evaluation seeds the RNG (:func:`~hessdiag.isolation.seed_rng`)
+:class:`~hessdiag.batches.SampleParts` (each weighted by its share of the samples). Every
+evaluation seeds the RNG (:func:`~hessdiag.isolation.seed_rng`)
 by the part, so dropout draws the same masks for a part in every product of one estimate. A failure
 inside the closure is a :class:`~hessdiag.errors.LossClosureError`; a NaN or infinite loss a
 :class:`~hessdiag.errors.NonFiniteLossError`. Forwards run under
@@ -69,7 +70,7 @@ class PartedClosure:
     def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Any, space: ParameterSpace, seed: int) -> None:
         self.model = model
         self.loss_fn = loss_fn
-        self.batch = batch
+        self.weights = batch.weights if isinstance(batch, SampleParts) else None  # else each part 1 / len(parts)
         self.parts: tuple[Any, ...] = tuple(batch) if isinstance(batch, MicroBatches) else (batch,)
         if not self.parts:
             raise ValueError("The MicroBatches holds no micro-batch: pass the step's micro-batches, at least one.")
@@ -118,8 +119,8 @@ class PartedClosure:
         its share of the samples for a batch cut into :class:`~hessdiag.batches.SampleParts`."""
         if not self.by_parts:
             return loss
-        if isinstance(self.batch, SampleParts):
-            return loss * self.batch.weights[part]
+        if self.weights is not None:
+            return loss * self.weights[part]
         return loss / len(self.parts)
 
     def checked(self, part: int = 0) -> torch.Tensor:

@@ -182,7 +182,7 @@ class HessianOperator:
             batch = self.batch
             if self.shard is None:
                 cut = cut_for_products(
-                    self.model, self.loss_fn, batch, self._parts, self.device, self.seed, compare=self._compare_parts
+                    self.model, self.loss_fn, batch, self._parts, self.space, self.seed, compare=self._compare_parts
                 )
                 batch, self.parts_reason, self.loss_is_mean = cut
                 self.num_parts = len(batch) if isinstance(batch, SampleParts) else 1

@@ -23,15 +23,18 @@ models (whose products are finite differences, which keep no graph).
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from hessdiag.batches import SampleParts, split_samples
-from hessdiag.isolation import seed_rng
-from hessdiag.operator.closure import LossFn
-from hessdiag.operator.equivalents import TwiceDifferentiable
+from hessdiag.batches import split_samples
+from hessdiag.errors import LossClosureError
+from hessdiag.operator.closure import LossFn, PartedClosure
+from hessdiag.operator.parameter_space import ParameterSpace
 
 #: How far the whole batch's loss may sit from the weighted sum of its parts' (relative): float32
 #: rounding of the two reductions and of kernels that pick another algorithm for another batch size
@@ -70,15 +73,16 @@ class Cut(NamedTuple):
 
 
 def cut_for_products(
-    model: nn.Module, loss_fn: LossFn, batch: Any, parts: int, device: torch.device, seed: int, *, compare: bool = True
+    model: nn.Module, loss_fn: LossFn, batch: Any, parts: int, space: ParameterSpace, seed: int, *, compare: bool = True
 ) -> Cut:
     """The batch the products take: `batch` cut into `parts` :class:`~hessdiag.batches.SampleParts`
     where that leaves the Hessian unchanged, else `batch` itself; and why, in words.
 
     Call it where the estimate runs (inside :func:`~hessdiag.isolation.isolation`: modules in the
-    estimate's modes, RNG forked; `device` is the parameters'). `compare` False skips the loss
-    comparison (for a caller that made it on this model and loss already); the coupling layers are
-    looked for every time, since a module's mode may change.
+    estimate's modes, RNG forked). `compare` False skips the loss comparison (for a caller that made
+    it on this model and loss already); the coupling layers are looked for every time, since a
+    module's mode may change. A batch whose own loss cannot be evaluated, or is not finite, is left
+    whole and undecided: the estimate's evaluation reports it.
     """
     if parts < 2:
         return Cut(batch, "the whole batch (one part asked for)")
@@ -89,12 +93,18 @@ def cut_for_products(
     if layer is not None:
         return Cut(batch, f"the whole batch: BatchNorm in training mode ({layer!r}) couples the samples")
     if compare:
-        try:
-            whole, weighted = _losses(model, loss_fn, batch, cut, device, seed)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception:  # the closure's own evaluation reports it, with the words for it
-            return Cut(batch, "the whole batch: the loss could not be evaluated on its parts", loss_is_mean=False)
+        with dropout_off(model), torch.no_grad():
+            try:
+                whole = float(PartedClosure(model, loss_fn, batch, space, seed).evaluate())
+            except LossClosureError:
+                return Cut(batch, "the whole batch: its loss could not be evaluated")
+            if not math.isfinite(whole):
+                return Cut(batch, f"the whole batch: its loss is {whole}")
+            closure = PartedClosure(model, loss_fn, cut, space, seed)  # each part's loss as its share
+            try:
+                weighted = sum(float(closure.evaluate(part)) for part in range(len(cut)))
+            except LossClosureError:
+                return Cut(batch, "the whole batch: the loss could not be evaluated on its parts", loss_is_mean=False)
         if not abs(whole - weighted) <= SAME_LOSS * max(abs(whole), abs(weighted), 1e-30):
             reason = (
                 f"the whole batch: its loss ({whole:.6g}) is not the sample-weighted sum of its parts' ({weighted:.6g}), "
@@ -107,22 +117,14 @@ def cut_for_products(
     return Cut(cut, reason, loss_is_mean=True if compare else None)
 
 
-def _losses(
-    model: nn.Module, loss_fn: LossFn, batch: Any, cut: SampleParts, device: torch.device, seed: int
-) -> tuple[float, float]:
-    """The loss of the whole batch and the weighted sum of its parts', without graph, dropout off."""
+@contextlib.contextmanager
+def dropout_off(model: nn.Module) -> Iterator[None]:
+    """The dropout layers of `model` that are in training mode switched off, then back on."""
     dropout = [module for module in model.modules() if isinstance(module, DROPOUT_LAYERS) and module.training]
     try:
         for module in dropout:
             module.training = False
-        with torch.no_grad(), TwiceDifferentiable():
-            seed_rng(seed, device)
-            whole = float(loss_fn(model, batch))
-            weighted = 0.0
-            for weight, part in zip(cut.weights, cut):
-                seed_rng(seed, device)
-                weighted += weight * float(loss_fn(model, part))
+        yield
     finally:
         for module in dropout:
             module.training = True
-    return whole, weighted
