@@ -64,3 +64,11 @@ def finite_difference_hvp(model: nn.Module, loss_fn, batch, vector: torch.Tensor
         return grad
 
     return (gradient(theta + eps * vector) - gradient(theta - eps * vector)) / (2 * eps)
+
+
+def matrix_with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q diag(eigenvalues) Q^T with a random orthogonal Q; returns (A, Q)."""
+    n = eigenvalues.numel()
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q @ torch.diag(eigenvalues.to(torch.float64)) @ q.T, q

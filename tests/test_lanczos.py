@@ -8,14 +8,7 @@ import torch
 from hessdiag import _distributed
 from hessdiag.lanczos import lanczos, start_vector
 from hessdiag.vectors import VectorShard, random_generator, random_signs
-
-
-def matrix_with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q diag(eigenvalues) Q^T with a random orthogonal Q; returns (A, Q)."""
-    n = eigenvalues.numel()
-    generator = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
-    return q @ torch.diag(eigenvalues.to(torch.float64)) @ q.T, q
+from oracles import matrix_with_spectrum
 
 
 def indefinite_spectrum(n: int = 300) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from hessdiag.batches import CheckBatch
+from hessdiag.check.footprint import TrainingFootprint
 from hessdiag.check.quantities import build_quantities
 from hessdiag.check.quantities.noise_scale import NoiseScale
 from hessdiag.check.quantities.update_prediction import UpdateLossPrediction
@@ -56,6 +57,8 @@ class CurvatureProbe:
     Attributes:
         quantities: the quantities of every check, in the order they are computed.
         starts: what each check starts from (:class:`~hessdiag.check.starts.CheckStarts`).
+        footprint: the device memory training reaches, which places the checks' Lanczos bases
+            (:mod:`hessdiag.check.footprint`).
         sub_batch: samples of each batch the checks use (None: all).
         product_parts: the parts of the batch each product takes where the Hessian allows (the
             setting, "auto" resolved by the parameters' device at each reading, or 1 once the loss was
@@ -78,6 +81,7 @@ class CurvatureProbe:
         self.sub_batch = self.settings.sub_batch
         self.num_checks = 0
         self.starts = CheckStarts(self.settings.hvp_method, self.settings.cold_every)
+        self.footprint = TrainingFootprint()
         self.product_parts = self.settings.product_parts
         self.parts_reason = "no reading yet"
         self._parts_compared = False  # the whole batch's loss found equal to its parts' (once per probe)
@@ -122,26 +126,28 @@ class CurvatureProbe:
         values: dict[str, Any] = {}
         skipped: dict[str, str] = {}
         products: dict[str, int] = {}
-        with preserved_state(unwrap_model(self.model), operator.params), operator:
-            self._settle_parts(operator)
-            settings = self.settings
-            warm = None if cold else self.starts.warm_vectors
-            result = eigenvalues_of(
-                operator, k=settings.k, which="both" if bottom else "top", tol=settings.tol, max_iter=settings.max_iter,
-                v0=warm, seed=seed,
-            )  # fmt: skip
-            products["spectrum"] = operator.num_hvps
-            context = CheckContext(
-                step=step, number=self.num_checks, settings=settings, model=self.model, loss_fn=self.loss_fn,
-                params=self.params, operator=operator, spectrum=result, optimizer=optimizer, batch=batch, seed=seed,
-                cold=cold, bottom=bottom, starts=self.starts, values=values,
-            )  # fmt: skip
-            self._compute(context, [q for q in self.quantities if q.uses_operator], skipped, products)
-            num_hvps = operator.num_hvps
-            method, method_reason = operator.method, self.starts.method_reason(step, operator, reuse)
-            product_error = operator.product_error
-        context.operator = None
-        self._compute(context, [q for q in self.quantities if not q.uses_operator], skipped, products)
+        # the whole check inside, the quantities computed after the operator closed too: its peak is not training's
+        with self.footprint.reading(operator.device) as room:
+            with preserved_state(unwrap_model(self.model), operator.params), operator:
+                self._settle_parts(operator)
+                settings = self.settings
+                warm = None if cold else self.starts.warm_vectors
+                result = eigenvalues_of(
+                    operator, k=settings.k, which="both" if bottom else "top", tol=settings.tol,
+                    max_iter=settings.max_iter, v0=warm, seed=seed, memory_budget=room,
+                )  # fmt: skip
+                products["spectrum"] = operator.num_hvps
+                context = CheckContext(
+                    step=step, number=self.num_checks, settings=settings, model=self.model, loss_fn=self.loss_fn,
+                    params=self.params, operator=operator, spectrum=result, optimizer=optimizer, batch=batch, seed=seed,
+                    cold=cold, bottom=bottom, starts=self.starts, values=values, memory_budget=room,
+                )  # fmt: skip
+                self._compute(context, [q for q in self.quantities if q.uses_operator], skipped, products)
+                num_hvps = operator.num_hvps
+                method, method_reason = operator.method, self.starts.method_reason(step, operator, reuse)
+                product_error = operator.product_error
+            context.operator = None
+            self._compute(context, [q for q in self.quantities if not q.uses_operator], skipped, products)
         self.starts.warm_vectors = on_host(result.warm_start())
         self.starts.tracked = None if result.top_vectors is None else on_host(result.top_vectors[0])
         self.starts.tracked_residual = None
@@ -182,7 +188,9 @@ class CurvatureProbe:
         start = time.perf_counter()
         starts = self.starts
         operator = self._operator(CheckBatch.of(batch, self.sub_batch), step, starts.method or self.settings.hvp_method)
-        with preserved_state(unwrap_model(self.model), operator.params), operator:
+        # no basis to place, but its peak must not pass for training's at the next reading
+        footprint = self.footprint.reading(operator.device)
+        with footprint, preserved_state(unwrap_model(self.model), operator.params), operator:
             self._settle_parts(operator)
             if starts.method is None:
                 starts.method_reason(step, operator, reuse=False)  # "auto"'s choice, for the readings after

@@ -13,7 +13,7 @@ and docs). The check runs them in an order where each comes after the quantities
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -58,6 +58,9 @@ class CheckContext:
         bottom: the Lanczos run measured the bottom end too (else it stopped with the top).
         starts: the run's warm-start vectors (a quantity with its own Lanczos run keeps its own).
         values: the values of the quantities computed so far in this check, by name.
+        memory_budget: what a Lanczos basis of the check may still add on the device (the
+            `memory_budget` of :func:`~hessdiag.lanczos.lanczos`: what training leaves free, see
+            :mod:`hessdiag.check.footprint`), or None for the solver's default.
     """
 
     step: int
@@ -75,6 +78,7 @@ class CheckContext:
     bottom: bool
     starts: CheckStarts
     values: dict[str, Any] = field(default_factory=dict)
+    memory_budget: Callable[[], float] | None = None
 
 
 #: Every quantity class, by name, in the order of definition (see :func:`ordered_quantities`).

@@ -27,7 +27,7 @@ from torch import nn
 from hessdiag.isolation import ModelMode
 from hessdiag.errors import HessdiagWarning
 from hessdiag.estimators.layer_shares import layer_shares
-from hessdiag.lanczos import BasisStorage, LanczosResult, Which, lanczos
+from hessdiag.lanczos import BasisStorage, LanczosResult, MemoryBudget, Which, lanczos
 from hessdiag.operator import HVP_METHODS, HessianBlock, HessianOperator, HVPMethod, LossFn
 from hessdiag.vectors import dot
 
@@ -161,7 +161,7 @@ def hessian_eigenvalues(
     warm_random: float = 0.3,
     seed: int = 0,
     basis: BasisStorage = "auto",
-    memory_budget: int | None = None,
+    memory_budget: MemoryBudget = None,
     batch_size: int | None = None,
 ) -> HessianEigenvalues:
     """Top and bottom Hessian eigenvalues of ``loss_fn(model, batch)`` by Lanczos.
@@ -305,7 +305,7 @@ def eigenvalues_of(
     warm_random: float = 0.3,
     seed: int = 0,
     basis: BasisStorage = "auto",
-    memory_budget: int | None = None,
+    memory_budget: MemoryBudget = None,
 ) -> HessianEigenvalues:
     """:func:`hessian_eigenvalues` on an open :class:`HessianOperator` (whose graph other
     estimates of the same check can reuse), or on a diagonal block of one (:class:`HessianBlock`).

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from hessdiag.lanczos import lanczos
+from hessdiag.lanczos.basis import MemoryBudget
 from hessdiag.operator import HessianOperator, LossFn
 from hessdiag.vectors import VectorShard, random_generator, random_signs
 
@@ -102,8 +103,10 @@ def slq_density(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     shard: VectorShard | None = None,
+    memory_budget: MemoryBudget = None,
 ) -> SpectralDensity:
-    """Stochastic Lanczos quadrature with `num_probes` Rademacher probes of `num_iter` steps each.
+    """Stochastic Lanczos quadrature with `num_probes` Rademacher probes of `num_iter` steps each
+    (each probe's basis placed by `memory_budget`, as in :func:`~hessdiag.lanczos.lanczos`).
 
     With a `shard` (vectors split across processes, see :class:`~hessdiag.vectors.VectorShard`),
     each process draws its own coordinates of the probes and every process gets the same density.
@@ -119,7 +122,7 @@ def slq_density(
         probe = random_signs(size, generator, torch.device(device), dtype, shard)
         run = lanczos(
             matvec, dim, k=1, tol=0.0, max_iter=num_iter, v0=probe, warm_random=0.0, device=device, dtype=dtype,
-            shard=shard,
+            shard=shard, memory_budget=memory_budget,
         )  # fmt: skip
         nodes.append(run.ritz_values)
         weights.append(run.ritz_weights)

@@ -7,14 +7,14 @@ from :mod:`hessdiag.operator`), so it is tested on explicit matrices and used on
 * :mod:`~hessdiag.lanczos.certificates`: the stopping rule on proven bounds and the probable
   (Christoffel) limits of the whole spectrum.
 * :mod:`~hessdiag.lanczos.start`: random and warm start vectors.
-* :mod:`~hessdiag.lanczos.basis`: where the Lanczos vectors live (device, host, or none).
+* :mod:`~hessdiag.lanczos.basis`: where the Lanczos vectors live (device, spilling to host, or none).
 * :mod:`~hessdiag.lanczos.result`: :class:`LanczosResult`.
 
 Vector plumbing shared with the operator (:class:`~hessdiag.vectors.VectorShard`, norms, random
 draws) lives in :mod:`hessdiag.vectors`.
 """
 
-from hessdiag.lanczos.basis import BASIS_STORAGES, BasisStorage, choose_basis_storage
+from hessdiag.lanczos.basis import BASIS_STORAGES, BasisStorage, MemoryBudget, choose_basis_storage
 from hessdiag.lanczos.certificates import MISS_PROBABILITY, christoffel_sums, probable_limits
 from hessdiag.lanczos.recurrence import WHICH, Which, lanczos
 from hessdiag.lanczos.result import LanczosResult
@@ -34,5 +34,6 @@ __all__ = [
     "start_vector",
     "BasisStorage",
     "BASIS_STORAGES",
+    "MemoryBudget",
     "choose_basis_storage",
 ]

@@ -26,7 +26,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from hessdiag.lanczos.basis import BASIS_STORAGES, Basis, BasisStorage, choose_basis_storage
+from hessdiag import _distributed
+from hessdiag.lanczos.basis import (
+    BASIS_STORAGES, Basis, BasisStorage, MemoryBudget, choose_basis_storage, device_budget,
+)  # fmt: skip
 from hessdiag.lanczos.certificates import Convergence
 from hessdiag.lanczos.result import LanczosResult
 from hessdiag.lanczos.start import start_vector
@@ -51,7 +54,7 @@ def lanczos(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     basis: BasisStorage = "auto",
-    memory_budget: int | None = None,
+    memory_budget: MemoryBudget = None,
     matvec_error: float | Callable[[], float] = 0.0,
     warm_steps: int = 8,
     shard: VectorShard | None = None,
@@ -73,8 +76,11 @@ def lanczos(
         seed: seeds the random start, drawn on `device` (see `random_generator`); identical on
             every rank, so data-parallel runs agree.
         device, dtype: where and in what precision the Lanczos vectors live (at least float32).
-        basis: "auto", "device", "host" or "recurrence" (see module docstring).
-        memory_budget: bytes the basis may take on the device (default: 30% of free memory).
+        basis: "auto", "device", "host" or "recurrence" (see :mod:`hessdiag.lanczos.basis`).
+        memory_budget: bytes the basis may take on the device (default: on an accelerator 30% of its
+            free memory when the run starts, on a CPU half the available memory), or a callable asked
+            before each block of rows for the bytes the basis may still add there; with "auto", an
+            accelerator's rows beyond it go to host memory.
         matvec_error: a bound on ||matvec(v) - A v|| for a unit v beyond rounding (absolute; 0 for
             exact products), or a callable returning it, read again at every stopping test.
         warm_steps: with a warm start, products beyond `min_iter` before the run may stop, so that
@@ -105,17 +111,19 @@ def lanczos(
     device = torch.device(device)
     dtype = torch.promote_types(dtype, torch.float32)
     size = dim if shard is None else shard.size
-    storage = _agreed_storage(basis, max_iter, size, dtype, device, memory_budget, shard)
+    budget = device_budget(memory_budget, device)
+    storage = _agreed_storage(basis, max_iter, size, dtype, device, budget, shard)
     generator = random_generator(seed, shard, device)
     q = start_vector(size, v0, warm_random=warm_random, device=device, dtype=dtype, generator=generator, shard=shard)
-    recurrence = _Recurrence(matvec, Basis(max_iter, size, storage, device, dtype, shard), generator, shard)
+    recurrence = _Recurrence(matvec, Basis(max_iter, size, storage, device, dtype, shard, budget), generator, shard)
     # A warm start may stop only once its random part had `warm_steps` products to show itself.
     may_stop_from = min_iter if v0 is None else min(min_iter + warm_steps, max_iter)
     state = Convergence(k, which, tol, dim, torch.finfo(dtype).eps)
     theta, s = recurrence.run(q, state, product_error, may_stop_from, max_iter)
     # The random part's weight in the start (a warm start that fell back to noise has more: conservative).
     random_weight = 1.0 if v0 is None else warm_random
-    return state.result(theta, s, recurrence.basis, recurrence.alphas, recurrence.betas, storage, random_weight)
+    basis_used = recurrence.basis
+    return state.result(theta, s, basis_used, recurrence.alphas, recurrence.betas, basis_used.where, random_weight)
 
 
 class _Recurrence:
@@ -226,17 +234,19 @@ def _agreed_storage(
     size: int,
     dtype: torch.dtype,
     device: torch.device,
-    memory_budget: int | None,
+    memory_budget: MemoryBudget,
     shard: VectorShard | None,
 ) -> str:
     """Where the basis lives (:func:`~hessdiag.lanczos.basis.choose_basis_storage`), the same on
-    every process of a `shard`."""
+    every process of a `shard` or of a data-parallel group (whose processes must run identical
+    recurrences)."""
     storage = choose_basis_storage(basis, capacity, size, dtype, device, memory_budget)
-    if shard is not None:
-        # Without a basis the run takes other collective steps: recurrence on one process means on all.
-        votes = shard.sum_(torch.tensor([float(storage == "recurrence")], dtype=torch.float64, device=device))
-        storage = "recurrence" if float(votes) > 0 else storage
-    return storage
+    if shard is None and not _distributed.is_data_parallel():
+        return storage
+    # Without a basis the run takes other steps: the recurrence on one process means on all.
+    votes = torch.tensor([float(storage == "recurrence")], dtype=torch.float64, device=device)
+    votes = shard.sum_(votes) if shard is not None else _distributed.all_reduce_sum_(votes)
+    return "recurrence" if float(votes) > 0 else storage
 
 
 def _validate(

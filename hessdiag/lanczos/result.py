@@ -32,7 +32,8 @@ class LanczosResult:
         ritz_weights: squared first components of the Ritz vectors of T (the quadrature weights
             of stochastic Lanczos quadrature), aligned with `ritz_values`; they sum to 1.
         alphas, betas: the tridiagonal matrix T (diagonal, off-diagonal), float64.
-        basis: where the basis lived: "device", "host" or "recurrence".
+        basis: where the basis lived: "device", "host", "device+host" (rows beyond the device's
+            budget spilled to host memory) or "recurrence".
         interlacing_slack: how far a Ritz value may lie outside [lambda_min, lambda_max] because of
             product errors and rounding (sqrt(m) e + rounding).
         top_limit, bottom_limit: probable limits of the whole spectrum: with probability at least

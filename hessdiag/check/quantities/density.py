@@ -30,4 +30,5 @@ class Density(Quantity):
         return slq_density(
             operator.matvec, operator.dim, num_probes=DENSITY_PROBES, num_iter=min(DENSITY_ITER, operator.dim),
             seed=context.seed, device=operator.device, dtype=operator.dtype, shard=operator.shard,
+            memory_budget=context.memory_budget,
         )  # fmt: skip

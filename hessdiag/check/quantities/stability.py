@@ -48,6 +48,7 @@ class StabilitySharpness(Quantity):
             lambda v: scale * operator.matvec(scale * v), operator.dim, which="top", tol=self.settings.tol,
             max_iter=self.settings.max_iter, v0=None if context.cold else context.starts.warm_preconditioned,
             seed=context.seed, device=operator.device, dtype=operator.dtype, shard=operator.shard,
+            memory_budget=context.memory_budget,
         )  # fmt: skip
         context.starts.warm_preconditioned = on_host(run.top_vectors)
         return Stability(rule.threshold, float(run.top[0]), scale)
