@@ -40,7 +40,10 @@ k micro-batches of the batch and the readings measure the step's ``hessdiag.Micr
 peak is then a micro-batch's, and so should a reading's be (products one micro-batch at a time).
 ``--product-parts`` sets the Monitor's ``product_parts`` (default 4, what the Monitor's "auto" takes on
 an accelerator: products on parts of the batch where the loss allows, one part's graph at a time;
-ResNet-18's BatchNorm keeps the whole batch).
+ResNet-18's BatchNorm keeps the whole batch). On CUDA each reading's probe is told the step's peak,
+as a Monitor attached from the first step reads it from the allocator before its first reading (here
+the counter is reset before each reading to measure that reading): a full check's Lanczos basis fills
+the device up to it and spills the rest to host memory (hessdiag.check.footprint).
 
 Writes benchmarks/results/cost-<device>.json (with --readings: cost-readings-<device>.json, with
 -accumulate<k> and -parts<n> where those differ from 1 and 4).
@@ -239,16 +242,17 @@ def fsdp2_row(name: str, config: dict) -> dict:
 READING_KINDS = ("tracking_cold", "full_cold", "full_warm_top", "full_warm_both", "tracking", "tracking_forward_over_reverse")
 
 
-def reading_probe(model, loss_fn, kind: str, starts: dict | None, product_parts: int):
+def reading_probe(model, loss_fn, kind: str, starts: dict | None, product_parts: int, training_peak: int = 0):
     """The probe a reading of `kind` runs on: the defaults but `product_parts`, and forward-over-reverse
     products for ``tracking_forward_over_reverse``; warm from `starts` (a probe's ``starts.state_dict()``)
-    unless None."""
+    unless None; `training_peak`: the run's peak device memory in bytes, as a Monitor learns it."""
     from hessdiag.check.probe import CurvatureProbe
     from hessdiag.settings import DiagnosticsSettings
 
     forward = kind == "tracking_forward_over_reverse"
     settings = DiagnosticsSettings(hvp_method="forward_over_reverse" if forward else "auto", product_parts=product_parts)
     probe = CurvatureProbe(model, loss_fn, settings)
+    probe.footprint.saw(training_peak)
     if starts is not None:
         probe.starts.load_state_dict(starts)
         probe.num_checks = 1
@@ -382,14 +386,16 @@ def reading_costs(name: str, config: dict, device: torch.device, accumulate: int
     the batch where the loss allows (the Monitor's setting)."""
     run = Run(*problem(name, config, device), device, accumulate)
     row = {}
-    probe = reading_probe(run.model, run.loss_fn, "full_cold", None, product_parts)
+    peak = run.memory.base + run.step_peak if device.type == "cuda" else 0
+    probe = reading_probe(run.model, run.loss_fn, "full_cold", None, product_parts, peak)
     for kind in READING_KINDS:
         run.memory.start()
         # a cold tracking reading: its own probe, so the full checks after it still start cold
         if kind == "tracking_cold":
-            row[kind] = reading(run, kind, reading_probe(run.model, run.loss_fn, kind, None, product_parts))
+            row[kind] = reading(run, kind, reading_probe(run.model, run.loss_fn, kind, None, product_parts, peak))
         elif kind == "tracking_forward_over_reverse":  # from the vector the last tracking reading left
-            row[kind] = reading(run, kind, reading_probe(run.model, run.loss_fn, kind, probe.starts.state_dict(), product_parts))
+            starts = probe.starts.state_dict()
+            row[kind] = reading(run, kind, reading_probe(run.model, run.loss_fn, kind, starts, product_parts, peak))
         else:
             row[kind] = reading(run, kind, probe)
         if device.type == "cuda":
