@@ -30,6 +30,7 @@ from hessdiag.isolation import ModelMode
 from hessdiag.estimators.eigen import HessianEigenvalues, eigenvalues_of
 from hessdiag.estimators.layer_shares import parameter_owners
 from hessdiag.operator import HVP_METHODS, HessianBlock, HessianOperator, HVPMethod, LossFn
+from hessdiag.lanczos import MemoryBudget
 
 
 @dataclass(frozen=True)
@@ -80,17 +81,21 @@ def module_sharpness_of(
     max_iter: int | None = None,
     seed: int = 0,
     v0: torch.Tensor | None = None,
+    memory_budget: MemoryBudget = None,
 ) -> dict[str, HessianEigenvalues]:
     """:func:`module_sharpness` on an open operator (a check's, whose graph it reuses).
 
     `v0`: a vector over the whole operator (the top Ritz vector, say) whose restriction to each module
     warm-starts that module's Lanczos (with its random part, see :mod:`hessdiag.lanczos.start`); None: cold.
+    `memory_budget`: where each module's Lanczos basis lives (see :mod:`hessdiag.lanczos.basis`).
     """
     results = {}
     for module in _checked_modules(modules):
         block = module_block(operator, module)
         start = None if v0 is None else block.restrict(v0)
-        results[module] = eigenvalues_of(block, which="top", tol=tol, max_iter=max_iter, v0=start, seed=seed)
+        results[module] = eigenvalues_of(
+            block, which="top", tol=tol, max_iter=max_iter, v0=start, seed=seed, memory_budget=memory_budget
+        )
     return results
 
 

@@ -35,7 +35,7 @@ class TopModuleSharpness(Quantity):
             return ()
         found = estimator.module_sharpness_of(
             context.operator, modules, tol=self.settings.tol, max_iter=self.settings.max_iter, seed=context.seed,
-            v0=context.spectrum.top_vectors[0],
+            v0=context.spectrum.top_vectors[0], memory_budget=context.memory_budget,
         )  # fmt: skip
         return tuple(ModuleSharpness.of(module, block) for module, block in found.items())
 
