@@ -262,18 +262,21 @@ def reading_probe(model, loss_fn, kind: str, starts: dict | None, product_parts:
 
 
 def reading(run: Run, kind: str, probe) -> dict:
-    """One reading of `kind` by `probe` on `run`'s batch: its time in steps (a step beside it) and products."""
+    """One reading of `kind` by `probe` on `run`'s batch: its time in steps (a step beside it), products
+    and, for a full check, where its Lanczos basis lived."""
     synchronize(run.device)
     start = time.perf_counter()
+    where = {}
     if kind.startswith("tracking"):
         products = probe.track(100, run.check_batch, run.optimizer).num_hvps
     else:
-        products = probe.run(100, run.check_batch, run.optimizer, bottom=kind != "full_warm_top").num_hvps
+        check = probe.run(100, run.check_batch, run.optimizer, bottom=kind != "full_warm_top")
+        products, where = check.num_hvps, {"basis": check.basis}
     synchronize(run.device)
     seconds = time.perf_counter() - start
     run.step()
     step = statistics.median(run.step_times[1:])
-    return {"in_steps": seconds / step, "hvps": products, "seconds": seconds}
+    return {"in_steps": seconds / step, "hvps": products, "seconds": seconds, **where}
 
 
 class _MallInfo2(ctypes.Structure):
@@ -445,8 +448,9 @@ def print_row(row: dict) -> None:
     accumulating = f", steps of {row['accumulate']} micro-batches" if row.get("accumulate", 1) > 1 else ""
     print(f"\n== {row['model']} ({row['params']:,} parameters, {row['config']}{accumulating})")
     for kind, entry in row["readings"].items():
+        basis = f", basis on the {entry['basis']}" if "basis" in entry else ""
         print(f"  Monitor reading {kind:15s}: {entry['in_steps']:6.1f} steps, {entry['hvps']:3d} HVPs, "
-              f"peak memory {entry['peak_over_step_peak']:.2f}x a step's")  # fmt: skip
+              f"peak memory {entry['peak_over_step_peak']:.2f}x a step's{basis}")  # fmt: skip
     for setting in ("dense", "fsdp2_two_gloo_processes"):
         if setting not in row:
             continue

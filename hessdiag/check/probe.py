@@ -157,7 +157,8 @@ class CurvatureProbe:
         return CurvatureCheck(
             step=step, **spectrum_fields(result), num_hvps=num_hvps, seconds=time.perf_counter() - start, cold=cold,
             batch_size=batch.samples, hvp_method=method, hvp_method_reason=method_reason,
-            product_error=product_error, bottom=bottom, values=values, skipped=skipped, products=products,
+            product_error=product_error, bottom=bottom, basis=result.lanczos.basis, values=values, skipped=skipped,
+            products=products,
         )  # fmt: skip
 
     @staticmethod

@@ -62,6 +62,9 @@ class CurvatureCheck:
         bottom: the check measured the bottom end (lambda_min to the tolerance); False: the Lanczos
             run stopped with the top end, and `lambda_min` is only the bottom Ritz value of its
             Krylov space (an upper bound on lambda_min, not logged).
+        basis: where the Lanczos run of both ends kept its vectors: "device", "device+host" (rows
+            beyond what training itself reached on the device went to host memory, see
+            :mod:`hessdiag.check.footprint`), "host" or "recurrence".
         product_error: the error per product that entered the bounds (0 for exact products; for
             finite differences an estimate measured along the Ritz vectors, see
             :class:`~hessdiag.HessianOperator`).
@@ -97,6 +100,7 @@ class CurvatureCheck:
     hvp_method_reason: str
     product_error: float
     bottom: bool = True
+    basis: str = "device"
     values: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     products: dict[str, int] = field(default_factory=dict)
