@@ -20,7 +20,7 @@ from hessdiag import Monitor
 from hessdiag.check.probe import CurvatureProbe
 from hessdiag.check.schedule import CheckSchedule
 from hessdiag.detectors import CheckRecord, EdgeOfStabilityDetector, TrackingRecord
-from hessdiag.check.tracking import COLD_KRYLOV_STEPS, KRYLOV_STEPS, ritz_bound
+from hessdiag.check.tracking import COLD_KRYLOV_STEPS, EDGE_KRYLOV_STEPS, KRYLOV_STEPS, NEAR_EDGE, ritz_bound
 from hessdiag.preconditioners import Diagonal
 from hessdiag.operator import HessianOperator
 from hessdiag.reporting import tags
@@ -232,6 +232,36 @@ def test_after_a_check_a_reading_follows_the_top_with_one_krylov_space():
     reading = probe.track(60, batch, optimizer)
     assert reading.num_hvps == COLD_KRYLOV_STEPS
     assert_proven(reading, eigenvalues)
+
+
+@pytest.mark.parametrize("near_edge", [False, True])
+def test_near_the_edge_of_stability_a_reading_spans_one_krylov_step_more(near_edge):
+    """Where the last curvature point put the sharpness at NEAR_EDGE of its threshold or beyond, a
+    reading from a vector that is not yet close to an eigenvector spans EDGE_KRYLOV_STEPS products:
+    a proven lower bound still, and never below the two-step reading from the same vector (its
+    Krylov space contains that one); elsewhere it spans KRYLOV_STEPS."""
+    model, batch = tanh_mlp(1)
+    top = float(torch.linalg.eigvalsh(dense_hessian(model, cross_entropy, batch))[-1])
+    # plain SGD: the threshold is 2/lr, so lr sets the ratio (0.8 near the edge, 0.05 far from it)
+    optimizer = torch.optim.SGD(model.parameters(), lr=(0.8 if near_edge else 0.05) * 2 / top)
+    probe = CurvatureProbe(model, cross_entropy, DiagnosticsSettings(tol=1e-8, noise_scale_parts=0))
+    check = probe.run(0, batch, optimizer)
+    assert (check.stability_ratio >= NEAR_EDGE) == near_edge
+    # a tracked vector far from the top (the check's top Ritz vector and as much noise), as after many steps
+    noise = torch.randn(probe.starts.tracked.numel(), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mixed = probe.starts.tracked + noise / noise.norm()
+    probe.starts.tracked = mixed / mixed.norm()
+    with HessianOperator(model, cross_entropy, batch) as operator:
+        two_steps = ritz_bound(operator, probe.starts.tracked, steps=KRYLOV_STEPS)
+    hessian = dense_hessian(model, cross_entropy, batch)
+    reading = probe.track(1, batch, optimizer)
+    assert reading.num_hvps == (EDGE_KRYLOV_STEPS if near_edge else KRYLOV_STEPS)
+    assert_proven(reading, torch.linalg.eigvalsh(hessian))
+    assert reading.lambda_max_lower_bound >= two_steps.lower_bound - 1e-10 * top
+    if near_edge:
+        assert reading.lambda_max_lower_bound > two_steps.lower_bound + 1e-6 * top
+    # the reading's own ratio decides the next one (a lower bound's, after a tracking reading)
+    assert probe.starts.tracked_ratio == pytest.approx(reading.stability_ratio_lower_bound)
 
 
 def snapshot(model, optimizer):

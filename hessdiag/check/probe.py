@@ -29,7 +29,9 @@ from hessdiag.check.quantity import CheckContext, Quantity, Skipped
 from hessdiag.check.quantities.stability import stability_diagonal
 from hessdiag.check.record import CurvatureCheck
 from hessdiag.check.starts import CheckStarts, on_host
-from hessdiag.check.tracking import COLD_KRYLOV_STEPS, KRYLOV_STEPS, ONE_STEP_RESIDUAL, TrackingReading, track
+from hessdiag.check.tracking import (
+    COLD_KRYLOV_STEPS, EDGE_KRYLOV_STEPS, KRYLOV_STEPS, NEAR_EDGE, ONE_STEP_RESIDUAL, TrackingReading, track,
+)  # fmt: skip
 from hessdiag.estimators.eigen import HessianEigenvalues, eigenvalues_of
 from hessdiag.isolation import preserved_state, unwrap_model
 from hessdiag.noise.noise_scale import NoiseScaleEstimate
@@ -154,12 +156,14 @@ class CurvatureProbe:
         if self.starts.warm_preconditioned is not None:
             self.starts.tracked_preconditioned = self.starts.warm_preconditioned[0]
         self.num_checks += 1
-        return CurvatureCheck(
+        check = CurvatureCheck(
             step=step, **spectrum_fields(result), num_hvps=num_hvps, seconds=time.perf_counter() - start, cold=cold,
             batch_size=batch.samples, hvp_method=method, hvp_method_reason=method_reason,
             product_error=product_error, bottom=bottom, basis=result.lanczos.basis, values=values, skipped=skipped,
             products=products,
         )  # fmt: skip
+        self.starts.tracked_ratio = check.stability_ratio
+        return check
 
     @staticmethod
     def _compute(context: CheckContext, quantities: list[Quantity], skipped: dict[str, str], products: dict[str, int]) -> None:
@@ -206,11 +210,13 @@ class CurvatureProbe:
                 steps = COLD_KRYLOV_STEPS
             else:
                 close = starts.tracked_residual is not None and starts.tracked_residual < ONE_STEP_RESIDUAL
-                steps = 1 if close else KRYLOV_STEPS
+                near_edge = starts.tracked_ratio is not None and starts.tracked_ratio >= NEAR_EDGE
+                steps = 1 if close else EDGE_KRYLOV_STEPS if near_edge else KRYLOV_STEPS
             reading, next_vector = track(operator, step, tracked, threshold=threshold, scale=scale, steps=steps)
             # the whole reading: the gradient graph, "auto"'s cross-check and the preconditioner too
             reading = dataclasses.replace(reading, num_hvps=operator.num_hvps, seconds=time.perf_counter() - start)
         starts.tracked_residual = reading.residual / abs(reading.value) if reading.value else None
+        starts.tracked_ratio = reading.stability_ratio_lower_bound
         if scale is not None:
             starts.tracked_preconditioned = on_host(next_vector)
         else:

@@ -43,6 +43,8 @@ class CheckStarts:
             check's top Ritz vectors, moved by each reading; :mod:`hessdiag.check.tracking`), or None.
         tracked_residual: the last reading's residual relative to its value (how close the tracked
             vector is to an eigenvector; None after a check).
+        tracked_ratio: the last curvature point's sharpness over its stability threshold (a lower
+            bound's, after a tracking reading), or None: how near the edge the next reading reads.
     """
 
     def __init__(self, hvp_method: HVPMethod, cold_every: int) -> None:
@@ -55,6 +57,7 @@ class CheckStarts:
         self.tracked: torch.Tensor | None = None
         self.tracked_preconditioned: torch.Tensor | None = None
         self.tracked_residual: float | None = None
+        self.tracked_ratio: float | None = None
 
     def open(self, num_checks: int, operator_for: Callable[[HVPMethod], HessianOperator]) -> tuple[HessianOperator, bool, bool]:
         """The next check's operator (built by `operator_for(method)`, not entered yet), whether the

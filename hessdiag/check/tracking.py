@@ -2,7 +2,8 @@
 
 A full check (:class:`~hessdiag.check.probe.CurvatureProbe.run`) costs a Lanczos run of both ends
 and every due quantity: tens of products. Between full checks a tracking reading spends two products
-per reading: from a unit vector v (the last check's top Ritz vector, moved by each reading since;
+per reading (three near the edge of stability, one once the tracked vector is close to an
+eigenvector: :data:`EDGE_KRYLOV_STEPS`, :data:`ONE_STEP_RESIDUAL`): from a unit vector v (the last check's top Ritz vector, moved by each reading since;
 for a preconditioned stability rule such as Adam's, the preconditioned operator's, which is the
 sharpness the edge-of-stability rule compares), Rayleigh-Ritz on span{v, Hv}
 on the current batch and parameters gives a top Ritz value theta and its Ritz vector y:
@@ -48,6 +49,15 @@ from hessdiag.vectors import VectorShard, dot
 #: eigenvector, and the Rayleigh quotient's error is quadratic in that residual.
 KRYLOV_STEPS = 2
 ONE_STEP_RESIDUAL = 0.05
+
+#: Products per reading near the edge of stability: where the last curvature point put the sharpness
+#: at :data:`NEAR_EDGE` of its stability threshold or beyond, a three-step Krylov space. One product
+#: more buys the bound a verdict needs there: on the CNN of ``benchmarks/tracking.py`` (a 2-core CPU),
+#: from the same tracked vectors, two steps showed a median 78% of the converged sharpness (54-95%)
+#: and three steps 98% (80-100%), so a lower bound proves the edge-of-stability onset when it
+#: happens rather than readings later. Far from the edge the readings keep two products.
+EDGE_KRYLOV_STEPS = 3
+NEAR_EDGE = 0.5
 
 #: Products of a reading with nothing to track yet (before the first full check, or after the
 #: trainable parameters changed): a Krylov space of this size from a random vector, whose top Ritz
