@@ -52,8 +52,8 @@ ONE_STEP_RESIDUAL = 0.05
 
 #: Products per reading near the edge of stability: where the last curvature point put the sharpness
 #: at :data:`NEAR_EDGE` of its stability threshold or beyond, a three-step Krylov space. One product
-#: more buys the bound a verdict needs there: on the CNN of ``benchmarks/tracking.py`` (a 2-core CPU),
-#: from the same tracked vectors, two steps showed a median 78% of the converged sharpness (54-95%)
+#: more buys the bound a verdict needs there: on the CNN of ``benchmarks/tracking.py`` (a 2-core CPU,
+#: ``--trackers 2 --same-start 3``), from the same vectors, two steps showed a median 78% of the converged sharpness (54-95%)
 #: and three steps 98% (80-100%), so a lower bound proves the edge-of-stability onset when it
 #: happens rather than readings later. Far from the edge the readings keep two products.
 EDGE_KRYLOV_STEPS = 3
