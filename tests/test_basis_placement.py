@@ -61,15 +61,21 @@ def test_a_byte_budget_counts_the_blocks_already_on_the_device():
     assert filled(Basis(40, dim, "spill", CPU, torch.float32, None, memory_budget=0), torch.zeros(9, dim)).where == "host"
 
 
-def test_spilling_does_not_change_the_answer():
+def test_spilling_does_not_change_the_answer(monkeypatch):
+    """Lanczos on a basis spilled after 0, 3 or no blocks: the same steps, the same values."""
+    import hessdiag.lanczos.basis as basis_module
+
+    monkeypatch.setattr(basis_module, "choose_basis_storage", lambda *args: "spill")  # as "auto" on an accelerator
     a, _ = matrix_with_spectrum(torch.linspace(-1.0, 5.0, 120, dtype=torch.float64))
     runs = {}
-    for budget in (10**9, 3 * BLOCK_ROWS * 120 * 8, 0):
-        basis = Basis(64, 120, "spill", CPU, torch.float64, None, memory_budget=budget)
-        runs[budget] = lanczos(lambda v: a @ v, 120, tol=1e-8, max_iter=64, dtype=torch.float64, basis="device", memory_budget=budget)
-        assert basis.where in ("device", "device+host", "host")
-    values = [(float(r.top[0]), float(r.bottom[0])) for r in runs.values()]
-    assert values == [values[0]] * len(values)
+    for budget, where in ((10**9, "device"), (3 * BLOCK_ROWS * 120 * 8, "device+host"), (0, "host")):
+        runs[where] = lanczos(lambda v: a @ v, 120, tol=1e-8, max_iter=64, dtype=torch.float64, memory_budget=budget)
+        assert runs[where].basis == where
+    assert runs["device"].num_iterations > 3 * BLOCK_ROWS
+    for run in runs.values():
+        assert run.num_iterations == runs["device"].num_iterations
+        assert torch.allclose(run.ritz_values, runs["device"].ritz_values, rtol=0, atol=1e-12)
+        assert torch.allclose(run.top_vectors, runs["device"].top_vectors, atol=1e-10)
 
 
 def test_auto_spills_on_an_accelerator_and_falls_back_to_the_recurrence_only_beyond_the_host(monkeypatch):

@@ -216,6 +216,29 @@ def choose_basis_storage(
     return "device" if need <= (room if room is not None else _host_budget()) else "recurrence"
 
 
+def placed_basis(
+    storage: BasisStorage,
+    capacity: int,
+    size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    shard: VectorShard | None,
+    memory_budget: MemoryBudget,
+) -> Basis:
+    """An empty basis for `capacity` vectors of `size` coordinates, stored where
+    :func:`choose_basis_storage` puts it, the same on every process of a `shard` or of a
+    data-parallel group (whose processes must run identical recurrences), its default budget
+    resolved once."""
+    budget = device_budget(memory_budget, device)
+    chosen = choose_basis_storage(storage, capacity, size, dtype, device, budget)
+    if shard is not None or _distributed.is_data_parallel():
+        # Without a basis the run takes other steps: the recurrence on one process means on all.
+        votes = torch.tensor([float(chosen == "recurrence")], dtype=torch.float64, device=device)
+        votes = shard.sum_(votes) if shard is not None else _distributed.all_reduce_sum_(votes)
+        chosen = "recurrence" if float(votes) > 0 else chosen
+    return Basis(capacity, size, chosen, device, dtype, shard, budget)
+
+
 def device_budget(memory_budget: MemoryBudget, device: torch.device) -> MemoryBudget:
     """`memory_budget` with its default resolved: on an accelerator 30% of the device's free memory now."""
     if memory_budget is None and device.type == "cuda":

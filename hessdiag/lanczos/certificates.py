@@ -104,7 +104,6 @@ class Convergence:
         vectors: Basis,
         alphas: list[float],
         betas: list[float],
-        storage: str,
         random_weight: float,
     ) -> LanczosResult:
         theta, s = torch.from_numpy(theta), torch.from_numpy(s)
@@ -131,7 +130,7 @@ class Convergence:
             ritz_weights=s[0] ** 2,
             alphas=torch.tensor(alphas, dtype=torch.float64),
             betas=torch.tensor(betas[: m - 1], dtype=torch.float64),
-            basis=storage,
+            basis=vectors.where,
             interlacing_slack=self.interlacing_slack,
             top_limit=top_limit,
             bottom_limit=bottom_limit,

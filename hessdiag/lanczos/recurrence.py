@@ -26,10 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from hessdiag import _distributed
-from hessdiag.lanczos.basis import (
-    BASIS_STORAGES, Basis, BasisStorage, MemoryBudget, choose_basis_storage, device_budget,
-)  # fmt: skip
+from hessdiag.lanczos.basis import BASIS_STORAGES, Basis, BasisStorage, MemoryBudget, placed_basis
 from hessdiag.lanczos.certificates import Convergence
 from hessdiag.lanczos.result import LanczosResult
 from hessdiag.lanczos.start import start_vector
@@ -77,10 +74,8 @@ def lanczos(
             every rank, so data-parallel runs agree.
         device, dtype: where and in what precision the Lanczos vectors live (at least float32).
         basis: "auto", "device", "host" or "recurrence" (see :mod:`hessdiag.lanczos.basis`).
-        memory_budget: bytes the basis may take on the device (default: on an accelerator 30% of its
-            free memory when the run starts, on a CPU half the available memory), or a callable asked
-            before each block of rows for the bytes the basis may still add there; with "auto", an
-            accelerator's rows beyond it go to host memory.
+        memory_budget: bytes the basis may take on the device, or a callable returning what it may
+            still add there (see :mod:`hessdiag.lanczos.basis`).
         matvec_error: a bound on ||matvec(v) - A v|| for a unit v beyond rounding (absolute; 0 for
             exact products), or a callable returning it, read again at every stopping test.
         warm_steps: with a warm start, products beyond `min_iter` before the run may stop, so that
@@ -104,26 +99,22 @@ def lanczos(
         >>> result.converged, abs(float(result.top[0]) - 100.0) <= float(result.top_error_bounds[0])
         (True, True)
     """
-    dim, k, max_iter, min_iter = _validate(dim, k, which, tol, max_iter, min_iter, warm_random, basis)
+    dim, k, max_iter, min_iter = _validate(dim, k, which, tol, max_iter, min_iter, warm_random, warm_steps, basis)
     product_error = _product_error_reader(matvec_error)
-    if not isinstance(warm_steps, int) or warm_steps < 0:
-        raise ValueError(f"`warm_steps` must be a non-negative int, got {warm_steps!r}.")
     device = torch.device(device)
     dtype = torch.promote_types(dtype, torch.float32)
     size = dim if shard is None else shard.size
-    budget = device_budget(memory_budget, device)
-    storage = _agreed_storage(basis, max_iter, size, dtype, device, budget, shard)
+    vectors = placed_basis(basis, max_iter, size, device, dtype, shard, memory_budget)
     generator = random_generator(seed, shard, device)
     q = start_vector(size, v0, warm_random=warm_random, device=device, dtype=dtype, generator=generator, shard=shard)
-    recurrence = _Recurrence(matvec, Basis(max_iter, size, storage, device, dtype, shard, budget), generator, shard)
+    recurrence = _Recurrence(matvec, vectors, generator, shard)
     # A warm start may stop only once its random part had `warm_steps` products to show itself.
     may_stop_from = min_iter if v0 is None else min(min_iter + warm_steps, max_iter)
     state = Convergence(k, which, tol, dim, torch.finfo(dtype).eps)
     theta, s = recurrence.run(q, state, product_error, may_stop_from, max_iter)
     # The random part's weight in the start (a warm start that fell back to noise has more: conservative).
     random_weight = 1.0 if v0 is None else warm_random
-    basis_used = recurrence.basis
-    return state.result(theta, s, basis_used, recurrence.alphas, recurrence.betas, basis_used.where, random_weight)
+    return state.result(theta, s, vectors, recurrence.alphas, recurrence.betas, random_weight)
 
 
 class _Recurrence:
@@ -228,29 +219,16 @@ class _Recurrence:
         return w
 
 
-def _agreed_storage(
-    basis: BasisStorage,
-    capacity: int,
-    size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    memory_budget: MemoryBudget,
-    shard: VectorShard | None,
-) -> str:
-    """Where the basis lives (:func:`~hessdiag.lanczos.basis.choose_basis_storage`), the same on
-    every process of a `shard` or of a data-parallel group (whose processes must run identical
-    recurrences)."""
-    storage = choose_basis_storage(basis, capacity, size, dtype, device, memory_budget)
-    if shard is None and not _distributed.is_data_parallel():
-        return storage
-    # Without a basis the run takes other steps: the recurrence on one process means on all.
-    votes = torch.tensor([float(storage == "recurrence")], dtype=torch.float64, device=device)
-    votes = shard.sum_(votes) if shard is not None else _distributed.all_reduce_sum_(votes)
-    return "recurrence" if float(votes) > 0 else storage
-
-
 def _validate(
-    dim: int, k: int, which: str, tol: float, max_iter: int | None, min_iter: int | None, warm_random: float, basis: str
+    dim: int,
+    k: int,
+    which: str,
+    tol: float,
+    max_iter: int | None,
+    min_iter: int | None,
+    warm_random: float,
+    warm_steps: int,
+    basis: str,
 ) -> tuple[int, int, int, int]:
     if not isinstance(dim, int) or dim < 1:
         raise ValueError(f"`dim` must be a positive int, got {dim!r}.")
@@ -264,6 +242,8 @@ def _validate(
         raise ValueError(f"`tol` must be a number in [0, 1), got {tol!r}.")
     if not 0.0 <= warm_random <= 1.0:
         raise ValueError(f"`warm_random` must be in [0, 1], got {warm_random!r}.")
+    if not isinstance(warm_steps, int) or warm_steps < 0:
+        raise ValueError(f"`warm_steps` must be a non-negative int, got {warm_steps!r}.")
     if basis not in BASIS_STORAGES:
         raise ValueError(f"`basis` must be one of {BASIS_STORAGES}, got {basis!r}.")
     if max_iter is None:
